@@ -1,0 +1,615 @@
+//! The refcount table, a bounded cache of refcount blocks, and allocation.
+
+use std::collections::HashMap;
+use std::ops::Range;
+
+use qcow2_format::refcount::{RefcountTableEntry, RefcountWidth};
+use qcow2_format::{Geometry, HostOffset, MAX_REFCOUNT_TABLE_BYTES};
+
+use crate::{AllocError, Result, Storage};
+
+/// Where a refcount table is and how its blocks are cached.
+#[derive(Debug, Clone, Copy)]
+pub struct RefcountsConfig {
+    /// Cluster size of the image.
+    pub geometry: Geometry,
+    /// Width of refcount entries.
+    pub width: RefcountWidth,
+    /// Offset of the refcount table (from the header).
+    pub table_offset: u64,
+    /// Clusters of the refcount table (from the header).
+    pub table_clusters: u32,
+    /// Most bytes of refcount blocks kept in memory.
+    pub cache_bytes: u64,
+}
+
+/// The refcount table moved: the header must be rewritten to point here
+/// before the old table's clusters can be freed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableMove {
+    /// New table offset.
+    pub offset: u64,
+    /// New table size in clusters.
+    pub clusters: u32,
+}
+
+#[derive(Debug)]
+struct CachedBlock {
+    data: Vec<u8>,
+    dirty: bool,
+    used: u64,
+}
+
+/// Refcounts of an image, read and updated through a write-back cache.
+///
+/// Invariants: every table entry is a cluster-aligned block offset inside
+/// the file or 0; every refcount block has a refcount of its own (blocks are
+/// created inside the range they describe whenever possible, so they count
+/// themselves); the refcount table and its blocks are written back by
+/// [`Refcounts::flush`], blocks before the table that points to them.
+#[derive(Debug)]
+pub struct Refcounts {
+    geometry: Geometry,
+    width: RefcountWidth,
+    entries_per_block: u64,
+    table_offset: u64,
+    table_clusters: u32,
+    table: Vec<u64>,
+    dirty_entries: Option<Range<usize>>,
+    retired_tables: Vec<(u64, u32)>,
+    blocks: HashMap<u64, CachedBlock>,
+    capacity: usize,
+    tick: u64,
+    free_hint: u64,
+}
+
+fn contains(reserved: &[Range<u64>], cluster: u64) -> Option<u64> {
+    reserved
+        .iter()
+        .find(|r| r.contains(&cluster))
+        .map(|r| r.end)
+}
+
+impl Refcounts {
+    /// Reads the refcount table and checks every entry: aligned, inside the
+    /// file, and a refcount of at least one for the header cluster.
+    pub fn load(storage: &dyn Storage, config: RefcountsConfig) -> Result<Self> {
+        let g = config.geometry;
+        let file_size = storage
+            .len()
+            .map_err(AllocError::io("reading the image size"))?;
+        let bytes = u64::from(config.table_clusters) * g.cluster_size();
+        let mut raw = vec![0u8; bytes as usize];
+        storage
+            .read_at(&mut raw, config.table_offset)
+            .map_err(AllocError::io("reading the refcount table"))?;
+        let mut table = Vec::with_capacity(raw.len() / 8);
+        for chunk in raw.chunks_exact(8) {
+            let entry = u64::from_be_bytes(chunk.try_into().unwrap_or_default());
+            if let Some(offset) = RefcountTableEntry(entry).decode(g)? {
+                if offset.get() + g.cluster_size() > file_size {
+                    return Err(AllocError::BlockPastEnd {
+                        offset: offset.get(),
+                        file_size,
+                    });
+                }
+            }
+            table.push(entry);
+        }
+        let capacity = (config.cache_bytes / g.cluster_size()).max(4) as usize;
+        let mut refcounts = Self {
+            geometry: g,
+            width: config.width,
+            entries_per_block: config.width.entries_per_block(g),
+            table_offset: config.table_offset,
+            table_clusters: config.table_clusters,
+            table,
+            dirty_entries: None,
+            retired_tables: Vec::new(),
+            blocks: HashMap::new(),
+            capacity,
+            tick: 0,
+            free_hint: 1,
+        };
+        if refcounts.get(storage, 0)? == 0 {
+            return Err(AllocError::Inconsistent(
+                "the header cluster has refcount 0 (missing or zero refcount block)".into(),
+            ));
+        }
+        Ok(refcounts)
+    }
+
+    /// Builds the refcount structures of a new image in memory: a table of
+    /// `table_clusters` clusters at `table_offset`, no blocks yet.
+    pub fn new_empty(config: RefcountsConfig) -> Self {
+        let g = config.geometry;
+        let entries = (u64::from(config.table_clusters) * g.cluster_size() / 8) as usize;
+        Self {
+            geometry: g,
+            width: config.width,
+            entries_per_block: config.width.entries_per_block(g),
+            table_offset: config.table_offset,
+            table_clusters: config.table_clusters,
+            table: vec![0; entries],
+            dirty_entries: Some(0..entries),
+            retired_tables: Vec::new(),
+            blocks: HashMap::new(),
+            capacity: (config.cache_bytes / g.cluster_size()).max(4) as usize,
+            tick: 0,
+            free_hint: 1,
+        }
+    }
+
+    /// Width of the refcount entries.
+    pub fn width(&self) -> RefcountWidth {
+        self.width
+    }
+
+    /// Current refcount table offset.
+    pub fn table_offset(&self) -> u64 {
+        self.table_offset
+    }
+
+    /// Current refcount table size in clusters.
+    pub fn table_clusters(&self) -> u32 {
+        self.table_clusters
+    }
+
+    /// Offsets of every refcount block the table points to.
+    pub fn block_offsets(&self) -> impl Iterator<Item = u64> + '_ {
+        self.table.iter().copied().filter(|&e| e != 0)
+    }
+
+    /// Number of host clusters the current table can describe.
+    pub fn coverage(&self) -> u64 {
+        self.table.len() as u64 * self.entries_per_block
+    }
+
+    fn block(&mut self, storage: &dyn Storage, index: u64) -> Result<&mut CachedBlock> {
+        self.tick += 1;
+        let tick = self.tick;
+        if !self.blocks.contains_key(&index) {
+            if self.blocks.len() >= self.capacity {
+                self.evict(storage)?;
+            }
+            let mut data = vec![0u8; self.geometry.cluster_size() as usize];
+            storage
+                .read_at(&mut data, self.table[index as usize])
+                .map_err(AllocError::io("reading a refcount block"))?;
+            self.blocks.insert(
+                index,
+                CachedBlock {
+                    data,
+                    dirty: false,
+                    used: tick,
+                },
+            );
+        }
+        let block = self.blocks.get_mut(&index).ok_or_else(|| {
+            AllocError::Inconsistent("refcount block vanished from the cache".into())
+        })?;
+        block.used = tick;
+        Ok(block)
+    }
+
+    fn evict(&mut self, storage: &dyn Storage) -> Result<()> {
+        let victim = self
+            .blocks
+            .iter()
+            .min_by_key(|(_, b)| (b.dirty, b.used))
+            .map(|(&i, _)| i);
+        if let Some(index) = victim {
+            if let Some(block) = self.blocks.remove(&index) {
+                if block.dirty {
+                    storage
+                        .write_at(&block.data, self.table[index as usize])
+                        .map_err(AllocError::io("writing a refcount block"))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Refcount of host cluster `cluster` (0 where no block describes it).
+    pub fn get(&mut self, storage: &dyn Storage, cluster: u64) -> Result<u64> {
+        let index = cluster / self.entries_per_block;
+        if index >= self.table.len() as u64 || self.table[index as usize] == 0 {
+            return Ok(0);
+        }
+        let within = (cluster % self.entries_per_block) as usize;
+        let width = self.width;
+        Ok(width.get(&self.block(storage, index)?.data, within))
+    }
+
+    /// Sets the refcount of `cluster`, creating refcount blocks and growing
+    /// the table as needed.
+    pub fn set(&mut self, storage: &dyn Storage, cluster: u64, value: u64) -> Result<()> {
+        self.set_reserving(storage, cluster, value, &mut Vec::new())
+    }
+
+    fn set_reserving(
+        &mut self,
+        storage: &dyn Storage,
+        cluster: u64,
+        value: u64,
+        reserved: &mut Vec<Range<u64>>,
+    ) -> Result<()> {
+        if value > self.width.max() {
+            return Err(AllocError::RefcountOverflow {
+                cluster,
+                max: self.width.max(),
+            });
+        }
+        let index = cluster / self.entries_per_block;
+        reserved.push(cluster..cluster + 1);
+        let ensured = self.ensure_block(storage, index, reserved);
+        reserved.pop();
+        ensured?;
+        let within = (cluster % self.entries_per_block) as usize;
+        let width = self.width;
+        let block = self.block(storage, index)?;
+        width.set(&mut block.data, within, value);
+        block.dirty = true;
+        if value == 0 && cluster < self.free_hint {
+            self.free_hint = cluster.max(1);
+        }
+        Ok(())
+    }
+
+    /// Adds `delta` to the refcount of `cluster` and returns the new value.
+    pub fn adjust(&mut self, storage: &dyn Storage, cluster: u64, delta: i64) -> Result<u64> {
+        let old = self.get(storage, cluster)?;
+        let new = if delta >= 0 {
+            old.checked_add(delta as u64)
+                .filter(|&v| v <= self.width.max())
+                .ok_or(AllocError::RefcountOverflow {
+                    cluster,
+                    max: self.width.max(),
+                })?
+        } else {
+            old.checked_sub(delta.unsigned_abs())
+                .ok_or(AllocError::RefcountUnderflow { cluster })?
+        };
+        self.set(storage, cluster, new)?;
+        Ok(new)
+    }
+
+    fn mark_entry_dirty(&mut self, index: usize) {
+        self.dirty_entries = Some(match self.dirty_entries.take() {
+            Some(r) => r.start.min(index)..r.end.max(index + 1),
+            None => index..index + 1,
+        });
+    }
+
+    /// Makes sure table entry `index` points to a refcount block, placing a
+    /// new block inside the clusters it describes (so it counts itself),
+    /// outside every `reserved` range.
+    fn ensure_block(
+        &mut self,
+        storage: &dyn Storage,
+        index: u64,
+        reserved: &mut Vec<Range<u64>>,
+    ) -> Result<()> {
+        if index >= self.table.len() as u64 {
+            self.grow_table(storage, index + 1, reserved)?;
+        }
+        if self.table[index as usize] != 0 {
+            return Ok(());
+        }
+        let first = index * self.entries_per_block;
+        let end = first + self.entries_per_block;
+        let mut location = first.max(1);
+        while let Some(skip) = contains(reserved, location) {
+            location = skip;
+        }
+        let cs = self.geometry.cluster_size();
+        let data = vec![0u8; cs as usize];
+        if location < end {
+            self.insert_new_block(storage, index, location, data)?;
+            let within = (location - first) as usize;
+            let width = self.width;
+            let block = self.block(storage, index)?;
+            width.set(&mut block.data, within, 1);
+        } else {
+            let location = self.find_free_run(storage, 1, reserved)?;
+            self.insert_new_block(storage, index, location, data)?;
+            self.set_reserving(storage, location, 1, reserved)?;
+        }
+        Ok(())
+    }
+
+    fn insert_new_block(
+        &mut self,
+        storage: &dyn Storage,
+        index: u64,
+        location: u64,
+        data: Vec<u8>,
+    ) -> Result<()> {
+        if self.blocks.len() >= self.capacity {
+            self.evict(storage)?;
+        }
+        self.tick += 1;
+        self.blocks.insert(
+            index,
+            CachedBlock {
+                data,
+                dirty: true,
+                used: self.tick,
+            },
+        );
+        self.table[index as usize] = location * self.geometry.cluster_size();
+        self.mark_entry_dirty(index as usize);
+        Ok(())
+    }
+
+    fn grow_table(
+        &mut self,
+        storage: &dyn Storage,
+        min_entries: u64,
+        reserved: &mut Vec<Range<u64>>,
+    ) -> Result<()> {
+        let cs = self.geometry.cluster_size();
+        let per_cluster = cs / 8;
+        let mut entries = min_entries.max(self.table.len() as u64 * 3 / 2 + 1);
+        loop {
+            let clusters = entries.div_ceil(per_cluster);
+            if clusters * cs > MAX_REFCOUNT_TABLE_BYTES.max(cs) {
+                return Err(AllocError::TableTooLarge {
+                    needed: clusters * cs,
+                    limit: MAX_REFCOUNT_TABLE_BYTES,
+                });
+            }
+            let start = self.find_free_run(storage, clusters, reserved)?;
+            let last_index = (start + clusters - 1) / self.entries_per_block;
+            if last_index >= clusters * per_cluster {
+                entries = last_index + 1;
+                continue;
+            }
+            self.table.resize((clusters * per_cluster) as usize, 0);
+            self.retired_tables
+                .push((self.table_offset, self.table_clusters));
+            self.table_offset = start * cs;
+            self.table_clusters = clusters as u32;
+            self.dirty_entries = Some(0..self.table.len());
+            reserved.push(start..start + clusters);
+            let result = (|| {
+                for cluster in start..start + clusters {
+                    self.set_reserving(storage, cluster, 1, reserved)?;
+                }
+                Ok(())
+            })();
+            reserved.pop();
+            return result;
+        }
+    }
+
+    fn find_free_run(
+        &mut self,
+        storage: &dyn Storage,
+        count: u64,
+        reserved: &[Range<u64>],
+    ) -> Result<u64> {
+        let mut cluster = self.free_hint.max(1);
+        let mut run_start = cluster;
+        let mut run_len = 0;
+        while run_len < count {
+            if let Some(skip) = contains(reserved, cluster) {
+                cluster = skip;
+                run_len = 0;
+                continue;
+            }
+            if self.get(storage, cluster)? == 0 {
+                if run_len == 0 {
+                    run_start = cluster;
+                }
+                run_len += 1;
+            } else {
+                run_len = 0;
+            }
+            cluster += 1;
+        }
+        Ok(run_start)
+    }
+
+    /// Allocates up to `max_count` contiguous free clusters (at least one),
+    /// sets their refcounts to 1 and returns the first and how many.
+    pub fn allocate(&mut self, storage: &dyn Storage, max_count: u64) -> Result<(HostOffset, u64)> {
+        let count = max_count.clamp(1, (self.entries_per_block / 2).max(1));
+        let hint = self.free_hint;
+        let start = self.find_free_run(storage, count, &[])?;
+        let mut reserved = vec![start..start + count];
+        for cluster in start..start + count {
+            if self.get(storage, cluster)? != 0 {
+                return Err(AllocError::Inconsistent(format!(
+                    "cluster {cluster} was taken while being allocated"
+                )));
+            }
+            self.set_reserving(storage, cluster, 1, &mut reserved)?;
+        }
+        if start <= hint.max(1) {
+            self.free_hint = start + count;
+        }
+        Ok((HostOffset(start * self.geometry.cluster_size()), count))
+    }
+
+    /// Allocates exactly `count` contiguous clusters (for tables).
+    pub fn allocate_contiguous(&mut self, storage: &dyn Storage, count: u64) -> Result<HostOffset> {
+        let start = self.find_free_run(storage, count, &[])?;
+        let mut reserved = vec![start..start + count];
+        for cluster in start..start + count {
+            self.set_reserving(storage, cluster, 1, &mut reserved)?;
+        }
+        Ok(HostOffset(start * self.geometry.cluster_size()))
+    }
+
+    /// Whether any block or table entry waits to be written.
+    pub fn is_dirty(&self) -> bool {
+        self.dirty_entries.is_some()
+            || !self.retired_tables.is_empty()
+            || self.blocks.values().any(|b| b.dirty)
+    }
+
+    fn write_blocks(&mut self, storage: &dyn Storage) -> Result<bool> {
+        let mut dirty: Vec<u64> = self
+            .blocks
+            .iter()
+            .filter(|(_, b)| b.dirty)
+            .map(|(&i, _)| i)
+            .collect();
+        dirty.sort_unstable();
+        for index in &dirty {
+            let offset = self.table[*index as usize];
+            if let Some(block) = self.blocks.get_mut(index) {
+                storage
+                    .write_at(&block.data, offset)
+                    .map_err(AllocError::io("writing a refcount block"))?;
+                block.dirty = false;
+            }
+        }
+        Ok(!dirty.is_empty())
+    }
+
+    /// Writes dirty blocks, then the changed part of the table. If the table
+    /// moved, syncs, lets `on_move` point the header at the new table (it
+    /// must make that durable), then frees the old table's clusters.
+    /// Returns whether anything was written.
+    pub fn flush(
+        &mut self,
+        storage: &dyn Storage,
+        on_move: &mut dyn FnMut(TableMove) -> Result<()>,
+    ) -> Result<bool> {
+        let mut wrote = self.write_blocks(storage)?;
+        if let Some(range) = self.dirty_entries.take() {
+            let bytes: Vec<u8> = self.table[range.clone()]
+                .iter()
+                .flat_map(|e| e.to_be_bytes())
+                .collect();
+            storage
+                .write_at(&bytes, self.table_offset + range.start as u64 * 8)
+                .map_err(AllocError::io("writing the refcount table"))?;
+            wrote = true;
+        }
+        if !self.retired_tables.is_empty() {
+            storage
+                .flush()
+                .map_err(AllocError::io("syncing the new refcount table"))?;
+            on_move(TableMove {
+                offset: self.table_offset,
+                clusters: self.table_clusters,
+            })?;
+            let cs = self.geometry.cluster_size();
+            for (offset, clusters) in std::mem::take(&mut self.retired_tables) {
+                for cluster in offset / cs..offset / cs + u64::from(clusters) {
+                    self.adjust(storage, cluster, -1)?;
+                }
+            }
+            self.write_blocks(storage)?;
+        }
+        Ok(wrote)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MemStorage;
+
+    fn fresh(bits: u32, order: u32) -> (MemStorage, Refcounts) {
+        let g = Geometry::new(bits, false).unwrap();
+        let storage = MemStorage::new();
+        let mut r = Refcounts::new_empty(RefcountsConfig {
+            geometry: g,
+            width: RefcountWidth::new(order).unwrap(),
+            table_offset: g.cluster_size(),
+            table_clusters: 1,
+            cache_bytes: 4 * g.cluster_size(),
+        });
+        r.set(&storage, 1, 1).unwrap();
+        r.set(&storage, 0, 1).unwrap();
+        (storage, r)
+    }
+
+    #[test]
+    fn allocations_never_overlap_and_blocks_count_themselves() {
+        for (bits, order) in [(9, 0), (9, 6), (12, 4), (16, 1)] {
+            let (storage, mut r) = fresh(bits, order);
+            let mut seen = std::collections::HashSet::new();
+            for i in 0..3000u64 {
+                let (start, n) = r.allocate(&storage, 1 + i % 3).unwrap();
+                for c in 0..n {
+                    let cluster = start.get() / (1 << bits) + c;
+                    assert!(seen.insert(cluster), "cluster {cluster} handed out twice");
+                    assert_eq!(r.get(&storage, cluster).unwrap(), 1);
+                }
+            }
+            let cs = 1u64 << bits;
+            let blocks: Vec<u64> = r.block_offsets().collect();
+            for b in &blocks {
+                assert!(!seen.contains(&(b / cs)), "block {b:#x} handed out as data");
+                assert_eq!(r.get(&storage, b / cs).unwrap(), 1);
+            }
+            let t = r.table_offset() / cs;
+            for c in t..t + u64::from(r.table_clusters()) {
+                assert!(!seen.contains(&c));
+                assert_eq!(r.get(&storage, c).unwrap(), 1);
+            }
+        }
+    }
+
+    #[test]
+    fn table_growth_survives_flush_and_reload() {
+        let (storage, mut r) = fresh(9, 6);
+        for _ in 0..5000 {
+            r.allocate(&storage, 1).unwrap();
+        }
+        assert!(r.table_clusters() > 1);
+        let mut moved = None;
+        r.flush(&storage, &mut |m| {
+            moved = Some(m);
+            Ok(())
+        })
+        .unwrap();
+        let m = moved.expect("the table moved");
+        let mut header = vec![0u8; 512];
+        header[0] = 1;
+        storage.write_at(&header, 0).unwrap();
+        let g = Geometry::new(9, false).unwrap();
+        let mut again = Refcounts::load(
+            &storage,
+            RefcountsConfig {
+                geometry: g,
+                width: RefcountWidth::new(6).unwrap(),
+                table_offset: m.offset,
+                table_clusters: m.clusters,
+                cache_bytes: 1 << 20,
+            },
+        )
+        .unwrap();
+        assert_eq!(again.get(&storage, 1).unwrap(), 0, "old table freed");
+        let mut total = 0;
+        for c in 0..again.coverage() {
+            total += again.get(&storage, c).unwrap();
+        }
+        let blocks = again.block_offsets().count() as u64;
+        assert_eq!(total, 1 + 5000 + blocks + u64::from(m.clusters));
+    }
+
+    #[test]
+    fn overflow_and_underflow_are_errors() {
+        let (storage, mut r) = fresh(12, 1);
+        let (c, _) = r.allocate(&storage, 1).unwrap();
+        let cluster = c.get() / 4096;
+        assert_eq!(r.adjust(&storage, cluster, 2).unwrap(), 3);
+        assert!(matches!(
+            r.adjust(&storage, cluster, 1),
+            Err(AllocError::RefcountOverflow { .. })
+        ));
+        assert_eq!(r.adjust(&storage, cluster, -3).unwrap(), 0);
+        assert!(matches!(
+            r.adjust(&storage, cluster, -1),
+            Err(AllocError::RefcountUnderflow { .. })
+        ));
+        let (again, _) = r.allocate(&storage, 1).unwrap();
+        assert_eq!(again, c, "freed cluster is reused");
+    }
+}

@@ -1,0 +1,308 @@
+//! The storage abstraction every layer does its I/O through.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use parking_lot::{Mutex, RwLock};
+
+/// Positioned I/O on an image file.
+///
+/// Implementations are shared between threads: every method takes `&self`.
+/// Reads past the end of the storage return zeros, as a sparse file would.
+pub trait Storage: Send + Sync {
+    /// Fills `buf` from `offset`; bytes past the end read as zeros.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `offset`, extending the storage if needed.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Whether the storage is empty.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+    /// Truncates or extends to `len` bytes.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Makes every completed write durable.
+    fn flush(&self) -> io::Result<()>;
+}
+
+/// A file on disk.
+#[derive(Debug)]
+pub struct FileStorage {
+    file: File,
+}
+
+impl FileStorage {
+    /// Opens an existing file, read-only or read-write.
+    pub fn open(path: &Path, writable: bool) -> io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)?;
+        Ok(Self { file })
+    }
+
+    /// Creates (or truncates) a file for writing.
+    pub fn create(path: &Path) -> io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
+        Ok(Self { file })
+    }
+}
+
+impl Storage for FileStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
+fn read_from(data: &[u8], buf: &mut [u8], offset: u64) {
+    let start = (offset as usize).min(data.len());
+    let end = (offset as usize).saturating_add(buf.len()).min(data.len());
+    let n = end - start;
+    buf[..n].copy_from_slice(&data[start..end]);
+    buf[n..].fill(0);
+}
+
+fn write_into(data: &mut Vec<u8>, buf: &[u8], offset: u64) {
+    let end = offset as usize + buf.len();
+    if data.len() < end {
+        data.resize(end, 0);
+    }
+    data[offset as usize..end].copy_from_slice(buf);
+}
+
+/// An in-memory storage, for tests and benchmarks without a disk.
+#[derive(Debug, Default)]
+pub struct MemStorage {
+    data: RwLock<Vec<u8>>,
+}
+
+impl MemStorage {
+    /// An empty storage.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A storage holding `bytes`.
+    pub fn from_bytes(bytes: Vec<u8>) -> Self {
+        Self {
+            data: RwLock::new(bytes),
+        }
+    }
+
+    /// A copy of the current contents.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.data.read().clone()
+    }
+}
+
+impl Storage for MemStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        read_from(&self.data.read(), buf, offset);
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        write_into(&mut self.data.write(), buf, offset);
+        Ok(())
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.data.read().len() as u64)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.data.write().resize(len as usize, 0);
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[derive(Debug, Default)]
+struct FaultState {
+    /// What a crash would leave: the contents as of the last flush.
+    durable: Vec<u8>,
+    /// Writes since the last flush, in order (offset, bytes; `None` bytes
+    /// stand for a `set_len`).
+    unflushed: Vec<(u64, Option<Vec<u8>>)>,
+    /// Writes still allowed before every write fails; `None` = unlimited.
+    writes_left: Option<u64>,
+    /// Whether flushes fail.
+    fail_flush: bool,
+}
+
+/// A storage that records which writes are durable and can fail on demand.
+///
+/// Reads see every completed write. [`FaultyStorage::crash_image`] returns
+/// what a power loss would leave: everything flushed, plus a chosen prefix of
+/// the writes made since (so every crash point between two flushes can be
+/// tried). [`FaultyStorage::fail_writes_after`] makes later writes fail, as a
+/// full disk or a dying device would.
+#[derive(Debug, Default)]
+pub struct FaultyStorage {
+    current: RwLock<Vec<u8>>,
+    state: Mutex<FaultState>,
+}
+
+impl FaultyStorage {
+    /// An empty storage.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// After `n` more successful writes, every write fails with an I/O error.
+    pub fn fail_writes_after(&self, n: u64) {
+        self.state.lock().writes_left = Some(n);
+    }
+
+    /// Makes every later flush fail (or succeed again).
+    pub fn fail_flushes(&self, fail: bool) {
+        self.state.lock().fail_flush = fail;
+    }
+
+    /// Number of writes since the last successful flush.
+    pub fn unflushed_writes(&self) -> usize {
+        self.state.lock().unflushed.len()
+    }
+
+    /// The contents a crash would leave if the first `applied` unflushed
+    /// writes reached the disk and the rest were lost.
+    pub fn crash_image(&self, applied: usize) -> Vec<u8> {
+        let state = self.state.lock();
+        let mut data = state.durable.clone();
+        for (offset, bytes) in state.unflushed.iter().take(applied) {
+            match bytes {
+                Some(bytes) => write_into(&mut data, bytes, *offset),
+                None => data.resize(*offset as usize, 0),
+            }
+        }
+        data
+    }
+
+    fn record(&self, offset: u64, bytes: Option<Vec<u8>>) -> io::Result<()> {
+        let mut state = self.state.lock();
+        if let Some(left) = state.writes_left.as_mut() {
+            if *left == 0 {
+                return Err(io::Error::other("injected write failure"));
+            }
+            *left -= 1;
+        }
+        state.unflushed.push((offset, bytes));
+        Ok(())
+    }
+}
+
+impl Storage for FaultyStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        read_from(&self.current.read(), buf, offset);
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.record(offset, Some(buf.to_vec()))?;
+        write_into(&mut self.current.write(), buf, offset);
+        Ok(())
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.current.read().len() as u64)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.record(len, None)?;
+        self.current.write().resize(len as usize, 0);
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        let mut state = self.state.lock();
+        if state.fail_flush {
+            return Err(io::Error::other("injected flush failure"));
+        }
+        state.durable = self.current.read().clone();
+        state.unflushed.clear();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_past_the_end_are_zero() {
+        let s = MemStorage::from_bytes(vec![1, 2, 3]);
+        let mut buf = [9u8; 5];
+        s.read_at(&mut buf, 1).unwrap();
+        assert_eq!(buf, [2, 3, 0, 0, 0]);
+        s.write_at(&[7], 6).unwrap();
+        assert_eq!(s.to_bytes(), vec![1, 2, 3, 0, 0, 0, 7]);
+    }
+
+    #[test]
+    fn faulty_storage_keeps_only_flushed_writes_and_chosen_prefixes() {
+        let s = FaultyStorage::new();
+        s.write_at(&[1, 1], 0).unwrap();
+        s.flush().unwrap();
+        s.write_at(&[2], 0).unwrap();
+        s.write_at(&[3], 4).unwrap();
+        assert_eq!(s.crash_image(0), vec![1, 1]);
+        assert_eq!(s.crash_image(1), vec![2, 1]);
+        assert_eq!(s.crash_image(2), vec![2, 1, 0, 0, 3]);
+        s.fail_writes_after(1);
+        s.write_at(&[4], 0).unwrap();
+        assert!(s.write_at(&[5], 0).is_err());
+        s.fail_flushes(true);
+        assert!(s.flush().is_err());
+    }
+
+    #[test]
+    fn file_storage_zero_fills_past_eof() {
+        let dir = std::env::temp_dir().join(format!("qcow2-alloc-fs-{}", std::process::id()));
+        let s = FileStorage::create(&dir).unwrap();
+        s.write_at(b"abc", 2).unwrap();
+        let mut buf = [7u8; 8];
+        s.read_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf, b"\0\0abc\0\0\0");
+        assert_eq!(s.len().unwrap(), 5);
+        std::fs::remove_file(&dir).unwrap();
+    }
+}
