@@ -1,14 +1,39 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! A thread-safe qcow2 block device.
+//!
+//! [`Image`] composes the on-disk structures of `qcow2-format`, the refcount
+//! allocator of `qcow2-alloc` and (for deduplicated images) the content index
+//! of `qcow2-dedup` into a block device: create or open an image, then
+//! [`Image::read_at`], [`Image::write_at`], [`Image::write_zeroes`],
+//! [`Image::discard`], [`Image::flush`] and [`Image::resize`] from any number
+//! of threads. [`Image::check`] compares every refcount with the references
+//! the metadata holds, as `qemu-img check` does, and repairs on request.
+//!
+//! ```no_run
+//! use qcow2_io::{CreateOptions, Image};
+//! let image = Image::create("disk.qcow2", &CreateOptions::new(1 << 30))?;
+//! image.write_at(b"hello", 4096)?;
+//! let mut buf = [0u8; 5];
+//! image.read_at(&mut buf, 4096)?;
+//! image.close()?;
+//! # Ok::<(), qcow2_io::ImageError>(())
+//! ```
+#![forbid(unsafe_code)]
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+mod check;
+mod compressed;
+mod create;
+mod error;
+mod image;
+mod map;
+mod metadata;
+mod options;
+mod range_lock;
+mod read;
+mod write;
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+pub use check::{CheckReport, Finding, FindingKind, RepairMode};
+pub use error::{ImageError, Result};
+pub use image::{Image, ImageInfo};
+pub use map::{MapExtent, MapKind};
+pub use options::{Compat, CreateOptions, OpenOptions};
+pub use qcow2_alloc::{FaultyStorage, FileStorage, MemStorage, Storage};

@@ -1,0 +1,58 @@
+use qcow2_alloc::AllocError;
+use qcow2_format::FormatError;
+use thiserror::Error;
+
+/// Errors of opening, creating and using an image.
+#[derive(Debug, Error)]
+pub enum ImageError {
+    /// The storage failed.
+    #[error("{op}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The storage error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The image's metadata does not follow the format.
+    #[error("invalid image: {0}")]
+    Format(#[from] FormatError),
+    /// Refcounts or allocation failed.
+    #[error("{0}")]
+    Alloc(#[from] AllocError),
+    /// A feature this implementation does not (yet) handle.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// QEMU marked the image corrupt; it may only be opened read-only.
+    #[error("image is marked corrupt (incompatible bit 1 without the dedup extension); open it read-only, or repair it with `qcow2 check -r all`")]
+    MarkedCorrupt,
+    /// A write to an image opened read-only.
+    #[error("image is opened read-only")]
+    ReadOnly,
+    /// A request outside the virtual disk.
+    #[error("request at {offset} of {len} bytes is outside the virtual disk ({size} bytes)")]
+    OutOfBounds {
+        /// Guest offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// Virtual size.
+        size: u64,
+    },
+    /// A creation or open option with an illegal value.
+    #[error("invalid option: {0}")]
+    InvalidOption(String),
+    /// Metadata found inconsistent while using the image.
+    #[error("image is corrupt: {0}")]
+    Corrupt(String),
+}
+
+impl ImageError {
+    /// Wraps a storage error with what was being done.
+    pub fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> Self {
+        move |source| Self::Io { op, source }
+    }
+}
+
+/// Result type of this crate.
+pub type Result<T, E = ImageError> = std::result::Result<T, E>;

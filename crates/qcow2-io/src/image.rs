@@ -1,0 +1,291 @@
+//! [`Image`]: an open qcow2 image as a thread-safe block device.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use qcow2_alloc::{FileStorage, Storage};
+use qcow2_format::features::{INCOMPAT_COMPRESSION_TYPE, INCOMPAT_EXTERNAL_DATA};
+use qcow2_format::{Geometry, Header, MAX_CLUSTER_BITS};
+
+use crate::check::{CheckReport, RepairMode};
+use crate::metadata::Metadata;
+use crate::range_lock::RangeLocks;
+use crate::{create, CreateOptions, ImageError, OpenOptions, Result};
+
+/// An open qcow2 image.
+///
+/// `Image` is `Send + Sync`: share it between threads behind an `Arc`.
+/// Reads of any clusters run in parallel; writes lock only the guest
+/// clusters they touch, and no lock is held while guest data moves to or
+/// from the storage. Metadata is cached and written back by
+/// [`Image::flush`] in crash-safe order; [`Image::close`] (or dropping the
+/// image) flushes and clears the dirty bit.
+pub struct Image {
+    pub(crate) storage: Arc<dyn Storage>,
+    pub(crate) meta: Mutex<Metadata>,
+    pub(crate) locks: RangeLocks,
+    pub(crate) geometry: Geometry,
+    pub(crate) writable: bool,
+    pub(crate) size: AtomicU64,
+    closed: AtomicBool,
+}
+
+/// What `qcow2 info` shows about an image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// Virtual disk size in bytes.
+    pub virtual_size: u64,
+    /// Cluster size in bytes.
+    pub cluster_size: u64,
+    /// Header version: 2 (compat 0.10) or 3 (compat 1.1).
+    pub version: u32,
+    /// Refcount width in bits.
+    pub refcount_bits: u32,
+    /// Lazy refcounts compatible bit.
+    pub lazy_refcounts: bool,
+    /// Dirty bit.
+    pub dirty: bool,
+    /// QEMU's corrupt bit (bit 1 without the dedup extension).
+    pub corrupt: bool,
+    /// Deduplicated image (bit 1 with the dedup extension).
+    pub dedup: bool,
+    /// Extended L2 entries.
+    pub extended_l2: bool,
+    /// `zlib` or `zstd`.
+    pub compression_type: &'static str,
+    /// Backing file name.
+    pub backing_file: Option<String>,
+    /// Number of internal snapshots.
+    pub snapshots: u32,
+    /// Length of the image file in bytes.
+    pub file_length: u64,
+}
+
+fn read_header(storage: &dyn Storage) -> Result<Header> {
+    let file_size = storage
+        .len()
+        .map_err(ImageError::io("reading the image size"))?;
+    let mut buf = vec![0u8; file_size.min(1 << MAX_CLUSTER_BITS) as usize];
+    storage
+        .read_at(&mut buf, 0)
+        .map_err(ImageError::io("reading the header"))?;
+    Ok(Header::parse(&buf, file_size)?)
+}
+
+impl Image {
+    /// Creates a new image file at `path` (truncating any existing file)
+    /// and opens it read-write.
+    pub fn create(path: impl AsRef<Path>, options: &CreateOptions) -> Result<Self> {
+        let storage = FileStorage::create(path.as_ref())
+            .map_err(ImageError::io("creating the image file"))?;
+        Self::create_on(Arc::new(storage), options)
+    }
+
+    /// Creates a new image on any storage and opens it read-write.
+    pub fn create_on(storage: Arc<dyn Storage>, options: &CreateOptions) -> Result<Self> {
+        let open = OpenOptions::read_write();
+        let meta = create::create(storage.clone(), options, &open)?;
+        Ok(Self::from_parts(storage, meta, true))
+    }
+
+    /// Opens the image file at `path`.
+    pub fn open(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Self> {
+        let storage = FileStorage::open(path.as_ref(), options.write)
+            .map_err(ImageError::io("opening the image file"))?;
+        Self::open_on(Arc::new(storage), options)
+    }
+
+    /// Opens an image on any storage.
+    ///
+    /// Refuses what it cannot handle faithfully: unknown incompatible
+    /// features (named from the image's feature table), encryption, external
+    /// data files and backing files; for writing also images QEMU marked
+    /// corrupt, deduplicated images and extended L2 entries. After an
+    /// unclean shutdown (dirty bit) a read-write open rebuilds refcounts.
+    pub fn open_on(storage: Arc<dyn Storage>, options: &OpenOptions) -> Result<Self> {
+        let header = read_header(&*storage)?;
+        if header.incompatible_features & INCOMPAT_EXTERNAL_DATA != 0 {
+            return Err(ImageError::Unsupported("external data files".into()));
+        }
+        if let Some(backing) = &header.backing_file {
+            return Err(ImageError::Unsupported(format!(
+                "backing files (this image is backed by {backing:?})"
+            )));
+        }
+        if options.write {
+            if header.is_marked_corrupt() {
+                return Err(ImageError::MarkedCorrupt);
+            }
+            if header.is_dedup() {
+                return Err(ImageError::Unsupported(
+                    "writing deduplicated images (open read-only)".into(),
+                ));
+            }
+            if header.geometry.extended_l2() {
+                return Err(ImageError::Unsupported(
+                    "writing images with extended L2 entries (open read-only)".into(),
+                ));
+            }
+        }
+        let dirty = header.is_dirty();
+        let meta = Metadata::load(
+            storage.clone(),
+            header,
+            options.l2_cache_bytes,
+            options.refcount_cache_bytes,
+        )?;
+        let image = Self::from_parts(storage, meta, options.write);
+        if options.write && dirty {
+            image.check(RepairMode::All)?;
+        }
+        Ok(image)
+    }
+
+    fn from_parts(storage: Arc<dyn Storage>, meta: Metadata, writable: bool) -> Self {
+        Self {
+            geometry: meta.geometry,
+            size: AtomicU64::new(meta.header.size),
+            meta: Mutex::new(meta),
+            locks: RangeLocks::default(),
+            storage,
+            writable,
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// Virtual disk size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        self.geometry.cluster_size()
+    }
+
+    /// Whether the image was opened for writing.
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    /// A copy of the current header.
+    pub fn header(&self) -> Header {
+        self.meta.lock().header.clone()
+    }
+
+    /// Facts about the image for `qcow2 info`.
+    pub fn info(&self) -> Result<ImageInfo> {
+        let meta = self.meta.lock();
+        let h = &meta.header;
+        Ok(ImageInfo {
+            virtual_size: h.size,
+            cluster_size: h.geometry.cluster_size(),
+            version: h.version,
+            refcount_bits: 1 << h.refcount_order,
+            lazy_refcounts: h.lazy_refcounts(),
+            dirty: h.is_dirty(),
+            corrupt: h.is_marked_corrupt(),
+            dedup: h.is_dedup(),
+            extended_l2: h.geometry.extended_l2(),
+            compression_type: if h.incompatible_features & INCOMPAT_COMPRESSION_TYPE != 0 {
+                "zstd"
+            } else {
+                "zlib"
+            },
+            backing_file: h.backing_file.clone(),
+            snapshots: h.nb_snapshots,
+            file_length: self
+                .storage
+                .len()
+                .map_err(ImageError::io("reading the image size"))?,
+        })
+    }
+
+    pub(crate) fn check_writable(&self) -> Result<()> {
+        if !self.writable || self.closed.load(Ordering::Acquire) {
+            return Err(ImageError::ReadOnly);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn check_bounds(&self, offset: u64, len: u64) -> Result<()> {
+        let size = self.size();
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(ImageError::OutOfBounds { offset, len, size });
+        }
+        Ok(())
+    }
+
+    /// Guest clusters `[first, last]` touched by a request.
+    pub(crate) fn cluster_span(&self, offset: u64, len: u64) -> std::ops::Range<u64> {
+        let g = self.geometry;
+        g.cluster_index(offset)..g.cluster_index(offset + len.max(1) - 1) + 1
+    }
+
+    /// Makes every completed write durable: metadata in crash-safe order,
+    /// then a sync of the storage.
+    pub fn flush(&self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        self.meta.lock().flush()
+    }
+
+    /// Grows the virtual disk to `new_size` bytes (rounded up to 512).
+    /// Shrinking is refused.
+    pub fn resize(&self, new_size: u64) -> Result<()> {
+        self.check_writable()?;
+        let new_size = new_size.next_multiple_of(512);
+        let _all = self.locks.lock(0..u64::MAX, true);
+        let mut meta = self.meta.lock();
+        meta.mark_dirty()?;
+        meta.grow(new_size)?;
+        self.size.store(new_size, Ordering::Release);
+        Ok(())
+    }
+
+    /// Consistency check, optionally repairing what `repair` allows.
+    pub fn check(&self, repair: RepairMode) -> Result<CheckReport> {
+        if repair != RepairMode::None {
+            self.check_writable()?;
+        }
+        let _all = self.locks.lock(0..u64::MAX, true);
+        let mut meta = self.meta.lock();
+        if self.writable {
+            meta.flush()?;
+        }
+        meta.check(repair)
+    }
+
+    /// Flushes, clears the dirty bit and closes the image.
+    pub fn close(self) -> Result<()> {
+        self.close_inner()
+    }
+
+    fn close_inner(&self) -> Result<()> {
+        if !self.writable || self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let mut meta = self.meta.lock();
+        meta.flush()?;
+        meta.mark_clean()
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        let _ = self.close_inner();
+    }
+}
+
+impl std::fmt::Debug for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Image")
+            .field("size", &self.size())
+            .field("cluster_size", &self.cluster_size())
+            .field("writable", &self.writable)
+            .finish()
+    }
+}

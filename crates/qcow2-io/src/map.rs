@@ -1,0 +1,83 @@
+//! The allocation map of the virtual disk, for `qcow2 map`.
+
+use qcow2_format::l2::L2Mapping;
+
+use crate::image::Image;
+use crate::Result;
+
+/// How a range of the virtual disk is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MapKind {
+    /// Data in the image file.
+    Data,
+    /// Compressed data in the image file.
+    Compressed,
+    /// A zero cluster.
+    Zero,
+    /// Not allocated (reads as zeros without a backing file).
+    Unallocated,
+}
+
+/// A run of guest clusters stored the same way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapExtent {
+    /// Guest offset.
+    pub start: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// How it is stored.
+    pub kind: MapKind,
+    /// Host offset of the first byte, for data; runs of data are contiguous
+    /// on the host.
+    pub host_offset: Option<u64>,
+}
+
+impl Image {
+    /// Every range of the virtual disk with how it is stored, in order.
+    pub fn map(&self) -> Result<Vec<MapExtent>> {
+        let _all = self.locks.lock(0..u64::MAX, false);
+        let mut meta = self.meta.lock();
+        let g = self.geometry;
+        let cs = g.cluster_size();
+        let size = self.size();
+        let mut out: Vec<MapExtent> = Vec::new();
+        let mut push = |start: u64, length: u64, kind: MapKind, host: Option<u64>| {
+            if let Some(last) = out.last_mut() {
+                let contiguous = match (last.host_offset, host) {
+                    (Some(a), Some(b)) => a + last.length == b,
+                    (None, None) => true,
+                    _ => false,
+                };
+                if last.kind == kind && kind != MapKind::Compressed && contiguous {
+                    last.length += length;
+                    return;
+                }
+            }
+            out.push(MapExtent {
+                start,
+                length,
+                kind,
+                host_offset: host,
+            });
+        };
+        let mut guest = 0;
+        while guest < size {
+            if meta.l2_unallocated(guest)? {
+                let end = ((g.l1_index(guest) + 1) * g.l2_coverage()).min(size);
+                push(guest, end - guest, MapKind::Unallocated, None);
+                guest = end;
+                continue;
+            }
+            let len = cs.min(size - guest);
+            let (kind, host) = match meta.lookup(guest)?.0 {
+                L2Mapping::Data { offset, .. } => (MapKind::Data, Some(offset.get())),
+                L2Mapping::Compressed(_) => (MapKind::Compressed, None),
+                L2Mapping::Zero { .. } => (MapKind::Zero, None),
+                L2Mapping::Unallocated => (MapKind::Unallocated, None),
+            };
+            push(guest, len, kind, host);
+            guest += len;
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,107 @@
+//! Options for creating and opening images.
+
+use crate::{ImageError, Result};
+
+/// qcow2 compatibility level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compat {
+    /// `compat=0.10`: version 2 header, 16-bit refcounts, no zero flag.
+    V2,
+    /// `compat=1.1`: version 3 header.
+    V3,
+}
+
+/// How to create a new image. `Default` gives what `qemu-img create` does:
+/// 64 KiB clusters, 16-bit refcounts, compat 1.1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateOptions {
+    /// Virtual size in bytes (rounded up to a multiple of 512).
+    pub size: u64,
+    /// Cluster size: a power of two from 512 bytes to 2 MiB.
+    pub cluster_size: u64,
+    /// Refcount width: 1, 2, 4, 8, 16, 32 or 64 bits.
+    pub refcount_bits: u32,
+    /// Compatibility level.
+    pub compat: Compat,
+    /// Set the lazy refcounts compatible bit (v3 only).
+    pub lazy_refcounts: bool,
+}
+
+impl CreateOptions {
+    /// Defaults for a disk of `size` bytes.
+    pub fn new(size: u64) -> Self {
+        Self {
+            size,
+            cluster_size: 65536,
+            refcount_bits: 16,
+            compat: Compat::V3,
+            lazy_refcounts: false,
+        }
+    }
+
+    /// Checks the combination, as `qemu-img create` does.
+    pub fn validate(&self) -> Result<()> {
+        let cs = self.cluster_size;
+        if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
+            return Err(ImageError::InvalidOption(format!(
+                "cluster size {cs} must be a power of two between 512 and 2M"
+            )));
+        }
+        if !self.refcount_bits.is_power_of_two() || self.refcount_bits > 64 {
+            return Err(ImageError::InvalidOption(format!(
+                "refcount bits {} must be a power of two up to 64",
+                self.refcount_bits
+            )));
+        }
+        if self.compat == Compat::V2 && self.refcount_bits != 16 {
+            return Err(ImageError::InvalidOption(
+                "refcount widths other than 16 bits need compat=1.1".into(),
+            ));
+        }
+        if self.compat == Compat::V2 && self.lazy_refcounts {
+            return Err(ImageError::InvalidOption(
+                "lazy refcounts need compat=1.1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// How to open an existing image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenOptions {
+    /// Open for writing.
+    pub write: bool,
+    /// Bytes of L2 tables to keep in memory.
+    pub l2_cache_bytes: u64,
+    /// Bytes of refcount blocks to keep in memory.
+    pub refcount_cache_bytes: u64,
+}
+
+impl OpenOptions {
+    /// Read-only with default caches.
+    pub fn read_only() -> Self {
+        Self {
+            write: false,
+            ..Self::default()
+        }
+    }
+
+    /// Read-write with default caches.
+    pub fn read_write() -> Self {
+        Self {
+            write: true,
+            ..Self::default()
+        }
+    }
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        Self {
+            write: false,
+            l2_cache_bytes: 32 << 20,
+            refcount_cache_bytes: 4 << 20,
+        }
+    }
+}
