@@ -72,7 +72,7 @@ impl ReferenceCounts {
         storage: &dyn Storage,
     ) -> Result<Vec<RefcountMismatch>> {
         let mut out = Vec::new();
-        let end = self.len().max(refcounts.coverage());
+        let end = self.len().max(refcounts.described_end());
         for cluster in 0..end {
             let on_disk = refcounts.get(storage, cluster)?;
             let referenced = self.get(cluster);

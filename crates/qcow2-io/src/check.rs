@@ -186,12 +186,10 @@ impl Metadata {
         self.walk_bitmaps(&mut walk, file_size)?;
 
         let mismatches = walk.tally.compare(&mut self.refcounts, &*storage)?;
-        let mut last_used = 0;
-        for c in 0..walk.tally.len().max(self.refcounts.coverage()) {
-            if walk.tally.get(c) > 0 {
-                last_used = c + 1;
-            }
-        }
+        let mut last_used = (0..walk.tally.len())
+            .rev()
+            .find(|&c| walk.tally.get(c) > 0)
+            .map_or(0, |c| c + 1);
         for m in mismatches {
             if m.on_disk > 0 {
                 last_used = last_used.max(m.cluster + 1);

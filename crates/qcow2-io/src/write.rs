@@ -270,14 +270,19 @@ impl Image {
         Ok(())
     }
 
+    /// Zeros `[start, end)` cluster by cluster, skipping clusters that
+    /// already read as zeros.
     fn zero_partial(&self, start: u64, end: u64) -> Result<()> {
-        if start >= end {
-            return Ok(());
+        let g = self.geometry;
+        let mut pos = start;
+        while pos < end {
+            let piece_end = (g.cluster_start(pos) + g.cluster_size()).min(end);
+            let (mapping, _) = self.meta.lock().lookup(pos)?;
+            if !matches!(mapping, L2Mapping::Unallocated | L2Mapping::Zero { .. }) {
+                self.write_locked(&vec![0u8; (piece_end - pos) as usize], pos)?;
+            }
+            pos = piece_end;
         }
-        let (mapping, _) = self.meta.lock().lookup(start)?;
-        if matches!(mapping, L2Mapping::Unallocated | L2Mapping::Zero { .. }) {
-            return Ok(());
-        }
-        self.write_locked(&vec![0u8; (end - start) as usize], start)
+        Ok(())
     }
 }
