@@ -167,6 +167,10 @@ struct FaultState {
     writes_left: Option<u64>,
     /// Whether flushes fail.
     fail_flush: bool,
+    /// Whether successful flushes make writes durable (off: every write
+    /// since stays in the crash log, so crash points inside a sequence of
+    /// flushes can be replayed in order).
+    hold_log: bool,
 }
 
 /// A storage that records which writes are durable and can fail on demand.
@@ -196,6 +200,14 @@ impl FaultyStorage {
     /// Makes every later flush fail (or succeed again).
     pub fn fail_flushes(&self, fail: bool) {
         self.state.lock().fail_flush = fail;
+    }
+
+    /// While `hold` is set, flushes succeed but keep every write in the
+    /// crash log, so [`FaultyStorage::crash_image`] can replay any point of
+    /// a sequence that contains flushes (writes in issue order respect every
+    /// barrier).
+    pub fn hold_log(&self, hold: bool) {
+        self.state.lock().hold_log = hold;
     }
 
     /// Number of writes since the last successful flush.
@@ -256,6 +268,9 @@ impl Storage for FaultyStorage {
         let mut state = self.state.lock();
         if state.fail_flush {
             return Err(io::Error::other("injected flush failure"));
+        }
+        if state.hold_log {
+            return Ok(());
         }
         state.durable = self.current.read().clone();
         state.unflushed.clear();
