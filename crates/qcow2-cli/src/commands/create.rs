@@ -1,0 +1,77 @@
+//! `qcow2 create [-f qcow2] [-o OPTIONS] FILE SIZE`
+
+use qcow2_io::{Compat, CreateOptions, Image};
+
+use crate::args::{parse_bool, parse_options, Args};
+use crate::error::CliError;
+use crate::size::{human, parse_size};
+
+/// Applies `-o key=value,...` to creation options.
+pub fn apply_options(options: &mut CreateOptions, text: Option<&str>) -> Result<(), CliError> {
+    for (key, value) in parse_options(text.unwrap_or(""))? {
+        match key.as_str() {
+            "cluster_size" => options.cluster_size = parse_size(&value)?,
+            "refcount_bits" => {
+                options.refcount_bits = value
+                    .parse()
+                    .map_err(|_| CliError::Usage(format!("invalid refcount_bits {value:?}")))?
+            }
+            "compat" => {
+                options.compat = match value.as_str() {
+                    "0.10" | "v2" => Compat::V2,
+                    "1.1" | "v3" => Compat::V3,
+                    _ => {
+                        return Err(CliError::Usage(format!(
+                            "compat must be 0.10 or 1.1, not {value:?}"
+                        )))
+                    }
+                }
+            }
+            "lazy_refcounts" => options.lazy_refcounts = parse_bool(&key, &value)?,
+            "size" => options.size = parse_size(&value)?,
+            _ => {
+                return Err(CliError::Usage(format!(
+                    "unknown option {key:?} for qcow2 images"
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs the command.
+pub fn run(argv: &[String]) -> Result<u8, CliError> {
+    let args = Args::parse(argv, &["-f", "-o"], &["-q"])?;
+    if let Some(f) = args.value("-f") {
+        if f != "qcow2" {
+            return Err(CliError::Usage(format!(
+                "can only create qcow2 images, not {f:?}"
+            )));
+        }
+    }
+    let (path, size) = match args.positional.as_slice() {
+        [path, size] => (path.as_str(), Some(parse_size(size)?)),
+        [path] => (path.as_str(), None),
+        _ => return Err(CliError::Usage("expected FILE SIZE".into())),
+    };
+    let mut options = CreateOptions::new(size.unwrap_or(0));
+    apply_options(&mut options, args.value("-o"))?;
+    if size.is_none() && options.size == 0 {
+        return Err(CliError::Usage("expected FILE SIZE".into()));
+    }
+    options.validate().map_err(CliError::image(path))?;
+    let image = Image::create(path, &options).map_err(CliError::image(path))?;
+    image.close().map_err(CliError::image(path))?;
+    if !args.flag("-q") {
+        println!(
+            "Formatting '{path}', fmt=qcow2 cluster_size={} compat={} refcount_bits={} lazy_refcounts={} size={} ({})",
+            options.cluster_size,
+            if options.compat == Compat::V2 { "0.10" } else { "1.1" },
+            options.refcount_bits,
+            if options.lazy_refcounts { "on" } else { "off" },
+            options.size,
+            human(options.size)
+        );
+    }
+    Ok(0)
+}

@@ -1,0 +1,102 @@
+//! `qcow2 info [--output human|json] FILE`
+
+use std::os::unix::fs::MetadataExt;
+
+use qcow2_io::{Image, OpenOptions};
+use serde_json::json;
+
+use crate::args::Args;
+use crate::disk::detect_format;
+use crate::error::CliError;
+use crate::size::human;
+
+/// Runs the command.
+pub fn run(argv: &[String]) -> Result<u8, CliError> {
+    let args = Args::parse(argv, &["--output", "-f"], &[])?;
+    let json = args.json_output()?;
+    let [path] = args.expect_positional(&["FILE"])?[..] else {
+        unreachable!("expect_positional checked the count")
+    };
+    let meta = std::fs::metadata(path).map_err(CliError::io(path))?;
+    let actual = meta.blocks() * 512;
+    let format = args.value("-f").map_or_else(
+        || detect_format(path),
+        |f| Ok(if f == "qcow2" { "qcow2" } else { "raw" }),
+    )?;
+    if format == "raw" {
+        if json {
+            let v = json!({"filename": path, "format": "raw", "virtual-size": meta.len(), "actual-size": actual, "dirty-flag": false});
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        } else {
+            println!(
+                "image: {path}\nfile format: raw\nvirtual size: {} ({} bytes)\ndisk size: {}",
+                human(meta.len()),
+                meta.len(),
+                human(actual)
+            );
+        }
+        return Ok(0);
+    }
+    let image = Image::open(path, &OpenOptions::read_only()).map_err(CliError::image(path))?;
+    let info = image.info().map_err(CliError::image(path))?;
+    let compat = if info.version == 2 { "0.10" } else { "1.1" };
+    if json {
+        let mut data = json!({
+            "compat": compat,
+            "lazy-refcounts": info.lazy_refcounts,
+            "refcount-bits": info.refcount_bits,
+            "corrupt": info.corrupt,
+            "extended-l2": info.extended_l2,
+            "dedup": info.dedup,
+        });
+        if info.version >= 3 {
+            data["compression-type"] = json!(info.compression_type);
+        }
+        let mut v = json!({
+            "filename": path,
+            "format": "qcow2",
+            "virtual-size": info.virtual_size,
+            "actual-size": actual,
+            "cluster-size": info.cluster_size,
+            "dirty-flag": info.dirty,
+            "format-specific": {"type": "qcow2", "data": data},
+        });
+        if let Some(b) = &info.backing_file {
+            v["backing-filename"] = json!(b);
+        }
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        println!("image: {path}");
+        println!("file format: qcow2");
+        println!(
+            "virtual size: {} ({} bytes)",
+            human(info.virtual_size),
+            info.virtual_size
+        );
+        println!("disk size: {}", human(actual));
+        println!("cluster_size: {}", info.cluster_size);
+        if let Some(b) = &info.backing_file {
+            println!("backing file: {b}");
+        }
+        if info.snapshots > 0 {
+            println!("snapshots: {}", info.snapshots);
+        }
+        println!("Format specific information:");
+        println!("    compat: {compat}");
+        if info.version >= 3 {
+            println!("    compression type: {}", info.compression_type);
+        }
+        println!("    lazy refcounts: {}", info.lazy_refcounts);
+        println!("    refcount bits: {}", info.refcount_bits);
+        println!("    corrupt: {}", info.corrupt);
+        println!("    extended l2: {}", info.extended_l2);
+        println!("    dedup: {}", info.dedup);
+        if info.dirty {
+            println!("    dirty: true (not closed cleanly; refcounts are repaired on the next read-write open)");
+        }
+    }
+    if info.corrupt {
+        eprintln!("qcow2: warning: {path} is marked corrupt; it opens read-only until repaired with `qcow2 check -r all`");
+    }
+    Ok(0)
+}

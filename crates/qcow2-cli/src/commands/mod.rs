@@ -1,0 +1,8 @@
+//! One module per subcommand.
+
+pub mod check;
+pub mod compare;
+pub mod convert;
+pub mod create;
+pub mod info;
+pub mod map;

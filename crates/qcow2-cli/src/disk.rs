@@ -1,0 +1,124 @@
+//! A source or target disk of either format, for convert and compare.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+
+use qcow2_io::{Image, MapKind, OpenOptions};
+
+use crate::error::CliError;
+
+/// An opened disk image: raw or qcow2.
+pub enum Disk {
+    /// A raw file.
+    Raw {
+        /// The file.
+        file: File,
+        /// Its length.
+        size: u64,
+    },
+    /// A qcow2 image.
+    Qcow2(Image),
+}
+
+/// `qcow2` if the file starts with the qcow2 magic, else `raw`.
+pub fn detect_format(path: &str) -> Result<&'static str, CliError> {
+    let mut magic = [0u8; 4];
+    let mut file = File::open(path).map_err(CliError::io(path))?;
+    let n = file.read(&mut magic).map_err(CliError::io(path))?;
+    Ok(if n == 4 && magic == *b"QFI\xfb" {
+        "qcow2"
+    } else {
+        "raw"
+    })
+}
+
+impl Disk {
+    /// Opens `path` read-only as `format`, or as detected from its content.
+    pub fn open(path: &str, format: Option<&str>) -> Result<Self, CliError> {
+        let format = match format {
+            Some(f) => f,
+            None => detect_format(path)?,
+        };
+        match format {
+            "qcow2" => Ok(Disk::Qcow2(
+                Image::open(path, &OpenOptions::read_only()).map_err(CliError::image(path))?,
+            )),
+            "raw" => {
+                let file = File::open(path).map_err(CliError::io(path))?;
+                let size = file.metadata().map_err(CliError::io(path))?.len();
+                Ok(Disk::Raw { file, size })
+            }
+            other => Err(CliError::Usage(format!(
+                "unsupported format {other:?} (raw or qcow2)"
+            ))),
+        }
+    }
+
+    /// Virtual size in bytes.
+    pub fn size(&self) -> u64 {
+        match self {
+            Disk::Raw { size, .. } => *size,
+            Disk::Qcow2(image) => image.size(),
+        }
+    }
+
+    /// Reads `buf.len()` bytes from `offset`.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64, path: &str) -> Result<(), CliError> {
+        match self {
+            Disk::Raw { file, .. } => file.read_exact_at(buf, offset).map_err(CliError::io(path)),
+            Disk::Qcow2(image) => image.read_at(buf, offset).map_err(CliError::image(path)),
+        }
+    }
+
+    /// Ranges `[start, end)` that may hold non-zero data, in order; what
+    /// lies between them reads as zeros.
+    pub fn data_ranges(&self, path: &str) -> Result<Vec<(u64, u64)>, CliError> {
+        match self {
+            Disk::Raw { size, .. } => Ok(vec![(0, *size)]),
+            Disk::Qcow2(image) => {
+                let mut out: Vec<(u64, u64)> = Vec::new();
+                for e in image.map().map_err(CliError::image(path))? {
+                    if matches!(e.kind, MapKind::Data | MapKind::Compressed) {
+                        match out.last_mut() {
+                            Some(last) if last.1 == e.start => last.1 += e.length,
+                            _ => out.push((e.start, e.start + e.length)),
+                        }
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// Whether every byte of `buf` is zero (word at a time).
+pub fn is_zero(buf: &[u8]) -> bool {
+    let (prefix, words, suffix) = (
+        &buf[..buf.len() % 16],
+        buf[buf.len() % 16..].chunks_exact(16),
+        (),
+    );
+    let _ = suffix;
+    prefix.iter().all(|&b| b == 0)
+        && words
+            .map(|w| u128::from_ne_bytes(w.try_into().unwrap_or([1; 16])))
+            .all(|w| w == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_detection_sees_every_byte() {
+        let mut buf = vec![0u8; 4099];
+        assert!(is_zero(&buf));
+        for i in [0, 2, 3, 17, 4098] {
+            buf[i] = 1;
+            assert!(!is_zero(&buf), "byte {i}");
+            buf[i] = 0;
+        }
+        assert!(is_zero(&[]));
+    }
+}
