@@ -426,7 +426,8 @@ impl Refcounts {
         let count = max_count.clamp(1, (self.entries_per_block / 2).max(1));
         let hint = self.free_hint;
         let start = self.find_free_run(storage, count, &[])?;
-        let mut reserved = vec![start..start + count];
+        let run = start..start + count;
+        let mut reserved = vec![run];
         for cluster in start..start + count {
             if self.get(storage, cluster)? != 0 {
                 return Err(AllocError::Inconsistent(format!(
@@ -444,7 +445,8 @@ impl Refcounts {
     /// Allocates exactly `count` contiguous clusters (for tables).
     pub fn allocate_contiguous(&mut self, storage: &dyn Storage, count: u64) -> Result<HostOffset> {
         let start = self.find_free_run(storage, count, &[])?;
-        let mut reserved = vec![start..start + count];
+        let run = start..start + count;
+        let mut reserved = vec![run];
         for cluster in start..start + count {
             self.set_reserving(storage, cluster, 1, &mut reserved)?;
         }

@@ -18,7 +18,7 @@ pub enum Disk {
         size: u64,
     },
     /// A qcow2 image.
-    Qcow2(Image),
+    Qcow2(Box<Image>),
 }
 
 /// `qcow2` if the file starts with the qcow2 magic, else `raw`.
@@ -41,9 +41,9 @@ impl Disk {
             None => detect_format(path)?,
         };
         match format {
-            "qcow2" => Ok(Disk::Qcow2(
+            "qcow2" => Ok(Disk::Qcow2(Box::new(
                 Image::open(path, &OpenOptions::read_only()).map_err(CliError::image(path))?,
-            )),
+            ))),
             "raw" => {
                 let file = File::open(path).map_err(CliError::io(path))?;
                 let size = file.metadata().map_err(CliError::io(path))?.len();
@@ -94,16 +94,11 @@ impl Disk {
 
 /// Whether every byte of `buf` is zero (word at a time).
 pub fn is_zero(buf: &[u8]) -> bool {
-    let (prefix, words, suffix) = (
-        &buf[..buf.len() % 16],
-        buf[buf.len() % 16..].chunks_exact(16),
-        (),
-    );
-    let _ = suffix;
-    prefix.iter().all(|&b| b == 0)
-        && words
-            .map(|w| u128::from_ne_bytes(w.try_into().unwrap_or([1; 16])))
-            .all(|w| w == 0)
+    let split = buf.len() % 16;
+    buf[..split].iter().all(|&b| b == 0)
+        && buf[split..]
+            .chunks_exact(16)
+            .all(|w| u128::from_ne_bytes(w.try_into().unwrap_or([1; 16])) == 0)
 }
 
 #[cfg(test)]

@@ -6,12 +6,14 @@ mod args;
 mod commands;
 mod disk;
 mod error;
+mod output;
 mod progress;
 mod size;
 
 use std::process::ExitCode;
 
 use error::CliError;
+use output::say;
 
 const USAGE: &str = "\
 qcow2: qcow2 images with inline deduplication
@@ -34,7 +36,7 @@ fn main() -> ExitCode {
     match run(&argv) {
         Ok(code) => ExitCode::from(code),
         Err(CliError::Help) => {
-            println!("{USAGE}");
+            say!("{USAGE}");
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -61,7 +63,7 @@ fn run(argv: &[String]) -> Result<u8, CliError> {
         "compare" => commands::compare::run(rest),
         "-h" | "--help" | "help" => Err(CliError::Help),
         "-V" | "--version" => {
-            println!("qcow2 {}", env!("CARGO_PKG_VERSION"));
+            say!("qcow2 {}", env!("CARGO_PKG_VERSION"));
             Ok(0)
         }
         other => Err(CliError::Usage(format!(

@@ -30,9 +30,12 @@ impl RefcountTableEntry {
 #[derive(Clone, Copy)]
 pub struct RefcountWidth {
     order: u32,
-    get: fn(&[u8], usize) -> u64,
-    set: fn(&mut [u8], usize, u64),
+    get: GetFn,
+    set: SetFn,
 }
+
+type GetFn = fn(&[u8], usize) -> u64;
+type SetFn = fn(&mut [u8], usize, u64);
 
 impl std::fmt::Debug for RefcountWidth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -76,7 +79,7 @@ fn set_bytes<const BYTES: usize>(block: &mut [u8], index: usize, value: u64) {
 impl RefcountWidth {
     /// The width for `refcount_order`, or an error above 6.
     pub fn new(order: u32) -> Result<Self> {
-        let (get, set): (fn(&[u8], usize) -> u64, fn(&mut [u8], usize, u64)) = match order {
+        let (get, set): (GetFn, SetFn) = match order {
             0 => (get_sub_byte::<0>, set_sub_byte::<0>),
             1 => (get_sub_byte::<1>, set_sub_byte::<1>),
             2 => (get_sub_byte::<2>, set_sub_byte::<2>),

@@ -37,12 +37,13 @@ fn get64(b: &[u8], at: usize) -> u64 {
 }
 
 type Check = fn(&ImageError) -> bool;
+type Poke = Box<dyn Fn(&mut Vec<u8>)>;
 
 #[test]
 fn malformed_headers_are_typed_errors() {
     let good = valid_image();
     open(good.clone()).expect("the unmodified image opens");
-    let rows: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>, Check)> = vec![
+    let rows: Vec<(&str, Poke, Check)> = vec![
         ("truncated header", Box::new(|b| b.truncate(60)), |e| {
             matches!(e, ImageError::Format(FormatError::Truncated { .. }))
         }),

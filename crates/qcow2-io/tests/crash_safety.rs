@@ -9,7 +9,7 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
-use qcow2_io::{CreateOptions, FaultyStorage, Image, MemStorage, OpenOptions, RepairMode, Storage};
+use qcow2_io::{CreateOptions, FaultyStorage, Image, MemStorage, OpenOptions, RepairMode};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 

@@ -8,6 +8,7 @@ use serde_json::json;
 
 use crate::args::Args;
 use crate::error::CliError;
+use crate::output::say;
 
 /// Runs the command.
 pub fn run(argv: &[String]) -> Result<u8, CliError> {
@@ -49,7 +50,7 @@ pub fn run(argv: &[String]) -> Result<u8, CliError> {
             "fragmented-clusters": report.fragmented_clusters,
             "compressed-clusters": report.compressed_clusters,
         });
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        say!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     } else {
         print_human(&report, repair);
     }
@@ -69,28 +70,28 @@ fn print_human(report: &CheckReport, repair: RepairMode) {
         eprintln!("{}", f.message);
     }
     if repair != RepairMode::None && (report.leaks_fixed > 0 || report.corruptions_fixed > 0) {
-        println!("The following inconsistencies were found and repaired:\n");
-        println!("    {} leaked clusters", report.leaks_fixed);
-        println!("    {} corruptions\n", report.corruptions_fixed);
-        println!("Double checking the fixed image now...");
+        say!("The following inconsistencies were found and repaired:\n");
+        say!("    {} leaked clusters", report.leaks_fixed);
+        say!("    {} corruptions\n", report.corruptions_fixed);
+        say!("Double checking the fixed image now...");
     }
     if report.is_clean() {
-        println!("No errors were found on the image.");
+        say!("No errors were found on the image.");
     }
     if report.corruptions > 0 {
-        println!(
+        say!(
             "\n{} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.",
             report.corruptions
         );
     }
     if report.leaks > 0 {
-        println!(
+        say!(
             "\n{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.",
             report.leaks
         );
     }
     if report.check_errors > 0 {
-        println!(
+        say!(
             "\n{} internal errors have occurred during the check.",
             report.check_errors
         );
@@ -98,7 +99,7 @@ fn print_human(report: &CheckReport, repair: RepairMode) {
     let _ = FindingKind::Leak;
     let total = report.total_clusters.max(1) as f64;
     let allocated = report.allocated_clusters as f64;
-    println!(
+    say!(
         "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters",
         report.allocated_clusters,
         report.total_clusters,
@@ -114,5 +115,5 @@ fn print_human(report: &CheckReport, repair: RepairMode) {
             0.0
         },
     );
-    println!("Image end offset: {}", report.image_end_offset);
+    say!("Image end offset: {}", report.image_end_offset);
 }

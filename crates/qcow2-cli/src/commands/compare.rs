@@ -5,6 +5,7 @@
 use crate::args::Args;
 use crate::disk::{is_zero, Disk};
 use crate::error::CliError;
+use crate::output::say;
 use crate::progress::Progress;
 
 const CHUNK: u64 = 1 << 20;
@@ -21,7 +22,7 @@ pub fn run(argv: &[String]) -> Result<u8, CliError> {
     let longer = a.size().max(b.size());
     if a.size() != b.size() {
         if args.flag("-s") {
-            println!("Strict mode: Image size mismatch!");
+            say!("Strict mode: Image size mismatch!");
             return Ok(1);
         }
         eprintln!("Warning: Image size mismatch!");
@@ -38,7 +39,7 @@ pub fn run(argv: &[String]) -> Result<u8, CliError> {
             b.read_at(&mut y[..len], offset, b_path)?;
             if let Some(i) = x[..len].iter().zip(&y[..len]).position(|(p, q)| p != q) {
                 progress.finish();
-                println!("Content mismatch at offset {}!", offset + i as u64);
+                say!("Content mismatch at offset {}!", offset + i as u64);
                 return Ok(1);
             }
             offset += len as u64;
@@ -52,7 +53,7 @@ pub fn run(argv: &[String]) -> Result<u8, CliError> {
             if !is_zero(&x[..len]) {
                 let i = x[..len].iter().position(|&v| v != 0).unwrap_or(0);
                 progress.finish();
-                println!("Content mismatch at offset {}!", offset + i as u64);
+                say!("Content mismatch at offset {}!", offset + i as u64);
                 return Ok(1);
             }
             offset += len as u64;
@@ -60,6 +61,6 @@ pub fn run(argv: &[String]) -> Result<u8, CliError> {
         progress.advance(len as u64);
     }
     progress.finish();
-    println!("Images are identical.");
+    say!("Images are identical.");
     Ok(0)
 }

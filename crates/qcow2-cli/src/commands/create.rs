@@ -4,6 +4,7 @@ use qcow2_io::{Compat, CreateOptions, Image};
 
 use crate::args::{parse_bool, parse_options, Args};
 use crate::error::CliError;
+use crate::output::say;
 use crate::size::{human, parse_size};
 
 /// Applies `-o key=value,...` to creation options.
@@ -63,7 +64,7 @@ pub fn run(argv: &[String]) -> Result<u8, CliError> {
     let image = Image::create(path, &options).map_err(CliError::image(path))?;
     image.close().map_err(CliError::image(path))?;
     if !args.flag("-q") {
-        println!(
+        say!(
             "Formatting '{path}', fmt=qcow2 cluster_size={} compat={} refcount_bits={} lazy_refcounts={} size={} ({})",
             options.cluster_size,
             if options.compat == Compat::V2 { "0.10" } else { "1.1" },

@@ -8,6 +8,7 @@ use serde_json::json;
 use crate::args::Args;
 use crate::disk::detect_format;
 use crate::error::CliError;
+use crate::output::say;
 use crate::size::human;
 
 /// Runs the command.
@@ -26,9 +27,9 @@ pub fn run(argv: &[String]) -> Result<u8, CliError> {
     if format == "raw" {
         if json {
             let v = json!({"filename": path, "format": "raw", "virtual-size": meta.len(), "actual-size": actual, "dirty-flag": false});
-            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            say!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         } else {
-            println!(
+            say!(
                 "image: {path}\nfile format: raw\nvirtual size: {} ({} bytes)\ndisk size: {}",
                 human(meta.len()),
                 meta.len(),
@@ -64,35 +65,35 @@ pub fn run(argv: &[String]) -> Result<u8, CliError> {
         if let Some(b) = &info.backing_file {
             v["backing-filename"] = json!(b);
         }
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        say!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     } else {
-        println!("image: {path}");
-        println!("file format: qcow2");
-        println!(
+        say!("image: {path}");
+        say!("file format: qcow2");
+        say!(
             "virtual size: {} ({} bytes)",
             human(info.virtual_size),
             info.virtual_size
         );
-        println!("disk size: {}", human(actual));
-        println!("cluster_size: {}", info.cluster_size);
+        say!("disk size: {}", human(actual));
+        say!("cluster_size: {}", info.cluster_size);
         if let Some(b) = &info.backing_file {
-            println!("backing file: {b}");
+            say!("backing file: {b}");
         }
         if info.snapshots > 0 {
-            println!("snapshots: {}", info.snapshots);
+            say!("snapshots: {}", info.snapshots);
         }
-        println!("Format specific information:");
-        println!("    compat: {compat}");
+        say!("Format specific information:");
+        say!("    compat: {compat}");
         if info.version >= 3 {
-            println!("    compression type: {}", info.compression_type);
+            say!("    compression type: {}", info.compression_type);
         }
-        println!("    lazy refcounts: {}", info.lazy_refcounts);
-        println!("    refcount bits: {}", info.refcount_bits);
-        println!("    corrupt: {}", info.corrupt);
-        println!("    extended l2: {}", info.extended_l2);
-        println!("    dedup: {}", info.dedup);
+        say!("    lazy refcounts: {}", info.lazy_refcounts);
+        say!("    refcount bits: {}", info.refcount_bits);
+        say!("    corrupt: {}", info.corrupt);
+        say!("    extended l2: {}", info.extended_l2);
+        say!("    dedup: {}", info.dedup);
         if info.dirty {
-            println!("    dirty: true (not closed cleanly; refcounts are repaired on the next read-write open)");
+            say!("    dirty: true (not closed cleanly; refcounts are repaired on the next read-write open)");
         }
     }
     if info.corrupt {

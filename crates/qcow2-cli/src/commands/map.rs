@@ -5,6 +5,7 @@ use serde_json::json;
 
 use crate::args::Args;
 use crate::error::CliError;
+use crate::output::say;
 
 /// Runs the command.
 pub fn run(argv: &[String]) -> Result<u8, CliError> {
@@ -34,14 +35,14 @@ pub fn run(argv: &[String]) -> Result<u8, CliError> {
                 v
             })
             .collect();
-        println!(
+        say!(
             "{}",
             serde_json::to_string_pretty(&list).unwrap_or_default()
         );
     } else {
-        println!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
+        say!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
         for e in extents.iter().filter(|e| e.kind == MapKind::Data) {
-            println!(
+            say!(
                 "{:<16}{:<16}{:<16}{path}",
                 format!("{:#x}", e.start),
                 format!("{:#x}", e.length),
