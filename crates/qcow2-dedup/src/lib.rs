@@ -1,22 +1,54 @@
 //! The SHA-256 content index of deduplicated qcow2 images.
 //!
-//! This crate will own the on-disk dedup table (the dedup L1 table and its
-//! L2 dedup clusters, laid out by `qcow2_format::dedup`) and the in-memory
-//! hash → host cluster index built from it. For now it provides the content
-//! hash type every layer shares.
+//! [`DedupTable`] owns the on-disk dedup table of the seed (the dedup L1
+//! table and its CRC-sealed L2 dedup clusters, one 40-byte entry per host
+//! cluster, laid out by `qcow2_format::dedup`): entries are read and written
+//! through a bounded cache, L2 dedup clusters are allocated on demand through
+//! `qcow2-alloc`, and the L1 grows when the file does. [`DedupIndex`] is the
+//! compact in-memory hash → host cluster map built from it on open.
+//!
+//! The index is a hint (DESIGN.md, invariant 1): a candidate it returns is
+//! shared only after its full hash has been confirmed, so a stale or lost
+//! entry costs space, never data.
 #![forbid(unsafe_code)]
 
+mod error;
+mod index;
+mod table;
+
+pub use error::DedupError;
+pub use index::{DedupIndex, MAX_INDEXED_CLUSTER};
+pub use table::{DedupTable, ScanReport};
+
 use sha2::{Digest, Sha256};
+
+/// Result type of this crate.
+pub type Result<T, E = DedupError> = std::result::Result<T, E>;
 
 /// SHA-256 of one cluster's content.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ContentHash(pub [u8; 32]);
 
 impl ContentHash {
-    /// Hashes `data`.
+    /// Hashes `data` (with the CPU's SHA extensions where present).
     pub fn of(data: &[u8]) -> Self {
         Self(Sha256::digest(data).into())
     }
+}
+
+/// Figures for `qcow2 info`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DedupStats {
+    /// Host data clusters with a recorded hash.
+    pub unique_clusters: u64,
+    /// Guest clusters pointing at data clusters.
+    pub references: u64,
+    /// Bytes not stored thanks to sharing: (references − unique) × cluster size.
+    pub bytes_saved: u64,
+    /// Bytes of RAM the in-memory index takes (0 when it is not loaded).
+    pub index_memory: u64,
+    /// L2 dedup clusters whose CRC did not match on load.
+    pub crc_failures: u64,
 }
 
 #[cfg(test)]
@@ -26,10 +58,7 @@ mod tests {
     #[test]
     fn matches_the_sha256_test_vector() {
         let h = ContentHash::of(b"abc");
-        assert_eq!(
-            h.0[..4],
-            [0xba, 0x78, 0x16, 0xbf],
-            "SHA-256(\"abc\") starts with ba7816bf"
-        );
+        assert_eq!(h.0[..4], [0xba, 0x78, 0x16, 0xbf]);
+        assert_eq!(h.0[28..], [0xf2, 0x00, 0x15, 0xad]);
     }
 }

@@ -1,0 +1,469 @@
+//! The on-disk dedup table: the dedup L1 table and its L2 dedup clusters.
+
+use std::collections::HashMap;
+use std::ops::Range;
+
+use qcow2_alloc::{Refcounts, Storage};
+use qcow2_format::dedup::{self, DedupEntry, DedupExtension};
+use qcow2_format::Geometry;
+
+use crate::{DedupError, Result};
+
+#[derive(Debug)]
+struct CachedCluster {
+    data: Vec<u8>,
+    dirty: bool,
+    used: u64,
+}
+
+/// What a sequential scan of the table found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ScanReport {
+    /// Non-empty entries visited.
+    pub entries: u64,
+    /// L2 dedup clusters whose CRC did not match (their entries are dropped).
+    pub crc_failures: u64,
+    /// Dedup L1 entries that were unaligned or outside the file (dropped).
+    pub bad_l1_entries: u64,
+}
+
+/// The dedup table of an open image, with a bounded write-back cache of L2
+/// dedup clusters.
+///
+/// Invariants: every dedup L1 entry held is 0 or a cluster-aligned offset
+/// inside the file (bad ones are dropped on load); a cached L2 dedup cluster
+/// whose CRC failed on load reads as empty; every cluster written back is
+/// sealed with its CRC first.
+#[derive(Debug)]
+pub struct DedupTable {
+    geometry: Geometry,
+    l1_offset: u64,
+    l1: Vec<u64>,
+    l1_dirty: Option<Range<usize>>,
+    retired_l1: Vec<(u64, u64)>,
+    clusters: HashMap<u64, CachedCluster>,
+    capacity: usize,
+    tick: u64,
+    report: ScanReport,
+}
+
+fn be_u64s(bytes: &[u8]) -> Vec<u64> {
+    bytes
+        .chunks_exact(8)
+        .map(|c| u64::from_be_bytes(c.try_into().unwrap_or_default()))
+        .collect()
+}
+
+impl DedupTable {
+    /// Creates an empty table whose L1 covers `host_clusters` host clusters,
+    /// allocating and zeroing its clusters.
+    pub fn create(
+        storage: &dyn Storage,
+        refcounts: &mut Refcounts,
+        geometry: Geometry,
+        host_clusters: u64,
+        cache_bytes: u64,
+    ) -> Result<Self> {
+        let entries = dedup::l1_entries_for(geometry, host_clusters).max(1);
+        let entries = geometry.align_up(entries * 8) / 8;
+        let clusters = geometry.clusters_for(entries * 8);
+        let offset = refcounts.allocate_contiguous(storage, clusters)?;
+        storage
+            .write_at(&vec![0u8; (clusters * geometry.cluster_size()) as usize], offset.get())
+            .map_err(DedupError::io("writing the dedup L1 table"))?;
+        Ok(Self::with_l1(geometry, offset.get(), vec![0; entries as usize], cache_bytes))
+    }
+
+    fn with_l1(geometry: Geometry, l1_offset: u64, l1: Vec<u64>, cache_bytes: u64) -> Self {
+        Self {
+            geometry,
+            l1_offset,
+            l1,
+            l1_dirty: None,
+            retired_l1: Vec::new(),
+            clusters: HashMap::new(),
+            capacity: (cache_bytes / geometry.cluster_size()).max(8) as usize,
+            tick: 0,
+            report: ScanReport::default(),
+        }
+    }
+
+    /// Reads the dedup L1 table the header extension points to (already
+    /// validated against the file by the header parser). Entries that are
+    /// unaligned or outside the file are dropped and counted.
+    pub fn load(storage: &dyn Storage, geometry: Geometry, ext: DedupExtension, cache_bytes: u64) -> Result<Self> {
+        let file_size = storage
+            .len()
+            .map_err(DedupError::io("reading the image size"))?;
+        let mut raw = vec![0u8; ext.l1_entries as usize * 8];
+        storage
+            .read_at(&mut raw, ext.l1_offset)
+            .map_err(DedupError::io("reading the dedup L1 table"))?;
+        let mut l1 = be_u64s(&raw);
+        let mut table = Self::with_l1(geometry, ext.l1_offset, Vec::new(), cache_bytes);
+        for entry in &mut l1 {
+            let bad = *entry != 0
+                && (!geometry.is_aligned(*entry)
+                    || *entry < geometry.cluster_size()
+                    || entry.saturating_add(geometry.cluster_size()) > file_size);
+            if bad {
+                *entry = 0;
+                table.report.bad_l1_entries += 1;
+            }
+        }
+        table.l1 = l1;
+        if table.report.bad_l1_entries > 0 {
+            table.l1_dirty = Some(0..table.l1.len());
+        }
+        Ok(table)
+    }
+
+    /// The header extension describing this table.
+    pub fn extension(&self) -> DedupExtension {
+        DedupExtension {
+            l1_offset: self.l1_offset,
+            l1_entries: self.l1.len() as u32,
+        }
+    }
+
+    /// Problems met while loading and reading (dropped L1 entries, CRC
+    /// failures).
+    pub fn report(&self) -> ScanReport {
+        self.report
+    }
+
+    /// Every cluster the table occupies: `(offset, clusters)` runs, for
+    /// refcount checks.
+    pub fn metadata_clusters(&self) -> Vec<(u64, u64)> {
+        let mut out = vec![(self.l1_offset, self.geometry.clusters_for(self.l1.len() as u64 * 8))];
+        out.extend(self.l1.iter().filter(|&&e| e != 0).map(|&e| (e, 1)));
+        out
+    }
+
+    fn cluster(&mut self, storage: &dyn Storage, index: u64) -> Result<Option<&mut CachedCluster>> {
+        let Some(&offset) = self.l1.get(index as usize) else {
+            return Ok(None);
+        };
+        if offset == 0 {
+            return Ok(None);
+        }
+        self.tick += 1;
+        let tick = self.tick;
+        if !self.clusters.contains_key(&index) {
+            if self.clusters.len() >= self.capacity {
+                self.evict(storage)?;
+            }
+            let mut data = vec![0u8; self.geometry.cluster_size() as usize];
+            storage
+                .read_at(&mut data, offset)
+                .map_err(DedupError::io("reading a dedup cluster"))?;
+            let dirty = dedup::verify(&data).is_err();
+            if dirty {
+                self.report.crc_failures += 1;
+                data.fill(0);
+            }
+            self.clusters.insert(index, CachedCluster { data, dirty, used: tick });
+        }
+        let cached = self.clusters.get_mut(&index);
+        if let Some(c) = cached {
+            c.used = tick;
+            return Ok(Some(c));
+        }
+        Ok(None)
+    }
+
+    fn write_cluster(storage: &dyn Storage, offset: u64, cluster: &mut CachedCluster) -> Result<()> {
+        dedup::seal(&mut cluster.data);
+        storage
+            .write_at(&cluster.data, offset)
+            .map_err(DedupError::io("writing a dedup cluster"))?;
+        cluster.dirty = false;
+        Ok(())
+    }
+
+    fn evict(&mut self, storage: &dyn Storage) -> Result<()> {
+        let victim = self
+            .clusters
+            .iter()
+            .min_by_key(|(_, c)| (c.dirty, c.used))
+            .map(|(&i, _)| i);
+        if let Some(index) = victim {
+            if let Some(mut cluster) = self.clusters.remove(&index) {
+                if cluster.dirty {
+                    Self::write_cluster(storage, self.l1[index as usize], &mut cluster)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The entry of host cluster `host_cluster`, if one is recorded.
+    pub fn get(&mut self, storage: &dyn Storage, host_cluster: u64) -> Result<Option<DedupEntry>> {
+        let slot = dedup::slot_of(self.geometry, host_cluster);
+        Ok(self
+            .cluster(storage, slot.l1_index)?
+            .and_then(|c| dedup::entry(&c.data, slot.entry))
+            .filter(|e| !e.is_empty()))
+    }
+
+    /// Records `entry` for `host_cluster`, allocating its L2 dedup cluster
+    /// (and growing the L1) as needed.
+    pub fn set(
+        &mut self,
+        storage: &dyn Storage,
+        refcounts: &mut Refcounts,
+        host_cluster: u64,
+        entry: &DedupEntry,
+    ) -> Result<()> {
+        let slot = dedup::slot_of(self.geometry, host_cluster);
+        if slot.l1_index >= self.l1.len() as u64 {
+            self.grow_l1(storage, refcounts, slot.l1_index + 1)?;
+        }
+        if self.l1[slot.l1_index as usize] == 0 {
+            let offset = refcounts.allocate_contiguous(storage, 1)?.get();
+            if self.clusters.len() >= self.capacity {
+                self.evict(storage)?;
+            }
+            self.tick += 1;
+            self.clusters.insert(
+                slot.l1_index,
+                CachedCluster {
+                    data: vec![0u8; self.geometry.cluster_size() as usize],
+                    dirty: true,
+                    used: self.tick,
+                },
+            );
+            self.set_l1(slot.l1_index as usize, offset);
+        }
+        if let Some(cluster) = self.cluster(storage, slot.l1_index)? {
+            dedup::set_entry(&mut cluster.data, slot.entry, entry);
+            cluster.dirty = true;
+        }
+        Ok(())
+    }
+
+    /// Removes the entry of `host_cluster`, if any.
+    pub fn clear(&mut self, storage: &dyn Storage, host_cluster: u64) -> Result<()> {
+        let slot = dedup::slot_of(self.geometry, host_cluster);
+        if let Some(cluster) = self.cluster(storage, slot.l1_index)? {
+            if !dedup::entry(&cluster.data, slot.entry).is_some_and(|e| e.is_empty()) {
+                dedup::set_entry(&mut cluster.data, slot.entry, &zero_entry());
+                cluster.dirty = true;
+            }
+        }
+        Ok(())
+    }
+
+    fn set_l1(&mut self, index: usize, value: u64) {
+        self.l1[index] = value;
+        self.l1_dirty = Some(match self.l1_dirty.take() {
+            Some(r) => r.start.min(index)..r.end.max(index + 1),
+            None => index..index + 1,
+        });
+    }
+
+    fn grow_l1(&mut self, storage: &dyn Storage, refcounts: &mut Refcounts, min_entries: u64) -> Result<()> {
+        let g = self.geometry;
+        let entries = g.align_up(min_entries.max(self.l1.len() as u64 * 3 / 2) * 8) / 8;
+        if entries * 8 > qcow2_format::MAX_L1_BYTES {
+            return Err(DedupError::Format(qcow2_format::FormatError::TooLarge {
+                what: "dedup L1 table",
+                value: entries,
+                limit: qcow2_format::MAX_L1_BYTES / 8,
+            }));
+        }
+        let clusters = g.clusters_for(entries * 8);
+        let offset = refcounts.allocate_contiguous(storage, clusters)?.get();
+        self.retired_l1
+            .push((self.l1_offset, g.clusters_for(self.l1.len() as u64 * 8)));
+        self.l1_offset = offset;
+        self.l1.resize(entries as usize, 0);
+        self.l1_dirty = Some(0..self.l1.len());
+        Ok(())
+    }
+
+    /// L1 tables replaced by a growth, as `(offset, clusters)`: free them
+    /// once the header points at the new one.
+    pub fn take_retired(&mut self) -> Vec<(u64, u64)> {
+        std::mem::take(&mut self.retired_l1)
+    }
+
+    /// Whether the L1 moved since the header was last written.
+    pub fn moved(&self) -> bool {
+        !self.retired_l1.is_empty()
+    }
+
+    /// Whether anything waits to be written.
+    pub fn is_dirty(&self) -> bool {
+        self.l1_dirty.is_some() || self.clusters.values().any(|c| c.dirty)
+    }
+
+    /// Writes dirty L2 dedup clusters (sealed) and the changed part of the
+    /// L1. The caller makes the refcounts of new clusters durable first.
+    /// Returns whether anything was written.
+    pub fn flush(&mut self, storage: &dyn Storage) -> Result<bool> {
+        let mut dirty: Vec<u64> = self
+            .clusters
+            .iter()
+            .filter(|(_, c)| c.dirty)
+            .map(|(&i, _)| i)
+            .collect();
+        dirty.sort_unstable();
+        let mut wrote = !dirty.is_empty();
+        for index in dirty {
+            let offset = self.l1[index as usize];
+            if let Some(cluster) = self.clusters.get_mut(&index) {
+                Self::write_cluster(storage, offset, cluster)?;
+            }
+        }
+        if let Some(range) = self.l1_dirty.take() {
+            let bytes: Vec<u8> = self.l1[range.clone()].iter().flat_map(|e| e.to_be_bytes()).collect();
+            storage
+                .write_at(&bytes, self.l1_offset + range.start as u64 * 8)
+                .map_err(DedupError::io("writing the dedup L1 table"))?;
+            wrote = true;
+        }
+        Ok(wrote)
+    }
+
+    /// Visits every recorded entry in host cluster order, reading L2 dedup
+    /// clusters straight from the storage one at a time (a CRC mismatch
+    /// drops that cluster's entries and is counted).
+    pub fn scan(
+        &mut self,
+        storage: &dyn Storage,
+        mut visit: impl FnMut(u64, &DedupEntry) -> Result<()>,
+    ) -> Result<ScanReport> {
+        let n = dedup::entries_per_cluster(self.geometry);
+        let mut report = ScanReport {
+            bad_l1_entries: self.report.bad_l1_entries,
+            ..ScanReport::default()
+        };
+        let mut buf = vec![0u8; self.geometry.cluster_size() as usize];
+        for index in 0..self.l1.len() as u64 {
+            if self.l1[index as usize] == 0 {
+                continue;
+            }
+            let data: &[u8] = match self.clusters.get(&index) {
+                Some(c) => &c.data,
+                None => {
+                    storage
+                        .read_at(&mut buf, self.l1[index as usize])
+                        .map_err(DedupError::io("reading a dedup cluster"))?;
+                    if dedup::verify(&buf).is_err() {
+                        report.crc_failures += 1;
+                        continue;
+                    }
+                    &buf
+                }
+            };
+            let entries: Vec<(u64, DedupEntry)> = (0..n)
+                .filter_map(|i| dedup::entry(data, i).filter(|e| !e.is_empty()).map(|e| (index * n + i, e)))
+                .collect();
+            for (host, entry) in entries {
+                report.entries += 1;
+                visit(host, &entry)?;
+            }
+        }
+        report.crc_failures += self.report.crc_failures;
+        Ok(report)
+    }
+}
+
+fn zero_entry() -> DedupEntry {
+    DedupEntry {
+        hash: [0; 32],
+        guest_offset: 0.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qcow2_alloc::{MemStorage, RefcountsConfig};
+    use qcow2_format::refcount::RefcountWidth;
+
+    fn setup(bits: u32) -> (MemStorage, Refcounts, Geometry) {
+        let g = Geometry::new(bits, false).unwrap();
+        let storage = MemStorage::new();
+        let mut r = Refcounts::new_empty(RefcountsConfig {
+            geometry: g,
+            width: RefcountWidth::new(4).unwrap(),
+            table_offset: g.cluster_size(),
+            table_clusters: 1,
+            cache_bytes: 1 << 20,
+        });
+        r.set(&storage, 1, 1).unwrap();
+        r.set(&storage, 0, 1).unwrap();
+        storage.write_at(&[1], 0).unwrap();
+        (storage, r, g)
+    }
+
+    fn entry(i: u64) -> DedupEntry {
+        DedupEntry {
+            hash: crate::ContentHash::of(&i.to_le_bytes()).0,
+            guest_offset: (i * 4096).into(),
+        }
+    }
+
+    #[test]
+    fn entries_survive_flush_reload_and_l1_growth() {
+        let (storage, mut r, g) = setup(12);
+        let mut t = DedupTable::create(&storage, &mut r, g, 10, 1 << 20).unwrap();
+        for host in [5u64, 6, 200, 5000, 60_000] {
+            t.set(&storage, &mut r, host, &entry(host)).unwrap();
+        }
+        assert!(t.moved(), "host cluster 40000 needs a bigger L1");
+        t.flush(&storage).unwrap();
+        let ext = t.extension();
+        let mut again = DedupTable::load(&storage, g, ext, 1 << 20).unwrap();
+        for host in [5u64, 6, 200, 5000, 60_000] {
+            assert_eq!(again.get(&storage, host).unwrap(), Some(entry(host)));
+        }
+        assert_eq!(again.get(&storage, 7).unwrap(), None);
+        let mut seen = Vec::new();
+        let report = again
+            .scan(&storage, |host, e| {
+                assert_eq!(*e, entry(host));
+                seen.push(host);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(seen, vec![5, 6, 200, 5000, 60_000]);
+        assert_eq!(report.entries, 5);
+        again.clear(&storage, 6).unwrap();
+        assert_eq!(again.get(&storage, 6).unwrap(), None);
+    }
+
+    #[test]
+    fn a_flipped_byte_drops_that_cluster_only() {
+        let (storage, mut r, g) = setup(12);
+        let mut t = DedupTable::create(&storage, &mut r, g, 1000, 1 << 20).unwrap();
+        let n = dedup::entries_per_cluster(g);
+        t.set(&storage, &mut r, 1, &entry(1)).unwrap();
+        t.set(&storage, &mut r, n + 1, &entry(n + 1)).unwrap();
+        t.flush(&storage).unwrap();
+        let first = t.metadata_clusters()[1].0;
+        let mut byte = [0u8];
+        storage.read_at(&mut byte, first + 50).unwrap();
+        storage.write_at(&[byte[0] ^ 0x10], first + 50).unwrap();
+        let mut again = DedupTable::load(&storage, g, t.extension(), 1 << 20).unwrap();
+        let report = again.scan(&storage, |_, _| Ok(())).unwrap();
+        assert_eq!(report.crc_failures, 1);
+        assert_eq!(report.entries, 1);
+        assert_eq!(again.get(&storage, 1).unwrap(), None);
+        assert_eq!(again.get(&storage, n + 1).unwrap(), Some(entry(n + 1)));
+    }
+
+    #[test]
+    fn bad_l1_entries_are_dropped_not_followed() {
+        let (storage, mut r, g) = setup(12);
+        let t = DedupTable::create(&storage, &mut r, g, 1000, 1 << 20).unwrap();
+        let ext = t.extension();
+        storage.write_at(&(1u64 << 50).to_be_bytes(), ext.l1_offset).unwrap();
+        storage.write_at(&4100u64.to_be_bytes(), ext.l1_offset + 8).unwrap();
+        let mut again = DedupTable::load(&storage, g, ext, 1 << 20).unwrap();
+        assert_eq!(again.report().bad_l1_entries, 2);
+        assert_eq!(again.get(&storage, 0).unwrap(), None);
+    }
+}
