@@ -1,12 +1,14 @@
 //! `qcow2 convert [-f FMT] [-O raw|qcow2] [-o OPTIONS] [-p] SRC DST`
 //!
-//! A reader thread fills chunk buffers while the main thread writes the
-//! previous ones; runs of zeros are never written (the target reads them as
-//! zeros: unallocated qcow2 clusters, holes in a raw file).
+//! A reader thread fills chunk buffers; one writer thread per core takes
+//! them, skips runs of zeros (the target reads them as zeros: unallocated
+//! qcow2 clusters, holes in a raw file) and writes the rest, so hashing for
+//! deduplicated targets runs on every core. The main thread reports progress.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
+use std::sync::Mutex;
 
 use qcow2_io::{CreateOptions, Image};
 
@@ -18,15 +20,13 @@ use crate::progress::Progress;
 
 /// Bytes read and written per step.
 const CHUNK: u64 = 2 << 20;
-/// Chunks in flight between the reader and the writer.
-const DEPTH: usize = 4;
 
-/// Where converted data goes.
-trait Target {
+/// Where converted data goes; shared by the writer threads.
+pub(crate) trait Target: Sync {
     /// Granularity of zero detection: a zero granule is skipped.
     fn granule(&self) -> u64;
     /// Writes `data` at `offset`.
-    fn write(&mut self, data: &[u8], offset: u64) -> Result<(), CliError>;
+    fn write(&self, data: &[u8], offset: u64) -> Result<(), CliError>;
     /// Makes everything durable.
     fn finish(self: Box<Self>) -> Result<(), CliError>;
 }
@@ -41,10 +41,8 @@ impl Target for RawTarget {
         4096
     }
 
-    fn write(&mut self, data: &[u8], offset: u64) -> Result<(), CliError> {
-        self.file
-            .write_all_at(data, offset)
-            .map_err(CliError::io(&self.path))
+    fn write(&self, data: &[u8], offset: u64) -> Result<(), CliError> {
+        self.file.write_all_at(data, offset).map_err(CliError::io(&self.path))
     }
 
     fn finish(self: Box<Self>) -> Result<(), CliError> {
@@ -62,10 +60,8 @@ impl Target for Qcow2Target {
         self.image.cluster_size()
     }
 
-    fn write(&mut self, data: &[u8], offset: u64) -> Result<(), CliError> {
-        self.image
-            .write_at(data, offset)
-            .map_err(CliError::image(&self.path))
+    fn write(&self, data: &[u8], offset: u64) -> Result<(), CliError> {
+        self.image.write_at(data, offset).map_err(CliError::image(&self.path))
     }
 
     fn finish(self: Box<Self>) -> Result<(), CliError> {
@@ -81,60 +77,82 @@ pub fn run(argv: &[String]) -> Result<u8, CliError> {
         unreachable!("expect_positional checked the count")
     };
     let source = Disk::open(src_path, args.value("-f"))?;
-    let size = source.size();
-    let target: Box<dyn Target> = match args.value("-O").unwrap_or("raw") {
-        "qcow2" => {
-            let mut options = CreateOptions::new(size);
-            apply_options(&mut options, args.value("-o"))?;
-            options.size = size;
-            let image = Image::create(dst_path, &options).map_err(CliError::image(dst_path))?;
-            Box::new(Qcow2Target {
-                image,
-                path: dst_path.to_string(),
-            })
-        }
-        "raw" => {
-            if args.value("-o").is_some() {
-                return Err(CliError::Usage("raw targets take no -o options".into()));
-            }
-            let file = File::create(dst_path).map_err(CliError::io(dst_path))?;
-            file.set_len(size).map_err(CliError::io(dst_path))?;
-            Box::new(RawTarget {
-                file,
-                path: dst_path.to_string(),
-            })
-        }
-        other => {
-            return Err(CliError::Usage(format!(
-                "unsupported output format {other:?} (raw or qcow2)"
-            )))
-        }
-    };
+    let target = open_target(args.value("-O").unwrap_or("raw"), args.value("-o"), source.size(), dst_path)?;
     let ranges = source.data_ranges(src_path)?;
     copy(&source, src_path, &ranges, target, args.flag("-p"))?;
     Ok(0)
 }
 
+fn open_target(format: &str, options: Option<&str>, size: u64, path: &str) -> Result<Box<dyn Target>, CliError> {
+    match format {
+        "qcow2" => {
+            let mut create = CreateOptions::new(size);
+            apply_options(&mut create, options)?;
+            create.size = size;
+            let image = Image::create(path, &create).map_err(CliError::image(path))?;
+            Ok(Box::new(Qcow2Target {
+                image,
+                path: path.to_string(),
+            }))
+        }
+        "raw" => {
+            if options.is_some() {
+                return Err(CliError::Usage("raw targets take no -o options".into()));
+            }
+            let file = File::create(path).map_err(CliError::io(path))?;
+            file.set_len(size).map_err(CliError::io(path))?;
+            Ok(Box::new(RawTarget {
+                file,
+                path: path.to_string(),
+            }))
+        }
+        other => Err(CliError::Usage(format!("unsupported output format {other:?} (raw or qcow2)"))),
+    }
+}
+
 type Chunk = (u64, Vec<u8>);
 
-fn copy(
+/// Copies the data ranges of `source` to `target` and finishes it.
+pub(crate) fn copy(
     source: &Disk,
     src_path: &str,
     ranges: &[(u64, u64)],
-    mut target: Box<dyn Target>,
+    target: Box<dyn Target>,
     show_progress: bool,
 ) -> Result<(), CliError> {
     let total: u64 = ranges.iter().map(|(s, e)| e - s).sum();
+    let writers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 16);
+    let depth = 2 * writers;
     let mut progress = Progress::new(total, show_progress);
-    let (full_tx, full_rx) = sync_channel::<Result<Chunk, CliError>>(DEPTH);
-    let (empty_tx, empty_rx) = sync_channel::<Vec<u8>>(DEPTH + 1);
-    for _ in 0..DEPTH + 1 {
+    let (full_tx, full_rx) = sync_channel::<Result<Chunk, CliError>>(depth);
+    let (empty_tx, empty_rx) = sync_channel::<Vec<u8>>(depth + writers + 1);
+    let (done_tx, done_rx) = channel::<Result<u64, CliError>>();
+    for _ in 0..depth + writers + 1 {
         let _ = empty_tx.send(vec![0u8; CHUNK as usize]);
     }
+    let full_rx = Mutex::new(full_rx);
+    let target_ref: &dyn Target = &*target;
     std::thread::scope(|scope| {
         scope.spawn(|| read_chunks(source, src_path, ranges, full_tx, empty_rx));
-        let result = write_chunks(&mut *target, &full_rx, &empty_tx, &mut progress);
-        drop(full_rx);
+        for _ in 0..writers {
+            let (full_rx, empty_tx, done_tx) = (&full_rx, empty_tx.clone(), done_tx.clone());
+            scope.spawn(move || write_chunks(target_ref, full_rx, &empty_tx, &done_tx));
+        }
+        drop(done_tx);
+        let mut result = Ok(());
+        for done in done_rx {
+            match done {
+                Ok(n) => progress.advance(n),
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        // Unblock everyone on failure: no more chunks are taken.
+        if let Ok(rx) = full_rx.lock() {
+            while rx.try_recv().is_ok() {}
+        }
         result
     })?;
     target.finish()?;
@@ -155,9 +173,7 @@ fn read_chunks(
             let len = (CHUNK - offset % CHUNK).min(end - offset);
             let Ok(mut buf) = empty.recv() else { return };
             buf.resize(len as usize, 0);
-            let item = source
-                .read_at(&mut buf, offset, path)
-                .map(|()| (offset, buf));
+            let item = source.read_at(&mut buf, offset, path).map(|()| (offset, buf));
             let failed = item.is_err();
             if full.send(item).is_err() || failed {
                 return;
@@ -168,33 +184,49 @@ fn read_chunks(
 }
 
 fn write_chunks(
-    target: &mut dyn Target,
-    full: &Receiver<Result<Chunk, CliError>>,
+    target: &dyn Target,
+    full: &Mutex<Receiver<Result<Chunk, CliError>>>,
     empty: &SyncSender<Vec<u8>>,
-    progress: &mut Progress,
-) -> Result<(), CliError> {
+    done: &Sender<Result<u64, CliError>>,
+) {
     let granule = target.granule() as usize;
-    while let Ok(item) = full.recv() {
-        let (offset, buf) = item?;
-        let mut at = 0usize;
-        while at < buf.len() {
-            let first = (granule - (offset as usize + at) % granule).min(buf.len() - at);
-            let mut end = at + first;
-            let zero = is_zero(&buf[at..end]);
-            while end < buf.len() {
-                let next = (end + granule).min(buf.len());
-                if is_zero(&buf[end..next]) != zero {
-                    break;
-                }
-                end = next;
-            }
-            if !zero {
-                target.write(&buf[at..end], offset + at as u64)?;
-            }
-            at = end;
+    loop {
+        let item = match full.lock() {
+            Ok(rx) => rx.recv(),
+            Err(_) => return,
+        };
+        let Ok(item) = item else { return };
+        let result = item.and_then(|(offset, buf)| {
+            write_non_zero(target, &buf, offset, granule)?;
+            let n = buf.len() as u64;
+            let _ = empty.send(buf);
+            Ok(n)
+        });
+        let failed = result.is_err();
+        if done.send(result).is_err() || failed {
+            return;
         }
-        progress.advance(buf.len() as u64);
-        let _ = empty.send(buf);
+    }
+}
+
+/// Writes the runs of `buf` that are not all zeros, in granules.
+fn write_non_zero(target: &dyn Target, buf: &[u8], offset: u64, granule: usize) -> Result<(), CliError> {
+    let mut at = 0usize;
+    while at < buf.len() {
+        let first = (granule - (offset as usize + at) % granule).min(buf.len() - at);
+        let mut end = at + first;
+        let zero = is_zero(&buf[at..end]);
+        while end < buf.len() {
+            let next = (end + granule).min(buf.len());
+            if is_zero(&buf[end..next]) != zero {
+                break;
+            }
+            end = next;
+        }
+        if !zero {
+            target.write(&buf[at..end], offset + at as u64)?;
+        }
+        at = end;
     }
     Ok(())
 }
