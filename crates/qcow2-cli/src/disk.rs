@@ -6,6 +6,8 @@ use std::os::unix::fs::FileExt;
 
 use qcow2_io::{Image, MapKind, OpenOptions};
 
+pub use qcow2_io::is_zero;
+
 use crate::error::CliError;
 
 /// An opened disk image: raw or qcow2.
@@ -89,31 +91,5 @@ impl Disk {
                 Ok(out)
             }
         }
-    }
-}
-
-/// Whether every byte of `buf` is zero (word at a time).
-pub fn is_zero(buf: &[u8]) -> bool {
-    let split = buf.len() % 16;
-    buf[..split].iter().all(|&b| b == 0)
-        && buf[split..]
-            .chunks_exact(16)
-            .all(|w| u128::from_ne_bytes(w.try_into().unwrap_or([1; 16])) == 0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn zero_detection_sees_every_byte() {
-        let mut buf = vec![0u8; 4099];
-        assert!(is_zero(&buf));
-        for i in [0, 2, 3, 17, 4098] {
-            buf[i] = 1;
-            assert!(!is_zero(&buf), "byte {i}");
-            buf[i] = 0;
-        }
-        assert!(is_zero(&[]));
     }
 }

@@ -22,10 +22,11 @@ usage: qcow2 COMMAND [OPTIONS]
 
 commands:
   create [-f qcow2] [-o OPTIONS] FILE SIZE
-        OPTIONS: cluster_size=N,refcount_bits=N,compat=0.10|1.1,lazy_refcounts=on|off
+        OPTIONS: cluster_size=N,refcount_bits=N,compat=0.10|1.1,lazy_refcounts=on|off,dedup=on|off
   info [--output human|json] FILE
   check [--output human|json] [-r leaks|all] FILE
   convert [-f FMT] [-O raw|qcow2] [-o OPTIONS] [-p] SRC DST
+  dedup [-p] [-o OUT] IMAGE      deduplicate IMAGE in place, or into a new image OUT
   map [--output human|json] FILE
   compare [-f FMT] [-F FMT] [-p] A B
 
@@ -59,6 +60,7 @@ fn run(argv: &[String]) -> Result<u8, CliError> {
         "info" => commands::info::run(rest),
         "check" => commands::check::run(rest),
         "convert" => commands::convert::run(rest),
+        "dedup" => commands::dedup::run(rest),
         "map" => commands::map::run(rest),
         "compare" => commands::compare::run(rest),
         "-h" | "--help" | "help" => Err(CliError::Help),

@@ -43,7 +43,11 @@ impl Shard {
     }
 
     fn grow(&mut self) {
-        let bits = if self.bits == 0 { MIN_SHARD_BITS } else { self.bits + 1 };
+        let bits = if self.bits == 0 {
+            MIN_SHARD_BITS
+        } else {
+            self.bits + 1
+        };
         let old = std::mem::replace(&mut self.slots, vec![0; 1 << bits]);
         self.bits = bits;
         for slot in old.into_iter().filter(|&s| s != 0) {
@@ -60,7 +64,8 @@ impl Shard {
     }
 
     fn needs_growth(&self) -> bool {
-        self.slots.is_empty() || ((self.len + 1) * 8 > self.slots.len() * 7 && self.bits < MAX_SHARD_BITS)
+        self.slots.is_empty()
+            || ((self.len + 1) * 8 > self.slots.len() * 7 && self.bits < MAX_SHARD_BITS)
     }
 }
 
@@ -83,7 +88,10 @@ impl Default for DedupIndex {
 fn split(hash: &ContentHash) -> (usize, u64) {
     let mut h = [0u8; 8];
     h.copy_from_slice(&hash.0[1..9]);
-    (usize::from(hash.0[0]), u64::from_be_bytes(h) >> CLUSTER_BITS)
+    (
+        usize::from(hash.0[0]),
+        u64::from_be_bytes(h) >> CLUSTER_BITS,
+    )
 }
 
 impl DedupIndex {

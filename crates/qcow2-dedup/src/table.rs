@@ -69,9 +69,17 @@ impl DedupTable {
         let clusters = geometry.clusters_for(entries * 8);
         let offset = refcounts.allocate_contiguous(storage, clusters)?;
         storage
-            .write_at(&vec![0u8; (clusters * geometry.cluster_size()) as usize], offset.get())
+            .write_at(
+                &vec![0u8; (clusters * geometry.cluster_size()) as usize],
+                offset.get(),
+            )
             .map_err(DedupError::io("writing the dedup L1 table"))?;
-        Ok(Self::with_l1(geometry, offset.get(), vec![0; entries as usize], cache_bytes))
+        Ok(Self::with_l1(
+            geometry,
+            offset.get(),
+            vec![0; entries as usize],
+            cache_bytes,
+        ))
     }
 
     fn with_l1(geometry: Geometry, l1_offset: u64, l1: Vec<u64>, cache_bytes: u64) -> Self {
@@ -91,7 +99,12 @@ impl DedupTable {
     /// Reads the dedup L1 table the header extension points to (already
     /// validated against the file by the header parser). Entries that are
     /// unaligned or outside the file are dropped and counted.
-    pub fn load(storage: &dyn Storage, geometry: Geometry, ext: DedupExtension, cache_bytes: u64) -> Result<Self> {
+    pub fn load(
+        storage: &dyn Storage,
+        geometry: Geometry,
+        ext: DedupExtension,
+        cache_bytes: u64,
+    ) -> Result<Self> {
         let file_size = storage
             .len()
             .map_err(DedupError::io("reading the image size"))?;
@@ -135,7 +148,10 @@ impl DedupTable {
     /// Every cluster the table occupies: `(offset, clusters)` runs, for
     /// refcount checks.
     pub fn metadata_clusters(&self) -> Vec<(u64, u64)> {
-        let mut out = vec![(self.l1_offset, self.geometry.clusters_for(self.l1.len() as u64 * 8))];
+        let mut out = vec![(
+            self.l1_offset,
+            self.geometry.clusters_for(self.l1.len() as u64 * 8),
+        )];
         out.extend(self.l1.iter().filter(|&&e| e != 0).map(|&e| (e, 1)));
         out
     }
@@ -162,7 +178,14 @@ impl DedupTable {
                 self.report.crc_failures += 1;
                 data.fill(0);
             }
-            self.clusters.insert(index, CachedCluster { data, dirty, used: tick });
+            self.clusters.insert(
+                index,
+                CachedCluster {
+                    data,
+                    dirty,
+                    used: tick,
+                },
+            );
         }
         let cached = self.clusters.get_mut(&index);
         if let Some(c) = cached {
@@ -172,7 +195,11 @@ impl DedupTable {
         Ok(None)
     }
 
-    fn write_cluster(storage: &dyn Storage, offset: u64, cluster: &mut CachedCluster) -> Result<()> {
+    fn write_cluster(
+        storage: &dyn Storage,
+        offset: u64,
+        cluster: &mut CachedCluster,
+    ) -> Result<()> {
         dedup::seal(&mut cluster.data);
         storage
             .write_at(&cluster.data, offset)
@@ -262,7 +289,12 @@ impl DedupTable {
         });
     }
 
-    fn grow_l1(&mut self, storage: &dyn Storage, refcounts: &mut Refcounts, min_entries: u64) -> Result<()> {
+    fn grow_l1(
+        &mut self,
+        storage: &dyn Storage,
+        refcounts: &mut Refcounts,
+        min_entries: u64,
+    ) -> Result<()> {
         let g = self.geometry;
         let entries = g.align_up(min_entries.max(self.l1.len() as u64 * 3 / 2) * 8) / 8;
         if entries * 8 > qcow2_format::MAX_L1_BYTES {
@@ -317,7 +349,10 @@ impl DedupTable {
             }
         }
         if let Some(range) = self.l1_dirty.take() {
-            let bytes: Vec<u8> = self.l1[range.clone()].iter().flat_map(|e| e.to_be_bytes()).collect();
+            let bytes: Vec<u8> = self.l1[range.clone()]
+                .iter()
+                .flat_map(|e| e.to_be_bytes())
+                .collect();
             storage
                 .write_at(&bytes, self.l1_offset + range.start as u64 * 8)
                 .map_err(DedupError::io("writing the dedup L1 table"))?;
@@ -358,7 +393,11 @@ impl DedupTable {
                 }
             };
             let entries: Vec<(u64, DedupEntry)> = (0..n)
-                .filter_map(|i| dedup::entry(data, i).filter(|e| !e.is_empty()).map(|e| (index * n + i, e)))
+                .filter_map(|i| {
+                    dedup::entry(data, i)
+                        .filter(|e| !e.is_empty())
+                        .map(|e| (index * n + i, e))
+                })
                 .collect();
             for (host, entry) in entries {
                 report.entries += 1;
@@ -460,8 +499,12 @@ mod tests {
         let (storage, mut r, g) = setup(12);
         let t = DedupTable::create(&storage, &mut r, g, 1000, 1 << 20).unwrap();
         let ext = t.extension();
-        storage.write_at(&(1u64 << 50).to_be_bytes(), ext.l1_offset).unwrap();
-        storage.write_at(&4100u64.to_be_bytes(), ext.l1_offset + 8).unwrap();
+        storage
+            .write_at(&(1u64 << 50).to_be_bytes(), ext.l1_offset)
+            .unwrap();
+        storage
+            .write_at(&4100u64.to_be_bytes(), ext.l1_offset + 8)
+            .unwrap();
         let mut again = DedupTable::load(&storage, g, ext, 1 << 20).unwrap();
         assert_eq!(again.report().bad_l1_entries, 2);
         assert_eq!(again.get(&storage, 0).unwrap(), None);

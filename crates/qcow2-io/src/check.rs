@@ -2,7 +2,11 @@
 //! clusters, tally the references, and compare them with the refcounts and
 //! the OFLAG_COPIED flags, as `qemu-img check` does.
 
+use std::collections::HashMap;
+
 use qcow2_alloc::ReferenceCounts;
+use qcow2_dedup::{ContentHash, DedupIndex};
+use qcow2_format::dedup::DedupEntry;
 use qcow2_format::extensions::HeaderExtension;
 use qcow2_format::l1::{L1Entry, L1Mapping};
 use qcow2_format::l2::{L2Entry, L2Mapping};
@@ -31,6 +35,9 @@ pub enum FindingKind {
     Corruption,
     /// Something could not be checked.
     CheckError,
+    /// The dedup table disagrees with the data (a missing, wrong or stale
+    /// entry, or a damaged dedup cluster).
+    Dedup,
 }
 
 /// One problem found by a check, worded like `qemu-img check`.
@@ -51,6 +58,10 @@ pub struct CheckReport {
     pub leaks: u64,
     /// Things that could not be checked.
     pub check_errors: u64,
+    /// Dedup table problems remaining after any repair.
+    pub dedup_errors: u64,
+    /// Dedup table problems the repair fixed (by rebuilding the table).
+    pub dedup_fixed: u64,
     /// Corruptions the repair fixed.
     pub corruptions_fixed: u64,
     /// Leaks the repair fixed.
@@ -72,7 +83,7 @@ pub struct CheckReport {
 impl CheckReport {
     /// Whether nothing at all was found.
     pub fn is_clean(&self) -> bool {
-        self.corruptions == 0 && self.leaks == 0 && self.check_errors == 0
+        self.corruptions == 0 && self.leaks == 0 && self.check_errors == 0 && self.dedup_errors == 0
     }
 }
 
@@ -80,6 +91,9 @@ struct Walk {
     tally: ReferenceCounts,
     report: CheckReport,
     copied_fixes: Vec<CopiedFix>,
+    /// For dedup images: every data cluster of the active tables and the
+    /// first guest offset that maps to it.
+    data_clusters: Option<HashMap<u64, u64>>,
 }
 
 enum CopiedFix {
@@ -93,6 +107,7 @@ impl Walk {
             FindingKind::Leak => self.report.leaks += 1,
             FindingKind::Corruption => self.report.corruptions += 1,
             FindingKind::CheckError => self.report.check_errors += 1,
+            FindingKind::Dedup => self.report.dedup_errors += 1,
         }
         self.report.findings.push(Finding { kind, message });
     }
@@ -125,6 +140,7 @@ impl Metadata {
         self.repair(first, repair)?;
         let mut after = self.walk()?.report;
         after.leaks_fixed = before.leaks.saturating_sub(after.leaks);
+        after.dedup_fixed = before.dedup_errors.saturating_sub(after.dedup_errors);
         after.corruptions_fixed = before.corruptions.saturating_sub(after.corruptions);
         after.findings = before.findings;
         Ok(after)
@@ -139,6 +155,11 @@ impl Metadata {
             }
         }
         if repair == RepairMode::All {
+            if let Some(data) = &walk.data_clusters {
+                if walk.report.dedup_errors > 0 {
+                    self.rebuild_dedup_table(data)?;
+                }
+            }
             for fix in walk.copied_fixes {
                 match fix {
                     CopiedFix::L1 { index, raw } => self.set_l1_raw(index, raw),
@@ -163,6 +184,7 @@ impl Metadata {
                 ..CheckReport::default()
             },
             copied_fixes: Vec::new(),
+            data_clusters: self.dedup.as_ref().map(|_| HashMap::new()),
         };
         walk.reference(cs, 0, 1, "header");
         walk.reference(
@@ -180,10 +202,16 @@ impl Metadata {
         if l1_bytes > 0 {
             walk.reference(cs, l1_offset, g.clusters_for(l1_bytes), "L1 table");
         }
+        if let Some(d) = self.dedup.as_ref() {
+            for (offset, clusters) in d.table.metadata_clusters() {
+                walk.reference(cs, offset, clusters, "dedup table");
+            }
+        }
         let active = self.l1.clone();
         self.walk_l1(&mut walk, &active, true)?;
         self.walk_snapshots(&mut walk, file_size)?;
         self.walk_bitmaps(&mut walk, file_size)?;
+        self.check_dedup_table(&mut walk)?;
 
         let mismatches = walk.tally.compare(&mut self.refcounts, &*storage)?;
         let mut last_used = (0..walk.tally.len())
@@ -291,6 +319,11 @@ impl Metadata {
                         walk.reference(cs, offset.get(), 1, "data cluster");
                         if !active {
                             continue;
+                        }
+                        if let (Some(data), L2Mapping::Data { .. }) =
+                            (walk.data_clusters.as_mut(), mapping)
+                        {
+                            data.entry(offset.get() / cs).or_insert(guest);
                         }
                         walk.report.allocated_clusters += 1;
                         if expected_next.is_some_and(|e| e != offset.get()) {
@@ -454,6 +487,133 @@ impl Metadata {
                 }
             }
         }
+        Ok(())
+    }
+}
+
+impl Metadata {
+    /// Checks the dedup table against the data: every data cluster has an
+    /// entry whose hash matches its content, no entry names a cluster that
+    /// holds no guest data, every dedup cluster's CRC holds, and a loaded
+    /// index holds exactly the table's entries.
+    fn check_dedup_table(&mut self, walk: &mut Walk) -> Result<()> {
+        let Some(data) = walk.data_clusters.take() else {
+            return Ok(());
+        };
+        let storage = self.storage_arc();
+        let cs = self.geometry.cluster_size();
+        let mut content = vec![0u8; cs as usize];
+        let mut hosts: Vec<(&u64, &u64)> = data.iter().collect();
+        hosts.sort_unstable();
+        let Some(d) = self.dedup.as_mut() else {
+            return Ok(());
+        };
+        for (&host, &guest) in hosts {
+            match d.table.get(&*storage, host)? {
+                None => walk.finding(
+                    FindingKind::Dedup,
+                    format!("ERROR dedup: data cluster {host} (guest offset {guest:#x}) has no dedup entry"),
+                ),
+                Some(entry) => {
+                    storage
+                        .read_at(&mut content, host * cs)
+                        .map_err(ImageError::io("reading a data cluster to verify its hash"))?;
+                    if ContentHash::of(&content).0 != entry.hash {
+                        walk.finding(
+                            FindingKind::Dedup,
+                            format!("ERROR dedup: the entry of cluster {host} does not match its content"),
+                        );
+                    }
+                }
+            }
+        }
+        let mut entries: Vec<(u64, DedupEntry)> = Vec::new();
+        let report = d.table.scan(&*storage, |host, e| {
+            entries.push((host, *e));
+            Ok(())
+        })?;
+        for _ in 0..report.crc_failures {
+            walk.finding(
+                FindingKind::Dedup,
+                "ERROR dedup: a dedup cluster failed its CRC check; its entries were dropped"
+                    .into(),
+            );
+        }
+        if report.bad_l1_entries > 0 {
+            walk.finding(
+                FindingKind::Dedup,
+                format!(
+                    "ERROR dedup: {} dedup L1 entries point outside the file",
+                    report.bad_l1_entries
+                ),
+            );
+        }
+        for (host, _) in entries.iter().filter(|(h, _)| !data.contains_key(h)) {
+            walk.finding(
+                FindingKind::Dedup,
+                format!("ERROR dedup: entry for cluster {host}, which holds no guest data"),
+            );
+        }
+        if let Some(index) = d.index.as_ref() {
+            let missing = entries
+                .iter()
+                .filter(|(h, e)| !index.candidates(&ContentHash(e.hash)).contains(h))
+                .count();
+            if missing > 0 || index.len() != entries.len() {
+                walk.finding(
+                    FindingKind::Dedup,
+                    format!(
+                        "ERROR dedup: the index holds {} entries, the table {} ({missing} missing)",
+                        index.len(),
+                        entries.len()
+                    ),
+                );
+            }
+        }
+        walk.data_clusters = Some(data);
+        Ok(())
+    }
+
+    /// Rebuilds the dedup table and index from the data: every entry is
+    /// cleared, then every data cluster is hashed and recorded.
+    fn rebuild_dedup_table(&mut self, data: &HashMap<u64, u64>) -> Result<()> {
+        let storage = self.storage_arc();
+        let cs = self.geometry.cluster_size();
+        let Metadata {
+            dedup, refcounts, ..
+        } = self;
+        let Some(d) = dedup.as_mut() else {
+            return Ok(());
+        };
+        let mut stale = Vec::new();
+        d.table.scan(&*storage, |host, _| {
+            stale.push(host);
+            Ok(())
+        })?;
+        for host in stale {
+            d.table.clear(&*storage, host)?;
+        }
+        let mut index = DedupIndex::new();
+        let mut content = vec![0u8; cs as usize];
+        let mut hosts: Vec<(&u64, &u64)> = data.iter().collect();
+        hosts.sort_unstable();
+        for (&host, &guest) in hosts {
+            storage
+                .read_at(&mut content, host * cs)
+                .map_err(ImageError::io("reading a data cluster to hash it"))?;
+            let hash = ContentHash::of(&content);
+            index.insert(&hash, host);
+            d.table.set(
+                &*storage,
+                refcounts,
+                host,
+                &DedupEntry {
+                    hash: hash.0,
+                    guest_offset: guest.into(),
+                },
+            )?;
+        }
+        d.index = Some(index);
         Ok(())
     }
 }

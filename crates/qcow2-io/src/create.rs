@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use qcow2_alloc::{Refcounts, RefcountsConfig, Storage};
 use qcow2_format::extensions::HeaderExtension;
-use qcow2_format::features::{standard_feature_names, COMPAT_LAZY_REFCOUNTS};
+use qcow2_format::features::{
+    standard_feature_names, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT_OR_DEDUP,
+};
 use qcow2_format::header::{V2_HEADER_LEN, V3_HEADER_LEN};
 use qcow2_format::refcount::RefcountWidth;
 use qcow2_format::{Geometry, Header};
@@ -88,11 +90,25 @@ pub(crate) fn create(
     storage
         .flush()
         .map_err(ImageError::io("syncing the new image"))?;
-    Ok(Metadata::assemble(
+    let mut meta = Metadata::assemble(
         storage,
         header,
         vec![0; l1_entries as usize],
         refcounts,
         open.l2_cache_bytes,
-    ))
+    );
+    if options.dedup {
+        meta.dedup = Some(crate::dedup::new_state(&mut meta)?);
+        meta.flush()?;
+        let ext = meta
+            .dedup
+            .as_ref()
+            .map(|d| d.table.extension())
+            .ok_or_else(|| ImageError::Corrupt("dedup state missing".into()))?;
+        meta.header.set_dedup_extension(Some(ext));
+        meta.header.incompatible_features |= INCOMPAT_CORRUPT_OR_DEDUP;
+        meta.write_header()?;
+        meta.flush()?;
+    }
+    Ok(meta)
 }

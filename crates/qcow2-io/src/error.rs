@@ -20,6 +20,9 @@ pub enum ImageError {
     /// Refcounts or allocation failed.
     #[error("{0}")]
     Alloc(#[from] AllocError),
+    /// The dedup table failed.
+    #[error("dedup table: {0}")]
+    Dedup(#[from] qcow2_dedup::DedupError),
     /// A feature this implementation does not (yet) handle.
     #[error("unsupported: {0}")]
     Unsupported(String),

@@ -10,6 +10,7 @@ use qcow2_format::features::{INCOMPAT_COMPRESSION_TYPE, INCOMPAT_EXTERNAL_DATA};
 use qcow2_format::{Geometry, Header, MAX_CLUSTER_BITS};
 
 use crate::check::{CheckReport, RepairMode};
+use crate::dedup::DedupState;
 use crate::metadata::Metadata;
 use crate::range_lock::RangeLocks;
 use crate::{create, CreateOptions, ImageError, OpenOptions, Result};
@@ -118,11 +119,6 @@ impl Image {
             if header.is_marked_corrupt() {
                 return Err(ImageError::MarkedCorrupt);
             }
-            if header.is_dedup() {
-                return Err(ImageError::Unsupported(
-                    "writing deduplicated images (open read-only)".into(),
-                ));
-            }
             if header.geometry.extended_l2() {
                 return Err(ImageError::Unsupported(
                     "writing images with extended L2 entries (open read-only)".into(),
@@ -130,15 +126,22 @@ impl Image {
             }
         }
         let dirty = header.is_dirty();
-        let meta = Metadata::load(
+        let dedup = header.is_dedup();
+        let mut meta = Metadata::load(
             storage.clone(),
             header,
             options.l2_cache_bytes,
             options.refcount_cache_bytes,
         )?;
+        if dedup {
+            meta.dedup = Some(DedupState::load_table(&meta)?);
+        }
         let image = Self::from_parts(storage, meta, options.write);
         if options.write && dirty {
             image.check(RepairMode::All)?;
+        }
+        if options.write && dedup {
+            image.meta.lock().load_dedup_index(dirty)?;
         }
         Ok(image)
     }

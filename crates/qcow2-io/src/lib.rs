@@ -22,6 +22,7 @@
 mod check;
 mod compressed;
 mod create;
+mod dedup;
 mod error;
 mod image;
 mod map;
@@ -30,6 +31,7 @@ mod options;
 mod range_lock;
 mod read;
 mod write;
+mod zeros;
 
 pub use check::{CheckReport, Finding, FindingKind, RepairMode};
 pub use error::{ImageError, Result};
@@ -37,3 +39,5 @@ pub use image::{Image, ImageInfo};
 pub use map::{MapExtent, MapKind};
 pub use options::{Compat, CreateOptions, OpenOptions};
 pub use qcow2_alloc::{FaultyStorage, FileStorage, MemStorage, Storage};
+pub use qcow2_dedup::DedupStats;
+pub use zeros::is_zero;

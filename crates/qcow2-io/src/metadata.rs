@@ -18,6 +18,7 @@ use qcow2_format::l2::{L2Entry, L2Format, L2Mapping, SubclusterBitmap};
 use qcow2_format::refcount::RefcountWidth;
 use qcow2_format::{Geometry, Header, HostOffset};
 
+use crate::dedup::DedupState;
 use crate::{ImageError, Result};
 
 #[derive(Debug)]
@@ -40,6 +41,7 @@ pub(crate) struct Metadata {
     tick: u64,
     pub(crate) refcounts: Refcounts,
     pending_frees: Vec<u64>,
+    pub(crate) dedup: Option<DedupState>,
     storage: Arc<dyn Storage>,
 }
 
@@ -105,6 +107,7 @@ impl Metadata {
             tick: 0,
             refcounts,
             pending_frees: Vec::new(),
+            dedup: None,
             header,
             storage,
         }
@@ -154,7 +157,7 @@ impl Metadata {
 
     /// Refcount increases must be durable before an L2 table that points to
     /// new clusters is written.
-    fn refcounts_before_tables(&mut self) -> Result<()> {
+    pub(crate) fn refcounts_before_tables(&mut self) -> Result<()> {
         let Self {
             refcounts,
             header,
@@ -345,47 +348,68 @@ impl Metadata {
             .map_err(ImageError::io("syncing the header"))
     }
 
-    /// Writes every dirty structure in the crash-safe order and syncs.
-    pub(crate) fn flush(&mut self) -> Result<()> {
-        let tables_dirty = self.l1_dirty.is_some() || self.l2.values().any(|t| t.dirty);
-        if tables_dirty {
-            self.refcounts_before_tables()?;
-            let mut dirty: Vec<u64> = self
-                .l2
-                .iter()
-                .filter(|(_, t)| t.dirty)
-                .map(|(&o, _)| o)
-                .collect();
-            dirty.sort_unstable();
-            for offset in dirty {
-                if let Some(table) = self.l2.get_mut(&offset) {
-                    self.storage
-                        .write_at(&to_be_bytes(&table.entries), offset)
-                        .map_err(ImageError::io("writing an L2 table"))?;
-                    table.dirty = false;
-                }
-            }
-            if let Some(range) = self.l1_dirty.take() {
-                self.storage
-                    .write_at(
-                        &to_be_bytes(&self.l1[range.clone()]),
-                        self.header.l1_table_offset + range.start as u64 * 8,
-                    )
-                    .map_err(ImageError::io("writing the L1 table"))?;
-            }
-        }
-        if !self.pending_frees.is_empty() {
-            self.storage
-                .flush()
-                .map_err(ImageError::io("syncing tables before freeing"))?;
-            for cluster in std::mem::take(&mut self.pending_frees) {
-                self.refcounts.adjust(&*self.storage, cluster, -1)?;
-            }
+    fn sync(&self, why: &'static str) -> Result<()> {
+        self.storage.flush().map_err(ImageError::io(why))
+    }
+
+    /// Writes dirty L2 tables, the L1 and the dedup table, after making the
+    /// refcounts of every cluster they point to durable.
+    fn write_tables(&mut self) -> Result<()> {
+        let dedup_dirty = self.dedup.as_ref().is_some_and(|d| d.table.is_dirty());
+        let dirty = self.l1_dirty.is_some() || dedup_dirty || self.l2.values().any(|t| t.dirty);
+        if !dirty {
+            return Ok(());
         }
         self.refcounts_before_tables()?;
-        self.storage
-            .flush()
-            .map_err(ImageError::io("syncing the image"))
+        let mut tables: Vec<u64> = self
+            .l2
+            .iter()
+            .filter(|(_, t)| t.dirty)
+            .map(|(&o, _)| o)
+            .collect();
+        tables.sort_unstable();
+        for offset in tables {
+            if let Some(table) = self.l2.get_mut(&offset) {
+                self.storage
+                    .write_at(&to_be_bytes(&table.entries), offset)
+                    .map_err(ImageError::io("writing an L2 table"))?;
+                table.dirty = false;
+            }
+        }
+        if let Some(range) = self.l1_dirty.take() {
+            self.storage
+                .write_at(
+                    &to_be_bytes(&self.l1[range.clone()]),
+                    self.header.l1_table_offset + range.start as u64 * 8,
+                )
+                .map_err(ImageError::io("writing the L1 table"))?;
+        }
+        if let Some(d) = self.dedup.as_mut() {
+            d.table.flush(&*self.storage)?;
+        }
+        Ok(())
+    }
+
+    /// Writes every dirty structure in the crash-safe order and syncs:
+    /// refcount increases, then tables; then (tables durable) the refcount
+    /// decreases of dropped references, with what follows from them for
+    /// deduplicated images (entries of freed clusters removed, OFLAG_COPIED
+    /// restored where a shared cluster fell back to one reference).
+    pub(crate) fn flush(&mut self) -> Result<()> {
+        self.write_tables()?;
+        if !self.pending_frees.is_empty() {
+            self.sync("syncing tables before freeing")?;
+            for cluster in std::mem::take(&mut self.pending_frees) {
+                let left = self.refcounts.adjust(&*self.storage, cluster, -1)?;
+                self.after_decrement(cluster, left)?;
+            }
+            self.resolve_copied_flags()?;
+            self.refcounts_before_tables()?;
+            self.write_tables()?;
+        }
+        self.relocate_dedup_l1()?;
+        self.refcounts_before_tables()?;
+        self.sync("syncing the image")
     }
 
     /// Grows the virtual disk to `new_size`, moving the L1 table if it must

@@ -25,6 +25,8 @@ pub struct CreateOptions {
     pub compat: Compat,
     /// Set the lazy refcounts compatible bit (v3 only).
     pub lazy_refcounts: bool,
+    /// Deduplicate guest clusters by content (v3 only).
+    pub dedup: bool,
 }
 
 impl CreateOptions {
@@ -36,6 +38,7 @@ impl CreateOptions {
             refcount_bits: 16,
             compat: Compat::V3,
             lazy_refcounts: false,
+            dedup: false,
         }
     }
 
@@ -56,6 +59,11 @@ impl CreateOptions {
         if self.compat == Compat::V2 && self.refcount_bits != 16 {
             return Err(ImageError::InvalidOption(
                 "refcount widths other than 16 bits need compat=1.1".into(),
+            ));
+        }
+        if self.compat == Compat::V2 && self.dedup {
+            return Err(ImageError::InvalidOption(
+                "deduplication needs compat=1.1".into(),
             ));
         }
         if self.compat == Compat::V2 && self.lazy_refcounts {

@@ -124,6 +124,9 @@ impl Image {
 
     /// The write path proper; the caller holds the exclusive range lock.
     pub(crate) fn write_locked(&self, buf: &[u8], offset: u64) -> Result<()> {
+        if self.is_dedup() {
+            return self.dedup_write_locked(buf, offset);
+        }
         let cs = self.geometry.cluster_size();
         let mut done = 0usize;
         while done < buf.len() {

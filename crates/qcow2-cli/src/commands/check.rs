@@ -3,7 +3,7 @@
 //! Exit status as qemu-img: 0 clean, 2 corruptions, 3 leaks only, 1 when
 //! the check could not run.
 
-use qcow2_io::{CheckReport, FindingKind, Image, OpenOptions, RepairMode};
+use qcow2_io::{CheckReport, Image, OpenOptions, RepairMode};
 use serde_json::json;
 
 use crate::args::Args;
@@ -44,6 +44,8 @@ pub fn run(argv: &[String]) -> Result<u8, CliError> {
             "leaks": report.leaks,
             "corruptions-fixed": report.corruptions_fixed,
             "leaks-fixed": report.leaks_fixed,
+            "dedup-errors": report.dedup_errors,
+            "dedup-fixed": report.dedup_fixed,
             "image-end-offset": report.image_end_offset,
             "total-clusters": report.total_clusters,
             "allocated-clusters": report.allocated_clusters,
@@ -54,7 +56,7 @@ pub fn run(argv: &[String]) -> Result<u8, CliError> {
     } else {
         print_human(&report, repair);
     }
-    Ok(if report.corruptions > 0 {
+    Ok(if report.corruptions > 0 || report.dedup_errors > 0 {
         2
     } else if report.leaks > 0 {
         3
@@ -69,10 +71,16 @@ fn print_human(report: &CheckReport, repair: RepairMode) {
     for f in &report.findings {
         eprintln!("{}", f.message);
     }
-    if repair != RepairMode::None && (report.leaks_fixed > 0 || report.corruptions_fixed > 0) {
+    if repair != RepairMode::None
+        && (report.leaks_fixed > 0 || report.corruptions_fixed > 0 || report.dedup_fixed > 0)
+    {
         say!("The following inconsistencies were found and repaired:\n");
         say!("    {} leaked clusters", report.leaks_fixed);
-        say!("    {} corruptions\n", report.corruptions_fixed);
+        say!("    {} corruptions", report.corruptions_fixed);
+        say!(
+            "    {} dedup table errors (table rebuilt)\n",
+            report.dedup_fixed
+        );
         say!("Double checking the fixed image now...");
     }
     if report.is_clean() {
@@ -90,13 +98,18 @@ fn print_human(report: &CheckReport, repair: RepairMode) {
             report.leaks
         );
     }
+    if report.dedup_errors > 0 {
+        say!(
+            "\n{} dedup table errors were found.\nNo data is at risk; `qcow2 check -r all` rebuilds the table.",
+            report.dedup_errors
+        );
+    }
     if report.check_errors > 0 {
         say!(
             "\n{} internal errors have occurred during the check.",
             report.check_errors
         );
     }
-    let _ = FindingKind::Leak;
     let total = report.total_clusters.max(1) as f64;
     let allocated = report.allocated_clusters as f64;
     say!(

@@ -42,7 +42,9 @@ impl Target for RawTarget {
     }
 
     fn write(&self, data: &[u8], offset: u64) -> Result<(), CliError> {
-        self.file.write_all_at(data, offset).map_err(CliError::io(&self.path))
+        self.file
+            .write_all_at(data, offset)
+            .map_err(CliError::io(&self.path))
     }
 
     fn finish(self: Box<Self>) -> Result<(), CliError> {
@@ -50,9 +52,23 @@ impl Target for RawTarget {
     }
 }
 
-struct Qcow2Target {
+pub(crate) struct Qcow2Target {
     image: Image,
     path: String,
+}
+
+impl Qcow2Target {
+    /// Creates a qcow2 image of `size` bytes with `-o` style `options`.
+    pub(crate) fn create(path: &str, size: u64, options: Option<&str>) -> Result<Self, CliError> {
+        let mut create = CreateOptions::new(size);
+        apply_options(&mut create, options)?;
+        create.size = size;
+        let image = Image::create(path, &create).map_err(CliError::image(path))?;
+        Ok(Self {
+            image,
+            path: path.to_string(),
+        })
+    }
 }
 
 impl Target for Qcow2Target {
@@ -61,7 +77,9 @@ impl Target for Qcow2Target {
     }
 
     fn write(&self, data: &[u8], offset: u64) -> Result<(), CliError> {
-        self.image.write_at(data, offset).map_err(CliError::image(&self.path))
+        self.image
+            .write_at(data, offset)
+            .map_err(CliError::image(&self.path))
     }
 
     fn finish(self: Box<Self>) -> Result<(), CliError> {
@@ -77,24 +95,25 @@ pub fn run(argv: &[String]) -> Result<u8, CliError> {
         unreachable!("expect_positional checked the count")
     };
     let source = Disk::open(src_path, args.value("-f"))?;
-    let target = open_target(args.value("-O").unwrap_or("raw"), args.value("-o"), source.size(), dst_path)?;
+    let target = open_target(
+        args.value("-O").unwrap_or("raw"),
+        args.value("-o"),
+        source.size(),
+        dst_path,
+    )?;
     let ranges = source.data_ranges(src_path)?;
     copy(&source, src_path, &ranges, target, args.flag("-p"))?;
     Ok(0)
 }
 
-fn open_target(format: &str, options: Option<&str>, size: u64, path: &str) -> Result<Box<dyn Target>, CliError> {
+fn open_target(
+    format: &str,
+    options: Option<&str>,
+    size: u64,
+    path: &str,
+) -> Result<Box<dyn Target>, CliError> {
     match format {
-        "qcow2" => {
-            let mut create = CreateOptions::new(size);
-            apply_options(&mut create, options)?;
-            create.size = size;
-            let image = Image::create(path, &create).map_err(CliError::image(path))?;
-            Ok(Box::new(Qcow2Target {
-                image,
-                path: path.to_string(),
-            }))
-        }
+        "qcow2" => Ok(Box::new(Qcow2Target::create(path, size, options)?)),
         "raw" => {
             if options.is_some() {
                 return Err(CliError::Usage("raw targets take no -o options".into()));
@@ -106,7 +125,9 @@ fn open_target(format: &str, options: Option<&str>, size: u64, path: &str) -> Re
                 path: path.to_string(),
             }))
         }
-        other => Err(CliError::Usage(format!("unsupported output format {other:?} (raw or qcow2)"))),
+        other => Err(CliError::Usage(format!(
+            "unsupported output format {other:?} (raw or qcow2)"
+        ))),
     }
 }
 
@@ -121,7 +142,9 @@ pub(crate) fn copy(
     show_progress: bool,
 ) -> Result<(), CliError> {
     let total: u64 = ranges.iter().map(|(s, e)| e - s).sum();
-    let writers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 16);
+    let writers = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(1, 16);
     let depth = 2 * writers;
     let mut progress = Progress::new(total, show_progress);
     let (full_tx, full_rx) = sync_channel::<Result<Chunk, CliError>>(depth);
@@ -173,7 +196,9 @@ fn read_chunks(
             let len = (CHUNK - offset % CHUNK).min(end - offset);
             let Ok(mut buf) = empty.recv() else { return };
             buf.resize(len as usize, 0);
-            let item = source.read_at(&mut buf, offset, path).map(|()| (offset, buf));
+            let item = source
+                .read_at(&mut buf, offset, path)
+                .map(|()| (offset, buf));
             let failed = item.is_err();
             if full.send(item).is_err() || failed {
                 return;
@@ -210,7 +235,12 @@ fn write_chunks(
 }
 
 /// Writes the runs of `buf` that are not all zeros, in granules.
-fn write_non_zero(target: &dyn Target, buf: &[u8], offset: u64, granule: usize) -> Result<(), CliError> {
+fn write_non_zero(
+    target: &dyn Target,
+    buf: &[u8],
+    offset: u64,
+    granule: usize,
+) -> Result<(), CliError> {
     let mut at = 0usize;
     while at < buf.len() {
         let first = (granule - (offset as usize + at) % granule).min(buf.len() - at);

@@ -29,6 +29,7 @@ pub fn apply_options(options: &mut CreateOptions, text: Option<&str>) -> Result<
                 }
             }
             "lazy_refcounts" => options.lazy_refcounts = parse_bool(&key, &value)?,
+            "dedup" => options.dedup = parse_bool(&key, &value)?,
             "size" => options.size = parse_size(&value)?,
             _ => {
                 return Err(CliError::Usage(format!(
@@ -65,11 +66,12 @@ pub fn run(argv: &[String]) -> Result<u8, CliError> {
     image.close().map_err(CliError::image(path))?;
     if !args.flag("-q") {
         say!(
-            "Formatting '{path}', fmt=qcow2 cluster_size={} compat={} refcount_bits={} lazy_refcounts={} size={} ({})",
+            "Formatting '{path}', fmt=qcow2 cluster_size={} compat={} refcount_bits={} lazy_refcounts={} dedup={} size={} ({})",
             options.cluster_size,
             if options.compat == Compat::V2 { "0.10" } else { "1.1" },
             options.refcount_bits,
             if options.lazy_refcounts { "on" } else { "off" },
+            if options.dedup { "on" } else { "off" },
             options.size,
             human(options.size)
         );

@@ -40,6 +40,7 @@ pub fn run(argv: &[String]) -> Result<u8, CliError> {
     }
     let image = Image::open(path, &OpenOptions::read_only()).map_err(CliError::image(path))?;
     let info = image.info().map_err(CliError::image(path))?;
+    let stats = image.dedup_stats().map_err(CliError::image(path))?;
     let compat = if info.version == 2 { "0.10" } else { "1.1" };
     if json {
         let mut data = json!({
@@ -52,6 +53,15 @@ pub fn run(argv: &[String]) -> Result<u8, CliError> {
         });
         if info.version >= 3 {
             data["compression-type"] = json!(info.compression_type);
+        }
+        if let Some(s) = &stats {
+            data["dedup-stats"] = json!({
+                "unique-clusters": s.unique_clusters,
+                "references": s.references,
+                "bytes-saved": s.bytes_saved,
+                "index-memory": s.index_memory,
+                "crc-failures": s.crc_failures,
+            });
         }
         let mut v = json!({
             "filename": path,
@@ -92,6 +102,22 @@ pub fn run(argv: &[String]) -> Result<u8, CliError> {
         say!("    corrupt: {}", info.corrupt);
         say!("    extended l2: {}", info.extended_l2);
         say!("    dedup: {}", info.dedup);
+        if let Some(s) = &stats {
+            say!("    dedup unique clusters: {}", s.unique_clusters);
+            say!("    dedup references: {}", s.references);
+            say!(
+                "    dedup space saved: {} ({} bytes)",
+                human(s.bytes_saved),
+                s.bytes_saved
+            );
+            say!("    dedup index memory: {}", human(s.index_memory));
+            if s.crc_failures > 0 {
+                say!(
+                    "    dedup damaged clusters: {} (run `qcow2 check -r all`)",
+                    s.crc_failures
+                );
+            }
+        }
         if info.dirty {
             say!("    dirty: true (not closed cleanly; refcounts are repaired on the next read-write open)");
         }

@@ -4,5 +4,6 @@ pub mod check;
 pub mod compare;
 pub mod convert;
 pub mod create;
+pub mod dedup;
 pub mod info;
 pub mod map;

@@ -1,0 +1,56 @@
+//! `qcow2 dedup [-p] [-o OUT] IMAGE`
+//!
+//! Without `-o`, turns IMAGE (a plain v3 qcow2 image) into a deduplicated
+//! one in place. With `-o OUT`, writes a new deduplicated image with the
+//! same cluster size, as `convert -O qcow2 -o dedup=on` would.
+
+use qcow2_io::{Image, OpenOptions};
+
+use crate::args::Args;
+use crate::commands::convert::{copy, Qcow2Target};
+use crate::disk::Disk;
+use crate::error::CliError;
+use crate::output::say;
+use crate::size::human;
+
+/// Runs the command.
+pub fn run(argv: &[String]) -> Result<u8, CliError> {
+    let args = Args::parse(argv, &["-o"], &["-p", "-q"])?;
+    let [path] = args.expect_positional(&["IMAGE"])?[..] else {
+        unreachable!("expect_positional checked the count")
+    };
+    let result_path = match args.value("-o") {
+        Some(out) => {
+            let source = Disk::open(path, None)?;
+            let cluster_size = match &source {
+                Disk::Qcow2(image) => image.cluster_size(),
+                Disk::Raw { .. } => 65536,
+            };
+            let options = format!("dedup=on,cluster_size={cluster_size}");
+            let target = Qcow2Target::create(out, source.size(), Some(&options))?;
+            let ranges = source.data_ranges(path)?;
+            copy(&source, path, &ranges, Box::new(target), args.flag("-p"))?;
+            out
+        }
+        None => {
+            let image =
+                Image::open(path, &OpenOptions::read_write()).map_err(CliError::image(path))?;
+            image.enable_dedup().map_err(CliError::image(path))?;
+            image.close().map_err(CliError::image(path))?;
+            path
+        }
+    };
+    if !args.flag("-q") {
+        let image = Image::open(result_path, &OpenOptions::read_only())
+            .map_err(CliError::image(result_path))?;
+        if let Some(s) = image.dedup_stats().map_err(CliError::image(result_path))? {
+            say!(
+                "{result_path}: {} unique clusters, {} references, {} saved",
+                s.unique_clusters,
+                s.references,
+                human(s.bytes_saved)
+            );
+        }
+    }
+    Ok(0)
+}
