@@ -213,23 +213,17 @@ impl Metadata {
             return Ok(());
         }
         let storage = self.storage_arc();
-        match left {
-            0 => {
-                let d = self.dedup_mut()?;
-                if let Some(entry) = d.table.get(&*storage, host)? {
-                    if let Some(index) = d.index.as_mut() {
-                        index.remove(&ContentHash(entry.hash), host);
-                    }
-                    d.table.clear(&*storage, host)?;
+        if left == 0 {
+            let d = self.dedup_mut()?;
+            if let Some(entry) = d.table.get(&*storage, host)? {
+                if let Some(index) = d.index.as_mut() {
+                    index.remove(&ContentHash(entry.hash), host);
                 }
-                d.copied_unresolved.remove(&host);
+                d.table.clear(&*storage, host)?;
             }
-            1 => {
-                if self.dedup_hint(host)?.is_some() {
-                    self.fix_copied_at_hint(host, true)?;
-                }
-            }
-            _ => {}
+            d.copied_unresolved.remove(&host);
+        } else if left == 1 && self.dedup_hint(host)?.is_some() {
+            self.fix_copied_at_hint(host, true)?;
         }
         Ok(())
     }
