@@ -284,3 +284,166 @@ fn check_finds_and_repairs_a_leak_in_a_qemu_image() {
     assert!(out.status.success(), "{}", stdout(&out));
     assert!(stdout(&out).contains("No errors were found"));
 }
+
+/// K distinct 64 KiB blocks repeated in a known pattern, plus zero blocks:
+/// a dedup conversion stores exactly K data clusters, `info` reports K, and
+/// unmodified QEMU reads the result identically.
+#[test]
+fn dedup_convert_stores_each_distinct_block_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("blocks.raw");
+    let k = 37usize;
+    let blocks: Vec<Vec<u8>> = (0..k).map(|i| pattern(65536, 1000 + i as u32)).collect();
+    let mut data = Vec::with_capacity(64 << 20);
+    for i in 0..1024usize {
+        if i % 7 == 3 {
+            data.extend_from_slice(&[0u8; 65536]);
+        } else {
+            data.extend_from_slice(&blocks[(i * 13 + i / 5) % k]);
+        }
+    }
+    std::fs::write(&raw, &data).unwrap();
+    let img = dir.path().join("dedup.qcow2");
+    let out = qcow2(&[
+        "convert",
+        "-p",
+        "-O",
+        "qcow2",
+        "-o",
+        "dedup=on",
+        p(&raw),
+        p(&img),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let out = qcow2(&["info", "--output", "json", p(&img)]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let stats = &v["format-specific"]["data"]["dedup-stats"];
+    assert_eq!(v["format-specific"]["data"]["dedup"], true);
+    assert_eq!(stats["unique-clusters"], k as u64, "{v}");
+    let non_zero_blocks = (0..1024).filter(|i| i % 7 != 3).count() as u64;
+    assert_eq!(stats["references"], non_zero_blocks, "{v}");
+
+    let image = qcow2_io::Image::open(&img, &qcow2_io::OpenOptions::read_only()).unwrap();
+    let hosts: std::collections::BTreeSet<u64> = image
+        .map()
+        .unwrap()
+        .iter()
+        .filter(|e| e.kind == qcow2_io::MapKind::Data)
+        .flat_map(|e| (0..e.length / 65536).map(move |i| e.host_offset.unwrap() + i * 65536))
+        .collect();
+    assert_eq!(hosts.len(), k, "exactly K data clusters are stored");
+    let table = image.dedup_table_clusters();
+    drop(image);
+
+    let out = qcow2(&["check", p(&img)]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+
+    if qemu_available() {
+        let back = dir.path().join("qemu-back.raw");
+        assert!(qemu(&["convert", "-O", "raw", p(&img), p(&back)])
+            .status
+            .success());
+        assert!(
+            std::fs::read(&back).unwrap() == data,
+            "qemu-img reads the dedup image identically"
+        );
+        let out = qemu(&["check", p(&img)]);
+        let text = format!("{}{}", stdout(&out), stderr(&out));
+        assert!(!text.contains("ERROR"), "{text}");
+        assert!(
+            text.contains(&format!("{} leaked clusters were found", table.len())),
+            "{text}"
+        );
+        let out = Command::new("qemu-io")
+            .args(["-c", "write 0 4k", p(&img)])
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "qemu-io must not write a dedup image"
+        );
+    }
+}
+
+/// `qcow2 dedup` in place on a qemu-made image, and into a new image.
+#[test]
+fn dedup_command_in_place_and_to_a_new_image() {
+    if !qemu_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("plain.qcow2");
+    assert!(qemu(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        p(&img),
+        "8M"
+    ])
+    .status
+    .success());
+    let out = Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x11 0 64k",
+            "-c",
+            "write -P 0x11 1M 64k",
+            "-c",
+            "write -P 0x22 2M 8k",
+            "-c",
+            "write -P 0x11 3M 4k",
+            "-c",
+            "write -z 4M 64k",
+            p(&img),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let before = dir.path().join("before.raw");
+    assert!(qemu(&["convert", "-O", "raw", p(&img), p(&before)])
+        .status
+        .success());
+
+    let copy = dir.path().join("copy.qcow2");
+    let out = qcow2(&["dedup", "-o", p(&copy), p(&img)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("2 unique clusters"),
+        "{}",
+        stdout(&out)
+    );
+
+    let out = qcow2(&["dedup", p(&img)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("2 unique clusters, 35 references"),
+        "{}",
+        stdout(&out)
+    );
+    for image in [&img, &copy] {
+        let out = qcow2(&["check", p(image)]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}{}",
+            stdout(&out),
+            stderr(&out)
+        );
+        let out = qemu(&["compare", "-F", "raw", p(image), p(&before)]);
+        assert!(out.status.success(), "{}", stdout(&out));
+        let out = qemu(&["check", p(image)]);
+        assert!(!stdout(&out).contains("ERROR"), "{}", stdout(&out));
+    }
+}

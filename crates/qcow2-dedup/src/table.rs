@@ -1,6 +1,6 @@
 //! The on-disk dedup table: the dedup L1 table and its L2 dedup clusters.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::ops::Range;
 
 use qcow2_alloc::{Refcounts, Storage};
@@ -45,6 +45,9 @@ pub struct DedupTable {
     capacity: usize,
     tick: u64,
     report: ScanReport,
+    /// L2 dedup clusters (by L1 index) whose CRC failed and that have not
+    /// been rewritten since.
+    damaged: BTreeSet<u64>,
 }
 
 fn be_u64s(bytes: &[u8]) -> Vec<u64> {
@@ -93,6 +96,7 @@ impl DedupTable {
             capacity: (cache_bytes / geometry.cluster_size()).max(8) as usize,
             tick: 0,
             report: ScanReport::default(),
+            damaged: BTreeSet::new(),
         }
     }
 
@@ -142,7 +146,10 @@ impl DedupTable {
     /// Problems met while loading and reading (dropped L1 entries, CRC
     /// failures).
     pub fn report(&self) -> ScanReport {
-        self.report
+        ScanReport {
+            crc_failures: self.damaged.len() as u64,
+            ..self.report
+        }
     }
 
     /// Every cluster the table occupies: `(offset, clusters)` runs, for
@@ -175,7 +182,7 @@ impl DedupTable {
                 .map_err(DedupError::io("reading a dedup cluster"))?;
             let dirty = dedup::verify(&data).is_err();
             if dirty {
-                self.report.crc_failures += 1;
+                self.damaged.insert(index);
                 data.fill(0);
             }
             self.clusters.insert(
@@ -218,6 +225,7 @@ impl DedupTable {
             if let Some(mut cluster) = self.clusters.remove(&index) {
                 if cluster.dirty {
                     Self::write_cluster(storage, self.l1[index as usize], &mut cluster)?;
+                    self.damaged.remove(&index);
                 }
             }
         }
@@ -346,6 +354,7 @@ impl DedupTable {
             let offset = self.l1[index as usize];
             if let Some(cluster) = self.clusters.get_mut(&index) {
                 Self::write_cluster(storage, offset, cluster)?;
+                self.damaged.remove(&index);
             }
         }
         if let Some(range) = self.l1_dirty.take() {
@@ -386,7 +395,7 @@ impl DedupTable {
                         .read_at(&mut buf, self.l1[index as usize])
                         .map_err(DedupError::io("reading a dedup cluster"))?;
                     if dedup::verify(&buf).is_err() {
-                        report.crc_failures += 1;
+                        self.damaged.insert(index);
                         continue;
                     }
                     &buf
@@ -404,7 +413,7 @@ impl DedupTable {
                 visit(host, &entry)?;
             }
         }
-        report.crc_failures += self.report.crc_failures;
+        report.crc_failures = self.damaged.len() as u64;
         Ok(report)
     }
 }

@@ -53,6 +53,10 @@ pub(crate) struct DedupState {
     copied_unresolved: HashSet<u64>,
     /// Entries dropped on load (free cluster, or content changed).
     pub(crate) dropped_on_load: u64,
+    /// Hashes whose data is being written to a fresh cluster right now: a
+    /// second writer of the same content waits for it to land and then
+    /// shares it, so concurrent writers never store a content twice.
+    inflight: HashSet<[u8; 32]>,
 }
 
 impl DedupState {
@@ -68,6 +72,7 @@ impl DedupState {
             index: None,
             copied_unresolved: HashSet::new(),
             dropped_on_load: 0,
+            inflight: HashSet::new(),
         })
     }
 }
@@ -316,12 +321,27 @@ impl Metadata {
 
     /// Decides, under the metadata lock, what each cluster of a dedup write
     /// needs; zero clusters and confirmed duplicates are finished here.
-    fn dedup_plan(&mut self, items: &[ClusterWrite<'_>], unchanged: bool) -> Result<Vec<Action>> {
+    /// Stops before the first cluster whose content is being written by
+    /// someone (or by an earlier cluster of this plan): the plan covers
+    /// `actions.len()` clusters and names the hash to wait for.
+    fn dedup_plan(
+        &mut self,
+        items: &[ClusterWrite<'_>],
+        unchanged: bool,
+    ) -> Result<(Vec<Action>, Option<ContentHash>)> {
         let storage = self.storage_arc();
         let cs = self.geometry.cluster_size();
         let mut actions = vec![Action::Done; items.len()];
         let mut to_allocate = Vec::new();
+        let mut blocked = None;
         for (i, item) in items.iter().enumerate() {
+            if let Some(hash) = item.hash {
+                if self.dedup_mut()?.inflight.contains(&hash.0) {
+                    actions.truncate(i);
+                    blocked = Some(hash);
+                    break;
+                }
+            }
             let (old, _) = self.lookup(item.guest)?;
             let Some(hash) = item.hash else {
                 if !matches!(
@@ -371,6 +391,7 @@ impl Metadata {
                         }
                         d.table.clear(&*storage, host)?;
                     }
+                    d.inflight.insert(hash.0);
                     actions[i] = Action::Write {
                         host: offset.get(),
                         reuse: true,
@@ -385,6 +406,7 @@ impl Metadata {
                     item.guest
                 )));
             }
+            self.dedup_mut()?.inflight.insert(hash.0);
             to_allocate.push((i, old));
         }
         let mut next = 0;
@@ -400,7 +422,26 @@ impl Metadata {
             }
             next += got as usize;
         }
-        Ok(actions)
+        Ok((actions, blocked))
+    }
+
+    /// Whether some writer is storing content `hash` right now.
+    fn dedup_inflight(&self, hash: &ContentHash) -> bool {
+        self.dedup
+            .as_ref()
+            .is_some_and(|d| d.inflight.contains(&hash.0))
+    }
+
+    /// Forgets the in-flight claims of a plan whose data could not be
+    /// written (its fresh clusters leak until `check -r leaks`).
+    fn dedup_abandon(&mut self, items: &[ClusterWrite<'_>], actions: &[Action]) {
+        if let Some(d) = self.dedup.as_mut() {
+            for (item, action) in items.iter().zip(actions) {
+                if let (Action::Write { .. }, Some(hash)) = (action, item.hash) {
+                    d.inflight.remove(&hash.0);
+                }
+            }
+        }
     }
 
     /// Points written clusters at their data and records their hashes.
@@ -431,6 +472,7 @@ impl Metadata {
             let d = dedup
                 .as_mut()
                 .ok_or_else(|| ImageError::Corrupt("dedup state missing".into()))?;
+            d.inflight.remove(&hash.0);
             if let Some(index) = d.index.as_mut() {
                 index.insert(&hash, host / cs);
             }
@@ -491,23 +533,89 @@ impl Image {
                 item.hash = Some(ContentHash::of(&item.content));
             }
         }
-        let actions = self.meta.lock().dedup_plan(items, unchanged)?;
-        if !unchanged {
-            for (item, action) in items.iter().zip(&actions) {
-                if let Action::Write { host, .. } = action {
-                    self.storage
-                        .write_at(&item.content, *host)
-                        .map_err(ImageError::io("writing guest data"))?;
+        let mut start = 0;
+        while start < items.len() {
+            let rest = &items[start..];
+            let (actions, blocked) = self.meta.lock().dedup_plan(rest, unchanged)?;
+            let planned = &rest[..actions.len()];
+            if !unchanged {
+                if let Err(e) = self.write_planned(planned, &actions) {
+                    self.meta.lock().dedup_abandon(planned, &actions);
+                    self.dedup_landed.notify_all();
+                    return Err(e);
                 }
             }
+            let mut meta = self.meta.lock();
+            let committed = meta.dedup_commit(planned, &actions);
+            if committed.is_err() {
+                meta.dedup_abandon(planned, &actions);
+            }
+            self.dedup_landed.notify_all();
+            committed?;
+            if let Some(hash) = blocked {
+                while meta.dedup_inflight(&hash) {
+                    self.dedup_landed.wait(&mut meta);
+                }
+            }
+            start += actions.len();
         }
-        self.meta.lock().dedup_commit(items, &actions)
+        Ok(())
+    }
+
+    /// Writes the data of the planned fresh or reused clusters, merging
+    /// neighbours that are contiguous on the host into one request.
+    fn write_planned(&self, items: &[ClusterWrite<'_>], actions: &[Action]) -> Result<()> {
+        let cs = self.geometry.cluster_size();
+        let mut run: Vec<u8> = Vec::new();
+        let mut run_start = None;
+        let flush_run = |run: &mut Vec<u8>, start: &mut Option<u64>| -> Result<()> {
+            if let Some(host) = start.take() {
+                self.storage
+                    .write_at(run, host)
+                    .map_err(ImageError::io("writing guest data"))?;
+                run.clear();
+            }
+            Ok(())
+        };
+        for (item, action) in items.iter().zip(actions) {
+            let Action::Write { host, .. } = *action else {
+                continue;
+            };
+            if run_start.is_some_and(|s| s + run.len() as u64 != host)
+                || run.len() as u64 >= BATCH_BYTES
+            {
+                flush_run(&mut run, &mut run_start)?;
+            }
+            if run_start.is_none() {
+                run_start = Some(host);
+            }
+            run.extend_from_slice(&item.content);
+            debug_assert_eq!(item.content.len() as u64, cs);
+        }
+        flush_run(&mut run, &mut run_start)
     }
 
     /// Reads one whole guest cluster; the caller holds its range lock.
     fn read_cluster_locked(&self, guest: u64, out: &mut [u8]) -> Result<()> {
         let segments = self.meta.lock().segments(guest, out.len())?;
         self.fill(out, &segments)
+    }
+
+    /// Host clusters (indices) the dedup table occupies: the clusters
+    /// `qemu-img check`, which does not know the table, reports as leaked.
+    pub fn dedup_table_clusters(&self) -> Vec<u64> {
+        let meta = self.meta.lock();
+        let cs = self.geometry.cluster_size();
+        meta.dedup
+            .as_ref()
+            .map(|d| {
+                d.table
+                    .metadata_clusters()
+                    .into_iter()
+                    .flat_map(|(offset, n)| offset / cs..offset / cs + n)
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Deduplication figures: unique clusters, references, bytes saved and
@@ -646,5 +754,6 @@ pub(crate) fn new_state(meta: &mut Metadata) -> Result<DedupState> {
         index: Some(DedupIndex::new()),
         copied_unresolved: HashSet::new(),
         dropped_on_load: 0,
+        inflight: HashSet::new(),
     })
 }

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use qcow2_alloc::{FileStorage, Storage};
 use qcow2_format::features::{INCOMPAT_COMPRESSION_TYPE, INCOMPAT_EXTERNAL_DATA};
 use qcow2_format::{Geometry, Header, MAX_CLUSTER_BITS};
@@ -30,6 +30,8 @@ pub struct Image {
     pub(crate) geometry: Geometry,
     pub(crate) writable: bool,
     pub(crate) size: AtomicU64,
+    /// Signalled whenever a dedup write commits (or abandons) its clusters.
+    pub(crate) dedup_landed: Condvar,
     closed: AtomicBool,
 }
 
@@ -154,6 +156,7 @@ impl Image {
             locks: RangeLocks::default(),
             storage,
             writable,
+            dedup_landed: Condvar::new(),
             closed: AtomicBool::new(false),
         }
     }
