@@ -160,7 +160,10 @@ impl Metadata {
                     self.rebuild_dedup_table(data)?;
                 }
             }
-            for fix in walk.copied_fixes {
+            // OFLAG_COPIED follows the refcounts just repaired, so it is
+            // judged by a fresh walk (L1 fixes come before their L2 ones).
+            self.flush()?;
+            for fix in self.walk()?.copied_fixes {
                 match fix {
                     CopiedFix::L1 { index, raw } => self.set_l1_raw(index, raw),
                     CopiedFix::L2 { guest, mapping } => self.set_mapping(guest, mapping)?,

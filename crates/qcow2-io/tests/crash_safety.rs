@@ -87,7 +87,22 @@ fn verify_crash_image(bytes: Vec<u8>, model: &Model, label: &str, with_qemu: boo
     let image = Image::open_on(storage, &OpenOptions::read_only())
         .unwrap_or_else(|e| panic!("{label}: crash image does not open: {e}"));
     let report = image.check(RepairMode::None).unwrap();
-    assert_eq!(report.corruptions, 0, "{label}: {:?}", report.findings);
+    // A crash may leave dedup entries stale or missing (hints only): they
+    // are re-verified on the next read-write open, checked below. On a
+    // deduplicated image it may also leave OFLAG_COPIED out of step with a
+    // refcount that changed in the same flush (a refcount block and an L2
+    // table cannot be written atomically); the dirty bit, set on disk
+    // before any of it, declares refcount-derived state stale, and the
+    // next read-write open rebuilds it. Mappings themselves never are.
+    let dirty = bytes[79] & 1 == 1;
+    let dedup = bytes[79] & 2 == 2;
+    let tolerated = |m: &str| dirty && dedup && m.contains("OFLAG_COPIED");
+    let corruptions: Vec<_> = report
+        .findings
+        .iter()
+        .filter(|f| f.kind == qcow2_io::FindingKind::Corruption && !tolerated(&f.message))
+        .collect();
+    assert!(corruptions.is_empty(), "{label}: {corruptions:?}");
     let mut data = vec![0u8; model.current.len()];
     image.read_at(&mut data, 0).unwrap();
     for (i, (&got, &want)) in data.iter().zip(&model.flushed).enumerate() {
@@ -174,6 +189,49 @@ fn every_crash_point_keeps_flushed_data_and_structure() {
         }
         assert!(crashes > 20);
         drop(image);
+    }
+}
+
+#[test]
+fn every_crash_point_of_a_dedup_image_is_safe() {
+    let faulty = Arc::new(FaultyStorage::new());
+    let size = 1u64 << 20;
+    let options = CreateOptions {
+        cluster_size: 4096,
+        dedup: true,
+        ..CreateOptions::new(size)
+    };
+    Image::create_on(faulty.clone(), &options)
+        .unwrap()
+        .close()
+        .unwrap();
+    let image = Image::open_on(faulty.clone(), &small_cache_rw()).unwrap();
+    let mut model = Model::new(size as usize);
+    let mut rng = SmallRng::seed_from_u64(77);
+    for op in 0..240 {
+        // Few distinct fill bytes: heavy sharing.
+        let cluster = rng.gen_range(0..size / 4096);
+        let fill = rng.gen_range(0..4u8);
+        let range = (cluster * 4096) as usize..((cluster + 1) * 4096) as usize;
+        model.touched[range.clone()].fill(true);
+        image.write_at(&vec![fill; 4096], cluster * 4096).unwrap();
+        model.current[range].fill(fill);
+        if op % 5 == 4 {
+            step(&image, &mut model, &mut rng, 4096).unwrap();
+        }
+        if op % 40 == 39 {
+            faulty.hold_log(true);
+            let before = faulty.unflushed_writes();
+            image.flush().unwrap();
+            let pending = faulty.unflushed_writes();
+            for k in (0..=pending).step_by((pending / 12).max(1)) {
+                let label = format!("dedup op {op} prefix {k}/{pending} (flush from {before})");
+                verify_crash_image(faulty.crash_image(k), &model, &label, false);
+            }
+            model.flushed_now();
+            faulty.hold_log(false);
+            image.flush().unwrap();
+        }
     }
 }
 
