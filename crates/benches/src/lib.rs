@@ -48,14 +48,19 @@ pub fn time_command(program: &str, args: &[&str]) -> Duration {
     elapsed
 }
 
-/// Drops the page cache's copy of `path` so each timed run starts cold
-/// (best effort: `posix_fadvise` is not reachable without unsafe code, so
-/// this uses `dd iflag=nocache`, and says nothing if it is missing).
-pub fn evict_from_page_cache(path: &Path) {
+/// Starts a timed run cold: writes back dirty pages (`sync`) and drops the
+/// page cache where this process may (root), else drops `path`'s pages
+/// with `dd iflag=nocache`. Returns how it was done, for the report.
+pub fn start_cold(path: &Path) -> &'static str {
+    let _ = Command::new("sync").status();
+    if std::fs::write("/proc/sys/vm/drop_caches", "3\n").is_ok() {
+        return "sync + drop_caches";
+    }
     let _ = Command::new("dd")
         .arg(format!("if={}", path.display()))
         .args(["iflag=nocache", "count=0", "status=none"])
         .status();
+    "sync + dd iflag=nocache on the input"
 }
 
 /// Median of a set of durations.

@@ -18,7 +18,7 @@ pub mod storage;
 pub use error::AllocError;
 pub use rebuild::{RefcountMismatch, ReferenceCounts};
 pub use refcounts::{Refcounts, RefcountsConfig, TableMove};
-pub use storage::{FaultyStorage, FileStorage, MemStorage, Storage};
+pub use storage::{AlignedBuf, FaultyStorage, FileStorage, MemStorage, Storage, DIRECT_IO_ALIGN};
 
 /// Result type of this crate.
 pub type Result<T, E = AllocError> = std::result::Result<T, E>;

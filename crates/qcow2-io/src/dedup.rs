@@ -562,37 +562,44 @@ impl Image {
         Ok(())
     }
 
-    /// Writes the data of the planned fresh or reused clusters, merging
-    /// neighbours that are contiguous on the host into one request.
+    /// Writes the data of the planned fresh or reused clusters. Neighbours
+    /// contiguous on the host whose contents are contiguous in the caller's
+    /// buffer go out as one request straight from that buffer.
     fn write_planned(&self, items: &[ClusterWrite<'_>], actions: &[Action]) -> Result<()> {
-        let cs = self.geometry.cluster_size();
-        let mut run: Vec<u8> = Vec::new();
-        let mut run_start = None;
-        let flush_run = |run: &mut Vec<u8>, start: &mut Option<u64>| -> Result<()> {
-            if let Some(host) = start.take() {
-                self.storage
-                    .write_at(run, host)
-                    .map_err(ImageError::io("writing guest data"))?;
-                run.clear();
-            }
-            Ok(())
-        };
-        for (item, action) in items.iter().zip(actions) {
-            let Action::Write { host, .. } = *action else {
-                continue;
-            };
-            if run_start.is_some_and(|s| s + run.len() as u64 != host)
-                || run.len() as u64 >= BATCH_BYTES
+        let cs = self.geometry.cluster_size() as usize;
+        let writes: Vec<(u64, &[u8])> = items
+            .iter()
+            .zip(actions)
+            .filter_map(|(item, action)| match action {
+                Action::Write { host, .. } => Some((*host, &*item.content)),
+                Action::Done => None,
+            })
+            .collect();
+        let mut i = 0;
+        while i < writes.len() {
+            let (host, first) = writes[i];
+            let mut j = i + 1;
+            while j < writes.len()
+                && writes[j].0 == host + ((j - i) * cs) as u64
+                && writes[j].1.as_ptr() as usize == first.as_ptr() as usize + (j - i) * cs
             {
-                flush_run(&mut run, &mut run_start)?;
+                j += 1;
             }
-            if run_start.is_none() {
-                run_start = Some(host);
-            }
-            run.extend_from_slice(&item.content);
-            debug_assert_eq!(item.content.len() as u64, cs);
+            let data = if j - i == 1 {
+                Cow::Borrowed(first)
+            } else {
+                let mut whole = Vec::with_capacity((j - i) * cs);
+                writes[i..j]
+                    .iter()
+                    .for_each(|(_, c)| whole.extend_from_slice(c));
+                Cow::Owned(whole)
+            };
+            self.storage
+                .write_at(&data, host)
+                .map_err(ImageError::io("writing guest data"))?;
+            i = j;
         }
-        flush_run(&mut run, &mut run_start)
+        Ok(())
     }
 
     /// Reads one whole guest cluster; the caller holds its range lock.

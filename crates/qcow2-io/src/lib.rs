@@ -38,6 +38,8 @@ pub use error::{ImageError, Result};
 pub use image::{Image, ImageInfo};
 pub use map::{MapExtent, MapKind};
 pub use options::{Compat, CreateOptions, OpenOptions};
-pub use qcow2_alloc::{FaultyStorage, FileStorage, MemStorage, Storage};
+pub use qcow2_alloc::{
+    AlignedBuf, FaultyStorage, FileStorage, MemStorage, Storage, DIRECT_IO_ALIGN,
+};
 pub use qcow2_dedup::DedupStats;
 pub use zeros::is_zero;

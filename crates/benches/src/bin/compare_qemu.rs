@@ -1,18 +1,25 @@
-//! Side-by-side comparison of the `qcow2` tool with `qemu-img`, in one run
-//! on the same input and with the same flushing (both sync the target when
-//! they finish). Prints a Markdown table with medians and ratios.
+//! Side-by-side comparison of the `qcow2` tool with `qemu-img`, in one run,
+//! on the same input, with the same flushing (both sync the target when
+//! they finish; qemu-img runs with `-t writeback`), every timed run started
+//! cold. Also measures the dedup figures of issue 3: the hashing rate
+//! against `openssl speed`, index RAM per unique cluster, and dedup write
+//! throughput with one and two threads. Prints Markdown.
 //!
 //! `cargo run --release -p benches --bin compare_qemu -- [SIZE_MIB] [RUNS]`
 
-use std::path::PathBuf;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use benches::{evict_from_page_cache, median, time_command, write_random_file};
+use benches::{median, start_cold, time_command, write_random_file};
+use qcow2_dedup::ContentHash;
+use qcow2_io::{CreateOptions, Image, MemStorage, OpenOptions};
 
 fn main() {
     let mut args = std::env::args().skip(1);
     let size_mib: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(1024);
-    let runs: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(3);
+    let runs: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(5);
     let qcow2 = sibling_binary("qcow2");
     let dir = tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| ".".into()))
         .expect("a scratch directory");
@@ -20,89 +27,216 @@ fn main() {
     write_random_file(&raw, size_mib << 20, 0x1234).expect("writing the input");
     let qemu_qcow2 = dir.path().join("qemu.qcow2");
     let ours_qcow2 = dir.path().join("ours.qcow2");
+    let dedup_qcow2 = dir.path().join("dedup.qcow2");
     let out_raw = dir.path().join("out.raw");
     let s = |p: &PathBuf| p.to_str().unwrap().to_string();
 
-    println!("## convert, {size_mib} MiB of random data, median of {runs} runs\n");
+    let cold = start_cold(&raw);
+    println!("## convert, {size_mib} MiB of random data, median of {runs} runs (each started with {cold})\n");
     println!("| job | qemu-img | qcow2 | ratio (qcow2 / qemu-img) |");
     println!("|---|---|---|---|");
-    let jobs: [(&str, Vec<String>, Vec<String>); 2] = [
+    let jobs: [(&str, Vec<String>, Vec<String>); 5] = [
         (
             "raw → qcow2",
-            vec![
-                "convert".into(),
-                "-t".into(),
-                "writeback".into(),
-                "-f".into(),
-                "raw".into(),
-                "-O".into(),
-                "qcow2".into(),
+            words(&format!(
+                "convert -t writeback -f raw -O qcow2 {} {}",
                 s(&raw),
-                s(&qemu_qcow2),
-            ],
-            vec![
-                "convert".into(),
-                "-f".into(),
-                "raw".into(),
-                "-O".into(),
-                "qcow2".into(),
+                s(&qemu_qcow2)
+            )),
+            words(&format!(
+                "convert -f raw -O qcow2 {} {}",
                 s(&raw),
-                s(&ours_qcow2),
-            ],
+                s(&ours_qcow2)
+            )),
         ),
         (
             "qcow2 → raw",
-            vec![
-                "convert".into(),
-                "-t".into(),
-                "writeback".into(),
-                "-f".into(),
-                "qcow2".into(),
-                "-O".into(),
-                "raw".into(),
+            words(&format!(
+                "convert -t writeback -f qcow2 -O raw {} {}",
                 s(&qemu_qcow2),
-                s(&out_raw),
-            ],
-            vec![
-                "convert".into(),
-                "-f".into(),
-                "qcow2".into(),
-                "-O".into(),
-                "raw".into(),
+                s(&out_raw)
+            )),
+            words(&format!(
+                "convert -f qcow2 -O raw {} {}",
                 s(&qemu_qcow2),
-                s(&out_raw),
-            ],
+                s(&out_raw)
+            )),
+        ),
+        (
+            "raw → qcow2, qemu-img with `-t none` (O_DIRECT)",
+            words(&format!(
+                "convert -t none -f raw -O qcow2 {} {}",
+                s(&raw),
+                s(&qemu_qcow2)
+            )),
+            words(&format!(
+                "convert -f raw -O qcow2 {} {}",
+                s(&raw),
+                s(&ours_qcow2)
+            )),
+        ),
+        (
+            "qcow2 → raw, qemu-img with `-t none` (O_DIRECT)",
+            words(&format!(
+                "convert -t none -f qcow2 -O raw {} {}",
+                s(&qemu_qcow2),
+                s(&out_raw)
+            )),
+            words(&format!(
+                "convert -f qcow2 -O raw {} {}",
+                s(&qemu_qcow2),
+                s(&out_raw)
+            )),
+        ),
+        (
+            "raw → qcow2, ours with `-o dedup=on` (unique data)",
+            words(&format!(
+                "convert -t writeback -f raw -O qcow2 {} {}",
+                s(&raw),
+                s(&qemu_qcow2)
+            )),
+            words(&format!(
+                "convert -f raw -O qcow2 -o dedup=on {} {}",
+                s(&raw),
+                s(&dedup_qcow2)
+            )),
         ),
     ];
     for (name, qemu_args, our_args) in jobs {
-        let mut theirs = Vec::new();
-        let mut ours = Vec::new();
+        let (mut theirs, mut ours) = (Vec::new(), Vec::new());
         for _ in 0..runs {
             let q: Vec<&str> = qemu_args.iter().map(String::as_str).collect();
             let o: Vec<&str> = our_args.iter().map(String::as_str).collect();
-            evict_from_page_cache(&raw);
+            start_cold(&raw);
             theirs.push(time_command("qemu-img", &q));
-            evict_from_page_cache(&raw);
+            start_cold(&raw);
             ours.push(time_command(&qcow2, &o));
         }
         let (t, o) = (median(theirs), median(ours));
         println!(
             "| {name} | {} | {} | {:.2} |",
-            fmt(t),
-            fmt(o),
+            secs(t),
+            secs(o),
             o.as_secs_f64() / t.as_secs_f64()
         );
     }
+
+    println!("\n## dedup figures\n");
+    println!("| measure | value | goal |");
+    println!("|---|---|---|");
+    let (ours_rate, openssl_rate) = (hash_rate(), openssl_rate());
+    match openssl_rate {
+        Some(theirs) => println!(
+            "| SHA-256 of 64 KiB clusters, qcow2-dedup vs `openssl speed -evp sha256` | {:.0} MB/s vs {:.0} MB/s = {:.2} | ≥ 0.85 |",
+            ours_rate, theirs, ours_rate / theirs
+        ),
+        None => println!("| SHA-256 of 64 KiB clusters (openssl not found) | {ours_rate:.0} MB/s | — |"),
+    }
+    let image = Image::open(&dedup_qcow2, &OpenOptions::read_only()).expect("open the dedup image");
+    if let Some(stats) = image.dedup_stats().expect("dedup stats") {
+        println!(
+            "| index RAM per unique cluster ({} unique clusters) | {:.1} B | ≤ 16 B |",
+            stats.unique_clusters,
+            stats.index_memory as f64 / stats.unique_clusters.max(1) as f64
+        );
+    }
+    let one = dedup_write_rate(1);
+    let two = dedup_write_rate(2);
+    println!("| dedup write throughput, in memory, 1 thread | {one:.0} MB/s | |");
+    println!(
+        "| dedup write throughput, in memory, 2 threads | {two:.0} MB/s = {:.2}× | ≥ 1.8× |",
+        two / one
+    );
 }
 
-fn fmt(d: Duration) -> String {
+fn words(s: &str) -> Vec<String> {
+    s.split_whitespace().map(String::from).collect()
+}
+
+fn secs(d: Duration) -> String {
     format!("{:.3} s", d.as_secs_f64())
+}
+
+/// MB/s of hashing 64 KiB clusters with the hash the dedup index uses.
+fn hash_rate() -> f64 {
+    let data = vec![0x5au8; 64 << 10];
+    let mut n = 0u64;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(3) {
+        for _ in 0..256 {
+            std::hint::black_box(ContentHash::of(std::hint::black_box(&data)));
+        }
+        n += 256;
+    }
+    (n * data.len() as u64) as f64 / start.elapsed().as_secs_f64() / 1e6
+}
+
+/// MB/s that `openssl speed -evp sha256` reports for 65536-byte blocks.
+fn openssl_rate() -> Option<f64> {
+    let out = Command::new("openssl")
+        .args([
+            "speed", "-evp", "sha256", "-bytes", "65536", "-seconds", "3",
+        ])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with("sha256") || l.starts_with("SHA256"))?;
+    let last = line.split_whitespace().last()?;
+    let kbytes: f64 = last.trim_end_matches('k').parse().ok()?;
+    Some(kbytes * 1000.0 / 1e6)
+}
+
+/// MB/s of deduplicating writes of unique 64 KiB clusters into an
+/// in-memory image (no disk: hashing and metadata only), from `threads`
+/// threads writing disjoint parts; the best of three runs (the first pays
+/// for faulting in fresh memory).
+fn dedup_write_rate(threads: u64) -> f64 {
+    let runs: Vec<f64> = (0..3).map(|_| dedup_write_run(threads)).collect();
+    runs.into_iter().fold(0.0, f64::max)
+}
+
+/// One run of [`dedup_write_rate`].
+fn dedup_write_run(threads: u64) -> f64 {
+    let size = 512u64 << 20;
+    let storage = Arc::new(MemStorage::new());
+    let options = CreateOptions {
+        dedup: true,
+        ..CreateOptions::new(size)
+    };
+    let image = Arc::new(Image::create_on(storage, &options).expect("create"));
+    let start = Instant::now();
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let image = image.clone();
+            std::thread::spawn(move || {
+                let chunk = 2u64 << 20;
+                let per = size / threads;
+                let mut buf = vec![0u8; chunk as usize];
+                for (i, offset) in (t * per..(t + 1) * per).step_by(chunk as usize).enumerate() {
+                    for (j, word) in buf.chunks_exact_mut(8).enumerate() {
+                        word.copy_from_slice(
+                            &((offset << 8) ^ (i as u64) << 40 ^ j as u64).to_le_bytes(),
+                        );
+                    }
+                    image.write_at(&buf, offset).expect("write");
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("writer");
+    }
+    image.flush().expect("flush");
+    size as f64 / start.elapsed().as_secs_f64() / 1e6
 }
 
 /// The `qcow2` binary built in the same target directory.
 fn sibling_binary(name: &str) -> String {
     let me = std::env::current_exe().expect("own path");
-    let path = me.with_file_name(name);
+    let path: &Path = &me.with_file_name(name);
     assert!(
         path.exists(),
         "{} not found: build it first with `cargo build --release -p qcow2-cli`",

@@ -5,12 +5,11 @@
 //! qcow2 clusters, holes in a raw file) and writes the rest, so hashing for
 //! deduplicated targets runs on every core. The main thread reports progress.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use qcow2_io::{CreateOptions, Image};
+use qcow2_io::{AlignedBuf, CreateOptions, FileStorage, Image, Storage};
 
 use crate::args::Args;
 use crate::commands::create::apply_options;
@@ -32,7 +31,7 @@ pub(crate) trait Target: Sync {
 }
 
 struct RawTarget {
-    file: File,
+    file: FileStorage,
     path: String,
 }
 
@@ -43,12 +42,12 @@ impl Target for RawTarget {
 
     fn write(&self, data: &[u8], offset: u64) -> Result<(), CliError> {
         self.file
-            .write_all_at(data, offset)
+            .write_at(data, offset)
             .map_err(CliError::io(&self.path))
     }
 
     fn finish(self: Box<Self>) -> Result<(), CliError> {
-        self.file.sync_all().map_err(CliError::io(&self.path))
+        self.file.flush().map_err(CliError::io(&self.path))
     }
 }
 
@@ -63,7 +62,11 @@ impl Qcow2Target {
         let mut create = CreateOptions::new(size);
         apply_options(&mut create, options)?;
         create.size = size;
-        let image = Image::create(path, &create).map_err(CliError::image(path))?;
+        let p = Path::new(path);
+        let storage = FileStorage::create(p)
+            .map_err(CliError::io(path))?
+            .with_direct_io(p, true);
+        let image = Image::create_on(Arc::new(storage), &create).map_err(CliError::image(path))?;
         Ok(Self {
             image,
             path: path.to_string(),
@@ -118,7 +121,10 @@ fn open_target(
             if options.is_some() {
                 return Err(CliError::Usage("raw targets take no -o options".into()));
             }
-            let file = File::create(path).map_err(CliError::io(path))?;
+            let p = Path::new(path);
+            let file = FileStorage::create(p)
+                .map_err(CliError::io(path))?
+                .with_direct_io(p, true);
             file.set_len(size).map_err(CliError::io(path))?;
             Ok(Box::new(RawTarget {
                 file,
@@ -131,7 +137,7 @@ fn open_target(
     }
 }
 
-type Chunk = (u64, Vec<u8>);
+type Chunk = (u64, AlignedBuf);
 
 /// Copies the data ranges of `source` to `target` and finishes it.
 pub(crate) fn copy(
@@ -148,10 +154,10 @@ pub(crate) fn copy(
     let depth = 2 * writers;
     let mut progress = Progress::new(total, show_progress);
     let (full_tx, full_rx) = sync_channel::<Result<Chunk, CliError>>(depth);
-    let (empty_tx, empty_rx) = sync_channel::<Vec<u8>>(depth + writers + 1);
+    let (empty_tx, empty_rx) = sync_channel::<AlignedBuf>(depth + writers + 1);
     let (done_tx, done_rx) = channel::<Result<u64, CliError>>();
     for _ in 0..depth + writers + 1 {
-        let _ = empty_tx.send(vec![0u8; CHUNK as usize]);
+        let _ = empty_tx.send(AlignedBuf::new(CHUNK as usize, CHUNK as usize));
     }
     let full_rx = Mutex::new(full_rx);
     let target_ref: &dyn Target = &*target;
@@ -188,16 +194,16 @@ fn read_chunks(
     path: &str,
     ranges: &[(u64, u64)],
     full: SyncSender<Result<Chunk, CliError>>,
-    empty: Receiver<Vec<u8>>,
+    empty: Receiver<AlignedBuf>,
 ) {
     for &(start, end) in ranges {
         let mut offset = start;
         while offset < end {
             let len = (CHUNK - offset % CHUNK).min(end - offset);
             let Ok(mut buf) = empty.recv() else { return };
-            buf.resize(len as usize, 0);
+            buf.set_len(len as usize);
             let item = source
-                .read_at(&mut buf, offset, path)
+                .read_at(buf.as_mut_slice(), offset, path)
                 .map(|()| (offset, buf));
             let failed = item.is_err();
             if full.send(item).is_err() || failed {
@@ -211,7 +217,7 @@ fn read_chunks(
 fn write_chunks(
     target: &dyn Target,
     full: &Mutex<Receiver<Result<Chunk, CliError>>>,
-    empty: &SyncSender<Vec<u8>>,
+    empty: &SyncSender<AlignedBuf>,
     done: &Sender<Result<u64, CliError>>,
 ) {
     let granule = target.granule() as usize;
@@ -222,8 +228,8 @@ fn write_chunks(
         };
         let Ok(item) = item else { return };
         let result = item.and_then(|(offset, buf)| {
-            write_non_zero(target, &buf, offset, granule)?;
-            let n = buf.len() as u64;
+            write_non_zero(target, buf.as_slice(), offset, granule)?;
+            let n = buf.as_slice().len() as u64;
             let _ = empty.send(buf);
             Ok(n)
         });

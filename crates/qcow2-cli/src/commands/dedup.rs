@@ -8,7 +8,7 @@ use qcow2_io::{Image, OpenOptions};
 
 use crate::args::Args;
 use crate::commands::convert::{copy, Qcow2Target};
-use crate::disk::Disk;
+use crate::disk::{open_image, Disk};
 use crate::error::CliError;
 use crate::output::say;
 use crate::size::human;
@@ -33,8 +33,7 @@ pub fn run(argv: &[String]) -> Result<u8, CliError> {
             out
         }
         None => {
-            let image =
-                Image::open(path, &OpenOptions::read_write()).map_err(CliError::image(path))?;
+            let image = open_image(path, true)?;
             image.enable_dedup().map_err(CliError::image(path))?;
             image.close().map_err(CliError::image(path))?;
             path
