@@ -127,6 +127,9 @@ struct ClusterWrite<'a> {
     guest: u64,
     content: Cow<'a, [u8]>,
     hash: Option<ContentHash>,
+    /// Where `content` starts in the caller's buffer, when it is a whole
+    /// cluster of it (so neighbours can be written as one request).
+    within: Option<usize>,
 }
 
 /// What the plan decided for a cluster.
@@ -503,7 +506,8 @@ impl Image {
                 let lo = offset.max(cluster);
                 let hi = end.min(cluster + cs);
                 let piece = &buf[(lo - offset) as usize..(hi - offset) as usize];
-                let content = if lo == cluster && hi == cluster + cs {
+                let whole_cluster = lo == cluster && hi == cluster + cs;
+                let content = if whole_cluster {
                     Cow::Borrowed(piece)
                 } else {
                     let mut whole = vec![0u8; cs as usize];
@@ -515,10 +519,11 @@ impl Image {
                     guest: cluster,
                     content,
                     hash: None,
+                    within: whole_cluster.then_some((lo - offset) as usize),
                 });
                 cluster += cs;
             }
-            self.write_batch(&mut items, false)?;
+            self.write_batch(&mut items, buf, false)?;
             guest = batch_end;
         }
         Ok(())
@@ -527,7 +532,12 @@ impl Image {
     /// Hashes, plans, writes and commits one batch. With `unchanged`, the
     /// content is already in each cluster's own host cluster (adoption when
     /// dedup is enabled on an existing image) and is not written again.
-    fn write_batch(&self, items: &mut [ClusterWrite<'_>], unchanged: bool) -> Result<()> {
+    fn write_batch(
+        &self,
+        items: &mut [ClusterWrite<'_>],
+        source: &[u8],
+        unchanged: bool,
+    ) -> Result<()> {
         for item in items.iter_mut() {
             if !is_zero(&item.content) {
                 item.hash = Some(ContentHash::of(&item.content));
@@ -539,7 +549,7 @@ impl Image {
             let (actions, blocked) = self.meta.lock().dedup_plan(rest, unchanged)?;
             let planned = &rest[..actions.len()];
             if !unchanged {
-                if let Err(e) = self.write_planned(planned, &actions) {
+                if let Err(e) = self.write_planned(planned, &actions, source) {
                     self.meta.lock().dedup_abandon(planned, &actions);
                     self.dedup_landed.notify_all();
                     return Err(e);
@@ -563,15 +573,20 @@ impl Image {
     }
 
     /// Writes the data of the planned fresh or reused clusters. Neighbours
-    /// contiguous on the host whose contents are contiguous in the caller's
-    /// buffer go out as one request straight from that buffer.
-    fn write_planned(&self, items: &[ClusterWrite<'_>], actions: &[Action]) -> Result<()> {
+    /// contiguous both on the host and in the caller's buffer `source` go
+    /// out as one request, straight from that buffer.
+    fn write_planned(
+        &self,
+        items: &[ClusterWrite<'_>],
+        actions: &[Action],
+        source: &[u8],
+    ) -> Result<()> {
         let cs = self.geometry.cluster_size() as usize;
-        let writes: Vec<(u64, &[u8])> = items
+        let writes: Vec<(u64, &ClusterWrite<'_>)> = items
             .iter()
             .zip(actions)
             .filter_map(|(item, action)| match action {
-                Action::Write { host, .. } => Some((*host, &*item.content)),
+                Action::Write { host, .. } => Some((*host, item)),
                 Action::Done => None,
             })
             .collect();
@@ -579,23 +594,20 @@ impl Image {
         while i < writes.len() {
             let (host, first) = writes[i];
             let mut j = i + 1;
-            while j < writes.len()
-                && writes[j].0 == host + ((j - i) * cs) as u64
-                && writes[j].1.as_ptr() as usize == first.as_ptr() as usize + (j - i) * cs
-            {
-                j += 1;
+            if let Some(start) = first.within {
+                while j < writes.len()
+                    && writes[j].0 == host + ((j - i) * cs) as u64
+                    && writes[j].1.within == Some(start + (j - i) * cs)
+                {
+                    j += 1;
+                }
             }
-            let data = if j - i == 1 {
-                Cow::Borrowed(first)
-            } else {
-                let mut whole = Vec::with_capacity((j - i) * cs);
-                writes[i..j]
-                    .iter()
-                    .for_each(|(_, c)| whole.extend_from_slice(c));
-                Cow::Owned(whole)
+            let data = match first.within {
+                Some(start) if j - i > 1 => &source[start..start + (j - i) * cs],
+                _ => &first.content[..],
             };
             self.storage
-                .write_at(&data, host)
+                .write_at(data, host)
                 .map_err(ImageError::io("writing guest data"))?;
             i = j;
         }
@@ -723,8 +735,9 @@ impl Image {
                     guest,
                     content: Cow::Owned(content),
                     hash: None,
+                    within: None,
                 }];
-                self.write_batch(&mut items, unchanged)?;
+                self.write_batch(&mut items, &[], unchanged)?;
             }
             guest += cs;
         }
