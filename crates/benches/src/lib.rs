@@ -30,22 +30,46 @@ pub fn write_random_file(path: &Path, size: u64, seed: u64) -> std::io::Result<(
     file.flush()
 }
 
-/// Runs a command to completion and returns its wall time; panics with its
-/// output if it fails, so a broken run never reports a number.
-pub fn time_command(program: &str, args: &[&str]) -> Duration {
+/// Wall and CPU (user + system) time of one run of a command.
+#[derive(Debug, Clone, Copy)]
+pub struct RunTime {
+    /// Elapsed time.
+    pub wall: Duration,
+    /// CPU time of the command and its children, where `/usr/bin/time`
+    /// can tell (else zero).
+    pub cpu: Duration,
+}
+
+/// Runs a command to completion under `/usr/bin/time` (when installed) and
+/// returns its times; panics with its output if it fails, so a broken run
+/// never reports a number.
+pub fn time_command(program: &str, args: &[&str]) -> RunTime {
+    let timer = Path::new("/usr/bin/time").exists();
+    let mut cmd = if timer {
+        let mut c = Command::new("/usr/bin/time");
+        c.args(["-f", "@@cpu %U %S"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    };
     let start = Instant::now();
-    let out = Command::new(program)
+    let out = cmd
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-    let elapsed = start.elapsed();
+    let wall = start.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
-        "{program} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        "{program} {args:?} failed: {}{stderr}",
+        String::from_utf8_lossy(&out.stdout)
     );
-    elapsed
+    let cpu = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("@@cpu "))
+        .map(|l| l.split_whitespace().filter_map(|v| v.parse::<f64>().ok()).sum::<f64>())
+        .map_or(Duration::ZERO, Duration::from_secs_f64);
+    RunTime { wall, cpu }
 }
 
 /// Starts a timed run cold: writes back dirty pages (`sync`) and drops the

@@ -33,8 +33,8 @@ fn main() {
 
     let cold = start_cold(&raw);
     println!("## convert, {size_mib} MiB of random data, median of {runs} runs (each started with {cold})\n");
-    println!("| job | qemu-img | qcow2 | ratio (qcow2 / qemu-img) |");
-    println!("|---|---|---|---|");
+    println!("| job | qemu-img wall | qcow2 wall | wall ratio | qemu-img CPU | qcow2 CPU | CPU ratio |");
+    println!("|---|---|---|---|---|---|---|");
     let jobs: [(&str, Vec<String>, Vec<String>); 5] = [
         (
             "raw → qcow2",
@@ -112,12 +112,17 @@ fn main() {
             start_cold(&raw);
             ours.push(time_command(&qcow2, &o));
         }
-        let (t, o) = (median(theirs), median(ours));
+        let wall = |v: &[benches::RunTime]| median(v.iter().map(|r| r.wall).collect());
+        let cpu = |v: &[benches::RunTime]| median(v.iter().map(|r| r.cpu).collect());
+        let (tw, ow, tc, oc) = (wall(&theirs), wall(&ours), cpu(&theirs), cpu(&ours));
         println!(
-            "| {name} | {} | {} | {:.2} |",
-            secs(t),
-            secs(o),
-            o.as_secs_f64() / t.as_secs_f64()
+            "| {name} | {} | {} | {:.2} | {} | {} | {:.2} |",
+            secs(tw),
+            secs(ow),
+            ow.as_secs_f64() / tw.as_secs_f64(),
+            secs(tc),
+            secs(oc),
+            oc.as_secs_f64() / tc.as_secs_f64().max(1e-9)
         );
     }
 
