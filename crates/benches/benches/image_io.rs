@@ -41,7 +41,10 @@ fn random_4k(c: &mut Criterion) {
             image.write_at(&data, offset).unwrap();
         })
     });
-    group.bench_function("allocating_write", |b| {
+    group.finish();
+    let mut group = c.benchmark_group("allocating_4k_x64");
+    group.throughput(Throughput::Bytes(64 * 4096));
+    group.bench_function("fresh_clusters", |b| {
         b.iter_batched(
             || Image::create_on(Arc::new(MemStorage::new()), &CreateOptions::new(SIZE)).unwrap(),
             |fresh| {
