@@ -67,7 +67,11 @@ pub fn time_command(program: &str, args: &[&str]) -> RunTime {
     let cpu = stderr
         .lines()
         .find_map(|l| l.strip_prefix("@@cpu "))
-        .map(|l| l.split_whitespace().filter_map(|v| v.parse::<f64>().ok()).sum::<f64>())
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|v| v.parse::<f64>().ok())
+                .sum::<f64>()
+        })
         .map_or(Duration::ZERO, Duration::from_secs_f64);
     RunTime { wall, cpu }
 }

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 
 use qcow2_format::refcount::{RefcountTableEntry, RefcountWidth};
+use qcow2_format::table::{decode_u64s, encode_u64s, DirtyRange};
 use qcow2_format::{Geometry, HostOffset, MAX_REFCOUNT_TABLE_BYTES};
 
 use crate::{AllocError, Result, Storage};
@@ -55,7 +56,7 @@ pub struct Refcounts {
     table_offset: u64,
     table_clusters: u32,
     table: Vec<u64>,
-    dirty_entries: Option<Range<usize>>,
+    dirty_entries: DirtyRange,
     retired_tables: Vec<(u64, u32)>,
     blocks: HashMap<u64, CachedBlock>,
     capacity: usize,
@@ -83,9 +84,8 @@ impl Refcounts {
         storage
             .read_at(&mut raw, config.table_offset)
             .map_err(AllocError::io("reading the refcount table"))?;
-        let mut table = Vec::with_capacity(raw.len() / 8);
-        for chunk in raw.chunks_exact(8) {
-            let entry = u64::from_be_bytes(chunk.try_into().unwrap_or_default());
+        let table = decode_u64s(&raw);
+        for &entry in &table {
             if let Some(offset) = RefcountTableEntry(entry).decode(g)? {
                 if offset.get() + g.cluster_size() > file_size {
                     return Err(AllocError::BlockPastEnd {
@@ -94,7 +94,6 @@ impl Refcounts {
                     });
                 }
             }
-            table.push(entry);
         }
         let capacity = (config.cache_bytes / g.cluster_size()).max(4) as usize;
         let mut refcounts = Self {
@@ -104,7 +103,7 @@ impl Refcounts {
             table_offset: config.table_offset,
             table_clusters: config.table_clusters,
             table,
-            dirty_entries: None,
+            dirty_entries: DirtyRange::clean(),
             retired_tables: Vec::new(),
             blocks: HashMap::new(),
             capacity,
@@ -131,7 +130,7 @@ impl Refcounts {
             table_offset: config.table_offset,
             table_clusters: config.table_clusters,
             table: vec![0; entries],
-            dirty_entries: Some(0..entries),
+            dirty_entries: DirtyRange::all(0..entries),
             retired_tables: Vec::new(),
             blocks: HashMap::new(),
             capacity: (config.cache_bytes / g.cluster_size()).max(4) as usize,
@@ -283,13 +282,6 @@ impl Refcounts {
         Ok(new)
     }
 
-    fn mark_entry_dirty(&mut self, index: usize) {
-        self.dirty_entries = Some(match self.dirty_entries.take() {
-            Some(r) => r.start.min(index)..r.end.max(index + 1),
-            None => index..index + 1,
-        });
-    }
-
     /// Makes sure table entry `index` points to a refcount block, placing a
     /// new block inside the clusters it describes (so it counts itself),
     /// outside every `reserved` range.
@@ -347,7 +339,7 @@ impl Refcounts {
             },
         );
         self.table[index as usize] = location * self.geometry.cluster_size();
-        self.mark_entry_dirty(index as usize);
+        self.dirty_entries.mark(index as usize);
         Ok(())
     }
 
@@ -379,7 +371,7 @@ impl Refcounts {
                 .push((self.table_offset, self.table_clusters));
             self.table_offset = start * cs;
             self.table_clusters = clusters as u32;
-            self.dirty_entries = Some(0..self.table.len());
+            self.dirty_entries = DirtyRange::all(0..self.table.len());
             reserved.push(start..start + clusters);
             let result = (|| {
                 for cluster in start..start + clusters {
@@ -455,7 +447,7 @@ impl Refcounts {
 
     /// Whether any block or table entry waits to be written.
     pub fn is_dirty(&self) -> bool {
-        self.dirty_entries.is_some()
+        self.dirty_entries.is_dirty()
             || !self.retired_tables.is_empty()
             || self.blocks.values().any(|b| b.dirty)
     }
@@ -491,10 +483,7 @@ impl Refcounts {
     ) -> Result<bool> {
         let mut wrote = self.write_blocks(storage)?;
         if let Some(range) = self.dirty_entries.take() {
-            let bytes: Vec<u8> = self.table[range.clone()]
-                .iter()
-                .flat_map(|e| e.to_be_bytes())
-                .collect();
+            let bytes = encode_u64s(&self.table[range.clone()]);
             storage
                 .write_at(&bytes, self.table_offset + range.start as u64 * 8)
                 .map_err(AllocError::io("writing the refcount table"))?;

@@ -1,10 +1,10 @@
 //! The on-disk dedup table: the dedup L1 table and its L2 dedup clusters.
 
 use std::collections::{BTreeSet, HashMap};
-use std::ops::Range;
 
 use qcow2_alloc::{Refcounts, Storage};
 use qcow2_format::dedup::{self, DedupEntry, DedupExtension};
+use qcow2_format::table::{decode_u64s, encode_u64s, DirtyRange};
 use qcow2_format::Geometry;
 
 use crate::{DedupError, Result};
@@ -39,7 +39,7 @@ pub struct DedupTable {
     geometry: Geometry,
     l1_offset: u64,
     l1: Vec<u64>,
-    l1_dirty: Option<Range<usize>>,
+    l1_dirty: DirtyRange,
     retired_l1: Vec<(u64, u64)>,
     clusters: HashMap<u64, CachedCluster>,
     capacity: usize,
@@ -48,13 +48,6 @@ pub struct DedupTable {
     /// L2 dedup clusters (by L1 index) whose CRC failed and that have not
     /// been rewritten since.
     damaged: BTreeSet<u64>,
-}
-
-fn be_u64s(bytes: &[u8]) -> Vec<u64> {
-    bytes
-        .chunks_exact(8)
-        .map(|c| u64::from_be_bytes(c.try_into().unwrap_or_default()))
-        .collect()
 }
 
 impl DedupTable {
@@ -90,7 +83,7 @@ impl DedupTable {
             geometry,
             l1_offset,
             l1,
-            l1_dirty: None,
+            l1_dirty: DirtyRange::clean(),
             retired_l1: Vec::new(),
             clusters: HashMap::new(),
             capacity: (cache_bytes / geometry.cluster_size()).max(8) as usize,
@@ -116,7 +109,7 @@ impl DedupTable {
         storage
             .read_at(&mut raw, ext.l1_offset)
             .map_err(DedupError::io("reading the dedup L1 table"))?;
-        let mut l1 = be_u64s(&raw);
+        let mut l1 = decode_u64s(&raw);
         let mut table = Self::with_l1(geometry, ext.l1_offset, Vec::new(), cache_bytes);
         for entry in &mut l1 {
             let bad = *entry != 0
@@ -130,7 +123,7 @@ impl DedupTable {
         }
         table.l1 = l1;
         if table.report.bad_l1_entries > 0 {
-            table.l1_dirty = Some(0..table.l1.len());
+            table.l1_dirty = DirtyRange::all(0..table.l1.len());
         }
         Ok(table)
     }
@@ -291,10 +284,7 @@ impl DedupTable {
 
     fn set_l1(&mut self, index: usize, value: u64) {
         self.l1[index] = value;
-        self.l1_dirty = Some(match self.l1_dirty.take() {
-            Some(r) => r.start.min(index)..r.end.max(index + 1),
-            None => index..index + 1,
-        });
+        self.l1_dirty.mark(index);
     }
 
     fn grow_l1(
@@ -318,7 +308,7 @@ impl DedupTable {
             .push((self.l1_offset, g.clusters_for(self.l1.len() as u64 * 8)));
         self.l1_offset = offset;
         self.l1.resize(entries as usize, 0);
-        self.l1_dirty = Some(0..self.l1.len());
+        self.l1_dirty = DirtyRange::all(0..self.l1.len());
         Ok(())
     }
 
@@ -335,7 +325,7 @@ impl DedupTable {
 
     /// Whether anything waits to be written.
     pub fn is_dirty(&self) -> bool {
-        self.l1_dirty.is_some() || self.clusters.values().any(|c| c.dirty)
+        self.l1_dirty.is_dirty() || self.clusters.values().any(|c| c.dirty)
     }
 
     /// Writes dirty L2 dedup clusters (sealed) and the changed part of the
@@ -358,10 +348,7 @@ impl DedupTable {
             }
         }
         if let Some(range) = self.l1_dirty.take() {
-            let bytes: Vec<u8> = self.l1[range.clone()]
-                .iter()
-                .flat_map(|e| e.to_be_bytes())
-                .collect();
+            let bytes = encode_u64s(&self.l1[range.clone()]);
             storage
                 .write_at(&bytes, self.l1_offset + range.start as u64 * 8)
                 .map_err(DedupError::io("writing the dedup L1 table"))?;

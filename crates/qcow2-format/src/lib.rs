@@ -19,6 +19,7 @@ pub mod l1;
 pub mod l2;
 pub mod refcount;
 pub mod snapshot;
+pub mod table;
 
 pub use error::FormatError;
 pub use geometry::{Geometry, HostOffset};

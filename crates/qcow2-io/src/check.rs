@@ -412,10 +412,7 @@ impl Metadata {
             self.storage()
                 .read_at(&mut raw, s.l1_table_offset)
                 .map_err(ImageError::io("reading a snapshot L1 table"))?;
-            let l1: Vec<u64> = raw
-                .chunks_exact(8)
-                .map(|c| u64::from_be_bytes(c.try_into().unwrap_or_default()))
-                .collect();
+            let l1 = qcow2_format::table::decode_u64s(&raw);
             self.walk_l1(walk, &l1, false)?;
         }
         Ok(())
@@ -483,7 +480,7 @@ impl Metadata {
             self.storage()
                 .read_at(&mut table, table_offset)
                 .map_err(ImageError::io("reading a bitmap table"))?;
-            for entry in table.chunks_exact(8).map(be64) {
+            for entry in qcow2_format::table::decode_u64s(&table) {
                 let offset = entry & qcow2_format::OFFSET_MASK;
                 if offset != 0 {
                     walk.reference(cs, offset, 1, "bitmap data");

@@ -8,7 +8,6 @@
 //! the clusters. A crash in between leaks clusters, never corrupts.
 
 use std::collections::HashMap;
-use std::ops::Range;
 use std::sync::Arc;
 
 use qcow2_alloc::{Refcounts, RefcountsConfig, Storage};
@@ -16,6 +15,7 @@ use qcow2_format::features::INCOMPAT_DIRTY;
 use qcow2_format::l1::{L1Entry, L1Mapping};
 use qcow2_format::l2::{L2Entry, L2Format, L2Mapping, SubclusterBitmap};
 use qcow2_format::refcount::RefcountWidth;
+use qcow2_format::table::{decode_u64s, encode_u64s, DirtyRange};
 use qcow2_format::{Geometry, Header, HostOffset};
 
 use crate::dedup::DedupState;
@@ -35,7 +35,7 @@ pub(crate) struct Metadata {
     pub(crate) geometry: Geometry,
     pub(crate) l2_format: L2Format,
     pub(crate) l1: Vec<u64>,
-    l1_dirty: Option<Range<usize>>,
+    l1_dirty: DirtyRange,
     l2: HashMap<u64, CachedL2>,
     l2_capacity: usize,
     tick: u64,
@@ -43,17 +43,6 @@ pub(crate) struct Metadata {
     pending_frees: Vec<u64>,
     pub(crate) dedup: Option<DedupState>,
     storage: Arc<dyn Storage>,
-}
-
-fn be_u64s(bytes: &[u8]) -> Vec<u64> {
-    bytes
-        .chunks_exact(8)
-        .map(|c| u64::from_be_bytes(c.try_into().unwrap_or_default()))
-        .collect()
-}
-
-fn to_be_bytes(values: &[u64]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_be_bytes()).collect()
 }
 
 impl Metadata {
@@ -82,7 +71,7 @@ impl Metadata {
         Ok(Self::assemble(
             storage,
             header,
-            be_u64s(&raw),
+            decode_u64s(&raw),
             refcounts,
             l2_cache_bytes,
         ))
@@ -101,7 +90,7 @@ impl Metadata {
             l2_format: header.l2_format(),
             geometry,
             l1,
-            l1_dirty: None,
+            l1_dirty: DirtyRange::clean(),
             l2: HashMap::new(),
             l2_capacity: (l2_cache_bytes / geometry.cluster_size()).max(4) as usize,
             tick: 0,
@@ -141,7 +130,7 @@ impl Metadata {
             self.l2.insert(
                 offset,
                 CachedL2 {
-                    entries: be_u64s(&raw),
+                    entries: decode_u64s(&raw),
                     dirty: false,
                     used: tick,
                 },
@@ -192,7 +181,7 @@ impl Metadata {
             self.refcounts_before_tables()?;
             let table = &self.l2[&offset];
             self.storage
-                .write_at(&to_be_bytes(&table.entries), offset)
+                .write_at(&encode_u64s(&table.entries), offset)
                 .map_err(ImageError::io("writing an L2 table"))?;
         }
         self.l2.remove(&offset);
@@ -279,10 +268,7 @@ impl Metadata {
 
     fn set_l1(&mut self, index: usize, raw: u64) {
         self.l1[index] = raw;
-        self.l1_dirty = Some(match self.l1_dirty.take() {
-            Some(r) => r.start.min(index)..r.end.max(index + 1),
-            None => index..index + 1,
-        });
+        self.l1_dirty.mark(index);
     }
 
     /// Points the guest cluster holding `guest` at `mapping`.
@@ -356,7 +342,7 @@ impl Metadata {
     /// refcounts of every cluster they point to durable.
     fn write_tables(&mut self) -> Result<()> {
         let dedup_dirty = self.dedup.as_ref().is_some_and(|d| d.table.is_dirty());
-        let dirty = self.l1_dirty.is_some() || dedup_dirty || self.l2.values().any(|t| t.dirty);
+        let dirty = self.l1_dirty.is_dirty() || dedup_dirty || self.l2.values().any(|t| t.dirty);
         if !dirty {
             return Ok(());
         }
@@ -371,7 +357,7 @@ impl Metadata {
         for offset in tables {
             if let Some(table) = self.l2.get_mut(&offset) {
                 self.storage
-                    .write_at(&to_be_bytes(&table.entries), offset)
+                    .write_at(&encode_u64s(&table.entries), offset)
                     .map_err(ImageError::io("writing an L2 table"))?;
                 table.dirty = false;
             }
@@ -379,7 +365,7 @@ impl Metadata {
         if let Some(range) = self.l1_dirty.take() {
             self.storage
                 .write_at(
-                    &to_be_bytes(&self.l1[range.clone()]),
+                    &encode_u64s(&self.l1[range.clone()]),
                     self.header.l1_table_offset + range.start as u64 * 8,
                 )
                 .map_err(ImageError::io("writing the L1 table"))?;
@@ -437,7 +423,7 @@ impl Metadata {
             table.resize((clusters * g.cluster_size() / 8) as usize, 0);
             self.refcounts_before_tables()?;
             self.storage
-                .write_at(&to_be_bytes(&table), new.get())
+                .write_at(&encode_u64s(&table), new.get())
                 .map_err(ImageError::io("writing the new L1 table"))?;
             self.storage
                 .flush()

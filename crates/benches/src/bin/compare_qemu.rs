@@ -33,7 +33,9 @@ fn main() {
 
     let cold = start_cold(&raw);
     println!("## convert, {size_mib} MiB of random data, median of {runs} runs (each started with {cold})\n");
-    println!("| job | qemu-img wall | qcow2 wall | wall ratio | qemu-img CPU | qcow2 CPU | CPU ratio |");
+    println!(
+        "| job | qemu-img wall | qcow2 wall | wall ratio | qemu-img CPU | qcow2 CPU | CPU ratio |"
+    );
     println!("|---|---|---|---|---|---|---|");
     let jobs: [(&str, Vec<String>, Vec<String>); 5] = [
         (
