@@ -45,6 +45,23 @@ fn small_cache_rw() -> OpenOptions {
     }
 }
 
+/// A fresh image on a fault-injecting storage, reopened with small caches
+/// so that tables are evicted (and written) mid-workload.
+fn fresh(size: u64, cluster: u64, dedup: bool) -> (Arc<FaultyStorage>, Image) {
+    let faulty = Arc::new(FaultyStorage::new());
+    let options = CreateOptions {
+        cluster_size: cluster,
+        dedup,
+        ..CreateOptions::new(size)
+    };
+    Image::create_on(faulty.clone(), &options)
+        .unwrap()
+        .close()
+        .unwrap();
+    let image = Image::open_on(faulty.clone(), &small_cache_rw()).unwrap();
+    (faulty, image)
+}
+
 fn step(image: &Image, model: &mut Model, rng: &mut SmallRng, cs: u64) -> qcow2_io::Result<()> {
     let size = model.current.len() as u64;
     let len = rng.gen_range(1..=3 * cs);
@@ -148,17 +165,8 @@ fn verify_crash_image(bytes: Vec<u8>, model: &Model, label: &str, with_qemu: boo
 fn every_crash_point_keeps_flushed_data_and_structure() {
     let qemu = qemu_available();
     for (seed, cluster) in [(1u64, 4096u64), (2, 512), (3, 65536)] {
-        let faulty = Arc::new(FaultyStorage::new());
         let size = 2u64 << 20;
-        let options = CreateOptions {
-            cluster_size: cluster,
-            ..CreateOptions::new(size)
-        };
-        Image::create_on(faulty.clone(), &options)
-            .unwrap()
-            .close()
-            .unwrap();
-        let image = Image::open_on(faulty.clone(), &small_cache_rw()).unwrap();
+        let (faulty, image) = fresh(size, cluster, false);
         let mut model = Model::new(size as usize);
         let mut rng = SmallRng::seed_from_u64(seed);
         let mut crashes = 0;
@@ -194,18 +202,8 @@ fn every_crash_point_keeps_flushed_data_and_structure() {
 
 #[test]
 fn every_crash_point_of_a_dedup_image_is_safe() {
-    let faulty = Arc::new(FaultyStorage::new());
     let size = 1u64 << 20;
-    let options = CreateOptions {
-        cluster_size: 4096,
-        dedup: true,
-        ..CreateOptions::new(size)
-    };
-    Image::create_on(faulty.clone(), &options)
-        .unwrap()
-        .close()
-        .unwrap();
-    let image = Image::open_on(faulty.clone(), &small_cache_rw()).unwrap();
+    let (faulty, image) = fresh(size, 4096, true);
     let mut model = Model::new(size as usize);
     let mut rng = SmallRng::seed_from_u64(77);
     for op in 0..240 {
@@ -237,19 +235,8 @@ fn every_crash_point_of_a_dedup_image_is_safe() {
 
 #[test]
 fn crash_points_inside_a_flush_are_safe() {
-    let faulty = Arc::new(FaultyStorage::new());
     let size = 4u64 << 20;
-    Image::create_on(
-        faulty.clone(),
-        &CreateOptions {
-            cluster_size: 4096,
-            ..CreateOptions::new(size)
-        },
-    )
-    .unwrap()
-    .close()
-    .unwrap();
-    let image = Image::open_on(faulty.clone(), &small_cache_rw()).unwrap();
+    let (faulty, image) = fresh(size, 4096, false);
     let mut model = Model::new(size as usize);
     let mut rng = SmallRng::seed_from_u64(9);
     for _ in 0..40 {
@@ -311,19 +298,8 @@ fn an_injected_flush_failure_is_reported() {
 #[test]
 fn failing_writes_are_errors_and_lose_nothing_flushed() {
     for budget in [0u64, 1, 3, 10, 40, 200] {
-        let faulty = Arc::new(FaultyStorage::new());
         let size = 2u64 << 20;
-        Image::create_on(
-            faulty.clone(),
-            &CreateOptions {
-                cluster_size: 4096,
-                ..CreateOptions::new(size)
-            },
-        )
-        .unwrap()
-        .close()
-        .unwrap();
-        let image = Image::open_on(faulty.clone(), &small_cache_rw()).unwrap();
+        let (faulty, image) = fresh(size, 4096, false);
         let mut model = Model::new(size as usize);
         let mut rng = SmallRng::seed_from_u64(budget);
         for _ in 0..30 {

@@ -333,15 +333,14 @@ fn reopen_keeps_deduplicating_after_close_and_after_a_crash() {
 
 #[test]
 fn every_cluster_size_and_refcount_width() {
+    let qemu = qemu_available();
+    let dir = tempfile::tempdir().unwrap();
     for cluster in [4096u64, 65536, 2 << 20] {
         for bits in [2u32, 16, 64] {
             let label = format!("cluster {cluster} bits {bits}");
             let size = 16 * cluster.max(1 << 20);
-            let image = Image::create_on(
-                Arc::new(MemStorage::new()),
-                &dedup_options(size, cluster, bits),
-            )
-            .unwrap();
+            let path = dir.path().join(format!("w-{cluster}-{bits}.qcow2"));
+            let image = Image::create(&path, &dedup_options(size, cluster, bits)).unwrap();
             let n = 10u64;
             for i in 0..n {
                 image
@@ -350,6 +349,11 @@ fn every_cluster_size_and_refcount_width() {
             }
             image
                 .write_at(&block(8, cluster as usize), n * cluster)
+                .unwrap();
+            // Partial writes into shared clusters, and one back to a duplicate.
+            image.write_at(b"edit", 2 * cluster + 5).unwrap();
+            image
+                .write_at(&block(7, cluster as usize), 2 * cluster)
                 .unwrap();
             let max = if bits == 64 {
                 u64::MAX
@@ -362,13 +366,29 @@ fn every_cluster_size_and_refcount_width() {
                 copies + 1,
                 "{label}: a full refcount stops sharing"
             );
+            let mut expected = vec![0u8; size as usize];
             for i in 0..n {
-                let mut buf = vec![0u8; cluster as usize];
-                image.read_at(&mut buf, i * cluster).unwrap();
-                assert_eq!(buf, block(7, cluster as usize), "{label}: cluster {i}");
+                expected[(i * cluster) as usize..((i + 1) * cluster) as usize]
+                    .copy_from_slice(&block(7, cluster as usize));
             }
+            expected[(n * cluster) as usize..((n + 1) * cluster) as usize]
+                .copy_from_slice(&block(8, cluster as usize));
+            let mut back = vec![0u8; size as usize];
+            image.read_at(&mut back, 0).unwrap();
+            assert_eq!(first_difference(&back, &expected), None, "{label}");
             image.flush().unwrap();
             assert_clean(&image, &label);
+            let table = image.dedup_table_clusters();
+            image.close().unwrap();
+            if qemu {
+                assert_qemu_sees_only_dedup_leaks(&path, &table);
+                assert_eq!(
+                    first_difference(&qemu_raw(&path), &expected),
+                    None,
+                    "{label}: qemu"
+                );
+            }
+            std::fs::remove_file(&path).unwrap();
         }
     }
 }
