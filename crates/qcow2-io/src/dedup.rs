@@ -488,7 +488,7 @@ impl Metadata {
 impl Image {
     /// Whether this image deduplicates its writes.
     pub fn is_dedup(&self) -> bool {
-        self.meta.lock().dedup.is_some()
+        self.dedup.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The dedup write path; the caller holds the exclusive range lock.
@@ -709,6 +709,7 @@ impl Image {
             meta.mark_dirty()?;
             meta.flush()?;
             meta.dedup = Some(new_state(&mut meta)?);
+            self.dedup.store(true, std::sync::atomic::Ordering::Release);
         }
         let g = self.geometry;
         let cs = g.cluster_size();

@@ -30,6 +30,9 @@ pub struct Image {
     pub(crate) geometry: Geometry,
     pub(crate) writable: bool,
     pub(crate) size: AtomicU64,
+    /// Whether writes go through the dedup path (set once the dedup table
+    /// exists: at open, creation, or [`Image::enable_dedup`]).
+    pub(crate) dedup: AtomicBool,
     /// Signalled whenever a dedup write commits (or abandons) its clusters.
     pub(crate) dedup_landed: Condvar,
     closed: AtomicBool,
@@ -118,7 +121,7 @@ impl Image {
             )));
         }
         if options.write {
-            if header.is_marked_corrupt() {
+            if header.is_marked_corrupt() && !options.repair {
                 return Err(ImageError::MarkedCorrupt);
             }
             if header.geometry.extended_l2() {
@@ -152,6 +155,7 @@ impl Image {
         Self {
             geometry: meta.geometry,
             size: AtomicU64::new(meta.header.size),
+            dedup: AtomicBool::new(meta.dedup.is_some()),
             meta: Mutex::new(meta),
             locks: RangeLocks::default(),
             storage,
@@ -262,7 +266,13 @@ impl Image {
         if self.writable {
             meta.flush()?;
         }
-        meta.check(repair)
+        let report = meta.check(repair)?;
+        if repair == RepairMode::All && report.is_clean() && meta.header.is_marked_corrupt() {
+            meta.header.incompatible_features &= !qcow2_format::features::INCOMPAT_CORRUPT_OR_DEDUP;
+            meta.write_header()?;
+            meta.flush()?;
+        }
+        Ok(report)
     }
 
     /// Flushes, clears the dirty bit and closes the image.

@@ -84,9 +84,23 @@ pub struct OpenOptions {
     pub l2_cache_bytes: u64,
     /// Bytes of refcount blocks to keep in memory.
     pub refcount_cache_bytes: u64,
+    /// Open for repair: a writable open of an image QEMU marked corrupt is
+    /// allowed (for `check` with repair only, as the specification permits
+    /// writes "for regaining consistency"); a repair that leaves the image
+    /// clean clears the mark.
+    pub repair: bool,
 }
 
 impl OpenOptions {
+    /// Read-write for `check` with repair.
+    pub fn for_repair() -> Self {
+        Self {
+            write: true,
+            repair: true,
+            ..Self::default()
+        }
+    }
+
     /// Read-only with default caches.
     pub fn read_only() -> Self {
         Self {
@@ -110,6 +124,7 @@ impl Default for OpenOptions {
             write: false,
             l2_cache_bytes: 32 << 20,
             refcount_cache_bytes: 4 << 20,
+            repair: false,
         }
     }
 }

@@ -290,11 +290,18 @@ fn corrupt_marked_images_open_read_only_only() {
     let err = Image::open_on(storage.clone(), &OpenOptions::read_write()).unwrap_err();
     assert!(matches!(err, ImageError::MarkedCorrupt), "{err:?}");
     assert!(err.to_string().contains("read-only"));
-    let image = Image::open_on(storage, &OpenOptions::read_only()).unwrap();
+    let image = Image::open_on(storage.clone(), &OpenOptions::read_only()).unwrap();
     assert!(image.info().unwrap().corrupt);
     let mut buf = vec![0u8; 10];
     image.read_at(&mut buf, 100_000).unwrap();
     assert_eq!(buf, vec![0x5a; 10]);
+    drop(image);
+    // A repair may open it for writing; a clean result clears the mark.
+    let image = Image::open_on(storage.clone(), &OpenOptions::for_repair()).unwrap();
+    assert!(image.check(qcow2_io::RepairMode::All).unwrap().is_clean());
+    image.close().unwrap();
+    let image = Image::open_on(storage, &OpenOptions::read_write()).unwrap();
+    assert!(!image.info().unwrap().corrupt);
 }
 
 #[test]

@@ -42,6 +42,7 @@ fn small_cache_rw() -> OpenOptions {
         write: true,
         l2_cache_bytes: 4 * 4096,
         refcount_cache_bytes: 4 * 4096,
+        ..OpenOptions::read_write()
     }
 }
 

@@ -30,7 +30,7 @@ pub fn run(argv: &[String]) -> Result<u8, CliError> {
     let options = if repair == RepairMode::None {
         OpenOptions::read_only()
     } else {
-        OpenOptions::read_write()
+        OpenOptions::for_repair()
     };
     let image = Image::open(path, &options).map_err(CliError::image(path))?;
     let report = image.check(repair).map_err(CliError::image(path))?;
