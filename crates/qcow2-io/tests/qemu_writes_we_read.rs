@@ -128,3 +128,112 @@ fn compressed_and_v3_zero_clusters_read_correctly() {
     assert_eq!(first_difference(&read_all(&image), &raw), None);
     assert!(image.check(RepairMode::None).unwrap().is_clean());
 }
+
+/// A lazy-refcounts image that QEMU left dirty (refcounts stale: here a
+/// data cluster's refcount is 0) is repaired by a read-write open, and QEMU
+/// agrees afterwards.
+#[test]
+fn dirty_lazy_refcount_images_are_rebuilt_on_open() {
+    if !qemu_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lazy.qcow2");
+    let p = path.to_str().unwrap();
+    run_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on",
+            p,
+            "16M",
+        ],
+    );
+    run_ok("qemu-io", &["-f", "qcow2", "-c", "write -P 0x61 0 192k", p]);
+    let expected = qemu_raw(&path);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let be64 = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap()) as usize;
+    let l2 = be64(&bytes, be64(&bytes, 40)) & 0x00ff_ffff_ffff_fe00;
+    let data = be64(&bytes, l2) & 0x00ff_ffff_ffff_fe00;
+    let block = be64(&bytes, be64(&bytes, 48));
+    let r = block + 2 * (data / 65536);
+    bytes[r..r + 2].fill(0);
+    bytes[79] |= 1; // dirty
+    std::fs::write(&path, &bytes).unwrap();
+    assert_ne!(
+        run("qemu-img", &["check", p]).status.code(),
+        Some(0),
+        "qemu sees the stale refcount"
+    );
+
+    let image = Image::open(&path, &OpenOptions::read_write()).unwrap();
+    let report = image.check(RepairMode::None).unwrap();
+    assert!(report.is_clean(), "{:?}", report.findings);
+    image.write_at(&[0x62; 4096], 1 << 20).unwrap();
+    image.close().unwrap();
+    assert_qemu_check_clean(&path);
+    let mut after = expected.clone();
+    after[1 << 20..(1 << 20) + 4096].fill(0x62);
+    assert_eq!(first_difference(&qemu_raw(&path), &after), None);
+}
+
+/// Extended L2 entries (subcluster allocation) read correctly, including
+/// partly allocated and zeroed subclusters; writing them is refused.
+#[test]
+fn extended_l2_images_read_correctly() {
+    if !qemu_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for cluster in ["16k", "64k", "2M"] {
+        let path = dir.path().join(format!("ext-{cluster}.qcow2"));
+        let p = path.to_str().unwrap();
+        let opts = format!("extended_l2=on,cluster_size={cluster}");
+        run_ok(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-o", &opts, p, "16M"],
+        );
+        run_ok(
+            "qemu-io",
+            &[
+                "-f",
+                "qcow2",
+                "-c",
+                "write -P 0x71 0 3k",
+                "-c",
+                "write -P 0x72 70k 5k",
+                "-c",
+                "write -z 72k 1k",
+                "-c",
+                "write -P 0x73 1M 300k",
+                "-c",
+                "write -z 1100k 20k",
+                "-c",
+                "discard 4M 2M",
+                "-c",
+                "write -P 0x74 15M 512",
+                p,
+            ],
+        );
+        let expected = qemu_raw(&path);
+        let image = Image::open(&path, &OpenOptions::read_only()).unwrap();
+        assert!(image.info().unwrap().extended_l2);
+        assert_eq!(
+            first_difference(&read_all(&image), &expected),
+            None,
+            "{opts}"
+        );
+        assert!(expected.contains(&0x74));
+        assert!(image.check(RepairMode::None).unwrap().is_clean(), "{opts}");
+        drop(image);
+        let err = Image::open(&path, &OpenOptions::read_write()).unwrap_err();
+        assert!(
+            matches!(err, qcow2_io::ImageError::Unsupported(_)),
+            "{err:?}"
+        );
+    }
+}

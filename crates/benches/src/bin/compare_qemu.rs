@@ -209,7 +209,10 @@ fn dedup_write_run(threads: u64) -> f64 {
     let size = 512u64 << 20;
     // Touch the memory first: page faults on fresh memory would otherwise
     // dominate what is meant to measure hashing and metadata work.
-    let storage = Arc::new(MemStorage::from_bytes(vec![0xff; (size + (64 << 20)) as usize]));
+    let storage = Arc::new(MemStorage::from_bytes(vec![
+        0xff;
+        (size + (64 << 20)) as usize
+    ]));
     let options = CreateOptions {
         dedup: true,
         ..CreateOptions::new(size)
