@@ -127,6 +127,54 @@ fn compressed_and_v3_zero_clusters_read_correctly() {
     );
     assert_eq!(first_difference(&read_all(&image), &raw), None);
     assert!(image.check(RepairMode::None).unwrap().is_clean());
+    drop(image);
+
+    for options in [
+        "compression_type=zstd",
+        "compression_type=zstd,cluster_size=4k",
+        "cluster_size=2M",
+    ] {
+        let zst = dir.path().join("zstd.qcow2");
+        run_ok(
+            "qemu-img",
+            &[
+                "convert",
+                "-c",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                "-o",
+                options,
+                noise_path.to_str().unwrap(),
+                zst.to_str().unwrap(),
+            ],
+        );
+        let image = Image::open(&zst, &OpenOptions::read_only()).unwrap();
+        let map = image.map().unwrap();
+        assert!(
+            map.iter().any(|e| e.kind == qcow2_io::MapKind::Compressed),
+            "{options}"
+        );
+        assert_eq!(first_difference(&read_all(&image), &raw), None, "{options}");
+        assert!(
+            image.check(RepairMode::None).unwrap().is_clean(),
+            "{options}"
+        );
+        drop(image);
+        // Overwriting part of a compressed cluster copies it out first.
+        let image = Image::open(&zst, &OpenOptions::read_write()).unwrap();
+        image.write_at(b"patched", 100).unwrap();
+        image.close().unwrap();
+        let mut expected = raw.clone();
+        expected[100..107].copy_from_slice(b"patched");
+        assert_qemu_check_clean(&zst);
+        assert_eq!(
+            first_difference(&qemu_raw(&zst), &expected),
+            None,
+            "{options}"
+        );
+    }
 }
 
 /// A lazy-refcounts image that QEMU left dirty (refcounts stale: here a
