@@ -48,9 +48,9 @@ pub struct FileStorage {
 }
 
 fn is_aligned(addr: usize, offset: u64, len: usize) -> bool {
-    addr % DIRECT_IO_ALIGN == 0
-        && offset % DIRECT_IO_ALIGN as u64 == 0
-        && len % DIRECT_IO_ALIGN == 0
+    addr.is_multiple_of(DIRECT_IO_ALIGN)
+        && offset.is_multiple_of(DIRECT_IO_ALIGN as u64)
+        && len.is_multiple_of(DIRECT_IO_ALIGN)
         && len > 0
 }
 

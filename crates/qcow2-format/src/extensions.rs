@@ -105,7 +105,7 @@ impl HeaderExtension {
             EXT_BACKING_FORMAT => Self::BackingFormat(string(magic, data)?),
             EXT_DATA_FILE => Self::DataFile(string(magic, data)?),
             EXT_FEATURE_NAMES => {
-                if data.len() % 48 != 0 {
+                if !data.len().is_multiple_of(48) {
                     return Err(invalid("length is not a multiple of 48"));
                 }
                 Self::FeatureNames(

@@ -159,7 +159,7 @@ impl Image {
                             self.old_contents(old[0], &mut whole[..cs as usize])?;
                         }
                         let tail = head + len;
-                        if tail % cs != 0 {
+                        if !tail.is_multiple_of(cs) {
                             let last = (tail / cs) as usize;
                             if last != 0 || head == 0 {
                                 let at = last * cs as usize;
