@@ -263,6 +263,9 @@ impl Image {
         }
         let _all = self.locks.lock(0..u64::MAX, true);
         let mut meta = self.meta.lock();
+        if repair != RepairMode::None {
+            meta.mark_dirty()?;
+        }
         if self.writable {
             meta.flush()?;
         }
