@@ -173,16 +173,15 @@ impl DedupTable {
             storage
                 .read_at(&mut data, offset)
                 .map_err(DedupError::io("reading a dedup cluster"))?;
-            let dirty = dedup::verify(&data).is_err();
-            if dirty {
-                self.damaged.insert(index);
-                data.fill(0);
+            if dedup::verify(&data).is_err() {
+                self.forget_damaged(index);
+                return Ok(None);
             }
             self.clusters.insert(
                 index,
                 CachedCluster {
                     data,
-                    dirty,
+                    dirty: false,
                     used: tick,
                 },
             );
@@ -193,6 +192,16 @@ impl DedupTable {
             return Ok(Some(c));
         }
         Ok(None)
+    }
+
+    /// Drops a dedup cluster whose CRC failed: its L1 entry becomes 0, so
+    /// it is never read again and never written over (the pointer itself may
+    /// be what is damaged, aiming at other metadata). Its entries are lost
+    /// hints; the cluster, if it was one, is a leak for `check -r leaks`.
+    fn forget_damaged(&mut self, index: u64) {
+        self.damaged.insert(index);
+        self.clusters.remove(&index);
+        self.set_l1(index as usize, 0);
     }
 
     fn write_cluster(
@@ -218,7 +227,6 @@ impl DedupTable {
             if let Some(mut cluster) = self.clusters.remove(&index) {
                 if cluster.dirty {
                     Self::write_cluster(storage, self.l1[index as usize], &mut cluster)?;
-                    self.damaged.remove(&index);
                 }
             }
         }
@@ -344,10 +352,12 @@ impl DedupTable {
             let offset = self.l1[index as usize];
             if let Some(cluster) = self.clusters.get_mut(&index) {
                 Self::write_cluster(storage, offset, cluster)?;
-                self.damaged.remove(&index);
             }
         }
         if let Some(range) = self.l1_dirty.take() {
+            // Entries dropped on load or for a failed CRC are now 0 on disk.
+            self.report.bad_l1_entries = 0;
+            self.damaged.clear();
             let bytes = encode_u64s(&self.l1[range.clone()]);
             storage
                 .write_at(&bytes, self.l1_offset + range.start as u64 * 8)
@@ -382,7 +392,7 @@ impl DedupTable {
                         .read_at(&mut buf, self.l1[index as usize])
                         .map_err(DedupError::io("reading a dedup cluster"))?;
                     if dedup::verify(&buf).is_err() {
-                        self.damaged.insert(index);
+                        self.forget_damaged(index);
                         continue;
                     }
                     &buf

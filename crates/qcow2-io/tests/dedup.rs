@@ -510,3 +510,81 @@ fn bad_dedup_metadata_gives_typed_errors_or_dropped_hints() {
     assert_clean(&image, "stale entry dropped");
     assert_eq!(image.dedup_stats().unwrap().unwrap().unique_clusters, 2);
 }
+
+/// Random damage to the dedup table (L1 and L2 dedup clusters) never
+/// panics and never changes what the guest reads; a repair makes the image
+/// clean again.
+#[test]
+fn random_damage_to_the_dedup_table_never_changes_guest_data() {
+    let storage = Arc::new(MemStorage::new());
+    let cs = 4096usize;
+    let image = Image::create_on(storage.clone(), &dedup_options(2 << 20, cs as u64, 16)).unwrap();
+    let mut expected = vec![0u8; 2 << 20];
+    for i in 0..300u64 {
+        let data = block(i % 11 + 1, cs);
+        image.write_at(&data, i * cs as u64).unwrap();
+        expected[(i as usize) * cs..(i as usize + 1) * cs].copy_from_slice(&data);
+    }
+    let table = image.dedup_table_clusters();
+    image.close().unwrap();
+    let good = storage.to_bytes();
+    let mut rng = SmallRng::seed_from_u64(5);
+    for round in 0..150 {
+        let mut bytes = good.clone();
+        for _ in 0..rng.gen_range(1..6) {
+            let cluster = table[rng.gen_range(0..table.len())] as usize;
+            let at = cluster * cs + rng.gen_range(0..cs);
+            bytes[at] ^= 1 << rng.gen_range(0..8);
+        }
+        let storage = Arc::new(MemStorage::from_bytes(bytes));
+        let Ok(image) = Image::open_on(storage, &OpenOptions::read_write()) else {
+            continue;
+        };
+        let mut back = vec![0u8; expected.len()];
+        image.read_at(&mut back, 0).unwrap();
+        assert_eq!(first_difference(&back, &expected), None, "round {round}");
+        // New writes of old content must still read back right.
+        image.write_at(&block(3, cs), 400 * cs as u64).unwrap();
+        let mut buf = vec![0u8; cs];
+        image.read_at(&mut buf, 400 * cs as u64).unwrap();
+        assert_eq!(buf, block(3, cs), "round {round}");
+        let report = image.check(RepairMode::All).unwrap();
+        assert!(report.is_clean(), "round {round}: {:?}", report.findings);
+        image.close().unwrap();
+    }
+}
+
+/// Failing writes on a deduplicated image are errors, never panics, and
+/// what was flushed before them reads back after a reopen.
+#[test]
+fn failing_writes_on_a_dedup_image_lose_nothing_flushed() {
+    for budget in [0u64, 2, 5, 20] {
+        let faulty = Arc::new(FaultyStorage::new());
+        let cs = 4096usize;
+        let image = Image::create_on(faulty.clone(), &dedup_options(1 << 20, cs as u64, 16)).unwrap();
+        for i in 0..40u64 {
+            image.write_at(&block(i % 5 + 1, cs), i * cs as u64).unwrap();
+        }
+        image.flush().unwrap();
+        faulty.fail_writes_after(budget);
+        let mut failed = false;
+        for i in 40..200u64 {
+            if image.write_at(&block(i % 7 + 1, cs), (i % 100) * cs as u64).is_err() || image.flush().is_err() {
+                failed = true;
+                break;
+            }
+        }
+        assert!(failed, "budget {budget}: the failure surfaced");
+        let crashed = faulty.crash_image(0);
+        std::mem::forget(image);
+        let storage = Arc::new(MemStorage::from_bytes(crashed));
+        let image = Image::open_on(storage, &OpenOptions::read_write()).unwrap();
+        for i in 0..40u64 {
+            let mut buf = vec![0u8; cs];
+            image.read_at(&mut buf, i * cs as u64).unwrap();
+            assert_eq!(buf, block(i % 5 + 1, cs), "budget {budget} cluster {i}");
+        }
+        image.flush().unwrap();
+        assert_clean(&image, &format!("budget {budget}"));
+    }
+}
