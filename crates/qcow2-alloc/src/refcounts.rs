@@ -62,6 +62,7 @@ pub struct Refcounts {
     capacity: usize,
     tick: u64,
     free_hint: u64,
+    generation: u64,
 }
 
 fn contains(reserved: &[Range<u64>], cluster: u64) -> Option<u64> {
@@ -109,6 +110,7 @@ impl Refcounts {
             capacity,
             tick: 0,
             free_hint: 1,
+            generation: 0,
         };
         if refcounts.get(storage, 0)? == 0 {
             return Err(AllocError::Inconsistent(
@@ -136,6 +138,7 @@ impl Refcounts {
             capacity: (config.cache_bytes / g.cluster_size()).max(4) as usize,
             tick: 0,
             free_hint: 1,
+            generation: 0,
         }
     }
 
@@ -157,6 +160,12 @@ impl Refcounts {
     /// Offsets of every refcount block the table points to.
     pub fn block_offsets(&self) -> impl Iterator<Item = u64> + '_ {
         self.table.iter().copied().filter(|&e| e != 0)
+    }
+
+    /// Changes whenever a refcount block is created or the table moves, so
+    /// a cache of where refcount metadata lives knows when to refresh.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Number of host clusters the current table can describe.
@@ -340,6 +349,7 @@ impl Refcounts {
         );
         self.table[index as usize] = location * self.geometry.cluster_size();
         self.dirty_entries.mark(index as usize);
+        self.generation += 1;
         Ok(())
     }
 
@@ -371,6 +381,7 @@ impl Refcounts {
                 .push((self.table_offset, self.table_clusters));
             self.table_offset = start * cs;
             self.table_clusters = clusters as u32;
+            self.generation += 1;
             self.dirty_entries = DirtyRange::all(0..self.table.len());
             reserved.push(start..start + clusters);
             let result = (|| {

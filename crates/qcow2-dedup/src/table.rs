@@ -48,6 +48,7 @@ pub struct DedupTable {
     /// L2 dedup clusters (by L1 index) whose CRC failed and that have not
     /// been rewritten since.
     damaged: BTreeSet<u64>,
+    generation: u64,
 }
 
 impl DedupTable {
@@ -90,6 +91,7 @@ impl DedupTable {
             tick: 0,
             report: ScanReport::default(),
             damaged: BTreeSet::new(),
+            generation: 0,
         }
     }
 
@@ -126,6 +128,11 @@ impl DedupTable {
             table.l1_dirty = DirtyRange::all(0..table.l1.len());
         }
         Ok(table)
+    }
+
+    /// Changes whenever a dedup cluster is added or dropped or the L1 moves.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// The header extension describing this table.
@@ -293,6 +300,7 @@ impl DedupTable {
     fn set_l1(&mut self, index: usize, value: u64) {
         self.l1[index] = value;
         self.l1_dirty.mark(index);
+        self.generation += 1;
     }
 
     fn grow_l1(
@@ -316,6 +324,7 @@ impl DedupTable {
             .push((self.l1_offset, g.clusters_for(self.l1.len() as u64 * 8)));
         self.l1_offset = offset;
         self.l1.resize(entries as usize, 0);
+        self.generation += 1;
         self.l1_dirty = DirtyRange::all(0..self.l1.len());
         Ok(())
     }

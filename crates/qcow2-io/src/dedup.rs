@@ -332,6 +332,26 @@ impl Metadata {
         items: &[ClusterWrite<'_>],
         unchanged: bool,
     ) -> Result<(Vec<Action>, Option<ContentHash>)> {
+        let mut claimed = Vec::new();
+        let planned = self.dedup_plan_claiming(items, unchanged, &mut claimed);
+        if planned.is_err() {
+            if let Some(d) = self.dedup.as_mut() {
+                for hash in &claimed {
+                    d.inflight.remove(hash);
+                }
+            }
+        }
+        planned
+    }
+
+    /// [`Metadata::dedup_plan`], recording every in-flight claim it makes
+    /// so that a failed plan can withdraw them.
+    fn dedup_plan_claiming(
+        &mut self,
+        items: &[ClusterWrite<'_>],
+        unchanged: bool,
+        claimed: &mut Vec<[u8; 32]>,
+    ) -> Result<(Vec<Action>, Option<ContentHash>)> {
         let storage = self.storage_arc();
         let cs = self.geometry.cluster_size();
         let mut actions = vec![Action::Done; items.len()];
@@ -387,6 +407,7 @@ impl Metadata {
             if let L2Mapping::Data { offset, .. } = old {
                 let host = offset.get() / cs;
                 if self.refcounts.get(&*storage, host)? == 1 {
+                    self.guard_data_write(offset.get(), cs)?;
                     let d = self.dedup_mut()?;
                     if let Some(entry) = d.table.get(&*storage, host)? {
                         if let Some(index) = d.index.as_mut() {
@@ -395,6 +416,7 @@ impl Metadata {
                         d.table.clear(&*storage, host)?;
                     }
                     d.inflight.insert(hash.0);
+                    claimed.push(hash.0);
                     actions[i] = Action::Write {
                         host: offset.get(),
                         reuse: true,
@@ -410,11 +432,13 @@ impl Metadata {
                 )));
             }
             self.dedup_mut()?.inflight.insert(hash.0);
+            claimed.push(hash.0);
             to_allocate.push((i, old));
         }
         let mut next = 0;
         while next < to_allocate.len() {
             let (start, got) = self.allocate((to_allocate.len() - next) as u64)?;
+            self.guard_data_write(start.get(), got * cs)?;
             for k in 0..got as usize {
                 let (i, old) = to_allocate[next + k];
                 actions[i] = Action::Write {

@@ -28,6 +28,7 @@ mod image;
 mod map;
 mod metadata;
 mod options;
+mod overlap;
 mod range_lock;
 mod read;
 mod write;

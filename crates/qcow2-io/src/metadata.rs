@@ -19,6 +19,7 @@ use qcow2_format::table::{decode_u64s, encode_u64s, DirtyRange};
 use qcow2_format::{Geometry, Header, HostOffset};
 
 use crate::dedup::DedupState;
+use crate::overlap::OverlapGuard;
 use crate::{ImageError, Result};
 
 #[derive(Debug)]
@@ -42,6 +43,9 @@ pub(crate) struct Metadata {
     pub(crate) refcounts: Refcounts,
     pending_frees: Vec<u64>,
     pub(crate) dedup: Option<DedupState>,
+    /// Bumped when an L2 table is allocated or the L1 table moves.
+    pub(crate) tables_generation: u64,
+    pub(crate) overlap: OverlapGuard,
     storage: Arc<dyn Storage>,
 }
 
@@ -97,6 +101,8 @@ impl Metadata {
             refcounts,
             pending_frees: Vec::new(),
             dedup: None,
+            tables_generation: 0,
+            overlap: OverlapGuard::default(),
             header,
             storage,
         }
@@ -263,6 +269,7 @@ impl Metadata {
             },
         );
         self.set_l1(l1_index, L1Entry::new(new, true).0);
+        self.tables_generation += 1;
         Ok(new.get())
     }
 
@@ -431,6 +438,7 @@ impl Metadata {
             let old_offset = self.header.l1_table_offset;
             let old_clusters = g.clusters_for(old_entries * 8);
             self.header.l1_table_offset = new.get();
+            self.tables_generation += 1;
             self.header.l1_size = needed as u32;
             self.header.size = new_size;
             self.write_header()?;

@@ -59,6 +59,7 @@ impl Metadata {
                     _ => break,
                 }
             }
+            self.guard_data_write(host + in_cluster, len)?;
             return Ok(WritePlan::InPlace {
                 host: host + in_cluster,
                 len,
@@ -76,6 +77,7 @@ impl Metadata {
         }
         let (host, got) = self.allocate(old.len() as u64)?;
         old.truncate(got as usize);
+        self.guard_data_write(host.get(), got * cs)?;
         Ok(WritePlan::Allocate {
             host,
             guest_start: cluster_start,

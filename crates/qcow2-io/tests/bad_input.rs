@@ -327,3 +327,68 @@ fn random_byte_flips_never_panic() {
         }
     }
 }
+
+/// A damaged L2 entry pointing guest data at the refcount table, or a
+/// damaged refcount that lets the allocator hand out an L2 table: the write
+/// is refused, nothing is overwritten, and the image is marked corrupt.
+#[test]
+fn guest_writes_never_land_on_metadata() {
+    // Guest cluster 1 → the refcount table cluster, with OFLAG_COPIED.
+    let mut bytes = valid_image();
+    let l1 = get64(&bytes, 40) as usize;
+    let l2 = (get64(&bytes, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    let rt = get64(&bytes, 48);
+    put64(&mut bytes, l2 + 8, (1 << 63) | rt);
+    let before = bytes[rt as usize..rt as usize + 65536].to_vec();
+    let storage = Arc::new(MemStorage::from_bytes(bytes));
+    let image = Image::open_on(storage.clone(), &OpenOptions::read_write()).unwrap();
+    let err = image.write_at(&[0xee; 512], 65536).unwrap_err();
+    assert!(matches!(err, ImageError::Corrupt(_)), "{err:?}");
+    drop(image);
+    let after = storage.to_bytes();
+    assert_eq!(
+        &after[rt as usize..rt as usize + 65536],
+        &before[..],
+        "refcount table untouched"
+    );
+    assert_eq!(after[79] & 2, 2, "marked corrupt");
+    assert!(matches!(
+        Image::open_on(storage, &OpenOptions::read_write()),
+        Err(ImageError::MarkedCorrupt)
+    ));
+
+    // The L2 table's refcount is 0, so the allocator may offer its cluster.
+    let mut bytes = valid_image();
+    let l1 = get64(&bytes, 40) as usize;
+    let l2 = get64(&bytes, l1) & 0x00ff_ffff_ffff_fe00;
+    let block = get64(&bytes, get64(&bytes, 48) as usize) as usize;
+    let r = block + 2 * (l2 as usize / 65536);
+    bytes[r..r + 2].fill(0);
+    let image = Image::open_on(
+        Arc::new(MemStorage::from_bytes(bytes)),
+        &OpenOptions::read_write(),
+    )
+    .unwrap();
+    let mut refused = false;
+    for i in 10..200u64 {
+        match image.write_at(&[0x11; 65536], i * 65536) {
+            Ok(()) => {}
+            Err(ImageError::Corrupt(_)) => {
+                refused = true;
+                break;
+            }
+            Err(e) => panic!("unexpected error {e:?}"),
+        }
+    }
+    assert!(
+        refused,
+        "the allocation of the L2 table's cluster was refused"
+    );
+    let mut buf = vec![0u8; 4096];
+    image.read_at(&mut buf, 100_000).unwrap();
+    assert_eq!(
+        buf,
+        vec![0x5a; 4096],
+        "the L2 table still maps the old data"
+    );
+}

@@ -561,15 +561,22 @@ fn failing_writes_on_a_dedup_image_lose_nothing_flushed() {
     for budget in [0u64, 2, 5, 20] {
         let faulty = Arc::new(FaultyStorage::new());
         let cs = 4096usize;
-        let image = Image::create_on(faulty.clone(), &dedup_options(1 << 20, cs as u64, 16)).unwrap();
+        let image =
+            Image::create_on(faulty.clone(), &dedup_options(1 << 20, cs as u64, 16)).unwrap();
         for i in 0..40u64 {
-            image.write_at(&block(i % 5 + 1, cs), i * cs as u64).unwrap();
+            image
+                .write_at(&block(i % 5 + 1, cs), i * cs as u64)
+                .unwrap();
         }
         image.flush().unwrap();
         faulty.fail_writes_after(budget);
         let mut failed = false;
         for i in 40..200u64 {
-            if image.write_at(&block(i % 7 + 1, cs), (i % 100) * cs as u64).is_err() || image.flush().is_err() {
+            if image
+                .write_at(&block(i % 7 + 1, cs), (i % 100) * cs as u64)
+                .is_err()
+                || image.flush().is_err()
+            {
                 failed = true;
                 break;
             }
