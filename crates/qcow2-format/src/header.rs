@@ -534,11 +534,6 @@ mod tests {
     fn malformed_headers_give_typed_errors() {
         type Poke = fn(&mut Vec<u8>);
         type Expect = fn(&FormatError) -> bool;
-        let set32 =
-            |b: &mut Vec<u8>, at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_be_bytes());
-        let set64 =
-            |b: &mut Vec<u8>, at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_be_bytes());
-        let _ = (set32, set64);
         let rows: Vec<(&str, Poke, Expect)> = vec![
             (
                 "truncated",
