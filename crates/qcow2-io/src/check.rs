@@ -10,7 +10,7 @@ use qcow2_format::dedup::DedupEntry;
 use qcow2_format::extensions::HeaderExtension;
 use qcow2_format::l1::{L1Entry, L1Mapping};
 use qcow2_format::l2::{L2Entry, L2Mapping};
-use qcow2_format::snapshot::parse_snapshot_table;
+use qcow2_format::snapshot::{parse_snapshot_table, Snapshot};
 
 use crate::metadata::Metadata;
 use crate::{ImageError, Result};
@@ -372,13 +372,7 @@ impl Metadata {
         let g = self.geometry;
         let cs = g.cluster_size();
         let offset = self.header.snapshots_offset;
-        let max_entry = 40 + 1024 + 2 * 65535 + 8u64;
-        let len = (u64::from(n) * max_entry).min(file_size.saturating_sub(offset));
-        let mut table = vec![0u8; len as usize];
-        self.storage()
-            .read_at(&mut table, offset)
-            .map_err(ImageError::io("reading the snapshot table"))?;
-        let snapshots = match parse_snapshot_table(&table, n, g) {
+        let snapshots = match self.read_snapshots() {
             Ok(s) => s,
             Err(e) => {
                 walk.finding(
@@ -492,6 +486,26 @@ impl Metadata {
 }
 
 impl Metadata {
+    /// Reads and validates the snapshot table (bounded by the file size).
+    pub(crate) fn read_snapshots(&self) -> Result<Vec<Snapshot>> {
+        let n = self.header.nb_snapshots;
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let offset = self.header.snapshots_offset;
+        let file_size = self
+            .storage()
+            .len()
+            .map_err(ImageError::io("reading the image size"))?;
+        let max_entry = 40 + 1024 + 2 * 65535 + 8u64;
+        let len = (u64::from(n) * max_entry).min(file_size.saturating_sub(offset));
+        let mut table = vec![0u8; len as usize];
+        self.storage()
+            .read_at(&mut table, offset)
+            .map_err(ImageError::io("reading the snapshot table"))?;
+        Ok(parse_snapshot_table(&table, n, self.geometry)?)
+    }
+
     /// Checks the dedup table against the data: every data cluster has an
     /// entry whose hash matches its content, no entry names a cluster that
     /// holds no guest data, every dedup cluster's CRC holds, and a loaded

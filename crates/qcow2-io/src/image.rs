@@ -213,6 +213,11 @@ impl Image {
         })
     }
 
+    /// The internal snapshots, as the snapshot table records them.
+    pub fn snapshots(&self) -> Result<Vec<qcow2_format::snapshot::Snapshot>> {
+        self.meta.lock().read_snapshots()
+    }
+
     pub(crate) fn check_writable(&self) -> Result<()> {
         if !self.writable || self.closed.load(Ordering::Acquire) {
             return Err(ImageError::ReadOnly);

@@ -285,3 +285,114 @@ fn extended_l2_images_read_correctly() {
         );
     }
 }
+
+/// Images with internal snapshots (made by qemu-img): we read the active
+/// layer, our check counts the snapshot's references, and our writes copy
+/// shared clusters and shared L2 tables instead of writing them in place,
+/// so the snapshot keeps its content and qemu-img check stays clean.
+#[test]
+fn writes_to_images_with_snapshots_copy_on_write() {
+    if !qemu_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for cluster in ["4k", "64k"] {
+        let path = dir.path().join(format!("snap-{cluster}.qcow2"));
+        let p = path.to_str().unwrap();
+        run_ok(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                &format!("cluster_size={cluster}"),
+                p,
+                "8M",
+            ],
+        );
+        run_ok(
+            "qemu-io",
+            &[
+                "-f",
+                "qcow2",
+                "-c",
+                "write -P 0x51 0 1M",
+                "-c",
+                "write -P 0x52 3M 64k",
+                p,
+            ],
+        );
+        run_ok("qemu-img", &["snapshot", "-c", "s1", p]);
+        run_ok(
+            "qemu-io",
+            &["-f", "qcow2", "-c", "write -P 0x53 512k 4k", p],
+        );
+        let snapshot_before = {
+            let raw = dir.path().join("s1.raw");
+            run_ok(
+                "qemu-img",
+                &[
+                    "convert",
+                    "-l",
+                    "snapshot.name=s1",
+                    "-O",
+                    "raw",
+                    p,
+                    raw.to_str().unwrap(),
+                ],
+            );
+            std::fs::read(&raw).unwrap()
+        };
+        let mut expected = qemu_raw(&path);
+
+        let image = Image::open(&path, &OpenOptions::read_write()).unwrap();
+        assert_eq!(image.info().unwrap().snapshots, 1);
+        let snapshots = image.snapshots().unwrap();
+        assert_eq!(
+            (snapshots[0].id.as_str(), snapshots[0].name.as_str()),
+            ("1", "s1")
+        );
+        assert_eq!(snapshots[0].disk_size, Some(8 << 20));
+        assert!(image.check(RepairMode::None).unwrap().is_clean());
+        assert_eq!(first_difference(&read_all(&image), &expected), None);
+        for (offset, len, byte) in [
+            (100u64, 5000usize, 0x61u8),
+            (3 << 20, 65536, 0x62),
+            (6 << 20, 10, 0x63),
+        ] {
+            image.write_at(&vec![byte; len], offset).unwrap();
+            expected[offset as usize..offset as usize + len].fill(byte);
+        }
+        // A cluster-aligned discard deallocates: the range reads as zeros.
+        image.discard(0, 1 << 20).unwrap();
+        expected[..1 << 20].fill(0);
+        image.close().unwrap();
+
+        assert_qemu_check_clean(&path);
+        assert_eq!(
+            first_difference(&qemu_raw(&path), &expected),
+            None,
+            "{cluster}: active layer"
+        );
+        let raw = dir.path().join("s1-after.raw");
+        run_ok(
+            "qemu-img",
+            &[
+                "convert",
+                "-l",
+                "snapshot.name=s1",
+                "-O",
+                "raw",
+                p,
+                raw.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(
+            first_difference(&std::fs::read(&raw).unwrap(), &snapshot_before),
+            None,
+            "{cluster}: the snapshot kept its content"
+        );
+    }
+}

@@ -41,6 +41,7 @@ pub fn run(argv: &[String]) -> Result<u8, CliError> {
     let image = Image::open(path, &OpenOptions::read_only()).map_err(CliError::image(path))?;
     let info = image.info().map_err(CliError::image(path))?;
     let stats = image.dedup_stats().map_err(CliError::image(path))?;
+    let snapshots = image.snapshots().map_err(CliError::image(path))?;
     let compat = if info.version == 2 { "0.10" } else { "1.1" };
     if json {
         let mut data = json!({
@@ -75,6 +76,22 @@ pub fn run(argv: &[String]) -> Result<u8, CliError> {
         if let Some(b) = &info.backing_file {
             v["backing-filename"] = json!(b);
         }
+        if !snapshots.is_empty() {
+            v["snapshots"] = snapshots
+                .iter()
+                .map(|s| {
+                    json!({
+                        "id": s.id,
+                        "name": s.name,
+                        "vm-state-size": s.vm_state_size,
+                        "date-sec": s.date_sec,
+                        "date-nsec": s.date_nsec,
+                        "vm-clock-sec": s.vm_clock_nsec / 1_000_000_000,
+                        "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000,
+                    })
+                })
+                .collect();
+        }
         say!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     } else {
         say!("image: {path}");
@@ -89,8 +106,18 @@ pub fn run(argv: &[String]) -> Result<u8, CliError> {
         if let Some(b) = &info.backing_file {
             say!("backing file: {b}");
         }
-        if info.snapshots > 0 {
-            say!("snapshots: {}", info.snapshots);
+        if !snapshots.is_empty() {
+            say!("Snapshot list:");
+            say!("{:<10}{:<18}{:>10} DATE", "ID", "TAG", "VM SIZE");
+            for s in &snapshots {
+                say!(
+                    "{:<10}{:<18}{:>10} {}",
+                    s.id,
+                    s.name,
+                    human(s.vm_state_size),
+                    utc_date(u64::from(s.date_sec))
+                );
+            }
         }
         say!("Format specific information:");
         say!("    compat: {compat}");
@@ -126,4 +153,38 @@ pub fn run(argv: &[String]) -> Result<u8, CliError> {
         eprintln!("qcow2: warning: {path} is marked corrupt; it opens read-only until repaired with `qcow2 check -r all`");
     }
     Ok(0)
+}
+
+/// `YYYY-MM-DD hh:mm:ss` (UTC) for seconds since the epoch.
+fn utc_date(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (proleptic Gregorian).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::utc_date;
+
+    #[test]
+    fn formats_dates_in_utc() {
+        assert_eq!(utc_date(0), "1970-01-01 00:00:00");
+        assert_eq!(utc_date(951_782_400), "2000-02-29 00:00:00");
+        assert_eq!(utc_date(1_795_651_199), "2026-11-25 23:59:59");
+    }
 }
