@@ -418,8 +418,25 @@ impl Header {
 
     /// Serialises cluster 0: header, extensions, end marker and backing file
     /// name, which must all fit into one cluster. The backing file offset is
-    /// placed right after the extensions.
+    /// placed right after the extensions. When they do not fit (512-byte
+    /// clusters), the feature name table, which is only informational, is
+    /// left out first.
     pub fn encode(&self) -> Result<Vec<u8>> {
+        match self.encode_with(&self.extensions) {
+            Err(FormatError::HeaderTooLarge { .. }) if !self.feature_names().is_empty() => {
+                let essential: Vec<HeaderExtension> = self
+                    .extensions
+                    .iter()
+                    .filter(|e| !matches!(e, HeaderExtension::FeatureNames(_)))
+                    .cloned()
+                    .collect();
+                self.encode_with(&essential)
+            }
+            other => other,
+        }
+    }
+
+    fn encode_with(&self, extensions: &[HeaderExtension]) -> Result<Vec<u8>> {
         let mut out = Vec::with_capacity(4096);
         let mut v2 = RawHeaderV2 {
             magic: QCOW2_MAGIC.into(),
@@ -441,7 +458,7 @@ impl Header {
         } else {
             self.header_length.max(V3_HEADER_LEN)
         };
-        let extensions = encode_extensions(&self.extensions);
+        let extensions = encode_extensions(extensions);
         let backing = self.backing_file.as_deref().unwrap_or("").as_bytes();
         if backing.len() > MAX_BACKING_NAME as usize {
             return Err(FormatError::InvalidBackingName("longer than 1023 bytes"));
@@ -713,6 +730,25 @@ mod tests {
             let err = Header::parse(&buf, 0x40000).expect_err(name);
             assert!(expect(&err), "{name}: got {err:?}");
         }
+    }
+
+    #[test]
+    fn the_feature_table_gives_way_in_tiny_clusters() {
+        let mut h = sample(3);
+        h.geometry = Geometry::new(9, false).unwrap();
+        h.size = 1 << 20;
+        h.l1_size = 32;
+        h.set_dedup_extension(Some(DedupExtension {
+            l1_offset: 0x20000,
+            l1_entries: 1,
+        }));
+        let bytes = h.encode().unwrap();
+        assert!(bytes.len() <= 512);
+        let mut buf = bytes.clone();
+        buf.resize(0x40000, 0);
+        let parsed = Header::parse(&buf, 0x40000).unwrap();
+        assert!(parsed.is_dedup() || parsed.dedup_extension().is_some());
+        assert!(parsed.feature_names().is_empty());
     }
 
     #[test]

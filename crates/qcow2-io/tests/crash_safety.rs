@@ -325,3 +325,82 @@ fn failing_writes_are_errors_and_lose_nothing_flushed() {
         drop(image);
     }
 }
+
+/// Crash points while the refcount table grows and moves (tiny clusters,
+/// 64-bit refcounts) and while the dedup L1 grows and moves (after a
+/// resize): the header must point at a complete table at every point.
+#[test]
+fn crash_points_while_tables_grow_and_move() {
+    for dedup in [false, true] {
+        let faulty = Arc::new(FaultyStorage::new());
+        let options = CreateOptions {
+            cluster_size: 512,
+            refcount_bits: 64,
+            dedup,
+            ..CreateOptions::new(256 << 10)
+        };
+        Image::create_on(faulty.clone(), &options)
+            .unwrap()
+            .close()
+            .unwrap();
+        let image = Image::open_on(faulty.clone(), &small_cache_rw()).unwrap();
+        image.resize(8 << 20).unwrap();
+        let size = image.size() as usize;
+        let mut model = Model::new(size);
+        model.flushed.resize(size, 0);
+        image.flush().unwrap();
+        let header_before = faulty.crash_image(0)[..112].to_vec();
+        let dedup_l1 = |bytes: Vec<u8>| {
+            let image = Image::open_on(
+                Arc::new(MemStorage::from_bytes(bytes)),
+                &OpenOptions::read_only(),
+            )
+            .unwrap();
+            image.header().dedup_extension().map(|e| e.l1_offset)
+        };
+        let dedup_before = dedup_l1(faulty.crash_image(0));
+        faulty.hold_log(true);
+        let start = faulty.unflushed_writes();
+        for i in 0..100u64 {
+            let offset = i * 65536 + 512 * (i % 7);
+            let data: Vec<u8> = (0..40_000u64)
+                .map(|j| ((j.wrapping_mul(2_654_435_761) ^ i.wrapping_mul(40_503)) >> 7) as u8 | 1)
+                .collect();
+            image.write_at(&data, offset).unwrap();
+            model.current[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+            model.touched[offset as usize..offset as usize + data.len()].fill(true);
+        }
+        image.flush().unwrap();
+        let pending = faulty.unflushed_writes();
+        let header_after = faulty.crash_image(pending)[..112].to_vec();
+        assert_ne!(
+            header_before[48..56],
+            header_after[48..56],
+            "dedup={dedup}: the refcount table moved"
+        );
+        if dedup {
+            assert_ne!(
+                dedup_before,
+                dedup_l1(faulty.crash_image(pending)),
+                "the dedup L1 moved"
+            );
+        }
+        for k in (start..=pending).step_by(((pending - start) / 40).max(1)) {
+            verify_crash_image(
+                faulty.crash_image(k),
+                &model,
+                &format!("dedup={dedup} prefix {k}/{pending}"),
+                false,
+            );
+        }
+        model.flushed_now();
+        verify_crash_image(
+            faulty.crash_image(pending),
+            &model,
+            &format!("dedup={dedup} after"),
+            false,
+        );
+        faulty.hold_log(false);
+        drop(image);
+    }
+}

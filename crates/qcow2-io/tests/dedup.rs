@@ -335,7 +335,7 @@ fn reopen_keeps_deduplicating_after_close_and_after_a_crash() {
 fn every_cluster_size_and_refcount_width() {
     let qemu = qemu_available();
     let dir = tempfile::tempdir().unwrap();
-    for cluster in [4096u64, 65536, 2 << 20] {
+    for cluster in [512u64, 4096, 65536, 2 << 20] {
         for bits in [2u32, 16, 64] {
             let label = format!("cluster {cluster} bits {bits}");
             let size = 16 * cluster.max(1 << 20);
