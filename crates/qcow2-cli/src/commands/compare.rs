@@ -3,7 +3,7 @@
 //! Exit status as qemu-img: 0 identical, 1 different, 2 on error.
 
 use crate::args::Args;
-use crate::disk::{is_zero, Disk};
+use crate::disk::Disk;
 use crate::error::CliError;
 use crate::output::say;
 use crate::progress::Progress;
@@ -18,7 +18,6 @@ pub fn run(argv: &[String]) -> Result<u8, CliError> {
     };
     let a = Disk::open(a_path, args.value("-f"))?;
     let b = Disk::open(b_path, args.value("-F"))?;
-    let common = a.size().min(b.size());
     let longer = a.size().max(b.size());
     if a.size() != b.size() {
         if args.flag("-s") {
@@ -27,40 +26,47 @@ pub fn run(argv: &[String]) -> Result<u8, CliError> {
         }
         eprintln!("Warning: Image size mismatch!");
     }
-    let mut progress = Progress::new(longer, args.flag("-p"));
+    // Only ranges where either side may hold data need reading: everywhere
+    // else both read as zeros.
+    let mut ranges = a.data_ranges(a_path)?;
+    ranges.extend(b.data_ranges(b_path)?);
+    ranges.sort_unstable();
+    let mut union: Vec<(u64, u64)> = Vec::new();
+    for (s, e) in ranges {
+        match union.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => union.push((s, e)),
+        }
+    }
+    let total: u64 = union.iter().map(|(s, e)| e - s).sum();
+    let mut progress = Progress::new(total, args.flag("-p"));
     let mut x = vec![0u8; CHUNK as usize];
     let mut y = vec![0u8; CHUNK as usize];
-    let mut offset = 0;
-    while offset < longer {
-        let len = CHUNK.min(longer - offset) as usize;
-        if offset < common {
-            let len = len.min((common - offset) as usize);
-            a.read_at(&mut x[..len], offset, a_path)?;
-            b.read_at(&mut y[..len], offset, b_path)?;
+    for (start, end) in union {
+        let mut offset = start;
+        while offset < end.min(longer) {
+            let len = CHUNK.min(end - offset) as usize;
+            read_padded(&a, a_path, &mut x[..len], offset)?;
+            read_padded(&b, b_path, &mut y[..len], offset)?;
             if let Some(i) = x[..len].iter().zip(&y[..len]).position(|(p, q)| p != q) {
                 progress.finish();
                 say!("Content mismatch at offset {}!", offset + i as u64);
                 return Ok(1);
             }
             offset += len as u64;
-        } else {
-            let (disk, path) = if a.size() > b.size() {
-                (&a, a_path)
-            } else {
-                (&b, b_path)
-            };
-            disk.read_at(&mut x[..len], offset, path)?;
-            if !is_zero(&x[..len]) {
-                let i = x[..len].iter().position(|&v| v != 0).unwrap_or(0);
-                progress.finish();
-                say!("Content mismatch at offset {}!", offset + i as u64);
-                return Ok(1);
-            }
-            offset += len as u64;
+            progress.advance(len as u64);
         }
-        progress.advance(len as u64);
     }
     progress.finish();
     say!("Images are identical.");
     Ok(0)
+}
+
+/// Reads `buf.len()` bytes at `offset`; what lies past the disk's end
+/// reads as zeros (the shorter image of a pair).
+fn read_padded(disk: &Disk, path: &str, buf: &mut [u8], offset: u64) -> Result<(), CliError> {
+    let available = disk.size().saturating_sub(offset).min(buf.len() as u64) as usize;
+    disk.read_at(&mut buf[..available], offset, path)?;
+    buf[available..].fill(0);
+    Ok(())
 }
