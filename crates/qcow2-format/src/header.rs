@@ -208,7 +208,7 @@ impl Header {
             if backing_size > MAX_BACKING_NAME {
                 return Err(FormatError::InvalidBackingName("longer than 1023 bytes"));
             }
-            let end = backing_offset + u64::from(backing_size);
+            let end = backing_offset.saturating_add(u64::from(backing_size));
             if backing_offset < u64::from(header_length) || end > first_cluster_end as u64 {
                 return Err(FormatError::InvalidBackingName(
                     "not inside the first cluster",
@@ -672,6 +672,14 @@ mod tests {
                 |b| {
                     b[8..16].copy_from_slice(&200u64.to_be_bytes());
                     b[16..20].copy_from_slice(&2000u32.to_be_bytes());
+                },
+                |e| matches!(e, FormatError::InvalidBackingName(_)),
+            ),
+            (
+                "backing offset near u64::MAX",
+                |b| {
+                    b[8..16].copy_from_slice(&u64::MAX.to_be_bytes());
+                    b[16..20].copy_from_slice(&100u32.to_be_bytes());
                 },
                 |e| matches!(e, FormatError::InvalidBackingName(_)),
             ),

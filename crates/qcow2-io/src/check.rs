@@ -386,7 +386,7 @@ impl Metadata {
         walk.reference(cs, offset, g.clusters_for(table_len), "snapshot table");
         for s in snapshots {
             let bytes = u64::from(s.l1_size) * 8;
-            if s.l1_table_offset + bytes > file_size {
+            if s.l1_table_offset.saturating_add(bytes) > file_size {
                 walk.finding(
                     FindingKind::Corruption,
                     format!(
@@ -428,7 +428,8 @@ impl Metadata {
         };
         let g = self.geometry;
         let cs = g.cluster_size();
-        if directory_offset + directory_size > file_size || directory_size > 64 << 20 {
+        if directory_offset.saturating_add(directory_size) > file_size || directory_size > 64 << 20
+        {
             walk.finding(
                 FindingKind::Corruption,
                 "ERROR bitmap directory lies past the end of the image".into(),
@@ -462,7 +463,7 @@ impl Metadata {
             let extra = be32(&dir[pos + 20..]) as usize;
             pos += (24 + extra + name_size).next_multiple_of(8);
             let bytes = table_size * 8;
-            if table_offset + bytes > file_size {
+            if table_offset.saturating_add(bytes) > file_size {
                 walk.finding(
                     FindingKind::Corruption,
                     "ERROR bitmap table lies past the end of the image".into(),
