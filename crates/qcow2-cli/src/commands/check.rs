@@ -100,7 +100,7 @@ fn print_human(report: &CheckReport, repair: RepairMode) {
     }
     if report.dedup_errors > 0 {
         say!(
-            "\n{} dedup table errors were found.\nNo data is at risk; `qcow2 check -r all` rebuilds the table.",
+            "\n{} dedup table errors were found.\nGuest data reads correctly, but new writes share clusters by this table: rebuild it with `qcow2 check -r all` before writing.",
             report.dedup_errors
         );
     }
