@@ -16,20 +16,19 @@ use benches::{median, start_cold, time_command, write_random_file};
 use qcow2_dedup::ContentHash;
 use qcow2_io::{CreateOptions, Image, MemStorage, OpenOptions};
 
-fn main() {
+fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let size_mib: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(1024);
     let runs: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(5);
-    let qcow2 = sibling_binary("qcow2");
-    let dir = tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| ".".into()))
-        .expect("a scratch directory");
+    let qcow2 = sibling_binary("qcow2")?;
+    let dir = tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| ".".into()))?;
     let raw = dir.path().join("input.raw");
-    write_random_file(&raw, size_mib << 20, 0x1234).expect("writing the input");
+    write_random_file(&raw, size_mib << 20, 0x1234)?;
     let qemu_qcow2 = dir.path().join("qemu.qcow2");
     let ours_qcow2 = dir.path().join("ours.qcow2");
     let dedup_qcow2 = dir.path().join("dedup.qcow2");
     let out_raw = dir.path().join("out.raw");
-    let s = |p: &PathBuf| p.to_str().unwrap().to_string();
+    let s = |p: &PathBuf| p.to_string_lossy().into_owned();
 
     let cold = start_cold(&raw);
     println!("## convert, {size_mib} MiB of random data, median of {runs} runs (each started with {cold})\n");
@@ -139,21 +138,22 @@ fn main() {
         ),
         None => println!("| SHA-256 of 64 KiB clusters (openssl not found) | {ours_rate:.0} MB/s | — |"),
     }
-    let image = Image::open(&dedup_qcow2, &OpenOptions::read_only()).expect("open the dedup image");
-    if let Some(stats) = image.dedup_stats().expect("dedup stats") {
+    let image = Image::open(&dedup_qcow2, &OpenOptions::read_only())?;
+    if let Some(stats) = image.dedup_stats()? {
         println!(
             "| index RAM per unique cluster ({} unique clusters) | {:.1} B | ≤ 16 B |",
             stats.unique_clusters,
             stats.index_memory as f64 / stats.unique_clusters.max(1) as f64
         );
     }
-    let one = dedup_write_rate(1);
-    let two = dedup_write_rate(2);
+    let one = dedup_write_rate(1)?;
+    let two = dedup_write_rate(2)?;
     println!("| dedup write throughput, in memory, 1 thread | {one:.0} MB/s | |");
     println!(
         "| dedup write throughput, in memory, 2 threads | {two:.0} MB/s = {:.2}× | ≥ 1.8× |",
         two / one
     );
+    Ok(())
 }
 
 fn words(s: &str) -> Vec<String> {
@@ -199,13 +199,16 @@ fn openssl_rate() -> Option<f64> {
 /// MB/s of deduplicating writes of unique 64 KiB clusters into an
 /// in-memory image (no disk: hashing and metadata only), from `threads`
 /// threads writing disjoint parts; the best of three runs.
-fn dedup_write_rate(threads: u64) -> f64 {
-    let runs: Vec<f64> = (0..3).map(|_| dedup_write_run(threads)).collect();
-    runs.into_iter().fold(0.0, f64::max)
+fn dedup_write_rate(threads: u64) -> Result<f64, Box<dyn std::error::Error>> {
+    let mut best = 0.0f64;
+    for _ in 0..3 {
+        best = best.max(dedup_write_run(threads)?);
+    }
+    Ok(best)
 }
 
 /// One run of [`dedup_write_rate`].
-fn dedup_write_run(threads: u64) -> f64 {
+fn dedup_write_run(threads: u64) -> Result<f64, Box<dyn std::error::Error>> {
     let size = 512u64 << 20;
     // Touch the memory first: page faults on fresh memory would otherwise
     // dominate what is meant to measure hashing and metadata work.
@@ -217,7 +220,7 @@ fn dedup_write_run(threads: u64) -> f64 {
         dedup: true,
         ..CreateOptions::new(size)
     };
-    let image = Arc::new(Image::create_on(storage, &options).expect("create"));
+    let image = Arc::new(Image::create_on(storage, &options)?);
     let start = Instant::now();
     let handles: Vec<_> = (0..threads)
         .map(|t| {
@@ -232,26 +235,28 @@ fn dedup_write_run(threads: u64) -> f64 {
                             &((offset << 8) ^ (i as u64) << 40 ^ j as u64).to_le_bytes(),
                         );
                     }
-                    image.write_at(&buf, offset).expect("write");
+                    image.write_at(&buf, offset)?;
                 }
+                Ok::<(), qcow2_io::ImageError>(())
             })
         })
         .collect();
     for h in handles {
-        h.join().expect("writer");
+        h.join().map_err(|_| "a writer thread panicked")??;
     }
-    image.flush().expect("flush");
-    size as f64 / start.elapsed().as_secs_f64() / 1e6
+    image.flush()?;
+    Ok(size as f64 / start.elapsed().as_secs_f64() / 1e6)
 }
 
 /// The `qcow2` binary built in the same target directory.
-fn sibling_binary(name: &str) -> String {
-    let me = std::env::current_exe().expect("own path");
+fn sibling_binary(name: &str) -> Result<String, String> {
+    let me = std::env::current_exe().map_err(|e| format!("own path: {e}"))?;
     let path: &Path = &me.with_file_name(name);
-    assert!(
-        path.exists(),
-        "{} not found: build it first with `cargo build --release -p qcow2-cli`",
-        path.display()
-    );
-    path.to_string_lossy().into_owned()
+    if !path.exists() {
+        return Err(format!(
+            "{} not found: build it first with `cargo build --release -p qcow2-cli`",
+            path.display()
+        ));
+    }
+    Ok(path.to_string_lossy().into_owned())
 }

@@ -86,29 +86,14 @@ fn print_human(report: &CheckReport, repair: RepairMode) {
     if report.is_clean() {
         say!("No errors were found on the image.");
     }
-    if report.corruptions > 0 {
-        say!(
-            "\n{} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.",
-            report.corruptions
-        );
-    }
-    if report.leaks > 0 {
-        say!(
-            "\n{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.",
-            report.leaks
-        );
-    }
-    if report.dedup_errors > 0 {
-        say!(
-            "\n{} dedup table errors were found.\nGuest data reads correctly, but new writes share clusters by this table: rebuild it with `qcow2 check -r all` before writing.",
-            report.dedup_errors
-        );
-    }
-    if report.check_errors > 0 {
-        say!(
-            "\n{} internal errors have occurred during the check.",
-            report.check_errors
-        );
+    let summaries = [
+        (report.corruptions, "errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it."),
+        (report.leaks, "leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data."),
+        (report.dedup_errors, "dedup table errors were found.\nGuest data reads correctly, but new writes share clusters by this table: rebuild it with `qcow2 check -r all` before writing."),
+        (report.check_errors, "internal errors have occurred during the check."),
+    ];
+    for (count, text) in summaries.into_iter().filter(|(n, _)| *n > 0) {
+        say!("\n{count} {text}");
     }
     let total = report.total_clusters.max(1) as f64;
     let allocated = report.allocated_clusters as f64;
