@@ -46,9 +46,12 @@ pub enum AllocError {
         /// The limit.
         limit: u64,
     },
-    /// Refcounts that contradict the image's own structure.
+    /// Refcounts that contradict the image's own structure (damage).
     #[error("refcounts are inconsistent: {0}")]
     Inconsistent(String),
+    /// A broken invariant of this crate (a bug, not damage to the image).
+    #[error("internal error: {0}")]
+    Internal(&'static str),
 }
 
 impl AllocError {

@@ -2,7 +2,8 @@
 //!
 //! [`storage`] is the bottom of the stack: positioned reads and writes on a
 //! file, in memory, or through a fault-injecting wrapper for crash tests.
-//! [`Refcounts`] owns the refcount table and a bounded cache of refcount
+//! [`WriteBackCache`] is the one bounded cache of metadata clusters every
+//! layer uses. [`Refcounts`] owns the refcount table and a bounded cache of refcount
 //! blocks: it reads and updates refcounts of every width, allocates runs of
 //! free clusters (growing the table and creating refcount blocks that
 //! describe themselves), and writes its dirty state back on flush.
@@ -10,14 +11,16 @@
 //! compare against the refcounts on disk.
 #![forbid(unsafe_code)]
 
+pub mod cache;
 mod error;
 mod rebuild;
 mod refcounts;
 pub mod storage;
 
+pub use cache::WriteBackCache;
 pub use error::AllocError;
 pub use rebuild::{RefcountMismatch, ReferenceCounts};
-pub use refcounts::{Refcounts, RefcountsConfig, TableMove};
+pub use refcounts::{Refcounts, RefcountsConfig};
 pub use storage::{AlignedBuf, FaultyStorage, FileStorage, MemStorage, Storage, DIRECT_IO_ALIGN};
 
 /// Result type of this crate.

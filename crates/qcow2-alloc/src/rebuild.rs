@@ -1,13 +1,15 @@
 //! The reference tally a consistency check builds and compares with the
 //! refcounts on disk.
 
+use qcow2_format::HostCluster;
+
 use crate::{Refcounts, Result, Storage};
 
 /// A host cluster whose refcount on disk differs from its references.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RefcountMismatch {
-    /// Host cluster index.
-    pub cluster: u64,
+    /// The host cluster.
+    pub cluster: HostCluster,
     /// Refcount stored on disk.
     pub on_disk: u64,
     /// References found by walking the metadata.
@@ -39,8 +41,11 @@ impl ReferenceCounts {
     }
 
     /// Counts one reference to `cluster`; `false` if it lies past the file.
-    pub fn add(&mut self, cluster: u64) -> bool {
-        match self.counts.get_mut(cluster as usize) {
+    pub fn add(&mut self, cluster: HostCluster) -> bool {
+        match usize::try_from(cluster.get())
+            .ok()
+            .and_then(|i| self.counts.get_mut(i))
+        {
             Some(c) => {
                 *c += 1;
                 true
@@ -50,8 +55,12 @@ impl ReferenceCounts {
     }
 
     /// References counted for `cluster`.
-    pub fn get(&self, cluster: u64) -> u64 {
-        self.counts.get(cluster as usize).copied().unwrap_or(0)
+    pub fn get(&self, cluster: HostCluster) -> u64 {
+        usize::try_from(cluster.get())
+            .ok()
+            .and_then(|i| self.counts.get(i))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Number of clusters tallied.
@@ -72,8 +81,8 @@ impl ReferenceCounts {
         storage: &dyn Storage,
     ) -> Result<Vec<RefcountMismatch>> {
         let mut out = Vec::new();
-        let end = self.len().max(refcounts.described_end());
-        for cluster in 0..end {
+        let end = self.len().max(refcounts.described_end().get());
+        for cluster in (0..end).map(HostCluster::new) {
             let on_disk = refcounts.get(storage, cluster)?;
             let referenced = self.get(cluster);
             if on_disk != referenced {

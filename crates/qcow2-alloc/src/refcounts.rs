@@ -1,13 +1,17 @@
 //! The refcount table, a bounded cache of refcount blocks, and allocation.
 
-use std::collections::HashMap;
 use std::ops::Range;
 
 use qcow2_format::refcount::{RefcountTableEntry, RefcountWidth};
 use qcow2_format::table::{decode_u64s, encode_u64s, DirtyRange};
-use qcow2_format::{Geometry, HostOffset, MAX_REFCOUNT_TABLE_BYTES};
+use qcow2_format::{ClusterCount, Geometry, HostCluster, HostOffset, MAX_REFCOUNT_TABLE_BYTES};
 
+use crate::cache::WriteBackCache;
 use crate::{AllocError, Result, Storage};
+
+/// Byte offset of `refcount_table_offset` (u64) and, right after it,
+/// `refcount_table_clusters` (u32) in every qcow2 header.
+const HEADER_REFCOUNT_TABLE_FIELDS: u64 = 48;
 
 /// Where a refcount table is and how its blocks are cached.
 #[derive(Debug, Clone, Copy)]
@@ -17,28 +21,11 @@ pub struct RefcountsConfig {
     /// Width of refcount entries.
     pub width: RefcountWidth,
     /// Offset of the refcount table (from the header).
-    pub table_offset: u64,
+    pub table_offset: HostOffset,
     /// Clusters of the refcount table (from the header).
     pub table_clusters: u32,
     /// Most bytes of refcount blocks kept in memory.
     pub cache_bytes: u64,
-}
-
-/// The refcount table moved: the header must be rewritten to point here
-/// before the old table's clusters can be freed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TableMove {
-    /// New table offset.
-    pub offset: u64,
-    /// New table size in clusters.
-    pub clusters: u32,
-}
-
-#[derive(Debug)]
-struct CachedBlock {
-    data: Vec<u8>,
-    dirty: bool,
-    used: u64,
 }
 
 /// Refcounts of an image, read and updated through a write-back cache.
@@ -46,26 +33,28 @@ struct CachedBlock {
 /// Invariants: every table entry is a cluster-aligned block offset inside
 /// the file or 0; every refcount block has a refcount of its own (blocks are
 /// created inside the range they describe whenever possible, so they count
-/// themselves); the refcount table and its blocks are written back by
-/// [`Refcounts::flush`], blocks before the table that points to them.
+/// themselves); blocks reach the disk before the table entries that point
+/// to them, and a moved table is durable before the header's two refcount
+/// table fields (which this type owns and writes itself) point to it; the
+/// old table is freed only after that. Refcount blocks may be written at
+/// any time: decreases that free clusters are only made here once nothing
+/// on disk points to those clusters any more (the caller's duty).
 #[derive(Debug)]
 pub struct Refcounts {
     geometry: Geometry,
     width: RefcountWidth,
     entries_per_block: u64,
-    table_offset: u64,
+    table_offset: HostOffset,
     table_clusters: u32,
     table: Vec<u64>,
     dirty_entries: DirtyRange,
-    retired_tables: Vec<(u64, u32)>,
-    blocks: HashMap<u64, CachedBlock>,
-    capacity: usize,
-    tick: u64,
-    free_hint: u64,
+    retired_tables: Vec<(HostOffset, u32)>,
+    blocks: WriteBackCache<Vec<u8>>,
+    free_hint: HostCluster,
     generation: u64,
 }
 
-fn contains(reserved: &[Range<u64>], cluster: u64) -> Option<u64> {
+fn reserved_end(reserved: &[Range<u64>], cluster: u64) -> Option<u64> {
     reserved
         .iter()
         .find(|r| r.contains(&cluster))
@@ -83,12 +72,12 @@ impl Refcounts {
         let bytes = u64::from(config.table_clusters) * g.cluster_size();
         let mut raw = vec![0u8; bytes as usize];
         storage
-            .read_at(&mut raw, config.table_offset)
+            .read_at(&mut raw, config.table_offset.get())
             .map_err(AllocError::io("reading the refcount table"))?;
         let table = decode_u64s(&raw);
         for &entry in &table {
             if let Some(offset) = RefcountTableEntry(entry).decode(g)? {
-                if offset.get() + g.cluster_size() > file_size {
+                if offset.get().saturating_add(g.cluster_size()) > file_size {
                     return Err(AllocError::BlockPastEnd {
                         offset: offset.get(),
                         file_size,
@@ -96,23 +85,8 @@ impl Refcounts {
                 }
             }
         }
-        let capacity = (config.cache_bytes / g.cluster_size()).max(4) as usize;
-        let mut refcounts = Self {
-            geometry: g,
-            width: config.width,
-            entries_per_block: config.width.entries_per_block(g),
-            table_offset: config.table_offset,
-            table_clusters: config.table_clusters,
-            table,
-            dirty_entries: DirtyRange::clean(),
-            retired_tables: Vec::new(),
-            blocks: HashMap::new(),
-            capacity,
-            tick: 0,
-            free_hint: 1,
-            generation: 0,
-        };
-        if refcounts.get(storage, 0)? == 0 {
+        let mut refcounts = Self::with_table(config, table, DirtyRange::clean());
+        if refcounts.get(storage, HostCluster::new(0))? == 0 {
             return Err(AllocError::Inconsistent(
                 "the header cluster has refcount 0 (missing or zero refcount block)".into(),
             ));
@@ -123,21 +97,24 @@ impl Refcounts {
     /// Builds the refcount structures of a new image in memory: a table of
     /// `table_clusters` clusters at `table_offset`, no blocks yet.
     pub fn new_empty(config: RefcountsConfig) -> Self {
+        let entries =
+            (u64::from(config.table_clusters) * config.geometry.cluster_size() / 8) as usize;
+        Self::with_table(config, vec![0; entries], DirtyRange::all(0..entries))
+    }
+
+    fn with_table(config: RefcountsConfig, table: Vec<u64>, dirty_entries: DirtyRange) -> Self {
         let g = config.geometry;
-        let entries = (u64::from(config.table_clusters) * g.cluster_size() / 8) as usize;
         Self {
             geometry: g,
             width: config.width,
             entries_per_block: config.width.entries_per_block(g),
             table_offset: config.table_offset,
             table_clusters: config.table_clusters,
-            table: vec![0; entries],
-            dirty_entries: DirtyRange::all(0..entries),
+            table,
+            dirty_entries,
             retired_tables: Vec::new(),
-            blocks: HashMap::new(),
-            capacity: (config.cache_bytes / g.cluster_size()).max(4) as usize,
-            tick: 0,
-            free_hint: 1,
+            blocks: WriteBackCache::new((config.cache_bytes / g.cluster_size()).max(4) as usize),
+            free_hint: HostCluster::new(1),
             generation: 0,
         }
     }
@@ -148,7 +125,7 @@ impl Refcounts {
     }
 
     /// Current refcount table offset.
-    pub fn table_offset(&self) -> u64 {
+    pub fn table_offset(&self) -> HostOffset {
         self.table_offset
     }
 
@@ -158,8 +135,12 @@ impl Refcounts {
     }
 
     /// Offsets of every refcount block the table points to.
-    pub fn block_offsets(&self) -> impl Iterator<Item = u64> + '_ {
-        self.table.iter().copied().filter(|&e| e != 0)
+    pub fn block_offsets(&self) -> impl Iterator<Item = HostOffset> + '_ {
+        self.table
+            .iter()
+            .copied()
+            .filter(|&e| e != 0)
+            .map(HostOffset::new)
     }
 
     /// Changes whenever a refcount block is created or the table moves, so
@@ -175,73 +156,56 @@ impl Refcounts {
 
     /// One past the last host cluster that an existing refcount block
     /// describes: no cluster at or beyond it can have a refcount.
-    pub fn described_end(&self) -> u64 {
-        self.table
-            .iter()
-            .rposition(|&e| e != 0)
-            .map_or(0, |i| (i as u64 + 1) * self.entries_per_block)
+    pub fn described_end(&self) -> HostCluster {
+        HostCluster::new(
+            self.table
+                .iter()
+                .rposition(|&e| e != 0)
+                .map_or(0, |i| (i as u64 + 1) * self.entries_per_block),
+        )
     }
 
-    fn block(&mut self, storage: &dyn Storage, index: u64) -> Result<&mut CachedBlock> {
-        self.tick += 1;
-        let tick = self.tick;
-        if !self.blocks.contains_key(&index) {
-            if self.blocks.len() >= self.capacity {
-                self.evict(storage)?;
-            }
-            let mut data = vec![0u8; self.geometry.cluster_size() as usize];
-            storage
-                .read_at(&mut data, self.table[index as usize])
-                .map_err(AllocError::io("reading a refcount block"))?;
-            self.blocks.insert(
-                index,
-                CachedBlock {
-                    data,
-                    dirty: false,
-                    used: tick,
-                },
-            );
+    /// The cached block at table `index`, read from disk if needed.
+    fn load_block(&mut self, storage: &dyn Storage, index: u64) -> Result<()> {
+        if self.blocks.contains(index) {
+            return Ok(());
         }
-        let block = self.blocks.get_mut(&index).ok_or_else(|| {
-            AllocError::Inconsistent("refcount block vanished from the cache".into())
-        })?;
-        block.used = tick;
-        Ok(block)
-    }
-
-    fn evict(&mut self, storage: &dyn Storage) -> Result<()> {
-        let victim = self
-            .blocks
-            .iter()
-            .min_by_key(|(_, b)| (b.dirty, b.used))
-            .map(|(&i, _)| i);
-        if let Some(index) = victim {
-            if let Some(block) = self.blocks.remove(&index) {
-                if block.dirty {
-                    storage
-                        .write_at(&block.data, self.table[index as usize])
-                        .map_err(AllocError::io("writing a refcount block"))?;
-                }
-            }
+        if self.blocks.needs_write_back() {
+            self.write_blocks(storage)?;
         }
+        let mut data = vec![0u8; self.geometry.cluster_size() as usize];
+        storage
+            .read_at(&mut data, self.table[index as usize])
+            .map_err(AllocError::io("reading a refcount block"))?;
+        self.blocks.insert(index, data, false);
         Ok(())
     }
 
+    fn block_mut(&mut self, storage: &dyn Storage, index: u64) -> Result<&mut Vec<u8>> {
+        self.load_block(storage, index)?;
+        self.blocks.get_mut(index).ok_or(AllocError::Internal(
+            "refcount block vanished from the cache",
+        ))
+    }
+
     /// Refcount of host cluster `cluster` (0 where no block describes it).
-    pub fn get(&mut self, storage: &dyn Storage, cluster: u64) -> Result<u64> {
-        let index = cluster / self.entries_per_block;
+    pub fn get(&mut self, storage: &dyn Storage, cluster: HostCluster) -> Result<u64> {
+        let index = cluster.get() / self.entries_per_block;
         if index >= self.table.len() as u64 || self.table[index as usize] == 0 {
             return Ok(0);
         }
-        let within = (cluster % self.entries_per_block) as usize;
-        let width = self.width;
-        Ok(width.get(&self.block(storage, index)?.data, within))
+        let within = (cluster.get() % self.entries_per_block) as usize;
+        self.load_block(storage, index)?;
+        let block = self.blocks.get(index).ok_or(AllocError::Internal(
+            "refcount block vanished from the cache",
+        ))?;
+        Ok(self.width.get(block, within))
     }
 
     /// Sets the refcount of `cluster`, creating refcount blocks and growing
     /// the table as needed.
-    pub fn set(&mut self, storage: &dyn Storage, cluster: u64, value: u64) -> Result<()> {
-        self.set_reserving(storage, cluster, value, &mut Vec::new())
+    pub fn set(&mut self, storage: &dyn Storage, cluster: HostCluster, value: u64) -> Result<()> {
+        self.set_reserving(storage, cluster.get(), value, &mut Vec::new())
     }
 
     fn set_reserving(
@@ -264,28 +228,33 @@ impl Refcounts {
         ensured?;
         let within = (cluster % self.entries_per_block) as usize;
         let width = self.width;
-        let block = self.block(storage, index)?;
-        width.set(&mut block.data, within, value);
-        block.dirty = true;
-        if value == 0 && cluster < self.free_hint {
-            self.free_hint = cluster.max(1);
+        width.set(self.block_mut(storage, index)?, within, value);
+        if value == 0 && cluster < self.free_hint.get() {
+            self.free_hint = HostCluster::new(cluster.max(1));
         }
         Ok(())
     }
 
     /// Adds `delta` to the refcount of `cluster` and returns the new value.
-    pub fn adjust(&mut self, storage: &dyn Storage, cluster: u64, delta: i64) -> Result<u64> {
+    pub fn adjust(
+        &mut self,
+        storage: &dyn Storage,
+        cluster: HostCluster,
+        delta: i64,
+    ) -> Result<u64> {
         let old = self.get(storage, cluster)?;
         let new = if delta >= 0 {
             old.checked_add(delta as u64)
                 .filter(|&v| v <= self.width.max())
                 .ok_or(AllocError::RefcountOverflow {
-                    cluster,
+                    cluster: cluster.get(),
                     max: self.width.max(),
                 })?
         } else {
             old.checked_sub(delta.unsigned_abs())
-                .ok_or(AllocError::RefcountUnderflow { cluster })?
+                .ok_or(AllocError::RefcountUnderflow {
+                    cluster: cluster.get(),
+                })?
         };
         self.set(storage, cluster, new)?;
         Ok(new)
@@ -309,44 +278,28 @@ impl Refcounts {
         let first = index * self.entries_per_block;
         let end = first + self.entries_per_block;
         let mut location = first.max(1);
-        while let Some(skip) = contains(reserved, location) {
+        while let Some(skip) = reserved_end(reserved, location) {
             location = skip;
         }
-        let cs = self.geometry.cluster_size();
-        let data = vec![0u8; cs as usize];
         if location < end {
-            self.insert_new_block(storage, index, location, data)?;
+            self.insert_new_block(storage, index, location)?;
             let within = (location - first) as usize;
             let width = self.width;
-            let block = self.block(storage, index)?;
-            width.set(&mut block.data, within, 1);
+            width.set(self.block_mut(storage, index)?, within, 1);
         } else {
             let location = self.find_free_run(storage, 1, reserved)?;
-            self.insert_new_block(storage, index, location, data)?;
+            self.insert_new_block(storage, index, location)?;
             self.set_reserving(storage, location, 1, reserved)?;
         }
         Ok(())
     }
 
-    fn insert_new_block(
-        &mut self,
-        storage: &dyn Storage,
-        index: u64,
-        location: u64,
-        data: Vec<u8>,
-    ) -> Result<()> {
-        if self.blocks.len() >= self.capacity {
-            self.evict(storage)?;
+    fn insert_new_block(&mut self, storage: &dyn Storage, index: u64, location: u64) -> Result<()> {
+        if self.blocks.needs_write_back() {
+            self.write_blocks(storage)?;
         }
-        self.tick += 1;
-        self.blocks.insert(
-            index,
-            CachedBlock {
-                data,
-                dirty: true,
-                used: self.tick,
-            },
-        );
+        let data = vec![0u8; self.geometry.cluster_size() as usize];
+        self.blocks.insert(index, data, true);
         self.table[index as usize] = location * self.geometry.cluster_size();
         self.dirty_entries.mark(index as usize);
         self.generation += 1;
@@ -379,7 +332,7 @@ impl Refcounts {
             self.table.resize((clusters * per_cluster) as usize, 0);
             self.retired_tables
                 .push((self.table_offset, self.table_clusters));
-            self.table_offset = start * cs;
+            self.table_offset = HostOffset::new(start * cs);
             self.table_clusters = clusters as u32;
             self.generation += 1;
             self.dirty_entries = DirtyRange::all(0..self.table.len());
@@ -401,16 +354,16 @@ impl Refcounts {
         count: u64,
         reserved: &[Range<u64>],
     ) -> Result<u64> {
-        let mut cluster = self.free_hint.max(1);
+        let mut cluster = self.free_hint.get().max(1);
         let mut run_start = cluster;
         let mut run_len = 0;
         while run_len < count {
-            if let Some(skip) = contains(reserved, cluster) {
+            if let Some(skip) = reserved_end(reserved, cluster) {
                 cluster = skip;
                 run_len = 0;
                 continue;
             }
-            if self.get(storage, cluster)? == 0 {
+            if self.get(storage, HostCluster::new(cluster))? == 0 {
                 if run_len == 0 {
                     run_start = cluster;
                 }
@@ -425,14 +378,20 @@ impl Refcounts {
 
     /// Allocates up to `max_count` contiguous free clusters (at least one),
     /// sets their refcounts to 1 and returns the first and how many.
-    pub fn allocate(&mut self, storage: &dyn Storage, max_count: u64) -> Result<(HostOffset, u64)> {
-        let count = max_count.clamp(1, (self.entries_per_block / 2).max(1));
-        let hint = self.free_hint;
+    pub fn allocate(
+        &mut self,
+        storage: &dyn Storage,
+        max_count: ClusterCount,
+    ) -> Result<(HostCluster, ClusterCount)> {
+        let count = max_count
+            .get()
+            .clamp(1, (self.entries_per_block / 2).max(1));
+        let hint = self.free_hint.get();
         let start = self.find_free_run(storage, count, &[])?;
         let run = start..start + count;
         let mut reserved = vec![run];
         for cluster in start..start + count {
-            if self.get(storage, cluster)? != 0 {
+            if self.get(storage, HostCluster::new(cluster))? != 0 {
                 return Err(AllocError::Inconsistent(format!(
                     "cluster {cluster} was taken while being allocated"
                 )));
@@ -440,63 +399,53 @@ impl Refcounts {
             self.set_reserving(storage, cluster, 1, &mut reserved)?;
         }
         if start <= hint.max(1) {
-            self.free_hint = start + count;
+            self.free_hint = HostCluster::new(start + count);
         }
-        Ok((HostOffset(start * self.geometry.cluster_size()), count))
+        Ok((HostCluster::new(start), ClusterCount::new(count)))
     }
 
     /// Allocates exactly `count` contiguous clusters (for tables).
-    pub fn allocate_contiguous(&mut self, storage: &dyn Storage, count: u64) -> Result<HostOffset> {
+    pub fn allocate_contiguous(
+        &mut self,
+        storage: &dyn Storage,
+        count: ClusterCount,
+    ) -> Result<HostCluster> {
+        let count = count.get();
         let start = self.find_free_run(storage, count, &[])?;
         let run = start..start + count;
         let mut reserved = vec![run];
         for cluster in start..start + count {
             self.set_reserving(storage, cluster, 1, &mut reserved)?;
         }
-        Ok(HostOffset(start * self.geometry.cluster_size()))
+        Ok(HostCluster::new(start))
     }
 
     /// Whether any block or table entry waits to be written.
     pub fn is_dirty(&self) -> bool {
-        self.dirty_entries.is_dirty()
-            || !self.retired_tables.is_empty()
-            || self.blocks.values().any(|b| b.dirty)
+        self.dirty_entries.is_dirty() || !self.retired_tables.is_empty() || self.blocks.is_dirty()
     }
 
-    fn write_blocks(&mut self, storage: &dyn Storage) -> Result<bool> {
-        let mut dirty: Vec<u64> = self
-            .blocks
-            .iter()
-            .filter(|(_, b)| b.dirty)
-            .map(|(&i, _)| i)
-            .collect();
-        dirty.sort_unstable();
-        for index in &dirty {
-            let offset = self.table[*index as usize];
-            if let Some(block) = self.blocks.get_mut(index) {
-                storage
-                    .write_at(&block.data, offset)
-                    .map_err(AllocError::io("writing a refcount block"))?;
-                block.dirty = false;
-            }
-        }
-        Ok(!dirty.is_empty())
+    /// Writes every dirty refcount block (not the table). Always safe: see
+    /// the type's invariants. Returns whether anything was written.
+    pub fn write_blocks(&mut self, storage: &dyn Storage) -> Result<bool> {
+        let table = &self.table;
+        self.blocks.write_back(|index, data| {
+            storage
+                .write_at(data, table[index as usize])
+                .map_err(AllocError::io("writing a refcount block"))
+        })
     }
 
     /// Writes dirty blocks, then the changed part of the table. If the table
-    /// moved, syncs, lets `on_move` point the header at the new table (it
-    /// must make that durable), then frees the old table's clusters.
-    /// Returns whether anything was written.
-    pub fn flush(
-        &mut self,
-        storage: &dyn Storage,
-        on_move: &mut dyn FnMut(TableMove) -> Result<()>,
-    ) -> Result<bool> {
+    /// moved, syncs it, points the header's refcount table fields at it
+    /// (synced), then frees the old table's clusters. Returns whether
+    /// anything was written.
+    pub fn flush(&mut self, storage: &dyn Storage) -> Result<bool> {
         let mut wrote = self.write_blocks(storage)?;
         if let Some(range) = self.dirty_entries.take() {
             let bytes = encode_u64s(&self.table[range.clone()]);
             storage
-                .write_at(&bytes, self.table_offset + range.start as u64 * 8)
+                .write_at(&bytes, self.table_offset.get() + range.start as u64 * 8)
                 .map_err(AllocError::io("writing the refcount table"))?;
             wrote = true;
         }
@@ -504,13 +453,23 @@ impl Refcounts {
             storage
                 .flush()
                 .map_err(AllocError::io("syncing the new refcount table"))?;
-            on_move(TableMove {
-                offset: self.table_offset,
-                clusters: self.table_clusters,
-            })?;
-            let cs = self.geometry.cluster_size();
+            let mut fields = [0u8; 12];
+            fields[..8].copy_from_slice(&self.table_offset.get().to_be_bytes());
+            fields[8..].copy_from_slice(&self.table_clusters.to_be_bytes());
+            storage
+                .write_at(&fields, HEADER_REFCOUNT_TABLE_FIELDS)
+                .map_err(AllocError::io(
+                    "pointing the header at the new refcount table",
+                ))?;
+            storage
+                .flush()
+                .map_err(AllocError::io("syncing the header"))?;
+            let g = self.geometry;
             for (offset, clusters) in std::mem::take(&mut self.retired_tables) {
-                for cluster in offset / cs..offset / cs + u64::from(clusters) {
+                for cluster in g
+                    .host_cluster(offset)
+                    .run(ClusterCount::new(u64::from(clusters)))
+                {
                     self.adjust(storage, cluster, -1)?;
                 }
             }
@@ -531,12 +490,12 @@ mod tests {
         let mut r = Refcounts::new_empty(RefcountsConfig {
             geometry: g,
             width: RefcountWidth::new(order).unwrap(),
-            table_offset: g.cluster_size(),
+            table_offset: HostOffset::new(g.cluster_size()),
             table_clusters: 1,
             cache_bytes: 4 * g.cluster_size(),
         });
-        r.set(&storage, 1, 1).unwrap();
-        r.set(&storage, 0, 1).unwrap();
+        r.set(&storage, HostCluster::new(1), 1).unwrap();
+        r.set(&storage, HostCluster::new(0), 1).unwrap();
         (storage, r)
     }
 
@@ -546,21 +505,21 @@ mod tests {
             let (storage, mut r) = fresh(bits, order);
             let mut seen = std::collections::HashSet::new();
             for i in 0..3000u64 {
-                let (start, n) = r.allocate(&storage, 1 + i % 3).unwrap();
-                for c in 0..n {
-                    let cluster = start.get() / (1 << bits) + c;
+                let (start, n) = r.allocate(&storage, ClusterCount::new(1 + i % 3)).unwrap();
+                for cluster in start.run(n) {
                     assert!(seen.insert(cluster), "cluster {cluster} handed out twice");
                     assert_eq!(r.get(&storage, cluster).unwrap(), 1);
                 }
             }
-            let cs = 1u64 << bits;
-            let blocks: Vec<u64> = r.block_offsets().collect();
-            for b in &blocks {
-                assert!(!seen.contains(&(b / cs)), "block {b:#x} handed out as data");
-                assert_eq!(r.get(&storage, b / cs).unwrap(), 1);
+            let g = Geometry::new(bits, false).unwrap();
+            let blocks: Vec<HostOffset> = r.block_offsets().collect();
+            for &b in &blocks {
+                let c = g.host_cluster(b);
+                assert!(!seen.contains(&c), "block {b} handed out as data");
+                assert_eq!(r.get(&storage, c).unwrap(), 1);
             }
-            let t = r.table_offset() / cs;
-            for c in t..t + u64::from(r.table_clusters()) {
+            let t = g.host_cluster(r.table_offset());
+            for c in t.run(ClusterCount::new(u64::from(r.table_clusters()))) {
                 assert!(!seen.contains(&c));
                 assert_eq!(r.get(&storage, c).unwrap(), 1);
             }
@@ -571,45 +530,48 @@ mod tests {
     fn table_growth_survives_flush_and_reload() {
         let (storage, mut r) = fresh(9, 6);
         for _ in 0..5000 {
-            r.allocate(&storage, 1).unwrap();
+            r.allocate(&storage, ClusterCount::ONE).unwrap();
         }
         assert!(r.table_clusters() > 1);
-        let mut moved = None;
-        r.flush(&storage, &mut |m| {
-            moved = Some(m);
-            Ok(())
-        })
-        .unwrap();
-        let m = moved.expect("the table moved");
-        let mut header = vec![0u8; 512];
-        header[0] = 1;
-        storage.write_at(&header, 0).unwrap();
+        r.flush(&storage).unwrap();
+        let mut fields = [0u8; 12];
+        storage.read_at(&mut fields, 48).unwrap();
+        let offset = u64::from_be_bytes(fields[..8].try_into().unwrap());
+        let clusters = u32::from_be_bytes(fields[8..].try_into().unwrap());
+        assert_eq!(
+            (offset, clusters),
+            (r.table_offset().get(), r.table_clusters()),
+            "the header's refcount table fields follow the move"
+        );
         let g = Geometry::new(9, false).unwrap();
         let mut again = Refcounts::load(
             &storage,
             RefcountsConfig {
                 geometry: g,
                 width: RefcountWidth::new(6).unwrap(),
-                table_offset: m.offset,
-                table_clusters: m.clusters,
+                table_offset: HostOffset::new(offset),
+                table_clusters: clusters,
                 cache_bytes: 1 << 20,
             },
         )
         .unwrap();
-        assert_eq!(again.get(&storage, 1).unwrap(), 0, "old table freed");
+        assert_eq!(
+            again.get(&storage, HostCluster::new(1)).unwrap(),
+            0,
+            "old table freed"
+        );
         let mut total = 0;
-        for c in 0..again.described_end() {
+        for c in HostCluster::new(0).run(again.described_end() - HostCluster::new(0)) {
             total += again.get(&storage, c).unwrap();
         }
         let blocks = again.block_offsets().count() as u64;
-        assert_eq!(total, 1 + 5000 + blocks + u64::from(m.clusters));
+        assert_eq!(total, 1 + 5000 + blocks + u64::from(clusters));
     }
 
     #[test]
     fn overflow_and_underflow_are_errors() {
         let (storage, mut r) = fresh(12, 1);
-        let (c, _) = r.allocate(&storage, 1).unwrap();
-        let cluster = c.get() / 4096;
+        let (cluster, _) = r.allocate(&storage, ClusterCount::ONE).unwrap();
         assert_eq!(r.adjust(&storage, cluster, 2).unwrap(), 3);
         assert!(matches!(
             r.adjust(&storage, cluster, 1),
@@ -620,7 +582,7 @@ mod tests {
             r.adjust(&storage, cluster, -1),
             Err(AllocError::RefcountUnderflow { .. })
         ));
-        let (again, _) = r.allocate(&storage, 1).unwrap();
-        assert_eq!(again, c, "freed cluster is reused");
+        let (again, _) = r.allocate(&storage, ClusterCount::ONE).unwrap();
+        assert_eq!(again, cluster, "freed cluster is reused");
     }
 }

@@ -75,6 +75,17 @@ impl FileStorage {
         Ok(Self { file, direct: None })
     }
 
+    /// Creates a new file for reading and writing; fails with
+    /// [`io::ErrorKind::AlreadyExists`] if `path` exists.
+    pub fn create_new(path: &Path) -> io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        Ok(Self { file, direct: None })
+    }
+
     /// Adds a direct-I/O descriptor for aligned requests, where the file
     /// system supports it (else the storage stays as it was).
     pub fn with_direct_io(mut self, path: &Path, writable: bool) -> Self {

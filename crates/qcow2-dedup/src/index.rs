@@ -8,6 +8,8 @@
 //! slot is the top bits of the tag, so entries can be moved on growth and on
 //! deletion (backward shift) without the full hash.
 
+use qcow2_format::HostCluster;
+
 use crate::ContentHash;
 
 const SHARDS: usize = 256;
@@ -121,7 +123,7 @@ impl DedupIndex {
 
     /// Host clusters whose hash shares this hash's tag: candidates that the
     /// caller must confirm against the full hash.
-    pub fn candidates(&self, hash: &ContentHash) -> Vec<u64> {
+    pub fn candidates(&self, hash: &ContentHash) -> Vec<HostCluster> {
         let (shard, tag) = split(hash);
         let s = &self.shards[shard];
         let mut out = Vec::new();
@@ -135,7 +137,7 @@ impl DedupIndex {
                 return out;
             }
             if slot >> CLUSTER_BITS == tag {
-                out.push((slot & ((1 << CLUSTER_BITS) - 1)) - 1);
+                out.push(HostCluster::new((slot & ((1 << CLUSTER_BITS) - 1)) - 1));
             }
             i = (i + 1) & s.mask();
         }
@@ -144,10 +146,11 @@ impl DedupIndex {
     /// Records that `cluster` holds content with `hash`. Returns `false`
     /// (and records nothing) for a cluster index too large to hold, or if
     /// the pair is already present.
-    pub fn insert(&mut self, hash: &ContentHash, cluster: u64) -> bool {
-        if cluster > MAX_INDEXED_CLUSTER || self.candidates(hash).contains(&cluster) {
+    pub fn insert(&mut self, hash: &ContentHash, cluster: HostCluster) -> bool {
+        if cluster.get() > MAX_INDEXED_CLUSTER || self.candidates(hash).contains(&cluster) {
             return false;
         }
+        let cluster = cluster.get();
         let (shard, tag) = split(hash);
         let s = &mut self.shards[shard];
         if s.needs_growth() {
@@ -163,7 +166,8 @@ impl DedupIndex {
     }
 
     /// Forgets that `cluster` holds `hash`. Returns whether it was present.
-    pub fn remove(&mut self, hash: &ContentHash, cluster: u64) -> bool {
+    pub fn remove(&mut self, hash: &ContentHash, cluster: HostCluster) -> bool {
+        let cluster = cluster.get();
         let (shard, tag) = split(hash);
         let s = &mut self.shards[shard];
         if s.slots.is_empty() {
@@ -213,6 +217,10 @@ impl DedupIndex {
 mod tests {
     use super::*;
 
+    fn c(i: u64) -> HostCluster {
+        HostCluster::new(i)
+    }
+
     fn h(i: u64) -> ContentHash {
         ContentHash::of(&i.to_le_bytes())
     }
@@ -221,18 +229,18 @@ mod tests {
     fn finds_what_it_holds_through_growth_and_removal() {
         let mut index = DedupIndex::new();
         for i in 0..50_000u64 {
-            assert!(index.insert(&h(i), i * 3));
+            assert!(index.insert(&h(i), c(i * 3)));
         }
         assert_eq!(index.len(), 50_000);
         for i in 0..50_000u64 {
-            assert!(index.candidates(&h(i)).contains(&(i * 3)), "entry {i}");
+            assert!(index.candidates(&h(i)).contains(&c(i * 3)), "entry {i}");
         }
         for i in (0..50_000u64).step_by(2) {
-            assert!(index.remove(&h(i), i * 3));
+            assert!(index.remove(&h(i), c(i * 3)));
         }
-        assert!(!index.remove(&h(0), 0), "already removed");
+        assert!(!index.remove(&h(0), c(0)), "already removed");
         for i in 0..50_000u64 {
-            let found = index.candidates(&h(i)).contains(&(i * 3));
+            let found = index.candidates(&h(i)).contains(&c(i * 3));
             assert_eq!(found, i % 2 == 1, "entry {i}");
         }
         assert_eq!(index.len(), 25_000);
@@ -241,13 +249,13 @@ mod tests {
     #[test]
     fn one_hash_may_map_to_several_clusters_but_each_once() {
         let mut index = DedupIndex::new();
-        assert!(index.insert(&h(1), 10));
-        assert!(index.insert(&h(1), 11));
-        assert!(!index.insert(&h(1), 10));
-        let mut c = index.candidates(&h(1));
-        c.sort_unstable();
-        assert_eq!(c, vec![10, 11]);
-        assert!(!index.insert(&h(2), MAX_INDEXED_CLUSTER + 1));
+        assert!(index.insert(&h(1), c(10)));
+        assert!(index.insert(&h(1), c(11)));
+        assert!(!index.insert(&h(1), c(10)));
+        let mut found = index.candidates(&h(1));
+        found.sort_unstable();
+        assert_eq!(found, vec![c(10), c(11)]);
+        assert!(!index.insert(&h(2), c(MAX_INDEXED_CLUSTER + 1)));
     }
 
     #[test]
@@ -255,7 +263,7 @@ mod tests {
         let mut index = DedupIndex::new();
         let n = 400_000u64;
         for i in 0..n {
-            index.insert(&h(i), i);
+            index.insert(&h(i), c(i));
         }
         let per_entry = index.memory_bytes() as f64 / n as f64;
         assert!(per_entry <= 16.0, "{per_entry} bytes per entry");

@@ -1,20 +1,13 @@
 //! The on-disk dedup table: the dedup L1 table and its L2 dedup clusters.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
-use qcow2_alloc::{Refcounts, Storage};
+use qcow2_alloc::{Refcounts, Storage, WriteBackCache};
 use qcow2_format::dedup::{self, DedupEntry, DedupExtension};
 use qcow2_format::table::{decode_u64s, encode_u64s, DirtyRange};
-use qcow2_format::Geometry;
+use qcow2_format::{ClusterCount, Geometry, HostCluster, HostOffset};
 
 use crate::{DedupError, Result};
-
-#[derive(Debug)]
-struct CachedCluster {
-    data: Vec<u8>,
-    dirty: bool,
-    used: u64,
-}
 
 /// What a sequential scan of the table found.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -33,17 +26,18 @@ pub struct ScanReport {
 /// Invariants: every dedup L1 entry held is 0 or a cluster-aligned offset
 /// inside the file (bad ones are dropped on load); a cached L2 dedup cluster
 /// whose CRC failed on load reads as empty; every cluster written back is
-/// sealed with its CRC first.
+/// sealed with its CRC first. Dedup clusters may be written at any time
+/// (an entry is recorded only after its data landed); the L1 only after the
+/// refcounts of the clusters it points to are durable (the caller's duty,
+/// see [`DedupTable::flush`]).
 #[derive(Debug)]
 pub struct DedupTable {
     geometry: Geometry,
     l1_offset: u64,
     l1: Vec<u64>,
     l1_dirty: DirtyRange,
-    retired_l1: Vec<(u64, u64)>,
-    clusters: HashMap<u64, CachedCluster>,
-    capacity: usize,
-    tick: u64,
+    retired_l1: Vec<(HostOffset, ClusterCount)>,
+    clusters: WriteBackCache<Vec<u8>>,
     report: ScanReport,
     /// L2 dedup clusters (by L1 index) whose CRC failed and that have not
     /// been rewritten since.
@@ -64,7 +58,8 @@ impl DedupTable {
         let entries = dedup::l1_entries_for(geometry, host_clusters).max(1);
         let entries = geometry.align_up(entries * 8) / 8;
         let clusters = geometry.clusters_for(entries * 8);
-        let offset = refcounts.allocate_contiguous(storage, clusters)?;
+        let offset = geometry
+            .host_offset(refcounts.allocate_contiguous(storage, ClusterCount::new(clusters))?);
         storage
             .write_at(
                 &vec![0u8; (clusters * geometry.cluster_size()) as usize],
@@ -86,9 +81,7 @@ impl DedupTable {
             l1,
             l1_dirty: DirtyRange::clean(),
             retired_l1: Vec::new(),
-            clusters: HashMap::new(),
-            capacity: (cache_bytes / geometry.cluster_size()).max(8) as usize,
-            tick: 0,
+            clusters: WriteBackCache::new((cache_bytes / geometry.cluster_size()).max(8) as usize),
             report: ScanReport::default(),
             damaged: BTreeSet::new(),
             generation: 0,
@@ -154,51 +147,46 @@ impl DedupTable {
 
     /// Every cluster the table occupies: `(offset, clusters)` runs, for
     /// refcount checks.
-    pub fn metadata_clusters(&self) -> Vec<(u64, u64)> {
+    pub fn metadata_clusters(&self) -> Vec<(HostCluster, ClusterCount)> {
+        let g = self.geometry;
         let mut out = vec![(
-            self.l1_offset,
-            self.geometry.clusters_for(self.l1.len() as u64 * 8),
+            g.host_cluster(HostOffset::new(self.l1_offset)),
+            g.count_for(self.l1.len() as u64 * 8),
         )];
-        out.extend(self.l1.iter().filter(|&&e| e != 0).map(|&e| (e, 1)));
+        out.extend(
+            self.l1
+                .iter()
+                .filter(|&&e| e != 0)
+                .map(|&e| (g.host_cluster(HostOffset::new(e)), ClusterCount::ONE)),
+        );
         out
     }
 
-    fn cluster(&mut self, storage: &dyn Storage, index: u64) -> Result<Option<&mut CachedCluster>> {
+    /// Loads the dedup cluster at L1 `index` into the cache; `false` when
+    /// it is not allocated or failed its CRC (and was dropped).
+    fn load_cluster(&mut self, storage: &dyn Storage, index: u64) -> Result<bool> {
         let Some(&offset) = self.l1.get(index as usize) else {
-            return Ok(None);
+            return Ok(false);
         };
         if offset == 0 {
-            return Ok(None);
+            return Ok(false);
         }
-        self.tick += 1;
-        let tick = self.tick;
-        if !self.clusters.contains_key(&index) {
-            if self.clusters.len() >= self.capacity {
-                self.evict(storage)?;
-            }
-            let mut data = vec![0u8; self.geometry.cluster_size() as usize];
-            storage
-                .read_at(&mut data, offset)
-                .map_err(DedupError::io("reading a dedup cluster"))?;
-            if dedup::verify(&data).is_err() {
-                self.forget_damaged(index);
-                return Ok(None);
-            }
-            self.clusters.insert(
-                index,
-                CachedCluster {
-                    data,
-                    dirty: false,
-                    used: tick,
-                },
-            );
+        if self.clusters.contains(index) {
+            return Ok(true);
         }
-        let cached = self.clusters.get_mut(&index);
-        if let Some(c) = cached {
-            c.used = tick;
-            return Ok(Some(c));
+        if self.clusters.needs_write_back() {
+            self.write_clusters(storage)?;
         }
-        Ok(None)
+        let mut data = vec![0u8; self.geometry.cluster_size() as usize];
+        storage
+            .read_at(&mut data, offset)
+            .map_err(DedupError::io("reading a dedup cluster"))?;
+        if dedup::verify(&data).is_err() {
+            self.forget_damaged(index);
+            return Ok(false);
+        }
+        self.clusters.insert(index, data, false);
+        Ok(true)
     }
 
     /// Drops a dedup cluster whose CRC failed: its L1 entry becomes 0, so
@@ -207,45 +195,35 @@ impl DedupTable {
     /// hints; the cluster, if it was one, is a leak for `check -r leaks`.
     fn forget_damaged(&mut self, index: u64) {
         self.damaged.insert(index);
-        self.clusters.remove(&index);
+        self.clusters.remove(index);
         self.set_l1(index as usize, 0);
     }
 
-    fn write_cluster(
-        storage: &dyn Storage,
-        offset: u64,
-        cluster: &mut CachedCluster,
-    ) -> Result<()> {
-        dedup::seal(&mut cluster.data);
-        storage
-            .write_at(&cluster.data, offset)
-            .map_err(DedupError::io("writing a dedup cluster"))?;
-        cluster.dirty = false;
-        Ok(())
-    }
-
-    fn evict(&mut self, storage: &dyn Storage) -> Result<()> {
-        let victim = self
-            .clusters
-            .iter()
-            .min_by_key(|(_, c)| (c.dirty, c.used))
-            .map(|(&i, _)| i);
-        if let Some(index) = victim {
-            if let Some(mut cluster) = self.clusters.remove(&index) {
-                if cluster.dirty {
-                    Self::write_cluster(storage, self.l1[index as usize], &mut cluster)?;
-                }
-            }
-        }
-        Ok(())
+    /// Writes every dirty dedup cluster, sealed with its CRC.
+    fn write_clusters(&mut self, storage: &dyn Storage) -> Result<bool> {
+        let l1 = &self.l1;
+        self.clusters.write_back(|index, data| {
+            dedup::seal(data);
+            storage
+                .write_at(data, l1[index as usize])
+                .map_err(DedupError::io("writing a dedup cluster"))
+        })
     }
 
     /// The entry of host cluster `host_cluster`, if one is recorded.
-    pub fn get(&mut self, storage: &dyn Storage, host_cluster: u64) -> Result<Option<DedupEntry>> {
+    pub fn get(
+        &mut self,
+        storage: &dyn Storage,
+        host_cluster: HostCluster,
+    ) -> Result<Option<DedupEntry>> {
         let slot = dedup::slot_of(self.geometry, host_cluster);
+        if !self.load_cluster(storage, slot.l1_index)? {
+            return Ok(None);
+        }
         Ok(self
-            .cluster(storage, slot.l1_index)?
-            .and_then(|c| dedup::entry(&c.data, slot.entry))
+            .clusters
+            .get(slot.l1_index)
+            .and_then(|c| dedup::entry(c, slot.entry))
             .filter(|e| !e.is_empty()))
     }
 
@@ -255,43 +233,45 @@ impl DedupTable {
         &mut self,
         storage: &dyn Storage,
         refcounts: &mut Refcounts,
-        host_cluster: u64,
+        host_cluster: HostCluster,
         entry: &DedupEntry,
     ) -> Result<()> {
-        let slot = dedup::slot_of(self.geometry, host_cluster);
+        let g = self.geometry;
+        let slot = dedup::slot_of(g, host_cluster);
         if slot.l1_index >= self.l1.len() as u64 {
             self.grow_l1(storage, refcounts, slot.l1_index + 1)?;
         }
         if self.l1[slot.l1_index as usize] == 0 {
-            let offset = refcounts.allocate_contiguous(storage, 1)?.get();
-            if self.clusters.len() >= self.capacity {
-                self.evict(storage)?;
+            let offset = g.host_offset(refcounts.allocate_contiguous(storage, ClusterCount::ONE)?);
+            if self.clusters.needs_write_back() {
+                self.write_clusters(storage)?;
             }
-            self.tick += 1;
-            self.clusters.insert(
-                slot.l1_index,
-                CachedCluster {
-                    data: vec![0u8; self.geometry.cluster_size() as usize],
-                    dirty: true,
-                    used: self.tick,
-                },
-            );
-            self.set_l1(slot.l1_index as usize, offset);
+            self.clusters
+                .insert(slot.l1_index, vec![0u8; g.cluster_size() as usize], true);
+            self.set_l1(slot.l1_index as usize, offset.get());
         }
-        if let Some(cluster) = self.cluster(storage, slot.l1_index)? {
-            dedup::set_entry(&mut cluster.data, slot.entry, entry);
-            cluster.dirty = true;
+        if self.load_cluster(storage, slot.l1_index)? {
+            if let Some(cluster) = self.clusters.get_mut(slot.l1_index) {
+                dedup::set_entry(cluster, slot.entry, entry);
+            }
         }
         Ok(())
     }
 
     /// Removes the entry of `host_cluster`, if any.
-    pub fn clear(&mut self, storage: &dyn Storage, host_cluster: u64) -> Result<()> {
+    pub fn clear(&mut self, storage: &dyn Storage, host_cluster: HostCluster) -> Result<()> {
         let slot = dedup::slot_of(self.geometry, host_cluster);
-        if let Some(cluster) = self.cluster(storage, slot.l1_index)? {
-            if !dedup::entry(&cluster.data, slot.entry).is_some_and(|e| e.is_empty()) {
-                dedup::set_entry(&mut cluster.data, slot.entry, &zero_entry());
-                cluster.dirty = true;
+        if !self.load_cluster(storage, slot.l1_index)? {
+            return Ok(());
+        }
+        let present = self
+            .clusters
+            .peek(slot.l1_index)
+            .and_then(|c| dedup::entry(c, slot.entry))
+            .is_some_and(|e| !e.is_empty());
+        if present {
+            if let Some(cluster) = self.clusters.get_mut(slot.l1_index) {
+                dedup::set_entry(cluster, slot.entry, &zero_entry());
             }
         }
         Ok(())
@@ -318,10 +298,14 @@ impl DedupTable {
                 limit: qcow2_format::MAX_L1_BYTES / 8,
             }));
         }
-        let clusters = g.clusters_for(entries * 8);
-        let offset = refcounts.allocate_contiguous(storage, clusters)?.get();
-        self.retired_l1
-            .push((self.l1_offset, g.clusters_for(self.l1.len() as u64 * 8)));
+        let clusters = g.count_for(entries * 8);
+        let offset = g
+            .host_offset(refcounts.allocate_contiguous(storage, clusters)?)
+            .get();
+        self.retired_l1.push((
+            HostOffset::new(self.l1_offset),
+            g.count_for(self.l1.len() as u64 * 8),
+        ));
         self.l1_offset = offset;
         self.l1.resize(entries as usize, 0);
         self.generation += 1;
@@ -331,7 +315,7 @@ impl DedupTable {
 
     /// L1 tables replaced by a growth, as `(offset, clusters)`: free them
     /// once the header points at the new one.
-    pub fn take_retired(&mut self) -> Vec<(u64, u64)> {
+    pub fn take_retired(&mut self) -> Vec<(HostOffset, ClusterCount)> {
         std::mem::take(&mut self.retired_l1)
     }
 
@@ -342,27 +326,15 @@ impl DedupTable {
 
     /// Whether anything waits to be written.
     pub fn is_dirty(&self) -> bool {
-        self.l1_dirty.is_dirty() || self.clusters.values().any(|c| c.dirty)
+        self.l1_dirty.is_dirty() || self.clusters.is_dirty()
     }
 
     /// Writes dirty L2 dedup clusters (sealed) and the changed part of the
     /// L1. The caller makes the refcounts of new clusters durable first.
     /// Returns whether anything was written.
     pub fn flush(&mut self, storage: &dyn Storage) -> Result<bool> {
-        let mut dirty: Vec<u64> = self
-            .clusters
-            .iter()
-            .filter(|(_, c)| c.dirty)
-            .map(|(&i, _)| i)
-            .collect();
-        dirty.sort_unstable();
-        let mut wrote = !dirty.is_empty();
-        for index in dirty {
-            let offset = self.l1[index as usize];
-            if let Some(cluster) = self.clusters.get_mut(&index) {
-                Self::write_cluster(storage, offset, cluster)?;
-            }
-        }
+        // Dedup clusters first: the L1 may point at new ones.
+        let mut wrote = self.write_clusters(storage)?;
         if let Some(range) = self.l1_dirty.take() {
             // Entries dropped on load or for a failed CRC are now 0 on disk.
             self.report.bad_l1_entries = 0;
@@ -382,7 +354,7 @@ impl DedupTable {
     pub fn scan(
         &mut self,
         storage: &dyn Storage,
-        mut visit: impl FnMut(u64, &DedupEntry) -> Result<()>,
+        mut visit: impl FnMut(HostCluster, &DedupEntry) -> Result<()>,
     ) -> Result<ScanReport> {
         let n = dedup::entries_per_cluster(self.geometry);
         let mut report = ScanReport {
@@ -394,8 +366,8 @@ impl DedupTable {
             if self.l1[index as usize] == 0 {
                 continue;
             }
-            let data: &[u8] = match self.clusters.get(&index) {
-                Some(c) => &c.data,
+            let data: &[u8] = match self.clusters.peek(index) {
+                Some(c) => c,
                 None => {
                     storage
                         .read_at(&mut buf, self.l1[index as usize])
@@ -407,11 +379,11 @@ impl DedupTable {
                     &buf
                 }
             };
-            let entries: Vec<(u64, DedupEntry)> = (0..n)
+            let entries: Vec<(HostCluster, DedupEntry)> = (0..n)
                 .filter_map(|i| {
                     dedup::entry(data, i)
                         .filter(|e| !e.is_empty())
-                        .map(|e| (index * n + i, e))
+                        .map(|e| (HostCluster::new(index * n + i), e))
                 })
                 .collect();
             for (host, entry) in entries {
@@ -443,14 +415,18 @@ mod tests {
         let mut r = Refcounts::new_empty(RefcountsConfig {
             geometry: g,
             width: RefcountWidth::new(4).unwrap(),
-            table_offset: g.cluster_size(),
+            table_offset: HostOffset::new(g.cluster_size()),
             table_clusters: 1,
             cache_bytes: 1 << 20,
         });
-        r.set(&storage, 1, 1).unwrap();
-        r.set(&storage, 0, 1).unwrap();
+        r.set(&storage, HostCluster::new(1), 1).unwrap();
+        r.set(&storage, HostCluster::new(0), 1).unwrap();
         storage.write_at(&[1], 0).unwrap();
         (storage, r, g)
+    }
+
+    fn c(i: u64) -> HostCluster {
+        HostCluster::new(i)
     }
 
     fn entry(i: u64) -> DedupEntry {
@@ -465,28 +441,28 @@ mod tests {
         let (storage, mut r, g) = setup(12);
         let mut t = DedupTable::create(&storage, &mut r, g, 10, 1 << 20).unwrap();
         for host in [5u64, 6, 200, 5000, 60_000] {
-            t.set(&storage, &mut r, host, &entry(host)).unwrap();
+            t.set(&storage, &mut r, c(host), &entry(host)).unwrap();
         }
         assert!(t.moved(), "host cluster 40000 needs a bigger L1");
         t.flush(&storage).unwrap();
         let ext = t.extension();
         let mut again = DedupTable::load(&storage, g, ext, 1 << 20).unwrap();
         for host in [5u64, 6, 200, 5000, 60_000] {
-            assert_eq!(again.get(&storage, host).unwrap(), Some(entry(host)));
+            assert_eq!(again.get(&storage, c(host)).unwrap(), Some(entry(host)));
         }
-        assert_eq!(again.get(&storage, 7).unwrap(), None);
+        assert_eq!(again.get(&storage, c(7)).unwrap(), None);
         let mut seen = Vec::new();
         let report = again
             .scan(&storage, |host, e| {
-                assert_eq!(*e, entry(host));
-                seen.push(host);
+                assert_eq!(*e, entry(host.get()));
+                seen.push(host.get());
                 Ok(())
             })
             .unwrap();
         assert_eq!(seen, vec![5, 6, 200, 5000, 60_000]);
         assert_eq!(report.entries, 5);
-        again.clear(&storage, 6).unwrap();
-        assert_eq!(again.get(&storage, 6).unwrap(), None);
+        again.clear(&storage, c(6)).unwrap();
+        assert_eq!(again.get(&storage, c(6)).unwrap(), None);
     }
 
     #[test]
@@ -494,10 +470,10 @@ mod tests {
         let (storage, mut r, g) = setup(12);
         let mut t = DedupTable::create(&storage, &mut r, g, 1000, 1 << 20).unwrap();
         let n = dedup::entries_per_cluster(g);
-        t.set(&storage, &mut r, 1, &entry(1)).unwrap();
-        t.set(&storage, &mut r, n + 1, &entry(n + 1)).unwrap();
+        t.set(&storage, &mut r, c(1), &entry(1)).unwrap();
+        t.set(&storage, &mut r, c(n + 1), &entry(n + 1)).unwrap();
         t.flush(&storage).unwrap();
-        let first = t.metadata_clusters()[1].0;
+        let first = g.host_offset(t.metadata_clusters()[1].0).get();
         let mut byte = [0u8];
         storage.read_at(&mut byte, first + 50).unwrap();
         storage.write_at(&[byte[0] ^ 0x10], first + 50).unwrap();
@@ -505,8 +481,8 @@ mod tests {
         let report = again.scan(&storage, |_, _| Ok(())).unwrap();
         assert_eq!(report.crc_failures, 1);
         assert_eq!(report.entries, 1);
-        assert_eq!(again.get(&storage, 1).unwrap(), None);
-        assert_eq!(again.get(&storage, n + 1).unwrap(), Some(entry(n + 1)));
+        assert_eq!(again.get(&storage, c(1)).unwrap(), None);
+        assert_eq!(again.get(&storage, c(n + 1)).unwrap(), Some(entry(n + 1)));
     }
 
     #[test]
@@ -522,6 +498,6 @@ mod tests {
             .unwrap();
         let mut again = DedupTable::load(&storage, g, ext, 1 << 20).unwrap();
         assert_eq!(again.report().bad_l1_entries, 2);
-        assert_eq!(again.get(&storage, 0).unwrap(), None);
+        assert_eq!(again.get(&storage, c(0)).unwrap(), None);
     }
 }

@@ -10,7 +10,7 @@
 use zerocopy::byteorder::big_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use crate::{FormatError, Geometry, Result};
+use crate::{FormatError, Geometry, HostCluster, Result};
 
 /// Bytes of one dedup entry.
 pub const DEDUP_ENTRY_SIZE: u64 = 40;
@@ -122,7 +122,8 @@ pub const fn entries_per_cluster(geometry: Geometry) -> u64 {
 }
 
 /// The slot of host cluster index `host_cluster`.
-pub const fn slot_of(geometry: Geometry, host_cluster: u64) -> DedupSlot {
+pub const fn slot_of(geometry: Geometry, host_cluster: HostCluster) -> DedupSlot {
+    let host_cluster = host_cluster.get();
     let n = entries_per_cluster(geometry);
     DedupSlot {
         l1_index: host_cluster / n,
@@ -194,7 +195,7 @@ mod tests {
             let n = entries_per_cluster(g);
             assert!(g.cluster_size() - n * DEDUP_ENTRY_SIZE >= 8);
             assert_eq!(
-                slot_of(g, n + 2),
+                slot_of(g, HostCluster::new(n + 2)),
                 DedupSlot {
                     l1_index: 1,
                     entry: 2

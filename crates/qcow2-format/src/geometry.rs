@@ -1,28 +1,6 @@
-//! Cluster arithmetic shared by every layer, and the host offset newtype.
+//! Cluster arithmetic shared by every layer.
 
-use crate::{FormatError, Result, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, OFFSET_MASK};
-
-/// A byte offset into the image file (as opposed to a guest offset).
-///
-/// Values built through [`HostOffset::cluster`] are cluster aligned and fit in
-/// the 56 bits an L1/L2/refcount entry can hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct HostOffset(pub u64);
-
-impl HostOffset {
-    /// The raw byte offset.
-    pub const fn get(self) -> u64 {
-        self.0
-    }
-
-    /// Checks that `raw` is a cluster-aligned offset that an entry can hold.
-    pub fn cluster(raw: u64, geometry: Geometry, what: &'static str) -> Result<Self> {
-        if raw & !OFFSET_MASK != 0 || raw & (geometry.cluster_size() - 1) != 0 {
-            return Err(FormatError::Unaligned { what, offset: raw });
-        }
-        Ok(Self(raw))
-    }
-}
+use crate::{FormatError, Result, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
 
 /// The cluster size of an image and everything that follows from it.
 ///
@@ -169,13 +147,5 @@ mod tests {
         let x = Geometry::new(16, true).unwrap();
         assert_eq!(x.l2_entries(), 4096);
         assert_eq!(x.subcluster_size(), 2048);
-    }
-
-    #[test]
-    fn host_offsets_must_be_aligned_and_in_range() {
-        let g = Geometry::new(16, false).unwrap();
-        assert!(HostOffset::cluster(0x30000, g, "t").is_ok());
-        assert!(HostOffset::cluster(0x30200, g, "t").is_err());
-        assert!(HostOffset::cluster(1 << 56, g, "t").is_err());
     }
 }

@@ -57,12 +57,12 @@ mod tests {
     #[test]
     fn round_trips_and_rejects_bad_entries() {
         let g = Geometry::new(16, false).unwrap();
-        let e = L1Entry::new(HostOffset(0x50000), true);
+        let e = L1Entry::new(HostOffset::new(0x50000), true);
         assert_eq!(e.0, 0x8000_0000_0005_0000);
         assert_eq!(
             e.decode(g).unwrap(),
             L1Mapping::L2Table {
-                offset: HostOffset(0x50000),
+                offset: HostOffset::new(0x50000),
                 copied: true
             }
         );

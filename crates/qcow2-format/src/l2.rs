@@ -1,6 +1,6 @@
 //! L2 table entries: where each guest cluster lives.
 
-use crate::{FormatError, Geometry, HostOffset, Result, OFFSET_MASK};
+use crate::{FormatError, Geometry, HostCluster, HostOffset, Result, OFFSET_MASK};
 
 /// Bit 63: the data cluster's refcount is exactly one.
 pub const L2_COPIED: u64 = 1 << 63;
@@ -60,9 +60,9 @@ impl CompressedDescriptor {
     }
 
     /// Host clusters the compressed data touches (for refcounting).
-    pub fn host_clusters(self, geometry: Geometry) -> std::ops::RangeInclusive<u64> {
+    pub fn host_clusters(self, geometry: Geometry) -> impl Iterator<Item = HostCluster> {
         let (start, end) = self.host_range();
-        geometry.cluster_index(start)..=geometry.cluster_index(end - 1)
+        (geometry.cluster_index(start)..=geometry.cluster_index(end - 1)).map(HostCluster::new)
     }
 
     fn encode(self, geometry: Geometry) -> u64 {
@@ -152,14 +152,45 @@ impl L2Mapping {
         })
     }
 
-    /// The host cluster this mapping keeps a reference to, if any
-    /// (compressed clusters may touch several; see [`CompressedDescriptor`]).
-    pub fn host_cluster(self) -> Option<HostOffset> {
+    /// The host offset of the cluster this mapping keeps a reference to, if
+    /// any (compressed clusters may touch several; see
+    /// [`CompressedDescriptor`]).
+    pub fn host_offset(self) -> Option<HostOffset> {
         match self {
             L2Mapping::Data { offset, .. } => Some(offset),
             L2Mapping::Zero { preallocated, .. } => preallocated,
             _ => None,
         }
+    }
+
+    /// The host cluster this mapping keeps a reference to, if any.
+    pub fn host_cluster(self, geometry: Geometry) -> Option<HostCluster> {
+        self.host_offset().map(|o| geometry.host_cluster(o))
+    }
+
+    /// Host offset of the data cluster when the mapping may be written in
+    /// place: plain data with OFLAG_COPIED (refcount exactly one).
+    pub fn writable_in_place(self) -> Option<HostOffset> {
+        match self {
+            L2Mapping::Data {
+                offset,
+                copied: true,
+            } => Some(offset),
+            _ => None,
+        }
+    }
+
+    /// Whether the cluster reads as zeros without any host cluster behind
+    /// it (unallocated, or a zero cluster that keeps nothing preallocated).
+    pub fn is_hole(self) -> bool {
+        matches!(
+            self,
+            L2Mapping::Unallocated
+                | L2Mapping::Zero {
+                    preallocated: None,
+                    ..
+                }
+        )
     }
 }
 
@@ -233,7 +264,7 @@ mod tests {
         assert_eq!(
             L2Entry(L2_COPIED | 0x70000).decode(f).unwrap(),
             L2Mapping::Data {
-                offset: HostOffset(0x70000),
+                offset: HostOffset::new(0x70000),
                 copied: true
             }
         );
@@ -282,7 +313,7 @@ mod tests {
     #[test]
     fn subcluster_bitmap_rules() {
         let data = L2Mapping::Data {
-            offset: HostOffset(0x10000),
+            offset: HostOffset::new(0x10000),
             copied: true,
         };
         let b = SubclusterBitmap(0b101 | (0b10 << 32)).decode(data).unwrap();

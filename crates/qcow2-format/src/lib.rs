@@ -9,6 +9,7 @@
 //! [`FormatError`] naming what was wrong.
 #![forbid(unsafe_code)]
 
+pub mod bitmaps;
 pub mod dedup;
 mod error;
 pub mod extensions;
@@ -20,10 +21,12 @@ pub mod l2;
 pub mod refcount;
 pub mod snapshot;
 pub mod table;
+pub mod units;
 
 pub use error::FormatError;
-pub use geometry::{Geometry, HostOffset};
+pub use geometry::Geometry;
 pub use header::Header;
+pub use units::{ClusterCount, GuestCluster, GuestOffset, HostCluster, HostOffset};
 
 /// Result type of this crate.
 pub type Result<T, E = FormatError> = std::result::Result<T, E>;

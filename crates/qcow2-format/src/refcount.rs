@@ -19,7 +19,7 @@ impl RefcountTableEntry {
                 offset: self.0,
             });
         }
-        Ok(Some(HostOffset(self.0)))
+        Ok(Some(HostOffset::new(self.0)))
     }
 }
 
@@ -181,7 +181,7 @@ mod tests {
         assert_eq!(RefcountTableEntry(0).decode(g).unwrap(), None);
         assert_eq!(
             RefcountTableEntry(0x20000).decode(g).unwrap(),
-            Some(HostOffset(0x20000))
+            Some(HostOffset::new(0x20000))
         );
         assert!(RefcountTableEntry(0x20001).decode(g).is_err());
         assert!(RefcountTableEntry(0x20200).decode(g).is_err());

@@ -4,14 +4,12 @@ use std::sync::Arc;
 
 use qcow2_alloc::{Refcounts, RefcountsConfig, Storage};
 use qcow2_format::extensions::HeaderExtension;
-use qcow2_format::features::{
-    standard_feature_names, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT_OR_DEDUP,
-};
+use qcow2_format::features::{standard_feature_names, COMPAT_LAZY_REFCOUNTS};
 use qcow2_format::header::{V2_HEADER_LEN, V3_HEADER_LEN};
 use qcow2_format::refcount::RefcountWidth;
-use qcow2_format::{Geometry, Header};
+use qcow2_format::{ClusterCount, Geometry, Header, HostCluster, HostOffset};
 
-use crate::metadata::{write_header, Metadata};
+use crate::metadata::Metadata;
 use crate::options::{Compat, CreateOptions};
 use crate::{ImageError, OpenOptions, Result};
 
@@ -69,46 +67,34 @@ pub(crate) fn create(
     let mut refcounts = Refcounts::new_empty(RefcountsConfig {
         geometry,
         width,
-        table_offset: cs,
+        table_offset: HostOffset::new(cs),
         table_clusters: 1,
         cache_bytes: open.refcount_cache_bytes,
     });
-    refcounts.set(&*storage, 1, 1)?;
-    refcounts.set(&*storage, 0, 1)?;
-    let l1_clusters = geometry.clusters_for(l1_entries * 8).max(1);
-    let l1_offset = refcounts.allocate_contiguous(&*storage, l1_clusters)?;
+    refcounts.set(&*storage, HostCluster::new(1), 1)?;
+    refcounts.set(&*storage, HostCluster::new(0), 1)?;
+    let l1_clusters = geometry.count_for(l1_entries * 8).max(ClusterCount::ONE);
+    let l1_offset = geometry.host_offset(refcounts.allocate_contiguous(&*storage, l1_clusters)?);
     header.l1_table_offset = l1_offset.get();
     storage
-        .write_at(&vec![0u8; (l1_clusters * cs) as usize], l1_offset.get())
+        .write_at(
+            &vec![0u8; geometry.bytes(l1_clusters) as usize],
+            l1_offset.get(),
+        )
         .map_err(ImageError::io("writing the L1 table"))?;
-    refcounts.flush(&*storage, &mut |moved| {
-        header.refcount_table_offset = moved.offset;
-        header.refcount_table_clusters = moved.clusters;
-        Ok(())
-    })?;
-    write_header(&*storage, &header)?;
+    refcounts.flush(&*storage)?;
+    header.refcount_table_offset = refcounts.table_offset().get();
+    header.refcount_table_clusters = refcounts.table_clusters();
+    storage
+        .write_at(&header.encode()?, 0)
+        .map_err(ImageError::io("writing the header"))?;
     storage
         .flush()
         .map_err(ImageError::io("syncing the new image"))?;
-    let mut meta = Metadata::assemble(
-        storage,
-        header,
-        vec![0; l1_entries as usize],
-        refcounts,
-        open.l2_cache_bytes,
-    );
+    let mut meta = Metadata::new_image(storage, header, refcounts, open.l2_cache_bytes);
     if options.dedup {
-        meta.dedup = Some(crate::dedup::new_state(&mut meta)?);
-        meta.flush()?;
-        let ext = meta
-            .dedup
-            .as_ref()
-            .map(|d| d.table.extension())
-            .ok_or_else(|| ImageError::Corrupt("dedup state missing".into()))?;
-        meta.header.set_dedup_extension(Some(ext));
-        meta.header.incompatible_features |= INCOMPAT_CORRUPT_OR_DEDUP;
-        meta.write_header()?;
-        meta.flush()?;
+        meta.start_dedup()?;
+        meta.publish_dedup()?;
     }
     Ok(meta)
 }

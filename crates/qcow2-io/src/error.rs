@@ -45,9 +45,12 @@ pub enum ImageError {
     /// A creation or open option with an illegal value.
     #[error("invalid option: {0}")]
     InvalidOption(String),
-    /// Metadata found inconsistent while using the image.
+    /// The image is damaged: metadata found inconsistent while using it.
     #[error("image is corrupt: {0}")]
     Corrupt(String),
+    /// A broken invariant of this library (a bug, not damage to the image).
+    #[error("internal error: {0}")]
+    Internal(&'static str),
 }
 
 impl ImageError {

@@ -4,13 +4,13 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::Mutex;
 use qcow2_alloc::{FileStorage, Storage};
 use qcow2_format::features::{INCOMPAT_COMPRESSION_TYPE, INCOMPAT_EXTERNAL_DATA};
 use qcow2_format::{Geometry, Header, MAX_CLUSTER_BITS};
 
 use crate::check::{CheckReport, RepairMode};
-use crate::dedup::DedupState;
+use crate::dedup::claims::InflightClaims;
 use crate::metadata::Metadata;
 use crate::range_lock::RangeLocks;
 use crate::{create, CreateOptions, ImageError, OpenOptions, Result};
@@ -21,8 +21,10 @@ use crate::{create, CreateOptions, ImageError, OpenOptions, Result};
 /// Reads of any clusters run in parallel; writes lock only the guest
 /// clusters they touch, and no lock is held while guest data moves to or
 /// from the storage. Metadata is cached and written back by
-/// [`Image::flush`] in crash-safe order; [`Image::close`] (or dropping the
-/// image) flushes and clears the dirty bit.
+/// [`Image::flush`] in crash-safe order; [`Image::close`] flushes and
+/// clears the dirty bit. Dropping an image that was not closed closes it
+/// too, and reports a failure of that close on stderr, since `drop` cannot
+/// return it: call [`Image::close`] to handle the error yourself.
 pub struct Image {
     pub(crate) storage: Arc<dyn Storage>,
     pub(crate) meta: Mutex<Metadata>,
@@ -33,8 +35,8 @@ pub struct Image {
     /// Whether writes go through the dedup path (set once the dedup table
     /// exists: at open, creation, or [`Image::enable_dedup`]).
     pub(crate) dedup: AtomicBool,
-    /// Signalled whenever a dedup write commits (or abandons) its clusters.
-    pub(crate) dedup_landed: Condvar,
+    /// Contents being stored right now by dedup writes.
+    pub(crate) claims: InflightClaims,
     closed: AtomicBool,
 }
 
@@ -81,11 +83,17 @@ fn read_header(storage: &dyn Storage) -> Result<Header> {
 }
 
 impl Image {
-    /// Creates a new image file at `path` (truncating any existing file)
-    /// and opens it read-write.
+    /// Creates a new image file at `path` and opens it read-write. An
+    /// existing file is refused unless `options` allow overwriting it
+    /// ([`CreateOptions::overwrite`]).
     pub fn create(path: impl AsRef<Path>, options: &CreateOptions) -> Result<Self> {
-        let storage = FileStorage::create(path.as_ref())
-            .map_err(ImageError::io("creating the image file"))?;
+        let path = path.as_ref();
+        let storage = if options.overwrite {
+            FileStorage::create(path)
+        } else {
+            FileStorage::create_new(path)
+        }
+        .map_err(ImageError::io("creating the image file"))?;
         Self::create_on(Arc::new(storage), options)
     }
 
@@ -108,8 +116,10 @@ impl Image {
     /// Refuses what it cannot handle faithfully: unknown incompatible
     /// features (named from the image's feature table), encryption, external
     /// data files and backing files; for writing also images QEMU marked
-    /// corrupt, deduplicated images and extended L2 entries. After an
-    /// unclean shutdown (dirty bit) a read-write open rebuilds refcounts.
+    /// corrupt (unless opened for repair) and extended L2 entries.
+    /// Deduplicated images open read-write with their index built from the
+    /// dedup table. After an unclean shutdown (dirty bit) a read-write open
+    /// rebuilds refcounts and re-verifies every dedup entry.
     pub fn open_on(storage: Arc<dyn Storage>, options: &OpenOptions) -> Result<Self> {
         let header = read_header(&*storage)?;
         if header.incompatible_features & INCOMPAT_EXTERNAL_DATA != 0 {
@@ -131,36 +141,32 @@ impl Image {
             }
         }
         let dirty = header.is_dirty();
-        let dedup = header.is_dedup();
-        let mut meta = Metadata::load(
+        let meta = Metadata::load(
             storage.clone(),
             header,
             options.l2_cache_bytes,
             options.refcount_cache_bytes,
         )?;
-        if dedup {
-            meta.dedup = Some(DedupState::load_table(&meta)?);
-        }
         let image = Self::from_parts(storage, meta, options.write);
         if options.write && dirty {
             image.check(RepairMode::All)?;
         }
-        if options.write && dedup {
-            image.meta.lock().load_dedup_index(dirty)?;
+        if options.write {
+            image.meta.lock().build_dedup_index(dirty)?;
         }
         Ok(image)
     }
 
     fn from_parts(storage: Arc<dyn Storage>, meta: Metadata, writable: bool) -> Self {
         Self {
-            geometry: meta.geometry,
-            size: AtomicU64::new(meta.header.size),
-            dedup: AtomicBool::new(meta.dedup.is_some()),
+            geometry: meta.header().geometry,
+            size: AtomicU64::new(meta.header().size),
+            dedup: AtomicBool::new(meta.is_dedup()),
             meta: Mutex::new(meta),
             locks: RangeLocks::default(),
             storage,
             writable,
-            dedup_landed: Condvar::new(),
+            claims: InflightClaims::default(),
             closed: AtomicBool::new(false),
         }
     }
@@ -182,13 +188,13 @@ impl Image {
 
     /// A copy of the current header.
     pub fn header(&self) -> Header {
-        self.meta.lock().header.clone()
+        self.meta.lock().header().clone()
     }
 
     /// Facts about the image for `qcow2 info`.
     pub fn info(&self) -> Result<ImageInfo> {
         let meta = self.meta.lock();
-        let h = &meta.header;
+        let h = meta.header();
         Ok(ImageInfo {
             virtual_size: h.size,
             cluster_size: h.geometry.cluster_size(),
@@ -215,7 +221,7 @@ impl Image {
 
     /// The internal snapshots, as the snapshot table records them.
     pub fn snapshots(&self) -> Result<Vec<qcow2_format::snapshot::Snapshot>> {
-        self.meta.lock().read_snapshots()
+        self.meta.lock().snapshots()
     }
 
     pub(crate) fn check_writable(&self) -> Result<()> {
@@ -274,33 +280,31 @@ impl Image {
         if self.writable {
             meta.flush()?;
         }
-        let report = meta.check(repair)?;
-        if repair == RepairMode::All && report.is_clean() && meta.header.is_marked_corrupt() {
-            meta.header.incompatible_features &= !qcow2_format::features::INCOMPAT_CORRUPT_OR_DEDUP;
-            meta.write_header()?;
-            meta.flush()?;
+        let report = crate::check::check(&mut meta, repair)?;
+        if repair == RepairMode::All && report.is_clean() {
+            meta.clear_corrupt()?;
         }
         Ok(report)
     }
 
-    /// Flushes, clears the dirty bit and closes the image.
-    pub fn close(self) -> Result<()> {
-        self.close_inner()
-    }
-
-    fn close_inner(&self) -> Result<()> {
+    /// Flushes, clears the dirty bit and closes the image; later writes
+    /// fail with [`ImageError::ReadOnly`]. Callable through a shared
+    /// reference (an `Arc<Image>`); closing twice is a no-op. If the close
+    /// fails, the image stays dirty and the next read-write open repairs it.
+    pub fn close(&self) -> Result<()> {
         if !self.writable || self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        let mut meta = self.meta.lock();
-        meta.flush()?;
-        meta.mark_clean()
+        let _all = self.locks.lock(0..u64::MAX, true);
+        self.meta.lock().close()
     }
 }
 
 impl Drop for Image {
     fn drop(&mut self) {
-        let _ = self.close_inner();
+        if let Err(e) = self.close() {
+            eprintln!("qcow2: closing the image on drop failed: {e}");
+        }
     }
 }
 

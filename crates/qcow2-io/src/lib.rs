@@ -19,11 +19,14 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod allocator;
+mod block_map;
 mod check;
 mod compressed;
 mod create;
 mod dedup;
 mod error;
+mod header_writer;
 mod image;
 mod map;
 mod metadata;

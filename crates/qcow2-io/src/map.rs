@@ -1,6 +1,7 @@
 //! The allocation map of the virtual disk, for `qcow2 map`.
 
 use qcow2_format::l2::L2Mapping;
+use qcow2_format::GuestOffset;
 
 use crate::image::Image;
 use crate::Result;
@@ -62,14 +63,14 @@ impl Image {
         };
         let mut guest = 0;
         while guest < size {
-            if meta.l2_unallocated(guest)? {
-                let end = ((g.l1_index(guest) + 1) * g.l2_coverage()).min(size);
+            if meta.l2_unallocated(GuestOffset::new(guest))? {
+                let end = meta.next_l2_range(GuestOffset::new(guest)).get().min(size);
                 push(guest, end - guest, MapKind::Unallocated, None);
                 guest = end;
                 continue;
             }
             let len = cs.min(size - guest);
-            let (kind, host) = match meta.lookup(guest)?.0 {
+            let (kind, host) = match meta.lookup(GuestOffset::new(guest))?.0 {
                 L2Mapping::Data { offset, .. } => (MapKind::Data, Some(offset.get())),
                 L2Mapping::Compressed(_) => (MapKind::Compressed, None),
                 L2Mapping::Zero { .. } => (MapKind::Zero, None),

@@ -1,414 +1,512 @@
-//! The block map of an open image (header, L1 table, cached L2 tables,
-//! refcounts) and the write ordering that keeps it crash safe.
+//! The metadata of an open image: the thin composition of the header
+//! writer, the block map, the allocator, the overlap guard and (on a
+//! deduplicated image) the dedup state, and the one place that orders their
+//! write-back.
 //!
 //! Everything here runs under the image's metadata lock; data I/O does not.
-//! Ordering: refcount increases reach the disk (and are synced) before any
-//! L2/L1 entry that points to the new clusters; references are dropped from
-//! L2/L1 tables on disk (and synced) before the refcount decreases that free
-//! the clusters. A crash in between leaks clusters, never corrupts.
+//! Write ordering ([`Metadata::flush`], ARCHITECTURE.md "Write ordering"):
+//! 1. refcount blocks and table, synced: every increase is durable before
+//!    any table points at the clusters it covers;
+//! 2. L2 tables, the L1 table and the dedup table;
+//! 3. once those are synced, the decreases of dropped references (which may
+//!    free clusters, and on a dedup image remove their entries), then steps
+//!    1 and 2 again for what that changed.
+//!
+//! A crash anywhere in between leaks clusters, never corrupts. No part
+//! writes on its own: caches that fill up with dirty entries ask for a
+//! write-back, and [`Metadata::write_tables`] runs it in the order above.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use qcow2_alloc::{Refcounts, RefcountsConfig, Storage};
-use qcow2_format::features::INCOMPAT_DIRTY;
-use qcow2_format::l1::{L1Entry, L1Mapping};
-use qcow2_format::l2::{L2Entry, L2Format, L2Mapping, SubclusterBitmap};
+use qcow2_dedup::{ContentHash, DedupStats};
+use qcow2_format::l2::{L2Format, L2Mapping, SubclusterBitmap};
 use qcow2_format::refcount::RefcountWidth;
-use qcow2_format::table::{decode_u64s, encode_u64s, DirtyRange};
-use qcow2_format::{Geometry, Header, HostOffset};
+use qcow2_format::snapshot::{parse_snapshot_table, Snapshot};
+use qcow2_format::table::encode_u64s;
+use qcow2_format::{ClusterCount, Geometry, GuestOffset, Header, HostCluster, HostOffset};
 
+use crate::allocator::Allocator;
+use crate::block_map::BlockMap;
 use crate::dedup::DedupState;
+use crate::header_writer::HeaderWriter;
 use crate::overlap::OverlapGuard;
 use crate::{ImageError, Result};
 
-#[derive(Debug)]
-struct CachedL2 {
-    entries: Vec<u64>,
-    dirty: bool,
-    used: u64,
+/// Metadata of an open image. See the module documentation.
+pub(crate) struct Metadata {
+    storage: Arc<dyn Storage>,
+    geometry: Geometry,
+    header: HeaderWriter,
+    map: BlockMap,
+    alloc: Allocator,
+    overlap: OverlapGuard,
+    dedup: Option<DedupState>,
 }
 
-/// Metadata of an open image. See the module documentation for the
-/// ordering invariants.
-pub(crate) struct Metadata {
-    pub(crate) header: Header,
-    pub(crate) geometry: Geometry,
-    pub(crate) l2_format: L2Format,
-    pub(crate) l1: Vec<u64>,
-    l1_dirty: DirtyRange,
-    l2: HashMap<u64, CachedL2>,
-    l2_capacity: usize,
-    tick: u64,
-    pub(crate) refcounts: Refcounts,
-    pending_frees: Vec<u64>,
-    pub(crate) dedup: Option<DedupState>,
-    /// Bumped when an L2 table is allocated or the L1 table moves.
-    pub(crate) tables_generation: u64,
-    pub(crate) overlap: OverlapGuard,
-    storage: Arc<dyn Storage>,
+/// Borrowed parts of [`Metadata`], for the consistency check that walks
+/// them all at once.
+pub(crate) struct MetadataParts<'a> {
+    pub(crate) storage: &'a dyn Storage,
+    pub(crate) header: &'a Header,
+    pub(crate) map: &'a mut BlockMap,
+    pub(crate) alloc: &'a mut Allocator,
+    pub(crate) dedup: Option<&'a mut DedupState>,
 }
 
 impl Metadata {
-    /// Loads the L1 table and refcount table of a parsed image.
+    /// Loads the L1 table, refcount table and (dedup image) dedup table of
+    /// a parsed image.
     pub(crate) fn load(
         storage: Arc<dyn Storage>,
         header: Header,
         l2_cache_bytes: u64,
         refcount_cache_bytes: u64,
     ) -> Result<Self> {
-        let geometry = header.geometry;
-        let refcounts = Refcounts::load(
+        let alloc = Allocator::load(
             &*storage,
             RefcountsConfig {
-                geometry,
+                geometry: header.geometry,
                 width: RefcountWidth::new(header.refcount_order)?,
-                table_offset: header.refcount_table_offset,
+                table_offset: HostOffset::new(header.refcount_table_offset),
                 table_clusters: header.refcount_table_clusters,
                 cache_bytes: refcount_cache_bytes,
             },
         )?;
-        let mut raw = vec![0u8; header.l1_size as usize * 8];
-        storage
-            .read_at(&mut raw, header.l1_table_offset)
-            .map_err(ImageError::io("reading the L1 table"))?;
-        Ok(Self::assemble(
-            storage,
-            header,
-            decode_u64s(&raw),
-            refcounts,
-            l2_cache_bytes,
-        ))
+        let map = BlockMap::load(&*storage, &header, l2_cache_bytes)?;
+        let dedup = if header.is_dedup() {
+            Some(DedupState::load(&*storage, &header)?)
+        } else {
+            None
+        };
+        Ok(Self::assemble(storage, header, map, alloc, dedup))
     }
 
-    /// Wraps freshly built structures (image creation).
-    pub(crate) fn assemble(
+    /// The metadata of a new image whose header, refcounts and zeroed L1
+    /// table of `l1_entries` entries are already on disk.
+    pub(crate) fn new_image(
         storage: Arc<dyn Storage>,
         header: Header,
-        l1: Vec<u64>,
         refcounts: Refcounts,
         l2_cache_bytes: u64,
     ) -> Self {
-        let geometry = header.geometry;
-        Self {
-            l2_format: header.l2_format(),
-            geometry,
+        let l1 = vec![0; header.l1_size as usize];
+        let map = BlockMap::new(
+            &header,
+            HostOffset::new(header.l1_table_offset),
             l1,
-            l1_dirty: DirtyRange::clean(),
-            l2: HashMap::new(),
-            l2_capacity: (l2_cache_bytes / geometry.cluster_size()).max(4) as usize,
-            tick: 0,
-            refcounts,
-            pending_frees: Vec::new(),
-            dedup: None,
-            tables_generation: 0,
+            l2_cache_bytes,
+        );
+        let alloc = Allocator::new(refcounts, header.geometry);
+        Self::assemble(storage, header, map, alloc, None)
+    }
+
+    fn assemble(
+        storage: Arc<dyn Storage>,
+        header: Header,
+        map: BlockMap,
+        alloc: Allocator,
+        dedup: Option<DedupState>,
+    ) -> Self {
+        Self {
+            storage,
+            geometry: header.geometry,
+            header: HeaderWriter::new(header),
+            map,
+            alloc,
             overlap: OverlapGuard::default(),
-            header,
-            storage,
+            dedup,
         }
     }
 
-    fn file_size(&self) -> Result<u64> {
-        self.storage
-            .len()
-            .map_err(ImageError::io("reading the image size"))
+    /// The header as it is on disk.
+    pub(crate) fn header(&self) -> &Header {
+        self.header.header()
     }
 
-    /// The L2 table at `offset`, loaded into the cache if needed.
-    fn l2_table(&mut self, offset: u64) -> Result<&mut CachedL2> {
-        self.tick += 1;
-        let tick = self.tick;
-        if !self.l2.contains_key(&offset) {
-            let cs = self.geometry.cluster_size();
-            let file_size = self.file_size()?;
-            if offset + cs > file_size {
-                return Err(ImageError::Corrupt(format!(
-                    "L2 table at {offset:#x} lies past the end of the file ({file_size} bytes)"
-                )));
-            }
-            if self.l2.len() >= self.l2_capacity {
-                self.evict_l2()?;
-            }
-            let mut raw = vec![0u8; cs as usize];
-            self.storage
-                .read_at(&mut raw, offset)
-                .map_err(ImageError::io("reading an L2 table"))?;
-            self.l2.insert(
-                offset,
-                CachedL2 {
-                    entries: decode_u64s(&raw),
-                    dirty: false,
-                    used: tick,
-                },
-            );
+    /// How L2 entries are decoded.
+    pub(crate) fn l2_format(&self) -> L2Format {
+        self.map.format()
+    }
+
+    /// Whether the image has a dedup table.
+    pub(crate) fn is_dedup(&self) -> bool {
+        self.dedup.is_some()
+    }
+
+    /// Every part at once, for the consistency check.
+    pub(crate) fn parts(&mut self) -> MetadataParts<'_> {
+        MetadataParts {
+            storage: &*self.storage,
+            header: self.header.header(),
+            map: &mut self.map,
+            alloc: &mut self.alloc,
+            dedup: self.dedup.as_mut(),
         }
-        let table = self
-            .l2
-            .get_mut(&offset)
-            .ok_or_else(|| ImageError::Corrupt("L2 table vanished from the cache".into()))?;
-        table.used = tick;
-        Ok(table)
     }
 
-    /// Refcount increases must be durable before an L2 table that points to
-    /// new clusters is written.
-    pub(crate) fn refcounts_before_tables(&mut self) -> Result<()> {
-        let Self {
-            refcounts,
-            header,
-            storage,
-            ..
-        } = self;
-        let wrote = refcounts.flush(&**storage, &mut |moved| {
-            header.refcount_table_offset = moved.offset;
-            header.refcount_table_clusters = moved.clusters;
-            write_header(&**storage, header).map_err(|e| {
-                qcow2_alloc::AllocError::Inconsistent(format!("rewriting the header: {e}"))
-            })
-        })?;
-        if wrote {
-            self.storage
-                .flush()
-                .map_err(ImageError::io("syncing refcounts"))?;
+    fn dedup_mut(&mut self) -> Result<&mut DedupState> {
+        self.dedup
+            .as_mut()
+            .ok_or(ImageError::Internal("dedup state missing"))
+    }
+
+    // --- the block map ---
+
+    /// The mapping of the guest cluster holding `guest`.
+    pub(crate) fn lookup(&mut self, guest: GuestOffset) -> Result<(L2Mapping, SubclusterBitmap)> {
+        self.map.lookup(&*self.storage, guest)
+    }
+
+    /// Whether the whole L2 range holding `guest` is unallocated.
+    pub(crate) fn l2_unallocated(&self, guest: GuestOffset) -> Result<bool> {
+        self.map.l2_unallocated(guest)
+    }
+
+    /// The first guest offset of the L2 range after the one holding `guest`.
+    pub(crate) fn next_l2_range(&self, guest: GuestOffset) -> GuestOffset {
+        self.map.next_l2_range(guest)
+    }
+
+    /// Points the guest cluster holding `guest` at `mapping`, leaving the
+    /// reference of what was there to the caller.
+    pub(crate) fn set_mapping(&mut self, guest: GuestOffset, mapping: L2Mapping) -> Result<()> {
+        self.map
+            .set_mapping(&*self.storage, &mut self.alloc, guest, mapping)?;
+        if self.map.needs_write_back() {
+            self.write_tables()?;
         }
         Ok(())
     }
 
-    fn evict_l2(&mut self) -> Result<()> {
-        let victim = self
-            .l2
-            .iter()
-            .min_by_key(|(_, t)| (t.dirty, t.used))
-            .map(|(&o, t)| (o, t.dirty));
-        let Some((offset, dirty)) = victim else {
+    /// Points the guest cluster at `mapping` and drops the reference `old`
+    /// (what it pointed to) once the tables are durable.
+    pub(crate) fn replace_mapping(
+        &mut self,
+        guest: GuestOffset,
+        mapping: L2Mapping,
+        old: L2Mapping,
+    ) -> Result<()> {
+        self.set_mapping(guest, mapping)?;
+        self.alloc.release_mapping(old);
+        Ok(())
+    }
+
+    /// Replaces a raw L1 entry (repair of OFLAG_COPIED).
+    pub(crate) fn set_l1_raw(&mut self, index: usize, raw: u64) {
+        self.map.set_l1_raw(index, raw);
+    }
+
+    // --- the allocator ---
+
+    /// Allocates up to `max` contiguous clusters with refcount 1.
+    pub(crate) fn allocate(&mut self, max: ClusterCount) -> Result<(HostCluster, ClusterCount)> {
+        self.alloc.allocate(&*self.storage, max)
+    }
+
+    /// The refcount of `cluster` (released references not yet subtracted).
+    pub(crate) fn refcount(&mut self, cluster: HostCluster) -> Result<u64> {
+        self.alloc.refcount(&*self.storage, cluster)
+    }
+
+    /// The largest refcount the image's width can hold.
+    pub(crate) fn max_refcount(&self) -> u64 {
+        self.alloc.width().max()
+    }
+
+    // --- the overlap guard ---
+
+    /// Fails (and marks a plain image corrupt) if guest data written to
+    /// `len` bytes at `host` would land on metadata.
+    pub(crate) fn guard_data_write(&mut self, host: HostOffset, len: u64) -> Result<()> {
+        let key = [
+            self.alloc.generation(),
+            self.dedup.as_ref().map_or(0, |d| d.generation()),
+            self.map.generation(),
+        ];
+        let (map, alloc, dedup, header) =
+            (&self.map, &self.alloc, &self.dedup, self.header.header());
+        let g = self.geometry;
+        let hit = self.overlap.first_hit(g, key, host, len, || {
+            let mut runs = vec![(HostCluster::new(0), ClusterCount::ONE)];
+            runs.extend(map.metadata_clusters());
+            runs.extend(alloc.metadata_clusters());
+            if header.nb_snapshots > 0 {
+                let table = g.host_cluster(HostOffset::new(header.snapshots_offset));
+                runs.push((table, ClusterCount::ONE));
+            }
+            if let Some(d) = dedup {
+                runs.extend(d.metadata_clusters());
+            }
+            runs
+        });
+        let Some(hit) = hit else {
             return Ok(());
         };
-        if dirty {
-            self.refcounts_before_tables()?;
-            let table = &self.l2[&offset];
+        let location = self.alloc.table_location();
+        self.header.mark_corrupt(&*self.storage, location)?;
+        Err(ImageError::Corrupt(format!(
+            "refusing to write guest data over metadata in host cluster {hit} (offset {:#x}); \
+             the image has been marked corrupt, repair it with `qcow2 check -r all`",
+            g.host_offset(hit).get()
+        )))
+    }
+
+    // --- deduplication ---
+
+    /// Gives the image an empty dedup table and index (not yet named by
+    /// the header: [`Metadata::publish_dedup`] does that), with an L1 sized
+    /// for the file the virtual disk can grow to.
+    pub(crate) fn start_dedup(&mut self) -> Result<()> {
+        let g = self.geometry;
+        let file_clusters = g.clusters_for(
             self.storage
-                .write_at(&encode_u64s(&table.entries), offset)
-                .map_err(ImageError::io("writing an L2 table"))?;
-        }
-        self.l2.remove(&offset);
+                .len()
+                .map_err(ImageError::io("reading the image size"))?,
+        );
+        let host_clusters = g.clusters_for(self.header().size) * 9 / 8 + file_clusters + 64;
+        self.dedup = Some(DedupState::create(
+            &*self.storage,
+            &mut self.alloc,
+            g,
+            host_clusters,
+        )?);
         Ok(())
     }
 
-    /// The mapping of the guest cluster holding `guest`, and its subcluster
-    /// bitmap (zero unless the image has extended L2 entries).
-    pub(crate) fn lookup(&mut self, guest: u64) -> Result<(L2Mapping, SubclusterBitmap)> {
-        let g = self.geometry;
-        let l1_index = g.l1_index(guest) as usize;
-        let Some(&raw_l1) = self.l1.get(l1_index) else {
-            return Ok((L2Mapping::Unallocated, SubclusterBitmap(0)));
+    /// Flushes, then names the dedup table in the header and sets bit 1.
+    pub(crate) fn publish_dedup(&mut self) -> Result<()> {
+        self.flush()?;
+        let ext = self.dedup_mut()?.extension();
+        let location = self.alloc.table_location();
+        self.header.set_dedup(&*self.storage, location, ext)?;
+        self.flush()
+    }
+
+    /// Builds the in-memory index from the dedup table (re-verifying every
+    /// entry against the data when `verify`).
+    pub(crate) fn build_dedup_index(&mut self, verify: bool) -> Result<()> {
+        let Some(d) = self.dedup.as_mut() else {
+            return Ok(());
         };
-        let L1Mapping::L2Table { offset, .. } = L1Entry(raw_l1).decode(g)? else {
-            return Ok((L2Mapping::Unallocated, SubclusterBitmap(0)));
+        d.build_index(&*self.storage, &mut self.alloc, verify)
+    }
+
+    /// A stored cluster with content `hash` that can take one more reference.
+    pub(crate) fn dedup_find(&mut self, hash: &ContentHash) -> Result<Option<HostCluster>> {
+        let limit = self.max_refcount();
+        let Some(d) = self.dedup.as_mut() else {
+            return Ok(None);
         };
-        let format = self.l2_format;
-        let index = g.l2_index(guest) as usize;
-        let table = self.l2_table(offset.get())?;
-        if g.extended_l2() {
-            let mapping = L2Entry(table.entries[2 * index]).decode(format)?;
-            let bitmap = SubclusterBitmap(table.entries[2 * index + 1]).decode(mapping)?;
-            Ok((mapping, bitmap))
-        } else {
-            Ok((
-                L2Entry(table.entries[index]).decode(format)?,
-                SubclusterBitmap(0),
-            ))
+        d.find(&*self.storage, &mut self.alloc, hash, limit)
+    }
+
+    /// Points `guest` (which held `old`) at the stored cluster `host` as one
+    /// more reference: refcount first, OFLAG_COPIED cleared on the first
+    /// referrer when the cluster becomes shared.
+    pub(crate) fn share(
+        &mut self,
+        guest: GuestOffset,
+        host: HostCluster,
+        old: L2Mapping,
+    ) -> Result<()> {
+        let refcount = self.alloc.add_reference(&*self.storage, host)?;
+        if refcount == 2 {
+            let size = self.header().size;
+            let d = self
+                .dedup
+                .as_mut()
+                .ok_or(ImageError::Internal("dedup state missing"))?;
+            d.fix_copied_at_hint(
+                &*self.storage,
+                &mut self.map,
+                &mut self.alloc,
+                host,
+                false,
+                size,
+            )?;
         }
-    }
-
-    /// Whether the whole L2 range holding `guest` is unallocated in the L1.
-    pub(crate) fn l2_unallocated(&self, guest: u64) -> Result<bool> {
-        let index = self.geometry.l1_index(guest) as usize;
-        Ok(match self.l1.get(index) {
-            None => true,
-            Some(&raw) => L1Entry(raw).decode(self.geometry)? == L1Mapping::Unallocated,
-        })
-    }
-
-    /// Allocates up to `count` contiguous clusters with refcount 1.
-    pub(crate) fn allocate(&mut self, count: u64) -> Result<(HostOffset, u64)> {
-        Ok(self.refcounts.allocate(&*self.storage, count)?)
-    }
-
-    /// An L2 table for `l1_index` that may be written in place: allocated if
-    /// missing, copied if shared (OFLAG_COPIED clear).
-    fn writable_l2(&mut self, l1_index: usize) -> Result<u64> {
-        let g = self.geometry;
-        let cs = g.cluster_size();
-        let current = L1Entry(self.l1[l1_index]).decode(g)?;
-        let entries = match current {
-            L1Mapping::L2Table {
-                offset,
-                copied: true,
-            } => return Ok(offset.get()),
-            L1Mapping::L2Table {
+        let offset = self.geometry.host_offset(host);
+        self.replace_mapping(
+            guest,
+            L2Mapping::Data {
                 offset,
                 copied: false,
-            } => {
-                let entries = self.l2_table(offset.get())?.entries.clone();
-                self.pending_frees.push(offset.get() / cs);
-                entries
-            }
-            L1Mapping::Unallocated => vec![0; (cs / 8) as usize],
-        };
-        let new = self.refcounts.allocate_contiguous(&*self.storage, 1)?;
-        if self.l2.len() >= self.l2_capacity {
-            self.evict_l2()?;
-        }
-        self.tick += 1;
-        self.l2.insert(
-            new.get(),
-            CachedL2 {
-                entries,
-                dirty: true,
-                used: self.tick,
             },
-        );
-        self.set_l1(l1_index, L1Entry::new(new, true).0);
-        self.tables_generation += 1;
-        Ok(new.get())
+            old,
+        )
     }
 
-    fn set_l1(&mut self, index: usize, raw: u64) {
-        self.l1[index] = raw;
-        self.l1_dirty.mark(index);
+    /// Removes the dedup entry of `host` (its content is about to change).
+    pub(crate) fn dedup_forget(&mut self, host: HostCluster) -> Result<()> {
+        let storage = self.storage.clone();
+        self.dedup_mut()?.forget(&*storage, host)
     }
 
-    /// Points the guest cluster holding `guest` at `mapping`.
-    pub(crate) fn set_mapping(&mut self, guest: u64, mapping: L2Mapping) -> Result<()> {
-        let g = self.geometry;
-        if g.extended_l2() {
-            return Err(ImageError::Unsupported(
-                "writing images with extended L2 entries".into(),
-            ));
+    /// Records that `host` now holds content `hash`, first written at `guest`.
+    pub(crate) fn dedup_record(
+        &mut self,
+        host: HostCluster,
+        hash: &ContentHash,
+        guest: GuestOffset,
+    ) -> Result<()> {
+        let d = self
+            .dedup
+            .as_mut()
+            .ok_or(ImageError::Internal("dedup state missing"))?;
+        d.record(&*self.storage, &mut self.alloc, host, hash, guest)
+    }
+
+    /// Deduplication figures; `None` for a plain image.
+    pub(crate) fn dedup_stats(&mut self) -> Result<Option<DedupStats>> {
+        if self.dedup.is_none() {
+            return Ok(None);
         }
-        let offset = self.writable_l2(g.l1_index(guest) as usize)?;
-        let index = g.l2_index(guest) as usize;
-        let table = self.l2_table(offset)?;
-        table.entries[index] = mapping.encode(g).0;
-        table.dirty = true;
-        Ok(())
-    }
-
-    /// Drops the reference `mapping` holds on host clusters. The refcount
-    /// decrease waits until the tables no longer pointing there are on disk.
-    pub(crate) fn release(&mut self, mapping: L2Mapping) {
+        let mut references = 0u64;
         let g = self.geometry;
-        match mapping {
-            L2Mapping::Compressed(d) => self.pending_frees.extend(d.host_clusters(g)),
-            other => {
-                if let Some(host) = other.host_cluster() {
-                    self.pending_frees.push(host.get() / g.cluster_size());
+        let l1 = self.map.l1().to_vec();
+        for raw in l1 {
+            let qcow2_format::l1::L1Mapping::L2Table { offset, .. } =
+                qcow2_format::l1::L1Entry(raw).decode(g)?
+            else {
+                continue;
+            };
+            let format = self.map.format();
+            for raw in self.map.l2_entries(&*self.storage, offset)? {
+                if let Ok(L2Mapping::Data { .. }) = qcow2_format::l2::L2Entry(raw).decode(format) {
+                    references += 1;
                 }
             }
         }
+        let storage = self.storage.clone();
+        self.dedup_mut()?.stats(&*storage, references).map(Some)
     }
 
-    /// Writes the header to cluster 0 (not synced).
-    pub(crate) fn write_header(&self) -> Result<()> {
-        write_header(&*self.storage, &self.header)
+    /// Host clusters of the dedup table.
+    pub(crate) fn dedup_table_clusters(&self) -> Vec<HostCluster> {
+        self.dedup
+            .as_ref()
+            .map(|d| {
+                d.metadata_clusters()
+                    .into_iter()
+                    .flat_map(|(first, n)| first.run(n))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
-    /// Sets the dirty bit (v3) and clears autoclear bits this implementation
-    /// does not maintain, durably, before the first modification.
+    // --- the header ---
+
+    /// Sets the dirty bit (v3), durably, before the first modification.
     pub(crate) fn mark_dirty(&mut self) -> Result<()> {
-        if self.header.version < 3
-            || (self.header.is_dirty() && self.header.autoclear_features == 0)
-        {
-            return Ok(());
-        }
-        self.header.incompatible_features |= INCOMPAT_DIRTY;
-        self.header.autoclear_features = 0;
-        self.write_header()?;
-        self.storage
-            .flush()
-            .map_err(ImageError::io("syncing the header"))
+        let location = self.alloc.table_location();
+        self.header.mark_dirty(&*self.storage, location)
     }
 
-    /// Clears the dirty bit after a complete flush.
-    pub(crate) fn mark_clean(&mut self) -> Result<()> {
-        if !self.header.is_dirty() {
-            return Ok(());
-        }
-        self.header.incompatible_features &= !INCOMPAT_DIRTY;
-        self.write_header()?;
-        self.storage
-            .flush()
-            .map_err(ImageError::io("syncing the header"))
+    /// Flushes and clears the dirty bit.
+    pub(crate) fn close(&mut self) -> Result<()> {
+        self.flush()?;
+        let location = self.alloc.table_location();
+        self.header.mark_clean(&*self.storage, location)
     }
+
+    /// Clears QEMU's corrupt mark (after a clean repair).
+    pub(crate) fn clear_corrupt(&mut self) -> Result<()> {
+        let location = self.alloc.table_location();
+        self.header.clear_corrupt(&*self.storage, location)?;
+        self.flush()
+    }
+
+    /// Reads and validates the snapshot table (bounded by the file size).
+    pub(crate) fn snapshots(&self) -> Result<Vec<Snapshot>> {
+        read_snapshot_table(&*self.storage, self.header())
+    }
+
+    // --- write-back ---
 
     fn sync(&self, why: &'static str) -> Result<()> {
         self.storage.flush().map_err(ImageError::io(why))
     }
 
-    /// Writes dirty L2 tables, the L1 and the dedup table, after making the
-    /// refcounts of every cluster they point to durable.
-    fn write_tables(&mut self) -> Result<()> {
-        let dedup_dirty = self.dedup.as_ref().is_some_and(|d| d.table.is_dirty());
-        let dirty = self.l1_dirty.is_dirty() || dedup_dirty || self.l2.values().any(|t| t.dirty);
-        if !dirty {
-            return Ok(());
-        }
-        self.refcounts_before_tables()?;
-        let mut tables: Vec<u64> = self
-            .l2
-            .iter()
-            .filter(|(_, t)| t.dirty)
-            .map(|(&o, _)| o)
-            .collect();
-        tables.sort_unstable();
-        for offset in tables {
-            if let Some(table) = self.l2.get_mut(&offset) {
-                self.storage
-                    .write_at(&encode_u64s(&table.entries), offset)
-                    .map_err(ImageError::io("writing an L2 table"))?;
-                table.dirty = false;
-            }
-        }
-        if let Some(range) = self.l1_dirty.take() {
-            self.storage
-                .write_at(
-                    &encode_u64s(&self.l1[range.clone()]),
-                    self.header.l1_table_offset + range.start as u64 * 8,
-                )
-                .map_err(ImageError::io("writing the L1 table"))?;
-        }
-        if let Some(d) = self.dedup.as_mut() {
-            d.table.flush(&*self.storage)?;
+    /// Step 1 of the ordering: refcounts written and synced.
+    fn refcounts_durable(&mut self) -> Result<()> {
+        if self.alloc.flush(&*self.storage)? {
+            self.sync("syncing refcounts")?;
         }
         Ok(())
     }
 
-    /// Writes every dirty structure in the crash-safe order and syncs:
-    /// refcount increases, then tables; then (tables durable) the refcount
-    /// decreases of dropped references, with what follows from them for
-    /// deduplicated images (entries of freed clusters removed, OFLAG_COPIED
-    /// restored where a shared cluster fell back to one reference).
+    /// Steps 1 and 2: refcounts durable, then the block map and the dedup
+    /// table written (not synced).
+    fn write_tables(&mut self) -> Result<()> {
+        let dedup_dirty = self.dedup.as_ref().is_some_and(DedupState::is_dirty);
+        if !self.map.is_dirty() && !dedup_dirty {
+            return Ok(());
+        }
+        self.refcounts_durable()?;
+        self.map.write_back(&*self.storage)?;
+        if let Some(d) = self.dedup.as_mut() {
+            d.flush(&*self.storage)?;
+        }
+        Ok(())
+    }
+
+    /// Writes every dirty structure in the crash-safe order and syncs (see
+    /// the module documentation).
     pub(crate) fn flush(&mut self) -> Result<()> {
         self.write_tables()?;
-        if !self.pending_frees.is_empty() {
+        if self.alloc.has_released() {
             self.sync("syncing tables before freeing")?;
-            for cluster in std::mem::take(&mut self.pending_frees) {
-                let left = self.refcounts.adjust(&*self.storage, cluster, -1)?;
-                self.after_decrement(cluster, left)?;
+            let size = self.header().size;
+            for cluster in self.alloc.take_released() {
+                let left = self.alloc.drop_reference(&*self.storage, cluster)?;
+                if let Some(d) = self.dedup.as_mut() {
+                    d.after_decrement(
+                        &*self.storage,
+                        &mut self.map,
+                        &mut self.alloc,
+                        cluster,
+                        left,
+                        size,
+                    )?;
+                }
             }
-            self.resolve_copied_flags()?;
-            self.refcounts_before_tables()?;
+            if let Some(d) = self.dedup.as_mut() {
+                d.resolve_copied_flags(&*self.storage, &mut self.map, &mut self.alloc)?;
+            }
             self.write_tables()?;
         }
         self.relocate_dedup_l1()?;
-        self.refcounts_before_tables()?;
+        self.refcounts_durable()?;
         self.sync("syncing the image")
+    }
+
+    /// After the dedup L1 grew: point the header at the new table (once it
+    /// is durable), then free the old one.
+    fn relocate_dedup_l1(&mut self) -> Result<()> {
+        let Some(d) = self.dedup.as_mut().filter(|d| d.l1_moved()) else {
+            return Ok(());
+        };
+        let retired = d.take_retired();
+        self.write_tables()?;
+        self.refcounts_durable()?;
+        self.sync("syncing the new dedup L1 table")?;
+        let ext = self.dedup_mut()?.extension();
+        let location = self.alloc.table_location();
+        self.header.set_dedup(&*self.storage, location, ext)?;
+        for (offset, clusters) in retired {
+            for cluster in self.geometry.host_cluster(offset).run(clusters) {
+                self.alloc.drop_reference(&*self.storage, cluster)?;
+            }
+        }
+        Ok(())
     }
 
     /// Grows the virtual disk to `new_size`, moving the L1 table if it must
     /// grow past the clusters it occupies. Shrinking is refused.
     pub(crate) fn grow(&mut self, new_size: u64) -> Result<()> {
-        if new_size < self.header.size {
+        let header = self.header().clone();
+        if new_size < header.size {
             return Err(ImageError::Unsupported("shrinking an image".into()));
         }
         let g = self.geometry;
@@ -419,82 +517,67 @@ impl Metadata {
             )));
         }
         self.flush()?;
-        let old_entries = self.header.l1_size as u64;
+        let old_entries = u64::from(header.l1_size);
         let capacity = g.align_up(old_entries * 8) / 8;
-        if needed > capacity || (self.header.l1_table_offset == 0 && needed > 0) {
-            let clusters = g.clusters_for(needed * 8).max(1);
-            let new = self
-                .refcounts
-                .allocate_contiguous(&*self.storage, clusters)?;
-            let mut table = self.l1.clone();
-            table.resize((clusters * g.cluster_size() / 8) as usize, 0);
-            self.refcounts_before_tables()?;
+        let location = self.alloc.table_location();
+        if needed > capacity || (header.l1_table_offset == 0 && needed > 0) {
+            let clusters = g.count_for(needed * 8).max(ClusterCount::ONE);
+            let new = g.host_offset(self.alloc.allocate_contiguous(&*self.storage, clusters)?);
+            let mut table = self.map.l1().to_vec();
+            table.resize((g.bytes(clusters) / 8) as usize, 0);
+            self.refcounts_durable()?;
             self.storage
                 .write_at(&encode_u64s(&table), new.get())
                 .map_err(ImageError::io("writing the new L1 table"))?;
-            self.storage
-                .flush()
-                .map_err(ImageError::io("syncing the new L1 table"))?;
-            let old_offset = self.header.l1_table_offset;
-            let old_clusters = g.clusters_for(old_entries * 8);
-            self.header.l1_table_offset = new.get();
-            self.tables_generation += 1;
-            self.header.l1_size = needed as u32;
-            self.header.size = new_size;
-            self.write_header()?;
-            self.storage
-                .flush()
-                .map_err(ImageError::io("syncing the header"))?;
-            if old_offset != 0 {
-                for cluster in
-                    old_offset / g.cluster_size()..old_offset / g.cluster_size() + old_clusters
-                {
-                    self.refcounts.adjust(&*self.storage, cluster, -1)?;
+            self.sync("syncing the new L1 table")?;
+            let location = self.alloc.table_location();
+            self.header
+                .set_l1(&*self.storage, location, new, needed as u32, new_size)?;
+            self.map.replace_l1(new, needed as usize);
+            if header.l1_table_offset != 0 {
+                let old = HostOffset::new(header.l1_table_offset);
+                for cluster in g.host_cluster(old).run(g.count_for(old_entries * 8)) {
+                    self.alloc.drop_reference(&*self.storage, cluster)?;
                 }
             }
         } else {
             if needed > old_entries {
                 let zeros = vec![0u8; ((needed - old_entries) * 8) as usize];
                 self.storage
-                    .write_at(&zeros, self.header.l1_table_offset + old_entries * 8)
+                    .write_at(&zeros, header.l1_table_offset + old_entries * 8)
                     .map_err(ImageError::io("extending the L1 table"))?;
-                self.storage
-                    .flush()
-                    .map_err(ImageError::io("syncing the L1 table"))?;
-                self.header.l1_size = needed as u32;
+                self.sync("syncing the L1 table")?;
             }
-            self.header.size = new_size;
-            self.write_header()?;
+            let entries = needed.max(old_entries);
+            self.header.set_l1(
+                &*self.storage,
+                location,
+                HostOffset::new(header.l1_table_offset),
+                entries as u32,
+                new_size,
+            )?;
+            self.map.extend_l1(entries as usize);
         }
-        self.l1.resize(self.header.l1_size as usize, 0);
         self.flush()
-    }
-
-    /// A copy of the raw entries of the L2 table at `offset`.
-    pub(crate) fn l2_entries(&mut self, offset: u64) -> Result<Vec<u64>> {
-        Ok(self.l2_table(offset)?.entries.clone())
-    }
-
-    /// Replaces a raw L1 entry (repair of OFLAG_COPIED).
-    pub(crate) fn set_l1_raw(&mut self, index: usize, raw: u64) {
-        self.set_l1(index, raw);
-    }
-
-    /// A shared handle to the storage.
-    pub(crate) fn storage_arc(&self) -> Arc<dyn Storage> {
-        self.storage.clone()
-    }
-
-    /// The storage the image lives on.
-    pub(crate) fn storage(&self) -> &dyn Storage {
-        &*self.storage
     }
 }
 
-/// Serialises the header into cluster 0.
-pub(crate) fn write_header(storage: &dyn Storage, header: &Header) -> Result<()> {
-    let bytes = header.encode()?;
+/// Reads and validates the snapshot table `header` names, reading no more
+/// than the file holds.
+pub(crate) fn read_snapshot_table(storage: &dyn Storage, header: &Header) -> Result<Vec<Snapshot>> {
+    let n = header.nb_snapshots;
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let offset = header.snapshots_offset;
+    let file_size = storage
+        .len()
+        .map_err(ImageError::io("reading the image size"))?;
+    let max_entry = 40 + 1024 + 2 * 65535 + 8u64;
+    let len = (u64::from(n) * max_entry).min(file_size.saturating_sub(offset));
+    let mut table = vec![0u8; len as usize];
     storage
-        .write_at(&bytes, 0)
-        .map_err(ImageError::io("writing the header"))
+        .read_at(&mut table, offset)
+        .map_err(ImageError::io("reading the snapshot table"))?;
+    Ok(parse_snapshot_table(&table, n, header.geometry)?)
 }

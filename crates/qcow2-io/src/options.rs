@@ -27,6 +27,9 @@ pub struct CreateOptions {
     pub lazy_refcounts: bool,
     /// Deduplicate guest clusters by content (v3 only).
     pub dedup: bool,
+    /// Let [`crate::Image::create`] replace an existing file (by default it
+    /// refuses one, so an image is never truncated by accident).
+    pub overwrite: bool,
 }
 
 impl CreateOptions {
@@ -39,7 +42,44 @@ impl CreateOptions {
             compat: Compat::V3,
             lazy_refcounts: false,
             dedup: false,
+            overwrite: false,
         }
+    }
+
+    /// With this cluster size (a power of two from 512 bytes to 2 MiB).
+    pub fn cluster_size(mut self, bytes: u64) -> Self {
+        self.cluster_size = bytes;
+        self
+    }
+
+    /// With this refcount width in bits.
+    pub fn refcount_bits(mut self, bits: u32) -> Self {
+        self.refcount_bits = bits;
+        self
+    }
+
+    /// With this compatibility level.
+    pub fn compat(mut self, compat: Compat) -> Self {
+        self.compat = compat;
+        self
+    }
+
+    /// With or without the lazy refcounts bit.
+    pub fn lazy_refcounts(mut self, on: bool) -> Self {
+        self.lazy_refcounts = on;
+        self
+    }
+
+    /// With or without inline deduplication.
+    pub fn dedup(mut self, on: bool) -> Self {
+        self.dedup = on;
+        self
+    }
+
+    /// Allowing [`crate::Image::create`] to replace an existing file.
+    pub fn overwrite(mut self, on: bool) -> Self {
+        self.overwrite = on;
+        self
     }
 
     /// Checks the combination, as `qemu-img create` does.

@@ -2,6 +2,7 @@
 //! bytes with no lock but the shared range lock held.
 
 use qcow2_format::l2::{CompressedDescriptor, L2Mapping, SubclusterState};
+use qcow2_format::GuestOffset;
 
 use crate::compressed::decompress_cluster;
 use crate::image::Image;
@@ -33,63 +34,61 @@ pub(crate) struct Segment {
     pub(crate) in_cluster: u64,
 }
 
-impl Metadata {
-    /// The extent at `guest` and how many bytes from there it covers.
-    pub(crate) fn extent_at(&mut self, guest: u64) -> Result<(Extent, u64)> {
-        let g = self.geometry;
-        let in_cluster = g.offset_in_cluster(guest);
-        let rest = g.cluster_size() - in_cluster;
-        let (mapping, bitmap) = self.lookup(guest)?;
-        if g.extended_l2() && !matches!(mapping, L2Mapping::Compressed(_)) {
-            let sub = g.subcluster_size();
-            let first = (in_cluster / sub) as u32;
-            let state = bitmap.state(first);
-            let mut end = first + 1;
-            while end < 32 && bitmap.state(end) == state {
-                end += 1;
-            }
-            let len = u64::from(end) * sub - in_cluster;
-            return Ok(match (state, mapping) {
-                (SubclusterState::Allocated, L2Mapping::Data { offset, .. }) => {
-                    (Extent::Data(offset.get() + in_cluster), len)
-                }
-                (SubclusterState::Allocated, _) => {
-                    return Err(ImageError::Corrupt(format!(
-                        "allocated subcluster without a host cluster at guest offset {guest:#x}"
-                    )))
-                }
-                _ => (Extent::Zero, len),
-            });
+/// The extent at `guest` and how many bytes from there it covers.
+fn extent_at(meta: &mut Metadata, guest: u64) -> Result<(Extent, u64)> {
+    let g = meta.header().geometry;
+    let in_cluster = g.offset_in_cluster(guest);
+    let rest = g.cluster_size() - in_cluster;
+    let (mapping, bitmap) = meta.lookup(GuestOffset::new(guest))?;
+    if g.extended_l2() && !matches!(mapping, L2Mapping::Compressed(_)) {
+        let sub = g.subcluster_size();
+        let first = (in_cluster / sub) as u32;
+        let state = bitmap.state(first);
+        let mut end = first + 1;
+        while end < 32 && bitmap.state(end) == state {
+            end += 1;
         }
-        Ok(match mapping {
-            L2Mapping::Data { offset, .. } => (Extent::Data(offset.get() + in_cluster), rest),
-            L2Mapping::Zero { .. } | L2Mapping::Unallocated => (Extent::Zero, rest),
-            L2Mapping::Compressed(d) => (Extent::Compressed(d), rest),
-        })
+        let len = u64::from(end) * sub - in_cluster;
+        return Ok(match (state, mapping) {
+            (SubclusterState::Allocated, L2Mapping::Data { offset, .. }) => {
+                (Extent::Data(offset.get() + in_cluster), len)
+            }
+            (SubclusterState::Allocated, _) => {
+                return Err(ImageError::Corrupt(format!(
+                    "allocated subcluster without a host cluster at guest offset {guest:#x}"
+                )))
+            }
+            _ => (Extent::Zero, len),
+        });
     }
+    Ok(match mapping {
+        L2Mapping::Data { offset, .. } => (Extent::Data(offset.get() + in_cluster), rest),
+        L2Mapping::Zero { .. } | L2Mapping::Unallocated => (Extent::Zero, rest),
+        L2Mapping::Compressed(d) => (Extent::Compressed(d), rest),
+    })
+}
 
-    /// Maps `len` bytes from `offset` into segments, merging neighbours
-    /// that are contiguous on the host or all zeros.
-    pub(crate) fn segments(&mut self, offset: u64, len: usize) -> Result<Vec<Segment>> {
-        let g = self.geometry;
-        let mut out: Vec<Segment> = Vec::new();
-        let mut at = 0usize;
-        while at < len {
-            let guest = offset + at as u64;
-            if self.l2_unallocated(guest)? {
-                let l2_end = (g.l1_index(guest) + 1) * g.l2_coverage();
-                let n = ((l2_end - guest) as usize).min(len - at);
-                push(&mut out, at, n, Extent::Zero, 0);
-                at += n;
-                continue;
-            }
-            let (extent, avail) = self.extent_at(guest)?;
-            let n = (avail as usize).min(len - at);
-            push(&mut out, at, n, extent, g.offset_in_cluster(guest));
+/// Maps `len` bytes from `offset` into segments, merging neighbours that
+/// are contiguous on the host or all zeros.
+pub(crate) fn segments(meta: &mut Metadata, offset: u64, len: usize) -> Result<Vec<Segment>> {
+    let g = meta.header().geometry;
+    let mut out: Vec<Segment> = Vec::new();
+    let mut at = 0usize;
+    while at < len {
+        let guest = GuestOffset::new(offset + at as u64);
+        if meta.l2_unallocated(guest)? {
+            let l2_end = meta.next_l2_range(guest);
+            let n = ((l2_end - guest) as usize).min(len - at);
+            push(&mut out, at, n, Extent::Zero, 0);
             at += n;
+            continue;
         }
-        Ok(out)
+        let (extent, avail) = extent_at(meta, guest.get())?;
+        let n = (avail as usize).min(len - at);
+        push(&mut out, at, n, extent, g.offset_in_cluster(guest.get()));
+        at += n;
     }
+    Ok(out)
 }
 
 fn push(out: &mut Vec<Segment>, at: usize, len: usize, extent: Extent, in_cluster: u64) {
@@ -122,7 +121,7 @@ impl Image {
         let _range = self
             .locks
             .lock(self.cluster_span(offset, buf.len() as u64), false);
-        let segments = self.meta.lock().segments(offset, buf.len())?;
+        let segments = segments(&mut self.meta.lock(), offset, buf.len())?;
         self.fill(buf, &segments)
     }
 
@@ -137,7 +136,7 @@ impl Image {
                     .map_err(ImageError::io("reading guest data"))?,
                 Extent::Zero => dst.fill(0),
                 Extent::Compressed(d) => {
-                    let compression = self.meta.lock().header.compression_type;
+                    let compression = self.meta.lock().header().compression_type;
                     decompress_cluster(
                         &*self.storage,
                         d,

@@ -3,7 +3,7 @@
 //! exclusive range lock held, then point the L2 entries at the new clusters.
 
 use qcow2_format::l2::L2Mapping;
-use qcow2_format::HostOffset;
+use qcow2_format::{ClusterCount, GuestOffset, HostCluster, HostOffset};
 
 use crate::compressed::decompress_cluster;
 use crate::image::Image;
@@ -17,96 +17,79 @@ const MAX_RUN: u64 = 1024;
 #[derive(Debug)]
 pub(crate) enum WritePlan {
     /// Clusters owned exclusively (OFLAG_COPIED): write `len` bytes at `host`.
-    InPlace { host: u64, len: u64 },
-    /// Fresh contiguous clusters at `host` for guest clusters from
+    InPlace { host: HostOffset, len: u64 },
+    /// Fresh contiguous clusters from `first` for the guest clusters from
     /// `guest_start`, replacing `old` mappings (one per cluster).
     Allocate {
-        host: HostOffset,
-        guest_start: u64,
+        first: HostCluster,
+        guest_start: GuestOffset,
         old: Vec<L2Mapping>,
     },
 }
 
-fn in_place(mapping: L2Mapping) -> Option<u64> {
-    match mapping {
-        L2Mapping::Data {
-            offset,
-            copied: true,
-        } => Some(offset.get()),
-        _ => None,
+/// Plans the write of `remaining` bytes at guest offset `pos`.
+fn plan_write(meta: &mut Metadata, pos: GuestOffset, remaining: u64) -> Result<WritePlan> {
+    let g = meta.header().geometry;
+    let cs = g.cluster_size();
+    let cluster_start = g.guest_offset(g.guest_cluster(pos));
+    let (first, _) = meta.lookup(cluster_start)?;
+    if let Some(host) = first.writable_in_place() {
+        let in_cluster = pos - cluster_start;
+        let mut len = remaining.min(cs - in_cluster);
+        let mut next_host = host + cs;
+        while len < remaining {
+            match meta.lookup(pos + len)?.0.writable_in_place() {
+                Some(h) if h == next_host => {
+                    len = (len + cs).min(remaining);
+                    next_host = next_host + cs;
+                }
+                _ => break,
+            }
+        }
+        meta.guard_data_write(host + in_cluster, len)?;
+        return Ok(WritePlan::InPlace {
+            host: host + in_cluster,
+            len,
+        });
     }
+    let end = pos + remaining;
+    let wanted = g.clusters_for(end - cluster_start).min(MAX_RUN);
+    let mut old = vec![first];
+    while (old.len() as u64) < wanted {
+        let (mapping, _) = meta.lookup(cluster_start + old.len() as u64 * cs)?;
+        if mapping.writable_in_place().is_some() {
+            break;
+        }
+        old.push(mapping);
+    }
+    let (first, got) = meta.allocate(ClusterCount::new(old.len() as u64))?;
+    old.truncate(got.as_usize());
+    meta.guard_data_write(g.host_offset(first), g.bytes(got))?;
+    Ok(WritePlan::Allocate {
+        first,
+        guest_start: cluster_start,
+        old,
+    })
 }
 
-impl Metadata {
-    /// Plans the write of `remaining` bytes at guest offset `pos`.
-    pub(crate) fn plan_write(&mut self, pos: u64, remaining: u64) -> Result<WritePlan> {
-        let g = self.geometry;
-        let cs = g.cluster_size();
-        let cluster_start = g.cluster_start(pos);
-        let end = pos + remaining;
-        let (first, _) = self.lookup(cluster_start)?;
-        if let Some(host) = in_place(first) {
-            let in_cluster = pos - cluster_start;
-            let mut len = remaining.min(cs - in_cluster);
-            let mut next_host = host + cs;
-            while len < remaining {
-                let guest = pos + len;
-                match in_place(self.lookup(guest)?.0) {
-                    Some(h) if h == next_host => {
-                        len = (len + cs).min(remaining);
-                        next_host += cs;
-                    }
-                    _ => break,
-                }
-            }
-            self.guard_data_write(host + in_cluster, len)?;
-            return Ok(WritePlan::InPlace {
-                host: host + in_cluster,
-                len,
-            });
-        }
-        let wanted = g.clusters_for(end - cluster_start).min(MAX_RUN);
-        let mut old = vec![first];
-        while (old.len() as u64) < wanted {
-            let guest = cluster_start + old.len() as u64 * cs;
-            let (mapping, _) = self.lookup(guest)?;
-            if in_place(mapping).is_some() {
-                break;
-            }
-            old.push(mapping);
-        }
-        let (host, got) = self.allocate(old.len() as u64)?;
-        old.truncate(got as usize);
-        self.guard_data_write(host.get(), got * cs)?;
-        Ok(WritePlan::Allocate {
-            host,
-            guest_start: cluster_start,
-            old,
-        })
+/// Points the planned guest clusters at their new host clusters and drops
+/// the references of what they replaced.
+fn commit_allocation(
+    meta: &mut Metadata,
+    first: HostCluster,
+    guest_start: GuestOffset,
+    old: &[L2Mapping],
+) -> Result<()> {
+    let g = meta.header().geometry;
+    let hosts = first.run(ClusterCount::new(old.len() as u64));
+    for (i, (host, &previous)) in hosts.zip(old).enumerate() {
+        let mapping = L2Mapping::Data {
+            offset: g.host_offset(host),
+            copied: true,
+        };
+        meta.replace_mapping(guest_start + i as u64 * g.cluster_size(), mapping, previous)?;
     }
-
-    /// Points the planned guest clusters at their new host clusters and
-    /// drops the references of what they replaced.
-    pub(crate) fn commit_allocation(
-        &mut self,
-        host: HostOffset,
-        guest_start: u64,
-        old: &[L2Mapping],
-    ) -> Result<()> {
-        let cs = self.geometry.cluster_size();
-        for (i, &previous) in old.iter().enumerate() {
-            let offset = i as u64 * cs;
-            self.set_mapping(
-                guest_start + offset,
-                L2Mapping::Data {
-                    offset: HostOffset(host.get() + offset),
-                    copied: true,
-                },
-            )?;
-            self.release(previous);
-        }
-        Ok(())
-    }
+    Ok(())
 }
 
 impl Image {
@@ -134,21 +117,22 @@ impl Image {
         while done < buf.len() {
             let pos = offset + done as u64;
             let remaining = (buf.len() - done) as u64;
-            let plan = self.meta.lock().plan_write(pos, remaining)?;
+            let plan = plan_write(&mut self.meta.lock(), GuestOffset::new(pos), remaining)?;
             match plan {
                 WritePlan::InPlace { host, len } => {
                     self.storage
-                        .write_at(&buf[done..done + len as usize], host)
+                        .write_at(&buf[done..done + len as usize], host.get())
                         .map_err(ImageError::io("writing guest data"))?;
                     done += len as usize;
                 }
                 WritePlan::Allocate {
-                    host,
+                    first,
                     guest_start,
                     old,
                 } => {
+                    let host = self.geometry.host_offset(first);
                     let span = old.len() as u64 * cs;
-                    let head = pos - guest_start;
+                    let head = pos - guest_start.get();
                     let len = remaining.min(span - head);
                     let piece = &buf[done..done + len as usize];
                     if head == 0 && len == span {
@@ -173,9 +157,7 @@ impl Image {
                             .write_at(&whole, host.get())
                             .map_err(ImageError::io("writing guest data"))?;
                     }
-                    self.meta
-                        .lock()
-                        .commit_allocation(host, guest_start, &old)?;
+                    commit_allocation(&mut self.meta.lock(), first, guest_start, &old)?;
                     done += len as usize;
                 }
             }
@@ -191,7 +173,7 @@ impl Image {
                 .read_at(out, offset.get())
                 .map_err(ImageError::io("reading a cluster to copy")),
             L2Mapping::Compressed(d) => {
-                let compression = self.meta.lock().header.compression_type;
+                let compression = self.meta.lock().header().compression_type;
                 let mut cluster = Vec::new();
                 decompress_cluster(&*self.storage, d, self.geometry, compression, &mut cluster)?;
                 out.copy_from_slice(&cluster);
@@ -242,7 +224,7 @@ impl Image {
             self.zero_partial(full_end, end)?;
         }
         let mut meta = self.meta.lock();
-        let zero_flag = meta.l2_format.zero_flag && zero_edges;
+        let zero_flag = meta.l2_format().zero_flag && zero_edges;
         let replacement = if zero_flag {
             L2Mapping::Zero {
                 preallocated: None,
@@ -251,26 +233,17 @@ impl Image {
         } else {
             L2Mapping::Unallocated
         };
-        let mut guest = full_start;
-        while guest < full_end {
+        let mut guest = GuestOffset::new(full_start);
+        while guest.get() < full_end {
             if meta.l2_unallocated(guest)? {
-                guest = ((g.l1_index(guest) + 1) * g.l2_coverage()).min(full_end);
+                guest = GuestOffset::new(meta.next_l2_range(guest).get().min(full_end));
                 continue;
             }
             let (old, _) = meta.lookup(guest)?;
-            let already = matches!(
-                old,
-                L2Mapping::Unallocated
-                    | L2Mapping::Zero {
-                        preallocated: None,
-                        ..
-                    }
-            );
-            if !already {
-                meta.set_mapping(guest, replacement)?;
-                meta.release(old);
+            if !old.is_hole() {
+                meta.replace_mapping(guest, replacement, old)?;
             }
-            guest += g.cluster_size();
+            guest = guest + g.cluster_size();
         }
         Ok(())
     }
@@ -282,7 +255,7 @@ impl Image {
         let mut pos = start;
         while pos < end {
             let piece_end = (g.cluster_start(pos) + g.cluster_size()).min(end);
-            let (mapping, _) = self.meta.lock().lookup(pos)?;
+            let (mapping, _) = self.meta.lock().lookup(GuestOffset::new(pos))?;
             if !matches!(mapping, L2Mapping::Unallocated | L2Mapping::Zero { .. }) {
                 self.write_locked(&vec![0u8; (piece_end - pos) as usize], pos)?;
             }

@@ -1,13 +1,20 @@
-//! The dedup write path: hash with no lock held, plan under the metadata
-//! lock, write fresh data with no lock held, commit.
+//! Phase two of a dedup write: apply each class of the plan.
+//!
+//! Per batch: hash every cluster with no lock held; under the metadata lock
+//! classify ([`super::plan`]), apply zeros and shares at once, claim the
+//! contents to store, and allocate fresh clusters; write the data with no
+//! lock held; under the lock again point the guest clusters at it and
+//! record the hashes; then release the claims. A writer blocked on another's
+//! claim waits for its release and classifies again.
 
 use std::borrow::Cow;
 
 use qcow2_dedup::ContentHash;
-use qcow2_format::dedup::DedupEntry;
 use qcow2_format::l2::L2Mapping;
-use qcow2_format::HostOffset;
+use qcow2_format::{ClusterCount, GuestOffset, HostCluster};
 
+use super::claims::ClaimGuard;
+use super::plan::{classify, Class, ClusterItem};
 use crate::image::Image;
 use crate::metadata::Metadata;
 use crate::{is_zero, ImageError, Result};
@@ -15,216 +22,23 @@ use crate::{is_zero, ImageError, Result};
 /// Most bytes one batch of a dedup write holds.
 const BATCH_BYTES: u64 = 8 << 20;
 
-/// One guest cluster of a dedup write.
+/// One guest cluster of a dedup write with its content.
 pub(super) struct ClusterWrite<'a> {
-    pub(super) guest: u64,
+    pub(super) item: ClusterItem,
     pub(super) content: Cow<'a, [u8]>,
-    pub(super) hash: Option<ContentHash>,
     /// Where `content` starts in the caller's buffer, when it is a whole
     /// cluster of it (so neighbours can be written as one request).
     pub(super) within: Option<usize>,
 }
 
-/// What the plan decided for a cluster.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Action {
-    /// Nothing left to do (zero, shared, or unchanged).
-    Done,
-    /// Write the content at `host`, then point the guest cluster there.
-    /// `reuse`: `host` is the guest cluster's own unshared cluster.
-    Write {
-        host: u64,
-        reuse: bool,
-        old: L2Mapping,
-    },
-}
-
-impl Metadata {
-    /// Decides, under the metadata lock, what each cluster of a dedup write
-    /// needs; zero clusters and confirmed duplicates are finished here.
-    /// Stops before the first cluster whose content is being written by
-    /// someone (or by an earlier cluster of this plan): the plan covers
-    /// `actions.len()` clusters and names the hash to wait for.
-    fn dedup_plan(
-        &mut self,
-        items: &[ClusterWrite<'_>],
-        unchanged: bool,
-    ) -> Result<(Vec<Action>, Option<ContentHash>)> {
-        let mut claimed = Vec::new();
-        let planned = self.dedup_plan_claiming(items, unchanged, &mut claimed);
-        if planned.is_err() {
-            if let Some(d) = self.dedup.as_mut() {
-                for hash in &claimed {
-                    d.inflight.remove(hash);
-                }
-            }
-        }
-        planned
-    }
-
-    /// [`Metadata::dedup_plan`], recording every in-flight claim it makes
-    /// so that a failed plan can withdraw them.
-    fn dedup_plan_claiming(
-        &mut self,
-        items: &[ClusterWrite<'_>],
-        unchanged: bool,
-        claimed: &mut Vec<[u8; 32]>,
-    ) -> Result<(Vec<Action>, Option<ContentHash>)> {
-        let storage = self.storage_arc();
-        let cs = self.geometry.cluster_size();
-        let mut actions = vec![Action::Done; items.len()];
-        let mut to_allocate = Vec::new();
-        let mut blocked = None;
-        for (i, item) in items.iter().enumerate() {
-            if let Some(hash) = item.hash {
-                if self.dedup_mut()?.inflight.contains(&hash.0) {
-                    actions.truncate(i);
-                    blocked = Some(hash);
-                    break;
-                }
-            }
-            let (old, _) = self.lookup(item.guest)?;
-            let Some(hash) = item.hash else {
-                if !matches!(
-                    old,
-                    L2Mapping::Unallocated
-                        | L2Mapping::Zero {
-                            preallocated: None,
-                            ..
-                        }
-                ) {
-                    self.set_mapping(
-                        item.guest,
-                        L2Mapping::Zero {
-                            preallocated: None,
-                            copied: false,
-                        },
-                    )?;
-                    self.release(old);
-                }
-                continue;
-            };
-            if let Some(host) = self.dedup_find(&hash)? {
-                if old.host_cluster().map(|h| h.get() / cs) == Some(host) {
-                    continue;
-                }
-                let refcount = self.refcounts.adjust(&*storage, host, 1)?;
-                if refcount == 2 {
-                    self.fix_copied_at_hint(host, false)?;
-                }
-                self.set_mapping(
-                    item.guest,
-                    L2Mapping::Data {
-                        offset: HostOffset(host * cs),
-                        copied: false,
-                    },
-                )?;
-                self.release(old);
-                continue;
-            }
-            if let L2Mapping::Data { offset, .. } = old {
-                let host = offset.get() / cs;
-                if self.refcounts.get(&*storage, host)? == 1 {
-                    self.guard_data_write(offset.get(), cs)?;
-                    let d = self.dedup_mut()?;
-                    if let Some(entry) = d.table.get(&*storage, host)? {
-                        if let Some(index) = d.index.as_mut() {
-                            index.remove(&ContentHash(entry.hash), host);
-                        }
-                        d.table.clear(&*storage, host)?;
-                    }
-                    d.inflight.insert(hash.0);
-                    claimed.push(hash.0);
-                    actions[i] = Action::Write {
-                        host: offset.get(),
-                        reuse: true,
-                        old,
-                    };
-                    continue;
-                }
-            }
-            if unchanged {
-                return Err(ImageError::Corrupt(format!(
-                    "guest cluster at {:#x} has no data cluster of its own to adopt",
-                    item.guest
-                )));
-            }
-            self.dedup_mut()?.inflight.insert(hash.0);
-            claimed.push(hash.0);
-            to_allocate.push((i, old));
-        }
-        let mut next = 0;
-        while next < to_allocate.len() {
-            let (start, got) = self.allocate((to_allocate.len() - next) as u64)?;
-            self.guard_data_write(start.get(), got * cs)?;
-            for k in 0..got as usize {
-                let (i, old) = to_allocate[next + k];
-                actions[i] = Action::Write {
-                    host: start.get() + k as u64 * cs,
-                    reuse: false,
-                    old,
-                };
-            }
-            next += got as usize;
-        }
-        Ok((actions, blocked))
-    }
-
-    /// Whether some writer is storing content `hash` right now.
-    fn dedup_inflight(&self, hash: &ContentHash) -> bool {
-        self.dedup
-            .as_ref()
-            .is_some_and(|d| d.inflight.contains(&hash.0))
-    }
-
-    /// Forgets the in-flight claims of a plan whose data could not be
-    /// written (its fresh clusters leak until `check -r leaks`).
-    fn dedup_abandon(&mut self, items: &[ClusterWrite<'_>], actions: &[Action]) {
-        if let Some(d) = self.dedup.as_mut() {
-            for (item, action) in items.iter().zip(actions) {
-                if let (Action::Write { .. }, Some(hash)) = (action, item.hash) {
-                    d.inflight.remove(&hash.0);
-                }
-            }
-        }
-    }
-
-    /// Points written clusters at their data and records their hashes.
-    fn dedup_commit(&mut self, items: &[ClusterWrite<'_>], actions: &[Action]) -> Result<()> {
-        let storage = self.storage_arc();
-        let cs = self.geometry.cluster_size();
-        for (item, action) in items.iter().zip(actions) {
-            let (Action::Write { host, reuse, old }, Some(hash)) = (*action, item.hash) else {
-                continue;
-            };
-            self.set_mapping(
-                item.guest,
-                L2Mapping::Data {
-                    offset: HostOffset(host),
-                    copied: true,
-                },
-            )?;
-            if !reuse {
-                self.release(old);
-            }
-            let entry = DedupEntry {
-                hash: hash.0,
-                guest_offset: item.guest.into(),
-            };
-            let Metadata {
-                dedup, refcounts, ..
-            } = self;
-            let d = dedup
-                .as_mut()
-                .ok_or_else(|| ImageError::Corrupt("dedup state missing".into()))?;
-            d.inflight.remove(&hash.0);
-            if let Some(index) = d.index.as_mut() {
-                index.insert(&hash, host / cs);
-            }
-            d.table.set(&*storage, refcounts, host / cs, &entry)?;
-        }
-        Ok(())
-    }
+/// A cluster whose content is written by this batch, and where.
+#[derive(Debug, Clone, Copy)]
+struct Store {
+    index: usize,
+    host: HostCluster,
+    /// What the guest cluster pointed to, released at commit (none when
+    /// the cluster is rewritten in place).
+    old: Option<L2Mapping>,
 }
 
 impl Image {
@@ -253,88 +67,70 @@ impl Image {
                     Cow::Owned(whole)
                 };
                 items.push(ClusterWrite {
-                    guest: cluster,
+                    item: ClusterItem {
+                        guest: GuestOffset::new(cluster),
+                        hash: None,
+                    },
                     content,
-                    hash: None,
                     within: whole_cluster.then_some((lo - offset) as usize),
                 });
                 cluster += cs;
             }
-            self.write_batch(&mut items, buf, false)?;
+            self.write_batch(&mut items, buf)?;
             guest = batch_end;
         }
         Ok(())
     }
 
-    /// Hashes, plans, writes and commits one batch. With `unchanged`, the
-    /// content is already in each cluster's own host cluster (adoption when
-    /// dedup is enabled on an existing image) and is not written again.
-    pub(super) fn write_batch(
-        &self,
-        items: &mut [ClusterWrite<'_>],
-        source: &[u8],
-        unchanged: bool,
-    ) -> Result<()> {
-        for item in items.iter_mut() {
-            if !is_zero(&item.content) {
-                item.hash = Some(ContentHash::of(&item.content));
+    /// Hashes, classifies, applies and commits one batch.
+    pub(super) fn write_batch(&self, items: &mut [ClusterWrite<'_>], source: &[u8]) -> Result<()> {
+        for w in items.iter_mut() {
+            if !is_zero(&w.content) {
+                w.item.hash = Some(ContentHash::of(&w.content));
             }
         }
         let mut start = 0;
         while start < items.len() {
             let rest = &items[start..];
-            let (actions, blocked) = self.meta.lock().dedup_plan(rest, unchanged)?;
-            let planned = &rest[..actions.len()];
-            if !unchanged {
-                if let Err(e) = self.write_planned(planned, &actions, source) {
-                    self.meta.lock().dedup_abandon(planned, &actions);
-                    self.dedup_landed.notify_all();
-                    return Err(e);
-                }
+            let keys: Vec<ClusterItem> = rest.iter().map(|w| w.item).collect();
+            let mut claims = self.claims.guard();
+            let (classes, blocked_on, stores) = {
+                let mut meta = self.meta.lock();
+                let plan = classify(&mut meta, &self.claims, &keys)?;
+                let stores = apply_in_place_classes(&mut meta, &keys, &plan.classes, &mut claims)?;
+                (plan.classes, plan.blocked_on, stores)
+            };
+            let planned = &rest[..classes.len()];
+            self.write_stores(planned, &stores, source)?;
+            commit_stores(&mut self.meta.lock(), &keys, &stores)?;
+            drop(claims);
+            if let Some(hash) = blocked_on {
+                self.claims.wait_released(&hash);
             }
-            let mut meta = self.meta.lock();
-            let committed = meta.dedup_commit(planned, &actions);
-            if committed.is_err() {
-                meta.dedup_abandon(planned, &actions);
-            }
-            self.dedup_landed.notify_all();
-            committed?;
-            if let Some(hash) = blocked {
-                while meta.dedup_inflight(&hash) {
-                    self.dedup_landed.wait(&mut meta);
-                }
-            }
-            start += actions.len();
+            start += classes.len();
         }
         Ok(())
     }
 
-    /// Writes the data of the planned fresh or reused clusters. Neighbours
-    /// contiguous both on the host and in the caller's buffer `source` go
-    /// out as one request, straight from that buffer.
-    fn write_planned(
+    /// Writes the data of the clusters to store. Neighbours contiguous both
+    /// on the host and in the caller's buffer `source` go out as one
+    /// request, straight from that buffer.
+    fn write_stores(
         &self,
         items: &[ClusterWrite<'_>],
-        actions: &[Action],
+        stores: &[Store],
         source: &[u8],
     ) -> Result<()> {
-        let cs = self.geometry.cluster_size() as usize;
-        let writes: Vec<(u64, &ClusterWrite<'_>)> = items
-            .iter()
-            .zip(actions)
-            .filter_map(|(item, action)| match action {
-                Action::Write { host, .. } => Some((*host, item)),
-                Action::Done => None,
-            })
-            .collect();
+        let g = self.geometry;
+        let cs = g.cluster_size() as usize;
         let mut i = 0;
-        while i < writes.len() {
-            let (host, first) = writes[i];
+        while i < stores.len() {
+            let first = &items[stores[i].index];
             let mut j = i + 1;
             if let Some(start) = first.within {
-                while j < writes.len()
-                    && writes[j].0 == host + ((j - i) * cs) as u64
-                    && writes[j].1.within == Some(start + (j - i) * cs)
+                while j < stores.len()
+                    && stores[j].host == stores[i].host + ClusterCount::new((j - i) as u64)
+                    && items[stores[j].index].within == Some(start + (j - i) * cs)
                 {
                     j += 1;
                 }
@@ -344,7 +140,7 @@ impl Image {
                 _ => &first.content[..],
             };
             self.storage
-                .write_at(data, host)
+                .write_at(data, g.host_offset(stores[i].host).get())
                 .map_err(ImageError::io("writing guest data"))?;
             i = j;
         }
@@ -353,7 +149,101 @@ impl Image {
 
     /// Reads one whole guest cluster; the caller holds its range lock.
     pub(super) fn read_cluster_locked(&self, guest: u64, out: &mut [u8]) -> Result<()> {
-        let segments = self.meta.lock().segments(guest, out.len())?;
+        let segments = crate::read::segments(&mut self.meta.lock(), guest, out.len())?;
         self.fill(out, &segments)
     }
+}
+
+/// Applies the classes that need no data written (zeros, shares), claims
+/// the contents to store, forgets the old entries of clusters rewritten in
+/// place, and allocates fresh clusters. Returns the clusters to store, in
+/// plan order.
+fn apply_in_place_classes(
+    meta: &mut Metadata,
+    items: &[ClusterItem],
+    classes: &[Class],
+    claims: &mut ClaimGuard<'_>,
+) -> Result<Vec<Store>> {
+    let cs = meta.header().geometry.cluster_size();
+    let mut stores = Vec::new();
+    let mut fresh = Vec::new();
+    for (index, (item, class)) in items.iter().zip(classes).enumerate() {
+        match *class {
+            Class::Unchanged => {}
+            Class::Zero { old } => apply_zero(meta, item.guest, old)?,
+            Class::Share { host, old } => meta.share(item.guest, host, old)?,
+            Class::Reuse { host } => {
+                meta.guard_data_write(meta.header().geometry.host_offset(host), cs)?;
+                meta.dedup_forget(host)?;
+                claim(claims, item)?;
+                stores.push(Store {
+                    index,
+                    host,
+                    old: None,
+                });
+            }
+            Class::Fresh { old } => {
+                claim(claims, item)?;
+                fresh.push((index, old));
+            }
+        }
+    }
+    let mut next = 0;
+    while next < fresh.len() {
+        let wanted = ClusterCount::new((fresh.len() - next) as u64);
+        let (first, got) = meta.allocate(wanted)?;
+        let g = meta.header().geometry;
+        meta.guard_data_write(g.host_offset(first), g.bytes(got))?;
+        for (k, host) in first.run(got).enumerate() {
+            let (index, old) = fresh[next + k];
+            stores.push(Store {
+                index,
+                host,
+                old: Some(old),
+            });
+        }
+        next += got.as_usize();
+    }
+    stores.sort_by_key(|s| s.index);
+    Ok(stores)
+}
+
+fn claim(claims: &mut ClaimGuard<'_>, item: &ClusterItem) -> Result<()> {
+    let hash = item
+        .hash
+        .ok_or(ImageError::Internal("storing a cluster without a hash"))?;
+    if !claims.claim(&hash) {
+        return Err(ImageError::Internal("content claimed twice in one plan"));
+    }
+    Ok(())
+}
+
+fn apply_zero(meta: &mut Metadata, guest: GuestOffset, old: L2Mapping) -> Result<()> {
+    let zero = L2Mapping::Zero {
+        preallocated: None,
+        copied: false,
+    };
+    meta.replace_mapping(guest, zero, old)
+}
+
+/// Points the stored clusters' guest clusters at their data (written and
+/// landed) and records their hashes.
+fn commit_stores(meta: &mut Metadata, items: &[ClusterItem], stores: &[Store]) -> Result<()> {
+    let g = meta.header().geometry;
+    for store in stores {
+        let item = items[store.index];
+        let hash = item
+            .hash
+            .ok_or(ImageError::Internal("storing a cluster without a hash"))?;
+        let mapping = L2Mapping::Data {
+            offset: g.host_offset(store.host),
+            copied: true,
+        };
+        match store.old {
+            Some(old) => meta.replace_mapping(item.guest, mapping, old)?,
+            None => meta.set_mapping(item.guest, mapping)?,
+        }
+        meta.dedup_record(store.host, &hash, item.guest)?;
+    }
+    Ok(())
 }

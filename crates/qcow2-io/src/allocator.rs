@@ -1,0 +1,171 @@
+//! Host cluster allocation and reference counting for an open image: the
+//! refcounts of `qcow2-alloc` plus the decreases that must wait.
+//!
+//! Invariant: a reference dropped from an L1/L2 table (or any table) is only
+//! subtracted from its cluster's refcount after the tables that no longer
+//! point there are durable. [`Allocator::release`] queues the decrease;
+//! the owner applies the queue with [`Allocator::take_released`] once the
+//! tables are synced (see `Metadata::flush`). A crash in between leaks the
+//! cluster; it can never free a cluster that a table on disk still uses.
+
+use qcow2_alloc::{Refcounts, RefcountsConfig, Storage};
+use qcow2_format::l2::L2Mapping;
+use qcow2_format::refcount::RefcountWidth;
+use qcow2_format::{ClusterCount, Geometry, HostCluster, HostOffset};
+
+use crate::header_writer::RefcountTableLocation;
+use crate::Result;
+
+/// Refcounts and the queue of deferred decreases. See the module docs.
+#[derive(Debug)]
+pub(crate) struct Allocator {
+    refcounts: Refcounts,
+    geometry: Geometry,
+    released: Vec<HostCluster>,
+}
+
+impl Allocator {
+    /// Loads the refcount table named by the header.
+    pub(crate) fn load(storage: &dyn Storage, config: RefcountsConfig) -> Result<Self> {
+        Ok(Self::new(
+            Refcounts::load(storage, config)?,
+            config.geometry,
+        ))
+    }
+
+    /// Wraps refcounts built for a new image.
+    pub(crate) fn new(refcounts: Refcounts, geometry: Geometry) -> Self {
+        Self {
+            refcounts,
+            geometry,
+            released: Vec::new(),
+        }
+    }
+
+    /// Width of the refcount entries.
+    pub(crate) fn width(&self) -> RefcountWidth {
+        self.refcounts.width()
+    }
+
+    /// Where the refcount table is now.
+    pub(crate) fn table_location(&self) -> RefcountTableLocation {
+        RefcountTableLocation {
+            offset: self.refcounts.table_offset(),
+            clusters: self.refcounts.table_clusters(),
+        }
+    }
+
+    /// The refcount of `cluster` (queued decreases not yet subtracted).
+    pub(crate) fn refcount(&mut self, storage: &dyn Storage, cluster: HostCluster) -> Result<u64> {
+        Ok(self.refcounts.get(storage, cluster)?)
+    }
+
+    /// Adds one reference to `cluster` (the new pointer is written after
+    /// this reaches the disk); returns the new refcount.
+    pub(crate) fn add_reference(
+        &mut self,
+        storage: &dyn Storage,
+        cluster: HostCluster,
+    ) -> Result<u64> {
+        Ok(self.refcounts.adjust(storage, cluster, 1)?)
+    }
+
+    /// Allocates up to `max` contiguous clusters with refcount 1.
+    pub(crate) fn allocate(
+        &mut self,
+        storage: &dyn Storage,
+        max: ClusterCount,
+    ) -> Result<(HostCluster, ClusterCount)> {
+        Ok(self.refcounts.allocate(storage, max)?)
+    }
+
+    /// Allocates exactly `count` contiguous clusters (for tables).
+    pub(crate) fn allocate_contiguous(
+        &mut self,
+        storage: &dyn Storage,
+        count: ClusterCount,
+    ) -> Result<HostCluster> {
+        Ok(self.refcounts.allocate_contiguous(storage, count)?)
+    }
+
+    /// Queues the decreases for every host cluster `mapping` references.
+    pub(crate) fn release_mapping(&mut self, mapping: L2Mapping) {
+        match mapping {
+            L2Mapping::Compressed(d) => self.released.extend(d.host_clusters(self.geometry)),
+            other => {
+                if let Some(host) = other.host_cluster(self.geometry) {
+                    self.released.push(host);
+                }
+            }
+        }
+    }
+
+    /// Queues the decreases for a run of table clusters that nothing will
+    /// point to once the header or a parent table is durable.
+    pub(crate) fn release_run(&mut self, first: HostOffset, count: ClusterCount) {
+        let first = self.geometry.host_cluster(first);
+        self.released.extend(first.run(count));
+    }
+
+    /// Whether decreases wait.
+    pub(crate) fn has_released(&self) -> bool {
+        !self.released.is_empty()
+    }
+
+    /// The queued decreases, to be applied with
+    /// [`Allocator::drop_reference`] now that the tables are durable.
+    pub(crate) fn take_released(&mut self) -> Vec<HostCluster> {
+        std::mem::take(&mut self.released)
+    }
+
+    /// Subtracts one reference from `cluster` now; only for a reference no
+    /// durable table holds any more. Returns the refcount left.
+    pub(crate) fn drop_reference(
+        &mut self,
+        storage: &dyn Storage,
+        cluster: HostCluster,
+    ) -> Result<u64> {
+        Ok(self.refcounts.adjust(storage, cluster, -1)?)
+    }
+
+    /// Sets a refcount outright (repair).
+    pub(crate) fn set(
+        &mut self,
+        storage: &dyn Storage,
+        cluster: HostCluster,
+        value: u64,
+    ) -> Result<()> {
+        Ok(self.refcounts.set(storage, cluster, value)?)
+    }
+
+    /// Changes whenever a refcount block is created or the table moves.
+    pub(crate) fn generation(&self) -> u64 {
+        self.refcounts.generation()
+    }
+
+    /// The refcount table and every block, as `(first cluster, count)` runs.
+    pub(crate) fn metadata_clusters(&self) -> Vec<(HostCluster, ClusterCount)> {
+        let g = self.geometry;
+        let mut out = vec![(
+            g.host_cluster(self.refcounts.table_offset()),
+            ClusterCount::new(u64::from(self.refcounts.table_clusters())),
+        )];
+        out.extend(
+            self.refcounts
+                .block_offsets()
+                .map(|b| (g.host_cluster(b), ClusterCount::ONE)),
+        );
+        out
+    }
+
+    /// The refcounts themselves, for a consistency check's comparison.
+    pub(crate) fn refcounts_mut(&mut self) -> &mut Refcounts {
+        &mut self.refcounts
+    }
+
+    /// Writes refcount blocks and the table; returns whether anything was
+    /// written (the caller syncs before writing what depends on it).
+    pub(crate) fn flush(&mut self, storage: &dyn Storage) -> Result<bool> {
+        Ok(self.refcounts.flush(storage)?)
+    }
+}

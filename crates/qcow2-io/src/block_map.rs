@@ -1,0 +1,294 @@
+//! The block map: the active L1 table and a bounded cache of L2 tables,
+//! answering "where is guest cluster X" and recording new answers.
+//!
+//! Invariants: an L2 table is written in place only while its L1 entry
+//! carries OFLAG_COPIED (refcount 1); a shared one is copied to a fresh
+//! cluster first and the old reference released (deferred, see
+//! [`crate::allocator`]). The map never writes by itself: dirty tables wait
+//! in the cache until the owner, having made the refcounts of everything
+//! they point to durable, calls [`BlockMap::write_back`].
+
+use qcow2_alloc::{Storage, WriteBackCache};
+use qcow2_format::l1::{L1Entry, L1Mapping};
+use qcow2_format::l2::{L2Entry, L2Format, L2Mapping, SubclusterBitmap};
+use qcow2_format::table::{decode_u64s, encode_u64s, DirtyRange};
+use qcow2_format::{ClusterCount, Geometry, GuestOffset, Header, HostCluster, HostOffset};
+
+use crate::allocator::Allocator;
+use crate::{ImageError, Result};
+
+/// The L1 table and cached L2 tables. See the module documentation.
+#[derive(Debug)]
+pub(crate) struct BlockMap {
+    geometry: Geometry,
+    format: L2Format,
+    l1: Vec<u64>,
+    l1_offset: HostOffset,
+    l1_dirty: DirtyRange,
+    /// Decoded L2 tables by the host cluster they live in.
+    l2: WriteBackCache<Vec<u64>>,
+    generation: u64,
+}
+
+impl BlockMap {
+    /// Reads the active L1 table the header names.
+    pub(crate) fn load(storage: &dyn Storage, header: &Header, cache_bytes: u64) -> Result<Self> {
+        let mut raw = vec![0u8; header.l1_size as usize * 8];
+        storage
+            .read_at(&mut raw, header.l1_table_offset)
+            .map_err(ImageError::io("reading the L1 table"))?;
+        Ok(Self::new(
+            header,
+            HostOffset::new(header.l1_table_offset),
+            decode_u64s(&raw),
+            cache_bytes,
+        ))
+    }
+
+    /// A map over an L1 table already in memory (image creation).
+    pub(crate) fn new(
+        header: &Header,
+        l1_offset: HostOffset,
+        l1: Vec<u64>,
+        cache_bytes: u64,
+    ) -> Self {
+        let geometry = header.geometry;
+        Self {
+            geometry,
+            format: header.l2_format(),
+            l1,
+            l1_offset,
+            l1_dirty: DirtyRange::clean(),
+            l2: WriteBackCache::new((cache_bytes / geometry.cluster_size()).max(4) as usize),
+            generation: 0,
+        }
+    }
+
+    /// How entries are decoded (zero flag, extended entries).
+    pub(crate) fn format(&self) -> L2Format {
+        self.format
+    }
+
+    /// The raw active L1 entries.
+    pub(crate) fn l1(&self) -> &[u64] {
+        &self.l1
+    }
+
+    /// Changes whenever an L2 table is allocated or the L1 table moves.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The L1 table and every L2 table it points to, as cluster runs.
+    pub(crate) fn metadata_clusters(&self) -> Vec<(HostCluster, ClusterCount)> {
+        let g = self.geometry;
+        let mut out = vec![(
+            g.host_cluster(self.l1_offset),
+            g.count_for(self.l1.len() as u64 * 8),
+        )];
+        for &raw in &self.l1 {
+            if let Ok(L1Mapping::L2Table { offset, .. }) = L1Entry(raw).decode(g) {
+                out.push((g.host_cluster(offset), ClusterCount::ONE));
+            }
+        }
+        out
+    }
+
+    /// Loads the L2 table at `offset` into the cache if needed.
+    fn load_l2(&mut self, storage: &dyn Storage, offset: HostOffset) -> Result<u64> {
+        let key = self.geometry.host_cluster(offset).get();
+        if self.l2.contains(key) {
+            return Ok(key);
+        }
+        let cs = self.geometry.cluster_size();
+        let file_size = storage
+            .len()
+            .map_err(ImageError::io("reading the image size"))?;
+        if offset.get().saturating_add(cs) > file_size {
+            return Err(ImageError::Corrupt(format!(
+                "L2 table at {:#x} lies past the end of the file ({file_size} bytes)",
+                offset.get()
+            )));
+        }
+        let mut raw = vec![0u8; cs as usize];
+        storage
+            .read_at(&mut raw, offset.get())
+            .map_err(ImageError::io("reading an L2 table"))?;
+        self.l2.insert(key, decode_u64s(&raw), false);
+        Ok(key)
+    }
+
+    fn l2_table(&mut self, storage: &dyn Storage, offset: HostOffset) -> Result<&[u64]> {
+        let key = self.load_l2(storage, offset)?;
+        self.l2
+            .get(key)
+            .map(Vec::as_slice)
+            .ok_or(ImageError::Internal("L2 table vanished from the cache"))
+    }
+
+    /// The L2 table of `l1_index`, if one is allocated.
+    fn l2_offset(&self, l1_index: usize) -> Result<Option<(HostOffset, bool)>> {
+        let Some(&raw) = self.l1.get(l1_index) else {
+            return Ok(None);
+        };
+        Ok(match L1Entry(raw).decode(self.geometry)? {
+            L1Mapping::L2Table { offset, copied } => Some((offset, copied)),
+            L1Mapping::Unallocated => None,
+        })
+    }
+
+    /// The mapping of the guest cluster holding `guest`, and its subcluster
+    /// bitmap (zero unless the image has extended L2 entries).
+    pub(crate) fn lookup(
+        &mut self,
+        storage: &dyn Storage,
+        guest: GuestOffset,
+    ) -> Result<(L2Mapping, SubclusterBitmap)> {
+        let g = self.geometry;
+        let Some((offset, _)) = self.l2_offset(g.l1_index(guest.get()) as usize)? else {
+            return Ok((L2Mapping::Unallocated, SubclusterBitmap(0)));
+        };
+        let format = self.format;
+        let index = g.l2_index(guest.get()) as usize;
+        let table = self.l2_table(storage, offset)?;
+        if g.extended_l2() {
+            let mapping = L2Entry(table[2 * index]).decode(format)?;
+            let bitmap = SubclusterBitmap(table[2 * index + 1]).decode(mapping)?;
+            Ok((mapping, bitmap))
+        } else {
+            Ok((L2Entry(table[index]).decode(format)?, SubclusterBitmap(0)))
+        }
+    }
+
+    /// Whether the whole L2 range holding `guest` is unallocated in the L1.
+    pub(crate) fn l2_unallocated(&self, guest: GuestOffset) -> Result<bool> {
+        Ok(self
+            .l2_offset(self.geometry.l1_index(guest.get()) as usize)?
+            .is_none())
+    }
+
+    /// The first guest offset of the next L2 range after the one holding
+    /// `guest`.
+    pub(crate) fn next_l2_range(&self, guest: GuestOffset) -> GuestOffset {
+        let g = self.geometry;
+        GuestOffset::new((g.l1_index(guest.get()) + 1) * g.l2_coverage())
+    }
+
+    /// A copy of the raw entries of the L2 table at `offset`.
+    pub(crate) fn l2_entries(
+        &mut self,
+        storage: &dyn Storage,
+        offset: HostOffset,
+    ) -> Result<Vec<u64>> {
+        Ok(self.l2_table(storage, offset)?.to_vec())
+    }
+
+    /// An L2 table for `l1_index` that may be written in place: allocated
+    /// if missing, copied if shared (OFLAG_COPIED clear).
+    fn writable_l2(
+        &mut self,
+        storage: &dyn Storage,
+        alloc: &mut Allocator,
+        l1_index: usize,
+    ) -> Result<u64> {
+        let g = self.geometry;
+        let entries = match self.l2_offset(l1_index)? {
+            Some((offset, true)) => return self.load_l2(storage, offset),
+            Some((offset, false)) => {
+                let entries = self.l2_table(storage, offset)?.to_vec();
+                alloc.release_run(offset, ClusterCount::ONE);
+                entries
+            }
+            None => vec![0; (g.cluster_size() / 8) as usize],
+        };
+        let new = alloc.allocate_contiguous(storage, ClusterCount::ONE)?;
+        self.l2.insert(new.get(), entries, true);
+        self.set_l1_raw(l1_index, L1Entry::new(g.host_offset(new), true).0);
+        self.generation += 1;
+        Ok(new.get())
+    }
+
+    /// Points the guest cluster holding `guest` at `mapping`. The reference
+    /// the old mapping held is the caller's to release.
+    pub(crate) fn set_mapping(
+        &mut self,
+        storage: &dyn Storage,
+        alloc: &mut Allocator,
+        guest: GuestOffset,
+        mapping: L2Mapping,
+    ) -> Result<()> {
+        let g = self.geometry;
+        if g.extended_l2() {
+            return Err(ImageError::Unsupported(
+                "writing images with extended L2 entries".into(),
+            ));
+        }
+        let l1_index = usize::try_from(g.l1_index(guest.get()))
+            .ok()
+            .filter(|&i| i < self.l1.len())
+            .ok_or_else(|| {
+                ImageError::Corrupt(format!("guest offset {guest} lies beyond the L1 table"))
+            })?;
+        let key = self.writable_l2(storage, alloc, l1_index)?;
+        let index = g.l2_index(guest.get()) as usize;
+        let table = self
+            .l2
+            .get_mut(key)
+            .ok_or(ImageError::Internal("L2 table vanished from the cache"))?;
+        table[index] = mapping.encode(g).0;
+        Ok(())
+    }
+
+    /// Replaces a raw L1 entry.
+    pub(crate) fn set_l1_raw(&mut self, index: usize, raw: u64) {
+        self.l1[index] = raw;
+        self.l1_dirty.mark(index);
+    }
+
+    /// Whether any table waits to be written.
+    pub(crate) fn is_dirty(&self) -> bool {
+        self.l1_dirty.is_dirty() || self.l2.is_dirty()
+    }
+
+    /// Whether so much of the L2 cache is dirty that the owner should
+    /// write back now.
+    pub(crate) fn needs_write_back(&self) -> bool {
+        self.l2.needs_write_back()
+    }
+
+    /// Writes dirty L2 tables, then the changed part of the L1. The caller
+    /// has made the refcounts of every cluster they point to durable.
+    pub(crate) fn write_back(&mut self, storage: &dyn Storage) -> Result<()> {
+        let g = self.geometry;
+        self.l2.write_back(|key, entries| {
+            storage
+                .write_at(
+                    &encode_u64s(entries),
+                    g.host_offset(HostCluster::new(key)).get(),
+                )
+                .map_err(ImageError::io("writing an L2 table"))
+        })?;
+        if let Some(range) = self.l1_dirty.take() {
+            storage
+                .write_at(
+                    &encode_u64s(&self.l1[range.clone()]),
+                    self.l1_offset.get() + range.start as u64 * 8,
+                )
+                .map_err(ImageError::io("writing the L1 table"))?;
+        }
+        Ok(())
+    }
+
+    /// Switches to a new, durable L1 table of `entries` entries at
+    /// `offset` (after growth); the caller frees the old one.
+    pub(crate) fn replace_l1(&mut self, offset: HostOffset, entries: usize) {
+        self.l1_offset = offset;
+        self.l1.resize(entries, 0);
+        self.generation += 1;
+    }
+
+    /// Grows the L1 in place to `entries` entries (its clusters have room).
+    pub(crate) fn extend_l1(&mut self, entries: usize) {
+        self.l1.resize(entries, 0);
+    }
+}

@@ -1,0 +1,110 @@
+//! Phase one of a dedup write: classify every cluster of a batch without
+//! changing any state. The classes are applied in [`super::write`].
+
+use qcow2_dedup::ContentHash;
+use qcow2_format::l2::L2Mapping;
+use qcow2_format::{GuestOffset, HostCluster};
+
+use super::claims::InflightClaims;
+use crate::metadata::Metadata;
+use crate::Result;
+
+/// One whole guest cluster of a dedup write, with its content's hash
+/// (`None` for an all-zero cluster).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ClusterItem {
+    pub(super) guest: GuestOffset,
+    pub(super) hash: Option<ContentHash>,
+}
+
+/// What a cluster of a dedup write needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Class {
+    /// All zeros: becomes a zero-flag entry, dropping `old`'s reference.
+    Zero { old: L2Mapping },
+    /// Already points at a stored copy of its content: nothing to do.
+    Unchanged,
+    /// Share the stored copy at `host` (one more reference), dropping `old`.
+    Share { host: HostCluster, old: L2Mapping },
+    /// Its own cluster `host` is not shared: overwrite it in place.
+    Reuse { host: HostCluster },
+    /// Needs a fresh cluster; `old`'s reference is dropped at commit.
+    Fresh { old: L2Mapping },
+}
+
+/// The classes of the leading clusters of a batch, and the hash that
+/// stopped it: a content being written by someone else right now (or by an
+/// earlier cluster of the same batch), to wait for before going on.
+pub(super) struct Plan {
+    pub(super) classes: Vec<Class>,
+    pub(super) blocked_on: Option<ContentHash>,
+}
+
+/// Classifies `items` in order, under the metadata lock, changing nothing.
+/// A share never takes a copy past the refcount width's maximum, counting
+/// the shares planned earlier in the same batch; a cluster planned for
+/// reuse in place is neither shared by a later cluster nor reused after an
+/// earlier one planned to share it.
+pub(super) fn classify(
+    meta: &mut Metadata,
+    claims: &InflightClaims,
+    items: &[ClusterItem],
+) -> Result<Plan> {
+    let g = meta.header().geometry;
+    let limit = meta.max_refcount();
+    let mut classes = Vec::with_capacity(items.len());
+    let mut storing: Vec<ContentHash> = Vec::new();
+    let mut planned_shares: Vec<(HostCluster, u64)> = Vec::new();
+    let mut reused: Vec<HostCluster> = Vec::new();
+    for item in items {
+        let (old, _) = meta.lookup(item.guest)?;
+        let Some(hash) = item.hash else {
+            classes.push(if old.is_hole() {
+                Class::Unchanged
+            } else {
+                Class::Zero { old }
+            });
+            continue;
+        };
+        if storing.contains(&hash) || claims.is_claimed(&hash) {
+            return Ok(Plan {
+                classes,
+                blocked_on: Some(hash),
+            });
+        }
+        let stored = meta.dedup_find(&hash)?.filter(|h| !reused.contains(h));
+        if let Some(host) = stored {
+            if old.host_cluster(g) == Some(host) {
+                classes.push(Class::Unchanged);
+                continue;
+            }
+            let extra = planned_shares
+                .iter()
+                .find(|(h, _)| *h == host)
+                .map_or(0, |(_, n)| *n);
+            if meta.refcount(host)? + extra < limit {
+                match planned_shares.iter_mut().find(|(h, _)| *h == host) {
+                    Some((_, n)) => *n += 1,
+                    None => planned_shares.push((host, 1)),
+                }
+                classes.push(Class::Share { host, old });
+                continue;
+            }
+        }
+        storing.push(hash);
+        if let L2Mapping::Data { offset, .. } = old {
+            let host = g.host_cluster(offset);
+            let shared_by_plan = planned_shares.iter().any(|(h, _)| *h == host);
+            if !shared_by_plan && meta.refcount(host)? == 1 {
+                reused.push(host);
+                classes.push(Class::Reuse { host });
+                continue;
+            }
+        }
+        classes.push(Class::Fresh { old });
+    }
+    Ok(Plan {
+        classes,
+        blocked_on: None,
+    })
+}

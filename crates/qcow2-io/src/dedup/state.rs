@@ -1,0 +1,415 @@
+//! The dedup state of an open image: the on-disk table, the in-memory
+//! index, and the upkeep that keeps them, the refcounts and OFLAG_COPIED in
+//! step as references to shared clusters come and go.
+//!
+//! Invariants kept here (ARCHITECTURE.md, "Deduplication"):
+//! - the index holds exactly the table's entries once built; a candidate it
+//!   returns is confirmed against the table's full hash before it is shared;
+//! - a refcount reaching 0 removes the cluster's entry, in memory and in the
+//!   table, in the same critical section ([`DedupState::after_decrement`]);
+//! - OFLAG_COPIED is set again on the sole referrer when a shared cluster
+//!   falls back to one reference, found through the entry's guest offset or,
+//!   failing that, by one scan at flush ([`DedupState::resolve_copied_flags`]).
+
+use std::collections::{HashMap, HashSet};
+
+use qcow2_alloc::Storage;
+use qcow2_dedup::{ContentHash, DedupIndex, DedupStats, DedupTable, ScanReport};
+use qcow2_format::dedup::{DedupEntry, DedupExtension};
+use qcow2_format::l1::{L1Entry, L1Mapping};
+use qcow2_format::l2::{L2Entry, L2Mapping};
+use qcow2_format::{ClusterCount, Geometry, GuestOffset, Header, HostCluster, HostOffset};
+
+use crate::allocator::Allocator;
+use crate::block_map::BlockMap;
+use crate::{ImageError, Result};
+
+/// Bytes of L2 dedup clusters kept in memory.
+const DEDUP_CACHE_BYTES: u64 = 16 << 20;
+
+/// The dedup table and, once built, the index. See the module docs.
+#[derive(Debug)]
+pub(crate) struct DedupState {
+    geometry: Geometry,
+    table: DedupTable,
+    index: Option<DedupIndex>,
+    /// Host clusters whose referrers' OFLAG_COPIED flags must be recomputed
+    /// by a scan (the dedup entry's guest offset did not lead to them).
+    copied_unresolved: HashSet<HostCluster>,
+}
+
+impl DedupState {
+    /// Loads the dedup table the header points to (no index yet).
+    pub(crate) fn load(storage: &dyn Storage, header: &Header) -> Result<Self> {
+        let ext = header
+            .dedup_extension()
+            .ok_or_else(|| ImageError::Corrupt("dedup image without a dedup extension".into()))?;
+        let table = DedupTable::load(storage, header.geometry, ext, DEDUP_CACHE_BYTES)?;
+        Ok(Self::with_table(header.geometry, table, None))
+    }
+
+    /// A fresh, empty table (and index) whose L1 covers `host_clusters`.
+    pub(crate) fn create(
+        storage: &dyn Storage,
+        alloc: &mut Allocator,
+        geometry: Geometry,
+        host_clusters: u64,
+    ) -> Result<Self> {
+        let table = DedupTable::create(
+            storage,
+            alloc.refcounts_mut(),
+            geometry,
+            host_clusters,
+            DEDUP_CACHE_BYTES,
+        )?;
+        Ok(Self::with_table(geometry, table, Some(DedupIndex::new())))
+    }
+
+    fn with_table(geometry: Geometry, table: DedupTable, index: Option<DedupIndex>) -> Self {
+        Self {
+            geometry,
+            table,
+            index,
+            copied_unresolved: HashSet::new(),
+        }
+    }
+
+    /// Builds the index by one sequential scan of the table. Entries for
+    /// free clusters are dropped; with `verify` (after an unclean shutdown)
+    /// every entry is checked against its cluster's data first.
+    pub(crate) fn build_index(
+        &mut self,
+        storage: &dyn Storage,
+        alloc: &mut Allocator,
+        verify: bool,
+    ) -> Result<()> {
+        let g = self.geometry;
+        let mut index = DedupIndex::new();
+        let mut dropped = Vec::new();
+        let mut data = vec![0u8; g.cluster_size() as usize];
+        let mut failure = None;
+        self.table.scan(storage, |host, entry| {
+            let mut keep = match alloc.refcount(storage, host) {
+                Ok(refcount) => refcount > 0,
+                Err(e) => {
+                    failure.get_or_insert(e);
+                    return Ok(());
+                }
+            };
+            if keep && verify {
+                storage
+                    .read_at(&mut data, g.host_offset(host).get())
+                    .map_err(qcow2_dedup::DedupError::io("re-verifying a dedup entry"))?;
+                keep = ContentHash::of(&data).0 == entry.hash;
+            }
+            if keep {
+                index.insert(&ContentHash(entry.hash), host);
+            } else {
+                dropped.push(host);
+            }
+            Ok(())
+        })?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        for &host in &dropped {
+            self.table.clear(storage, host)?;
+        }
+        self.index = Some(index);
+        Ok(())
+    }
+
+    /// The header extension describing the table.
+    pub(crate) fn extension(&self) -> DedupExtension {
+        self.table.extension()
+    }
+
+    /// Changes whenever a dedup cluster is added or the L1 moves.
+    pub(crate) fn generation(&self) -> u64 {
+        self.table.generation()
+    }
+
+    /// Every cluster the table occupies.
+    pub(crate) fn metadata_clusters(&self) -> Vec<(HostCluster, ClusterCount)> {
+        self.table.metadata_clusters()
+    }
+
+    /// Whether anything waits to be written.
+    pub(crate) fn is_dirty(&self) -> bool {
+        self.table.is_dirty()
+    }
+
+    /// Writes dirty dedup clusters and the L1 (refcounts already durable).
+    pub(crate) fn flush(&mut self, storage: &dyn Storage) -> Result<bool> {
+        Ok(self.table.flush(storage)?)
+    }
+
+    /// Whether the dedup L1 moved since the header last named it.
+    pub(crate) fn l1_moved(&self) -> bool {
+        self.table.moved()
+    }
+
+    /// The L1 tables a growth replaced, to free once the header is durable.
+    pub(crate) fn take_retired(&mut self) -> Vec<(HostOffset, ClusterCount)> {
+        self.table.take_retired()
+    }
+
+    /// A host cluster holding content `hash`, confirmed against the full
+    /// hash of its dedup entry, whose refcount is below `limit`.
+    pub(crate) fn find(
+        &mut self,
+        storage: &dyn Storage,
+        alloc: &mut Allocator,
+        hash: &ContentHash,
+        limit: u64,
+    ) -> Result<Option<HostCluster>> {
+        let candidates = self
+            .index
+            .as_ref()
+            .map(|i| i.candidates(hash))
+            .unwrap_or_default();
+        for host in candidates {
+            let confirmed = self
+                .table
+                .get(storage, host)?
+                .is_some_and(|e| e.hash == hash.0);
+            if !confirmed {
+                continue;
+            }
+            let refcount = alloc.refcount(storage, host)?;
+            if refcount > 0 && refcount < limit {
+                return Ok(Some(host));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The guest offset the dedup entry of `host` names, if any.
+    pub(crate) fn entry_guest(
+        &mut self,
+        storage: &dyn Storage,
+        host: HostCluster,
+    ) -> Result<Option<GuestOffset>> {
+        Ok(self
+            .table
+            .get(storage, host)?
+            .map(|e| GuestOffset::new(e.guest_offset.get())))
+    }
+
+    /// Removes the entry of `host`, from the index and the table.
+    pub(crate) fn forget(&mut self, storage: &dyn Storage, host: HostCluster) -> Result<()> {
+        if let Some(entry) = self.table.get(storage, host)? {
+            if let Some(index) = self.index.as_mut() {
+                index.remove(&ContentHash(entry.hash), host);
+            }
+            self.table.clear(storage, host)?;
+        }
+        Ok(())
+    }
+
+    /// Records that `host` holds content `hash`, first written at `guest`.
+    pub(crate) fn record(
+        &mut self,
+        storage: &dyn Storage,
+        alloc: &mut Allocator,
+        host: HostCluster,
+        hash: &ContentHash,
+        guest: GuestOffset,
+    ) -> Result<()> {
+        if let Some(index) = self.index.as_mut() {
+            index.insert(hash, host);
+        }
+        let entry = DedupEntry {
+            hash: hash.0,
+            guest_offset: guest.get().into(),
+        };
+        Ok(self
+            .table
+            .set(storage, alloc.refcounts_mut(), host, &entry)?)
+    }
+
+    /// Sets OFLAG_COPIED of the referrer of `host` found at the dedup
+    /// entry's guest offset to `copied`; queues a scan if it is not there.
+    pub(crate) fn fix_copied_at_hint(
+        &mut self,
+        storage: &dyn Storage,
+        map: &mut BlockMap,
+        alloc: &mut Allocator,
+        host: HostCluster,
+        copied: bool,
+        virtual_size: u64,
+    ) -> Result<()> {
+        let g = self.geometry;
+        let hint = self.entry_guest(storage, host)?;
+        if let Some(guest) = hint.filter(|g| g.get() < virtual_size) {
+            if let (
+                L2Mapping::Data {
+                    offset,
+                    copied: now,
+                },
+                _,
+            ) = map.lookup(storage, guest)?
+            {
+                if g.host_cluster(offset) == host {
+                    if now != copied {
+                        map.set_mapping(storage, alloc, guest, L2Mapping::Data { offset, copied })?;
+                    }
+                    return Ok(());
+                }
+            }
+        }
+        self.copied_unresolved.insert(host);
+        Ok(())
+    }
+
+    /// Consequences of a refcount decrease to `left`: the entry goes with
+    /// the last reference; the sole referrer gets OFLAG_COPIED back.
+    pub(crate) fn after_decrement(
+        &mut self,
+        storage: &dyn Storage,
+        map: &mut BlockMap,
+        alloc: &mut Allocator,
+        host: HostCluster,
+        left: u64,
+        virtual_size: u64,
+    ) -> Result<()> {
+        if left == 0 {
+            self.forget(storage, host)?;
+            self.copied_unresolved.remove(&host);
+        } else if left == 1 && self.entry_guest(storage, host)?.is_some() {
+            self.fix_copied_at_hint(storage, map, alloc, host, true, virtual_size)?;
+        }
+        Ok(())
+    }
+
+    /// Recomputes OFLAG_COPIED of every data entry pointing at a cluster
+    /// whose referrers could not be found cheaply, by one pass over the
+    /// active L2 tables; also refreshes those clusters' guest offsets.
+    pub(crate) fn resolve_copied_flags(
+        &mut self,
+        storage: &dyn Storage,
+        map: &mut BlockMap,
+        alloc: &mut Allocator,
+    ) -> Result<()> {
+        if self.copied_unresolved.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.copied_unresolved);
+        let g = self.geometry;
+        let mut referrer: HashMap<HostCluster, GuestOffset> = HashMap::new();
+        let l1 = map.l1().to_vec();
+        for (index, raw) in l1.into_iter().enumerate() {
+            let L1Mapping::L2Table { offset, .. } = L1Entry(raw).decode(g)? else {
+                continue;
+            };
+            let entries = map.l2_entries(storage, offset)?;
+            for (i, &raw) in entries.iter().enumerate() {
+                let Ok(L2Mapping::Data {
+                    offset: host,
+                    copied,
+                }) = L2Entry(raw).decode(map.format())
+                else {
+                    continue;
+                };
+                let cluster = g.host_cluster(host);
+                if !pending.contains(&cluster) {
+                    continue;
+                }
+                let guest =
+                    GuestOffset::new(index as u64 * g.l2_coverage() + i as u64 * g.cluster_size());
+                let sole = alloc.refcount(storage, cluster)? == 1;
+                if copied != sole {
+                    let fixed = L2Mapping::Data {
+                        offset: host,
+                        copied: sole,
+                    };
+                    map.set_mapping(storage, alloc, guest, fixed)?;
+                }
+                referrer.entry(cluster).or_insert(guest);
+            }
+        }
+        for (host, guest) in referrer {
+            if let Some(mut entry) = self.table.get(storage, host)? {
+                entry.guest_offset = guest.get().into();
+                self.table
+                    .set(storage, alloc.refcounts_mut(), host, &entry)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deduplication figures, given how many guest clusters reference data.
+    pub(crate) fn stats(&mut self, storage: &dyn Storage, references: u64) -> Result<DedupStats> {
+        let (unique, memory, report) = match self.index.as_ref() {
+            Some(index) => (
+                index.len() as u64,
+                index.memory_bytes() as u64,
+                self.table.report(),
+            ),
+            None => {
+                let report = self.table.scan(storage, |_, _| Ok(()))?;
+                (report.entries, 0, report)
+            }
+        };
+        Ok(DedupStats {
+            unique_clusters: unique,
+            references,
+            bytes_saved: references.saturating_sub(unique) * self.geometry.cluster_size(),
+            index_memory: memory,
+            crc_failures: report.crc_failures,
+        })
+    }
+
+    /// Every recorded entry, and what the scan found.
+    pub(crate) fn entries(
+        &mut self,
+        storage: &dyn Storage,
+    ) -> Result<(Vec<(HostCluster, DedupEntry)>, ScanReport)> {
+        let mut entries = Vec::new();
+        let report = self.table.scan(storage, |host, e| {
+            entries.push((host, *e));
+            Ok(())
+        })?;
+        Ok((entries, report))
+    }
+
+    /// The entry of `host`, if recorded.
+    pub(crate) fn entry(
+        &mut self,
+        storage: &dyn Storage,
+        host: HostCluster,
+    ) -> Result<Option<DedupEntry>> {
+        Ok(self.table.get(storage, host)?)
+    }
+
+    /// The index, when built.
+    pub(crate) fn index(&self) -> Option<&DedupIndex> {
+        self.index.as_ref()
+    }
+
+    /// Rebuilds table and index from the data: every entry is cleared, then
+    /// each data cluster in `data` (with the first guest offset mapping to
+    /// it) is hashed and recorded.
+    pub(crate) fn rebuild(
+        &mut self,
+        storage: &dyn Storage,
+        alloc: &mut Allocator,
+        data: &HashMap<HostCluster, GuestOffset>,
+    ) -> Result<()> {
+        let (stale, _) = self.entries(storage)?;
+        for (host, _) in stale {
+            self.table.clear(storage, host)?;
+        }
+        self.index = Some(DedupIndex::new());
+        let mut content = vec![0u8; self.geometry.cluster_size() as usize];
+        let mut hosts: Vec<(&HostCluster, &GuestOffset)> = data.iter().collect();
+        hosts.sort_unstable();
+        for (&host, &guest) in hosts {
+            storage
+                .read_at(&mut content, self.geometry.host_offset(host).get())
+                .map_err(ImageError::io("reading a data cluster to hash it"))?;
+            self.record(storage, alloc, host, &ContentHash::of(&content), guest)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,146 @@
+//! The header in cluster 0: the one copy in memory and every rewrite of it.
+//!
+//! Invariant: the header on disk is only ever replaced whole by
+//! [`HeaderWriter::write`], with the refcount table fields taken from the
+//! allocator (which owns them and rewrites just those twelve bytes when the
+//! table moves), so a header write can never point back at a retired table.
+
+use qcow2_alloc::Storage;
+use qcow2_format::dedup::DedupExtension;
+use qcow2_format::features::{INCOMPAT_CORRUPT_OR_DEDUP, INCOMPAT_DIRTY};
+use qcow2_format::{Header, HostOffset};
+
+use crate::{ImageError, Result};
+
+/// Where the refcount table is, as the allocator reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RefcountTableLocation {
+    pub(crate) offset: HostOffset,
+    pub(crate) clusters: u32,
+}
+
+/// The image header and its rewrites. See the module documentation.
+#[derive(Debug)]
+pub(crate) struct HeaderWriter {
+    header: Header,
+}
+
+impl HeaderWriter {
+    pub(crate) fn new(header: Header) -> Self {
+        Self { header }
+    }
+
+    /// The header as it is (or is about to be) on disk.
+    pub(crate) fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Serialises the header into cluster 0 (not synced).
+    pub(crate) fn write(
+        &mut self,
+        storage: &dyn Storage,
+        refcount_table: RefcountTableLocation,
+    ) -> Result<()> {
+        self.header.refcount_table_offset = refcount_table.offset.get();
+        self.header.refcount_table_clusters = refcount_table.clusters;
+        let bytes = self.header.encode()?;
+        storage
+            .write_at(&bytes, 0)
+            .map_err(ImageError::io("writing the header"))
+    }
+
+    /// Writes and syncs.
+    fn write_synced(
+        &mut self,
+        storage: &dyn Storage,
+        refcount_table: RefcountTableLocation,
+    ) -> Result<()> {
+        self.write(storage, refcount_table)?;
+        storage
+            .flush()
+            .map_err(ImageError::io("syncing the header"))
+    }
+
+    /// Sets the dirty bit (v3) and clears autoclear bits this implementation
+    /// does not maintain, durably, before the first modification.
+    pub(crate) fn mark_dirty(
+        &mut self,
+        storage: &dyn Storage,
+        refcount_table: RefcountTableLocation,
+    ) -> Result<()> {
+        let h = &mut self.header;
+        if h.version < 3 || (h.is_dirty() && h.autoclear_features == 0) {
+            return Ok(());
+        }
+        h.incompatible_features |= INCOMPAT_DIRTY;
+        h.autoclear_features = 0;
+        self.write_synced(storage, refcount_table)
+    }
+
+    /// Clears the dirty bit, durably; the caller has flushed everything.
+    pub(crate) fn mark_clean(
+        &mut self,
+        storage: &dyn Storage,
+        refcount_table: RefcountTableLocation,
+    ) -> Result<()> {
+        if !self.header.is_dirty() {
+            return Ok(());
+        }
+        self.header.incompatible_features &= !INCOMPAT_DIRTY;
+        self.write_synced(storage, refcount_table)
+    }
+
+    /// Sets QEMU's corrupt bit on a plain v3 image, durably (a dedup image
+    /// already has bit 1 set, meaning dedup; v2 has no such bit).
+    pub(crate) fn mark_corrupt(
+        &mut self,
+        storage: &dyn Storage,
+        refcount_table: RefcountTableLocation,
+    ) -> Result<()> {
+        if self.header.is_dedup() || self.header.version < 3 {
+            return Ok(());
+        }
+        self.header.incompatible_features |= INCOMPAT_CORRUPT_OR_DEDUP;
+        self.write_synced(storage, refcount_table)
+    }
+
+    /// Clears QEMU's corrupt mark after a repair that left the image clean.
+    pub(crate) fn clear_corrupt(
+        &mut self,
+        storage: &dyn Storage,
+        refcount_table: RefcountTableLocation,
+    ) -> Result<()> {
+        if !self.header.is_marked_corrupt() {
+            return Ok(());
+        }
+        self.header.incompatible_features &= !INCOMPAT_CORRUPT_OR_DEDUP;
+        self.write_synced(storage, refcount_table)
+    }
+
+    /// Points the header at a new active L1 table and virtual size, durably.
+    pub(crate) fn set_l1(
+        &mut self,
+        storage: &dyn Storage,
+        refcount_table: RefcountTableLocation,
+        l1: HostOffset,
+        l1_entries: u32,
+        virtual_size: u64,
+    ) -> Result<()> {
+        self.header.l1_table_offset = l1.get();
+        self.header.l1_size = l1_entries;
+        self.header.size = virtual_size;
+        self.write_synced(storage, refcount_table)
+    }
+
+    /// Records the dedup table and sets incompatible bit 1 (dedup), durably.
+    pub(crate) fn set_dedup(
+        &mut self,
+        storage: &dyn Storage,
+        refcount_table: RefcountTableLocation,
+        table: DedupExtension,
+    ) -> Result<()> {
+        self.header.set_dedup_extension(Some(table));
+        self.header.incompatible_features |= INCOMPAT_CORRUPT_OR_DEDUP;
+        self.write_synced(storage, refcount_table)
+    }
+}
