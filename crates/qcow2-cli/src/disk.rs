@@ -9,6 +9,7 @@ use qcow2_io::{FileStorage, Image, MapKind, OpenOptions, Storage};
 
 pub use qcow2_io::is_zero;
 
+use crate::args::ImageFormat;
 use crate::error::CliError;
 
 /// An opened disk image: raw or qcow2.
@@ -25,16 +26,29 @@ pub enum Disk {
     Qcow2(Box<Image>),
 }
 
-/// `qcow2` if the file starts with the qcow2 magic, else `raw`.
-pub fn detect_format(path: &str) -> Result<&'static str, CliError> {
+/// qcow2 if the file starts with the qcow2 magic, else raw.
+pub fn detect_format(path: &str) -> Result<ImageFormat, CliError> {
     let mut magic = [0u8; 4];
     let mut file = File::open(path).map_err(CliError::io(path))?;
     let n = file.read(&mut magic).map_err(CliError::io(path))?;
     Ok(if n == 4 && magic == *b"QFI\xfb" {
-        "qcow2"
+        ImageFormat::Qcow2
     } else {
-        "raw"
+        ImageFormat::Raw
     })
+}
+
+/// The format to read `path` as: the one asked for (a file asked for as
+/// qcow2 must carry the qcow2 magic), or the one its content shows.
+pub fn resolve_format(path: &str, asked: Option<ImageFormat>) -> Result<ImageFormat, CliError> {
+    let found = detect_format(path)?;
+    match asked {
+        None => Ok(found),
+        Some(ImageFormat::Qcow2) if found != ImageFormat::Qcow2 => Err(CliError::Usage(format!(
+            "{path} is not a qcow2 image (no qcow2 magic); use -f raw to read it as raw"
+        ))),
+        Some(f) => Ok(f),
+    }
 }
 
 /// Opens a qcow2 image whose aligned data requests bypass the page cache
@@ -54,23 +68,23 @@ pub fn open_image(path: &str, writable: bool) -> Result<Image, CliError> {
 
 impl Disk {
     /// Opens `path` read-only as `format`, or as detected from its content.
-    pub fn open(path: &str, format: Option<&str>) -> Result<Self, CliError> {
-        let format = match format {
-            Some(f) => f,
-            None => detect_format(path)?,
-        };
+    /// With `direct`, aligned reads bypass the page cache.
+    pub fn open(path: &str, format: Option<ImageFormat>, direct: bool) -> Result<Self, CliError> {
+        let format = resolve_format(path, format)?;
+        let p = Path::new(path);
+        let mut file = FileStorage::open(p, false).map_err(CliError::io(path))?;
+        if direct {
+            file = file.with_direct_io(p, false);
+        }
         match format {
-            "qcow2" => Ok(Disk::Qcow2(Box::new(
-                Image::open(path, &OpenOptions::read_only()).map_err(CliError::image(path))?,
+            ImageFormat::Qcow2 => Ok(Disk::Qcow2(Box::new(
+                Image::open_on(Arc::new(file), &OpenOptions::read_only())
+                    .map_err(CliError::image(path))?,
             ))),
-            "raw" => {
-                let file = FileStorage::open(Path::new(path), false).map_err(CliError::io(path))?;
+            ImageFormat::Raw => {
                 let size = file.len().map_err(CliError::io(path))?;
                 Ok(Disk::Raw { file, size })
             }
-            other => Err(CliError::Usage(format!(
-                "unsupported format {other:?} (raw or qcow2)"
-            ))),
         }
     }
 

@@ -4,9 +4,6 @@ use thiserror::Error;
 /// Everything a command can fail with; printed as one line.
 #[derive(Debug, Error)]
 pub enum CliError {
-    /// `--help` was asked for.
-    #[error("help")]
-    Help,
     /// The command line is wrong.
     #[error("{0}")]
     Usage(String),
@@ -45,10 +42,5 @@ impl CliError {
             path: path.to_string(),
             source,
         }
-    }
-
-    /// Exit status: 1 for usage and I/O errors, as qemu-img.
-    pub fn exit_code(&self) -> u8 {
-        1
     }
 }

@@ -8,68 +8,72 @@ mod disk;
 mod error;
 mod output;
 mod progress;
+mod qemu_json;
 mod size;
 
 use std::process::ExitCode;
 
+use clap::error::ErrorKind;
+use clap::Parser;
+
+use args::{Cli, Command};
 use error::CliError;
-use output::say;
-
-const USAGE: &str = "\
-qcow2: qcow2 images with inline deduplication
-
-usage: qcow2 COMMAND [OPTIONS]
-
-commands:
-  create [-f qcow2] [-o OPTIONS] FILE SIZE
-        OPTIONS: cluster_size=N,refcount_bits=N,compat=0.10|1.1,lazy_refcounts=on|off,dedup=on|off
-  info [--output human|json] FILE
-  check [--output human|json] [-r leaks|all] FILE
-  convert [-f FMT] [-O raw|qcow2] [-o OPTIONS] [-p] SRC DST
-  dedup [-p] [-o OUT] IMAGE      deduplicate IMAGE in place, or into a new image OUT
-  map [--output human|json] FILE
-  compare [-f FMT] [-F FMT] [-p] A B
-
-sizes take the suffixes k, M, G, T, P, E (powers of 1024)";
 
 fn main() -> ExitCode {
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    match run(&argv) {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return parse_failure(&e),
+    };
+    // qemu-img compare reserves 1 for "images differ" and check 2 and 3
+    // for what it found: a failure to run is 2 and 1 respectively.
+    let failure_code = match cli.command {
+        Command::Compare(_) => 2,
+        _ => 1,
+    };
+    match run(cli.command) {
         Ok(code) => ExitCode::from(code),
-        Err(CliError::Help) => {
-            say!("{USAGE}");
-            ExitCode::SUCCESS
-        }
         Err(e) => {
             eprintln!("qcow2: {e}");
-            // qemu-img compare reserves 1 for "images differ".
-            let compare = argv.first().is_some_and(|c| c == "compare");
-            ExitCode::from(if compare { 2 } else { e.exit_code() })
+            ExitCode::from(failure_code)
         }
     }
 }
 
-fn run(argv: &[String]) -> Result<u8, CliError> {
-    let Some((command, rest)) = argv.split_first() else {
-        return Err(CliError::Usage(
-            "no command given (try `qcow2 --help`)".into(),
-        ));
-    };
-    match command.as_str() {
-        "create" => commands::create::run(rest),
-        "info" => commands::info::run(rest),
-        "check" => commands::check::run(rest),
-        "convert" => commands::convert::run(rest),
-        "dedup" => commands::dedup::run(rest),
-        "map" => commands::map::run(rest),
-        "compare" => commands::compare::run(rest),
-        "-h" | "--help" | "help" => Err(CliError::Help),
-        "-V" | "--version" => {
-            say!("qcow2 {}", env!("CARGO_PKG_VERSION"));
-            Ok(0)
-        }
-        other => Err(CliError::Usage(format!(
-            "unknown command {other:?} (try `qcow2 --help`)"
-        ))),
+fn run(command: Command) -> Result<u8, CliError> {
+    match command {
+        Command::Create(a) => commands::create::run(&a),
+        Command::Info(a) => commands::info::run(&a),
+        Command::Check(a) => commands::check::run(&a),
+        Command::Convert(a) => commands::convert::run(&a),
+        Command::Dedup(a) => commands::dedup::run(&a),
+        Command::Map(a) => commands::map::run(&a),
+        Command::Compare(a) => commands::compare::run(&a),
     }
+}
+
+/// Help and version go to stdout with status 0; a wrong command line is
+/// one line on stderr and status 1, as every other error.
+fn parse_failure(e: &clap::Error) -> ExitCode {
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        let _ = e.print();
+        return ExitCode::SUCCESS;
+    }
+    if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        let _ = e.print();
+        return ExitCode::from(1);
+    }
+    eprintln!("qcow2: {}", one_line(&e.render().to_string()));
+    ExitCode::from(1)
+}
+
+/// clap's message without its usage block, on one line.
+fn one_line(rendered: &str) -> String {
+    let text: Vec<&str> = rendered
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more"))
+        .collect();
+    let joined = text.join(" ");
+    let message = joined.strip_prefix("error: ").unwrap_or(&joined);
+    format!("{message} (try `qcow2 --help`)")
 }

@@ -269,7 +269,10 @@ fn check_finds_and_repairs_a_leak_in_a_qemu_image() {
     let out = qcow2(&["check", "--output", "json", p(&img)]);
     let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(v["leaks"], 1);
-    assert_eq!(v["corruptions"], 0);
+    assert!(
+        v.get("corruptions").is_none(),
+        "zero counters are left out, as qemu-img leaves them out: {v}"
+    );
 
     let out = qcow2(&["check", "-r", "leaks", p(&img)]);
     assert_eq!(

@@ -259,7 +259,6 @@ fn walk_l1(parts: &mut MetadataParts<'_>, walk: &mut Walk, l1: &[u64], active: b
     let g = parts.header.geometry;
     let cs = g.cluster_size();
     let format = parts.map.format();
-    let mut expected_next = None;
     for (index, &raw) in l1.iter().enumerate() {
         let offset = match L1Entry(raw).decode(g) {
             Ok(L1Mapping::Unallocated) => continue,
@@ -297,6 +296,8 @@ fn walk_l1(parts: &mut MetadataParts<'_>, walk: &mut Walk, l1: &[u64], active: b
             continue;
         }
         let table = parts.map.l2_entries(storage, offset)?;
+        // Fragmentation is counted within each L2 table, as QEMU does.
+        let mut expected_next = None;
         let stride = (g.l2_entry_size() / 8) as usize;
         for i in 0..g.l2_entries() {
             let guest = GuestOffset::new(index as u64 * g.l2_coverage() + i * cs);
@@ -314,13 +315,14 @@ fn walk_l1(parts: &mut MetadataParts<'_>, walk: &mut Walk, l1: &[u64], active: b
                 L2Mapping::Unallocated => {}
                 L2Mapping::Compressed(d) => {
                     if active {
+                        // Compressed clusters count as fragmented (QEMU).
                         walk.report.allocated_clusters += 1;
                         walk.report.compressed_clusters += 1;
+                        walk.report.fragmented_clusters += 1;
                     }
                     for c in d.host_clusters(g) {
                         walk.reference_run(c, ClusterCount::ONE, "compressed cluster");
                     }
-                    expected_next = None;
                 }
                 L2Mapping::Zero {
                     preallocated: None, ..

@@ -49,7 +49,7 @@ impl Image {
                     (None, None) => true,
                     _ => false,
                 };
-                if last.kind == kind && kind != MapKind::Compressed && contiguous {
+                if last.kind == kind && contiguous {
                     last.length += length;
                     return;
                 }

@@ -4,28 +4,24 @@
 //! the check could not run.
 
 use qcow2_io::{CheckReport, Image, OpenOptions, RepairMode};
-use serde_json::json;
+use serde_json::{json, Map, Value};
 
-use crate::args::Args;
+use crate::args::{CheckArgs, ImageFormat, OutputFormat, RepairArg};
+use crate::disk::resolve_format;
 use crate::error::CliError;
 use crate::output::say;
+use crate::qemu_json::to_qemu_json;
 
 /// Runs the command.
-pub fn run(argv: &[String]) -> Result<u8, CliError> {
-    let args = Args::parse(argv, &["--output", "-r", "-f"], &["-q"])?;
-    let json = args.json_output()?;
-    let [path] = args.expect_positional(&["FILE"])?[..] else {
-        unreachable!("expect_positional checked the count")
-    };
-    let repair = match args.value("-r") {
+pub fn run(args: &CheckArgs) -> Result<u8, CliError> {
+    let path = args.file.as_str();
+    if args.format.is_some() {
+        resolve_format(path, Some(ImageFormat::Qcow2))?;
+    }
+    let repair = match args.repair {
         None => RepairMode::None,
-        Some("leaks") => RepairMode::Leaks,
-        Some("all") => RepairMode::All,
-        Some(other) => {
-            return Err(CliError::Usage(format!(
-                "-r must be leaks or all, not {other:?}"
-            )))
-        }
+        Some(RepairArg::Leaks) => RepairMode::Leaks,
+        Some(RepairArg::All) => RepairMode::All,
     };
     let options = if repair == RepairMode::None {
         OpenOptions::read_only()
@@ -35,26 +31,11 @@ pub fn run(argv: &[String]) -> Result<u8, CliError> {
     let image = Image::open(path, &options).map_err(CliError::image(path))?;
     let report = image.check(repair).map_err(CliError::image(path))?;
     image.close().map_err(CliError::image(path))?;
-    if json {
-        let v = json!({
-            "filename": path,
-            "format": "qcow2",
-            "check-errors": report.check_errors,
-            "corruptions": report.corruptions,
-            "leaks": report.leaks,
-            "corruptions-fixed": report.corruptions_fixed,
-            "leaks-fixed": report.leaks_fixed,
-            "dedup-errors": report.dedup_errors,
-            "dedup-fixed": report.dedup_fixed,
-            "image-end-offset": report.image_end_offset,
-            "total-clusters": report.total_clusters,
-            "allocated-clusters": report.allocated_clusters,
-            "fragmented-clusters": report.fragmented_clusters,
-            "compressed-clusters": report.compressed_clusters,
-        });
-        say!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-    } else {
-        print_human(&report, repair);
+    if !args.quiet {
+        match args.output {
+            OutputFormat::Json => say!("{}", to_qemu_json(&report_json(path, &report))),
+            OutputFormat::Human => print_human(&report, repair),
+        }
     }
     Ok(if report.corruptions > 0 || report.dedup_errors > 0 {
         2
@@ -65,6 +46,32 @@ pub fn run(argv: &[String]) -> Result<u8, CliError> {
     } else {
         0
     })
+}
+
+/// qemu-img's check report: counters that are zero are left out, as
+/// qemu-img leaves them out (`check-errors` is always there).
+fn report_json(path: &str, report: &CheckReport) -> Value {
+    let mut v = Map::new();
+    v.insert("filename".into(), json!(path));
+    v.insert("format".into(), json!("qcow2"));
+    v.insert("check-errors".into(), json!(report.check_errors));
+    let optional = [
+        ("image-end-offset", report.image_end_offset),
+        ("corruptions", report.corruptions),
+        ("leaks", report.leaks),
+        ("corruptions-fixed", report.corruptions_fixed),
+        ("leaks-fixed", report.leaks_fixed),
+        ("total-clusters", report.total_clusters),
+        ("allocated-clusters", report.allocated_clusters),
+        ("fragmented-clusters", report.fragmented_clusters),
+        ("compressed-clusters", report.compressed_clusters),
+        ("dedup-errors", report.dedup_errors),
+        ("dedup-fixed", report.dedup_fixed),
+    ];
+    for (key, value) in optional.into_iter().filter(|(_, n)| *n > 0) {
+        v.insert(key.into(), json!(value));
+    }
+    Value::Object(v)
 }
 
 fn print_human(report: &CheckReport, repair: RepairMode) {

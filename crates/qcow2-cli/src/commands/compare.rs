@@ -1,8 +1,8 @@
-//! `qcow2 compare [-f FMT] [-F FMT] [-p] A B`
+//! `qcow2 compare [-f FMT] [-F FMT] [-s] [-p] [-q] A B`
 //!
 //! Exit status as qemu-img: 0 identical, 1 different, 2 on error.
 
-use crate::args::Args;
+use crate::args::CompareArgs;
 use crate::disk::Disk;
 use crate::error::CliError;
 use crate::output::say;
@@ -11,20 +11,22 @@ use crate::progress::Progress;
 const CHUNK: u64 = 1 << 20;
 
 /// Runs the command.
-pub fn run(argv: &[String]) -> Result<u8, CliError> {
-    let args = Args::parse(argv, &["-f", "-F"], &["-p", "-q", "-s"])?;
-    let [a_path, b_path] = args.expect_positional(&["A", "B"])?[..] else {
-        unreachable!("expect_positional checked the count")
-    };
-    let a = Disk::open(a_path, args.value("-f"))?;
-    let b = Disk::open(b_path, args.value("-F"))?;
+pub fn run(args: &CompareArgs) -> Result<u8, CliError> {
+    let (a_path, b_path) = (args.first.as_str(), args.second.as_str());
+    let quiet = args.quiet;
+    let a = Disk::open(a_path, args.first_format, false)?;
+    let b = Disk::open(b_path, args.second_format, false)?;
     let longer = a.size().max(b.size());
     if a.size() != b.size() {
-        if args.flag("-s") {
-            say!("Strict mode: Image size mismatch!");
+        if args.strict {
+            if !quiet {
+                say!("Strict mode: Image size mismatch!");
+            }
             return Ok(1);
         }
-        eprintln!("Warning: Image size mismatch!");
+        if !quiet {
+            eprintln!("Warning: Image size mismatch!");
+        }
     }
     // Only ranges where either side may hold data need reading: everywhere
     // else both read as zeros.
@@ -39,7 +41,7 @@ pub fn run(argv: &[String]) -> Result<u8, CliError> {
         }
     }
     let total: u64 = union.iter().map(|(s, e)| e - s).sum();
-    let mut progress = Progress::new(total, args.flag("-p"));
+    let mut progress = Progress::new(total, args.progress && !quiet);
     let mut x = vec![0u8; CHUNK as usize];
     let mut y = vec![0u8; CHUNK as usize];
     for (start, end) in union {
@@ -50,7 +52,9 @@ pub fn run(argv: &[String]) -> Result<u8, CliError> {
             read_padded(&b, b_path, &mut y[..len], offset)?;
             if let Some(i) = x[..len].iter().zip(&y[..len]).position(|(p, q)| p != q) {
                 progress.finish();
-                say!("Content mismatch at offset {}!", offset + i as u64);
+                if !quiet {
+                    say!("Content mismatch at offset {}!", offset + i as u64);
+                }
                 return Ok(1);
             }
             offset += len as u64;
@@ -58,7 +62,9 @@ pub fn run(argv: &[String]) -> Result<u8, CliError> {
         }
     }
     progress.finish();
-    say!("Images are identical.");
+    if !quiet {
+        say!("Images are identical.");
+    }
     Ok(0)
 }
 

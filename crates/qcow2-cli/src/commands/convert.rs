@@ -1,9 +1,10 @@
-//! `qcow2 convert [-f FMT] [-O raw|qcow2] [-o OPTIONS] [-p] SRC DST`
+//! `qcow2 convert [-f FMT] [-O raw|qcow2] [-o OPTIONS] [-n] [-t CACHE] [-T CACHE] [-p] [-q] SRC DST`
 //!
 //! A reader thread fills chunk buffers; one writer thread per core takes
-//! them, skips runs of zeros (the target reads them as zeros: unallocated
-//! qcow2 clusters, holes in a raw file) and writes the rest, so hashing for
-//! deduplicated targets runs on every core. The main thread reports progress.
+//! them, skips runs of zeros (a new target reads them as zeros:
+//! unallocated qcow2 clusters, holes in a raw file; an existing one, `-n`,
+//! gets them zeroed) and writes the rest, so hashing for deduplicated
+//! targets runs on every core. The main thread reports progress.
 
 use std::path::Path;
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
@@ -11,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use qcow2_io::{AlignedBuf, CreateOptions, FileStorage, Image, Storage};
 
-use crate::args::Args;
+use crate::args::{CacheMode, ConvertArgs, ImageFormat, SourceCache};
 use crate::commands::create::apply_options;
 use crate::disk::{is_zero, Disk};
 use crate::error::CliError;
@@ -26,6 +27,10 @@ pub(crate) trait Target: Sync {
     fn granule(&self) -> u64;
     /// Writes `data` at `offset`.
     fn write(&self, data: &[u8], offset: u64) -> Result<(), CliError>;
+    /// Makes `len` bytes at `offset` read as zeros.
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), CliError>;
+    /// Virtual size in bytes.
+    fn size(&self) -> Result<u64, CliError>;
     /// Makes everything durable.
     fn finish(self: Box<Self>) -> Result<(), CliError>;
 }
@@ -33,11 +38,16 @@ pub(crate) trait Target: Sync {
 struct RawTarget {
     file: FileStorage,
     path: String,
+    sync: bool,
 }
 
 impl Target for RawTarget {
     fn granule(&self) -> u64 {
         4096
+    }
+
+    fn size(&self) -> Result<u64, CliError> {
+        self.file.len().map_err(CliError::io(&self.path))
     }
 
     fn write(&self, data: &[u8], offset: u64) -> Result<(), CliError> {
@@ -46,7 +56,21 @@ impl Target for RawTarget {
             .map_err(CliError::io(&self.path))
     }
 
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), CliError> {
+        let zeros = vec![0u8; CHUNK as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(CHUNK);
+            self.write(&zeros[..n as usize], offset + done)?;
+            done += n;
+        }
+        Ok(())
+    }
+
     fn finish(self: Box<Self>) -> Result<(), CliError> {
+        if !self.sync {
+            return Ok(());
+        }
         self.file.flush().map_err(CliError::io(&self.path))
     }
 }
@@ -56,17 +80,45 @@ pub(crate) struct Qcow2Target {
     path: String,
 }
 
+/// Opens (`existing`) or creates a target file for the cache mode.
+fn target_file(path: &str, cache: CacheMode, existing: bool) -> Result<FileStorage, CliError> {
+    let p = Path::new(path);
+    let file = if existing {
+        FileStorage::open(p, true)
+    } else {
+        FileStorage::create(p)
+    }
+    .map_err(CliError::io(path))?;
+    Ok(match cache {
+        CacheMode::None => file.with_direct_io(p, true),
+        CacheMode::Writeback | CacheMode::Unsafe => file,
+    })
+}
+
 impl Qcow2Target {
     /// Creates a qcow2 image of `size` bytes with `-o` style `options`.
-    pub(crate) fn create(path: &str, size: u64, options: Option<&str>) -> Result<Self, CliError> {
+    pub(crate) fn create(
+        path: &str,
+        size: u64,
+        options: Option<&str>,
+        cache: CacheMode,
+    ) -> Result<Self, CliError> {
         let mut create = CreateOptions::new(size);
         apply_options(&mut create, options)?;
         create.size = size;
-        let p = Path::new(path);
-        let storage = FileStorage::create(p)
-            .map_err(CliError::io(path))?
-            .with_direct_io(p, true);
+        let storage = target_file(path, cache, false)?;
         let image = Image::create_on(Arc::new(storage), &create).map_err(CliError::image(path))?;
+        Ok(Self {
+            image,
+            path: path.to_string(),
+        })
+    }
+
+    /// Opens the existing qcow2 image at `path` for writing (`-n`).
+    fn open_existing(path: &str, cache: CacheMode) -> Result<Self, CliError> {
+        let storage = target_file(path, cache, true)?;
+        let image = Image::open_on(Arc::new(storage), &qcow2_io::OpenOptions::read_write())
+            .map_err(CliError::image(path))?;
         Ok(Self {
             image,
             path: path.to_string(),
@@ -79,62 +131,106 @@ impl Target for Qcow2Target {
         self.image.cluster_size()
     }
 
+    fn size(&self) -> Result<u64, CliError> {
+        Ok(self.image.size())
+    }
+
     fn write(&self, data: &[u8], offset: u64) -> Result<(), CliError> {
         self.image
             .write_at(data, offset)
             .map_err(CliError::image(&self.path))
     }
 
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), CliError> {
+        self.image
+            .write_zeroes(offset, len)
+            .map_err(CliError::image(&self.path))
+    }
+
     fn finish(self: Box<Self>) -> Result<(), CliError> {
-        let path = self.path;
-        self.image.close().map_err(CliError::image(&path))
+        self.image.close().map_err(CliError::image(&self.path))
     }
 }
 
 /// Runs the command.
-pub fn run(argv: &[String]) -> Result<u8, CliError> {
-    let args = Args::parse(argv, &["-f", "-O", "-o", "-t", "-T"], &["-p", "-q", "-n"])?;
-    let [src_path, dst_path] = args.expect_positional(&["SRC", "DST"])?[..] else {
-        unreachable!("expect_positional checked the count")
-    };
-    let source = Disk::open(src_path, args.value("-f"))?;
-    let target = open_target(
-        args.value("-O").unwrap_or("raw"),
-        args.value("-o"),
-        source.size(),
-        dst_path,
+pub fn run(args: &ConvertArgs) -> Result<u8, CliError> {
+    let src_path = args.source.as_str();
+    let source = Disk::open(
+        src_path,
+        args.source_format,
+        args.source_cache == SourceCache::None,
     )?;
-    let ranges = source.data_ranges(src_path)?;
-    copy(&source, src_path, &ranges, target, args.flag("-p"))?;
+    let size = source.size();
+    let target = open_target(args, size)?;
+    // A new target reads as zeros; an existing one must have every byte
+    // of the source written, zeros included.
+    let ranges = if args.no_create {
+        vec![(0, size)]
+    } else {
+        source.data_ranges(src_path)?
+    };
+    copy(
+        &source,
+        src_path,
+        &ranges,
+        target,
+        CopyMode {
+            progress: args.progress && !args.quiet,
+            zero_existing: args.no_create,
+        },
+    )?;
     Ok(0)
 }
 
-fn open_target(
-    format: &str,
-    options: Option<&str>,
-    size: u64,
-    path: &str,
-) -> Result<Box<dyn Target>, CliError> {
-    match format {
-        "qcow2" => Ok(Box::new(Qcow2Target::create(path, size, options)?)),
-        "raw" => {
-            if options.is_some() {
+fn open_target(args: &ConvertArgs, size: u64) -> Result<Box<dyn Target>, CliError> {
+    let path = args.target.as_str();
+    let cache = args.target_cache;
+    if args.no_create && args.options.is_some() {
+        return Err(CliError::Usage(
+            "-o has no effect with -n (the target is not created)".into(),
+        ));
+    }
+    let target: Box<dyn Target> = match args.target_format {
+        ImageFormat::Qcow2 if args.no_create => Box::new(Qcow2Target::open_existing(path, cache)?),
+        ImageFormat::Qcow2 => Box::new(Qcow2Target::create(
+            path,
+            size,
+            args.options.as_deref(),
+            cache,
+        )?),
+        ImageFormat::Raw => {
+            if args.options.is_some() {
                 return Err(CliError::Usage("raw targets take no -o options".into()));
             }
-            let p = Path::new(path);
-            let file = FileStorage::create(p)
-                .map_err(CliError::io(path))?
-                .with_direct_io(p, true);
-            file.set_len(size).map_err(CliError::io(path))?;
-            Ok(Box::new(RawTarget {
+            let file = target_file(path, cache, args.no_create)?;
+            if !args.no_create {
+                file.set_len(size).map_err(CliError::io(path))?;
+            }
+            Box::new(RawTarget {
                 file,
                 path: path.to_string(),
-            }))
+                sync: cache != CacheMode::Unsafe,
+            })
         }
-        other => Err(CliError::Usage(format!(
-            "unsupported output format {other:?} (raw or qcow2)"
-        ))),
+    };
+    if args.no_create {
+        let target_size = target.size()?;
+        if target_size < size {
+            return Err(CliError::Usage(format!(
+                "{path} ({target_size} bytes) is smaller than the source ({size} bytes)"
+            )));
+        }
     }
+    Ok(target)
+}
+
+/// How [`copy`] treats the target.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CopyMode {
+    /// Show a progress line.
+    pub(crate) progress: bool,
+    /// The target existed: runs of zeros are written as zeros, not skipped.
+    pub(crate) zero_existing: bool,
 }
 
 type Chunk = (u64, AlignedBuf);
@@ -145,14 +241,14 @@ pub(crate) fn copy(
     src_path: &str,
     ranges: &[(u64, u64)],
     target: Box<dyn Target>,
-    show_progress: bool,
+    mode: CopyMode,
 ) -> Result<(), CliError> {
     let total: u64 = ranges.iter().map(|(s, e)| e - s).sum();
     let writers = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .clamp(1, 16);
     let depth = 2 * writers;
-    let mut progress = Progress::new(total, show_progress);
+    let mut progress = Progress::new(total, mode.progress);
     let (full_tx, full_rx) = sync_channel::<Result<Chunk, CliError>>(depth);
     let (empty_tx, empty_rx) = sync_channel::<AlignedBuf>(depth + writers + 1);
     let (done_tx, done_rx) = channel::<Result<u64, CliError>>();
@@ -165,7 +261,7 @@ pub(crate) fn copy(
         scope.spawn(|| read_chunks(source, src_path, ranges, full_tx, empty_rx));
         for _ in 0..writers {
             let (full_rx, empty_tx, done_tx) = (&full_rx, empty_tx.clone(), done_tx.clone());
-            scope.spawn(move || write_chunks(target_ref, full_rx, &empty_tx, &done_tx));
+            scope.spawn(move || write_chunks(target_ref, mode, full_rx, &empty_tx, &done_tx));
         }
         drop(done_tx);
         let mut result = Ok(());
@@ -216,6 +312,7 @@ fn read_chunks(
 
 fn write_chunks(
     target: &dyn Target,
+    mode: CopyMode,
     full: &Mutex<Receiver<Result<Chunk, CliError>>>,
     empty: &SyncSender<AlignedBuf>,
     done: &Sender<Result<u64, CliError>>,
@@ -228,7 +325,7 @@ fn write_chunks(
         };
         let Ok(item) = item else { return };
         let result = item.and_then(|(offset, buf)| {
-            write_non_zero(target, buf.as_slice(), offset, granule)?;
+            write_non_zero(target, buf.as_slice(), offset, granule, mode.zero_existing)?;
             let n = buf.as_slice().len() as u64;
             let _ = empty.send(buf);
             Ok(n)
@@ -240,12 +337,14 @@ fn write_chunks(
     }
 }
 
-/// Writes the runs of `buf` that are not all zeros, in granules.
+/// Writes the runs of `buf` that are not all zeros, in granules; runs of
+/// zeros are skipped, or zeroed on the target when `zero_runs`.
 fn write_non_zero(
     target: &dyn Target,
     buf: &[u8],
     offset: u64,
     granule: usize,
+    zero_runs: bool,
 ) -> Result<(), CliError> {
     let mut at = 0usize;
     while at < buf.len() {
@@ -261,6 +360,8 @@ fn write_non_zero(
         }
         if !zero {
             target.write(&buf[at..end], offset + at as u64)?;
+        } else if zero_runs {
+            target.write_zeroes(offset + at as u64, (end - at) as u64)?;
         }
         at = end;
     }

@@ -2,7 +2,7 @@
 
 use qcow2_io::{Compat, CreateOptions, Image};
 
-use crate::args::{parse_bool, parse_options, Args};
+use crate::args::{parse_bool, parse_options, CreateArgs, Qcow2Only};
 use crate::error::CliError;
 use crate::output::say;
 use crate::size::{human, parse_size};
@@ -42,29 +42,20 @@ pub fn apply_options(options: &mut CreateOptions, text: Option<&str>) -> Result<
 }
 
 /// Runs the command.
-pub fn run(argv: &[String]) -> Result<u8, CliError> {
-    let args = Args::parse(argv, &["-f", "-o"], &["-q"])?;
-    if let Some(f) = args.value("-f") {
-        if f != "qcow2" {
-            return Err(CliError::Usage(format!(
-                "can only create qcow2 images, not {f:?}"
-            )));
-        }
-    }
-    let (path, size) = match args.positional.as_slice() {
-        [path, size] => (path.as_str(), Some(parse_size(size)?)),
-        [path] => (path.as_str(), None),
-        _ => return Err(CliError::Usage("expected FILE SIZE".into())),
-    };
-    let mut options = CreateOptions::new(size.unwrap_or(0));
-    apply_options(&mut options, args.value("-o"))?;
+pub fn run(args: &CreateArgs) -> Result<u8, CliError> {
+    // The parser admits qcow2 only, the one format created here.
+    let Qcow2Only::Qcow2 = args.format;
+    let path = args.file.as_str();
+    let size = args.size.as_deref().map(parse_size).transpose()?;
+    let mut options = CreateOptions::new(size.unwrap_or(0)).overwrite(true);
+    apply_options(&mut options, args.options.as_deref())?;
     if size.is_none() && options.size == 0 {
         return Err(CliError::Usage("expected FILE SIZE".into()));
     }
     options.validate().map_err(CliError::image(path))?;
     let image = Image::create(path, &options).map_err(CliError::image(path))?;
     image.close().map_err(CliError::image(path))?;
-    if !args.flag("-q") {
+    if !args.quiet {
         say!(
             "Formatting '{path}', fmt=qcow2 cluster_size={} compat={} refcount_bits={} lazy_refcounts={} dedup={} size={} ({})",
             options.cluster_size,

@@ -6,30 +6,31 @@
 
 use qcow2_io::{Image, OpenOptions};
 
-use crate::args::Args;
-use crate::commands::convert::{copy, Qcow2Target};
+use crate::args::{CacheMode, DedupArgs};
+use crate::commands::convert::{copy, CopyMode, Qcow2Target};
 use crate::disk::{open_image, Disk};
 use crate::error::CliError;
 use crate::output::say;
 use crate::size::human;
 
 /// Runs the command.
-pub fn run(argv: &[String]) -> Result<u8, CliError> {
-    let args = Args::parse(argv, &["-o"], &["-p", "-q"])?;
-    let [path] = args.expect_positional(&["IMAGE"])?[..] else {
-        unreachable!("expect_positional checked the count")
-    };
-    let result_path = match args.value("-o") {
+pub fn run(args: &DedupArgs) -> Result<u8, CliError> {
+    let path = args.image.as_str();
+    let result_path = match args.output.as_deref() {
         Some(out) => {
-            let source = Disk::open(path, None)?;
+            let source = Disk::open(path, None, false)?;
             let cluster_size = match &source {
                 Disk::Qcow2(image) => image.cluster_size(),
                 Disk::Raw { .. } => 65536,
             };
             let options = format!("dedup=on,cluster_size={cluster_size}");
-            let target = Qcow2Target::create(out, source.size(), Some(&options))?;
+            let target = Qcow2Target::create(out, source.size(), Some(&options), CacheMode::None)?;
             let ranges = source.data_ranges(path)?;
-            copy(&source, path, &ranges, Box::new(target), args.flag("-p"))?;
+            let mode = CopyMode {
+                progress: args.progress && !args.quiet,
+                zero_existing: false,
+            };
+            copy(&source, path, &ranges, Box::new(target), mode)?;
             out
         }
         None => {
@@ -39,7 +40,7 @@ pub fn run(argv: &[String]) -> Result<u8, CliError> {
             path
         }
     };
-    if !args.flag("-q") {
+    if !args.quiet {
         let image = Image::open(result_path, &OpenOptions::read_only())
             .map_err(CliError::image(result_path))?;
         if let Some(s) = image.dedup_stats().map_err(CliError::image(result_path))? {

@@ -1,33 +1,40 @@
-//! `qcow2 info [--output human|json] FILE`
+//! `qcow2 info [-f FMT] [--output human|json] FILE`
+//!
+//! The JSON output is qemu-img's (`children` with the file node, members in
+//! qemu-img's order), plus `dedup` and `dedup-stats` in the qcow2-specific
+//! data of a deduplicated image.
 
 use std::os::unix::fs::MetadataExt;
 
-use qcow2_io::{Image, OpenOptions};
-use serde_json::json;
+use qcow2_format::snapshot::Snapshot;
+use qcow2_io::{DedupStats, Image, ImageInfo, OpenOptions};
+use serde_json::{json, Value};
 
-use crate::args::Args;
-use crate::disk::detect_format;
+use crate::args::{ImageFormat, InfoArgs, OutputFormat};
+use crate::disk::resolve_format;
 use crate::error::CliError;
 use crate::output::say;
+use crate::qemu_json::to_qemu_json;
 use crate::size::human;
 
 /// Runs the command.
-pub fn run(argv: &[String]) -> Result<u8, CliError> {
-    let args = Args::parse(argv, &["--output", "-f"], &[])?;
-    let json = args.json_output()?;
-    let [path] = args.expect_positional(&["FILE"])?[..] else {
-        unreachable!("expect_positional checked the count")
-    };
+pub fn run(args: &InfoArgs) -> Result<u8, CliError> {
+    let path = args.file.as_str();
     let meta = std::fs::metadata(path).map_err(CliError::io(path))?;
     let actual = meta.blocks() * 512;
-    let format = args.value("-f").map_or_else(
-        || detect_format(path),
-        |f| Ok(if f == "qcow2" { "qcow2" } else { "raw" }),
-    )?;
-    if format == "raw" {
+    let format = resolve_format(path, args.format)?;
+    let json = args.output == OutputFormat::Json;
+    if format == ImageFormat::Raw {
         if json {
-            let v = json!({"filename": path, "format": "raw", "virtual-size": meta.len(), "actual-size": actual, "dirty-flag": false});
-            say!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            let v = json!({
+                "children": [file_child(path, meta.len().next_multiple_of(512), actual)],
+                "virtual-size": meta.len(),
+                "filename": path,
+                "format": "raw",
+                "actual-size": actual,
+                "dirty-flag": false,
+            });
+            say!("{}", to_qemu_json(&v));
         } else {
             say!(
                 "image: {path}\nfile format: raw\nvirtual size: {} ({} bytes)\ndisk size: {}",
@@ -42,117 +49,197 @@ pub fn run(argv: &[String]) -> Result<u8, CliError> {
     let info = image.info().map_err(CliError::image(path))?;
     let stats = image.dedup_stats().map_err(CliError::image(path))?;
     let snapshots = image.snapshots().map_err(CliError::image(path))?;
-    let compat = if info.version == 2 { "0.10" } else { "1.1" };
     if json {
-        let mut data = json!({
-            "compat": compat,
-            "lazy-refcounts": info.lazy_refcounts,
-            "refcount-bits": info.refcount_bits,
-            "corrupt": info.corrupt,
-            "extended-l2": info.extended_l2,
-            "dedup": info.dedup,
-        });
-        if info.version >= 3 {
-            data["compression-type"] = json!(info.compression_type);
-        }
-        if let Some(s) = &stats {
-            data["dedup-stats"] = json!({
-                "unique-clusters": s.unique_clusters,
-                "references": s.references,
-                "bytes-saved": s.bytes_saved,
-                "index-memory": s.index_memory,
-                "crc-failures": s.crc_failures,
-            });
-        }
-        let mut v = json!({
-            "filename": path,
-            "format": "qcow2",
-            "virtual-size": info.virtual_size,
-            "actual-size": actual,
-            "cluster-size": info.cluster_size,
-            "dirty-flag": info.dirty,
-            "format-specific": {"type": "qcow2", "data": data},
-        });
-        if let Some(b) = &info.backing_file {
-            v["backing-filename"] = json!(b);
-        }
-        if !snapshots.is_empty() {
-            v["snapshots"] = snapshots
-                .iter()
-                .map(|s| {
-                    json!({
-                        "id": s.id,
-                        "name": s.name,
-                        "vm-state-size": s.vm_state_size,
-                        "date-sec": s.date_sec,
-                        "date-nsec": s.date_nsec,
-                        "vm-clock-sec": s.vm_clock_nsec / 1_000_000_000,
-                        "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000,
-                    })
-                })
-                .collect();
-        }
-        say!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-    } else {
-        say!("image: {path}");
-        say!("file format: qcow2");
         say!(
-            "virtual size: {} ({} bytes)",
-            human(info.virtual_size),
-            info.virtual_size
+            "{}",
+            to_qemu_json(&info_json(path, actual, &info, stats.as_ref(), &snapshots))
         );
-        say!("disk size: {}", human(actual));
-        say!("cluster_size: {}", info.cluster_size);
-        if let Some(b) = &info.backing_file {
-            say!("backing file: {b}");
-        }
-        if !snapshots.is_empty() {
-            say!("Snapshot list:");
-            say!("{:<10}{:<18}{:>10} DATE", "ID", "TAG", "VM SIZE");
-            for s in &snapshots {
-                say!(
-                    "{:<10}{:<18}{:>10} {}",
-                    s.id,
-                    s.name,
-                    human(s.vm_state_size),
-                    utc_date(u64::from(s.date_sec))
-                );
-            }
-        }
-        say!("Format specific information:");
-        say!("    compat: {compat}");
-        if info.version >= 3 {
-            say!("    compression type: {}", info.compression_type);
-        }
-        say!("    lazy refcounts: {}", info.lazy_refcounts);
-        say!("    refcount bits: {}", info.refcount_bits);
-        say!("    corrupt: {}", info.corrupt);
-        say!("    extended l2: {}", info.extended_l2);
-        say!("    dedup: {}", info.dedup);
-        if let Some(s) = &stats {
-            say!("    dedup unique clusters: {}", s.unique_clusters);
-            say!("    dedup references: {}", s.references);
-            say!(
-                "    dedup space saved: {} ({} bytes)",
-                human(s.bytes_saved),
-                s.bytes_saved
-            );
-            say!("    dedup index memory: {}", human(s.index_memory));
-            if s.crc_failures > 0 {
-                say!(
-                    "    dedup damaged clusters: {} (run `qcow2 check -r all`)",
-                    s.crc_failures
-                );
-            }
-        }
-        if info.dirty {
-            say!("    dirty: true (not closed cleanly; refcounts are repaired on the next read-write open)");
-        }
+    } else {
+        print_human(path, actual, &info, stats.as_ref(), &snapshots);
     }
     if info.corrupt {
         eprintln!("qcow2: warning: {path} is marked corrupt; it opens read-only until repaired with `qcow2 check -r all`");
     }
     Ok(0)
+}
+
+/// The `children` entry for the image's file node, as qemu-img 10 shows it.
+fn file_child(path: &str, length: u64, actual: u64) -> Value {
+    json!({
+        "name": "file",
+        "info": {
+            "children": [],
+            "virtual-size": length,
+            "filename": path,
+            "format": "file",
+            "actual-size": actual,
+            "format-specific": {"type": "file", "data": {}},
+            "dirty-flag": false,
+        },
+    })
+}
+
+/// The icount QEMU keeps in a snapshot's extra data (bytes 16..24), if any.
+fn icount(s: &Snapshot) -> Option<u64> {
+    let bytes: [u8; 8] = s.extra.get(16..24)?.try_into().ok()?;
+    Some(u64::from_be_bytes(bytes)).filter(|&v| v != u64::MAX)
+}
+
+fn info_json(
+    path: &str,
+    actual: u64,
+    info: &ImageInfo,
+    stats: Option<&DedupStats>,
+    snapshots: &[Snapshot],
+) -> Value {
+    let mut data = json!({"compat": if info.version == 2 { "0.10" } else { "1.1" }});
+    data["extended-l2"] = json!(info.extended_l2);
+    data["lazy-refcounts"] = json!(info.lazy_refcounts);
+    data["corrupt"] = json!(info.corrupt);
+    data["refcount-bits"] = json!(info.refcount_bits);
+    if info.version >= 3 {
+        data["compression-type"] = json!(info.compression_type);
+    }
+    if info.dedup {
+        data["dedup"] = json!(true);
+    }
+    if let Some(s) = stats {
+        data["dedup-stats"] = json!({
+            "unique-clusters": s.unique_clusters,
+            "references": s.references,
+            "bytes-saved": s.bytes_saved,
+            "crc-failures": s.crc_failures,
+        });
+    }
+    let mut v = json!({
+        "filename": path,
+        "format": "qcow2",
+        "dirty-flag": info.dirty,
+        "actual-size": actual,
+        "virtual-size": info.virtual_size,
+        "cluster-size": info.cluster_size,
+    });
+    if let Some(b) = &info.backing_file {
+        v["backing-filename"] = json!(b);
+    }
+    if !snapshots.is_empty() {
+        v["snapshots"] = snapshots
+            .iter()
+            .map(|s| {
+                let mut e = json!({
+                    "id": s.id,
+                    "name": s.name,
+                    "vm-state-size": s.vm_state_size,
+                    "date-sec": s.date_sec,
+                    "date-nsec": s.date_nsec,
+                    "vm-clock-sec": s.vm_clock_nsec / 1_000_000_000,
+                    "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000,
+                });
+                if let Some(n) = icount(s) {
+                    e["icount"] = json!(n);
+                }
+                e
+            })
+            .collect();
+    }
+    v["format-specific"] = json!({"type": "qcow2", "data": data});
+    v["children"] = json!([file_child(
+        path,
+        info.file_length.next_multiple_of(512),
+        actual
+    )]);
+    v
+}
+
+fn print_human(
+    path: &str,
+    actual: u64,
+    info: &ImageInfo,
+    stats: Option<&DedupStats>,
+    snapshots: &[Snapshot],
+) {
+    say!("image: {path}");
+    say!("file format: qcow2");
+    say!(
+        "virtual size: {} ({} bytes)",
+        human(info.virtual_size),
+        info.virtual_size
+    );
+    say!("disk size: {}", human(actual));
+    say!("cluster_size: {}", info.cluster_size);
+    if let Some(b) = &info.backing_file {
+        say!("backing file: {b}");
+    }
+    if !snapshots.is_empty() {
+        say!("Snapshot list:");
+        say!(
+            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
+            "ID",
+            "TAG",
+            "VM_SIZE",
+            "DATE",
+            "VM_CLOCK",
+            "ICOUNT"
+        );
+        for s in snapshots {
+            let secs = s.vm_clock_nsec / 1_000_000_000;
+            let clock = format!(
+                "{:04}:{:02}:{:02}.{:03}",
+                secs / 3600,
+                secs / 60 % 60,
+                secs % 60,
+                s.vm_clock_nsec / 1_000_000 % 1000
+            );
+            say!(
+                "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
+                s.id,
+                s.name,
+                human(s.vm_state_size),
+                utc_date(u64::from(s.date_sec)),
+                clock,
+                icount(s).map_or_else(|| "--".to_string(), |n| n.to_string())
+            );
+        }
+    }
+    say!("Format specific information:");
+    say!(
+        "    compat: {}",
+        if info.version == 2 { "0.10" } else { "1.1" }
+    );
+    if info.version >= 3 {
+        say!("    compression type: {}", info.compression_type);
+    }
+    say!("    lazy refcounts: {}", info.lazy_refcounts);
+    say!("    refcount bits: {}", info.refcount_bits);
+    say!("    corrupt: {}", info.corrupt);
+    say!("    extended l2: {}", info.extended_l2);
+    if info.dedup {
+        say!("    dedup: true");
+    }
+    if let Some(s) = stats {
+        say!("    dedup unique clusters: {}", s.unique_clusters);
+        say!("    dedup references: {}", s.references);
+        say!(
+            "    dedup space saved: {} ({} bytes)",
+            human(s.bytes_saved),
+            s.bytes_saved
+        );
+        if s.crc_failures > 0 {
+            say!(
+                "    dedup damaged clusters: {} (run `qcow2 check -r all`)",
+                s.crc_failures
+            );
+        }
+    }
+    if info.dirty {
+        say!("    dirty: true (not closed cleanly; refcounts are repaired on the next read-write open)");
+    }
+    say!("Child node '/file':");
+    say!("    filename: {path}");
+    say!("    protocol type: file");
+    let length = info.file_length.next_multiple_of(512);
+    say!("    file length: {} ({length} bytes)", human(length));
+    say!("    disk size: {}", human(actual));
 }
 
 /// `YYYY-MM-DD hh:mm:ss` (UTC) for seconds since the epoch.
