@@ -7,7 +7,7 @@
 //! `qcow2-alloc`, and the L1 grows when the file does. [`DedupIndex`] is the
 //! compact in-memory hash → host cluster map built from it on open.
 //!
-//! The index is a hint (DESIGN.md, invariant 1): a candidate it returns is
+//! The index is a hint (docs/ARCHITECTURE.md, "Deduplication"): a candidate it returns is
 //! shared only after its full hash has been confirmed, so a stale or lost
 //! entry costs space, never data.
 #![forbid(unsafe_code)]

@@ -1,5 +1,5 @@
 //! The deduplication extension: header extension `0xCD8E819B`, the dedup L1
-//! table and L2 dedup clusters, as the seed specifies and DESIGN.md decides.
+//! table and L2 dedup clusters, as the seed specifies and docs/ARCHITECTURE.md decides.
 //!
 //! An L2 dedup cluster holds `n = cluster_size / 40` entries of 40 bytes (a
 //! SHA-256 of a host cluster's content, then the big-endian guest offset of

@@ -112,7 +112,10 @@ fn push(out: &mut Vec<Segment>, at: usize, len: usize, extent: Extent, in_cluste
 }
 
 impl Image {
-    /// Reads `buf.len()` bytes of the virtual disk from `offset`.
+    /// Fills all of `buf` with the virtual disk's bytes from `offset`, or
+    /// fails: unlike `FileExt::read_at` there are no short reads. A range
+    /// past the virtual size is [`crate::ImageError::OutOfBounds`];
+    /// unallocated and zero clusters read as zeros.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check_bounds(offset, buf.len() as u64)?;
         if buf.is_empty() {

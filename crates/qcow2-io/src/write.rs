@@ -93,7 +93,10 @@ fn commit_allocation(
 }
 
 impl Image {
-    /// Writes `buf` to the virtual disk at `offset`.
+    /// Writes all of `buf` to the virtual disk at `offset`, or fails:
+    /// unlike `FileExt::write_at` there are no short writes. The data is
+    /// durable once [`Image::flush`] (or [`Image::close`]) returns; a write
+    /// that fails part way may have changed part of the range.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable()?;
         self.check_bounds(offset, buf.len() as u64)?;

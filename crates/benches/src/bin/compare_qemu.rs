@@ -138,7 +138,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ),
         None => println!("| SHA-256 of 64 KiB clusters (openssl not found) | {ours_rate:.0} MB/s | — |"),
     }
-    let image = Image::open(&dedup_qcow2, &OpenOptions::read_only())?;
+    // A writable open builds the index whose memory is measured.
+    let image = Image::open(&dedup_qcow2, &OpenOptions::read_write())?;
     if let Some(stats) = image.dedup_stats()? {
         println!(
             "| index RAM per unique cluster ({} unique clusters) | {:.1} B | ≤ 16 B |",

@@ -97,7 +97,7 @@ impl Image {
             let (classes, blocked_on, stores) = {
                 let mut meta = self.meta.lock();
                 let plan = classify(&mut meta, &self.claims, &keys)?;
-                let stores = apply_in_place_classes(&mut meta, &keys, &plan.classes, &mut claims)?;
+                let stores = apply_plan(&mut meta, &keys, &plan.classes, &mut claims)?;
                 (plan.classes, plan.blocked_on, stores)
             };
             let planned = &rest[..classes.len()];
@@ -158,7 +158,7 @@ impl Image {
 /// the contents to store, forgets the old entries of clusters rewritten in
 /// place, and allocates fresh clusters. Returns the clusters to store, in
 /// plan order.
-fn apply_in_place_classes(
+fn apply_plan(
     meta: &mut Metadata,
     items: &[ClusterItem],
     classes: &[Class],

@@ -1,0 +1,63 @@
+//! The public API as a library user meets it.
+
+use std::sync::Arc;
+
+use qcow2_io::{CreateOptions, Image, ImageError, OpenOptions};
+
+#[test]
+fn create_refuses_an_existing_file_unless_asked_to_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.qcow2");
+    std::fs::write(&path, b"precious").unwrap();
+    let err = Image::create(&path, &CreateOptions::new(1 << 20)).unwrap_err();
+    assert!(
+        matches!(&err, ImageError::Io { source, .. } if source.kind() == std::io::ErrorKind::AlreadyExists),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), b"precious", "left alone");
+    let image = Image::create(&path, &CreateOptions::new(1 << 20).overwrite(true)).unwrap();
+    assert_eq!(image.size(), 1 << 20);
+}
+
+#[test]
+fn close_works_through_an_arc_and_ends_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.qcow2");
+    let options = CreateOptions::new(8 << 20)
+        .cluster_size(4096)
+        .refcount_bits(32)
+        .lazy_refcounts(true);
+    let image = Arc::new(Image::create(&path, &options).unwrap());
+    let other = image.clone();
+    std::thread::spawn(move || other.write_at(&[5; 10_000], 12_345).unwrap())
+        .join()
+        .unwrap();
+    image.close().unwrap();
+    image.close().unwrap();
+    assert!(matches!(image.write_at(&[1], 0), Err(ImageError::ReadOnly)));
+    drop(image);
+    let image = Image::open(&path, &OpenOptions::read_only()).unwrap();
+    let info = image.info().unwrap();
+    assert!(!info.dirty, "close cleared the dirty bit");
+    assert_eq!((info.cluster_size, info.refcount_bits), (4096, 32));
+    assert!(info.lazy_refcounts);
+    let mut buf = [0u8; 10_000];
+    image.read_at(&mut buf, 12_345).unwrap();
+    assert!(buf.iter().all(|&b| b == 5));
+}
+
+#[test]
+fn dedup_index_memory_is_zero_until_the_index_is_built() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.qcow2");
+    let image = Image::create(&path, &CreateOptions::new(4 << 20).dedup(true)).unwrap();
+    image.write_at(&[9; 65536], 0).unwrap();
+    image.write_at(&[9; 65536], 65536).unwrap();
+    image.close().unwrap();
+    let read_only = Image::open(&path, &OpenOptions::read_only()).unwrap();
+    let stats = read_only.dedup_stats().unwrap().unwrap();
+    assert_eq!((stats.unique_clusters, stats.references), (1, 2));
+    assert_eq!(stats.index_memory, 0, "read-only opens build no index");
+    let writable = Image::open(&path, &OpenOptions::read_write()).unwrap();
+    assert!(writable.dedup_stats().unwrap().unwrap().index_memory > 0);
+}
