@@ -301,3 +301,69 @@ fn create_replaces_an_existing_file_as_qemu_img_does() {
     .unwrap();
     assert_eq!(v["virtual-size"], 8 << 20);
 }
+
+#[test]
+fn one_bit_refcounts_with_dedup_are_refused_naming_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("s.raw");
+    std::fs::write(&src, pattern(1 << 20, 2)).unwrap();
+    for args in [
+        vec!["create", "-o", "dedup=on,refcount_bits=1", "x.qcow2", "1M"],
+        vec![
+            "convert",
+            "-O",
+            "qcow2",
+            "-o",
+            "dedup=on,refcount_bits=1",
+            p(&src),
+            "y.qcow2",
+        ],
+    ] {
+        let out = qcow2(&args);
+        let err = text(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            err.contains("refcount_bits=1") && err.contains("shared"),
+            "{err}"
+        );
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+}
+
+#[test]
+fn qcow2_dedup_restores_an_image_qemu_img_repaired_into_a_plain_one() {
+    if !qemu_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("s.raw");
+    let mut data = Vec::new();
+    for i in 0..64u8 {
+        data.extend(pattern(64 << 10, i % 4));
+    }
+    std::fs::write(&src, &data).unwrap();
+    let img = dir.path().join("d.qcow2");
+    let bin = env!("CARGO_BIN_EXE_qcow2");
+    ok(
+        bin,
+        &["convert", "-O", "qcow2", "-o", "dedup=on", p(&src), p(&img)],
+    );
+    let unique = |path: &Path| -> serde_json::Value {
+        let v: serde_json::Value =
+            serde_json::from_str(&ok(bin, &["info", "--output=json", p(path)])).unwrap();
+        v["format-specific"]["data"]["dedup-stats"]["unique-clusters"].clone()
+    };
+    assert_eq!(unique(&img), 4);
+    ok("qemu-img", &["check", "-r", "all", p(&img)]);
+    assert_eq!(
+        unique(&img),
+        serde_json::Value::Null,
+        "plain after QEMU's repair"
+    );
+    ok(bin, &["dedup", "-q", p(&img)]);
+    assert_eq!(unique(&img), 4, "the same stored clusters");
+    let out = qcow2(&["check", p(&img)]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    let out = qcow2(&["compare", p(&img), p(&src)]);
+    assert_eq!(out.status.code(), Some(0));
+}

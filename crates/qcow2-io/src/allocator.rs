@@ -8,6 +8,7 @@
 //! tables are synced (see `Metadata::flush`). A crash in between leaks the
 //! cluster; it can never free a cluster that a table on disk still uses.
 
+use qcow2_alloc::cache::IntMap;
 use qcow2_alloc::{Refcounts, RefcountsConfig, Storage};
 use qcow2_format::l2::L2Mapping;
 use qcow2_format::refcount::RefcountWidth;
@@ -22,6 +23,8 @@ pub(crate) struct Allocator {
     refcounts: Refcounts,
     geometry: Geometry,
     released: Vec<HostCluster>,
+    /// How many queued decreases each cluster in `released` has.
+    released_per_cluster: IntMap<HostCluster, u64>,
 }
 
 impl Allocator {
@@ -39,6 +42,7 @@ impl Allocator {
             refcounts,
             geometry,
             released: Vec::new(),
+            released_per_cluster: IntMap::default(),
         }
     }
 
@@ -88,13 +92,22 @@ impl Allocator {
         Ok(self.refcounts.allocate_contiguous(storage, count)?)
     }
 
+    fn queue(&mut self, cluster: HostCluster) {
+        self.released.push(cluster);
+        *self.released_per_cluster.entry(cluster).or_default() += 1;
+    }
+
     /// Queues the decreases for every host cluster `mapping` references.
     pub(crate) fn release_mapping(&mut self, mapping: L2Mapping) {
         match mapping {
-            L2Mapping::Compressed(d) => self.released.extend(d.host_clusters(self.geometry)),
+            L2Mapping::Compressed(d) => {
+                for cluster in d.host_clusters(self.geometry) {
+                    self.queue(cluster);
+                }
+            }
             other => {
                 if let Some(host) = other.host_cluster(self.geometry) {
-                    self.released.push(host);
+                    self.queue(host);
                 }
             }
         }
@@ -103,8 +116,9 @@ impl Allocator {
     /// Queues the decreases for a run of table clusters that nothing will
     /// point to once the header or a parent table is durable.
     pub(crate) fn release_run(&mut self, first: HostOffset, count: ClusterCount) {
-        let first = self.geometry.host_cluster(first);
-        self.released.extend(first.run(count));
+        for cluster in self.geometry.host_cluster(first).run(count) {
+            self.queue(cluster);
+        }
     }
 
     /// Whether decreases wait.
@@ -112,9 +126,19 @@ impl Allocator {
         !self.released.is_empty()
     }
 
+    /// Decreases queued for `cluster`: its refcount once they land is the
+    /// refcount now minus this.
+    pub(crate) fn released_count(&self, cluster: HostCluster) -> u64 {
+        self.released_per_cluster
+            .get(&cluster)
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// The queued decreases, to be applied with
     /// [`Allocator::drop_reference`] now that the tables are durable.
     pub(crate) fn take_released(&mut self) -> Vec<HostCluster> {
+        self.released_per_cluster.clear();
         std::mem::take(&mut self.released)
     }
 

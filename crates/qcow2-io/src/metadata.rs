@@ -44,6 +44,17 @@ pub(crate) struct Metadata {
     dedup: Option<DedupState>,
 }
 
+/// A stored copy of a content on a deduplicated image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct StoredCopy {
+    /// The host cluster holding it.
+    pub(crate) host: HostCluster,
+    /// Its refcount now.
+    pub(crate) refcount: u64,
+    /// Decreases queued for it (applied at the next flush).
+    pub(crate) released: u64,
+}
+
 /// Borrowed parts of [`Metadata`], for the consistency check that walks
 /// them all at once.
 pub(crate) struct MetadataParts<'a> {
@@ -292,13 +303,21 @@ impl Metadata {
         d.build_index(&*self.storage, &mut self.alloc, verify)
     }
 
-    /// A stored cluster with content `hash` that can take one more reference.
-    pub(crate) fn dedup_find(&mut self, hash: &ContentHash) -> Result<Option<HostCluster>> {
-        let limit = self.max_refcount();
+    /// Every stored copy of content `hash`, with its refcount and the
+    /// decreases queued for it.
+    pub(crate) fn dedup_copies(&mut self, hash: &ContentHash) -> Result<Vec<StoredCopy>> {
         let Some(d) = self.dedup.as_mut() else {
-            return Ok(None);
+            return Ok(Vec::new());
         };
-        d.find(&*self.storage, &mut self.alloc, hash, limit)
+        let copies = d.copies(&*self.storage, &mut self.alloc, hash)?;
+        Ok(copies
+            .into_iter()
+            .map(|(host, refcount)| StoredCopy {
+                host,
+                refcount,
+                released: self.alloc.released_count(host),
+            })
+            .collect())
     }
 
     /// Points `guest` (which held `old`) at the stored cluster `host` as one
@@ -455,30 +474,144 @@ impl Metadata {
     /// the module documentation).
     pub(crate) fn flush(&mut self) -> Result<()> {
         self.write_tables()?;
-        if self.alloc.has_released() {
-            self.sync("syncing tables before freeing")?;
-            let size = self.header().size;
-            for cluster in self.alloc.take_released() {
-                let left = self.alloc.drop_reference(&*self.storage, cluster)?;
-                if let Some(d) = self.dedup.as_mut() {
-                    d.after_decrement(
-                        &*self.storage,
-                        &mut self.map,
-                        &mut self.alloc,
-                        cluster,
-                        left,
-                        size,
-                    )?;
-                }
+        // Each round applies the decreases queued so far; consolidating the
+        // copies of a dedup content queues more (of the donors), which the
+        // next round applies. A round only moves references into fuller
+        // copies, so this settles in two rounds; four is a safe bound.
+        for _ in 0..4 {
+            if !self.alloc.has_released() {
+                break;
             }
-            if let Some(d) = self.dedup.as_mut() {
-                d.resolve_copied_flags(&*self.storage, &mut self.map, &mut self.alloc)?;
+            let touched = self.apply_released()?;
+            if !touched.is_empty() {
+                self.consolidate_copies(&touched)?;
             }
-            self.write_tables()?;
         }
         self.relocate_dedup_l1()?;
         self.refcounts_durable()?;
         self.sync("syncing the image")
+    }
+
+    /// Syncs the tables, then applies the queued decreases (step 3 of the
+    /// ordering) and writes back what they changed. Returns the dedup
+    /// clusters left shared below the refcount maximum.
+    fn apply_released(&mut self) -> Result<Vec<HostCluster>> {
+        self.sync("syncing tables before freeing")?;
+        let size = self.header().size;
+        let limit = self.max_refcount();
+        let mut touched = Vec::new();
+        for cluster in self.alloc.take_released() {
+            let left = self.alloc.drop_reference(&*self.storage, cluster)?;
+            if let Some(d) = self.dedup.as_mut() {
+                d.after_decrement(
+                    &*self.storage,
+                    &mut self.map,
+                    &mut self.alloc,
+                    cluster,
+                    left,
+                    size,
+                )?;
+                if left > 0 && left < limit {
+                    touched.push(cluster);
+                }
+            }
+        }
+        if let Some(d) = self.dedup.as_mut() {
+            d.resolve_copied_flags(&*self.storage, &mut self.map, &mut self.alloc)?;
+        }
+        self.write_tables()?;
+        Ok(touched)
+    }
+
+    /// Keeps at most one copy of each content with room left (so stored
+    /// copies = ⌈references / refcount maximum⌉): for the contents whose
+    /// copies just lost references, references move from the emptiest copy
+    /// to the fullest one with room. A donor's referrers are found through
+    /// its dedup entry's guest offset, else by one pass over the active L2
+    /// tables. Moved references are ordinary shares: the target's refcount
+    /// rises before the pointer, the donor's falls at the next round.
+    fn consolidate_copies(&mut self, touched: &[HostCluster]) -> Result<()> {
+        let limit = self.max_refcount();
+        let mut moves: Vec<(HostCluster, HostCluster, u64)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for &cluster in touched {
+            let storage = self.storage.clone();
+            let Some(hash) = self.dedup_mut()?.hash_of(&*storage, cluster)? else {
+                continue;
+            };
+            if !seen.insert(hash.0) {
+                continue;
+            }
+            let mut open: Vec<(HostCluster, u64)> = self
+                .dedup_copies(&hash)?
+                .into_iter()
+                .filter(|c| c.refcount < limit)
+                .map(|c| (c.host, c.refcount))
+                .collect();
+            open.sort_by_key(|&(host, refcount)| (std::cmp::Reverse(refcount), host));
+            while open.len() > 1 {
+                let last = open.len() - 1;
+                let n = (limit - open[0].1).min(open[last].1);
+                moves.push((open[last].0, open[0].0, n));
+                open[0].1 += n;
+                open[last].1 -= n;
+                if open[last].1 == 0 {
+                    open.pop();
+                }
+                if open[0].1 == limit {
+                    open.remove(0);
+                }
+            }
+        }
+        if moves.is_empty() {
+            return Ok(());
+        }
+        let g = self.geometry;
+        for m in moves.iter_mut() {
+            let storage = self.storage.clone();
+            let Some(guest) = self.dedup_mut()?.entry_guest(&*storage, m.0)? else {
+                continue;
+            };
+            if guest.get() >= self.header().size {
+                continue;
+            }
+            let (old, _) = self.lookup(guest)?;
+            if matches!(old, L2Mapping::Data { offset, .. } if g.host_cluster(offset) == m.0) {
+                self.share(guest, m.1, old)?;
+                m.2 -= 1;
+            }
+        }
+        moves.retain(|m| m.2 > 0);
+        if moves.is_empty() {
+            return Ok(());
+        }
+        let l1 = self.map.l1().to_vec();
+        for (index, raw) in l1.into_iter().enumerate() {
+            let qcow2_format::l1::L1Mapping::L2Table { offset, .. } =
+                qcow2_format::l1::L1Entry(raw).decode(g)?
+            else {
+                continue;
+            };
+            let entries = self.map.l2_entries(&*self.storage, offset)?;
+            let format = self.map.format();
+            for (i, raw) in entries.into_iter().enumerate() {
+                let Ok(old @ L2Mapping::Data { offset: host, .. }) =
+                    qcow2_format::l2::L2Entry(raw).decode(format)
+                else {
+                    continue;
+                };
+                let donor = g.host_cluster(host);
+                let Some(m) = moves.iter_mut().find(|m| m.0 == donor && m.2 > 0) else {
+                    continue;
+                };
+                let guest =
+                    GuestOffset::new(index as u64 * g.l2_coverage() + i as u64 * g.cluster_size());
+                let target = m.1;
+                m.2 -= 1;
+                self.share(guest, target, old)?;
+            }
+        }
+        Ok(())
     }
 
     /// After the dedup L1 grew: point the header at the new table (once it

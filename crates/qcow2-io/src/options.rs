@@ -25,7 +25,14 @@ pub struct CreateOptions {
     pub compat: Compat,
     /// Set the lazy refcounts compatible bit (v3 only).
     pub lazy_refcounts: bool,
-    /// Deduplicate guest clusters by content (v3 only).
+    /// Deduplicate guest clusters by content (v3, refcount_bits ≥ 2).
+    ///
+    /// Each distinct cluster content is stored once while its references
+    /// fit the refcount width (`2^refcount_bits − 1`); a content with more
+    /// references than that is stored in ⌈references / maximum⌉ copies,
+    /// new references going to the fullest copy with room, and a flush
+    /// moves references out of the emptiest copy when others gain room
+    /// (see docs/ARCHITECTURE.md, "Deduplication").
     pub dedup: bool,
     /// Let [`crate::Image::create`] replace an existing file (by default it
     /// refuses one, so an image is never truncated by accident).
@@ -99,6 +106,11 @@ impl CreateOptions {
         if self.compat == Compat::V2 && self.refcount_bits != 16 {
             return Err(ImageError::InvalidOption(
                 "refcount widths other than 16 bits need compat=1.1".into(),
+            ));
+        }
+        if self.dedup && self.refcount_bits == 1 {
+            return Err(ImageError::InvalidOption(
+                "dedup=on needs refcount_bits=2 or more: with refcount_bits=1 a cluster holds one reference, so nothing can be shared".into(),
             ));
         }
         if self.compat == Compat::V2 && self.dedup {

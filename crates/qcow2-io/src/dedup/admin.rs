@@ -56,6 +56,11 @@ impl Image {
                     "deduplication needs compat=1.1 (a version 3 image)".into(),
                 ));
             }
+            if meta.max_refcount() < 2 {
+                return Err(ImageError::Unsupported(
+                    "deduplicating an image with refcount_bits=1 (a cluster holds one reference, so nothing can be shared)".into(),
+                ));
+            }
             if meta.header().nb_snapshots > 0 {
                 return Err(ImageError::Unsupported(
                     "deduplicating an image with internal snapshots".into(),
@@ -127,9 +132,17 @@ fn adopt(
         return meta.replace_mapping(guest, zero, mapping);
     }
     let hash = ContentHash::of(content);
-    match meta.dedup_find(&hash)? {
-        Some(stored) if stored == host => Ok(()),
-        Some(stored) => meta.share(guest, stored, mapping),
+    let copies = meta.dedup_copies(&hash)?;
+    if copies.iter().any(|c| c.host == host) {
+        return Ok(());
+    }
+    let limit = meta.max_refcount();
+    let fullest_with_room = copies
+        .iter()
+        .filter(|c| c.refcount < limit)
+        .max_by_key(|c| c.refcount);
+    match fullest_with_room {
+        Some(stored) => meta.share(guest, stored.host, mapping),
         None => meta.dedup_record(host, &hash, guest),
     }
 }

@@ -32,19 +32,31 @@ pub(super) enum Class {
     Fresh { old: L2Mapping },
 }
 
-/// The classes of the leading clusters of a batch, and the hash that
-/// stopped it: a content being written by someone else right now (or by an
-/// earlier cluster of the same batch), to wait for before going on.
+/// The classes of the leading clusters of a batch, and what stopped it.
 pub(super) struct Plan {
     pub(super) classes: Vec<Class>,
-    pub(super) blocked_on: Option<ContentHash>,
+    pub(super) stop: Option<Stop>,
+}
+
+/// Why a plan covers only part of its batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Stop {
+    /// The next cluster's content is being written by someone else right
+    /// now (or by an earlier cluster of the same batch): wait for it.
+    Claimed(ContentHash),
+    /// The next cluster's content is stored in copies that are full only
+    /// because of decreases still queued: flush them, then share.
+    FlushFirst,
 }
 
 /// Classifies `items` in order, under the metadata lock, changing nothing.
-/// A share never takes a copy past the refcount width's maximum, counting
-/// the shares planned earlier in the same batch; a cluster planned for
-/// reuse in place is neither shared by a later cluster nor reused after an
-/// earlier one planned to share it.
+/// A share goes to the fullest copy that still has room, so copies fill up
+/// one by one; it never takes a copy past the refcount width's maximum,
+/// counting the shares planned earlier in the same batch. A copy that is
+/// full only until queued decreases land stops the plan ([`Stop::FlushFirst`])
+/// rather than making a needless new copy. A cluster planned for reuse in
+/// place is neither shared by a later cluster nor reused after an earlier
+/// one planned to share it.
 pub(super) fn classify(
     meta: &mut Metadata,
     claims: &InflightClaims,
@@ -69,27 +81,44 @@ pub(super) fn classify(
         if storing.contains(&hash) || claims.is_claimed(&hash) {
             return Ok(Plan {
                 classes,
-                blocked_on: Some(hash),
+                stop: Some(Stop::Claimed(hash)),
             });
         }
-        let stored = meta.dedup_find(&hash)?.filter(|h| !reused.contains(h));
-        if let Some(host) = stored {
-            if old.host_cluster(g) == Some(host) {
-                classes.push(Class::Unchanged);
-                continue;
-            }
-            let extra = planned_shares
+        let mut copies = meta.dedup_copies(&hash)?;
+        copies.retain(|c| !reused.contains(&c.host));
+        let own = old.host_cluster(g);
+        if copies.iter().any(|c| Some(c.host) == own) {
+            classes.push(Class::Unchanged);
+            continue;
+        }
+        let planned = |host: HostCluster| {
+            planned_shares
                 .iter()
                 .find(|(h, _)| *h == host)
-                .map_or(0, |(_, n)| *n);
-            if meta.refcount(host)? + extra < limit {
-                match planned_shares.iter_mut().find(|(h, _)| *h == host) {
-                    Some((_, n)) => *n += 1,
-                    None => planned_shares.push((host, 1)),
-                }
-                classes.push(Class::Share { host, old });
-                continue;
+                .map_or(0, |(_, n)| *n)
+        };
+        let fullest_with_room = copies
+            .iter()
+            .map(|c| (c.refcount + planned(c.host), c))
+            .filter(|(load, _)| *load < limit)
+            .max_by_key(|(load, _)| *load)
+            .map(|(_, c)| c.host);
+        if let Some(host) = fullest_with_room {
+            match planned_shares.iter_mut().find(|(h, _)| *h == host) {
+                Some((_, n)) => *n += 1,
+                None => planned_shares.push((host, 1)),
             }
+            classes.push(Class::Share { host, old });
+            continue;
+        }
+        let room_after_flush = copies
+            .iter()
+            .any(|c| c.refcount - c.released.min(c.refcount) + planned(c.host) < limit);
+        if room_after_flush {
+            return Ok(Plan {
+                classes,
+                stop: Some(Stop::FlushFirst),
+            });
         }
         storing.push(hash);
         if let L2Mapping::Data { offset, .. } = old {
@@ -105,6 +134,6 @@ pub(super) fn classify(
     }
     Ok(Plan {
         classes,
-        blocked_on: None,
+        stop: None,
     })
 }

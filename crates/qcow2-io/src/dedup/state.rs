@@ -154,34 +154,42 @@ impl DedupState {
         self.table.take_retired()
     }
 
-    /// A host cluster holding content `hash`, confirmed against the full
-    /// hash of its dedup entry, whose refcount is below `limit`.
-    pub(crate) fn find(
+    /// Every stored copy of content `hash` (confirmed against the full
+    /// hash of its dedup entry) with its refcount.
+    pub(crate) fn copies(
         &mut self,
         storage: &dyn Storage,
         alloc: &mut Allocator,
         hash: &ContentHash,
-        limit: u64,
-    ) -> Result<Option<HostCluster>> {
+    ) -> Result<Vec<(HostCluster, u64)>> {
         let candidates = self
             .index
             .as_ref()
             .map(|i| i.candidates(hash))
             .unwrap_or_default();
+        let mut out = Vec::with_capacity(candidates.len());
         for host in candidates {
             let confirmed = self
                 .table
                 .get(storage, host)?
                 .is_some_and(|e| e.hash == hash.0);
-            if !confirmed {
-                continue;
-            }
-            let refcount = alloc.refcount(storage, host)?;
-            if refcount > 0 && refcount < limit {
-                return Ok(Some(host));
+            if confirmed {
+                let refcount = alloc.refcount(storage, host)?;
+                if refcount > 0 {
+                    out.push((host, refcount));
+                }
             }
         }
-        Ok(None)
+        Ok(out)
+    }
+
+    /// The content hash recorded for `host`, if any.
+    pub(crate) fn hash_of(
+        &mut self,
+        storage: &dyn Storage,
+        host: HostCluster,
+    ) -> Result<Option<ContentHash>> {
+        Ok(self.table.get(storage, host)?.map(|e| ContentHash(e.hash)))
     }
 
     /// The guest offset the dedup entry of `host` names, if any.

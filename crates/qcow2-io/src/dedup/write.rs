@@ -14,7 +14,7 @@ use qcow2_format::l2::L2Mapping;
 use qcow2_format::{ClusterCount, GuestOffset, HostCluster};
 
 use super::claims::ClaimGuard;
-use super::plan::{classify, Class, ClusterItem};
+use super::plan::{classify, Class, ClusterItem, Stop};
 use crate::image::Image;
 use crate::metadata::Metadata;
 use crate::{is_zero, ImageError, Result};
@@ -94,18 +94,20 @@ impl Image {
             let rest = &items[start..];
             let keys: Vec<ClusterItem> = rest.iter().map(|w| w.item).collect();
             let mut claims = self.claims.guard();
-            let (classes, blocked_on, stores) = {
+            let (classes, stop, stores) = {
                 let mut meta = self.meta.lock();
                 let plan = classify(&mut meta, &self.claims, &keys)?;
                 let stores = apply_plan(&mut meta, &keys, &plan.classes, &mut claims)?;
-                (plan.classes, plan.blocked_on, stores)
+                (plan.classes, plan.stop, stores)
             };
             let planned = &rest[..classes.len()];
             self.write_stores(planned, &stores, source)?;
             commit_stores(&mut self.meta.lock(), &keys, &stores)?;
             drop(claims);
-            if let Some(hash) = blocked_on {
-                self.claims.wait_released(&hash);
+            match stop {
+                Some(Stop::Claimed(hash)) => self.claims.wait_released(&hash),
+                Some(Stop::FlushFirst) => self.meta.lock().flush()?,
+                None => {}
             }
             start += classes.len();
         }

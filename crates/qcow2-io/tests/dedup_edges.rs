@@ -1,0 +1,323 @@
+//! Deduplication at its edges: refcounts at the width's maximum with
+//! decreases still queued, widths that cannot share, a dedup image after
+//! QEMU's repair stripped it, and our own repair of a damaged dedup image.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use common::*;
+use qcow2_io::{
+    Compat, CreateOptions, Image, ImageError, MapKind, MemStorage, OpenOptions, RepairMode,
+};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+fn dedup_image(size: u64, cluster: u64, bits: u32) -> Image {
+    let options = CreateOptions::new(size)
+        .cluster_size(cluster)
+        .refcount_bits(bits)
+        .dedup(true);
+    Image::create_on(Arc::new(MemStorage::new()), &options).unwrap()
+}
+
+/// Content `id` of one cluster (never all zeros).
+fn content(id: u64, len: usize) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| (i.wrapping_mul(31) ^ id.wrapping_mul(0x9e37_79b9)) as u8 | 1)
+        .collect()
+}
+
+/// Host clusters holding each content, by reading every mapped guest
+/// cluster: content bytes → set of host offsets.
+fn copies_by_content(image: &Image) -> BTreeMap<Vec<u8>, BTreeSet<u64>> {
+    let cs = image.cluster_size();
+    let mut out: BTreeMap<Vec<u8>, BTreeSet<u64>> = BTreeMap::new();
+    let mut buf = vec![0u8; cs as usize];
+    for e in image.map().unwrap() {
+        if e.kind != MapKind::Data {
+            continue;
+        }
+        for i in 0..e.length / cs {
+            image.read_at(&mut buf, e.start + i * cs).unwrap();
+            out.entry(buf.clone())
+                .or_default()
+                .insert(e.host_offset.unwrap() + i * cs);
+        }
+    }
+    out
+}
+
+fn stored_copies(image: &Image, id: u64) -> usize {
+    let c = content(id, image.cluster_size() as usize);
+    copies_by_content(image).get(&c).map_or(0, BTreeSet::len)
+}
+
+#[test]
+fn a_queued_decrease_makes_room_instead_of_a_second_copy() {
+    for flush_before_last_write in [false, true] {
+        for discard in [true, false] {
+            let image = dedup_image(1 << 20, 4096, 2);
+            let p = content(1, 4096);
+            for guest in 0..3 {
+                image.write_at(&p, guest * 4096).unwrap();
+            }
+            assert_eq!(stored_copies(&image, 1), 1, "3 references fit 2 bits");
+            if discard {
+                image.discard(0, 4096).unwrap();
+            } else {
+                image.write_at(&content(2, 4096), 0).unwrap();
+            }
+            if flush_before_last_write {
+                image.flush().unwrap();
+            }
+            image.write_at(&p, 3 * 4096).unwrap();
+            assert_eq!(
+                stored_copies(&image, 1),
+                1,
+                "discard {discard}, flush {flush_before_last_write}: one copy for 3 live references"
+            );
+            image.flush().unwrap();
+            let report = image.check(RepairMode::None).unwrap();
+            assert!(report.is_clean(), "{:?}", report.findings);
+        }
+    }
+}
+
+#[test]
+fn sixteen_bits_one_reference_dropped_one_added() {
+    let image = dedup_image(33 << 20, 512, 16);
+    let p = content(5, 512);
+    let whole: Vec<u8> = p.iter().copied().cycle().take(65535 * 512).collect();
+    image.write_at(&whole, 0).unwrap();
+    assert_eq!(stored_copies(&image, 5), 1, "65535 references, one copy");
+    image.discard(7 * 512, 512).unwrap();
+    image.write_at(&p, 65535 * 512).unwrap();
+    assert_eq!(stored_copies(&image, 5), 1, "dropped one, added one");
+    image.write_at(&p, 65536 * 512).unwrap();
+    assert_eq!(stored_copies(&image, 5), 2, "65536 references need two");
+}
+
+/// Random writes, overwrites and discards from a small pool of contents:
+/// after every flush each content is stored in exactly
+/// ⌈live references / refcount maximum⌉ copies, and the image reads back
+/// as the model says.
+#[test]
+fn stored_copies_follow_live_references_at_every_width() {
+    for (bits, cluster) in [(2u32, 4096u64), (2, 512), (4, 4096), (16, 4096)] {
+        let max = (1u64 << bits) - 1;
+        let clusters = 96u64;
+        let image = dedup_image(clusters * cluster, cluster, bits);
+        let mut model: Vec<Option<u64>> = vec![None; clusters as usize];
+        let mut rng = SmallRng::seed_from_u64(u64::from(bits) * cluster);
+        for step in 0..600 {
+            let guest = rng.gen_range(0..clusters);
+            let run = rng.gen_range(1..=4u64).min(clusters - guest);
+            match rng.gen_range(0..10) {
+                0..=6 => {
+                    let id = rng.gen_range(1..=4u64);
+                    let mut buf = Vec::new();
+                    for g in guest..guest + run {
+                        buf.extend(content(id, cluster as usize));
+                        model[g as usize] = Some(id);
+                    }
+                    image.write_at(&buf, guest * cluster).unwrap();
+                }
+                7..=8 => {
+                    image.discard(guest * cluster, run * cluster).unwrap();
+                    for g in guest..guest + run {
+                        model[g as usize] = None;
+                    }
+                }
+                _ => {
+                    image.write_zeroes(guest * cluster, run * cluster).unwrap();
+                    for g in guest..guest + run {
+                        model[g as usize] = None;
+                    }
+                }
+            }
+            if step % 25 != 24 {
+                continue;
+            }
+            image.flush().unwrap();
+            let copies = copies_by_content(&image);
+            for id in 1..=4u64 {
+                let live = model.iter().filter(|&&m| m == Some(id)).count() as u64;
+                let stored = copies
+                    .get(&content(id, cluster as usize))
+                    .map_or(0, BTreeSet::len) as u64;
+                assert_eq!(
+                    stored,
+                    live.div_ceil(max),
+                    "bits {bits}, cluster {cluster}, step {step}, content {id}: {live} live references"
+                );
+            }
+            let mut buf = vec![0u8; cluster as usize];
+            for (g, m) in model.iter().enumerate() {
+                image.read_at(&mut buf, g as u64 * cluster).unwrap();
+                let expected = m.map_or_else(
+                    || vec![0; cluster as usize],
+                    |id| content(id, cluster as usize),
+                );
+                assert!(
+                    buf == expected,
+                    "bits {bits}: guest cluster {g} at step {step}"
+                );
+            }
+            let report = image.check(RepairMode::None).unwrap();
+            assert!(
+                report.is_clean(),
+                "bits {bits} step {step}: {:?}",
+                report.findings
+            );
+        }
+    }
+}
+
+#[test]
+fn one_bit_refcounts_cannot_deduplicate() {
+    let options = CreateOptions::new(1 << 20).refcount_bits(1).dedup(true);
+    let err = Image::create_on(Arc::new(MemStorage::new()), &options).unwrap_err();
+    assert!(
+        matches!(&err, ImageError::InvalidOption(m) if m.contains("refcount_bits=1")),
+        "{err}"
+    );
+    let plain = Image::create_on(
+        Arc::new(MemStorage::new()),
+        &CreateOptions::new(1 << 20).refcount_bits(1),
+    )
+    .unwrap();
+    plain.write_at(&[3; 4096], 0).unwrap();
+    let err = plain.enable_dedup().unwrap_err();
+    assert!(matches!(err, ImageError::Unsupported(_)), "{err}");
+    assert!(!plain.is_dedup(), "nothing changed");
+    plain.flush().unwrap();
+    assert!(plain.check(RepairMode::None).unwrap().is_clean());
+    // Two bits share up to three references per copy.
+    let image = dedup_image(1 << 20, 4096, 2);
+    for guest in 0..3 {
+        image.write_at(&content(9, 4096), guest * 4096).unwrap();
+    }
+    assert_eq!(stored_copies(&image, 9), 1);
+    let _ = Compat::V3;
+}
+
+/// Damaged refcounts and dedup entries on a dedup image: `check -r all`
+/// leaves a dedup image whose table matches its data and that goes on
+/// sharing.
+#[test]
+fn our_repair_keeps_a_damaged_dedup_image_deduplicating() {
+    let storage = Arc::new(MemStorage::new());
+    let options = CreateOptions::new(8 << 20).cluster_size(4096).dedup(true);
+    let image = Image::create_on(storage.clone(), &options).unwrap();
+    for guest in 0..40u64 {
+        image
+            .write_at(&content(guest % 7 + 1, 4096), guest * 4096)
+            .unwrap();
+    }
+    image.close().unwrap();
+    let before = {
+        let image = Image::open_on(storage.clone(), &OpenOptions::read_only()).unwrap();
+        let mut all = vec![0u8; 8 << 20];
+        image.read_at(&mut all, 0).unwrap();
+        (all, image.dedup_stats().unwrap().unwrap(), image.header())
+    };
+    let (data, stats, header) = before;
+    // Damage: the refcount of the first data cluster set to 5 (a leak of
+    // four), and one dedup entry's hash flipped.
+    let image = Image::open_on(storage.clone(), &OpenOptions::read_only()).unwrap();
+    let first = image.map().unwrap()[0].host_offset.unwrap() / 4096;
+    drop(image);
+    let mut bytes = storage.to_bytes();
+    let table = header.refcount_table_offset as usize;
+    let block = u64::from_be_bytes(bytes[table..table + 8].try_into().unwrap()) as usize;
+    bytes[block + first as usize * 2..block + first as usize * 2 + 2]
+        .copy_from_slice(&5u16.to_be_bytes());
+    let ext = header.dedup_extension().unwrap();
+    let l1 = ext.l1_offset as usize;
+    let dedup_cluster = u64::from_be_bytes(bytes[l1..l1 + 8].try_into().unwrap()) as usize;
+    let entry = dedup_cluster + (first as usize % (4096 / 40)) * 40;
+    bytes[entry] ^= 0x55;
+    let storage = Arc::new(MemStorage::from_bytes(bytes));
+    let image = Image::open_on(storage.clone(), &OpenOptions::for_repair()).unwrap();
+    let found = image.check(RepairMode::None).unwrap();
+    assert!(
+        found.leaks >= 4 || found.dedup_errors > 0,
+        "{:?}",
+        found.findings
+    );
+    let repaired = image.check(RepairMode::All).unwrap();
+    assert!(repaired.is_clean(), "{:?}", repaired.findings);
+    assert!(image.is_dedup());
+    let again = image.dedup_stats().unwrap().unwrap();
+    assert_eq!(again.unique_clusters, stats.unique_clusters);
+    assert_eq!(again.references, stats.references);
+    let mut all = vec![0u8; 8 << 20];
+    image.read_at(&mut all, 0).unwrap();
+    assert!(all == data, "repair changed guest data");
+    // Still deduplicating: a known content shares.
+    image.write_at(&content(3, 4096), 100 * 4096).unwrap();
+    assert_eq!(stored_copies(&image, 3), 1);
+    image.close().unwrap();
+}
+
+/// `qemu-img check -r all` clears bit 1 of a dedup image and frees its
+/// table; `enable_dedup` then gets the dedup image back, with the same
+/// stored clusters, and nothing leaked.
+#[test]
+fn dedup_comes_back_after_qemu_repair_stripped_it() {
+    if !qemu_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.qcow2");
+    let options = CreateOptions::new(16 << 20).cluster_size(4096).dedup(true);
+    let image = Image::create(&path, &options).unwrap();
+    for guest in 0..64u64 {
+        image
+            .write_at(&content(guest % 5 + 1, 4096), guest * 4096)
+            .unwrap();
+    }
+    let stats = image.dedup_stats().unwrap().unwrap();
+    image.close().unwrap();
+    let before = qemu_raw(&path);
+    let p = path.to_str().unwrap();
+    let out = run("qemu-img", &["check", "-r", "all", p]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let image = Image::open(&path, &OpenOptions::read_write()).unwrap();
+    assert!(!image.is_dedup(), "QEMU's repair made it a plain image");
+    image.enable_dedup().unwrap();
+    let again = image.dedup_stats().unwrap().unwrap();
+    assert_eq!(
+        (again.unique_clusters, again.references),
+        (stats.unique_clusters, stats.references)
+    );
+    let report = image.check(RepairMode::None).unwrap();
+    assert!(report.is_clean(), "{:?}", report.findings);
+    let table = image.dedup_table_clusters();
+    image.close().unwrap();
+    assert_eq!(qemu_raw(&path), before, "guest data unchanged");
+    let out = run("qemu-img", &["check", p]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let leaked = text
+        .lines()
+        .filter(|l| l.starts_with("Leaked cluster"))
+        .count();
+    assert_eq!(leaked, 0, "{text}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let leaked: BTreeSet<u64> = err
+        .lines()
+        .filter_map(|l| l.strip_prefix("Leaked cluster "))
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert_eq!(
+        leaked,
+        table.into_iter().collect(),
+        "only the dedup table: {err}"
+    );
+}
