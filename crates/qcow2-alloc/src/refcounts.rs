@@ -195,6 +195,9 @@ impl Refcounts {
             return Ok(0);
         }
         let within = (cluster.get() % self.entries_per_block) as usize;
+        if let Some(block) = self.blocks.get(index) {
+            return Ok(self.width.get(block, within));
+        }
         self.load_block(storage, index)?;
         let block = self.blocks.get(index).ok_or(AllocError::Internal(
             "refcount block vanished from the cache",
@@ -348,30 +351,66 @@ impl Refcounts {
         }
     }
 
+    /// The first run of `count` free clusters at or after the free hint,
+    /// outside every `reserved` range. Scans a refcount block at a time
+    /// (one cache lookup per block, not per cluster); clusters no block
+    /// describes are free. Moves the hint to the first free cluster seen,
+    /// so used clusters before it are never scanned again.
     fn find_free_run(
         &mut self,
         storage: &dyn Storage,
         count: u64,
         reserved: &[Range<u64>],
     ) -> Result<u64> {
+        let epb = self.entries_per_block;
         let mut cluster = self.free_hint.get().max(1);
         let mut run_start = cluster;
         let mut run_len = 0;
+        let mut first_free = None;
         while run_len < count {
             if let Some(skip) = reserved_end(reserved, cluster) {
                 cluster = skip;
                 run_len = 0;
                 continue;
             }
-            if self.get(storage, HostCluster::new(cluster))? == 0 {
+            let index = cluster / epb;
+            let next_reserved = reserved
+                .iter()
+                .filter(|r| r.start > cluster)
+                .map(|r| r.start)
+                .min()
+                .unwrap_or(u64::MAX);
+            let end = ((index + 1) * epb).min(next_reserved);
+            let described = index < self.table.len() as u64 && self.table[index as usize] != 0;
+            if !described {
                 if run_len == 0 {
                     run_start = cluster;
                 }
-                run_len += 1;
-            } else {
-                run_len = 0;
+                first_free.get_or_insert(cluster);
+                run_len += end - cluster;
+                cluster = end;
+                continue;
             }
-            cluster += 1;
+            self.load_block(storage, index)?;
+            let block = self.blocks.peek(index).ok_or(AllocError::Internal(
+                "refcount block vanished from the cache",
+            ))?;
+            let first = index * epb;
+            while cluster < end && run_len < count {
+                if self.width.get(block, (cluster - first) as usize) == 0 {
+                    if run_len == 0 {
+                        run_start = cluster;
+                    }
+                    first_free.get_or_insert(cluster);
+                    run_len += 1;
+                } else {
+                    run_len = 0;
+                }
+                cluster += 1;
+            }
+        }
+        if let Some(free) = first_free {
+            self.free_hint = HostCluster::new(free);
         }
         Ok(run_start)
     }
@@ -386,7 +425,6 @@ impl Refcounts {
         let count = max_count
             .get()
             .clamp(1, (self.entries_per_block / 2).max(1));
-        let hint = self.free_hint.get();
         let start = self.find_free_run(storage, count, &[])?;
         let run = start..start + count;
         let mut reserved = vec![run];
@@ -398,7 +436,7 @@ impl Refcounts {
             }
             self.set_reserving(storage, cluster, 1, &mut reserved)?;
         }
-        if start <= hint.max(1) {
+        if start == self.free_hint.get() {
             self.free_hint = HostCluster::new(start + count);
         }
         Ok((HostCluster::new(start), ClusterCount::new(count)))
@@ -416,6 +454,9 @@ impl Refcounts {
         let mut reserved = vec![run];
         for cluster in start..start + count {
             self.set_reserving(storage, cluster, 1, &mut reserved)?;
+        }
+        if start == self.free_hint.get() {
+            self.free_hint = HostCluster::new(start + count);
         }
         Ok(HostCluster::new(start))
     }
