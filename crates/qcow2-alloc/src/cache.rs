@@ -43,6 +43,9 @@ impl Hasher for IntHasher {
 /// A `HashMap` keyed by integers through [`IntHasher`].
 pub type IntMap<K, V> = HashMap<K, V, BuildHasherDefault<IntHasher>>;
 
+/// A `HashSet` of integers through [`IntHasher`].
+pub type IntSet<K> = std::collections::HashSet<K, BuildHasherDefault<IntHasher>>;
+
 #[derive(Debug)]
 struct Slot<T> {
     key: u64,

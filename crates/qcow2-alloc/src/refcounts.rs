@@ -6,7 +6,7 @@ use qcow2_format::refcount::{RefcountTableEntry, RefcountWidth};
 use qcow2_format::table::{decode_u64s, encode_u64s, DirtyRange};
 use qcow2_format::{ClusterCount, Geometry, HostCluster, HostOffset, MAX_REFCOUNT_TABLE_BYTES};
 
-use crate::cache::WriteBackCache;
+use crate::cache::{IntSet, WriteBackCache};
 use crate::{AllocError, Result, Storage};
 
 /// Byte offset of `refcount_table_offset` (u64) and, right after it,
@@ -50,8 +50,9 @@ pub struct Refcounts {
     dirty_entries: DirtyRange,
     retired_tables: Vec<(HostOffset, u32)>,
     blocks: WriteBackCache<Vec<u8>>,
+    /// Host clusters of every refcount block the table points to.
+    block_clusters: IntSet<u64>,
     free_hint: HostCluster,
-    generation: u64,
 }
 
 fn reserved_end(reserved: &[Range<u64>], cluster: u64) -> Option<u64> {
@@ -104,6 +105,11 @@ impl Refcounts {
 
     fn with_table(config: RefcountsConfig, table: Vec<u64>, dirty_entries: DirtyRange) -> Self {
         let g = config.geometry;
+        let block_clusters = table
+            .iter()
+            .filter(|&&e| e != 0)
+            .map(|&e| e >> g.cluster_bits())
+            .collect();
         Self {
             geometry: g,
             width: config.width,
@@ -114,8 +120,8 @@ impl Refcounts {
             dirty_entries,
             retired_tables: Vec::new(),
             blocks: WriteBackCache::new((config.cache_bytes / g.cluster_size()).max(4) as usize),
+            block_clusters,
             free_hint: HostCluster::new(1),
-            generation: 0,
         }
     }
 
@@ -143,10 +149,18 @@ impl Refcounts {
             .map(HostOffset::new)
     }
 
-    /// Changes whenever a refcount block is created or the table moves, so
-    /// a cache of where refcount metadata lives knows when to refresh.
-    pub fn generation(&self) -> u64 {
-        self.generation
+    /// Whether `cluster` holds the refcount table (current, or retired and
+    /// not yet freed) or a refcount block. O(1).
+    pub fn is_metadata(&self, cluster: HostCluster) -> bool {
+        let g = self.geometry;
+        let c = cluster.get();
+        let within = |offset: HostOffset, clusters: u32| {
+            let first = g.host_cluster(offset).get();
+            c >= first && c < first + u64::from(clusters)
+        };
+        within(self.table_offset, self.table_clusters)
+            || self.retired_tables.iter().any(|&(o, n)| within(o, n))
+            || self.block_clusters.contains(&c)
     }
 
     /// Number of host clusters the current table can describe.
@@ -304,8 +318,8 @@ impl Refcounts {
         let data = vec![0u8; self.geometry.cluster_size() as usize];
         self.blocks.insert(index, data, true);
         self.table[index as usize] = location * self.geometry.cluster_size();
+        self.block_clusters.insert(location);
         self.dirty_entries.mark(index as usize);
-        self.generation += 1;
         Ok(())
     }
 
@@ -337,7 +351,6 @@ impl Refcounts {
                 .push((self.table_offset, self.table_clusters));
             self.table_offset = HostOffset::new(start * cs);
             self.table_clusters = clusters as u32;
-            self.generation += 1;
             self.dirty_entries = DirtyRange::all(0..self.table.len());
             reserved.push(start..start + clusters);
             let result = (|| {

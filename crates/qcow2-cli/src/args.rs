@@ -38,6 +38,8 @@ pub enum Command {
     Map(MapArgs),
     /// Compare the contents of two images.
     Compare(CompareArgs),
+    /// Time a stream of reads or writes, as `qemu-img bench` does.
+    Bench(BenchArgs),
 }
 
 /// `--output human|json`.
@@ -235,6 +237,59 @@ pub struct CompareArgs {
     pub first: String,
     /// The second image.
     pub second: String,
+}
+
+/// `qcow2 bench [-f FMT] [-t CACHE] [-c COUNT] [-d DEPTH] [-o OFFSET] [-s SIZE] [-S STEP] [-w [--pattern N] [--flush-interval N] [--dup PERCENT]] [-r SEED] [-q] FILE`
+///
+/// qemu-img bench's options and meaning: COUNT requests of SIZE bytes,
+/// DEPTH at a time (threads here, AIO there), from OFFSET, each STEP
+/// further, wrapping at the end of the disk. `-r` (ours) picks offsets at
+/// random instead; `--dup` (ours) makes that share of writes repeat the
+/// content of an earlier one, the rest unique.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Image format (probed when not given).
+    #[arg(short = 'f', value_enum)]
+    pub format: Option<ImageFormat>,
+    /// Cache mode of the image file.
+    #[arg(short = 't', value_enum, default_value = "writeback")]
+    pub cache: SourceCache,
+    /// Number of requests.
+    #[arg(short = 'c', default_value_t = 75_000)]
+    pub count: u64,
+    /// Requests in flight at once.
+    #[arg(short = 'd', default_value_t = 64)]
+    pub depth: u64,
+    /// Offset of the first request.
+    #[arg(short = 'o', default_value = "0")]
+    pub offset: String,
+    /// Bytes per request.
+    #[arg(short = 's', default_value = "4096")]
+    pub size: String,
+    /// Offset increment between requests (default: the request size).
+    #[arg(short = 'S')]
+    pub step: Option<String>,
+    /// Write instead of read.
+    #[arg(short = 'w')]
+    pub write: bool,
+    /// Byte value written (qemu-img's default is 0).
+    #[arg(long, default_value_t = 0, requires = "write")]
+    pub pattern: u8,
+    /// Flush after every N requests (0: never; a flush at the end always).
+    #[arg(long, default_value_t = 0, requires = "write")]
+    pub flush_interval: u64,
+    /// Percentage of writes that repeat an earlier write's content; with
+    /// it, the other writes carry unique content instead of `--pattern`.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=100), requires = "write")]
+    pub dup: Option<u8>,
+    /// Random offsets (aligned to the request size) from this seed.
+    #[arg(short = 'r')]
+    pub random: Option<u64>,
+    /// Print nothing but errors.
+    #[arg(short = 'q')]
+    pub quiet: bool,
+    /// The image.
+    pub file: String,
 }
 
 /// Splits `-o key=value,key=value` (a bare `key` means `key=on`).

@@ -48,6 +48,7 @@ fn run(command: Command) -> Result<u8, CliError> {
         Command::Dedup(a) => commands::dedup::run(&a),
         Command::Map(a) => commands::map::run(&a),
         Command::Compare(a) => commands::compare::run(&a),
+        Command::Bench(a) => commands::bench::run(&a),
     }
 }
 

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeSet;
 
+use qcow2_alloc::cache::IntSet;
 use qcow2_alloc::{Refcounts, Storage, WriteBackCache};
 use qcow2_format::dedup::{self, DedupEntry, DedupExtension};
 use qcow2_format::table::{decode_u64s, encode_u64s, DirtyRange};
@@ -42,7 +43,8 @@ pub struct DedupTable {
     /// L2 dedup clusters (by L1 index) whose CRC failed and that have not
     /// been rewritten since.
     damaged: BTreeSet<u64>,
-    generation: u64,
+    /// Host clusters of every L2 dedup cluster the L1 points to.
+    l2_clusters: IntSet<u64>,
 }
 
 impl DedupTable {
@@ -84,7 +86,7 @@ impl DedupTable {
             clusters: WriteBackCache::new((cache_bytes / geometry.cluster_size()).max(8) as usize),
             report: ScanReport::default(),
             damaged: BTreeSet::new(),
-            generation: 0,
+            l2_clusters: IntSet::default(),
         }
     }
 
@@ -116,6 +118,11 @@ impl DedupTable {
                 table.report.bad_l1_entries += 1;
             }
         }
+        table.l2_clusters = l1
+            .iter()
+            .filter(|&&e| e != 0)
+            .map(|&e| e >> geometry.cluster_bits())
+            .collect();
         table.l1 = l1;
         if table.report.bad_l1_entries > 0 {
             table.l1_dirty = DirtyRange::all(0..table.l1.len());
@@ -123,9 +130,19 @@ impl DedupTable {
         Ok(table)
     }
 
-    /// Changes whenever a dedup cluster is added or dropped or the L1 moves.
-    pub fn generation(&self) -> u64 {
-        self.generation
+    /// Whether `cluster` holds the dedup L1 (current, or retired and not
+    /// yet freed) or an L2 dedup cluster. O(1).
+    pub fn is_metadata(&self, cluster: HostCluster) -> bool {
+        let g = self.geometry;
+        let c = cluster.get();
+        let l1 = g.host_cluster(HostOffset::new(self.l1_offset)).get();
+        let l1_clusters = g.clusters_for(self.l1.len() as u64 * 8);
+        (c >= l1 && c < l1 + l1_clusters)
+            || self.retired_l1.iter().any(|&(o, n)| {
+                let first = g.host_cluster(o).get();
+                c >= first && c < first + n.get()
+            })
+            || self.l2_clusters.contains(&c)
     }
 
     /// The header extension describing this table.
@@ -278,9 +295,15 @@ impl DedupTable {
     }
 
     fn set_l1(&mut self, index: usize, value: u64) {
+        let cluster_bits = self.geometry.cluster_bits();
+        if self.l1[index] != 0 {
+            self.l2_clusters.remove(&(self.l1[index] >> cluster_bits));
+        }
+        if value != 0 {
+            self.l2_clusters.insert(value >> cluster_bits);
+        }
         self.l1[index] = value;
         self.l1_dirty.mark(index);
-        self.generation += 1;
     }
 
     fn grow_l1(
@@ -308,7 +331,6 @@ impl DedupTable {
         ));
         self.l1_offset = offset;
         self.l1.resize(entries as usize, 0);
-        self.generation += 1;
         self.l1_dirty = DirtyRange::all(0..self.l1.len());
         Ok(())
     }

@@ -15,6 +15,7 @@ use qcow2_format::refcount::RefcountWidth;
 use qcow2_format::{ClusterCount, Geometry, HostCluster, HostOffset};
 
 use crate::header_writer::RefcountTableLocation;
+use crate::overlap::HoldsMetadata;
 use crate::Result;
 
 /// Refcounts and the queue of deferred decreases. See the module docs.
@@ -162,11 +163,6 @@ impl Allocator {
         Ok(self.refcounts.set(storage, cluster, value)?)
     }
 
-    /// Changes whenever a refcount block is created or the table moves.
-    pub(crate) fn generation(&self) -> u64 {
-        self.refcounts.generation()
-    }
-
     /// The refcount table and every block, as `(first cluster, count)` runs.
     pub(crate) fn metadata_clusters(&self) -> Vec<(HostCluster, ClusterCount)> {
         let g = self.geometry;
@@ -191,5 +187,12 @@ impl Allocator {
     /// written (the caller syncs before writing what depends on it).
     pub(crate) fn flush(&mut self, storage: &dyn Storage) -> Result<bool> {
         Ok(self.refcounts.flush(storage)?)
+    }
+}
+
+impl HoldsMetadata for Allocator {
+    /// The refcount table and its blocks.
+    fn holds_metadata(&self, cluster: HostCluster) -> bool {
+        self.refcounts.is_metadata(cluster)
     }
 }

@@ -8,6 +8,7 @@
 //! in the cache until the owner, having made the refcounts of everything
 //! they point to durable, calls [`BlockMap::write_back`].
 
+use qcow2_alloc::cache::IntSet;
 use qcow2_alloc::{Storage, WriteBackCache};
 use qcow2_format::l1::{L1Entry, L1Mapping};
 use qcow2_format::l2::{L2Entry, L2Format, L2Mapping, SubclusterBitmap};
@@ -15,6 +16,7 @@ use qcow2_format::table::{decode_u64s, encode_u64s, DirtyRange};
 use qcow2_format::{ClusterCount, Geometry, GuestOffset, Header, HostCluster, HostOffset};
 
 use crate::allocator::Allocator;
+use crate::overlap::HoldsMetadata;
 use crate::{ImageError, Result};
 
 /// The L1 table and cached L2 tables. See the module documentation.
@@ -27,7 +29,8 @@ pub(crate) struct BlockMap {
     l1_dirty: DirtyRange,
     /// Decoded L2 tables by the host cluster they live in.
     l2: WriteBackCache<Vec<u64>>,
-    generation: u64,
+    /// Host clusters of every L2 table the L1 points to.
+    tables: IntSet<u64>,
 }
 
 impl BlockMap {
@@ -53,6 +56,10 @@ impl BlockMap {
         cache_bytes: u64,
     ) -> Self {
         let geometry = header.geometry;
+        let tables = l1
+            .iter()
+            .filter_map(|&raw| table_cluster(geometry, raw))
+            .collect();
         Self {
             geometry,
             format: header.l2_format(),
@@ -60,7 +67,7 @@ impl BlockMap {
             l1_offset,
             l1_dirty: DirtyRange::clean(),
             l2: WriteBackCache::new((cache_bytes / geometry.cluster_size()).max(4) as usize),
-            generation: 0,
+            tables,
         }
     }
 
@@ -72,26 +79,6 @@ impl BlockMap {
     /// The raw active L1 entries.
     pub(crate) fn l1(&self) -> &[u64] {
         &self.l1
-    }
-
-    /// Changes whenever an L2 table is allocated or the L1 table moves.
-    pub(crate) fn generation(&self) -> u64 {
-        self.generation
-    }
-
-    /// The L1 table and every L2 table it points to, as cluster runs.
-    pub(crate) fn metadata_clusters(&self) -> Vec<(HostCluster, ClusterCount)> {
-        let g = self.geometry;
-        let mut out = vec![(
-            g.host_cluster(self.l1_offset),
-            g.count_for(self.l1.len() as u64 * 8),
-        )];
-        for &raw in &self.l1 {
-            if let Ok(L1Mapping::L2Table { offset, .. }) = L1Entry(raw).decode(g) {
-                out.push((g.host_cluster(offset), ClusterCount::ONE));
-            }
-        }
-        out
     }
 
     /// Loads the L2 table at `offset` into the cache if needed.
@@ -204,7 +191,6 @@ impl BlockMap {
         let new = alloc.allocate_contiguous(storage, ClusterCount::ONE)?;
         self.l2.insert(new.get(), entries, true);
         self.set_l1_raw(l1_index, L1Entry::new(g.host_offset(new), true).0);
-        self.generation += 1;
         Ok(new.get())
     }
 
@@ -241,6 +227,12 @@ impl BlockMap {
 
     /// Replaces a raw L1 entry.
     pub(crate) fn set_l1_raw(&mut self, index: usize, raw: u64) {
+        if let Some(old) = table_cluster(self.geometry, self.l1[index]) {
+            self.tables.remove(&old);
+        }
+        if let Some(new) = table_cluster(self.geometry, raw) {
+            self.tables.insert(new);
+        }
         self.l1[index] = raw;
         self.l1_dirty.mark(index);
     }
@@ -284,11 +276,28 @@ impl BlockMap {
     pub(crate) fn replace_l1(&mut self, offset: HostOffset, entries: usize) {
         self.l1_offset = offset;
         self.l1.resize(entries, 0);
-        self.generation += 1;
     }
 
     /// Grows the L1 in place to `entries` entries (its clusters have room).
     pub(crate) fn extend_l1(&mut self, entries: usize) {
         self.l1.resize(entries, 0);
+    }
+}
+
+impl HoldsMetadata for BlockMap {
+    /// The L1 table's clusters and every L2 table the L1 points to.
+    fn holds_metadata(&self, cluster: HostCluster) -> bool {
+        let g = self.geometry;
+        let l1 = g.host_cluster(self.l1_offset).get();
+        let c = cluster.get();
+        (c >= l1 && c < l1 + g.clusters_for(self.l1.len() as u64 * 8)) || self.tables.contains(&c)
+    }
+}
+
+/// The host cluster of the L2 table a raw L1 entry points to, if valid.
+fn table_cluster(geometry: Geometry, raw: u64) -> Option<u64> {
+    match L1Entry(raw).decode(geometry) {
+        Ok(L1Mapping::L2Table { offset, .. }) => Some(geometry.host_cluster(offset).get()),
+        _ => None,
     }
 }

@@ -30,7 +30,7 @@ use crate::allocator::Allocator;
 use crate::block_map::BlockMap;
 use crate::dedup::DedupState;
 use crate::header_writer::HeaderWriter;
-use crate::overlap::OverlapGuard;
+use crate::overlap::{first_overlap, HoldsMetadata};
 use crate::{ImageError, Result};
 
 /// Metadata of an open image. See the module documentation.
@@ -40,7 +40,6 @@ pub(crate) struct Metadata {
     header: HeaderWriter,
     map: BlockMap,
     alloc: Allocator,
-    overlap: OverlapGuard,
     dedup: Option<DedupState>,
 }
 
@@ -125,7 +124,6 @@ impl Metadata {
             header: HeaderWriter::new(header),
             map,
             alloc,
-            overlap: OverlapGuard::default(),
             dedup,
         }
     }
@@ -230,27 +228,13 @@ impl Metadata {
     /// Fails (and marks a plain image corrupt) if guest data written to
     /// `len` bytes at `host` would land on metadata.
     pub(crate) fn guard_data_write(&mut self, host: HostOffset, len: u64) -> Result<()> {
-        let key = [
-            self.alloc.generation(),
-            self.dedup.as_ref().map_or(0, |d| d.generation()),
-            self.map.generation(),
-        ];
-        let (map, alloc, dedup, header) =
-            (&self.map, &self.alloc, &self.dedup, self.header.header());
         let g = self.geometry;
-        let hit = self.overlap.first_hit(g, key, host, len, || {
-            let mut runs = vec![(HostCluster::new(0), ClusterCount::ONE)];
-            runs.extend(map.metadata_clusters());
-            runs.extend(alloc.metadata_clusters());
-            if header.nb_snapshots > 0 {
-                let table = g.host_cluster(HostOffset::new(header.snapshots_offset));
-                runs.push((table, ClusterCount::ONE));
-            }
-            if let Some(d) = dedup {
-                runs.extend(d.metadata_clusters());
-            }
-            runs
-        });
+        let fixed = FixedMetadata(self.header.header());
+        let mut parts: Vec<&dyn HoldsMetadata> = vec![&fixed, &self.map, &self.alloc];
+        if let Some(d) = self.dedup.as_ref() {
+            parts.push(d);
+        }
+        let hit = first_overlap(g, host, len, &parts);
         let Some(hit) = hit else {
             return Ok(());
         };
@@ -713,4 +697,17 @@ pub(crate) fn read_snapshot_table(storage: &dyn Storage, header: &Header) -> Res
         .read_at(&mut table, offset)
         .map_err(ImageError::io("reading the snapshot table"))?;
     Ok(parse_snapshot_table(&table, n, header.geometry)?)
+}
+
+/// The metadata at fixed places: the header cluster and the first cluster
+/// of the snapshot table.
+struct FixedMetadata<'a>(&'a Header);
+
+impl HoldsMetadata for FixedMetadata<'_> {
+    fn holds_metadata(&self, cluster: HostCluster) -> bool {
+        let h = self.0;
+        cluster.get() == 0
+            || (h.nb_snapshots > 0
+                && cluster == h.geometry.host_cluster(HostOffset::new(h.snapshots_offset)))
+    }
 }

@@ -22,6 +22,7 @@ use qcow2_format::{ClusterCount, Geometry, GuestOffset, Header, HostCluster, Hos
 
 use crate::allocator::Allocator;
 use crate::block_map::BlockMap;
+use crate::overlap::HoldsMetadata;
 use crate::{ImageError, Result};
 
 /// Bytes of L2 dedup clusters kept in memory.
@@ -122,11 +123,6 @@ impl DedupState {
     /// The header extension describing the table.
     pub(crate) fn extension(&self) -> DedupExtension {
         self.table.extension()
-    }
-
-    /// Changes whenever a dedup cluster is added or the L1 moves.
-    pub(crate) fn generation(&self) -> u64 {
-        self.table.generation()
     }
 
     /// Every cluster the table occupies.
@@ -419,5 +415,12 @@ impl DedupState {
             self.record(storage, alloc, host, &ContentHash::of(&content), guest)?;
         }
         Ok(())
+    }
+}
+
+impl HoldsMetadata for DedupState {
+    /// The dedup L1 and its L2 dedup clusters.
+    fn holds_metadata(&self, cluster: HostCluster) -> bool {
+        self.table.is_metadata(cluster)
     }
 }
