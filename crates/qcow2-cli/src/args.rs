@@ -40,6 +40,8 @@ pub enum Command {
     Compare(CompareArgs),
     /// Time a stream of reads or writes, as `qemu-img bench` does.
     Bench(BenchArgs),
+    /// Serve an image over NBD, as `qemu-nbd` does (deduplicating inline).
+    Serve(ServeArgs),
 }
 
 /// `--output human|json`.
@@ -290,6 +292,70 @@ pub struct BenchArgs {
     pub quiet: bool,
     /// The image.
     pub file: String,
+}
+
+/// `serve --discard`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DiscardArg {
+    /// Acknowledge trims, keep the data.
+    Ignore,
+    /// Deallocate trimmed clusters.
+    Unmap,
+}
+
+/// `serve --detect-zeroes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DetectZeroesArg {
+    /// Writes of zeros are writes.
+    Off,
+    /// Writes of zeros become zero clusters that keep their allocation.
+    On,
+    /// Writes of zeros become zero clusters, deallocated when
+    /// `--discard=unmap`.
+    Unmap,
+}
+
+/// `qcow2 serve [-k PATH | -b ADDR -p PORT] [-r] [-x NAME] [-e N] [-t] [--pid-file F] [--discard ..] [--detect-zeroes ..] IMAGE`
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Listen on this Unix socket instead of TCP.
+    #[arg(short = 'k', long = "socket", value_name = "PATH", conflicts_with_all = ["port", "bind"])]
+    pub socket: Option<String>,
+    /// TCP port.
+    #[arg(short = 'p', long, default_value_t = 10809)]
+    pub port: u16,
+    /// Address to listen on.
+    #[arg(short = 'b', long, default_value = "127.0.0.1")]
+    pub bind: String,
+    /// Export read-only (writes get EPERM).
+    #[arg(short = 'r', long = "read-only")]
+    pub read_only: bool,
+    /// Export name (the default export has the empty name).
+    #[arg(short = 'x', long = "export-name", default_value = "")]
+    pub export_name: String,
+    /// Export description.
+    #[arg(short = 'D', long, default_value = "")]
+    pub description: String,
+    /// Clients served at once.
+    #[arg(short = 'e', long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub shared: u16,
+    /// Keep serving after the last client disconnects.
+    #[arg(short = 't', long)]
+    pub persistent: bool,
+    /// Write the server's process id here once it listens.
+    #[arg(long = "pid-file", value_name = "PATH")]
+    pub pid_file: Option<String>,
+    /// What trims do.
+    #[arg(long, value_enum, default_value = "ignore")]
+    pub discard: DiscardArg,
+    /// What writes of zeros become.
+    #[arg(long = "detect-zeroes", value_enum, default_value = "off")]
+    pub detect_zeroes: DetectZeroesArg,
+    /// Image format (only qcow2 is served).
+    #[arg(short = 'f', long, value_enum)]
+    pub format: Option<Qcow2Only>,
+    /// The image.
+    pub image: String,
 }
 
 /// Splits `-o key=value,key=value` (a bare `key` means `key=on`).

@@ -49,6 +49,7 @@ fn run(command: Command) -> Result<u8, CliError> {
         Command::Map(a) => commands::map::run(&a),
         Command::Compare(a) => commands::compare::run(&a),
         Command::Bench(a) => commands::bench::run(&a),
+        Command::Serve(a) => commands::serve::run(&a),
     }
 }
 

@@ -36,11 +36,23 @@ pub struct MapExtent {
 impl Image {
     /// Every range of the virtual disk with how it is stored, in order.
     pub fn map(&self) -> Result<Vec<MapExtent>> {
-        let _all = self.locks.lock(0..u64::MAX, false);
+        self.map_range(0, self.size())
+    }
+
+    /// How the `len` bytes from `offset` are stored, in order: extents
+    /// covering exactly that range (the first and last clipped to it).
+    /// Costs one lookup per cluster of the range (one per L2 table for
+    /// unallocated L2 ranges), whatever the image's size.
+    pub fn map_range(&self, offset: u64, len: u64) -> Result<Vec<MapExtent>> {
+        self.check_bounds(offset, len)?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let _range = self.locks.lock(self.cluster_span(offset, len), false);
         let mut meta = self.meta.lock();
         let g = self.geometry;
         let cs = g.cluster_size();
-        let size = self.size();
+        let size = offset + len;
         let mut out: Vec<MapExtent> = Vec::new();
         let mut push = |start: u64, length: u64, kind: MapKind, host: Option<u64>| {
             if let Some(last) = out.last_mut() {
@@ -61,7 +73,7 @@ impl Image {
                 host_offset: host,
             });
         };
-        let mut guest = 0;
+        let mut guest = g.cluster_start(offset);
         while guest < size {
             if meta.l2_unallocated(GuestOffset::new(guest))? {
                 let end = meta.next_l2_range(GuestOffset::new(guest)).get().min(size);
@@ -69,7 +81,7 @@ impl Image {
                 guest = end;
                 continue;
             }
-            let len = cs.min(size - guest);
+            let len = (guest + cs).min(size) - guest;
             let (kind, host) = match meta.lookup(GuestOffset::new(guest))?.0 {
                 L2Mapping::Data { offset, .. } => (MapKind::Data, Some(offset.get())),
                 L2Mapping::Compressed(_) => (MapKind::Compressed, None),
@@ -78,6 +90,12 @@ impl Image {
             };
             push(guest, len, kind, host);
             guest += len;
+        }
+        if let Some(first) = out.first_mut() {
+            let cut = offset - first.start;
+            first.start = offset;
+            first.length -= cut;
+            first.host_offset = first.host_offset.map(|h| h + cut);
         }
         Ok(out)
     }

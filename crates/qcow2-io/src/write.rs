@@ -10,6 +10,15 @@ use crate::image::Image;
 use crate::metadata::Metadata;
 use crate::{ImageError, Result};
 
+/// How [`Image::clear_range`] treats the range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Clear {
+    /// Read as zeros; `unmap` lets whole clusters give up their host cluster.
+    Zero { unmap: bool },
+    /// Deallocate whole clusters; leave partial ones as they are.
+    Discard,
+}
+
 /// Most clusters one allocation step takes.
 const MAX_RUN: u64 = 1024;
 
@@ -194,17 +203,29 @@ impl Image {
     /// clusters; partial clusters are written with zeros unless they
     /// already read as zeros.
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        self.clear_range(offset, len, true)
+        self.clear_range(offset, len, Clear::Zero { unmap: true })
+    }
+
+    /// Makes `len` bytes from `offset` read as zeros while keeping their
+    /// host clusters allocated, as QEMU's write-zeroes without unmap (NBD's
+    /// `NO_HOLE`) does: whole data clusters become zero clusters that keep
+    /// their cluster (v3), or are written with zeros (v2). On a
+    /// deduplicated image zeros are never stored, so this is
+    /// [`Image::write_zeroes`].
+    pub fn write_zeroes_allocated(&self, offset: u64, len: u64) -> Result<()> {
+        let unmap = self.is_dedup();
+        self.clear_range(offset, len, Clear::Zero { unmap })
     }
 
     /// Tells the image that `len` bytes from `offset` are no longer needed:
     /// whole clusters are deallocated and read as zeros afterwards; partial
     /// clusters at the edges are left as they are.
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.clear_range(offset, len, false)
+        self.clear_range(offset, len, Clear::Discard)
     }
 
-    fn clear_range(&self, offset: u64, len: u64, zero_edges: bool) -> Result<()> {
+    fn clear_range(&self, offset: u64, len: u64, how: Clear) -> Result<()> {
+        let zero_edges = how != Clear::Discard;
         self.check_writable()?;
         self.check_bounds(offset, len)?;
         if len == 0 {
@@ -228,6 +249,10 @@ impl Image {
         }
         let mut meta = self.meta.lock();
         let zero_flag = meta.l2_format().zero_flag && zero_edges;
+        if how == (Clear::Zero { unmap: false }) && !zero_flag {
+            drop(meta);
+            return self.zero_partial(full_start, full_end);
+        }
         let replacement = if zero_flag {
             L2Mapping::Zero {
                 preallocated: None,
@@ -243,8 +268,23 @@ impl Image {
                 continue;
             }
             let (old, _) = meta.lookup(guest)?;
-            if !old.is_hole() {
-                meta.replace_mapping(guest, replacement, old)?;
+            match (how, old) {
+                (_, old) if old.is_hole() => {}
+                (Clear::Zero { unmap: false }, L2Mapping::Data { offset, copied })
+                | (
+                    Clear::Zero { unmap: false },
+                    L2Mapping::Zero {
+                        preallocated: Some(offset),
+                        copied,
+                    },
+                ) => {
+                    let kept = L2Mapping::Zero {
+                        preallocated: Some(offset),
+                        copied,
+                    };
+                    meta.set_mapping(guest, kept)?;
+                }
+                (_, old) => meta.replace_mapping(guest, replacement, old)?,
             }
             guest = guest + g.cluster_size();
         }

@@ -8,3 +8,4 @@ pub mod create;
 pub mod dedup;
 pub mod info;
 pub mod map;
+pub mod serve;

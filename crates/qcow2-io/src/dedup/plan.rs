@@ -86,7 +86,12 @@ pub(super) fn classify(
         }
         let mut copies = meta.dedup_copies(&hash)?;
         copies.retain(|c| !reused.contains(&c.host));
-        let own = old.host_cluster(g);
+        // Only a data mapping reads as its cluster (a preallocated zero
+        // cluster reads as zeros whatever its cluster holds).
+        let own = match old {
+            L2Mapping::Data { offset, .. } => Some(g.host_cluster(offset)),
+            _ => None,
+        };
         if copies.iter().any(|c| Some(c.host) == own) {
             classes.push(Class::Unchanged);
             continue;

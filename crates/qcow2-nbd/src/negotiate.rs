@@ -1,0 +1,246 @@
+//! The handshake: fixed newstyle negotiation, from the greeting to the
+//! choice of the export (`NBD_OPT_GO` or `NBD_OPT_EXPORT_NAME`).
+//!
+//! Every malformed option gets the protocol's error reply and the
+//! negotiation goes on; only what the protocol says must end the session
+//! (a bad magic, unknown client flags, an unknown export asked for by
+//! `NBD_OPT_EXPORT_NAME`, `NBD_OPT_ABORT`) closes it. Option data is
+//! bounded ([`MAX_OPTION`]) before anything is allocated for it.
+
+use std::io::{self, Read, Write};
+
+use crate::export::Export;
+use crate::proto::*;
+use crate::wire::{read_u32, read_u64, skip, Fields, Message};
+
+/// What the client chose during negotiation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Session {
+    /// Structured replies were negotiated.
+    pub structured: bool,
+    /// `base:allocation` was selected (block status may be asked for).
+    pub base_allocation: bool,
+}
+
+/// How a negotiation ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The client chose the export: transmission starts.
+    Transmission(Session),
+    /// The client went away or aborted, or broke the protocol.
+    Closed,
+}
+
+fn reply(w: &mut impl Write, option: u32, kind: u32, data: &[u8]) -> io::Result<()> {
+    let msg = Message::with_capacity(20 + data.len())
+        .u64(OPTION_REPLY_MAGIC)
+        .u32(option)
+        .u32(kind)
+        .u32(data.len() as u32)
+        .bytes(data);
+    w.write_all(&msg.0)
+}
+
+fn error(w: &mut impl Write, option: u32, kind: u32, message: &str) -> io::Result<()> {
+    reply(w, option, kind, message.as_bytes())
+}
+
+/// Runs the negotiation on `stream` for `export`.
+pub fn negotiate(stream: &mut (impl Read + Write), export: &Export) -> io::Result<Outcome> {
+    let greeting = Message::default()
+        .u64(NBD_MAGIC)
+        .u64(IHAVEOPT)
+        .u16(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+    stream.write_all(&greeting.0)?;
+    let client_flags = read_u32(stream)?;
+    if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+        return Ok(Outcome::Closed);
+    }
+    let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
+    let mut session = Session::default();
+    loop {
+        if read_u64(stream)? != IHAVEOPT {
+            return Ok(Outcome::Closed);
+        }
+        let option = read_u32(stream)?;
+        let len = read_u32(stream)?;
+        if len > MAX_OPTION {
+            if option == opt::EXPORT_NAME {
+                return Ok(Outcome::Closed);
+            }
+            skip(stream, u64::from(len))?;
+            error(stream, option, rep::ERR_TOO_BIG, "option data too long")?;
+            continue;
+        }
+        let mut data = vec![0u8; len as usize];
+        stream.read_exact(&mut data)?;
+        match option {
+            opt::EXPORT_NAME => {
+                if !export.answers_to(&data) {
+                    return Ok(Outcome::Closed);
+                }
+                let mut msg = Message::default()
+                    .u64(export.size())
+                    .u16(export.transmission_flags(session));
+                if !no_zeroes {
+                    msg = msg.bytes(&[0u8; 124]);
+                }
+                stream.write_all(&msg.0)?;
+                return Ok(Outcome::Transmission(session));
+            }
+            opt::ABORT => {
+                let _ = reply(stream, option, rep::ACK, &[]);
+                return Ok(Outcome::Closed);
+            }
+            opt::LIST => {
+                if len != 0 {
+                    error(stream, option, rep::ERR_INVALID, "LIST takes no data")?;
+                    continue;
+                }
+                let name = export.name().as_bytes();
+                let entry = Message::default()
+                    .u32(name.len() as u32)
+                    .bytes(name)
+                    .bytes(export.description().as_bytes());
+                reply(stream, option, rep::SERVER, &entry.0)?;
+                reply(stream, option, rep::ACK, &[])?;
+            }
+            opt::INFO | opt::GO => {
+                if answer_info(stream, option, &data, export, session)? && option == opt::GO {
+                    return Ok(Outcome::Transmission(session));
+                }
+            }
+            opt::STRUCTURED_REPLY => {
+                if len != 0 || session.structured {
+                    error(
+                        stream,
+                        option,
+                        rep::ERR_INVALID,
+                        "structured replies: bad request",
+                    )?;
+                    continue;
+                }
+                session.structured = true;
+                reply(stream, option, rep::ACK, &[])?;
+            }
+            opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
+                answer_meta_context(stream, option, &data, export, &mut session)?;
+            }
+            _ => error(stream, option, rep::ERR_UNSUP, "option not supported")?,
+        }
+    }
+}
+
+/// Answers `NBD_OPT_INFO`/`NBD_OPT_GO`; `true` when the export was found.
+fn answer_info(
+    stream: &mut impl Write,
+    option: u32,
+    data: &[u8],
+    export: &Export,
+    session: Session,
+) -> io::Result<bool> {
+    let mut fields = Fields::new(data);
+    let parsed = (|| {
+        let name_len = fields.u32()? as usize;
+        let name = fields.take(name_len)?;
+        let count = fields.u16()?;
+        let mut requests = Vec::with_capacity(usize::from(count));
+        for _ in 0..count {
+            requests.push(fields.u16()?);
+        }
+        fields.is_empty().then_some((name, requests))
+    })();
+    let Some((name, requests)) = parsed else {
+        error(
+            stream,
+            option,
+            rep::ERR_INVALID,
+            "malformed INFO/GO request",
+        )?;
+        return Ok(false);
+    };
+    if !export.answers_to(name) {
+        error(stream, option, rep::ERR_UNKNOWN, "no such export")?;
+        return Ok(false);
+    }
+    let flags = export.transmission_flags(session);
+    let export_info = Message::default()
+        .u16(info::EXPORT)
+        .u64(export.size())
+        .u16(flags);
+    reply(stream, option, rep::INFO, &export_info.0)?;
+    let (min, preferred, max) = export.block_sizes();
+    let sizes = Message::default()
+        .u16(info::BLOCK_SIZE)
+        .u32(min)
+        .u32(preferred)
+        .u32(max);
+    reply(stream, option, rep::INFO, &sizes.0)?;
+    if requests.contains(&info::NAME) {
+        let msg = Message::default()
+            .u16(info::NAME)
+            .bytes(export.name().as_bytes());
+        reply(stream, option, rep::INFO, &msg.0)?;
+    }
+    if requests.contains(&info::DESCRIPTION) && !export.description().is_empty() {
+        let msg = Message::default()
+            .u16(info::DESCRIPTION)
+            .bytes(export.description().as_bytes());
+        reply(stream, option, rep::INFO, &msg.0)?;
+    }
+    reply(stream, option, rep::ACK, &[])?;
+    Ok(true)
+}
+
+/// Answers `NBD_OPT_LIST_META_CONTEXT` and `NBD_OPT_SET_META_CONTEXT`:
+/// `base:allocation` is the one context served.
+fn answer_meta_context(
+    stream: &mut impl Write,
+    option: u32,
+    data: &[u8],
+    export: &Export,
+    session: &mut Session,
+) -> io::Result<()> {
+    if !session.structured {
+        return error(
+            stream,
+            option,
+            rep::ERR_INVALID,
+            "negotiate structured replies first",
+        );
+    }
+    let mut fields = Fields::new(data);
+    let parsed = (|| {
+        let name_len = fields.u32()? as usize;
+        let name = fields.take(name_len)?;
+        let count = fields.u32()?;
+        let mut queries = Vec::new();
+        for _ in 0..count {
+            queries.push(fields.string()?);
+        }
+        fields.is_empty().then_some((name, queries))
+    })();
+    let Some((name, queries)) = parsed else {
+        return error(
+            stream,
+            option,
+            rep::ERR_INVALID,
+            "malformed meta context request",
+        );
+    };
+    if !export.answers_to(name) {
+        return error(stream, option, rep::ERR_UNKNOWN, "no such export");
+    }
+    let listing = option == opt::LIST_META_CONTEXT;
+    let matches = |q: &str| q == BASE_ALLOCATION || (listing && q == "base:");
+    let selected = (listing && queries.is_empty()) || queries.iter().any(|q| matches(q));
+    if !listing {
+        session.base_allocation = selected;
+    }
+    if selected {
+        let id = if listing { 0 } else { BASE_ALLOCATION_ID };
+        let msg = Message::default().u32(id).bytes(BASE_ALLOCATION.as_bytes());
+        reply(stream, option, rep::META_CONTEXT, &msg.0)?;
+    }
+    reply(stream, option, rep::ACK, &[])
+}

@@ -1,0 +1,356 @@
+//! The transmission phase: requests are read in order, served
+//! concurrently by a small pool of workers, and answered as they finish
+//! (out of order, matched by the client's cookie).
+//!
+//! Bounds, before any buffer is allocated: a request longer than
+//! [`MAX_REQUEST`] is answered `EINVAL` (a write's payload is read and
+//! dropped in small pieces to stay in step); requests past the end get
+//! `EINVAL` (`ENOSPC` for writes), as qemu-nbd answers. Write payloads in
+//! flight on one connection are limited by a byte budget, so a client that
+//! pipelines many large writes waits instead of growing the server.
+
+use std::io::{self, Read, Write};
+use std::sync::mpsc::{sync_channel, Receiver};
+
+use parking_lot::{Condvar, Mutex};
+use qcow2_io::{ImageError, MapKind};
+
+use crate::export::{DetectZeroes, DiscardMode, Export};
+use crate::negotiate::Session;
+use crate::proto::*;
+use crate::wire::{read_u16, read_u32, read_u64, skip, Message, Stream};
+
+/// Requests served at once per connection.
+const WORKERS: usize = 8;
+/// Write payload bytes in flight per connection.
+const PAYLOAD_BUDGET: u64 = 4 * MAX_REQUEST as u64;
+
+/// One request as read from the wire.
+#[derive(Debug)]
+struct Request {
+    flags: u16,
+    kind: u16,
+    cookie: u64,
+    offset: u64,
+    length: u32,
+    /// The payload of a write (empty for everything else).
+    payload: Vec<u8>,
+    /// Set when the request was refused while being read.
+    refused: Option<u32>,
+}
+
+/// The bytes of write payloads in flight, and who waits for room.
+#[derive(Default)]
+struct Budget {
+    used: Mutex<u64>,
+    freed: Condvar,
+}
+
+impl Budget {
+    fn take(&self, n: u64) {
+        let mut used = self.used.lock();
+        while *used > 0 && *used + n > PAYLOAD_BUDGET {
+            self.freed.wait(&mut used);
+        }
+        *used += n;
+    }
+
+    fn give(&self, n: u64) {
+        *self.used.lock() -= n;
+        self.freed.notify_all();
+    }
+}
+
+/// Serves requests on `stream` until the client disconnects (or sends
+/// `NBD_CMD_DISC`, or breaks the protocol). Every request read is answered
+/// before this returns, if the client is still there to read the answer.
+pub fn serve(stream: Stream, export: &Export, session: Session) -> io::Result<()> {
+    let writer = Mutex::new(stream.try_clone()?);
+    let budget = Budget::default();
+    let (tx, rx) = sync_channel::<Request>(WORKERS * 2);
+    let rx = Mutex::new(rx);
+    std::thread::scope(|scope| {
+        for _ in 0..WORKERS {
+            scope.spawn(|| work(&rx, export, session, &writer, &budget));
+        }
+        let result = read_requests(stream, &budget, |r| {
+            tx.send(r).map_err(|_| io::Error::other("workers gone"))
+        });
+        drop(tx);
+        result
+    })
+}
+
+fn read_requests(
+    mut stream: Stream,
+    budget: &Budget,
+    mut dispatch: impl FnMut(Request) -> io::Result<()>,
+) -> io::Result<()> {
+    loop {
+        let magic = match read_u32(&mut stream) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if magic != REQUEST_MAGIC {
+            return Ok(());
+        }
+        let flags = read_u16(&mut stream)?;
+        let kind = read_u16(&mut stream)?;
+        let cookie = read_u64(&mut stream)?;
+        let offset = read_u64(&mut stream)?;
+        let length = read_u32(&mut stream)?;
+        if kind == cmd::DISC {
+            return Ok(());
+        }
+        let mut request = Request {
+            flags,
+            kind,
+            cookie,
+            offset,
+            length,
+            payload: Vec::new(),
+            refused: None,
+        };
+        if kind == cmd::WRITE {
+            if length > MAX_REQUEST {
+                skip(&mut stream, u64::from(length))?;
+                request.refused = Some(errno::EINVAL);
+            } else {
+                budget.take(u64::from(length));
+                request.payload = vec![0u8; length as usize];
+                if let Err(e) = stream.read_exact(&mut request.payload) {
+                    budget.give(u64::from(length));
+                    return Err(e);
+                }
+            }
+        }
+        dispatch(request)?;
+    }
+}
+
+fn work(
+    rx: &Mutex<Receiver<Request>>,
+    export: &Export,
+    session: Session,
+    writer: &Mutex<Stream>,
+    budget: &Budget,
+) {
+    loop {
+        let request = match rx.lock().recv() {
+            Ok(r) => r,
+            Err(_) => return,
+        };
+        let paid = request.payload.len() as u64;
+        let reply = answer(&request, export, session);
+        drop(request.payload);
+        if paid > 0 {
+            budget.give(paid);
+        }
+        let mut w = writer.lock();
+        if w.write_all(&reply).and_then(|()| w.flush()).is_err() {
+            // The client is gone; the request was served all the same.
+            continue;
+        }
+    }
+}
+
+/// Serves one request and returns the bytes of its reply.
+fn answer(request: &Request, export: &Export, session: Session) -> Vec<u8> {
+    let structured_kind = request.kind == cmd::READ || request.kind == cmd::BLOCK_STATUS;
+    let result = match request.refused {
+        Some(errno) => Err(errno),
+        None => execute(request, export, session),
+    };
+    match (result, session.structured && structured_kind) {
+        (Ok(Done::Data(data)), true) => structured(
+            request.cookie,
+            chunk::OFFSET_DATA,
+            &Message::with_capacity(8 + data.len())
+                .u64(request.offset)
+                .bytes(&data)
+                .0,
+        ),
+        (Ok(Done::Data(data)), false) => simple(request.cookie, 0, &data),
+        (Ok(Done::Extents(extents)), _) => {
+            let mut payload = Message::with_capacity(4 + 8 * extents.len()).u32(BASE_ALLOCATION_ID);
+            for (len, flags) in extents {
+                payload = payload.u32(len).u32(flags);
+            }
+            structured(request.cookie, chunk::BLOCK_STATUS, &payload.0)
+        }
+        (Ok(Done::Nothing), _) => simple(request.cookie, 0, &[]),
+        (Err(errno), true) => {
+            let message = b"request failed";
+            let payload = Message::default()
+                .u32(errno)
+                .u16(message.len() as u16)
+                .bytes(message);
+            structured(request.cookie, chunk::ERROR, &payload.0)
+        }
+        (Err(errno), false) => simple(request.cookie, errno, &[]),
+    }
+}
+
+fn simple(cookie: u64, errno: u32, data: &[u8]) -> Vec<u8> {
+    Message::with_capacity(16 + data.len())
+        .u32(SIMPLE_REPLY_MAGIC)
+        .u32(errno)
+        .u64(cookie)
+        .bytes(data)
+        .0
+}
+
+fn structured(cookie: u64, kind: u16, payload: &[u8]) -> Vec<u8> {
+    Message::with_capacity(20 + payload.len())
+        .u32(STRUCTURED_REPLY_MAGIC)
+        .u16(chunk::FLAG_DONE)
+        .u16(kind)
+        .u64(cookie)
+        .u32(payload.len() as u32)
+        .bytes(payload)
+        .0
+}
+
+/// What a served request hands back.
+enum Done {
+    Nothing,
+    Data(Vec<u8>),
+    Extents(Vec<(u32, u32)>),
+}
+
+fn errno_of(e: &ImageError) -> u32 {
+    match e {
+        ImageError::OutOfBounds { .. } | ImageError::InvalidOption(_) => errno::EINVAL,
+        ImageError::ReadOnly => errno::EPERM,
+        ImageError::Io { source, .. } if source.raw_os_error() == Some(28) => errno::ENOSPC,
+        _ => errno::EIO,
+    }
+}
+
+fn execute(request: &Request, export: &Export, session: Session) -> Result<Done, u32> {
+    let image = export.image();
+    let (offset, len) = (request.offset, u64::from(request.length));
+    let writes = matches!(request.kind, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES);
+    let known = matches!(
+        request.kind,
+        cmd::READ
+            | cmd::WRITE
+            | cmd::FLUSH
+            | cmd::TRIM
+            | cmd::CACHE
+            | cmd::WRITE_ZEROES
+            | cmd::BLOCK_STATUS
+    );
+    if !known {
+        return Err(errno::EINVAL);
+    }
+    if writes && export.options().read_only {
+        return Err(errno::EPERM);
+    }
+    if request.kind != cmd::FLUSH && offset.checked_add(len).is_none_or(|end| end > image.size()) {
+        let write = matches!(request.kind, cmd::WRITE | cmd::WRITE_ZEROES);
+        return Err(if write { errno::ENOSPC } else { errno::EINVAL });
+    }
+    let fua = request.flags & cmd_flag::FUA != 0;
+    let io = |r: qcow2_io::Result<()>| r.map_err(|e| errno_of(&e));
+    match request.kind {
+        cmd::READ => {
+            if request.length > MAX_REQUEST {
+                return Err(errno::EINVAL);
+            }
+            let mut data = vec![0u8; len as usize];
+            io(image.read_at(&mut data, offset))?;
+            return Ok(Done::Data(data));
+        }
+        cmd::WRITE => {
+            let zeros = export.options().detect_zeroes != DetectZeroes::Off
+                && qcow2_io::is_zero(&request.payload);
+            let unmap = export.options().detect_zeroes == DetectZeroes::Unmap
+                && export.options().discard == DiscardMode::Unmap;
+            if zeros && unmap {
+                io(image.write_zeroes(offset, len))?;
+            } else if zeros {
+                io(image.write_zeroes_allocated(offset, len))?;
+            } else {
+                io(image.write_at(&request.payload, offset))?;
+            }
+        }
+        cmd::FLUSH => io(image.flush())?,
+        cmd::TRIM => {
+            if export.options().discard == DiscardMode::Unmap {
+                io(image.discard(offset, len))?;
+            }
+        }
+        cmd::WRITE_ZEROES => {
+            let no_hole = request.flags & cmd_flag::NO_HOLE != 0;
+            let fast = request.flags & cmd_flag::FAST_ZERO != 0;
+            if no_hole {
+                if fast && !export.zeroes_fast_with_allocation() {
+                    return Err(errno::ENOTSUP);
+                }
+                io(image.write_zeroes_allocated(offset, len))?;
+            } else {
+                io(image.write_zeroes(offset, len))?;
+            }
+        }
+        cmd::CACHE => {}
+        cmd::BLOCK_STATUS => {
+            if !session.structured || !session.base_allocation || len == 0 {
+                return Err(errno::EINVAL);
+            }
+            let map = image.map_range(offset, len).map_err(|e| errno_of(&e))?;
+            let mut extents: Vec<(u32, u32)> = Vec::new();
+            for e in map {
+                let flags = match e.kind {
+                    MapKind::Data | MapKind::Compressed => 0,
+                    MapKind::Zero | MapKind::Unallocated => state::HOLE | state::ZERO,
+                };
+                match extents.last_mut() {
+                    Some(last) if last.1 == flags => last.0 += e.length as u32,
+                    _ => extents.push((e.length as u32, flags)),
+                }
+            }
+            if request.flags & cmd_flag::REQ_ONE != 0 {
+                extents.truncate(1);
+            }
+            return Ok(Done::Extents(extents));
+        }
+        _ => return Err(errno::EINVAL),
+    }
+    if fua && writes {
+        io(image.flush())?;
+    }
+    Ok(Done::Nothing)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_have_the_wire_layout() {
+        let s = simple(0x0102_0304_0506_0708, 22, &[9, 9]);
+        assert_eq!(&s[..4], &SIMPLE_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(&s[4..8], &22u32.to_be_bytes());
+        assert_eq!(&s[8..16], &0x0102_0304_0506_0708u64.to_be_bytes());
+        assert_eq!(&s[16..], &[9, 9]);
+        let c = structured(7, chunk::BLOCK_STATUS, &[1, 2, 3]);
+        assert_eq!(&c[..4], &STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(&c[4..6], &chunk::FLAG_DONE.to_be_bytes());
+        assert_eq!(&c[6..8], &chunk::BLOCK_STATUS.to_be_bytes());
+        assert_eq!(&c[16..20], &3u32.to_be_bytes());
+        assert_eq!(c.len(), 23);
+    }
+
+    #[test]
+    fn the_payload_budget_admits_one_oversized_request_at_a_time() {
+        let b = Budget::default();
+        b.take(PAYLOAD_BUDGET + 1);
+        assert_eq!(*b.used.lock(), PAYLOAD_BUDGET + 1);
+        b.give(PAYLOAD_BUDGET + 1);
+        b.take(10);
+        b.take(20);
+        assert_eq!(*b.used.lock(), 30);
+    }
+}
