@@ -23,8 +23,8 @@ make_inputs() { # SIZE_MIB
     [ -f "rand-$mib.raw" ] || head -c "${mib}M" /dev/urandom > "rand-$mib.raw"
     if [ ! -f "ext4-$mib.raw" ]; then
         # Real files, as many as fit: a file system image of MIB MiB.
-        mke2fs -q -F -t ext4 -b 4096 -d /usr/share "ext4-$mib.raw" "${mib}M" 2>/dev/null ||
-            mke2fs -q -F -t ext4 -b 4096 -d /usr/share/doc "ext4-$mib.raw" "${mib}M"
+        mke2fs -q -F -t ext4 -b 4096 -d /usr/share "ext4-$mib.raw" "${mib}M" >/dev/null 2>&1 ||
+            mke2fs -q -F -t ext4 -b 4096 -d /usr/share/doc "ext4-$mib.raw" "${mib}M" >/dev/null
     fi
     if [ ! -f "dup50-$mib.raw" ]; then
         head -c 1M /dev/urandom > blocks.bin

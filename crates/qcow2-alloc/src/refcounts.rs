@@ -490,13 +490,17 @@ impl Refcounts {
         })
     }
 
-    /// Writes dirty blocks, then the changed part of the table. If the table
-    /// moved, syncs it, points the header's refcount table fields at it
+    /// Writes dirty blocks, syncs, then the changed part of the table. If the
+    /// table moved, syncs it, points the header's refcount table fields at it
     /// (synced), then frees the old table's clusters. Returns whether
     /// anything was written.
     pub fn flush(&mut self, storage: &dyn Storage) -> Result<bool> {
         let mut wrote = self.write_blocks(storage)?;
         if let Some(range) = self.dirty_entries.take() {
+            // New blocks are durable before the table entries naming them.
+            storage
+                .flush()
+                .map_err(AllocError::io("syncing refcount blocks before the table"))?;
             let bytes = encode_u64s(&self.table[range.clone()]);
             storage
                 .write_at(&bytes, self.table_offset.get() + range.start as u64 * 8)

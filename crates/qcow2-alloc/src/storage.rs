@@ -273,8 +273,11 @@ struct FaultState {
     /// What a crash would leave: the contents as of the last flush.
     durable: Vec<u8>,
     /// Writes since the last flush, in order (offset, bytes; `None` bytes
-    /// stand for a `set_len`).
+    /// stand for a `set_len`). With `hold_log`, completed flushes are kept
+    /// in it as barriers.
     unflushed: Vec<(u64, Option<Vec<u8>>)>,
+    /// Positions in `unflushed` where a flush completed (`hold_log` only).
+    barriers: Vec<usize>,
     /// Writes still allowed before every write fails; `None` = unlimited.
     writes_left: Option<u64>,
     /// Whether flushes fail.
@@ -322,7 +325,8 @@ impl FaultyStorage {
         self.state.lock().hold_log = hold;
     }
 
-    /// Number of writes since the last successful flush.
+    /// Number of writes in the crash log: since the last successful flush,
+    /// or since `hold_log` was set.
     pub fn unflushed_writes(&self) -> usize {
         self.state.lock().unflushed.len()
     }
@@ -336,6 +340,69 @@ impl FaultyStorage {
             match bytes {
                 Some(bytes) => write_into(&mut data, bytes, *offset),
                 None => data.resize(*offset as usize, 0),
+            }
+        }
+        data
+    }
+
+    /// The contents a power loss would leave after the first `issued`
+    /// writes of the log, under a harsher model than
+    /// [`FaultyStorage::crash_image`]: writes before the last completed
+    /// flush are durable; each write after it independently lands whole, is
+    /// lost, or (when longer than a 512-byte sector) lands torn, some of its
+    /// sectors written and the others not; the ones that land do so in an
+    /// arbitrary order. `seed` picks the outcome, so every pattern can be
+    /// replayed. Resizes apply in order.
+    pub fn power_loss_image(&self, issued: usize, seed: u64) -> Vec<u8> {
+        let state = self.state.lock();
+        let issued = issued.min(state.unflushed.len());
+        let barrier = state
+            .barriers
+            .iter()
+            .copied()
+            .filter(|&b| b <= issued)
+            .max()
+            .unwrap_or(0);
+        let mut data = state.durable.clone();
+        for (offset, bytes) in &state.unflushed[..barrier] {
+            match bytes {
+                Some(bytes) => write_into(&mut data, bytes, *offset),
+                None => data.resize(*offset as usize, 0),
+            }
+        }
+        let pending = &state.unflushed[barrier..issued];
+        for (offset, bytes) in pending {
+            if bytes.is_none() {
+                data.resize(*offset as usize, 0);
+            }
+        }
+        let mut rng = SplitMix(seed);
+        let mut order: Vec<usize> = (0..pending.len()).collect();
+        for i in (1..order.len()).rev() {
+            order.swap(i, (rng.next() % (i as u64 + 1)) as usize);
+        }
+        for i in order {
+            let (offset, Some(bytes)) = &pending[i] else {
+                continue;
+            };
+            match rng.next() % 3 {
+                0 => write_into(&mut data, bytes, *offset),
+                1 => {}
+                _ => {
+                    // Torn: each 512-byte sector of the file it covers lands
+                    // or not.
+                    let end = *offset + bytes.len() as u64;
+                    let mut at = *offset;
+                    while at < end {
+                        let piece_end = ((at / 512 + 1) * 512).min(end);
+                        if rng.next().is_multiple_of(2) {
+                            let from = (at - *offset) as usize;
+                            let to = (piece_end - *offset) as usize;
+                            write_into(&mut data, &bytes[from..to], at);
+                        }
+                        at = piece_end;
+                    }
+                }
             }
         }
         data
@@ -382,17 +449,57 @@ impl Storage for FaultyStorage {
             return Err(io::Error::other("injected flush failure"));
         }
         if state.hold_log {
+            let end = state.unflushed.len();
+            state.barriers.push(end);
             return Ok(());
         }
         state.durable = self.current.read().clone();
         state.unflushed.clear();
+        state.barriers.clear();
         Ok(())
+    }
+}
+
+/// splitmix64: a small seeded generator for crash patterns.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_power_loss_keeps_flushed_data_and_mixes_the_rest_by_sector() {
+        let s = FaultyStorage::new();
+        s.write_at(&[1u8; 2048], 0).unwrap();
+        s.flush().unwrap();
+        s.write_at(&[2u8; 2048], 0).unwrap();
+        let mut seen_whole_new = false;
+        let mut seen_torn = false;
+        for seed in 0..64 {
+            let image = s.power_loss_image(1, seed);
+            assert_eq!(image.len(), 2048);
+            for sector in image.chunks(512) {
+                assert!(
+                    sector.iter().all(|&b| b == 1) || sector.iter().all(|&b| b == 2),
+                    "sectors land whole"
+                );
+            }
+            let new = image.chunks(512).filter(|c| c[0] == 2).count();
+            seen_whole_new |= new == 4;
+            seen_torn |= new > 0 && new < 4;
+        }
+        assert!(seen_whole_new && seen_torn, "both outcomes occur");
+    }
 
     #[test]
     fn reads_past_the_end_are_zero() {

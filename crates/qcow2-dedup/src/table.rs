@@ -351,13 +351,17 @@ impl DedupTable {
         self.l1_dirty.is_dirty() || self.clusters.is_dirty()
     }
 
-    /// Writes dirty L2 dedup clusters (sealed) and the changed part of the
-    /// L1. The caller makes the refcounts of new clusters durable first.
+    /// Writes dirty L2 dedup clusters (sealed), syncs, then the changed part
+    /// of the L1. The caller makes the refcounts of new clusters durable first.
     /// Returns whether anything was written.
     pub fn flush(&mut self, storage: &dyn Storage) -> Result<bool> {
         // Dedup clusters first: the L1 may point at new ones.
         let mut wrote = self.write_clusters(storage)?;
         if let Some(range) = self.l1_dirty.take() {
+            // New dedup clusters are durable before the L1 names them.
+            storage
+                .flush()
+                .map_err(DedupError::io("syncing dedup clusters before the L1"))?;
             // Entries dropped on load or for a failed CRC are now 0 on disk.
             self.report.bad_l1_entries = 0;
             self.damaged.clear();

@@ -248,8 +248,10 @@ impl BlockMap {
         self.l2.needs_write_back()
     }
 
-    /// Writes dirty L2 tables, then the changed part of the L1. The caller
-    /// has made the refcounts of every cluster they point to durable.
+    /// Writes dirty L2 tables, syncs, then writes the changed part of the
+    /// L1: an L1 entry never reaches the disk before the table it points
+    /// to. The caller has made the refcounts of every cluster the tables
+    /// point to durable.
     pub(crate) fn write_back(&mut self, storage: &dyn Storage) -> Result<()> {
         let g = self.geometry;
         self.l2.write_back(|key, entries| {
@@ -261,6 +263,9 @@ impl BlockMap {
                 .map_err(ImageError::io("writing an L2 table"))
         })?;
         if let Some(range) = self.l1_dirty.take() {
+            storage
+                .flush()
+                .map_err(ImageError::io("syncing L2 tables before the L1"))?;
             storage
                 .write_at(
                     &encode_u64s(&self.l1[range.clone()]),

@@ -5,8 +5,9 @@
 //!
 //! Everything here runs under the image's metadata lock; data I/O does not.
 //! Write ordering ([`Metadata::flush`], ARCHITECTURE.md "Write ordering"):
-//! 1. refcount blocks and table, synced: every increase is durable before
-//!    any table points at the clusters it covers;
+//! 1. refcount blocks and table, then a sync that makes them and all guest
+//!    data written so far durable: every increase, and every data cluster,
+//!    is on disk before any table points at it;
 //! 2. L2 tables, the L1 table and the dedup table;
 //! 3. once those are synced, the decreases of dropped references (which may
 //!    free clusters, and on a dedup image remove their entries), then steps
@@ -439,14 +440,19 @@ impl Metadata {
         Ok(())
     }
 
-    /// Steps 1 and 2: refcounts durable, then the block map and the dedup
-    /// table written (not synced).
+    /// Steps 1 and 2: refcounts written, then one sync that makes them and
+    /// every guest data write so far durable, then the block map and the
+    /// dedup table written (not synced). The sync is what keeps a table
+    /// entry from reaching the disk before the data it points to: without
+    /// it a power loss could land the entry and lose the data, and the
+    /// guest would read whatever the cluster held before.
     fn write_tables(&mut self) -> Result<()> {
         let dedup_dirty = self.dedup.as_ref().is_some_and(DedupState::is_dirty);
         if !self.map.is_dirty() && !dedup_dirty {
             return Ok(());
         }
-        self.refcounts_durable()?;
+        self.alloc.flush(&*self.storage)?;
+        self.sync("syncing data and refcounts before the tables")?;
         self.map.write_back(&*self.storage)?;
         if let Some(d) = self.dedup.as_mut() {
             d.flush(&*self.storage)?;
