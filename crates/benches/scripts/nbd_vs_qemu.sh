@@ -13,6 +13,7 @@ dir=$1; runs=$2
 here=$(cd "$(dirname "$0")" && pwd)
 qcow2=${QCOW2:-$here/../../../target/release/qcow2}
 cd "$dir"
+dir=$(pwd) # qemu-nbd wants an absolute socket path
 size=1G
 
 start_server() { # KIND IMAGE SOCKET
@@ -53,10 +54,10 @@ print(round(side["bw_bytes"] / 1e6, 1) if bs == "1M" else round(side["iops"]))
 median() { sort -g | awk '{v[NR]=$1} END {if (NR%2) print v[(NR+1)/2]; else print (v[NR/2]+v[NR/2+1])/2}'; }
 
 measure() { # SERVER_KIND IMAGE_KIND RW BS DEPTH
-    fresh_image "$2" "img-$1.qcow2"
-    start_server "$1" "img-$1.qcow2" "s-$1"
-    fio_job "s-$1" "$3" "$4" "$5"
-    stop_server "s-$1"
+    fresh_image "$2" "$dir/img-$1.qcow2"
+    start_server "$1" "$dir/img-$1.qcow2" "$dir/s-$1"
+    fio_job "$dir/s-$1" "$3" "$4" "$5"
+    stop_server "$dir/s-$1"
 }
 
 echo "| job | qemu-nbd (plain) | qcow2 serve | qcow2 / qemu-nbd | noise (qemu-nbd vs itself) |"

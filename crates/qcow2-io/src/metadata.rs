@@ -305,6 +305,37 @@ impl Metadata {
             .collect())
     }
 
+    /// For a content stored in several copies, the one copy that takes new
+    /// references (every other is full); `None` when the content has at
+    /// most one copy, whose lookup through the index is O(1) anyway.
+    pub(crate) fn dedup_open_copy(&mut self, hash: &ContentHash) -> Result<Option<StoredCopy>> {
+        let Some(d) = self.dedup.as_mut() else {
+            return Ok(None);
+        };
+        Ok(d.open_copy(&*self.storage, &mut self.alloc, hash)?
+            .map(|(host, refcount)| StoredCopy {
+                host,
+                refcount,
+                released: self.alloc.released_count(host),
+            }))
+    }
+
+    /// Makes `host` the copy of `hash` that takes new references.
+    pub(crate) fn dedup_set_open_copy(&mut self, hash: &ContentHash, host: HostCluster) {
+        if let Some(d) = self.dedup.as_mut() {
+            d.set_open_copy(hash, host);
+        }
+    }
+
+    /// Whether host cluster `host` is recorded as holding content `hash`.
+    pub(crate) fn dedup_holds(&mut self, host: HostCluster, hash: &ContentHash) -> Result<bool> {
+        let storage = self.storage.clone();
+        let Some(d) = self.dedup.as_mut() else {
+            return Ok(false);
+        };
+        Ok(d.hash_of(&*storage, host)? == Some(*hash))
+    }
+
     /// Points `guest` (which held `old`) at the stored cluster `host` as one
     /// more reference: refcount first, OFLAG_COPIED cleared on the first
     /// referrer when the cluster becomes shared.
@@ -539,6 +570,9 @@ impl Metadata {
                 .map(|c| (c.host, c.refcount))
                 .collect();
             open.sort_by_key(|&(host, refcount)| (std::cmp::Reverse(refcount), host));
+            if let (Some(&(target, _)), Some(d)) = (open.first(), self.dedup.as_mut()) {
+                d.set_open_copy(&hash, target);
+            }
             while open.len() > 1 {
                 let last = open.len() - 1;
                 let n = (limit - open[0].1).min(open[last].1);

@@ -27,9 +27,13 @@ pub(super) enum Class {
     /// Share the stored copy at `host` (one more reference), dropping `old`.
     Share { host: HostCluster, old: L2Mapping },
     /// Its own cluster `host` is not shared: overwrite it in place.
-    Reuse { host: HostCluster },
+    /// `another_copy`: the content is stored already, in full copies.
+    Reuse {
+        host: HostCluster,
+        another_copy: bool,
+    },
     /// Needs a fresh cluster; `old`'s reference is dropped at commit.
-    Fresh { old: L2Mapping },
+    Fresh { old: L2Mapping, another_copy: bool },
 }
 
 /// The classes of the leading clusters of a batch, and what stopped it.
@@ -84,18 +88,27 @@ pub(super) fn classify(
                 stop: Some(Stop::Claimed(hash)),
             });
         }
-        let mut copies = meta.dedup_copies(&hash)?;
-        copies.retain(|c| !reused.contains(&c.host));
         // Only a data mapping reads as its cluster (a preallocated zero
         // cluster reads as zeros whatever its cluster holds).
         let own = match old {
             L2Mapping::Data { offset, .. } => Some(g.host_cluster(offset)),
             _ => None,
         };
-        if copies.iter().any(|c| Some(c.host) == own) {
-            classes.push(Class::Unchanged);
-            continue;
+        if let Some(own) = own.filter(|h| !reused.contains(h)) {
+            if meta.dedup_holds(own, &hash)? {
+                classes.push(Class::Unchanged);
+                continue;
+            }
         }
+        // A content in several copies offers only its open copy (the
+        // others are full); a content in one copy offers that one.
+        let open = meta.dedup_open_copy(&hash)?;
+        let several_copies = open.is_some();
+        let mut copies = match open {
+            Some(open) => vec![open],
+            None => meta.dedup_copies(&hash)?,
+        };
+        copies.retain(|c| !reused.contains(&c.host));
         let planned = |host: HostCluster| {
             planned_shares
                 .iter()
@@ -116,9 +129,15 @@ pub(super) fn classify(
             classes.push(Class::Share { host, old });
             continue;
         }
-        let room_after_flush = copies
-            .iter()
-            .any(|c| c.refcount - c.released.min(c.refcount) + planned(c.host) < limit);
+        // A content in one copy, full only until queued decreases land,
+        // waits for the flush that lands them rather than gaining a copy.
+        // A content in several copies gains one: the flush that lands the
+        // decreases also consolidates the copies, so nothing is kept twice
+        // past it, and a write never waits for a flush there.
+        let room_after_flush = !several_copies
+            && copies
+                .iter()
+                .any(|c| c.refcount - c.released.min(c.refcount) + planned(c.host) < limit);
         if room_after_flush {
             return Ok(Plan {
                 classes,
@@ -126,16 +145,17 @@ pub(super) fn classify(
             });
         }
         storing.push(hash);
+        let another_copy = !copies.is_empty();
         if let L2Mapping::Data { offset, .. } = old {
             let host = g.host_cluster(offset);
             let shared_by_plan = planned_shares.iter().any(|(h, _)| *h == host);
             if !shared_by_plan && meta.refcount(host)? == 1 {
                 reused.push(host);
-                classes.push(Class::Reuse { host });
+                classes.push(Class::Reuse { host, another_copy });
                 continue;
             }
         }
-        classes.push(Class::Fresh { old });
+        classes.push(Class::Fresh { old, another_copy });
     }
     Ok(Plan {
         classes,

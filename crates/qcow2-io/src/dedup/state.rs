@@ -37,6 +37,12 @@ pub(crate) struct DedupState {
     /// Host clusters whose referrers' OFLAG_COPIED flags must be recomputed
     /// by a scan (the dedup entry's guest offset did not lead to them).
     copied_unresolved: HashSet<HostCluster>,
+    /// For contents stored in more than one copy (their references
+    /// outgrew the refcount width): the copy that takes new references.
+    /// Every other copy is full (a flush consolidates copies that lost
+    /// references), so new references never need to look at them: the
+    /// cost of a write stays O(1) however many copies a content has.
+    open_copy: HashMap<[u8; 32], HostCluster>,
 }
 
 impl DedupState {
@@ -72,6 +78,7 @@ impl DedupState {
             table,
             index,
             copied_unresolved: HashSet::new(),
+            open_copy: HashMap::new(),
         }
     }
 
@@ -206,9 +213,41 @@ impl DedupState {
             if let Some(index) = self.index.as_mut() {
                 index.remove(&ContentHash(entry.hash), host);
             }
+            if self.open_copy.get(&entry.hash) == Some(&host) {
+                self.open_copy.remove(&entry.hash);
+            }
             self.table.clear(storage, host)?;
         }
         Ok(())
+    }
+
+    /// The copy of a content stored in several copies that takes new
+    /// references, with its refcount; `None` for a content with one copy
+    /// (or none).
+    pub(crate) fn open_copy(
+        &mut self,
+        storage: &dyn Storage,
+        alloc: &mut Allocator,
+        hash: &ContentHash,
+    ) -> Result<Option<(HostCluster, u64)>> {
+        let Some(&host) = self.open_copy.get(&hash.0) else {
+            return Ok(None);
+        };
+        let valid = self
+            .table
+            .get(storage, host)?
+            .is_some_and(|e| e.hash == hash.0);
+        let refcount = alloc.refcount(storage, host)?;
+        if !valid || refcount == 0 {
+            self.open_copy.remove(&hash.0);
+            return Ok(None);
+        }
+        Ok(Some((host, refcount)))
+    }
+
+    /// Makes `host` the copy of `hash` that takes new references.
+    pub(crate) fn set_open_copy(&mut self, hash: &ContentHash, host: HostCluster) {
+        self.open_copy.insert(hash.0, host);
     }
 
     /// Records that `host` holds content `hash`, first written at `guest`.

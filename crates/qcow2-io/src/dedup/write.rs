@@ -9,6 +9,7 @@
 
 use std::borrow::Cow;
 
+use qcow2_alloc::AlignedBuf;
 use qcow2_dedup::ContentHash;
 use qcow2_format::l2::L2Mapping;
 use qcow2_format::{ClusterCount, GuestOffset, HostCluster};
@@ -39,6 +40,8 @@ struct Store {
     /// What the guest cluster pointed to, released at commit (none when
     /// the cluster is rewritten in place).
     old: Option<L2Mapping>,
+    /// The content has full copies already: this one takes new references.
+    another_copy: bool,
 }
 
 impl Image {
@@ -114,9 +117,9 @@ impl Image {
         Ok(())
     }
 
-    /// Writes the data of the clusters to store. Neighbours contiguous both
-    /// on the host and in the caller's buffer `source` go out as one
-    /// request, straight from that buffer.
+    /// Writes the data of the clusters to store, one request per run of
+    /// clusters contiguous on the host: straight from the caller's buffer
+    /// `source` when the run is contiguous there too, else from a copy.
     fn write_stores(
         &self,
         items: &[ClusterWrite<'_>],
@@ -125,24 +128,39 @@ impl Image {
     ) -> Result<()> {
         let g = self.geometry;
         let cs = g.cluster_size() as usize;
+        let mut gathered: Option<AlignedBuf> = None;
         let mut i = 0;
         while i < stores.len() {
-            let first = &items[stores[i].index];
             let mut j = i + 1;
-            if let Some(start) = first.within {
-                while j < stores.len()
-                    && stores[j].host == stores[i].host + ClusterCount::new((j - i) as u64)
-                    && items[stores[j].index].within == Some(start + (j - i) * cs)
-                {
-                    j += 1;
-                }
+            while j < stores.len()
+                && stores[j].host == stores[i].host + ClusterCount::new((j - i) as u64)
+            {
+                j += 1;
             }
-            let data = match first.within {
-                Some(start) if j - i > 1 => &source[start..start + (j - i) * cs],
-                _ => &first.content[..],
+            let run = &stores[i..j];
+            let first = &items[run[0].index];
+            let in_source_order = first.within.is_some_and(|start| {
+                run.iter()
+                    .enumerate()
+                    .all(|(k, s)| items[s.index].within == Some(start + k * cs))
+            });
+            let data: &[u8] = match first.within {
+                _ if run.len() == 1 => &first.content[..],
+                Some(start) if in_source_order => &source[start..start + run.len() * cs],
+                _ => {
+                    // Contiguous on the host only: one request from an
+                    // aligned copy (so direct I/O still applies).
+                    let len = run.len() * cs;
+                    let buf = gathered.insert(AlignedBuf::new(len, len));
+                    for (k, s) in run.iter().enumerate() {
+                        buf.as_mut_slice()[k * cs..(k + 1) * cs]
+                            .copy_from_slice(&items[s.index].content);
+                    }
+                    buf.as_slice()
+                }
             };
             self.storage
-                .write_at(data, g.host_offset(stores[i].host).get())
+                .write_at(data, g.host_offset(run[0].host).get())
                 .map_err(ImageError::io("writing guest data"))?;
             i = j;
         }
@@ -174,7 +192,7 @@ fn apply_plan(
             Class::Unchanged => {}
             Class::Zero { old } => apply_zero(meta, item.guest, old)?,
             Class::Share { host, old } => meta.share(item.guest, host, old)?,
-            Class::Reuse { host } => {
+            Class::Reuse { host, another_copy } => {
                 meta.guard_data_write(meta.header().geometry.host_offset(host), cs)?;
                 meta.dedup_forget(host)?;
                 claim(claims, item)?;
@@ -182,11 +200,12 @@ fn apply_plan(
                     index,
                     host,
                     old: None,
+                    another_copy,
                 });
             }
-            Class::Fresh { old } => {
+            Class::Fresh { old, another_copy } => {
                 claim(claims, item)?;
-                fresh.push((index, old));
+                fresh.push((index, old, another_copy));
             }
         }
     }
@@ -197,11 +216,12 @@ fn apply_plan(
         let g = meta.header().geometry;
         meta.guard_data_write(g.host_offset(first), g.bytes(got))?;
         for (k, host) in first.run(got).enumerate() {
-            let (index, old) = fresh[next + k];
+            let (index, old, another_copy) = fresh[next + k];
             stores.push(Store {
                 index,
                 host,
                 old: Some(old),
+                another_copy,
             });
         }
         next += got.as_usize();
@@ -246,6 +266,9 @@ fn commit_stores(meta: &mut Metadata, items: &[ClusterItem], stores: &[Store]) -
             None => meta.set_mapping(item.guest, mapping)?,
         }
         meta.dedup_record(store.host, &hash, item.guest)?;
+        if store.another_copy {
+            meta.dedup_set_open_copy(&hash, store.host);
+        }
     }
     Ok(())
 }
