@@ -81,8 +81,7 @@ impl ReferenceCounts {
         storage: &dyn Storage,
     ) -> Result<Vec<RefcountMismatch>> {
         let mut out = Vec::new();
-        let end = self.len().max(refcounts.described_end().get());
-        for cluster in (0..end).map(HostCluster::new) {
+        for cluster in (0..self.len()).map(HostCluster::new) {
             let on_disk = refcounts.get(storage, cluster)?;
             let referenced = self.get(cluster);
             if on_disk != referenced {
@@ -93,6 +92,18 @@ impl ReferenceCounts {
                 });
             }
         }
+        // Past the file nothing is referenced: only nonzero refcounts there
+        // are mismatches, and only existing blocks can hold them.
+        let beyond = refcounts.nonzero_from(storage, HostCluster::new(self.len()))?;
+        out.extend(
+            beyond
+                .into_iter()
+                .map(|(cluster, on_disk)| RefcountMismatch {
+                    cluster,
+                    on_disk,
+                    referenced: 0,
+                }),
+        );
         Ok(out)
     }
 }

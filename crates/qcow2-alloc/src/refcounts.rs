@@ -219,6 +219,39 @@ impl Refcounts {
         Ok(self.width.get(block, within))
     }
 
+    /// Every cluster at or after `start` with a nonzero refcount, and that
+    /// refcount. Only existing blocks are read, each once even when several
+    /// table entries name it (itself a corruption the caller's tally
+    /// reports), so the cost is bounded by the distinct blocks in the file,
+    /// not by how far the table claims to reach.
+    pub fn nonzero_from(
+        &mut self,
+        storage: &dyn Storage,
+        start: HostCluster,
+    ) -> Result<Vec<(HostCluster, u64)>> {
+        let epb = self.entries_per_block;
+        let mut seen = IntSet::default();
+        let mut out = Vec::new();
+        for index in start.get() / epb..self.table.len() as u64 {
+            let offset = self.table[index as usize];
+            if offset == 0 || !seen.insert(offset) {
+                continue;
+            }
+            self.load_block(storage, index)?;
+            let block = self.blocks.peek(index).ok_or(AllocError::Internal(
+                "refcount block vanished from the cache",
+            ))?;
+            let first = index * epb;
+            for i in start.get().max(first) - first..epb {
+                let value = self.width.get(block, i as usize);
+                if value != 0 {
+                    out.push((HostCluster::new(first + i), value));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Sets the refcount of `cluster`, creating refcount blocks and growing
     /// the table as needed.
     pub fn set(&mut self, storage: &dyn Storage, cluster: HostCluster, value: u64) -> Result<()> {

@@ -125,8 +125,16 @@ pub fn mutate(data: &[u8]) {
         return;
     };
     let dedup = selector & 1 != 0;
-    let cluster_bits = [9, 12, 16][usize::from(selector >> 1) % 3];
-    let mut image = seed_image(dedup, cluster_bits);
+    let variant = usize::from(selector >> 1) % 3;
+    let cluster_bits = [9, 12, 16][variant];
+    static SEEDS: std::sync::OnceLock<Vec<Vec<u8>>> = std::sync::OnceLock::new();
+    let seeds = SEEDS.get_or_init(|| {
+        [false, true]
+            .into_iter()
+            .flat_map(|d| [9, 12, 16].map(|bits| seed_image(d, bits)))
+            .collect()
+    });
+    let mut image = seeds[usize::from(dedup) * 3 + variant].clone();
     for patch in patches.chunks_exact(5) {
         let at = u32::from_be_bytes([patch[0], patch[1], patch[2], patch[3]]) as usize;
         // Most patches aim at the first clusters, where metadata lives.
