@@ -44,7 +44,8 @@ fio_job() { # SOCKET RW BS DEPTH -> one number (IOPS, or MB/s for 1M)
         --refill_buffers --randrepeat=0 --output-format=json 2>/dev/null)
     python3 -c '
 import json, sys
-j = json.loads(sys.stdin.read())["jobs"][0]
+text = sys.stdin.read()  # fio prints a line before its JSON
+j = json.loads(text[text.index("{"):])["jobs"][0]
 side = j["write"] if j["write"]["io_bytes"] else j["read"]
 bs = sys.argv[1]
 print(round(side["bw_bytes"] / 1e6, 1) if bs == "1M" else round(side["iops"]))
