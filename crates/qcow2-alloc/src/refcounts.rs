@@ -195,6 +195,17 @@ impl Refcounts {
         Ok(())
     }
 
+    /// The block at table `index`, read from disk if needed.
+    fn cached_block(&mut self, storage: &dyn Storage, index: u64) -> Result<&[u8]> {
+        self.load_block(storage, index)?;
+        self.blocks
+            .peek(index)
+            .map(Vec::as_slice)
+            .ok_or(AllocError::Internal(
+                "refcount block vanished from the cache",
+            ))
+    }
+
     fn block_mut(&mut self, storage: &dyn Storage, index: u64) -> Result<&mut Vec<u8>> {
         self.load_block(storage, index)?;
         self.blocks.get_mut(index).ok_or(AllocError::Internal(
@@ -209,14 +220,11 @@ impl Refcounts {
             return Ok(0);
         }
         let within = (cluster.get() % self.entries_per_block) as usize;
+        let width = self.width;
         if let Some(block) = self.blocks.get(index) {
-            return Ok(self.width.get(block, within));
+            return Ok(width.get(block, within));
         }
-        self.load_block(storage, index)?;
-        let block = self.blocks.get(index).ok_or(AllocError::Internal(
-            "refcount block vanished from the cache",
-        ))?;
-        Ok(self.width.get(block, within))
+        Ok(width.get(self.cached_block(storage, index)?, within))
     }
 
     /// Every cluster at or after `start` with a nonzero refcount, and that
@@ -237,13 +245,11 @@ impl Refcounts {
             if offset == 0 || !seen.insert(offset) {
                 continue;
             }
-            self.load_block(storage, index)?;
-            let block = self.blocks.peek(index).ok_or(AllocError::Internal(
-                "refcount block vanished from the cache",
-            ))?;
+            let width = self.width;
+            let block = self.cached_block(storage, index)?;
             let first = index * epb;
             for i in start.get().max(first) - first..epb {
-                let value = self.width.get(block, i as usize);
+                let value = width.get(block, i as usize);
                 if value != 0 {
                     out.push((HostCluster::new(first + i), value));
                 }
@@ -437,13 +443,11 @@ impl Refcounts {
                 cluster = end;
                 continue;
             }
-            self.load_block(storage, index)?;
-            let block = self.blocks.peek(index).ok_or(AllocError::Internal(
-                "refcount block vanished from the cache",
-            ))?;
+            let width = self.width;
+            let block = self.cached_block(storage, index)?;
             let first = index * epb;
             while cluster < end && run_len < count {
-                if self.width.get(block, (cluster - first) as usize) == 0 {
+                if width.get(block, (cluster - first) as usize) == 0 {
                     if run_len == 0 {
                         run_start = cluster;
                     }

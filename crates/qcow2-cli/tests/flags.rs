@@ -1,52 +1,11 @@
 //! Every flag the CLI accepts does what it says, and the JSON it prints is
 //! qemu-img's, byte for byte, where the content agrees.
 
+mod common;
+
+use common::*;
+
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn run(program: &str, args: &[&str]) -> Output {
-    Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program} runs: {e}"))
-}
-
-fn qcow2(args: &[&str]) -> Output {
-    run(env!("CARGO_BIN_EXE_qcow2"), args)
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn qemu_available() -> bool {
-    let ok = Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        if std::env::var_os("QCOW2_REQUIRE_QEMU").is_some() {
-            panic!("qemu-img is required (QCOW2_REQUIRE_QEMU is set) but not installed");
-        }
-        eprintln!("\n*** SKIPPED: qemu-img not installed; interop test did not run ***\n");
-    }
-    ok
-}
-
-fn ok(program: &str, args: &[&str]) -> String {
-    let out = run(program, args);
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)

@@ -2,18 +2,14 @@
 //! `check`, `map` and `convert` end with a status (success or a one-line
 //! error), never a crash, an abort on allocation, or a hang.
 
+mod common;
+
+use common::*;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const LIMIT_KIB: u64 = 512 * 1024;
-
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_qcow2")
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
 
 /// Runs `qcow2 ARGS` with the address space limited; returns the exit code
 /// (a signal — an abort — fails the test).

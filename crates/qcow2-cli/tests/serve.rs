@@ -1,62 +1,15 @@
 //! `qcow2 serve` with real NBD clients: qemu-io, qemu-img, nbdinfo,
 //! nbdcopy and fio, plus a hand-written client for malformed input.
 
+mod common;
+
+use common::*;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_qcow2")
-}
-
-fn run(program: &str, args: &[&str]) -> Output {
-    Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program} runs: {e}"))
-}
-
-fn ok(program: &str, args: &[&str]) -> String {
-    let out = run(program, args);
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Whether every tool is installed; says so loudly when not (and fails
-/// when `QCOW2_REQUIRE_QEMU` is set, as in CI).
-fn tools(names: &[&str]) -> bool {
-    let missing: Vec<&str> = names
-        .iter()
-        .copied()
-        .filter(|t| {
-            Command::new(t)
-                .arg("--version")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_err()
-        })
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    if std::env::var_os("QCOW2_REQUIRE_QEMU").is_some() {
-        panic!("{missing:?} required (QCOW2_REQUIRE_QEMU is set) but not installed");
-    }
-    eprintln!("\n*** SKIPPED: {missing:?} not installed; NBD interop test did not run ***\n");
-    false
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
 
 /// A running `qcow2 serve` on a Unix socket.
 struct Server {
