@@ -112,9 +112,16 @@ pub struct CreateArgs {
     /// Print nothing on success.
     #[arg(short = 'q')]
     pub quiet: bool,
+    /// Backing file: the new image is an overlay reading through it
+    /// (a relative name is resolved against the new image's directory).
+    #[arg(short = 'b', long = "backing", value_name = "BACKING")]
+    pub backing: Option<String>,
+    /// Format of the backing file (required with -b, as qemu-img requires).
+    #[arg(short = 'F', long = "backing-format", value_enum, requires = "backing")]
+    pub backing_format: Option<ImageFormat>,
     /// The image file (an existing file is replaced, as qemu-img does).
     pub file: String,
-    /// Virtual size (or `-o size=`).
+    /// Virtual size (or `-o size=`; with -b, the backing file's by default).
     pub size: Option<String>,
 }
 

@@ -63,7 +63,7 @@ pub fn open_image(path: &str, writable: bool) -> Result<Image, CliError> {
     } else {
         OpenOptions::read_only()
     };
-    Image::open_on(Arc::new(storage), &options).map_err(CliError::image(path))
+    Image::open_on_file(Arc::new(storage), &options, p).map_err(CliError::image(path))
 }
 
 impl Disk {
@@ -78,7 +78,7 @@ impl Disk {
         }
         match format {
             ImageFormat::Qcow2 => Ok(Disk::Qcow2(Box::new(
-                Image::open_on(Arc::new(file), &OpenOptions::read_only())
+                Image::open_on_file(Arc::new(file), &OpenOptions::read_only(), p)
                     .map_err(CliError::image(path))?,
             ))),
             ImageFormat::Raw => {
@@ -109,6 +109,8 @@ impl Disk {
     pub fn data_ranges(&self, path: &str) -> Result<Vec<(u64, u64)>, CliError> {
         match self {
             Disk::Raw { size, .. } => Ok(vec![(0, *size)]),
+            // Unallocated ranges of an overlay show its backing file.
+            Disk::Qcow2(image) if image.backing().is_some() => Ok(vec![(0, image.size())]),
             Disk::Qcow2(image) => {
                 let mut out: Vec<(u64, u64)> = Vec::new();
                 for e in image.map().map_err(CliError::image(path))? {

@@ -59,8 +59,13 @@ pub(crate) fn create(
         } else {
             Vec::new()
         },
-        backing_file: None,
+        backing_file: options.backing.as_ref().map(|(name, _)| name.clone()),
     };
+    if let Some((_, format)) = &options.backing {
+        header
+            .extensions
+            .insert(0, HeaderExtension::BackingFormat(format.clone()));
+    }
     storage
         .set_len(0)
         .map_err(ImageError::io("truncating the new image"))?;

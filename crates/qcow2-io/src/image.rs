@@ -9,6 +9,7 @@ use qcow2_alloc::{FileStorage, Storage};
 use qcow2_format::features::{INCOMPAT_COMPRESSION_TYPE, INCOMPAT_EXTERNAL_DATA};
 use qcow2_format::{Geometry, Header, MAX_CLUSTER_BITS};
 
+use crate::backing::{Backing, ChainContext};
 use crate::check::{CheckReport, RepairMode};
 use crate::dedup::claims::InflightClaims;
 use crate::metadata::Metadata;
@@ -37,6 +38,8 @@ pub struct Image {
     pub(crate) dedup: AtomicBool,
     /// Contents being stored right now by dedup writes.
     pub(crate) claims: InflightClaims,
+    /// The backing file unallocated clusters read through, if any.
+    pub(crate) backing: Option<Backing>,
     closed: AtomicBool,
 }
 
@@ -63,8 +66,10 @@ pub struct ImageInfo {
     pub extended_l2: bool,
     /// `zlib` or `zstd`.
     pub compression_type: &'static str,
-    /// Backing file name.
+    /// Backing file name, as the header records it.
     pub backing_file: Option<String>,
+    /// Backing file format, from the backing-format header extension.
+    pub backing_format: Option<String>,
     /// Number of internal snapshots.
     pub snapshots: u32,
     /// Length of the image file in bytes.
@@ -87,6 +92,7 @@ impl Image {
     /// existing file is refused unless `options` allow overwriting it
     /// ([`CreateOptions::overwrite`]).
     pub fn create(path: impl AsRef<Path>, options: &CreateOptions) -> Result<Self> {
+        options.validate()?;
         let path = path.as_ref();
         let storage = if options.overwrite {
             FileStorage::create(path)
@@ -94,42 +100,99 @@ impl Image {
             FileStorage::create_new(path)
         }
         .map_err(ImageError::io("creating the image file"))?;
-        Self::create_on(Arc::new(storage), options)
+        let image = Self::create_unbacked(Arc::new(storage), options)?;
+        if options.backing.is_none() {
+            return Ok(image);
+        }
+        // Reopen so the backing name resolves against this image's directory.
+        image.close()?;
+        drop(image);
+        Self::open(path, &OpenOptions::read_write())
     }
 
-    /// Creates a new image on any storage and opens it read-write.
+    /// Creates a new image on any storage and opens it read-write. A
+    /// relative backing file name is resolved against the current
+    /// directory here ([`Image::create`] resolves it against the image's).
     pub fn create_on(storage: Arc<dyn Storage>, options: &CreateOptions) -> Result<Self> {
-        let open = OpenOptions::read_write();
-        let meta = create::create(storage.clone(), options, &open)?;
+        let backing = match &options.backing {
+            Some((name, format)) => Some(Backing::open(
+                name,
+                Some(format),
+                &OpenOptions::read_write(),
+                &ChainContext::default(),
+            )?),
+            None => None,
+        };
+        let mut image = Self::create_unbacked(storage, options)?;
+        image.backing = backing;
+        Ok(image)
+    }
+
+    /// Lays out a new image without opening its backing file.
+    fn create_unbacked(storage: Arc<dyn Storage>, options: &CreateOptions) -> Result<Self> {
+        let meta = create::create(storage.clone(), options, &OpenOptions::read_write())?;
         Ok(Self::from_parts(storage, meta, true))
     }
 
     /// Opens the image file at `path`.
     pub fn open(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Self> {
-        let storage = FileStorage::open(path.as_ref(), options.write)
+        let path = path.as_ref();
+        let storage = FileStorage::open(path, options.write)
             .map_err(ImageError::io("opening the image file"))?;
-        Self::open_on(Arc::new(storage), options)
+        Self::open_on_file(Arc::new(storage), options, path)
+    }
+
+    /// Opens an image on `storage`, which holds the file at `path` (its
+    /// backing file name is resolved against `path`'s directory): for
+    /// callers that open the file themselves, e.g. with direct I/O.
+    pub fn open_on_file(
+        storage: Arc<dyn Storage>,
+        options: &OpenOptions,
+        path: &Path,
+    ) -> Result<Self> {
+        let mut context = ChainContext::default();
+        if let Ok(canonical) = std::fs::canonicalize(path) {
+            context.base_dir = canonical.parent().map(Path::to_path_buf);
+            context.visited.insert(canonical);
+        }
+        Self::open_in_chain(storage, options, context)
     }
 
     /// Opens an image on any storage.
     ///
     /// Refuses what it cannot handle faithfully: unknown incompatible
-    /// features (named from the image's feature table), encryption, external
-    /// data files and backing files; for writing also images QEMU marked
-    /// corrupt (unless opened for repair) and extended L2 entries.
+    /// features (named from the image's feature table), encryption and
+    /// external data files; for writing also images QEMU marked corrupt
+    /// (unless opened for repair) and extended L2 entries. A backing file
+    /// is opened read-only (see [`crate::backing`]); its relative name is
+    /// resolved against the current directory here, against the image's
+    /// own directory by [`Image::open`].
     /// Deduplicated images open read-write with their index built from the
     /// dedup table. After an unclean shutdown (dirty bit) a read-write open
     /// rebuilds refcounts and re-verifies every dedup entry.
     pub fn open_on(storage: Arc<dyn Storage>, options: &OpenOptions) -> Result<Self> {
+        Self::open_in_chain(storage, options, ChainContext::default())
+    }
+
+    /// [`Image::open_on`] for an image at a place in a backing chain.
+    pub(crate) fn open_in_chain(
+        storage: Arc<dyn Storage>,
+        options: &OpenOptions,
+        context: ChainContext,
+    ) -> Result<Self> {
         let header = read_header(&*storage)?;
         if header.incompatible_features & INCOMPAT_EXTERNAL_DATA != 0 {
             return Err(ImageError::Unsupported("external data files".into()));
         }
-        if let Some(backing) = &header.backing_file {
-            return Err(ImageError::Unsupported(format!(
-                "backing files (this image is backed by {backing:?})"
-            )));
-        }
+        let backing = match &header.backing_file {
+            Some(name) => Some(Backing::open(
+                name,
+                header.backing_format(),
+                options,
+                &context,
+            )?),
+            None => None,
+        };
         if options.write {
             if header.is_marked_corrupt() && !options.repair {
                 return Err(ImageError::MarkedCorrupt);
@@ -147,7 +210,8 @@ impl Image {
             options.l2_cache_bytes,
             options.refcount_cache_bytes,
         )?;
-        let image = Self::from_parts(storage, meta, options.write);
+        let mut image = Self::from_parts(storage, meta, options.write);
+        image.backing = backing;
         if options.write && dirty {
             image.check(RepairMode::All)?;
         }
@@ -167,6 +231,7 @@ impl Image {
             storage,
             writable,
             claims: InflightClaims::default(),
+            backing: None,
             closed: AtomicBool::new(false),
         }
     }
@@ -179,6 +244,11 @@ impl Image {
     /// Cluster size in bytes.
     pub fn cluster_size(&self) -> u64 {
         self.geometry.cluster_size()
+    }
+
+    /// The backing file, if the image has one.
+    pub fn backing(&self) -> Option<&Backing> {
+        self.backing.as_ref()
     }
 
     /// Whether the image was opened for writing.
@@ -211,6 +281,7 @@ impl Image {
                 "zlib"
             },
             backing_file: h.backing_file.clone(),
+            backing_format: h.backing_format().map(str::to_string),
             snapshots: h.nb_snapshots,
             file_length: self
                 .storage

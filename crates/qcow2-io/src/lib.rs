@@ -20,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 mod allocator;
+pub mod backing;
 mod block_map;
 mod check;
 mod compressed;
@@ -37,6 +38,7 @@ mod read;
 mod write;
 mod zeros;
 
+pub use backing::Backing;
 pub use check::{CheckReport, Finding, FindingKind, RepairMode};
 pub use error::{ImageError, Result};
 pub use image::{Image, ImageInfo};

@@ -37,6 +37,10 @@ pub struct CreateOptions {
     /// Let [`crate::Image::create`] replace an existing file (by default it
     /// refuses one, so an image is never truncated by accident).
     pub overwrite: bool,
+    /// Backing file name (stored as given: a relative name is resolved
+    /// against the new image's directory) and its format (`qcow2` or `raw`,
+    /// recorded in the backing-format extension).
+    pub backing: Option<(String, String)>,
 }
 
 impl CreateOptions {
@@ -50,7 +54,14 @@ impl CreateOptions {
             lazy_refcounts: false,
             dedup: false,
             overwrite: false,
+            backing: None,
         }
+    }
+
+    /// Backed by `name` in `format` (`qcow2` or `raw`).
+    pub fn backing_file(mut self, name: impl Into<String>, format: impl Into<String>) -> Self {
+        self.backing = Some((name.into(), format.into()));
+        self
     }
 
     /// With this cluster size (a power of two from 512 bytes to 2 MiB).
@@ -117,6 +128,19 @@ impl CreateOptions {
             return Err(ImageError::InvalidOption(
                 "deduplication needs compat=1.1".into(),
             ));
+        }
+        if let Some((name, format)) = &self.backing {
+            if name.len() > qcow2_format::MAX_BACKING_NAME as usize || name.is_empty() {
+                return Err(ImageError::InvalidOption(format!(
+                    "backing file name must be 1 to {} bytes",
+                    qcow2_format::MAX_BACKING_NAME
+                )));
+            }
+            if format != "qcow2" && format != "raw" {
+                return Err(ImageError::InvalidOption(format!(
+                    "backing format {format:?} (qcow2 or raw)"
+                )));
+            }
         }
         if self.compat == Compat::V2 && self.lazy_refcounts {
             return Err(ImageError::InvalidOption(

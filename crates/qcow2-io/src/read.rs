@@ -16,6 +16,8 @@ pub(crate) enum Extent {
     Data(u64),
     /// Zeros (zero clusters, unallocated clusters of an image without backing).
     Zero,
+    /// The backing file's bytes at the same guest offset.
+    Backing,
     /// Part of a compressed cluster; the offset into the cluster is kept in
     /// the segment.
     Compressed(CompressedDescriptor),
@@ -34,8 +36,9 @@ pub(crate) struct Segment {
     pub(crate) in_cluster: u64,
 }
 
-/// The extent at `guest` and how many bytes from there it covers.
-fn extent_at(meta: &mut Metadata, guest: u64) -> Result<(Extent, u64)> {
+/// The extent at `guest` and how many bytes from there it covers;
+/// unallocated ranges read from the backing file when `backed`.
+fn extent_at(meta: &mut Metadata, guest: u64, backed: bool) -> Result<(Extent, u64)> {
     let g = meta.header().geometry;
     let in_cluster = g.offset_in_cluster(guest);
     let rest = g.cluster_size() - in_cluster;
@@ -63,6 +66,7 @@ fn extent_at(meta: &mut Metadata, guest: u64) -> Result<(Extent, u64)> {
     }
     Ok(match mapping {
         L2Mapping::Data { offset, .. } => (Extent::Data(offset.get() + in_cluster), rest),
+        L2Mapping::Unallocated if backed => (Extent::Backing, rest),
         L2Mapping::Zero { .. } | L2Mapping::Unallocated => (Extent::Zero, rest),
         L2Mapping::Compressed(d) => (Extent::Compressed(d), rest),
     })
@@ -72,6 +76,12 @@ fn extent_at(meta: &mut Metadata, guest: u64) -> Result<(Extent, u64)> {
 /// are contiguous on the host or all zeros.
 pub(crate) fn segments(meta: &mut Metadata, offset: u64, len: usize) -> Result<Vec<Segment>> {
     let g = meta.header().geometry;
+    let backed = meta.header().backing_file.is_some();
+    let unallocated = if backed {
+        Extent::Backing
+    } else {
+        Extent::Zero
+    };
     let mut out: Vec<Segment> = Vec::new();
     let mut at = 0usize;
     while at < len {
@@ -79,11 +89,11 @@ pub(crate) fn segments(meta: &mut Metadata, offset: u64, len: usize) -> Result<V
         if meta.l2_unallocated(guest)? {
             let l2_end = meta.next_l2_range(guest);
             let n = ((l2_end - guest) as usize).min(len - at);
-            push(&mut out, at, n, Extent::Zero, 0);
+            push(&mut out, at, n, unallocated, 0);
             at += n;
             continue;
         }
-        let (extent, avail) = extent_at(meta, guest.get())?;
+        let (extent, avail) = extent_at(meta, guest.get(), backed)?;
         let n = (avail as usize).min(len - at);
         push(&mut out, at, n, extent, g.offset_in_cluster(guest.get()));
         at += n;
@@ -94,7 +104,7 @@ pub(crate) fn segments(meta: &mut Metadata, offset: u64, len: usize) -> Result<V
 fn push(out: &mut Vec<Segment>, at: usize, len: usize, extent: Extent, in_cluster: u64) {
     if let Some(last) = out.last_mut() {
         let merge = match (last.extent, extent) {
-            (Extent::Zero, Extent::Zero) => true,
+            (Extent::Zero, Extent::Zero) | (Extent::Backing, Extent::Backing) => true,
             (Extent::Data(a), Extent::Data(b)) => a + last.len as u64 == b,
             _ => false,
         };
@@ -125,10 +135,11 @@ impl Image {
             .locks
             .lock(self.cluster_span(offset, buf.len() as u64), false);
         let segments = segments(&mut self.meta.lock(), offset, buf.len())?;
-        self.fill(buf, &segments)
+        self.fill(buf, offset, &segments)
     }
 
-    pub(crate) fn fill(&self, buf: &mut [u8], segments: &[Segment]) -> Result<()> {
+    /// Fills `buf` (the guest bytes from `offset`) from `segments`.
+    pub(crate) fn fill(&self, buf: &mut [u8], offset: u64, segments: &[Segment]) -> Result<()> {
         let mut cluster = Vec::new();
         for s in segments {
             let dst = &mut buf[s.at..s.at + s.len];
@@ -138,6 +149,10 @@ impl Image {
                     .read_at(dst, host)
                     .map_err(ImageError::io("reading guest data"))?,
                 Extent::Zero => dst.fill(0),
+                Extent::Backing => match &self.backing {
+                    Some(backing) => backing.read_at(dst, offset + s.at as u64)?,
+                    None => dst.fill(0),
+                },
                 Extent::Compressed(d) => {
                     let compression = self.meta.lock().header().compression_type;
                     decompress_cluster(

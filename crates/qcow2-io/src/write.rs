@@ -154,14 +154,23 @@ impl Image {
                     } else {
                         let mut whole = vec![0u8; span as usize];
                         if head != 0 {
-                            self.old_contents(old[0], &mut whole[..cs as usize])?;
+                            self.old_contents(
+                                old[0],
+                                guest_start.get(),
+                                &mut whole[..cs as usize],
+                            )?;
                         }
                         let tail = head + len;
                         if !tail.is_multiple_of(cs) {
                             let last = (tail / cs) as usize;
                             if last != 0 || head == 0 {
                                 let at = last * cs as usize;
-                                self.old_contents(old[last], &mut whole[at..at + cs as usize])?;
+                                let guest = guest_start.get() + at as u64;
+                                self.old_contents(
+                                    old[last],
+                                    guest,
+                                    &mut whole[at..at + cs as usize],
+                                )?;
                             }
                         }
                         whole[head as usize..tail as usize].copy_from_slice(piece);
@@ -177,8 +186,10 @@ impl Image {
         Ok(())
     }
 
-    /// The current contents of a cluster being replaced (copy-on-write).
-    fn old_contents(&self, mapping: L2Mapping, out: &mut [u8]) -> Result<()> {
+    /// The current contents of guest cluster `guest`, mapped by `mapping`,
+    /// which is being replaced (copy-on-write, from the backing file where
+    /// the cluster is unallocated).
+    fn old_contents(&self, mapping: L2Mapping, guest: u64, out: &mut [u8]) -> Result<()> {
         match mapping {
             L2Mapping::Data { offset, .. } => self
                 .storage
@@ -191,6 +202,10 @@ impl Image {
                 out.copy_from_slice(&cluster);
                 Ok(())
             }
+            L2Mapping::Unallocated if self.backing.is_some() => match &self.backing {
+                Some(backing) => backing.read_at(out, guest),
+                None => Ok(()),
+            },
             L2Mapping::Zero { .. } | L2Mapping::Unallocated => {
                 out.fill(0);
                 Ok(())
@@ -248,8 +263,12 @@ impl Image {
             self.zero_partial(full_end, end)?;
         }
         let mut meta = self.meta.lock();
-        let zero_flag = meta.l2_format().zero_flag && zero_edges;
-        if how == (Clear::Zero { unmap: false }) && !zero_flag {
+        let backed = meta.header().backing_file.is_some();
+        // On a backed image a hole shows the backing file: zeroing (and,
+        // as QEMU does, discarding) leaves zero clusters instead.
+        let zero_flag = meta.l2_format().zero_flag && (zero_edges || backed);
+        let keep_allocation = how == (Clear::Zero { unmap: false });
+        if zero_edges && !meta.l2_format().zero_flag && (keep_allocation || backed) {
             drop(meta);
             return self.zero_partial(full_start, full_end);
         }
@@ -263,13 +282,18 @@ impl Image {
         };
         let mut guest = GuestOffset::new(full_start);
         while guest.get() < full_end {
-            if meta.l2_unallocated(guest)? {
+            if !backed && meta.l2_unallocated(guest)? {
                 guest = GuestOffset::new(meta.next_l2_range(guest).get().min(full_end));
                 continue;
             }
             let (old, _) = meta.lookup(guest)?;
+            let reads_zero = match old {
+                L2Mapping::Unallocated => !backed,
+                other => other.is_hole(),
+            };
             match (how, old) {
-                (_, old) if old.is_hole() => {}
+                (_, _) if reads_zero => {}
+                (_, L2Mapping::Unallocated) if replacement == L2Mapping::Unallocated => {}
                 (Clear::Zero { unmap: false }, L2Mapping::Data { offset, copied })
                 | (
                     Clear::Zero { unmap: false },
@@ -299,7 +323,12 @@ impl Image {
         while pos < end {
             let piece_end = (g.cluster_start(pos) + g.cluster_size()).min(end);
             let (mapping, _) = self.meta.lock().lookup(GuestOffset::new(pos))?;
-            if !matches!(mapping, L2Mapping::Unallocated | L2Mapping::Zero { .. }) {
+            let reads_zero = match mapping {
+                L2Mapping::Unallocated => self.backing.is_none(),
+                L2Mapping::Zero { .. } => true,
+                _ => false,
+            };
+            if !reads_zero {
                 self.write_locked(&vec![0u8; (piece_end - pos) as usize], pos)?;
             }
             pos = piece_end;

@@ -198,7 +198,7 @@ fn open(path: &str, args: &BenchArgs) -> Result<Device, CliError> {
                 OpenOptions::read_only()
             };
             Device::Qcow2(Box::new(
-                Image::open_on(Arc::new(file), &options).map_err(CliError::image(path))?,
+                Image::open_on_file(Arc::new(file), &options, p).map_err(CliError::image(path))?,
             ))
         }
     })

@@ -117,8 +117,12 @@ impl Qcow2Target {
     /// Opens the existing qcow2 image at `path` for writing (`-n`).
     fn open_existing(path: &str, cache: CacheMode) -> Result<Self, CliError> {
         let storage = target_file(path, cache, true)?;
-        let image = Image::open_on(Arc::new(storage), &qcow2_io::OpenOptions::read_write())
-            .map_err(CliError::image(path))?;
+        let image = Image::open_on_file(
+            Arc::new(storage),
+            &qcow2_io::OpenOptions::read_write(),
+            Path::new(path),
+        )
+        .map_err(CliError::image(path))?;
         Ok(Self {
             image,
             path: path.to_string(),

@@ -1,8 +1,8 @@
 //! `qcow2 create [-f qcow2] [-o OPTIONS] FILE SIZE`
 
-use qcow2_io::{Compat, CreateOptions, Image};
+use qcow2_io::{Compat, CreateOptions, Image, OpenOptions};
 
-use crate::args::{parse_bool, parse_options, CreateArgs, Qcow2Only};
+use crate::args::{parse_bool, parse_options, CreateArgs, ImageFormat, Qcow2Only};
 use crate::error::CliError;
 use crate::output::say;
 use crate::size::{human, parse_size};
@@ -49,6 +49,19 @@ pub fn run(args: &CreateArgs) -> Result<u8, CliError> {
     let size = args.size.as_deref().map(parse_size).transpose()?;
     let mut options = CreateOptions::new(size.unwrap_or(0)).overwrite(true);
     apply_options(&mut options, args.options.as_deref())?;
+    if let Some(backing) = &args.backing {
+        let format = args.backing_format.ok_or_else(|| {
+            CliError::Usage("-b needs -F (the backing file's format: qcow2 or raw)".into())
+        })?;
+        let format = match format {
+            ImageFormat::Qcow2 => "qcow2",
+            ImageFormat::Raw => "raw",
+        };
+        if size.is_none() && options.size == 0 {
+            options.size = backing_size(path, backing, format)?;
+        }
+        options = options.backing_file(backing.clone(), format);
+    }
     if size.is_none() && options.size == 0 {
         return Err(CliError::Usage("expected FILE SIZE".into()));
     }
@@ -68,4 +81,22 @@ pub fn run(args: &CreateArgs) -> Result<u8, CliError> {
         );
     }
     Ok(0)
+}
+
+/// The virtual size of backing file `name` of the image to be created at
+/// `path` (a relative name is resolved against that image's directory).
+fn backing_size(path: &str, name: &str, format: &str) -> Result<u64, CliError> {
+    let dir = std::path::Path::new(path)
+        .parent()
+        .map(std::path::Path::to_path_buf);
+    let resolved = qcow2_io::backing::resolve(name, dir.as_deref());
+    let shown = resolved.to_string_lossy().into_owned();
+    if format == "raw" {
+        return Ok(std::fs::metadata(&resolved)
+            .map_err(CliError::io(&shown))?
+            .len());
+    }
+    let image =
+        Image::open(&resolved, &OpenOptions::read_only()).map_err(CliError::image(&shown))?;
+    Ok(image.size())
 }

@@ -121,6 +121,12 @@ fn info_json(
     });
     if let Some(b) = &info.backing_file {
         v["backing-filename"] = json!(b);
+        let dir = std::path::Path::new(path).parent();
+        let full = qcow2_io::backing::resolve(b, dir.filter(|d| !d.as_os_str().is_empty()));
+        v["full-backing-filename"] = json!(full.to_string_lossy());
+        if let Some(f) = &info.backing_format {
+            v["backing-filename-format"] = json!(f);
+        }
     }
     if !snapshots.is_empty() {
         v["snapshots"] = snapshots
@@ -169,6 +175,9 @@ fn print_human(
     say!("cluster_size: {}", info.cluster_size);
     if let Some(b) = &info.backing_file {
         say!("backing file: {b}");
+        if let Some(f) = &info.backing_format {
+            say!("backing file format: {f}");
+        }
     }
     if !snapshots.is_empty() {
         say!("Snapshot list:");

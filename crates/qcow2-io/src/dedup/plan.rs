@@ -72,10 +72,15 @@ pub(super) fn classify(
     let mut storing: Vec<ContentHash> = Vec::new();
     let mut planned_shares: Vec<(HostCluster, u64)> = Vec::new();
     let mut reused: Vec<HostCluster> = Vec::new();
+    let backed = meta.header().backing_file.is_some();
     for item in items {
         let (old, _) = meta.lookup(item.guest)?;
         let Some(hash) = item.hash else {
-            classes.push(if old.is_hole() {
+            let reads_zero = match old {
+                L2Mapping::Unallocated => !backed,
+                other => other.is_hole(),
+            };
+            classes.push(if reads_zero {
                 Class::Unchanged
             } else {
                 Class::Zero { old }

@@ -170,7 +170,7 @@ impl Image {
     /// Reads one whole guest cluster; the caller holds its range lock.
     pub(super) fn read_cluster_locked(&self, guest: u64, out: &mut [u8]) -> Result<()> {
         let segments = crate::read::segments(&mut self.meta.lock(), guest, out.len())?;
-        self.fill(out, &segments)
+        self.fill(out, guest, &segments)
     }
 }
 

@@ -1,0 +1,270 @@
+//! Backing chains made by qemu-img: reads fall through unallocated
+//! clusters to every layer; writes into the top (partial clusters, zeroes,
+//! discards) give what qemu-io gives on a copy of the same chain; overlays
+//! we create are accepted by QEMU; loops, missing files and overlong names
+//! are clear errors.
+
+mod common;
+
+use common::*;
+use qcow2_io::{CreateOptions, Image, ImageError, OpenOptions, RepairMode};
+
+fn chain(dir: &std::path::Path) {
+    let d = |n: &str| dir.join(n).to_str().unwrap().to_string();
+    run_ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", &d("base.qcow2"), "16M"],
+    );
+    run_ok(
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 1 0 4M",
+            "-c",
+            "write -P 9 12M 1M",
+            &d("base.qcow2"),
+        ],
+    );
+    run_ok(
+        "qemu-img",
+        &["create", "-q", "-f", "raw", &d("raw.img"), "8M"],
+    );
+    run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 7 0 8M", &d("raw.img")],
+    );
+    run_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            &d("mid.qcow2"),
+        ],
+    );
+    run_ok(
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 2 1M 1M",
+            "-c",
+            "write -z 3M 64k",
+            &d("mid.qcow2"),
+        ],
+    );
+    run_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "mid.qcow2",
+            "-F",
+            "qcow2",
+            &d("top.qcow2"),
+        ],
+    );
+    run_ok(
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 3 2M 100k",
+            "-c",
+            "discard 0 64k",
+            &d("top.qcow2"),
+        ],
+    );
+}
+
+#[test]
+fn a_three_level_chain_reads_as_qemu_img_reads_it() {
+    if !qemu_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    chain(dir.path());
+    let top = dir.path().join("top.qcow2");
+    let image = Image::open(&top, &OpenOptions::read_only()).unwrap();
+    let mut ours = vec![0u8; image.size() as usize];
+    image.read_at(&mut ours, 0).unwrap();
+    assert_eq!(first_difference(&ours, &qemu_raw(&top)), None);
+    assert!(image.backing().is_some());
+}
+
+#[test]
+fn writes_into_the_top_match_qemu_io_on_a_copy() {
+    if !qemu_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    chain(dir.path());
+    let top = dir.path().join("top.qcow2");
+    let theirs = dir.path().join("top-qemu.qcow2");
+    std::fs::copy(&top, &theirs).unwrap();
+    // Partial clusters over backing data, zeroes over backing data,
+    // discards, and a write past the backing's end.
+    let ops: [(&str, u64, u64); 7] = [
+        ("write", 100, 5000),
+        ("write", (1 << 20) + 4096 * 3 + 17, 70_000),
+        ("zero", 12 << 20, 200_000),
+        ("zero", (3 << 20) - 512, 4096),
+        ("discard", 1 << 20, 1 << 20),
+        ("write", (15 << 20) + 1000, 9000),
+        ("zero", (2 << 20) + 512, 65536),
+    ];
+    let image = Image::open(&top, &OpenOptions::read_write()).unwrap();
+    let mut commands = Vec::new();
+    for (i, (op, offset, len)) in ops.iter().enumerate() {
+        match *op {
+            "write" => {
+                image
+                    .write_at(&vec![0x40 + i as u8; *len as usize], *offset)
+                    .unwrap();
+                commands.push(format!("write -P {} {offset} {len}", 0x40 + i));
+            }
+            "zero" => {
+                image.write_zeroes(*offset, *len).unwrap();
+                commands.push(format!("write -z {offset} {len}"));
+            }
+            _ => {
+                image.discard(*offset, *len).unwrap();
+                commands.push(format!("write -z {offset} {len}"));
+            }
+        }
+    }
+    let report = image.check(RepairMode::None).unwrap();
+    assert!(report.is_clean(), "{:?}", report.findings);
+    image.close().unwrap();
+    let mut args: Vec<&str> = Vec::new();
+    for c in &commands {
+        args.push("-c");
+        args.push(c);
+    }
+    args.push(theirs.to_str().unwrap());
+    run_ok("qemu-io", &args);
+    let out = run_ok(
+        "qemu-img",
+        &["compare", top.to_str().unwrap(), theirs.to_str().unwrap()],
+    );
+    assert!(out.contains("identical"), "{out}");
+    assert_qemu_check_clean(&top);
+}
+
+#[test]
+fn overlays_we_create_are_accepted_by_qemu() {
+    if !qemu_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    chain(dir.path());
+    for (name, backing, format) in [
+        ("over.qcow2", "top.qcow2", "qcow2"),
+        ("over-raw.qcow2", "raw.img", "raw"),
+    ] {
+        let path = dir.path().join(name);
+        let size = if format == "raw" { 8 << 20 } else { 16 << 20 };
+        let options = CreateOptions::new(size).backing_file(backing, format);
+        let image = Image::create(&path, &options).unwrap();
+        image.write_at(&[0x66; 3000], 5000).unwrap();
+        image.close().unwrap();
+        let info = run_ok(
+            "qemu-img",
+            &["info", "--backing-chain", path.to_str().unwrap()],
+        );
+        assert!(info.contains(&format!("backing file: {backing}")), "{info}");
+        let mut expected = if format == "raw" {
+            std::fs::read(dir.path().join(backing)).unwrap()
+        } else {
+            qemu_raw(&dir.path().join(backing))
+        };
+        expected.resize(size as usize, 0);
+        expected[5000..8000].fill(0x66);
+        assert_eq!(
+            first_difference(&qemu_raw(&path), &expected),
+            None,
+            "{name}"
+        );
+        assert_qemu_check_clean(&path);
+    }
+}
+
+#[test]
+fn loops_missing_files_and_long_names_are_clear_errors() {
+    if !qemu_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.qcow2");
+    let b = dir.path().join("b.qcow2");
+    run_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            "b.qcow2",
+            "-F",
+            "qcow2",
+            a.to_str().unwrap(),
+            "1M",
+        ],
+    );
+    run_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            "a.qcow2",
+            "-F",
+            "qcow2",
+            b.to_str().unwrap(),
+            "1M",
+        ],
+    );
+    let err = Image::open(&a, &OpenOptions::read_only()).unwrap_err();
+    assert!(err.to_string().contains("loops"), "{err}");
+    let c = dir.path().join("c.qcow2");
+    run_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            "gone.qcow2",
+            "-F",
+            "qcow2",
+            c.to_str().unwrap(),
+            "1M",
+        ],
+    );
+    let err = Image::open(&c, &OpenOptions::read_only()).unwrap_err();
+    assert!(
+        matches!(err, ImageError::Io { .. }) && err.to_string().contains("gone.qcow2"),
+        "{err}"
+    );
+    let long = "x".repeat(1024);
+    let err = Image::create(
+        dir.path().join("d.qcow2"),
+        &CreateOptions::new(1 << 20).backing_file(long, "qcow2"),
+    )
+    .unwrap_err();
+    assert!(matches!(err, ImageError::InvalidOption(_)), "{err}");
+    assert!(!dir.path().join("d.qcow2").exists(), "nothing written");
+}
