@@ -64,6 +64,35 @@ fn json_output_is_qemu_imgs_byte_for_byte() {
     );
     ok("qemu-io", &["-c", "write -P 3 0 128k", p(&snap)]);
     ok("qemu-img", &["snapshot", "-c", "first", p(&snap)]);
+    let overlay = dir.path().join("overlay.qcow2");
+    ok(
+        bin(),
+        &[
+            "create",
+            "-q",
+            "-b",
+            "snap.qcow2",
+            "-F",
+            "qcow2",
+            p(&overlay),
+        ],
+    );
+    ok("qemu-io", &["-c", "write -P 4 64k 64k", p(&overlay)]);
+    let info = ok("qemu-img", &["info", "--backing-chain", p(&overlay)]);
+    assert!(info.contains("backing file: snap.qcow2"), "{info}");
+    for command in [
+        &["info", "--output=json"][..],
+        &["info"],
+        &["check", "--output=json"],
+    ] {
+        let mut args = command.to_vec();
+        args.push(p(&overlay));
+        assert_eq!(
+            text(&qcow2(&args).stdout),
+            text(&run("qemu-img", &args).stdout),
+            "{args:?} of an overlay differs from qemu-img"
+        );
+    }
     for image in [&plain, &packed, &snap] {
         for command in [
             &["info", "--output=json"][..],

@@ -79,6 +79,15 @@ fn file_child(path: &str, length: u64, actual: u64) -> Value {
     })
 }
 
+/// The backing file name as QEMU resolves it from the image's path.
+fn full_backing_name(path: &str, backing: &str) -> String {
+    let dir = std::path::Path::new(path).parent();
+    let dir = dir.filter(|d| !d.as_os_str().is_empty());
+    qcow2_io::backing::resolve(backing, dir)
+        .to_string_lossy()
+        .into_owned()
+}
+
 /// The icount QEMU keeps in a snapshot's extra data (bytes 16..24), if any.
 fn icount(s: &Snapshot) -> Option<u64> {
     let bytes: [u8; 8] = s.extra.get(16..24)?.try_into().ok()?;
@@ -121,9 +130,7 @@ fn info_json(
     });
     if let Some(b) = &info.backing_file {
         v["backing-filename"] = json!(b);
-        let dir = std::path::Path::new(path).parent();
-        let full = qcow2_io::backing::resolve(b, dir.filter(|d| !d.as_os_str().is_empty()));
-        v["full-backing-filename"] = json!(full.to_string_lossy());
+        v["full-backing-filename"] = json!(full_backing_name(path, b));
         if let Some(f) = &info.backing_format {
             v["backing-filename-format"] = json!(f);
         }
@@ -174,7 +181,12 @@ fn print_human(
     say!("disk size: {}", human(actual));
     say!("cluster_size: {}", info.cluster_size);
     if let Some(b) = &info.backing_file {
-        say!("backing file: {b}");
+        let full = full_backing_name(path, b);
+        if full == *b {
+            say!("backing file: {b}");
+        } else {
+            say!("backing file: {b} (actual path: {full})");
+        }
         if let Some(f) = &info.backing_format {
             say!("backing file format: {f}");
         }
