@@ -42,6 +42,27 @@ pub enum Command {
     Bench(BenchArgs),
     /// Serve an image over NBD, as `qemu-nbd` does (deduplicating inline).
     Serve(ServeArgs),
+    /// Grow an image's virtual disk.
+    Resize(ResizeArgs),
+}
+
+/// `qcow2 resize [-f qcow2] [-q] [--shrink] FILE [+|-]SIZE`
+#[derive(Debug, Args)]
+pub struct ResizeArgs {
+    /// Image format (only qcow2 is resized here).
+    #[arg(short = 'f', value_enum)]
+    pub format: Option<Qcow2Only>,
+    /// Allow a smaller size (asked for explicitly, as qemu-img asks).
+    #[arg(long)]
+    pub shrink: bool,
+    /// Print nothing on success.
+    #[arg(short = 'q')]
+    pub quiet: bool,
+    /// The image.
+    pub file: String,
+    /// The new size, or `+SIZE` / `-SIZE` relative to the current one.
+    #[arg(allow_hyphen_values = true)]
+    pub size: String,
 }
 
 /// `--output human|json`.
@@ -134,6 +155,9 @@ pub struct InfoArgs {
     /// Output format.
     #[arg(long, value_enum, default_value = "human")]
     pub output: OutputFormat,
+    /// Show every image of the backing chain, top first.
+    #[arg(long = "backing-chain")]
+    pub backing_chain: bool,
     /// The image.
     pub file: String,
 }

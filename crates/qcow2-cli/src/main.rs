@@ -50,6 +50,7 @@ fn run(command: Command) -> Result<u8, CliError> {
         Command::Compare(a) => commands::compare::run(&a),
         Command::Bench(a) => commands::bench::run(&a),
         Command::Serve(a) => commands::serve::run(&a),
+        Command::Resize(a) => commands::resize::run(&a),
     }
 }
 

@@ -355,3 +355,32 @@ fn qcow2_dedup_restores_an_image_qemu_img_repaired_into_a_plain_one() {
     let out = qcow2(&["compare", p(&img), p(&src)]);
     assert_eq!(out.status.code(), Some(0));
 }
+
+#[test]
+fn resize_grows_and_refuses_to_shrink_without_losing_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("r.qcow2");
+    ok(bin(), &["create", "-q", p(&img), "1M"]);
+    let size = |img: &Path| -> u64 {
+        let v: serde_json::Value =
+            serde_json::from_str(&ok(bin(), &["info", "--output=json", p(img)])).unwrap();
+        v["virtual-size"].as_u64().unwrap()
+    };
+    assert_eq!(
+        ok(bin(), &["resize", p(&img), "+3M"]).trim(),
+        "Image resized."
+    );
+    assert_eq!(size(&img), 4 << 20);
+    ok(bin(), &["resize", "-q", p(&img), "64M"]);
+    assert_eq!(size(&img), 64 << 20);
+    for args in [
+        vec!["resize", p(&img), "1M"],
+        vec!["resize", "--shrink", p(&img), "-1M"],
+    ] {
+        let out = qcow2(&args);
+        assert!(!out.status.success(), "{args:?}");
+        assert_eq!(text(&out.stderr).lines().count(), 1);
+    }
+    assert_eq!(size(&img), 64 << 20, "a refused shrink changes nothing");
+    assert_eq!(run(bin(), &["check", p(&img)]).status.code(), Some(0));
+}

@@ -19,11 +19,50 @@ use crate::size::human;
 
 /// Runs the command.
 pub fn run(args: &InfoArgs) -> Result<u8, CliError> {
-    let path = args.file.as_str();
+    let json = args.output == OutputFormat::Json;
+    let mut path = args.file.clone();
+    let mut format = resolve_format(&path, args.format)?;
+    let mut values = Vec::new();
+    for depth in 0.. {
+        if depth > qcow2_io::backing::MAX_CHAIN_DEPTH {
+            return Err(CliError::Usage("backing chain too long".into()));
+        }
+        if depth > 0 && !json {
+            say!("");
+        }
+        let (value, backing) = describe(&path, format, json)?;
+        values.extend(value);
+        let Some((name, backing_format)) = backing.filter(|_| args.backing_chain) else {
+            break;
+        };
+        let next = full_backing_name(&path, &name);
+        format = match backing_format.as_deref() {
+            Some("raw") => ImageFormat::Raw,
+            Some(_) => ImageFormat::Qcow2,
+            None => resolve_format(&next, None)?,
+        };
+        path = next;
+    }
+    if json {
+        let out = if args.backing_chain {
+            Value::Array(values)
+        } else {
+            values.pop().unwrap_or(Value::Null)
+        };
+        say!("{}", to_qemu_json(&out));
+    }
+    Ok(0)
+}
+
+/// Shows one image: returns its JSON (when `json`; else prints it) and its
+/// backing file name and format, if any.
+fn describe(
+    path: &str,
+    format: ImageFormat,
+    json: bool,
+) -> Result<(Option<Value>, Option<(String, Option<String>)>), CliError> {
     let meta = std::fs::metadata(path).map_err(CliError::io(path))?;
     let actual = meta.blocks() * 512;
-    let format = resolve_format(path, args.format)?;
-    let json = args.output == OutputFormat::Json;
     if format == ImageFormat::Raw {
         if json {
             let v = json!({
@@ -34,33 +73,34 @@ pub fn run(args: &InfoArgs) -> Result<u8, CliError> {
                 "actual-size": actual,
                 "dirty-flag": false,
             });
-            say!("{}", to_qemu_json(&v));
-        } else {
-            say!(
-                "image: {path}\nfile format: raw\nvirtual size: {} ({} bytes)\ndisk size: {}",
-                human(meta.len()),
-                meta.len(),
-                human(actual)
-            );
+            return Ok((Some(v), None));
         }
-        return Ok(0);
+        say!(
+            "image: {path}\nfile format: raw\nvirtual size: {} ({} bytes)\ndisk size: {}",
+            human(meta.len()),
+            meta.len(),
+            human(actual)
+        );
+        return Ok((None, None));
     }
     let image = Image::open(path, &OpenOptions::read_only()).map_err(CliError::image(path))?;
     let info = image.info().map_err(CliError::image(path))?;
     let stats = image.dedup_stats().map_err(CliError::image(path))?;
     let snapshots = image.snapshots().map_err(CliError::image(path))?;
-    if json {
-        say!(
-            "{}",
-            to_qemu_json(&info_json(path, actual, &info, stats.as_ref(), &snapshots))
-        );
+    let value = if json {
+        Some(info_json(path, actual, &info, stats.as_ref(), &snapshots))
     } else {
         print_human(path, actual, &info, stats.as_ref(), &snapshots);
-    }
+        None
+    };
     if info.corrupt {
         eprintln!("qcow2: warning: {path} is marked corrupt; it opens read-only until repaired with `qcow2 check -r all`");
     }
-    Ok(0)
+    let backing = info
+        .backing_file
+        .clone()
+        .map(|name| (name, info.backing_format.clone()));
+    Ok((value, backing))
 }
 
 /// The `children` entry for the image's file node, as qemu-img 10 shows it.

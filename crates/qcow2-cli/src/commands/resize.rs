@@ -1,0 +1,41 @@
+//! `qcow2 resize [-f qcow2] [-q] [--shrink] FILE [+|-]SIZE`
+
+use qcow2_io::{Image, OpenOptions};
+
+use crate::args::{ImageFormat, ResizeArgs};
+use crate::disk::resolve_format;
+use crate::error::CliError;
+use crate::output::say;
+use crate::size::parse_size;
+
+/// Runs the command.
+pub fn run(args: &ResizeArgs) -> Result<u8, CliError> {
+    let path = args.file.as_str();
+    if args.format.is_some() {
+        resolve_format(path, Some(ImageFormat::Qcow2))?;
+    }
+    let image = Image::open(path, &OpenOptions::read_write()).map_err(CliError::image(path))?;
+    let current = image.size();
+    let new = match args.size.as_bytes().first() {
+        Some(b'+') => current.checked_add(parse_size(&args.size[1..])?),
+        Some(b'-') => current.checked_sub(parse_size(&args.size[1..])?),
+        _ => Some(parse_size(&args.size)?),
+    }
+    .ok_or_else(|| CliError::Usage(format!("size {} is out of range", args.size)))?;
+    if new < current {
+        if !args.shrink {
+            return Err(CliError::Usage(
+                "use the --shrink option to perform a shrink operation".into(),
+            ));
+        }
+        return Err(CliError::Usage(
+            "shrinking qcow2 images is not supported yet (the image is unchanged)".into(),
+        ));
+    }
+    image.resize(new).map_err(CliError::image(path))?;
+    image.close().map_err(CliError::image(path))?;
+    if !args.quiet {
+        say!("Image resized.");
+    }
+    Ok(0)
+}
