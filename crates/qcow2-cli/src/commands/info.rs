@@ -54,13 +54,16 @@ pub fn run(args: &InfoArgs) -> Result<u8, CliError> {
     Ok(0)
 }
 
+/// A backing file as an image names it: name and, if recorded, format.
+type BackingName = (String, Option<String>);
+
 /// Shows one image: returns its JSON (when `json`; else prints it) and its
-/// backing file name and format, if any.
+/// backing file, if any.
 fn describe(
     path: &str,
     format: ImageFormat,
     json: bool,
-) -> Result<(Option<Value>, Option<(String, Option<String>)>), CliError> {
+) -> Result<(Option<Value>, Option<BackingName>), CliError> {
     let meta = std::fs::metadata(path).map_err(CliError::io(path))?;
     let actual = meta.blocks() * 512;
     if format == ImageFormat::Raw {
