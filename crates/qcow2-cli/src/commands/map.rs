@@ -1,31 +1,171 @@
 //! `qcow2 map [-f FMT] [--output human|json] FILE`
 //!
-//! The JSON output is qemu-img's, byte for byte: one extent per line.
+//! The output is qemu-img's, byte for byte: one extent per line in JSON,
+//! with the `depth` of the layer of a backing chain the bytes come from.
 
-use qcow2_io::{Image, MapExtent, MapKind, OpenOptions};
+use qcow2_io::{Backing, Image, MapKind, OpenOptions};
 
 use crate::args::{ImageFormat, MapArgs, OutputFormat};
 use crate::disk::resolve_format;
 use crate::error::CliError;
 use crate::output::say;
 
+/// A run of the virtual disk stored the same way in one layer of a chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Extent {
+    start: u64,
+    length: u64,
+    depth: usize,
+    present: bool,
+    zero: bool,
+    data: bool,
+    compressed: bool,
+    /// Offset in the layer's file, for data that has one.
+    offset: Option<u64>,
+}
+
+/// Appends `e`, merging it into the previous extent when they continue
+/// each other (as qemu-img merges).
+fn push(out: &mut Vec<Extent>, e: Extent) {
+    if let Some(last) = out.last_mut() {
+        let same = (
+            last.depth,
+            last.present,
+            last.zero,
+            last.data,
+            last.compressed,
+        ) == (e.depth, e.present, e.zero, e.data, e.compressed);
+        let continues = match (last.offset, e.offset) {
+            (Some(a), Some(b)) => a + last.length == b,
+            (None, None) => true,
+            _ => false,
+        };
+        if same && continues && last.start + last.length == e.start {
+            last.length += e.length;
+            return;
+        }
+    }
+    out.push(e);
+}
+
+/// The extents of `len` bytes from `start` of `image`, at `depth` in its
+/// chain, descending into the backing file where the image has nothing.
+fn walk(
+    image: &Image,
+    start: u64,
+    len: u64,
+    depth: usize,
+    out: &mut Vec<Extent>,
+) -> Result<(), qcow2_io::ImageError> {
+    let unallocated = |start, length, depth| Extent {
+        start,
+        length,
+        depth,
+        present: false,
+        zero: true,
+        data: false,
+        compressed: false,
+        offset: None,
+    };
+    for e in image.map_range(start, len)? {
+        let here = |data: bool, zero: bool, compressed: bool, offset: Option<u64>| Extent {
+            start: e.start,
+            length: e.length,
+            depth,
+            present: true,
+            zero,
+            data,
+            compressed,
+            offset,
+        };
+        match e.kind {
+            MapKind::Data => push(out, here(true, false, false, e.host_offset)),
+            MapKind::Compressed => push(out, here(true, false, true, None)),
+            MapKind::Zero => push(out, here(false, true, false, None)),
+            MapKind::Unallocated => {
+                let end = e.start + e.length;
+                let Some(backing) = image.backing() else {
+                    push(out, unallocated(e.start, e.length, depth));
+                    continue;
+                };
+                let covered = end.min(backing.size()).max(e.start);
+                if covered > e.start {
+                    match backing {
+                        Backing::Qcow2(b) => walk(b, e.start, covered - e.start, depth + 1, out)?,
+                        Backing::Raw { .. } => push(
+                            out,
+                            Extent {
+                                start: e.start,
+                                length: covered - e.start,
+                                depth: depth + 1,
+                                present: true,
+                                zero: false,
+                                data: true,
+                                compressed: false,
+                                offset: Some(e.start),
+                            },
+                        ),
+                    }
+                }
+                if covered < end {
+                    push(out, unallocated(covered, end - covered, depth));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The file names of the chain, top first, as qemu-img names them.
+fn layer_names(image: &Image, path: &str) -> Vec<String> {
+    let mut names = vec![path.to_string()];
+    let mut info = image.info().ok();
+    let mut current = image.backing();
+    while let (Some(i), Some(b)) = (info.take(), current) {
+        let Some(name) = i.backing_file else { break };
+        let last = names.last().cloned().unwrap_or_default();
+        let dir = std::path::Path::new(&last).parent();
+        let dir = dir.filter(|d| !d.as_os_str().is_empty());
+        names.push(
+            qcow2_io::backing::resolve(&name, dir)
+                .to_string_lossy()
+                .into_owned(),
+        );
+        match b {
+            Backing::Qcow2(next) => {
+                info = next.info().ok();
+                current = next.backing();
+            }
+            Backing::Raw { .. } => break,
+        }
+    }
+    names
+}
+
 /// Runs the command.
 pub fn run(args: &MapArgs) -> Result<u8, CliError> {
     let path = args.file.as_str();
-    let extents = match resolve_format(path, args.format)? {
+    let (extents, names) = match resolve_format(path, args.format)? {
         ImageFormat::Qcow2 => {
             let image =
                 Image::open(path, &OpenOptions::read_only()).map_err(CliError::image(path))?;
-            image.map().map_err(CliError::image(path))?
+            let mut out = Vec::new();
+            walk(&image, 0, image.size(), 0, &mut out).map_err(CliError::image(path))?;
+            (out, layer_names(&image, path))
         }
         ImageFormat::Raw => {
             let length = std::fs::metadata(path).map_err(CliError::io(path))?.len();
-            vec![MapExtent {
+            let all = Extent {
                 start: 0,
                 length,
-                kind: MapKind::Data,
-                host_offset: Some(0),
-            }]
+                depth: 0,
+                present: true,
+                zero: false,
+                data: true,
+                compressed: false,
+                offset: Some(0),
+            };
+            (vec![all], vec![path.to_string()])
         }
     };
     match args.output {
@@ -35,12 +175,21 @@ pub fn run(args: &MapArgs) -> Result<u8, CliError> {
         }
         OutputFormat::Human => {
             say!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
-            for e in extents.iter().filter(|e| e.kind == MapKind::Data) {
+            // C's "%#x" prints 0 as "0".
+            let hex = |v: u64| {
+                if v == 0 {
+                    "0".to_string()
+                } else {
+                    format!("{v:#x}")
+                }
+            };
+            for e in extents.iter().filter(|e| e.data && e.offset.is_some()) {
                 say!(
-                    "{:<16}{:<16}{:<16}{path}",
-                    format!("{:#x}", e.start),
-                    format!("{:#x}", e.length),
-                    format!("{:#x}", e.host_offset.unwrap_or(0))
+                    "{:<16}{:<16}{:<16}{}",
+                    hex(e.start),
+                    hex(e.length),
+                    hex(e.offset.unwrap_or(0)),
+                    names.get(e.depth).map_or(path, String::as_str)
                 );
             }
         }
@@ -49,17 +198,12 @@ pub fn run(args: &MapArgs) -> Result<u8, CliError> {
 }
 
 /// One extent as qemu-img's `map --output=json` prints it.
-fn json_line(e: &MapExtent) -> String {
+fn json_line(e: &Extent) -> String {
     let mut line = format!(
-        "{{ \"start\": {}, \"length\": {}, \"depth\": 0, \"present\": {}, \"zero\": {}, \"data\": {}, \"compressed\": {}",
-        e.start,
-        e.length,
-        e.kind != MapKind::Unallocated,
-        matches!(e.kind, MapKind::Zero | MapKind::Unallocated),
-        matches!(e.kind, MapKind::Data | MapKind::Compressed),
-        e.kind == MapKind::Compressed,
+        "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \"data\": {}, \"compressed\": {}",
+        e.start, e.length, e.depth, e.present, e.zero, e.data, e.compressed,
     );
-    if let Some(h) = e.host_offset {
+    if let Some(h) = e.offset {
         line.push_str(&format!(", \"offset\": {h}"));
     }
     line.push('}');
