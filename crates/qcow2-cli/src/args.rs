@@ -44,6 +44,29 @@ pub enum Command {
     Serve(ServeArgs),
     /// Grow an image's virtual disk.
     Resize(ResizeArgs),
+    /// List internal snapshots (creating, applying and deleting them is
+    /// not supported yet).
+    Snapshot(SnapshotArgs),
+}
+
+/// `qcow2 snapshot -l IMAGE`
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("action").required(true).multiple(false))]
+pub struct SnapshotArgs {
+    /// List the snapshots, as qemu-img does.
+    #[arg(short = 'l', group = "action")]
+    pub list: bool,
+    /// Create a snapshot (not supported yet: refused).
+    #[arg(short = 'c', value_name = "NAME", group = "action")]
+    pub create: Option<String>,
+    /// Apply a snapshot (not supported yet: refused).
+    #[arg(short = 'a', value_name = "NAME", group = "action")]
+    pub apply: Option<String>,
+    /// Delete a snapshot (not supported yet: refused).
+    #[arg(short = 'd', value_name = "NAME", group = "action")]
+    pub delete: Option<String>,
+    /// The image.
+    pub image: String,
 }
 
 /// `qcow2 resize [-f qcow2] [-q] [--shrink] FILE [+|-]SIZE`

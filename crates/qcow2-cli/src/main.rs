@@ -51,6 +51,7 @@ fn run(command: Command) -> Result<u8, CliError> {
         Command::Bench(a) => commands::bench::run(&a),
         Command::Serve(a) => commands::serve::run(&a),
         Command::Resize(a) => commands::resize::run(&a),
+        Command::Snapshot(a) => commands::snapshot::run(&a),
     }
 }
 

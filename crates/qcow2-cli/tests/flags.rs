@@ -93,6 +93,15 @@ fn json_output_is_qemu_imgs_byte_for_byte() {
             "{args:?} of an overlay differs from qemu-img"
         );
     }
+    let out = qcow2(&["snapshot", "-l", p(&snap)]);
+    assert_eq!(
+        text(&out.stdout),
+        text(&run("qemu-img", &["snapshot", "-l", p(&snap)]).stdout)
+    );
+    assert!(text(&out.stdout).contains("first"));
+    let out = qcow2(&["snapshot", "-c", "second", p(&snap)]);
+    assert!(!out.status.success(), "creating is refused, not ignored");
+    assert_eq!(text(&out.stderr).lines().count(), 1);
     for image in [&plain, &packed, &snap] {
         for command in [
             &["info", "--output=json"][..],

@@ -268,3 +268,46 @@ fn loops_missing_files_and_long_names_are_clear_errors() {
     assert!(matches!(err, ImageError::InvalidOption(_)), "{err}");
     assert!(!dir.path().join("d.qcow2").exists(), "nothing written");
 }
+
+/// A dedup overlay on a qemu-made base: its own new clusters are stored
+/// once, partial writes copy from the base, and the base is untouched.
+#[test]
+fn a_dedup_overlay_deduplicates_its_own_clusters_and_leaves_the_base_alone() {
+    if !qemu_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    chain(dir.path());
+    let base = dir.path().join("base.qcow2");
+    let before = std::fs::read(&base).unwrap();
+    let path = dir.path().join("dedup-over.qcow2");
+    let options = CreateOptions::new(16 << 20)
+        .dedup(true)
+        .backing_file("base.qcow2", "qcow2");
+    let image = Image::create(&path, &options).unwrap();
+    let block = vec![0x5au8; 65536];
+    for i in 0..8u64 {
+        image.write_at(&block, (8 << 20) + i * 65536).unwrap();
+    }
+    // A partial write over base data: the rest of the cluster comes from
+    // the base.
+    image.write_at(&[0xee; 100], 100).unwrap();
+    let stats = image.dedup_stats().unwrap().unwrap();
+    assert_eq!((stats.unique_clusters, stats.references), (2, 9));
+    let mut head = vec![0u8; 65536];
+    image.read_at(&mut head, 0).unwrap();
+    assert!(head[..100].iter().all(|&b| b == 1));
+    assert!(head[100..200].iter().all(|&b| b == 0xee));
+    assert!(head[200..].iter().all(|&b| b == 1));
+    let report = image.check(RepairMode::None).unwrap();
+    assert!(report.is_clean(), "{:?}", report.findings);
+    image.close().unwrap();
+    assert!(
+        std::fs::read(&base).unwrap() == before,
+        "the base is never written"
+    );
+    let mut expected = qemu_raw(&base);
+    expected[100..200].fill(0xee);
+    expected[8 << 20..(8 << 20) + (8 << 16)].fill(0x5a);
+    assert_eq!(first_difference(&qemu_raw(&path), &expected), None);
+}

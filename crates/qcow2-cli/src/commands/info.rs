@@ -235,35 +235,7 @@ fn print_human(
         }
     }
     if !snapshots.is_empty() {
-        say!("Snapshot list:");
-        say!(
-            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
-            "ID",
-            "TAG",
-            "VM_SIZE",
-            "DATE",
-            "VM_CLOCK",
-            "ICOUNT"
-        );
-        for s in snapshots {
-            let secs = s.vm_clock_nsec / 1_000_000_000;
-            let clock = format!(
-                "{:04}:{:02}:{:02}.{:03}",
-                secs / 3600,
-                secs / 60 % 60,
-                secs % 60,
-                s.vm_clock_nsec / 1_000_000 % 1000
-            );
-            say!(
-                "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
-                s.id,
-                s.name,
-                human(s.vm_state_size),
-                utc_date(u64::from(s.date_sec)),
-                clock,
-                icount(s).map_or_else(|| "--".to_string(), |n| n.to_string())
-            );
-        }
+        print_snapshot_table(snapshots);
     }
     say!("Format specific information:");
     say!(
@@ -304,6 +276,39 @@ fn print_human(
     let length = info.file_length.next_multiple_of(512);
     say!("    file length: {} ({length} bytes)", human(length));
     say!("    disk size: {}", human(actual));
+}
+
+/// The snapshot table as qemu-img prints it (`info`, `snapshot -l`).
+pub(crate) fn print_snapshot_table(snapshots: &[Snapshot]) {
+    say!("Snapshot list:");
+    say!(
+        "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
+        "ID",
+        "TAG",
+        "VM_SIZE",
+        "DATE",
+        "VM_CLOCK",
+        "ICOUNT"
+    );
+    for s in snapshots {
+        let secs = s.vm_clock_nsec / 1_000_000_000;
+        let clock = format!(
+            "{:04}:{:02}:{:02}.{:03}",
+            secs / 3600,
+            secs / 60 % 60,
+            secs % 60,
+            s.vm_clock_nsec / 1_000_000 % 1000
+        );
+        say!(
+            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
+            s.id,
+            s.name,
+            human(s.vm_state_size),
+            utc_date(u64::from(s.date_sec)),
+            clock,
+            icount(s).map_or_else(|| "--".to_string(), |n| n.to_string())
+        );
+    }
 }
 
 /// `YYYY-MM-DD hh:mm:ss` (UTC) for seconds since the epoch.

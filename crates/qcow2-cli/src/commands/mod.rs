@@ -10,3 +10,4 @@ pub mod info;
 pub mod map;
 pub mod resize;
 pub mod serve;
+pub mod snapshot;
