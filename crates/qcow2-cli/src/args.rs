@@ -47,6 +47,26 @@ pub enum Command {
     /// List internal snapshots (creating, applying and deleting them is
     /// not supported yet).
     Snapshot(SnapshotArgs),
+    /// Change an image's options in place (`-o dedup=on|off`).
+    Amend(AmendArgs),
+}
+
+/// `qcow2 amend [-f qcow2] [-q] -o dedup=on|off FILE`
+#[derive(Debug, Args)]
+pub struct AmendArgs {
+    /// Image format (only qcow2).
+    #[arg(short = 'f', value_enum)]
+    pub format: Option<Qcow2Only>,
+    /// Options to change: `dedup=on` builds the dedup table from the data,
+    /// `dedup=off` drops it (QEMU can then write the image). Other options
+    /// are refused for now.
+    #[arg(short = 'o', value_name = "OPTIONS", required = true)]
+    pub options: String,
+    /// Print nothing on success.
+    #[arg(short = 'q')]
+    pub quiet: bool,
+    /// The image.
+    pub file: String,
 }
 
 /// `qcow2 snapshot -l IMAGE`

@@ -393,3 +393,45 @@ fn resize_grows_and_refuses_to_shrink_without_losing_anything() {
     assert_eq!(size(&img), 64 << 20, "a refused shrink changes nothing");
     assert_eq!(run(bin(), &["check", p(&img)]).status.code(), Some(0));
 }
+
+/// `amend -o dedup=off` leaves an image QEMU writes and checks clean;
+/// `amend -o dedup=on` brings deduplication back; other options are
+/// refused before anything changes.
+#[test]
+fn amend_turns_dedup_off_for_qemu_and_back_on() {
+    if !qemu_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("s.raw");
+    let half = pattern(2 << 20, 6);
+    std::fs::write(&src, [half.clone(), half.clone()].concat()).unwrap();
+    let img = dir.path().join("d.qcow2");
+    ok(
+        bin(),
+        &["convert", "-O", "qcow2", "-o", "dedup=on", p(&src), p(&img)],
+    );
+    let unique = |img: &Path| -> serde_json::Value {
+        let v: serde_json::Value =
+            serde_json::from_str(&ok(bin(), &["info", "--output=json", p(img)])).unwrap();
+        v["format-specific"]["data"]["dedup-stats"]["unique-clusters"].clone()
+    };
+    assert_eq!(unique(&img), 32);
+    let out = qcow2(&["amend", "-o", "compat=0.10", p(&img)]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("compat"));
+    assert_eq!(unique(&img), 32, "a refused amend changes nothing");
+    ok(bin(), &["amend", "-q", "-o", "dedup=off", p(&img)]);
+    assert_eq!(unique(&img), serde_json::Value::Null);
+    assert!(ok("qemu-img", &["check", p(&img)]).contains("No errors"));
+    ok("qemu-io", &["-c", "write -P 9 0 64k", p(&img)]);
+    assert!(ok("qemu-img", &["check", p(&img)]).contains("No errors"));
+    ok(bin(), &["amend", "-q", "-o", "dedup=on", p(&img)]);
+    assert_eq!(unique(&img), 33, "the rewritten cluster is a new content");
+    assert_eq!(run(bin(), &["check", p(&img)]).status.code(), Some(0));
+    let mut expected = [half.clone(), half].concat();
+    expected[..65536].fill(9);
+    let back = dir.path().join("back.raw");
+    ok(bin(), &["convert", "-O", "raw", p(&img), p(&back)]);
+    assert!(std::fs::read(&back).unwrap() == expected);
+}

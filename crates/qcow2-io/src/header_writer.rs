@@ -132,6 +132,18 @@ impl HeaderWriter {
         self.write_synced(storage, refcount_table)
     }
 
+    /// Removes the dedup extension and clears incompatible bit 1, durably:
+    /// the image is plain from here on.
+    pub(crate) fn clear_dedup(
+        &mut self,
+        storage: &dyn Storage,
+        refcount_table: RefcountTableLocation,
+    ) -> Result<()> {
+        self.header.set_dedup_extension(None);
+        self.header.incompatible_features &= !INCOMPAT_CORRUPT_OR_DEDUP;
+        self.write_synced(storage, refcount_table)
+    }
+
     /// Records the dedup table and sets incompatible bit 1 (dedup), durably.
     pub(crate) fn set_dedup(
         &mut self,

@@ -219,6 +219,12 @@ impl Metadata {
         self.alloc.refcount(&*self.storage, cluster)
     }
 
+    /// The refcount of `cluster` once queued decreases land.
+    pub(crate) fn live_refcount(&mut self, cluster: HostCluster) -> Result<u64> {
+        let refcount = self.alloc.refcount(&*self.storage, cluster)?;
+        Ok(refcount.saturating_sub(self.alloc.released_count(cluster)))
+    }
+
     /// The largest refcount the image's width can hold.
     pub(crate) fn max_refcount(&self) -> u64 {
         self.alloc.width().max()
@@ -276,6 +282,23 @@ impl Metadata {
         let ext = self.dedup_mut()?.extension();
         let location = self.alloc.table_location();
         self.header.set_dedup(&*self.storage, location, ext)?;
+        self.flush()
+    }
+
+    /// Makes the image plain: the header stops naming the dedup table
+    /// (durably) before the table's clusters are freed, so a crash in
+    /// between leaks them, never leaves a header pointing at free clusters.
+    pub(crate) fn stop_dedup(&mut self) -> Result<()> {
+        self.flush()?;
+        let Some(d) = self.dedup.take() else {
+            return Ok(());
+        };
+        let location = self.alloc.table_location();
+        self.header.clear_dedup(&*self.storage, location)?;
+        let g = self.geometry;
+        for (first, count) in d.metadata_clusters() {
+            self.alloc.release_run(g.host_offset(first), count);
+        }
         self.flush()
     }
 

@@ -38,6 +38,57 @@ impl Image {
         self.meta.lock().dedup_stats()
     }
 
+    /// Turns this deduplicated image into a plain one in place, one QEMU
+    /// writes like any image it made: the dedup table is dropped and
+    /// incompatible bit 1 cleared, then every guest cluster that shares its
+    /// data cluster with another gets a copy of its own (QEMU expects no
+    /// two active L2 entries to share a cluster), and OFLAG_COPIED is set
+    /// on what is left alone. The image grows by the space dedup saved.
+    pub fn disable_dedup(&self) -> Result<()> {
+        self.check_writable()?;
+        let _all = self.locks.lock(0..u64::MAX, true);
+        {
+            let mut meta = self.meta.lock();
+            if !meta.is_dedup() {
+                return Ok(());
+            }
+            meta.mark_dirty()?;
+            meta.stop_dedup()?;
+            self.dedup
+                .store(false, std::sync::atomic::Ordering::Release);
+        }
+        let g = self.geometry;
+        let cs = g.cluster_size();
+        let mut content = vec![0u8; cs as usize];
+        let mut guest = GuestOffset::new(0);
+        while guest.get() < self.size() {
+            let shared = {
+                let mut meta = self.meta.lock();
+                if meta.l2_unallocated(guest)? {
+                    guest = meta.next_l2_range(guest);
+                    continue;
+                }
+                match meta.lookup(guest)?.0 {
+                    L2Mapping::Data { offset, .. } => {
+                        (meta.live_refcount(g.host_cluster(offset))? > 1).then_some(offset)
+                    }
+                    _ => None,
+                }
+            };
+            if let Some(offset) = shared {
+                self.storage
+                    .read_at(&mut content, offset.get())
+                    .map_err(ImageError::io("reading a shared cluster to copy"))?;
+                self.write_locked(&content, guest.get())?;
+            }
+            guest = guest + cs;
+        }
+        let mut meta = self.meta.lock();
+        meta.flush()?;
+        crate::check::check(&mut meta, crate::RepairMode::All)?;
+        Ok(())
+    }
+
     /// Turns this plain image into a deduplicated one in place: every data
     /// cluster is hashed and recorded where it is; duplicates are shared and
     /// their copies freed; zero clusters become zero-flag entries;
