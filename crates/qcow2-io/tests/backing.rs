@@ -201,59 +201,23 @@ fn loops_missing_files_and_long_names_are_clear_errors() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let a = dir.path().join("a.qcow2");
-    let b = dir.path().join("b.qcow2");
-    run_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-b",
-            "b.qcow2",
-            "-F",
-            "qcow2",
-            a.to_str().unwrap(),
-            "1M",
-        ],
-    );
-    run_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-b",
-            "a.qcow2",
-            "-F",
-            "qcow2",
-            b.to_str().unwrap(),
-            "1M",
-        ],
-    );
+    // qemu-img's -u writes the backing name without opening the file.
+    let overlay = |name: &str, backing: &str| {
+        let path = dir.path().join(name);
+        let p = path.to_str().unwrap();
+        run_ok(
+            "qemu-img",
+            &[
+                "create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", "qcow2", p, "1M",
+            ],
+        );
+        path
+    };
+    let a = overlay("a.qcow2", "b.qcow2");
+    overlay("b.qcow2", "a.qcow2");
     let err = Image::open(&a, &OpenOptions::read_only()).unwrap_err();
     assert!(err.to_string().contains("loops"), "{err}");
-    let c = dir.path().join("c.qcow2");
-    run_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-b",
-            "gone.qcow2",
-            "-F",
-            "qcow2",
-            c.to_str().unwrap(),
-            "1M",
-        ],
-    );
+    let c = overlay("c.qcow2", "gone.qcow2");
     let err = Image::open(&c, &OpenOptions::read_only()).unwrap_err();
     assert!(
         matches!(err, ImageError::Io { .. }) && err.to_string().contains("gone.qcow2"),
