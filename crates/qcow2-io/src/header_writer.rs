@@ -61,33 +61,48 @@ impl HeaderWriter {
             .map_err(ImageError::io("syncing the header"))
     }
 
+    /// Applies `change` and, if it reports that something changed, writes
+    /// the header and syncs.
+    fn update(
+        &mut self,
+        storage: &dyn Storage,
+        refcount_table: RefcountTableLocation,
+        change: impl FnOnce(&mut Header) -> bool,
+    ) -> Result<()> {
+        if change(&mut self.header) {
+            self.write_synced(storage, refcount_table)?;
+        }
+        Ok(())
+    }
+
     /// Sets the dirty bit (v3) and clears autoclear bits this implementation
     /// does not maintain, durably, before the first modification.
     pub(crate) fn mark_dirty(
         &mut self,
         storage: &dyn Storage,
-        refcount_table: RefcountTableLocation,
+        at: RefcountTableLocation,
     ) -> Result<()> {
-        let h = &mut self.header;
-        if h.version < 3 || (h.is_dirty() && h.autoclear_features == 0) {
-            return Ok(());
-        }
-        h.incompatible_features |= INCOMPAT_DIRTY;
-        h.autoclear_features = 0;
-        self.write_synced(storage, refcount_table)
+        self.update(storage, at, |h| {
+            if h.version < 3 || (h.is_dirty() && h.autoclear_features == 0) {
+                return false;
+            }
+            h.incompatible_features |= INCOMPAT_DIRTY;
+            h.autoclear_features = 0;
+            true
+        })
     }
 
     /// Clears the dirty bit, durably; the caller has flushed everything.
     pub(crate) fn mark_clean(
         &mut self,
         storage: &dyn Storage,
-        refcount_table: RefcountTableLocation,
+        at: RefcountTableLocation,
     ) -> Result<()> {
-        if !self.header.is_dirty() {
-            return Ok(());
-        }
-        self.header.incompatible_features &= !INCOMPAT_DIRTY;
-        self.write_synced(storage, refcount_table)
+        self.update(storage, at, |h| {
+            let dirty = h.is_dirty();
+            h.incompatible_features &= !INCOMPAT_DIRTY;
+            dirty
+        })
     }
 
     /// Sets QEMU's corrupt bit on a plain v3 image, durably (a dedup image
@@ -95,41 +110,47 @@ impl HeaderWriter {
     pub(crate) fn mark_corrupt(
         &mut self,
         storage: &dyn Storage,
-        refcount_table: RefcountTableLocation,
+        at: RefcountTableLocation,
     ) -> Result<()> {
-        if self.header.is_dedup() || self.header.version < 3 {
-            return Ok(());
-        }
-        self.header.incompatible_features |= INCOMPAT_CORRUPT_OR_DEDUP;
-        self.write_synced(storage, refcount_table)
+        self.update(storage, at, |h| {
+            if h.is_dedup() || h.version < 3 {
+                return false;
+            }
+            h.incompatible_features |= INCOMPAT_CORRUPT_OR_DEDUP;
+            true
+        })
     }
 
     /// Clears QEMU's corrupt mark after a repair that left the image clean.
     pub(crate) fn clear_corrupt(
         &mut self,
         storage: &dyn Storage,
-        refcount_table: RefcountTableLocation,
+        at: RefcountTableLocation,
     ) -> Result<()> {
-        if !self.header.is_marked_corrupt() {
-            return Ok(());
-        }
-        self.header.incompatible_features &= !INCOMPAT_CORRUPT_OR_DEDUP;
-        self.write_synced(storage, refcount_table)
+        self.update(storage, at, |h| {
+            let marked = h.is_marked_corrupt();
+            if marked {
+                h.incompatible_features &= !INCOMPAT_CORRUPT_OR_DEDUP;
+            }
+            marked
+        })
     }
 
     /// Points the header at a new active L1 table and virtual size, durably.
     pub(crate) fn set_l1(
         &mut self,
         storage: &dyn Storage,
-        refcount_table: RefcountTableLocation,
+        at: RefcountTableLocation,
         l1: HostOffset,
         l1_entries: u32,
         virtual_size: u64,
     ) -> Result<()> {
-        self.header.l1_table_offset = l1.get();
-        self.header.l1_size = l1_entries;
-        self.header.size = virtual_size;
-        self.write_synced(storage, refcount_table)
+        self.update(storage, at, |h| {
+            h.l1_table_offset = l1.get();
+            h.l1_size = l1_entries;
+            h.size = virtual_size;
+            true
+        })
     }
 
     /// Removes the dedup extension and clears incompatible bit 1, durably:
@@ -137,22 +158,26 @@ impl HeaderWriter {
     pub(crate) fn clear_dedup(
         &mut self,
         storage: &dyn Storage,
-        refcount_table: RefcountTableLocation,
+        at: RefcountTableLocation,
     ) -> Result<()> {
-        self.header.set_dedup_extension(None);
-        self.header.incompatible_features &= !INCOMPAT_CORRUPT_OR_DEDUP;
-        self.write_synced(storage, refcount_table)
+        self.update(storage, at, |h| {
+            h.set_dedup_extension(None);
+            h.incompatible_features &= !INCOMPAT_CORRUPT_OR_DEDUP;
+            true
+        })
     }
 
     /// Records the dedup table and sets incompatible bit 1 (dedup), durably.
     pub(crate) fn set_dedup(
         &mut self,
         storage: &dyn Storage,
-        refcount_table: RefcountTableLocation,
+        at: RefcountTableLocation,
         table: DedupExtension,
     ) -> Result<()> {
-        self.header.set_dedup_extension(Some(table));
-        self.header.incompatible_features |= INCOMPAT_CORRUPT_OR_DEDUP;
-        self.write_synced(storage, refcount_table)
+        self.update(storage, at, |h| {
+            h.set_dedup_extension(Some(table));
+            h.incompatible_features |= INCOMPAT_CORRUPT_OR_DEDUP;
+            true
+        })
     }
 }
