@@ -49,6 +49,10 @@ pub enum AllocError {
     /// Refcounts that contradict the image's own structure (damage).
     #[error("refcounts are inconsistent: {0}")]
     Inconsistent(String),
+    /// A change to refcounts whose structure is damaged (loaded for a
+    /// check); only a rebuild may follow.
+    #[error("the refcount structure is damaged; repair it with `qcow2 check -r all`")]
+    Damaged,
     /// A broken invariant of this crate (a bug, not damage to the image).
     #[error("internal error: {0}")]
     Internal(&'static str),

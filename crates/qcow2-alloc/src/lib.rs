@@ -19,8 +19,8 @@ pub mod storage;
 
 pub use cache::WriteBackCache;
 pub use error::AllocError;
-pub use rebuild::{RefcountMismatch, ReferenceCounts};
-pub use refcounts::{Refcounts, RefcountsConfig};
+pub use rebuild::{rebuild_refcounts, RefcountMismatch, ReferenceCounts};
+pub use refcounts::{RefcountDamage, Refcounts, RefcountsConfig};
 pub use storage::{AlignedBuf, FaultyStorage, FileStorage, MemStorage, Storage, DIRECT_IO_ALIGN};
 
 /// Result type of this crate.

@@ -1,9 +1,10 @@
 //! The reference tally a consistency check builds and compares with the
 //! refcounts on disk.
 
-use qcow2_format::HostCluster;
+use qcow2_format::table::encode_u64s;
+use qcow2_format::{HostCluster, HostOffset, MAX_REFCOUNT_TABLE_BYTES};
 
-use crate::{Refcounts, Result, Storage};
+use crate::{AllocError, Refcounts, RefcountsConfig, Result, Storage};
 
 /// A host cluster whose refcount on disk differs from its references.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +52,16 @@ impl ReferenceCounts {
                 true
             }
             None => false,
+        }
+    }
+
+    /// Takes back one reference to `cluster` (none below 0).
+    pub fn remove(&mut self, cluster: HostCluster) {
+        if let Some(c) = usize::try_from(cluster.get())
+            .ok()
+            .and_then(|i| self.counts.get_mut(i))
+        {
+            *c = c.saturating_sub(1);
         }
     }
 
@@ -105,5 +116,164 @@ impl ReferenceCounts {
                 }),
         );
         Ok(out)
+    }
+}
+
+/// Writes a new refcount structure holding exactly the tally — what a
+/// check does when the structure on disk cannot be trusted to allocate from
+/// (`qemu-img check -r all`'s "Rebuilding refcount structure").
+///
+/// `tally` must count every reference except those of the old refcount
+/// structure, which becomes free. The new blocks and table are placed past
+/// the end of the file, after every cluster the tally knows, so writing
+/// them overwrites nothing; they are synced before this returns, and the
+/// caller then points the header at `config`'s table (returned in the new
+/// `Refcounts`). A crash before that leaves the old structure in place.
+/// Tallies above the width's maximum are stored as the maximum (the check
+/// still reports them).
+pub fn rebuild_refcounts(
+    storage: &dyn Storage,
+    config: RefcountsConfig,
+    tally: &ReferenceCounts,
+) -> Result<Refcounts> {
+    let g = config.geometry;
+    let cs = g.cluster_size();
+    let file_size = storage
+        .len()
+        .map_err(AllocError::io("reading the image size"))?;
+    let epb = config.width.entries_per_block(g);
+    let start = file_size.div_ceil(cs).max(tally.len()).max(1);
+    let (mut blocks, mut table_clusters) = (0u64, 0u64);
+    loop {
+        let covered = start + blocks + table_clusters;
+        let need_blocks = covered.div_ceil(epb);
+        let need_table = (need_blocks * 8).div_ceil(cs);
+        if need_blocks == blocks && need_table == table_clusters {
+            break;
+        }
+        blocks = need_blocks;
+        table_clusters = need_table;
+    }
+    if table_clusters * cs > MAX_REFCOUNT_TABLE_BYTES.max(cs) {
+        return Err(AllocError::TableTooLarge {
+            needed: table_clusters * cs,
+            limit: MAX_REFCOUNT_TABLE_BYTES,
+        });
+    }
+    let end = start + blocks + table_clusters;
+    let max = config.width.max();
+    let mut block = vec![0u8; cs as usize];
+    let mut table = vec![0u64; (table_clusters * cs / 8) as usize];
+    for (index, entry) in table.iter_mut().enumerate().take(blocks as usize) {
+        block.fill(0);
+        let first = index as u64 * epb;
+        for cluster in first..(first + epb).min(end) {
+            let value = if cluster < start {
+                tally.get(HostCluster::new(cluster)).min(max)
+            } else {
+                1
+            };
+            config
+                .width
+                .set(&mut block, (cluster - first) as usize, value);
+        }
+        let at = (start + index as u64) * cs;
+        storage
+            .write_at(&block, at)
+            .map_err(AllocError::io("writing a rebuilt refcount block"))?;
+        *entry = at;
+    }
+    let table_offset = HostOffset::new((start + blocks) * cs);
+    storage
+        .write_at(&encode_u64s(&table), table_offset.get())
+        .map_err(AllocError::io("writing the rebuilt refcount table"))?;
+    storage
+        .flush()
+        .map_err(AllocError::io("syncing the rebuilt refcount structure"))?;
+    Refcounts::load(
+        storage,
+        RefcountsConfig {
+            table_offset,
+            table_clusters: table_clusters as u32,
+            ..config
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MemStorage;
+    use qcow2_format::refcount::RefcountWidth;
+    use qcow2_format::{ClusterCount, Geometry};
+
+    #[test]
+    fn rebuilt_structure_holds_the_tally_and_counts_itself() {
+        for (bits, order) in [(9, 0), (9, 4), (12, 6), (16, 4)] {
+            let g = Geometry::new(bits, false).unwrap();
+            let storage = MemStorage::new();
+            let clusters = 3000u64;
+            storage
+                .write_at(&[7u8], clusters * g.cluster_size() - 1)
+                .unwrap();
+            let width = RefcountWidth::new(order).unwrap();
+            let mut tally = ReferenceCounts::new(clusters);
+            for c in (0..clusters).filter(|c| c % 3 != 1) {
+                for _ in 0..=(c % 4) {
+                    tally.add(HostCluster::new(c));
+                }
+            }
+            let config = RefcountsConfig {
+                geometry: g,
+                width,
+                table_offset: HostOffset::new(g.cluster_size()),
+                table_clusters: 1,
+                cache_bytes: 1 << 20,
+            };
+            let mut r = rebuild_refcounts(&storage, config, &tally).unwrap();
+            for c in (0..clusters).map(HostCluster::new) {
+                assert_eq!(
+                    r.get(&storage, c).unwrap(),
+                    tally.get(c).min(width.max()),
+                    "cluster {c} ({bits}-bit clusters, order {order})"
+                );
+            }
+            let table = g.host_cluster(r.table_offset());
+            assert!(table.get() >= clusters, "placed past the old file");
+            for c in table.run(ClusterCount::new(u64::from(r.table_clusters()))) {
+                assert_eq!(r.get(&storage, c).unwrap(), 1);
+            }
+            let blocks: Vec<_> = r.block_offsets().collect();
+            for b in blocks {
+                assert!(g.host_cluster(b).get() >= clusters);
+                assert_eq!(r.get(&storage, g.host_cluster(b)).unwrap(), 1);
+            }
+            assert!(r.damage().is_empty());
+        }
+    }
+
+    #[test]
+    fn damaged_refcounts_refuse_every_change() {
+        let g = Geometry::new(16, false).unwrap();
+        let storage = MemStorage::new();
+        storage.write_at(&[0u8; 8], 0x10000).unwrap();
+        let config = RefcountsConfig {
+            geometry: g,
+            width: RefcountWidth::new(4).unwrap(),
+            table_offset: HostOffset::new(0x10000),
+            table_clusters: 0,
+            cache_bytes: 1 << 20,
+        };
+        let mut r = Refcounts::load_for_check(&storage, config, Some("empty".into())).unwrap();
+        assert!(r.table_damaged());
+        assert_eq!(r.get(&storage, HostCluster::new(0)).unwrap(), 0);
+        assert!(matches!(
+            r.allocate(&storage, ClusterCount::ONE),
+            Err(AllocError::Damaged)
+        ));
+        assert!(matches!(
+            r.set(&storage, HostCluster::new(3), 1),
+            Err(AllocError::Damaged)
+        ));
     }
 }

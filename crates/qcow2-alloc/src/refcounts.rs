@@ -53,6 +53,46 @@ pub struct Refcounts {
     /// Host clusters of every refcount block the table points to.
     block_clusters: IntSet<u64>,
     free_hint: HostCluster,
+    cache_bytes: u64,
+    /// Damage tolerated by [`Refcounts::load_for_check`]; while any is
+    /// recorded, every refcount change is refused.
+    damage: Vec<RefcountDamage>,
+}
+
+/// Damage to the refcount structure itself, found while loading it for a
+/// consistency check. Worded as `qemu-img check` words it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefcountDamage {
+    /// The header's refcount table is empty, unaligned or outside the file;
+    /// no refcount is readable.
+    Table(String),
+    /// Table entry `index` names a block that is unaligned or outside the
+    /// file; the clusters it would describe read as refcount 0.
+    Block {
+        /// Index in the refcount table.
+        index: u64,
+        /// The raw table entry.
+        entry: u64,
+        /// Whether the entry was aligned (so the block lies outside).
+        aligned: bool,
+    },
+}
+
+impl std::fmt::Display for RefcountDamage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Table(reason) => write!(f, "ERROR refcount table: {reason}"),
+            Self::Block {
+                index,
+                aligned: true,
+                ..
+            } => write!(f, "ERROR refcount block {index} is outside image"),
+            Self::Block { index, .. } => write!(
+                f,
+                "ERROR refcount block {index} is not cluster aligned; refcount table entry corrupted"
+            ),
+        }
+    }
 }
 
 fn reserved_end(reserved: &[Range<u64>], cluster: u64) -> Option<u64> {
@@ -70,12 +110,7 @@ impl Refcounts {
         let file_size = storage
             .len()
             .map_err(AllocError::io("reading the image size"))?;
-        let bytes = u64::from(config.table_clusters) * g.cluster_size();
-        let mut raw = vec![0u8; bytes as usize];
-        storage
-            .read_at(&mut raw, config.table_offset.get())
-            .map_err(AllocError::io("reading the refcount table"))?;
-        let table = decode_u64s(&raw);
+        let table = Self::read_table(storage, config)?;
         for &entry in &table {
             if let Some(offset) = RefcountTableEntry(entry).decode(g)? {
                 if offset.get().saturating_add(g.cluster_size()) > file_size {
@@ -93,6 +128,74 @@ impl Refcounts {
             ));
         }
         Ok(refcounts)
+    }
+
+    /// Loads the refcounts for a consistency check, tolerating damage that
+    /// [`Refcounts::load`] refuses: `table_damage` (the header's table is
+    /// unusable, see `Header::parse_for_check`) and table entries that are
+    /// unaligned or point outside the file. Damaged parts read as refcount
+    /// 0 and are listed by [`Refcounts::damage`]; while any is listed,
+    /// every refcount change fails, so nothing is allocated over data the
+    /// damaged structure no longer accounts for.
+    pub fn load_for_check(
+        storage: &dyn Storage,
+        config: RefcountsConfig,
+        table_damage: Option<String>,
+    ) -> Result<Self> {
+        if let Some(reason) = table_damage {
+            let mut refcounts = Self::with_table(config, Vec::new(), DirtyRange::clean());
+            refcounts.damage.push(RefcountDamage::Table(reason));
+            return Ok(refcounts);
+        }
+        let g = config.geometry;
+        let file_size = storage
+            .len()
+            .map_err(AllocError::io("reading the image size"))?;
+        let mut table = Self::read_table(storage, config)?;
+        let mut damage = Vec::new();
+        for (index, entry) in table.iter_mut().enumerate() {
+            let usable = match RefcountTableEntry(*entry).decode(g) {
+                Ok(None) => continue,
+                Ok(Some(offset)) => offset
+                    .get()
+                    .checked_add(g.cluster_size())
+                    .is_some_and(|end| end <= file_size),
+                Err(_) => false,
+            };
+            if !usable {
+                damage.push(RefcountDamage::Block {
+                    index: index as u64,
+                    entry: *entry,
+                    aligned: RefcountTableEntry(*entry).decode(g).is_ok(),
+                });
+                *entry = 0;
+            }
+        }
+        let mut refcounts = Self::with_table(config, table, DirtyRange::clean());
+        refcounts.damage = damage;
+        Ok(refcounts)
+    }
+
+    fn read_table(storage: &dyn Storage, config: RefcountsConfig) -> Result<Vec<u64>> {
+        let bytes = u64::from(config.table_clusters) * config.geometry.cluster_size();
+        let mut raw = vec![0u8; bytes as usize];
+        storage
+            .read_at(&mut raw, config.table_offset.get())
+            .map_err(AllocError::io("reading the refcount table"))?;
+        Ok(decode_u64s(&raw))
+    }
+
+    /// Whether the header's table itself is unusable (so it is no
+    /// structure of the image, and holds no cluster).
+    pub fn table_damaged(&self) -> bool {
+        self.damage
+            .iter()
+            .any(|d| matches!(d, RefcountDamage::Table(_)))
+    }
+
+    /// Damage recorded by [`Refcounts::load_for_check`] (empty otherwise).
+    pub fn damage(&self) -> &[RefcountDamage] {
+        &self.damage
     }
 
     /// Builds the refcount structures of a new image in memory: a table of
@@ -122,6 +225,19 @@ impl Refcounts {
             blocks: WriteBackCache::new((config.cache_bytes / g.cluster_size()).max(4) as usize),
             block_clusters,
             free_hint: HostCluster::new(1),
+            cache_bytes: config.cache_bytes,
+            damage: Vec::new(),
+        }
+    }
+
+    /// Where the table is now and how blocks are cached.
+    pub fn config(&self) -> RefcountsConfig {
+        RefcountsConfig {
+            geometry: self.geometry,
+            width: self.width,
+            table_offset: self.table_offset,
+            table_clusters: self.table_clusters,
+            cache_bytes: self.cache_bytes,
         }
     }
 
@@ -271,6 +387,9 @@ impl Refcounts {
         value: u64,
         reserved: &mut Vec<Range<u64>>,
     ) -> Result<()> {
+        if !self.damage.is_empty() {
+            return Err(AllocError::Damaged);
+        }
         if value > self.width.max() {
             return Err(AllocError::RefcountOverflow {
                 cluster,

@@ -107,6 +107,9 @@ pub enum FormatError {
         /// What is wrong.
         reason: &'static str,
     },
+    /// The header names a refcount table of zero clusters.
+    #[error("the image has no refcount table (refcount_table_clusters is 0)")]
+    NoRefcountTable,
     /// The header and its extensions do not fit into the first cluster.
     #[error("header and extensions need {needed} bytes, more than one cluster ({cluster_size})")]
     HeaderTooLarge {

@@ -138,6 +138,22 @@ impl Header {
     /// (at least its first cluster, or the whole file if shorter), for an
     /// image file of `file_size` bytes.
     pub fn parse(buf: &[u8], file_size: u64) -> Result<Self> {
+        let header = Self::parse_unchecked_refcount_table(buf, file_size)?;
+        header.validate_refcount_table_location(file_size)?;
+        Ok(header)
+    }
+
+    /// [`Header::parse`] for a consistency check: a refcount table that is
+    /// empty, unaligned or outside the file does not stop the parse (a
+    /// check rebuilds it, as `qemu-img check` does); it is returned as the
+    /// second value. A table larger than the format allows still fails.
+    pub fn parse_for_check(buf: &[u8], file_size: u64) -> Result<(Self, Option<FormatError>)> {
+        let header = Self::parse_unchecked_refcount_table(buf, file_size)?;
+        let damage = header.validate_refcount_table_location(file_size).err();
+        Ok((header, damage))
+    }
+
+    fn parse_unchecked_refcount_table(buf: &[u8], file_size: u64) -> Result<Self> {
         let (v2, rest) = RawHeaderV2::ref_from_prefix(buf).map_err(|_| FormatError::Truncated {
             what: "header",
             needed: u64::from(V2_HEADER_LEN),
@@ -312,27 +328,6 @@ impl Header {
                 limit: rt_limit.max(1),
             });
         }
-        if rt_clusters == 0 {
-            return Err(FormatError::TooLarge {
-                what: "refcount table (empty)",
-                value: 0,
-                limit: 0,
-            });
-        }
-        aligned(g, "refcount table", self.refcount_table_offset)?;
-        if self.refcount_table_offset == 0 {
-            return Err(FormatError::Unaligned {
-                what: "refcount table (at the header)",
-                offset: 0,
-            });
-        }
-        past_end(
-            "refcount table",
-            self.refcount_table_offset,
-            rt_clusters * g.cluster_size(),
-            file_size,
-        )?;
-
         if self.nb_snapshots > MAX_SNAPSHOTS {
             return Err(FormatError::TooLarge {
                 what: "snapshot count",
@@ -348,6 +343,29 @@ impl Header {
             dedup.validate(g, file_size)?;
         }
         Ok(())
+    }
+
+    /// Where the refcount table lies: not empty, aligned, after the header
+    /// and inside the file. (Its size limit is checked with the rest.)
+    fn validate_refcount_table_location(&self, file_size: u64) -> Result<()> {
+        let g = self.geometry;
+        let rt_clusters = u64::from(self.refcount_table_clusters);
+        if rt_clusters == 0 {
+            return Err(FormatError::NoRefcountTable);
+        }
+        aligned(g, "refcount table", self.refcount_table_offset)?;
+        if self.refcount_table_offset == 0 {
+            return Err(FormatError::Unaligned {
+                what: "refcount table (at the header)",
+                offset: 0,
+            });
+        }
+        past_end(
+            "refcount table",
+            self.refcount_table_offset,
+            rt_clusters * g.cluster_size(),
+            file_size,
+        )
     }
 
     /// The feature name table from the extensions (empty if absent).
@@ -647,7 +665,7 @@ mod tests {
             (
                 "zero refcount_table_clusters",
                 |b| b[56..60].copy_from_slice(&0u32.to_be_bytes()),
-                |e| matches!(e, FormatError::TooLarge { .. }),
+                |e| matches!(e, FormatError::NoRefcountTable),
             ),
             (
                 "snapshot count",
@@ -738,6 +756,27 @@ mod tests {
             let err = Header::parse(&buf, 0x40000).expect_err(name);
             assert!(expect(&err), "{name}: got {err:?}");
         }
+    }
+
+    #[test]
+    fn a_check_parse_tolerates_only_the_refcount_table_location() {
+        let good = encoded(&sample(3));
+        let mut no_table = good.clone();
+        no_table[56..60].copy_from_slice(&0u32.to_be_bytes());
+        let (header, damage) = Header::parse_for_check(&no_table, 0x40000).unwrap();
+        assert_eq!(header.refcount_table_clusters, 0);
+        assert!(matches!(damage, Some(FormatError::NoRefcountTable)));
+        let mut outside = good.clone();
+        outside[48..56].copy_from_slice(&(1u64 << 40).to_be_bytes());
+        let (_, damage) = Header::parse_for_check(&outside, 0x40000).unwrap();
+        assert!(matches!(damage, Some(FormatError::PastEnd { .. })));
+        let mut huge = good.clone();
+        huge[56..60].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(matches!(
+            Header::parse_for_check(&huge, 0x40000),
+            Err(FormatError::TooLarge { .. })
+        ));
+        assert!(Header::parse_for_check(&good, 0x40000).unwrap().1.is_none());
     }
 
     #[test]

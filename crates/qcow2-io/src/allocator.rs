@@ -9,14 +9,24 @@
 //! cluster; it can never free a cluster that a table on disk still uses.
 
 use qcow2_alloc::cache::IntMap;
-use qcow2_alloc::{Refcounts, RefcountsConfig, Storage};
+use qcow2_alloc::{rebuild_refcounts, Refcounts, RefcountsConfig, ReferenceCounts, Storage};
 use qcow2_format::l2::L2Mapping;
 use qcow2_format::refcount::RefcountWidth;
 use qcow2_format::{ClusterCount, Geometry, HostCluster, HostOffset};
 
 use crate::header_writer::RefcountTableLocation;
 use crate::overlap::HoldsMetadata;
-use crate::Result;
+use crate::{ImageError, Result};
+
+/// How strictly the refcount structure is loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum RefcountLoading {
+    /// Any damage fails the open.
+    Strict,
+    /// For a check: damage is recorded (with the header's table damage, if
+    /// any) and every refcount change refused until a rebuild.
+    Tolerant(Option<String>),
+}
 
 /// Refcounts and the queue of deferred decreases. See the module docs.
 #[derive(Debug)]
@@ -30,11 +40,29 @@ pub(crate) struct Allocator {
 
 impl Allocator {
     /// Loads the refcount table named by the header.
-    pub(crate) fn load(storage: &dyn Storage, config: RefcountsConfig) -> Result<Self> {
-        Ok(Self::new(
-            Refcounts::load(storage, config)?,
-            config.geometry,
-        ))
+    pub(crate) fn load(
+        storage: &dyn Storage,
+        config: RefcountsConfig,
+        loading: RefcountLoading,
+    ) -> Result<Self> {
+        let refcounts = match loading {
+            RefcountLoading::Strict => Refcounts::load(storage, config)?,
+            RefcountLoading::Tolerant(table_damage) => {
+                Refcounts::load_for_check(storage, config, table_damage)?
+            }
+        };
+        Ok(Self::new(refcounts, config.geometry))
+    }
+
+    /// Replaces the refcounts with a rebuilt structure (nothing queued).
+    pub(crate) fn replace(&mut self, storage: &dyn Storage, tally: &ReferenceCounts) -> Result<()> {
+        if !self.released.is_empty() {
+            return Err(ImageError::Internal(
+                "refcounts rebuilt with decreases still queued",
+            ));
+        }
+        self.refcounts = rebuild_refcounts(storage, self.refcounts.config(), tally)?;
+        Ok(())
     }
 
     /// Wraps refcounts built for a new image.
@@ -163,13 +191,17 @@ impl Allocator {
         Ok(self.refcounts.set(storage, cluster, value)?)
     }
 
-    /// The refcount table and every block, as `(first cluster, count)` runs.
+    /// The refcount table (first; left out when the header's table is
+    /// unusable) and every block, as `(first cluster, count)` runs.
     pub(crate) fn metadata_clusters(&self) -> Vec<(HostCluster, ClusterCount)> {
         let g = self.geometry;
-        let mut out = vec![(
-            g.host_cluster(self.refcounts.table_offset()),
-            ClusterCount::new(u64::from(self.refcounts.table_clusters())),
-        )];
+        let mut out = Vec::new();
+        if !self.refcounts.table_damaged() {
+            out.push((
+                g.host_cluster(self.refcounts.table_offset()),
+                ClusterCount::new(u64::from(self.refcounts.table_clusters())),
+            ));
+        }
         out.extend(
             self.refcounts
                 .block_offsets()

@@ -85,6 +85,7 @@ impl Backing {
                 let read_only = OpenOptions {
                     write: false,
                     repair: false,
+                    check: false,
                     ..options.clone()
                 };
                 let image = Image::open_in_chain(Arc::new(file), &read_only, inner)?;

@@ -92,10 +92,10 @@ impl BlockMap {
             .len()
             .map_err(ImageError::io("reading the image size"))?;
         if offset.get().saturating_add(cs) > file_size {
-            return Err(ImageError::Corrupt(format!(
-                "L2 table at {:#x} lies past the end of the file ({file_size} bytes)",
-                offset.get()
-            )));
+            return Err(ImageError::L2TablePastEnd {
+                offset: offset.get(),
+                file_size,
+            });
         }
         let mut raw = vec![0u8; cs as usize];
         storage

@@ -78,6 +78,10 @@ pub struct CheckReport {
     pub image_end_offset: u64,
     /// Each problem found (before repair, if one ran).
     pub findings: Vec<Finding>,
+    /// Whether the repair replaced the whole refcount structure (it could
+    /// not be trusted to allocate from: damaged, or a referenced cluster
+    /// had refcount 0), as `qemu-img check -r all` does.
+    pub refcounts_rebuilt: bool,
 }
 
 impl CheckReport {
@@ -148,8 +152,9 @@ pub(crate) fn check(meta: &mut Metadata, repair: RepairMode) -> Result<CheckRepo
         return Ok(first.report);
     }
     let before = first.report.clone();
-    repair_image(meta, first, repair)?;
+    let rebuilt = repair_image(meta, first, repair)?;
     let mut after = walk(&mut meta.parts())?.report;
+    after.refcounts_rebuilt = rebuilt;
     after.leaks_fixed = before.leaks.saturating_sub(after.leaks);
     after.dedup_fixed = before.dedup_errors.saturating_sub(after.dedup_errors);
     after.corruptions_fixed = before.corruptions.saturating_sub(after.corruptions);
@@ -157,17 +162,41 @@ pub(crate) fn check(meta: &mut Metadata, repair: RepairMode) -> Result<CheckRepo
     Ok(after)
 }
 
-fn repair_image(meta: &mut Metadata, walk_result: Walk, repair: RepairMode) -> Result<()> {
-    {
+/// Repairs what `repair` allows; returns whether the refcount structure
+/// was rebuilt.
+fn repair_image(meta: &mut Metadata, walk_result: Walk, repair: RepairMode) -> Result<bool> {
+    let rebuild = {
         let parts = meta.parts();
+        let damaged = !parts.alloc.refcounts_mut().damage().is_empty();
         let mismatches = walk_result
             .tally
             .compare(parts.alloc.refcounts_mut(), parts.storage)?;
-        for m in mismatches {
-            if m.is_leak() || repair == RepairMode::All {
-                parts.alloc.set(parts.storage, m.cluster, m.referenced)?;
+        // A referenced cluster with refcount 0 could be handed out again by
+        // the very allocation that fixes it (a new refcount block), so, as
+        // QEMU does, such damage rebuilds the structure from the tally.
+        let rebuild = repair == RepairMode::All
+            && (damaged
+                || mismatches
+                    .iter()
+                    .any(|m| m.on_disk == 0 && m.referenced > 0));
+        if !rebuild && !damaged {
+            for m in mismatches {
+                if m.is_leak() || repair == RepairMode::All {
+                    parts.alloc.set(parts.storage, m.cluster, m.referenced)?;
+                }
             }
         }
+        rebuild
+    };
+    if rebuild {
+        let mut tally = walk_result.tally;
+        for (first, count) in meta.parts().alloc.metadata_clusters() {
+            first.run(count).for_each(|c| tally.remove(c));
+        }
+        meta.rebuild_refcounts(&tally)?;
+    }
+    {
+        let parts = meta.parts();
         if repair == RepairMode::All && walk_result.report.dedup_errors > 0 {
             if let (Some(data), Some(d)) = (&walk_result.data_clusters, parts.dedup) {
                 d.rebuild(parts.storage, parts.alloc, data)?;
@@ -185,7 +214,8 @@ fn repair_image(meta: &mut Metadata, walk_result: Walk, repair: RepairMode) -> R
             }
         }
     }
-    meta.flush()
+    meta.flush()?;
+    Ok(rebuild)
 }
 
 fn walk(parts: &mut MetadataParts<'_>) -> Result<Walk> {
@@ -205,6 +235,9 @@ fn walk(parts: &mut MetadataParts<'_>) -> Result<Walk> {
         copied_fixes: Vec::new(),
         data_clusters: parts.dedup.as_ref().map(|_| HashMap::new()),
     };
+    for damage in parts.alloc.refcounts_mut().damage().to_vec() {
+        walk.finding(FindingKind::Corruption, damage.to_string());
+    }
     walk.reference(0, ClusterCount::ONE, "header");
     let mut runs = parts.alloc.metadata_clusters().into_iter();
     if let Some((table, n)) = runs.next() {
@@ -261,7 +294,19 @@ fn walk_l1(parts: &mut MetadataParts<'_>, walk: &mut Walk, l1: &[u64], active: b
     let format = parts.map.format();
     for (index, &raw) in l1.iter().enumerate() {
         let offset = match L1Entry(raw).decode(g) {
-            Ok(L1Mapping::Unallocated) => continue,
+            Ok(L1Mapping::Unallocated) if raw == 0 => continue,
+            Ok(L1Mapping::Unallocated) => {
+                // Flags without an offset: reads see no L2 table (as QEMU's
+                // do), so the repair clears the entry to match.
+                walk.finding(
+                    FindingKind::Corruption,
+                    format!("ERROR L1 entry {index} ({raw:#x}) has flags but no L2 table offset"),
+                );
+                if active {
+                    walk.copied_fixes.push(CopiedFix::L1 { index, raw: 0 });
+                }
+                continue;
+            }
             Ok(L1Mapping::L2Table { offset, copied }) => {
                 if active {
                     let refcount = parts.alloc.refcount(storage, g.host_cluster(offset))?;

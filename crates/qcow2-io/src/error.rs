@@ -48,6 +48,16 @@ pub enum ImageError {
     /// The image is damaged: metadata found inconsistent while using it.
     #[error("image is corrupt: {0}")]
     Corrupt(String),
+    /// An L1 entry names an L2 table past the end of the file. Reads treat
+    /// its range as unallocated (QEMU reads such a table as zeroes); writes
+    /// there fail with this error.
+    #[error("image is corrupt: L2 table at {offset:#x} lies past the end of the file ({file_size} bytes); repair it with `qcow2 check -r all`")]
+    L2TablePastEnd {
+        /// Offset the L1 entry names.
+        offset: u64,
+        /// File size.
+        file_size: u64,
+    },
     /// A broken invariant of this library (a bug, not damage to the image).
     #[error("internal error: {0}")]
     Internal(&'static str),

@@ -92,6 +92,16 @@ impl HeaderWriter {
         })
     }
 
+    /// Rewrites the header as it is, durably: after the refcount table
+    /// moved.
+    pub(crate) fn rewrite(
+        &mut self,
+        storage: &dyn Storage,
+        at: RefcountTableLocation,
+    ) -> Result<()> {
+        self.update(storage, at, |_| true)
+    }
+
     /// Clears the dirty bit, durably; the caller has flushed everything.
     pub(crate) fn mark_clean(
         &mut self,

@@ -9,6 +9,7 @@ use qcow2_alloc::{FileStorage, Storage};
 use qcow2_format::features::{INCOMPAT_COMPRESSION_TYPE, INCOMPAT_EXTERNAL_DATA};
 use qcow2_format::{Geometry, Header, MAX_CLUSTER_BITS};
 
+use crate::allocator::RefcountLoading;
 use crate::backing::{Backing, ChainContext};
 use crate::check::{CheckReport, RepairMode};
 use crate::dedup::claims::InflightClaims;
@@ -76,7 +77,9 @@ pub struct ImageInfo {
     pub file_length: u64,
 }
 
-fn read_header(storage: &dyn Storage) -> Result<Header> {
+/// Reads the header; for a check (`tolerant`), damage to the refcount
+/// table's location is returned instead of failing.
+fn read_header(storage: &dyn Storage, tolerant: bool) -> Result<(Header, RefcountLoading)> {
     let file_size = storage
         .len()
         .map_err(ImageError::io("reading the image size"))?;
@@ -84,7 +87,14 @@ fn read_header(storage: &dyn Storage) -> Result<Header> {
     storage
         .read_at(&mut buf, 0)
         .map_err(ImageError::io("reading the header"))?;
-    Ok(Header::parse(&buf, file_size)?)
+    if !tolerant {
+        return Ok((Header::parse(&buf, file_size)?, RefcountLoading::Strict));
+    }
+    let (header, damage) = Header::parse_for_check(&buf, file_size)?;
+    Ok((
+        header,
+        RefcountLoading::Tolerant(damage.map(|e| e.to_string())),
+    ))
 }
 
 impl Image {
@@ -180,7 +190,7 @@ impl Image {
         options: &OpenOptions,
         context: ChainContext,
     ) -> Result<Self> {
-        let header = read_header(&*storage)?;
+        let (header, loading) = read_header(&*storage, options.check)?;
         if header.incompatible_features & INCOMPAT_EXTERNAL_DATA != 0 {
             return Err(ImageError::Unsupported("external data files".into()));
         }
@@ -209,6 +219,7 @@ impl Image {
             header,
             options.l2_cache_bytes,
             options.refcount_cache_bytes,
+            loading,
         )?;
         let mut image = Self::from_parts(storage, meta, options.write);
         image.backing = backing;

@@ -82,7 +82,7 @@ impl Image {
                 continue;
             }
             let len = (guest + cs).min(size) - guest;
-            let (kind, host) = match meta.lookup(GuestOffset::new(guest))?.0 {
+            let (kind, host) = match meta.lookup_for_read(GuestOffset::new(guest))?.0 {
                 L2Mapping::Data { offset, .. } => (MapKind::Data, Some(offset.get())),
                 L2Mapping::Compressed(_) => (MapKind::Compressed, None),
                 L2Mapping::Zero { .. } => (MapKind::Zero, None),

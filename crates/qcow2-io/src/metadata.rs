@@ -19,7 +19,7 @@
 
 use std::sync::Arc;
 
-use qcow2_alloc::{Refcounts, RefcountsConfig, Storage};
+use qcow2_alloc::{Refcounts, RefcountsConfig, ReferenceCounts, Storage};
 use qcow2_dedup::{ContentHash, DedupStats};
 use qcow2_format::l2::{L2Format, L2Mapping, SubclusterBitmap};
 use qcow2_format::refcount::RefcountWidth;
@@ -27,7 +27,7 @@ use qcow2_format::snapshot::{parse_snapshot_table, Snapshot};
 use qcow2_format::table::encode_u64s;
 use qcow2_format::{ClusterCount, Geometry, GuestOffset, Header, HostCluster, HostOffset};
 
-use crate::allocator::Allocator;
+use crate::allocator::{Allocator, RefcountLoading};
 use crate::block_map::BlockMap;
 use crate::dedup::DedupState;
 use crate::header_writer::HeaderWriter;
@@ -73,6 +73,7 @@ impl Metadata {
         header: Header,
         l2_cache_bytes: u64,
         refcount_cache_bytes: u64,
+        loading: RefcountLoading,
     ) -> Result<Self> {
         let alloc = Allocator::load(
             &*storage,
@@ -83,6 +84,7 @@ impl Metadata {
                 table_clusters: header.refcount_table_clusters,
                 cache_bytes: refcount_cache_bytes,
             },
+            loading,
         )?;
         let map = BlockMap::load(&*storage, &header, l2_cache_bytes)?;
         let dedup = if header.is_dedup() {
@@ -166,6 +168,20 @@ impl Metadata {
     /// The mapping of the guest cluster holding `guest`.
     pub(crate) fn lookup(&mut self, guest: GuestOffset) -> Result<(L2Mapping, SubclusterBitmap)> {
         self.map.lookup(&*self.storage, guest)
+    }
+
+    /// [`Metadata::lookup`] for reading: a range whose L2 table lies past
+    /// the end of the file reads as unallocated, as QEMU reads it.
+    pub(crate) fn lookup_for_read(
+        &mut self,
+        guest: GuestOffset,
+    ) -> Result<(L2Mapping, SubclusterBitmap)> {
+        match self.lookup(guest) {
+            Err(ImageError::L2TablePastEnd { .. }) => {
+                Ok((L2Mapping::Unallocated, SubclusterBitmap(0)))
+            }
+            other => other,
+        }
     }
 
     /// Whether the whole L2 range holding `guest` is unallocated.
@@ -466,6 +482,15 @@ impl Metadata {
         self.flush()?;
         let location = self.alloc.table_location();
         self.header.mark_clean(&*self.storage, location)
+    }
+
+    /// Replaces the refcount structure with one holding exactly `tally`
+    /// (see `qcow2_alloc::rebuild_refcounts`): the new structure is durable
+    /// before the header points to it, so a crash leaves one or the other.
+    pub(crate) fn rebuild_refcounts(&mut self, tally: &ReferenceCounts) -> Result<()> {
+        self.alloc.replace(&*self.storage, tally)?;
+        let location = self.alloc.table_location();
+        self.header.rewrite(&*self.storage, location)
     }
 
     /// Clears QEMU's corrupt mark (after a clean repair).

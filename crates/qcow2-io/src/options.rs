@@ -165,6 +165,12 @@ pub struct OpenOptions {
     /// writes "for regaining consistency"); a repair that leaves the image
     /// clean clears the mark.
     pub repair: bool,
+    /// Open for a consistency check: damage to the refcount structure (a
+    /// table that is empty, unaligned or outside the file; blocks outside
+    /// the file) does not fail the open, so the check can report it and,
+    /// with repair, rebuild the structure as `qemu-img check -r all` does.
+    /// Until then every allocation fails.
+    pub check: bool,
 }
 
 impl OpenOptions {
@@ -173,6 +179,16 @@ impl OpenOptions {
         Self {
             write: true,
             repair: true,
+            check: true,
+            ..Self::default()
+        }
+    }
+
+    /// Read-only for `check` without repair.
+    pub fn for_check() -> Self {
+        Self {
+            write: false,
+            check: true,
             ..Self::default()
         }
     }
@@ -201,6 +217,7 @@ impl Default for OpenOptions {
             l2_cache_bytes: 32 << 20,
             refcount_cache_bytes: 4 << 20,
             repair: false,
+            check: false,
         }
     }
 }

@@ -258,13 +258,23 @@ fn corrupt_l2_entries_fail_reads_cleanly() {
 }
 
 #[test]
-fn l2_table_past_the_end_is_an_error() {
+fn l2_table_past_the_end_reads_as_zeroes_and_refuses_writes() {
     let mut bytes = valid_image();
     let l1 = get64(&bytes, 40) as usize;
     put64(&mut bytes, l1, (1 << 63) | (1 << 40));
-    let image = open(bytes).unwrap();
-    let err = image.read_at(&mut [0u8; 10], 0).unwrap_err();
-    assert!(matches!(err, ImageError::Corrupt(_)), "{err:?}");
+    let image = Image::open_on(
+        Arc::new(MemStorage::from_bytes(bytes)),
+        &OpenOptions::read_write(),
+    )
+    .unwrap();
+    let mut buf = [0xffu8; 10];
+    image.read_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, [0u8; 10], "read as QEMU reads it: zeroes");
+    let err = image.write_at(&[1u8; 10], 0).unwrap_err();
+    assert!(
+        matches!(err, ImageError::L2TablePastEnd { offset, .. } if offset == 1 << 40),
+        "{err:?}"
+    );
 }
 
 #[test]

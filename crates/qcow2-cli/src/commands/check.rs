@@ -24,7 +24,7 @@ pub fn run(args: &CheckArgs) -> Result<u8, CliError> {
         Some(RepairArg::All) => RepairMode::All,
     };
     let options = if repair == RepairMode::None {
-        OpenOptions::read_only()
+        OpenOptions::for_check()
     } else {
         OpenOptions::for_repair()
     };
@@ -78,16 +78,23 @@ fn print_human(report: &CheckReport, repair: RepairMode) {
     for f in &report.findings {
         eprintln!("{}", f.message);
     }
+    if report.refcounts_rebuilt {
+        eprintln!("Rebuilding refcount structure");
+    }
     if repair != RepairMode::None
         && (report.leaks_fixed > 0 || report.corruptions_fixed > 0 || report.dedup_fixed > 0)
     {
         say!("The following inconsistencies were found and repaired:\n");
         say!("    {} leaked clusters", report.leaks_fixed);
-        say!("    {} corruptions", report.corruptions_fixed);
-        say!(
-            "    {} dedup table errors (table rebuilt)\n",
-            report.dedup_fixed
-        );
+        if report.dedup_fixed > 0 {
+            say!("    {} corruptions", report.corruptions_fixed);
+            say!(
+                "    {} dedup table errors (table rebuilt)\n",
+                report.dedup_fixed
+            );
+        } else {
+            say!("    {} corruptions\n", report.corruptions_fixed);
+        }
         say!("Double checking the fixed image now...");
     }
     if report.is_clean() {
