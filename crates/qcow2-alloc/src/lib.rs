@@ -10,6 +10,10 @@
 //! [`ReferenceCounts`] is the in-memory tally a consistency check builds to
 //! compare against the refcounts on disk.
 #![forbid(unsafe_code)]
+// Offsets, counts and shifts derived from disk are checked or saturating,
+// or allowed where a bound is proven (see each allowance).
+#![deny(clippy::arithmetic_side_effects)]
+#![cfg_attr(test, allow(clippy::arithmetic_side_effects))]
 
 pub mod cache;
 mod error;

@@ -2,7 +2,7 @@
 //! refcounts on disk.
 
 use qcow2_format::table::encode_u64s;
-use qcow2_format::{HostCluster, HostOffset, MAX_REFCOUNT_TABLE_BYTES};
+use qcow2_format::{HostCluster, MAX_REFCOUNT_TABLE_BYTES};
 
 use crate::{AllocError, Refcounts, RefcountsConfig, Result, Storage};
 
@@ -48,7 +48,7 @@ impl ReferenceCounts {
             .and_then(|i| self.counts.get_mut(i))
         {
             Some(c) => {
-                *c += 1;
+                *c = c.saturating_add(1);
                 true
             }
             None => false,
@@ -143,31 +143,42 @@ pub fn rebuild_refcounts(
         .map_err(AllocError::io("reading the image size"))?;
     let epb = config.width.entries_per_block(g);
     let start = file_size.div_ceil(cs).max(tally.len()).max(1);
+    // Every quantity below is at most start + 2^20 blocks + 8 MiB of table
+    // (the limit is checked before anything is written), and start is a
+    // file length in clusters: saturation never happens on a real file and
+    // turns a hostile one into the TableTooLarge error.
     let (mut blocks, mut table_clusters) = (0u64, 0u64);
     loop {
-        let covered = start + blocks + table_clusters;
+        let covered = start.saturating_add(blocks).saturating_add(table_clusters);
         let need_blocks = covered.div_ceil(epb);
-        let need_table = (need_blocks * 8).div_ceil(cs);
+        let need_table = need_blocks.saturating_mul(8).div_ceil(cs);
         if need_blocks == blocks && need_table == table_clusters {
             break;
         }
         blocks = need_blocks;
         table_clusters = need_table;
     }
-    if table_clusters * cs > MAX_REFCOUNT_TABLE_BYTES.max(cs) {
+    let table_bytes = table_clusters.saturating_mul(cs);
+    if table_bytes > MAX_REFCOUNT_TABLE_BYTES.max(cs) {
         return Err(AllocError::TableTooLarge {
-            needed: table_clusters * cs,
+            needed: table_bytes,
             limit: MAX_REFCOUNT_TABLE_BYTES,
         });
     }
-    let end = start + blocks + table_clusters;
+    let table_start = start.saturating_add(blocks);
+    let end = table_start.saturating_add(table_clusters);
     let max = config.width.max();
     let mut block = vec![0u8; cs as usize];
-    let mut table = vec![0u64; (table_clusters * cs / 8) as usize];
-    for (index, entry) in table.iter_mut().enumerate().take(blocks as usize) {
+    let mut table = vec![0u64; (table_bytes / 8) as usize];
+    for ((index, entry), location) in table
+        .iter_mut()
+        .enumerate()
+        .take(blocks as usize)
+        .zip(start..)
+    {
         block.fill(0);
-        let first = index as u64 * epb;
-        for cluster in first..(first + epb).min(end) {
+        let first = (index as u64).saturating_mul(epb);
+        for cluster in first..first.saturating_add(epb).min(end) {
             let value = if cluster < start {
                 tally.get(HostCluster::new(cluster)).min(max)
             } else {
@@ -175,15 +186,15 @@ pub fn rebuild_refcounts(
             };
             config
                 .width
-                .set(&mut block, (cluster - first) as usize, value);
+                .set(&mut block, cluster.saturating_sub(first) as usize, value);
         }
-        let at = (start + index as u64) * cs;
+        let at = g.host_offset(HostCluster::new(location)).get();
         storage
             .write_at(&block, at)
             .map_err(AllocError::io("writing a rebuilt refcount block"))?;
         *entry = at;
     }
-    let table_offset = HostOffset::new((start + blocks) * cs);
+    let table_offset = g.host_offset(HostCluster::new(table_start));
     storage
         .write_at(&encode_u64s(&table), table_offset.get())
         .map_err(AllocError::io("writing the rebuilt refcount table"))?;
@@ -205,7 +216,7 @@ mod tests {
     use super::*;
     use crate::MemStorage;
     use qcow2_format::refcount::RefcountWidth;
-    use qcow2_format::{ClusterCount, Geometry};
+    use qcow2_format::{ClusterCount, Geometry, HostOffset};
 
     #[test]
     fn rebuilt_structure_holds_the_tally_and_counts_itself() {

@@ -1,5 +1,6 @@
 //! The refcount table, a bounded cache of refcount blocks, and allocation.
 
+use std::num::NonZeroU64;
 use std::ops::Range;
 
 use qcow2_format::refcount::{RefcountTableEntry, RefcountWidth};
@@ -43,7 +44,7 @@ pub struct RefcountsConfig {
 pub struct Refcounts {
     geometry: Geometry,
     width: RefcountWidth,
-    entries_per_block: u64,
+    entries_per_block: NonZeroU64,
     table_offset: HostOffset,
     table_clusters: u32,
     table: Vec<u64>,
@@ -177,7 +178,13 @@ impl Refcounts {
     }
 
     fn read_table(storage: &dyn Storage, config: RefcountsConfig) -> Result<Vec<u64>> {
-        let bytes = u64::from(config.table_clusters) * config.geometry.cluster_size();
+        let bytes = u64::from(config.table_clusters).saturating_mul(config.geometry.cluster_size());
+        if bytes > MAX_REFCOUNT_TABLE_BYTES.max(config.geometry.cluster_size()) {
+            return Err(AllocError::TableTooLarge {
+                needed: bytes,
+                limit: MAX_REFCOUNT_TABLE_BYTES,
+            });
+        }
         let mut raw = vec![0u8; bytes as usize];
         storage
             .read_at(&mut raw, config.table_offset.get())
@@ -201,8 +208,9 @@ impl Refcounts {
     /// Builds the refcount structures of a new image in memory: a table of
     /// `table_clusters` clusters at `table_offset`, no blocks yet.
     pub fn new_empty(config: RefcountsConfig) -> Self {
-        let entries =
-            (u64::from(config.table_clusters) * config.geometry.cluster_size() / 8) as usize;
+        let entries = (u64::from(config.table_clusters)
+            .saturating_mul(config.geometry.cluster_size())
+            / 8) as usize;
         Self::with_table(config, vec![0; entries], DirtyRange::all(0..entries))
     }
 
@@ -216,18 +224,37 @@ impl Refcounts {
         Self {
             geometry: g,
             width: config.width,
-            entries_per_block: config.width.entries_per_block(g),
+            entries_per_block: NonZeroU64::new(config.width.entries_per_block(g))
+                .unwrap_or(NonZeroU64::MIN),
             table_offset: config.table_offset,
             table_clusters: config.table_clusters,
             table,
             dirty_entries,
             retired_tables: Vec::new(),
-            blocks: WriteBackCache::new((config.cache_bytes / g.cluster_size()).max(4) as usize),
+            blocks: WriteBackCache::new((config.cache_bytes >> g.cluster_bits()).max(4) as usize),
             block_clusters,
             free_hint: HostCluster::new(1),
             cache_bytes: config.cache_bytes,
             damage: Vec::new(),
         }
+    }
+
+    fn epb(&self) -> u64 {
+        self.entries_per_block.get()
+    }
+
+    /// The table index of the block describing `cluster`, and the entry
+    /// within that block.
+    fn locate(&self, cluster: u64) -> (u64, usize) {
+        (
+            cluster / self.entries_per_block,
+            (cluster % self.entries_per_block) as usize,
+        )
+    }
+
+    /// The first cluster the block at table `index` describes.
+    fn first_of(&self, index: u64) -> u64 {
+        index.saturating_mul(self.epb())
     }
 
     /// Where the table is now and how blocks are cached.
@@ -272,7 +299,7 @@ impl Refcounts {
         let c = cluster.get();
         let within = |offset: HostOffset, clusters: u32| {
             let first = g.host_cluster(offset).get();
-            c >= first && c < first + u64::from(clusters)
+            c >= first && c < first.saturating_add(u64::from(clusters))
         };
         within(self.table_offset, self.table_clusters)
             || self.retired_tables.iter().any(|&(o, n)| within(o, n))
@@ -281,7 +308,7 @@ impl Refcounts {
 
     /// Number of host clusters the current table can describe.
     pub fn coverage(&self) -> u64 {
-        self.table.len() as u64 * self.entries_per_block
+        self.first_of(self.table.len() as u64)
     }
 
     /// One past the last host cluster that an existing refcount block
@@ -291,7 +318,7 @@ impl Refcounts {
             self.table
                 .iter()
                 .rposition(|&e| e != 0)
-                .map_or(0, |i| (i as u64 + 1) * self.entries_per_block),
+                .map_or(0, |i| self.first_of(i as u64).saturating_add(self.epb())),
         )
     }
 
@@ -331,11 +358,10 @@ impl Refcounts {
 
     /// Refcount of host cluster `cluster` (0 where no block describes it).
     pub fn get(&mut self, storage: &dyn Storage, cluster: HostCluster) -> Result<u64> {
-        let index = cluster.get() / self.entries_per_block;
+        let (index, within) = self.locate(cluster.get());
         if index >= self.table.len() as u64 || self.table[index as usize] == 0 {
             return Ok(0);
         }
-        let within = (cluster.get() % self.entries_per_block) as usize;
         let width = self.width;
         if let Some(block) = self.blocks.get(index) {
             return Ok(width.get(block, within));
@@ -353,21 +379,21 @@ impl Refcounts {
         storage: &dyn Storage,
         start: HostCluster,
     ) -> Result<Vec<(HostCluster, u64)>> {
-        let epb = self.entries_per_block;
+        let epb = self.epb();
         let mut seen = IntSet::default();
         let mut out = Vec::new();
-        for index in start.get() / epb..self.table.len() as u64 {
+        for index in self.locate(start.get()).0..self.table.len() as u64 {
             let offset = self.table[index as usize];
             if offset == 0 || !seen.insert(offset) {
                 continue;
             }
             let width = self.width;
             let block = self.cached_block(storage, index)?;
-            let first = index * epb;
-            for i in start.get().max(first) - first..epb {
+            let first = index.saturating_mul(epb);
+            for i in start.get().max(first).saturating_sub(first)..epb {
                 let value = width.get(block, i as usize);
                 if value != 0 {
-                    out.push((HostCluster::new(first + i), value));
+                    out.push((HostCluster::new(first.saturating_add(i)), value));
                 }
             }
         }
@@ -396,12 +422,11 @@ impl Refcounts {
                 max: self.width.max(),
             });
         }
-        let index = cluster / self.entries_per_block;
-        reserved.push(cluster..cluster + 1);
+        let (index, within) = self.locate(cluster);
+        reserved.push(cluster..cluster.saturating_add(1));
         let ensured = self.ensure_block(storage, index, reserved);
         reserved.pop();
         ensured?;
-        let within = (cluster % self.entries_per_block) as usize;
         let width = self.width;
         width.set(self.block_mut(storage, index)?, within, value);
         if value == 0 && cluster < self.free_hint.get() {
@@ -445,20 +470,20 @@ impl Refcounts {
         reserved: &mut Vec<Range<u64>>,
     ) -> Result<()> {
         if index >= self.table.len() as u64 {
-            self.grow_table(storage, index + 1, reserved)?;
+            self.grow_table(storage, index.saturating_add(1), reserved)?;
         }
         if self.table[index as usize] != 0 {
             return Ok(());
         }
-        let first = index * self.entries_per_block;
-        let end = first + self.entries_per_block;
+        let first = self.first_of(index);
+        let end = first.saturating_add(self.epb());
         let mut location = first.max(1);
         while let Some(skip) = reserved_end(reserved, location) {
             location = skip;
         }
         if location < end {
             self.insert_new_block(storage, index, location)?;
-            let within = (location - first) as usize;
+            let within = location.saturating_sub(first) as usize;
             let width = self.width;
             width.set(self.block_mut(storage, index)?, within, 1);
         } else {
@@ -475,7 +500,7 @@ impl Refcounts {
         }
         let data = vec![0u8; self.geometry.cluster_size() as usize];
         self.blocks.insert(index, data, true);
-        self.table[index as usize] = location * self.geometry.cluster_size();
+        self.table[index as usize] = self.geometry.host_offset(HostCluster::new(location)).get();
         self.block_clusters.insert(location);
         self.dirty_entries.mark(index as usize);
         Ok(())
@@ -489,30 +514,35 @@ impl Refcounts {
     ) -> Result<()> {
         let cs = self.geometry.cluster_size();
         let per_cluster = cs / 8;
-        let mut entries = min_entries.max(self.table.len() as u64 * 3 / 2 + 1);
+        let grown = (self.table.len() as u64).saturating_mul(3) / 2;
+        let mut entries = min_entries.max(grown.saturating_add(1));
         loop {
             let clusters = entries.div_ceil(per_cluster);
-            if clusters * cs > MAX_REFCOUNT_TABLE_BYTES.max(cs) {
+            let needed = clusters.saturating_mul(cs);
+            if needed > MAX_REFCOUNT_TABLE_BYTES.max(cs) {
                 return Err(AllocError::TableTooLarge {
-                    needed: clusters * cs,
+                    needed,
                     limit: MAX_REFCOUNT_TABLE_BYTES,
                 });
             }
             let start = self.find_free_run(storage, clusters, reserved)?;
-            let last_index = (start + clusters - 1) / self.entries_per_block;
-            if last_index >= clusters * per_cluster {
-                entries = last_index + 1;
+            let end = start.saturating_add(clusters);
+            let last_index = self.locate(end.saturating_sub(1)).0;
+            // clusters * cs is at most 8 MiB (checked above).
+            let capacity = clusters.saturating_mul(per_cluster);
+            if last_index >= capacity {
+                entries = last_index.saturating_add(1);
                 continue;
             }
-            self.table.resize((clusters * per_cluster) as usize, 0);
+            self.table.resize(capacity as usize, 0);
             self.retired_tables
                 .push((self.table_offset, self.table_clusters));
-            self.table_offset = HostOffset::new(start * cs);
+            self.table_offset = self.geometry.host_offset(HostCluster::new(start));
             self.table_clusters = clusters as u32;
             self.dirty_entries = DirtyRange::all(0..self.table.len());
-            reserved.push(start..start + clusters);
+            reserved.push(start..end);
             let result = (|| {
-                for cluster in start..start + clusters {
+                for cluster in start..end {
                     self.set_reserving(storage, cluster, 1, reserved)?;
                 }
                 Ok(())
@@ -533,7 +563,7 @@ impl Refcounts {
         count: u64,
         reserved: &[Range<u64>],
     ) -> Result<u64> {
-        let epb = self.entries_per_block;
+        let epb = self.epb();
         let mut cluster = self.free_hint.get().max(1);
         let mut run_start = cluster;
         let mut run_len = 0;
@@ -544,38 +574,38 @@ impl Refcounts {
                 run_len = 0;
                 continue;
             }
-            let index = cluster / epb;
+            let index = self.locate(cluster).0;
             let next_reserved = reserved
                 .iter()
                 .filter(|r| r.start > cluster)
                 .map(|r| r.start)
                 .min()
                 .unwrap_or(u64::MAX);
-            let end = ((index + 1) * epb).min(next_reserved);
+            let end = self.first_of(index).saturating_add(epb).min(next_reserved);
             let described = index < self.table.len() as u64 && self.table[index as usize] != 0;
             if !described {
                 if run_len == 0 {
                     run_start = cluster;
                 }
                 first_free.get_or_insert(cluster);
-                run_len += end - cluster;
+                run_len = run_len.saturating_add(end.saturating_sub(cluster));
                 cluster = end;
                 continue;
             }
             let width = self.width;
             let block = self.cached_block(storage, index)?;
-            let first = index * epb;
+            let first = index.saturating_mul(epb);
             while cluster < end && run_len < count {
-                if width.get(block, (cluster - first) as usize) == 0 {
+                if width.get(block, cluster.saturating_sub(first) as usize) == 0 {
                     if run_len == 0 {
                         run_start = cluster;
                     }
                     first_free.get_or_insert(cluster);
-                    run_len += 1;
+                    run_len = run_len.saturating_add(1);
                 } else {
                     run_len = 0;
                 }
-                cluster += 1;
+                cluster = cluster.saturating_add(1);
             }
         }
         if let Some(free) = first_free {
@@ -591,13 +621,12 @@ impl Refcounts {
         storage: &dyn Storage,
         max_count: ClusterCount,
     ) -> Result<(HostCluster, ClusterCount)> {
-        let count = max_count
-            .get()
-            .clamp(1, (self.entries_per_block / 2).max(1));
+        let count = max_count.get().clamp(1, (self.epb() / 2).max(1));
         let start = self.find_free_run(storage, count, &[])?;
-        let run = start..start + count;
+        let end = start.saturating_add(count);
+        let run = start..end;
         let mut reserved = vec![run];
-        for cluster in start..start + count {
+        for cluster in start..end {
             if self.get(storage, HostCluster::new(cluster))? != 0 {
                 return Err(AllocError::Inconsistent(format!(
                     "cluster {cluster} was taken while being allocated"
@@ -606,7 +635,7 @@ impl Refcounts {
             self.set_reserving(storage, cluster, 1, &mut reserved)?;
         }
         if start == self.free_hint.get() {
-            self.free_hint = HostCluster::new(start + count);
+            self.free_hint = HostCluster::new(end);
         }
         Ok((HostCluster::new(start), ClusterCount::new(count)))
     }
@@ -619,13 +648,14 @@ impl Refcounts {
     ) -> Result<HostCluster> {
         let count = count.get();
         let start = self.find_free_run(storage, count, &[])?;
-        let run = start..start + count;
+        let end = start.saturating_add(count);
+        let run = start..end;
         let mut reserved = vec![run];
-        for cluster in start..start + count {
+        for cluster in start..end {
             self.set_reserving(storage, cluster, 1, &mut reserved)?;
         }
         if start == self.free_hint.get() {
-            self.free_hint = HostCluster::new(start + count);
+            self.free_hint = HostCluster::new(end);
         }
         Ok(HostCluster::new(start))
     }
@@ -659,7 +689,12 @@ impl Refcounts {
                 .map_err(AllocError::io("syncing refcount blocks before the table"))?;
             let bytes = encode_u64s(&self.table[range.clone()]);
             storage
-                .write_at(&bytes, self.table_offset.get() + range.start as u64 * 8)
+                .write_at(
+                    &bytes,
+                    self.table_offset
+                        .get()
+                        .saturating_add((range.start as u64).saturating_mul(8)),
+                )
                 .map_err(AllocError::io("writing the refcount table"))?;
             wrote = true;
         }
@@ -798,5 +833,29 @@ mod tests {
         ));
         let (again, _) = r.allocate(&storage, ClusterCount::ONE).unwrap();
         assert_eq!(again, cluster, "freed cluster is reused");
+    }
+
+    #[test]
+    fn hostile_configs_are_errors_not_allocations_or_wraps() {
+        let g = Geometry::new(9, false).unwrap();
+        let storage = MemStorage::new();
+        storage.write_at(&[0u8; 4096], 0).unwrap();
+        let config = RefcountsConfig {
+            geometry: g,
+            width: RefcountWidth::new(4).unwrap(),
+            table_offset: HostOffset::new(512),
+            table_clusters: u32::MAX,
+            cache_bytes: 1 << 20,
+        };
+        assert!(matches!(
+            Refcounts::load(&storage, config),
+            Err(AllocError::TableTooLarge { .. })
+        ));
+        let (storage, mut r) = fresh(9, 4);
+        assert_eq!(r.get(&storage, HostCluster::new(u64::MAX)).unwrap(), 0);
+        assert!(matches!(
+            r.set(&storage, HostCluster::new(u64::MAX), 1),
+            Err(AllocError::TableTooLarge { .. })
+        ));
     }
 }

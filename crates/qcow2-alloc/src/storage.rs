@@ -2,6 +2,7 @@
 
 use std::fs::File;
 use std::io;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -114,12 +115,15 @@ impl FileStorage {
 fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
+        let at = offset
+            .checked_add(done as u64)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "read past 2^64"))?;
+        match file.read_at(&mut buf[done..], at) {
             Ok(0) => {
                 buf[done..].fill(0);
                 break;
             }
-            Ok(n) => done += n,
+            Ok(n) => done = done.saturating_add(n),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
@@ -174,7 +178,7 @@ impl AlignedBuf {
     /// A zeroed buffer of `len` bytes starting at a [`DIRECT_IO_ALIGN`]
     /// boundary, able to grow to `capacity` bytes without moving.
     pub fn new(len: usize, capacity: usize) -> Self {
-        let storage = vec![0u8; capacity.max(len) + DIRECT_IO_ALIGN];
+        let storage = vec![0u8; capacity.max(len).saturating_add(DIRECT_IO_ALIGN)];
         let start = storage
             .as_ptr()
             .align_offset(DIRECT_IO_ALIGN)
@@ -188,34 +192,57 @@ impl AlignedBuf {
 
     /// Changes the length within the capacity given at creation.
     pub fn set_len(&mut self, len: usize) {
-        self.len = len.min(self.storage.len() - self.start);
+        self.len = len.min(self.storage.len().saturating_sub(self.start));
     }
 
     /// The bytes.
     pub fn as_slice(&self) -> &[u8] {
-        &self.storage[self.start..self.start + self.len]
+        &self.storage[self.start..][..self.len]
     }
 
     /// The bytes, writable.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        &mut self.storage[self.start..self.start + self.len]
+        &mut self.storage[self.start..][..self.len]
     }
 }
 
+/// Reads what `data` holds at `offset`, zeroes past its end.
 fn read_from(data: &[u8], buf: &mut [u8], offset: u64) {
-    let start = (offset as usize).min(data.len());
-    let end = (offset as usize).saturating_add(buf.len()).min(data.len());
-    let n = end - start;
-    buf[..n].copy_from_slice(&data[start..end]);
+    let start = usize::try_from(offset)
+        .unwrap_or(usize::MAX)
+        .min(data.len());
+    let available = &data[start..];
+    let n = available.len().min(buf.len());
+    buf[..n].copy_from_slice(&available[..n]);
     buf[n..].fill(0);
 }
 
-fn write_into(data: &mut Vec<u8>, buf: &[u8], offset: u64) {
-    let end = offset as usize + buf.len();
-    if data.len() < end {
-        data.resize(end, 0);
+/// The bytes `[offset, offset + len)` as indexes, or an error if they do
+/// not fit in memory's address space.
+fn byte_range(offset: u64, len: usize) -> io::Result<Range<usize>> {
+    let start = usize::try_from(offset).ok();
+    start
+        .and_then(|s| Some(s..s.checked_add(len)?))
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "write beyond memory"))
+}
+
+/// Writes `buf` at `offset` of `data`, growing it with zeroes; growth
+/// that cannot be allocated is an error, not an abort.
+fn write_into(data: &mut Vec<u8>, buf: &[u8], offset: u64) -> io::Result<()> {
+    let range = byte_range(offset, buf.len())?;
+    if data.len() < range.end {
+        data.try_reserve(range.end.saturating_sub(data.len()))
+            .map_err(|e| io::Error::new(io::ErrorKind::OutOfMemory, e))?;
+        data.resize(range.end, 0);
     }
-    data[offset as usize..end].copy_from_slice(buf);
+    data[range].copy_from_slice(buf);
+    Ok(())
+}
+
+/// Replays a logged write. It succeeded when it was logged, on contents of
+/// the same size or larger, so it cannot fail now.
+fn replay(data: &mut Vec<u8>, buf: &[u8], offset: u64) {
+    let _ = write_into(data, buf, offset);
 }
 
 /// An in-memory storage, for tests and benchmarks without a disk.
@@ -250,8 +277,7 @@ impl Storage for MemStorage {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        write_into(&mut self.data.write(), buf, offset);
-        Ok(())
+        write_into(&mut self.data.write(), buf, offset)
     }
 
     fn len(&self) -> io::Result<u64> {
@@ -338,7 +364,7 @@ impl FaultyStorage {
         let mut data = state.durable.clone();
         for (offset, bytes) in state.unflushed.iter().take(applied) {
             match bytes {
-                Some(bytes) => write_into(&mut data, bytes, *offset),
+                Some(bytes) => replay(&mut data, bytes, *offset),
                 None => data.resize(*offset as usize, 0),
             }
         }
@@ -353,6 +379,8 @@ impl FaultyStorage {
     /// sectors written and the others not; the ones that land do so in an
     /// arbitrary order. `seed` picks the outcome, so every pattern can be
     /// replayed. Resizes apply in order.
+    // Logged writes passed `byte_range`, so their ends fit in a usize.
+    #[allow(clippy::arithmetic_side_effects)]
     pub fn power_loss_image(&self, issued: usize, seed: u64) -> Vec<u8> {
         let state = self.state.lock();
         let issued = issued.min(state.unflushed.len());
@@ -366,7 +394,7 @@ impl FaultyStorage {
         let mut data = state.durable.clone();
         for (offset, bytes) in &state.unflushed[..barrier] {
             match bytes {
-                Some(bytes) => write_into(&mut data, bytes, *offset),
+                Some(bytes) => replay(&mut data, bytes, *offset),
                 None => data.resize(*offset as usize, 0),
             }
         }
@@ -386,7 +414,7 @@ impl FaultyStorage {
                 continue;
             };
             match rng.next() % 3 {
-                0 => write_into(&mut data, bytes, *offset),
+                0 => replay(&mut data, bytes, *offset),
                 1 => {}
                 _ => {
                     // Torn: each 512-byte sector of the file it covers lands
@@ -398,7 +426,7 @@ impl FaultyStorage {
                         if rng.next().is_multiple_of(2) {
                             let from = (at - *offset) as usize;
                             let to = (piece_end - *offset) as usize;
-                            write_into(&mut data, &bytes[from..to], at);
+                            replay(&mut data, &bytes[from..to], at);
                         }
                         at = piece_end;
                     }
@@ -414,7 +442,7 @@ impl FaultyStorage {
             if *left == 0 {
                 return Err(io::Error::other("injected write failure"));
             }
-            *left -= 1;
+            *left = left.saturating_sub(1);
         }
         state.unflushed.push((offset, bytes));
         Ok(())
@@ -428,9 +456,9 @@ impl Storage for FaultyStorage {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        byte_range(offset, buf.len())?;
         self.record(offset, Some(buf.to_vec()))?;
-        write_into(&mut self.current.write(), buf, offset);
-        Ok(())
+        write_into(&mut self.current.write(), buf, offset)
     }
 
     fn len(&self) -> io::Result<u64> {

@@ -28,6 +28,9 @@ pub enum DedupError {
         /// The offset found.
         offset: u64,
     },
+    /// A broken invariant of this crate (a bug, not damage to the image).
+    #[error("internal error: {0}")]
+    Internal(&'static str),
 }
 
 impl DedupError {

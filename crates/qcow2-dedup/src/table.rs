@@ -269,7 +269,7 @@ impl DedupTable {
         }
         if self.load_cluster(storage, slot.l1_index)? {
             if let Some(cluster) = self.clusters.get_mut(slot.l1_index) {
-                dedup::set_entry(cluster, slot.entry, entry);
+                dedup::set_entry(cluster, slot.entry, entry).ok_or_else(misplaced)?;
             }
         }
         Ok(())
@@ -288,7 +288,7 @@ impl DedupTable {
             .is_some_and(|e| !e.is_empty());
         if present {
             if let Some(cluster) = self.clusters.get_mut(slot.l1_index) {
-                dedup::set_entry(cluster, slot.entry, &zero_entry());
+                dedup::set_entry(cluster, slot.entry, &zero_entry()).ok_or_else(misplaced)?;
             }
         }
         Ok(())
@@ -427,6 +427,12 @@ fn zero_entry() -> DedupEntry {
         hash: [0; 32],
         guest_offset: 0.into(),
     }
+}
+
+/// An entry index that does not fit its dedup cluster: a bug of
+/// `slot_of`, never damage (the index is computed, not read).
+fn misplaced() -> DedupError {
+    DedupError::Internal("dedup entry index outside its cluster")
 }
 
 #[cfg(test)]

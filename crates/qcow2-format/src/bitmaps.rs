@@ -27,34 +27,37 @@ pub struct BitmapDirectoryEntry {
 pub fn parse_bitmap_directory(dir: &[u8], count: u32) -> Result<Vec<BitmapDirectoryEntry>> {
     let mut out = Vec::new();
     let mut pos = 0usize;
+    let truncated = |needed: Option<usize>| FormatError::Truncated {
+        what: "bitmap directory",
+        needed: needed.map_or(u64::MAX, |n| n as u64),
+        available: dir.len() as u64,
+    };
     for _ in 0..count {
-        let truncated = |needed: usize| FormatError::Truncated {
-            what: "bitmap directory",
-            needed: needed as u64,
-            available: dir.len() as u64,
-        };
-        let fixed = dir
-            .get(pos..pos + ENTRY_FIXED_LEN)
-            .ok_or_else(|| truncated(pos + ENTRY_FIXED_LEN))?;
-        let be32 = |at: usize| {
-            u32::from_be_bytes([fixed[at], fixed[at + 1], fixed[at + 2], fixed[at + 3]])
-        };
+        let fixed_end = pos.checked_add(ENTRY_FIXED_LEN);
+        let fixed: &[u8; ENTRY_FIXED_LEN] = fixed_end
+            .and_then(|end| dir.get(pos..end))
+            .and_then(|f| f.try_into().ok())
+            .ok_or_else(|| truncated(fixed_end))?;
+        let be32 = |at: [usize; 4]| u32::from_be_bytes(at.map(|i| fixed[i]));
         let mut offset = [0u8; 8];
         offset.copy_from_slice(&fixed[..8]);
         let name_size = usize::from(u16::from_be_bytes([fixed[18], fixed[19]]));
-        let extra = be32(20) as usize;
-        let name_start = pos + ENTRY_FIXED_LEN + extra;
-        let name = dir
-            .get(name_start..name_start + name_size)
-            .ok_or_else(|| truncated(name_start + name_size))?;
+        let extra = be32([20, 21, 22, 23]) as usize;
+        let name_start = fixed_end.and_then(|end| end.checked_add(extra));
+        let name_end = name_start.and_then(|start| start.checked_add(name_size));
+        let name = name_start
+            .zip(name_end)
+            .and_then(|(start, end)| dir.get(start..end))
+            .ok_or_else(|| truncated(name_end))?;
         out.push(BitmapDirectoryEntry {
             table_offset: u64::from_be_bytes(offset),
-            table_size: be32(8),
-            flags: be32(12),
+            table_size: be32([8, 9, 10, 11]),
+            flags: be32([12, 13, 14, 15]),
             granularity_bits: fixed[17],
             name: String::from_utf8_lossy(name).into_owned(),
         });
-        pos = (name_start + name_size).next_multiple_of(8);
+        // name_end <= dir.len(), so rounding up to 8 cannot overflow.
+        pos = name_end.map_or(usize::MAX, |end| end.next_multiple_of(8));
     }
     Ok(out)
 }

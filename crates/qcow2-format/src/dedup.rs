@@ -122,6 +122,7 @@ pub const fn entries_per_cluster(geometry: Geometry) -> u64 {
 }
 
 /// The slot of host cluster index `host_cluster`.
+#[allow(clippy::arithmetic_side_effects)] // n >= 512 / 40: never zero
 pub const fn slot_of(geometry: Geometry, host_cluster: HostCluster) -> DedupSlot {
     let host_cluster = host_cluster.get();
     let n = entries_per_cluster(geometry);
@@ -138,32 +139,54 @@ pub const fn l1_entries_for(geometry: Geometry, host_clusters: u64) -> u64 {
 
 /// Reads entry `index` of an L2 dedup cluster.
 pub fn entry(cluster: &[u8], index: u64) -> Option<DedupEntry> {
-    let start = (index * DEDUP_ENTRY_SIZE) as usize;
-    let bytes = cluster.get(start..start + DEDUP_ENTRY_SIZE as usize)?;
+    let bytes = cluster.get(entry_range(index)?)?;
     DedupEntry::read_from_bytes(bytes).ok()
 }
 
 /// Writes entry `index` of an L2 dedup cluster (the CRC is left stale;
-/// call [`seal`] before writing the cluster).
-pub fn set_entry(cluster: &mut [u8], index: u64, value: &DedupEntry) {
-    let start = (index * DEDUP_ENTRY_SIZE) as usize;
-    cluster[start..start + DEDUP_ENTRY_SIZE as usize].copy_from_slice(value.as_bytes());
+/// call [`seal`] before writing the cluster). `None` if the entry does not
+/// fit in `cluster`.
+#[must_use]
+pub fn set_entry(cluster: &mut [u8], index: u64, value: &DedupEntry) -> Option<()> {
+    cluster
+        .get_mut(entry_range(index)?)?
+        .copy_from_slice(value.as_bytes());
+    Some(())
+}
+
+/// The bytes of entry `index` in an L2 dedup cluster (`None` on overflow).
+fn entry_range(index: u64) -> Option<std::ops::Range<usize>> {
+    let start = usize::try_from(index.checked_mul(DEDUP_ENTRY_SIZE)?).ok()?;
+    Some(start..start.checked_add(DEDUP_ENTRY_SIZE as usize)?)
+}
+
+/// A cluster split into its entries and its CRC trailer (the trailer is
+/// short only for a buffer smaller than the trailer, never a cluster).
+fn split_trailer(cluster: &[u8]) -> (&[u8], &[u8]) {
+    cluster.split_at(cluster.len().saturating_sub(DEDUP_CRC_SIZE as usize))
 }
 
 /// Stores the CRC-32 of everything before the trailer into the trailer.
 pub fn seal(cluster: &mut [u8]) {
-    let split = cluster.len() - DEDUP_CRC_SIZE as usize;
-    let crc = crc32fast::hash(&cluster[..split]);
-    cluster[split..].copy_from_slice(&crc.to_be_bytes());
+    let crc = crc32fast::hash(split_trailer(cluster).0);
+    let body = cluster.len().saturating_sub(DEDUP_CRC_SIZE as usize);
+    if let Some(trailer) = cluster.get_mut(body..) {
+        let n = trailer.len();
+        trailer.copy_from_slice(&crc.to_be_bytes()[..n]);
+    }
 }
 
 /// Checks an L2 dedup cluster's CRC trailer.
 pub fn verify(cluster: &[u8]) -> Result<()> {
-    let split = cluster.len() - DEDUP_CRC_SIZE as usize;
-    let computed = crc32fast::hash(&cluster[..split]);
-    let mut stored = [0u8; 4];
-    stored.copy_from_slice(&cluster[split..]);
-    let stored = u32::from_be_bytes(stored);
+    let (body, trailer) = split_trailer(cluster);
+    let computed = crc32fast::hash(body);
+    let stored = <[u8; 4]>::try_from(trailer)
+        .map(u32::from_be_bytes)
+        .map_err(|_| FormatError::Truncated {
+            what: "dedup cluster",
+            needed: DEDUP_CRC_SIZE,
+            available: cluster.len() as u64,
+        })?;
     if stored != computed {
         return Err(FormatError::DedupChecksum { stored, computed });
     }
@@ -212,7 +235,7 @@ mod tests {
             hash: [7; 32],
             guest_offset: 0x1000.into(),
         };
-        set_entry(&mut cluster, 3, &e);
+        set_entry(&mut cluster, 3, &e).unwrap();
         seal(&mut cluster);
         verify(&cluster).unwrap();
         assert_eq!(entry(&cluster, 3), Some(e));
@@ -222,5 +245,23 @@ mod tests {
             verify(&cluster),
             Err(FormatError::DedupChecksum { .. })
         ));
+    }
+
+    #[test]
+    fn entries_outside_the_cluster_are_refused_not_wrapped() {
+        let mut cluster = vec![0u8; 512];
+        let e = DedupEntry {
+            hash: [1; 32],
+            guest_offset: 0.into(),
+        };
+        assert_eq!(set_entry(&mut cluster, 11, &e), Some(()));
+        assert_eq!(set_entry(&mut cluster, 12, &e), None, "crosses the end");
+        assert_eq!(set_entry(&mut cluster, u64::MAX, &e), None);
+        assert_eq!(
+            entry(&cluster, u64::MAX / 40 + 1),
+            None,
+            "index * 40 overflows"
+        );
+        assert!(verify(&[0u8; 3]).is_err(), "shorter than the trailer");
     }
 }

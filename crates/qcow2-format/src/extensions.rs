@@ -153,14 +153,14 @@ impl HeaderExtension {
         match self {
             Self::BackingFormat(s) | Self::DataFile(s) => s.as_bytes().to_vec(),
             Self::FeatureNames(names) => {
-                let mut out = Vec::with_capacity(names.len() * 48);
+                let mut out = Vec::with_capacity(names.len().saturating_mul(48));
                 for n in names {
                     let mut entry = [0u8; 48];
                     entry[0] = n.kind;
                     entry[1] = n.bit;
                     let bytes = n.name.as_bytes();
                     let len = bytes.len().min(46);
-                    entry[2..2 + len].copy_from_slice(&bytes[..len]);
+                    entry[2..][..len].copy_from_slice(&bytes[..len]);
                     out.extend_from_slice(&entry);
                 }
                 out
@@ -193,21 +193,20 @@ impl HeaderExtension {
 /// an area that ends without one is accepted as QEMU does.
 pub fn parse_extensions(area: &[u8]) -> Result<Vec<HeaderExtension>> {
     let mut out = Vec::new();
-    let mut pos = 0usize;
-    while area.len() - pos >= 8 {
-        let magic = be32(&area[pos..]);
-        let len = be32(&area[pos + 4..]) as usize;
+    let mut rest = area;
+    while let Some((head, body)) = rest.split_at_checked(8) {
+        let magic = be32(head);
+        let len = be32(&head[4..]) as usize;
         if magic == EXT_END {
             break;
         }
-        pos += 8;
-        if len > area.len() - pos {
+        let Some((data, after)) = body.split_at_checked(len) else {
             return Err(FormatError::InvalidExtension {
                 magic,
                 reason: "length extends past the header area",
             });
-        }
-        let ext = HeaderExtension::parse(magic, &area[pos..pos + len])?;
+        };
+        let ext = HeaderExtension::parse(magic, data)?;
         if out.iter().any(|e: &HeaderExtension| e.magic() == magic) {
             return Err(FormatError::InvalidExtension {
                 magic,
@@ -215,7 +214,8 @@ pub fn parse_extensions(area: &[u8]) -> Result<Vec<HeaderExtension>> {
             });
         }
         out.push(ext);
-        pos += len.next_multiple_of(8).min(area.len() - pos);
+        // Padding to 8 bytes; an area that ends inside it ends here.
+        rest = after.get(len.wrapping_neg() % 8..).unwrap_or_default();
     }
     Ok(out)
 }

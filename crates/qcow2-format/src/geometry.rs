@@ -12,6 +12,9 @@ pub struct Geometry {
     extended_l2: bool,
 }
 
+// cluster_bits is 9..=21 (checked by `Geometry::new`): every divisor here
+// is a nonzero power of two and no shift of a size overflows.
+#[allow(clippy::arithmetic_side_effects)]
 impl Geometry {
     /// Validates `cluster_bits` (and the extended-L2 minimum of 14).
     pub fn new(cluster_bits: u32, extended_l2: bool) -> Result<Self> {

@@ -204,7 +204,7 @@ impl Header {
             if header_length > V3_MIN_HEADER_LEN {
                 compression_type = buf[V3_MIN_HEADER_LEN as usize];
                 additional_fields =
-                    buf[V3_MIN_HEADER_LEN as usize + 1..header_length as usize].to_vec();
+                    buf[V3_MIN_HEADER_LEN as usize..header_length as usize][1..].to_vec();
             }
         }
         if refcount_order > 6 {
@@ -287,7 +287,7 @@ impl Header {
             return Err(FormatError::TooLarge {
                 what: "virtual size",
                 value: self.size,
-                limit: l1_limit * g.l2_coverage(),
+                limit: l1_limit.saturating_mul(g.l2_coverage()),
             });
         }
         if u64::from(self.l1_size) > l1_limit {
@@ -319,7 +319,7 @@ impl Header {
             )?;
         }
 
-        let rt_limit = MAX_REFCOUNT_TABLE_BYTES / g.cluster_size();
+        let rt_limit = MAX_REFCOUNT_TABLE_BYTES >> g.cluster_bits();
         let rt_clusters = u64::from(self.refcount_table_clusters);
         if rt_clusters > rt_limit.max(1) {
             return Err(FormatError::TooLarge {
@@ -363,7 +363,7 @@ impl Header {
         past_end(
             "refcount table",
             self.refcount_table_offset,
-            rt_clusters * g.cluster_size(),
+            rt_clusters.saturating_mul(g.cluster_size()),
             file_size,
         )
     }
@@ -481,7 +481,10 @@ impl Header {
         if backing.len() > MAX_BACKING_NAME as usize {
             return Err(FormatError::InvalidBackingName("longer than 1023 bytes"));
         }
-        let needed = header_length as usize + extensions.len() + backing.len();
+        // Each part is bounded (header < 1 KiB, extensions by their count
+        // and names, backing name <= 1023 bytes): the sum cannot overflow.
+        let before_backing = (header_length as usize).saturating_add(extensions.len());
+        let needed = before_backing.saturating_add(backing.len());
         if needed as u64 > self.geometry.cluster_size() {
             return Err(FormatError::HeaderTooLarge {
                 needed,
@@ -489,7 +492,7 @@ impl Header {
             });
         }
         if self.backing_file.is_some() {
-            v2.backing_file_offset = ((header_length as usize + extensions.len()) as u64).into();
+            v2.backing_file_offset = (before_backing as u64).into();
             v2.backing_file_size = (backing.len() as u32).into();
         }
         out.extend_from_slice(v2.as_bytes());

@@ -48,12 +48,16 @@ pub struct CompressedDescriptor {
 
 impl CompressedDescriptor {
     /// Number of bits of the descriptor that hold the offset.
+    #[allow(clippy::arithmetic_side_effects)] // cluster_bits is 9..=21
     pub const fn offset_bits(geometry: Geometry) -> u32 {
         62 - (geometry.cluster_bits() - 8)
     }
 
     /// Host byte range `[start, end)` that may hold the compressed data: from
     /// `offset` to the end of its last sector.
+    // Decoding bounds offset below 2^56 and additional_sectors below 2^13:
+    // the end cannot overflow.
+    #[allow(clippy::arithmetic_side_effects)]
     pub const fn host_range(self) -> (u64, u64) {
         let end = (self.offset & !511) + (self.additional_sectors + 1) * 512;
         (self.offset, end)
@@ -62,7 +66,8 @@ impl CompressedDescriptor {
     /// Host clusters the compressed data touches (for refcounting).
     pub fn host_clusters(self, geometry: Geometry) -> impl Iterator<Item = HostCluster> {
         let (start, end) = self.host_range();
-        (geometry.cluster_index(start)..=geometry.cluster_index(end - 1)).map(HostCluster::new)
+        let last = end.saturating_sub(1).max(start);
+        (geometry.cluster_index(start)..=geometry.cluster_index(last)).map(HostCluster::new)
     }
 
     fn encode(self, geometry: Geometry) -> u64 {
@@ -100,7 +105,7 @@ impl L2Entry {
             }
             let bits = CompressedDescriptor::offset_bits(format.geometry);
             let descriptor = raw & !(L2_COMPRESSED | L2_COPIED);
-            let offset = descriptor & ((1u64 << bits) - 1);
+            let offset = descriptor & (u64::MAX >> 64u32.saturating_sub(bits));
             if offset & !OFFSET_MASK & !0x1ff != 0 {
                 return Err(self.invalid("compressed offset beyond 56 bits"));
             }
@@ -235,6 +240,7 @@ impl SubclusterBitmap {
     }
 
     /// State of subcluster `index` (0..32).
+    #[allow(clippy::arithmetic_side_effects)] // index < 32, so index + 32 < 64
     pub const fn state(self, index: u32) -> SubclusterState {
         if self.0 & (1 << index) != 0 {
             SubclusterState::Allocated

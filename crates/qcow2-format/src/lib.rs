@@ -8,6 +8,10 @@
 //! qcow2 specification (QEMU's `docs/interop/qcow2.rst`) or a typed
 //! [`FormatError`] naming what was wrong.
 #![forbid(unsafe_code)]
+// Every value read from disk is added, multiplied and shifted: arithmetic
+// here is checked or saturating, or allowed where a bound is proven.
+#![deny(clippy::arithmetic_side_effects)]
+#![cfg_attr(test, allow(clippy::arithmetic_side_effects))]
 
 pub mod bitmaps;
 pub mod dedup;

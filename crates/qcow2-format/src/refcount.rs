@@ -51,6 +51,9 @@ impl PartialEq for RefcountWidth {
 
 impl Eq for RefcountWidth {}
 
+// `index` is below `entries_per_block` (the caller's contract; `block` is
+// one cluster), so `index * width` is below 2^24 bits and fits easily.
+#[allow(clippy::arithmetic_side_effects)]
 fn get_sub_byte<const ORDER: u32>(block: &[u8], index: usize) -> u64 {
     let bits = 1usize << ORDER;
     let bit = index * bits;
@@ -58,6 +61,9 @@ fn get_sub_byte<const ORDER: u32>(block: &[u8], index: usize) -> u64 {
     u64::from((block[bit / 8] >> (bit % 8)) & mask)
 }
 
+// `index` is below `entries_per_block` (the caller's contract; `block` is
+// one cluster), so `index * width` is below 2^24 bits and fits easily.
+#[allow(clippy::arithmetic_side_effects)]
 fn set_sub_byte<const ORDER: u32>(block: &mut [u8], index: usize, value: u64) {
     let bits = 1usize << ORDER;
     let bit = index * bits;
@@ -66,12 +72,18 @@ fn set_sub_byte<const ORDER: u32>(block: &mut [u8], index: usize, value: u64) {
     *byte = (*byte & !mask) | (((value as u8) << (bit % 8)) & mask);
 }
 
+// `index` is below `entries_per_block` (the caller's contract; `block` is
+// one cluster), so `index * width` is below 2^24 bits and fits easily.
+#[allow(clippy::arithmetic_side_effects)]
 fn get_bytes<const BYTES: usize>(block: &[u8], index: usize) -> u64 {
     let mut buf = [0u8; 8];
     buf[8 - BYTES..].copy_from_slice(&block[index * BYTES..(index + 1) * BYTES]);
     u64::from_be_bytes(buf)
 }
 
+// `index` is below `entries_per_block` (the caller's contract; `block` is
+// one cluster), so `index * width` is below 2^24 bits and fits easily.
+#[allow(clippy::arithmetic_side_effects)]
 fn set_bytes<const BYTES: usize>(block: &mut [u8], index: usize, value: u64) {
     block[index * BYTES..(index + 1) * BYTES].copy_from_slice(&value.to_be_bytes()[8 - BYTES..]);
 }
@@ -103,6 +115,7 @@ impl RefcountWidth {
     }
 
     /// Largest refcount an entry can hold.
+    #[allow(clippy::arithmetic_side_effects)] // order < 6 here: bits <= 32
     pub const fn max(&self) -> u64 {
         if self.order == 6 {
             u64::MAX
@@ -113,7 +126,7 @@ impl RefcountWidth {
 
     /// Number of entries in one refcount block (one cluster).
     pub const fn entries_per_block(&self, geometry: Geometry) -> u64 {
-        (geometry.cluster_size() * 8) >> self.order
+        (geometry.cluster_size() << 3) >> self.order
     }
 
     /// Reads entry `index` of a refcount block. `block` must be one cluster.

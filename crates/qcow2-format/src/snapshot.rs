@@ -51,7 +51,10 @@ pub struct Snapshot {
 impl Snapshot {
     /// Bytes this entry occupies in the table, padding included.
     pub fn encoded_len(&self) -> usize {
-        (FIXED + self.extra.len() + self.id.len() + self.name.len()).next_multiple_of(8)
+        [self.extra.len(), self.id.len(), self.name.len()]
+            .into_iter()
+            .fold(FIXED, usize::saturating_add)
+            .next_multiple_of(8)
     }
 
     /// Serialises the entry, padded to a multiple of 8.
@@ -91,7 +94,11 @@ pub fn parse_snapshot_table(table: &[u8], count: u32, geometry: Geometry) -> Res
         }
         let id_len = usize::from(raw.id_str_size.get());
         let name_len = usize::from(raw.name_size.get());
-        let total = FIXED + extra_len as usize + id_len + name_len;
+        // Each part is at most 1 MiB or 64 KiB: the sum cannot overflow.
+        let strings_start = FIXED.saturating_add(extra_len as usize);
+        let total = strings_start
+            .saturating_add(id_len)
+            .saturating_add(name_len);
         if total > rest.len() {
             return Err(FormatError::InvalidSnapshot("entry past the table end"));
         }
@@ -102,20 +109,21 @@ pub fn parse_snapshot_table(table: &[u8], count: u32, geometry: Geometry) -> Res
                 offset: l1_table_offset,
             });
         }
-        if u64::from(raw.l1_size.get()) * 8 > crate::MAX_L1_BYTES {
+        if u64::from(raw.l1_size.get()) > crate::MAX_L1_BYTES / 8 {
             return Err(FormatError::TooLarge {
                 what: "snapshot L1 table",
                 value: u64::from(raw.l1_size.get()),
                 limit: crate::MAX_L1_BYTES / 8,
             });
         }
-        let extra = rest[FIXED..FIXED + extra_len as usize].to_vec();
+        let extra = rest[FIXED..strings_start].to_vec();
         let field = |at: usize| {
             extra
-                .get(at..at + 8)
-                .map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])))
+                .get(at..)
+                .and_then(|b| b.first_chunk::<8>())
+                .map(|b| u64::from_be_bytes(*b))
         };
-        let strings = &rest[FIXED + extra_len as usize..total];
+        let strings = &rest[strings_start..total];
         out.push(Snapshot {
             l1_table_offset,
             l1_size: raw.l1_size.get(),
@@ -128,7 +136,7 @@ pub fn parse_snapshot_table(table: &[u8], count: u32, geometry: Geometry) -> Res
             disk_size: field(8),
             extra,
         });
-        pos += total.next_multiple_of(8);
+        pos = pos.saturating_add(total.next_multiple_of(8));
     }
     Ok(out)
 }

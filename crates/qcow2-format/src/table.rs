@@ -40,8 +40,8 @@ impl DirtyRange {
     /// Records a change of entry `index`.
     pub fn mark(&mut self, index: usize) {
         self.0 = Some(match self.0.take() {
-            Some(r) => r.start.min(index)..r.end.max(index + 1),
-            None => index..index + 1,
+            Some(r) => r.start.min(index)..r.end.max(index.saturating_add(1)),
+            None => index..index.saturating_add(1),
         });
     }
 

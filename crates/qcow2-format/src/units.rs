@@ -83,11 +83,15 @@ impl HostOffset {
     }
 }
 
+// Unit arithmetic saturates: values come from validated tables (offsets
+// below 2^56), so saturation never happens on a valid image, and on a
+// hostile one a saturated offset fails every bounds check instead of
+// wrapping around to a small, plausible one.
 impl Add<u64> for HostOffset {
     type Output = Self;
     /// `bytes` further into the file.
     fn add(self, bytes: u64) -> Self {
-        Self(self.0 + bytes)
+        Self(self.0.saturating_add(bytes))
     }
 }
 
@@ -95,7 +99,7 @@ impl Add<u64> for GuestOffset {
     type Output = Self;
     /// `bytes` further into the virtual disk.
     fn add(self, bytes: u64) -> Self {
-        Self(self.0 + bytes)
+        Self(self.0.saturating_add(bytes))
     }
 }
 
@@ -103,20 +107,20 @@ impl Sub for GuestOffset {
     type Output = u64;
     /// Bytes between two guest offsets.
     fn sub(self, earlier: Self) -> u64 {
-        self.0 - earlier.0
+        self.0.saturating_sub(earlier.0)
     }
 }
 
 impl Add<ClusterCount> for HostCluster {
     type Output = Self;
     fn add(self, n: ClusterCount) -> Self {
-        Self(self.0 + n.0)
+        Self(self.0.saturating_add(n.0))
     }
 }
 
 impl AddAssign<ClusterCount> for HostCluster {
     fn add_assign(&mut self, n: ClusterCount) {
-        self.0 += n.0;
+        self.0 = self.0.saturating_add(n.0);
     }
 }
 
@@ -124,40 +128,40 @@ impl Sub for HostCluster {
     type Output = ClusterCount;
     /// Clusters between two host clusters.
     fn sub(self, earlier: Self) -> ClusterCount {
-        ClusterCount(self.0 - earlier.0)
+        ClusterCount(self.0.saturating_sub(earlier.0))
     }
 }
 
 impl Add for ClusterCount {
     type Output = Self;
     fn add(self, other: Self) -> Self {
-        Self(self.0 + other.0)
+        Self(self.0.saturating_add(other.0))
     }
 }
 
 impl Add<ClusterCount> for GuestCluster {
     type Output = Self;
     fn add(self, n: ClusterCount) -> Self {
-        Self(self.0 + n.0)
+        Self(self.0.saturating_add(n.0))
     }
 }
 
 impl HostCluster {
     /// The clusters `self, self + 1, …` up to but not including `self + n`.
     pub fn run(self, n: ClusterCount) -> impl Iterator<Item = HostCluster> {
-        (self.0..self.0 + n.0).map(HostCluster)
+        (self.0..self.0.saturating_add(n.0)).map(HostCluster)
     }
 
     /// The next cluster.
     pub const fn next(self) -> Self {
-        Self(self.0 + 1)
+        Self(self.0.saturating_add(1))
     }
 }
 
 impl GuestCluster {
     /// The next cluster.
     pub const fn next(self) -> Self {
-        Self(self.0 + 1)
+        Self(self.0.saturating_add(1))
     }
 }
 
@@ -179,7 +183,7 @@ impl Geometry {
 
     /// The first byte of host cluster `cluster`.
     pub const fn host_offset(self, cluster: HostCluster) -> HostOffset {
-        HostOffset(cluster.0 << self.cluster_bits())
+        HostOffset(cluster.0.saturating_mul(self.cluster_size()))
     }
 
     /// The guest cluster holding byte `offset` of the virtual disk.
@@ -189,12 +193,12 @@ impl Geometry {
 
     /// The first byte of guest cluster `cluster`.
     pub const fn guest_offset(self, cluster: GuestCluster) -> GuestOffset {
-        GuestOffset(cluster.0 << self.cluster_bits())
+        GuestOffset(cluster.0.saturating_mul(self.cluster_size()))
     }
 
     /// Bytes in `n` clusters.
     pub const fn bytes(self, n: ClusterCount) -> u64 {
-        n.0 << self.cluster_bits()
+        n.0.saturating_mul(self.cluster_size())
     }
 
     /// Clusters needed to hold `bytes`.

@@ -14,7 +14,7 @@ use crate::backing::{Backing, ChainContext};
 use crate::check::{CheckReport, RepairMode};
 use crate::dedup::claims::InflightClaims;
 use crate::metadata::Metadata;
-use crate::range_lock::RangeLocks;
+use crate::range_lock::{RangeGuard, RangeLocks};
 use crate::{create, CreateOptions, ImageError, OpenOptions, Result};
 
 /// An open qcow2 image.
@@ -306,6 +306,17 @@ impl Image {
         self.meta.lock().snapshots()
     }
 
+    /// Takes the exclusive range lock for a change of `range`, then checks
+    /// that the image is (still) writable. The check must follow the lock:
+    /// [`Image::close`] marks the image closed before it takes every range,
+    /// so a writer that gets its range after the close finished sees it
+    /// closed and cannot dirty the image again.
+    pub(crate) fn lock_for_change(&self, range: std::ops::Range<u64>) -> Result<RangeGuard<'_>> {
+        let guard = self.locks.lock(range, true);
+        self.check_writable()?;
+        Ok(guard)
+    }
+
     pub(crate) fn check_writable(&self) -> Result<()> {
         if !self.writable || self.closed.load(Ordering::Acquire) {
             return Err(ImageError::ReadOnly);
@@ -339,9 +350,8 @@ impl Image {
     /// Grows the virtual disk to `new_size` bytes (rounded up to 512).
     /// Shrinking is refused.
     pub fn resize(&self, new_size: u64) -> Result<()> {
-        self.check_writable()?;
         let new_size = new_size.next_multiple_of(512);
-        let _all = self.locks.lock(0..u64::MAX, true);
+        let _all = self.lock_for_change(0..u64::MAX)?;
         let mut meta = self.meta.lock();
         meta.mark_dirty()?;
         meta.grow(new_size)?;
@@ -351,10 +361,11 @@ impl Image {
 
     /// Consistency check, optionally repairing what `repair` allows.
     pub fn check(&self, repair: RepairMode) -> Result<CheckReport> {
-        if repair != RepairMode::None {
-            self.check_writable()?;
-        }
-        let _all = self.locks.lock(0..u64::MAX, true);
+        let _all = if repair == RepairMode::None {
+            self.locks.lock(0..u64::MAX, true)
+        } else {
+            self.lock_for_change(0..u64::MAX)?
+        };
         let mut meta = self.meta.lock();
         if repair != RepairMode::None {
             meta.mark_dirty()?;

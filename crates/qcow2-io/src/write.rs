@@ -112,9 +112,7 @@ impl Image {
         if buf.is_empty() {
             return Ok(());
         }
-        let _range = self
-            .locks
-            .lock(self.cluster_span(offset, buf.len() as u64), true);
+        let _range = self.lock_for_change(self.cluster_span(offset, buf.len() as u64))?;
         self.meta.lock().mark_dirty()?;
         self.write_locked(buf, offset)
     }
@@ -248,7 +246,7 @@ impl Image {
         }
         let g = self.geometry;
         let end = offset + len;
-        let _range = self.locks.lock(self.cluster_span(offset, len), true);
+        let _range = self.lock_for_change(self.cluster_span(offset, len))?;
         self.meta.lock().mark_dirty()?;
         let full_start = g.align_up(offset);
         let full_end = g.cluster_start(end);

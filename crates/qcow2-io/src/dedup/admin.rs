@@ -45,8 +45,7 @@ impl Image {
     /// two active L2 entries to share a cluster), and OFLAG_COPIED is set
     /// on what is left alone. The image grows by the space dedup saved.
     pub fn disable_dedup(&self) -> Result<()> {
-        self.check_writable()?;
-        let _all = self.locks.lock(0..u64::MAX, true);
+        let _all = self.lock_for_change(0..u64::MAX)?;
         {
             let mut meta = self.meta.lock();
             if !meta.is_dedup() {
@@ -95,8 +94,7 @@ impl Image {
     /// compressed clusters are stored uncompressed. Needs a v3 image without
     /// internal snapshots.
     pub fn enable_dedup(&self) -> Result<()> {
-        self.check_writable()?;
-        let _all = self.locks.lock(0..u64::MAX, true);
+        let _all = self.lock_for_change(0..u64::MAX)?;
         {
             let mut meta = self.meta.lock();
             if meta.is_dedup() {
