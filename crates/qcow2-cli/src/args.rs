@@ -76,13 +76,13 @@ pub struct SnapshotArgs {
     /// List the snapshots, as qemu-img does.
     #[arg(short = 'l', group = "action")]
     pub list: bool,
-    /// Create a snapshot (not supported yet: refused).
+    /// Create a snapshot of the disk as it is now.
     #[arg(short = 'c', value_name = "NAME", group = "action")]
     pub create: Option<String>,
-    /// Apply a snapshot (not supported yet: refused).
+    /// Revert the disk to a snapshot (by ID, or else by name).
     #[arg(short = 'a', value_name = "NAME", group = "action")]
     pub apply: Option<String>,
-    /// Delete a snapshot (not supported yet: refused).
+    /// Delete a snapshot (by ID, or else by name).
     #[arg(short = 'd', value_name = "NAME", group = "action")]
     pub delete: Option<String>,
     /// The image.
@@ -254,6 +254,10 @@ pub struct ConvertArgs {
     /// Print nothing (overrides -p).
     #[arg(short = 'q')]
     pub quiet: bool,
+    /// Read the source as it was at this internal snapshot (ID or name;
+    /// `snapshot.id=ID` and `snapshot.name=NAME` as qemu-img takes them).
+    #[arg(short = 'l', value_name = "SNAPSHOT")]
+    pub snapshot: Option<String>,
     /// The source image.
     pub source: String,
     /// The target image.

@@ -70,6 +70,17 @@ impl Disk {
     /// Opens `path` read-only as `format`, or as detected from its content.
     /// With `direct`, aligned reads bypass the page cache.
     pub fn open(path: &str, format: Option<ImageFormat>, direct: bool) -> Result<Self, CliError> {
+        Self::open_at(path, format, direct, None)
+    }
+
+    /// [`Disk::open`] at an internal snapshot of a qcow2 image (its ID or
+    /// name; qemu-img's `snapshot.id=` and `snapshot.name=` forms too).
+    pub fn open_at(
+        path: &str,
+        format: Option<ImageFormat>,
+        direct: bool,
+        snapshot: Option<&str>,
+    ) -> Result<Self, CliError> {
         let format = resolve_format(path, format)?;
         let p = Path::new(path);
         let mut file = FileStorage::open(p, false).map_err(CliError::io(path))?;
@@ -77,9 +88,22 @@ impl Disk {
             file = file.with_direct_io(p, false);
         }
         match format {
-            ImageFormat::Qcow2 => Ok(Disk::Qcow2(Box::new(
-                Image::open_on_file(Arc::new(file), &OpenOptions::read_only(), p)
-                    .map_err(CliError::image(path))?,
+            ImageFormat::Qcow2 => {
+                let options = match snapshot {
+                    Some(s) => OpenOptions::at_snapshot(
+                        s.strip_prefix("snapshot.id=")
+                            .or_else(|| s.strip_prefix("snapshot.name="))
+                            .unwrap_or(s),
+                    ),
+                    None => OpenOptions::read_only(),
+                };
+                Ok(Disk::Qcow2(Box::new(
+                    Image::open_on_file(Arc::new(file), &options, p)
+                        .map_err(CliError::image(path))?,
+                )))
+            }
+            ImageFormat::Raw if snapshot.is_some() => Err(CliError::Usage(format!(
+                "{path} is a raw image: it has no snapshots (-l)"
             ))),
             ImageFormat::Raw => {
                 let size = file.len().map_err(CliError::io(path))?;

@@ -84,6 +84,10 @@ fn hostile_images(dir: &Path) -> Vec<(String, PathBuf)> {
     patch(&re, 4096 + 8, &(u64::MAX - 4095).to_be_bytes());
     patch(&re, 4096 + 16, &(1u64 << 50).to_be_bytes());
     out.push(("refcount entries near 2^64".into(), re));
+    // No refcount table at all (check rebuilds one).
+    let none = make("none.qcow2", "cluster_size=4k", "64M");
+    patch(&none, 48, &[0; 12]);
+    out.push(("no refcount table".into(), none));
     // A dedup image whose dedup L1 claims 2^31 entries.
     let dd = make("dd.qcow2", "dedup=on,cluster_size=4k", "64M");
     out.push(("dedup image".into(), dd));
@@ -110,6 +114,9 @@ fn hostile_images_stay_within_512_mib() {
         limited(&["info", "--output=json", p(image)], label);
         limited(&["check", p(image)], label);
         limited(&["map", "--output=json", p(image)], label);
+        let copy = dir.path().join("repair.qcow2");
+        std::fs::copy(image, &copy).unwrap();
+        limited(&["check", "-r", "all", p(&copy)], label);
         let out = dir.path().join("out.raw");
         if !label.contains("TiB") {
             limited(&["convert", "-O", "raw", p(image), p(&out)], label);

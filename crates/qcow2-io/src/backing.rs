@@ -86,6 +86,7 @@ impl Backing {
                     write: false,
                     repair: false,
                     check: false,
+                    snapshot: None,
                     ..options.clone()
                 };
                 let image = Image::open_in_chain(Arc::new(file), &read_only, inner)?;

@@ -170,6 +170,27 @@ impl BlockMap {
         Ok(self.l2_table(storage, offset)?.to_vec())
     }
 
+    /// Rewrites entries of the L2 table at `offset` in place, shared or
+    /// not: for flag changes that are right for every L1 pointing there
+    /// (OFLAG_COPIED after a snapshot operation).
+    pub(crate) fn update_entries_in_place(
+        &mut self,
+        storage: &dyn Storage,
+        offset: HostOffset,
+        changes: &[(usize, u64)],
+    ) -> Result<()> {
+        let key = self.load_l2(storage, offset)?;
+        let stride = (self.geometry.l2_entry_size() / 8) as usize;
+        let table = self
+            .l2
+            .get_mut(key)
+            .ok_or(ImageError::Internal("L2 table vanished from the cache"))?;
+        for &(index, raw) in changes {
+            table[index * stride] = raw;
+        }
+        Ok(())
+    }
+
     /// An L2 table for `l1_index` that may be written in place: allocated
     /// if missing, copied if shared (OFLAG_COPIED clear).
     fn writable_l2(

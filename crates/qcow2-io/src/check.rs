@@ -378,14 +378,16 @@ fn walk_l1(parts: &mut MetadataParts<'_>, walk: &mut Walk, l1: &[u64], active: b
                     copied,
                 } => {
                     walk.reference(offset.get(), ClusterCount::ONE, "data cluster");
-                    if !active {
-                        continue;
-                    }
                     let host = g.host_cluster(offset);
+                    // Snapshots' clusters hold guest data too: on a dedup
+                    // image they keep their entries (new writes share them).
                     if let (Some(data), L2Mapping::Data { .. }) =
                         (walk.data_clusters.as_mut(), mapping)
                     {
                         data.entry(host).or_insert(guest);
+                    }
+                    if !active {
+                        continue;
                     }
                     walk.report.allocated_clusters += 1;
                     if expected_next.is_some_and(|e| e != offset) {

@@ -58,6 +58,12 @@ pub enum ImageError {
         /// File size.
         file_size: u64,
     },
+    /// No internal snapshot has this ID or name.
+    #[error("snapshot '{0}' not found")]
+    SnapshotNotFound(String),
+    /// An internal snapshot with this name exists already.
+    #[error("a snapshot named '{0}' already exists")]
+    SnapshotExists(String),
     /// A broken invariant of this library (a bug, not damage to the image).
     #[error("internal error: {0}")]
     Internal(&'static str),

@@ -163,6 +163,22 @@ impl HeaderWriter {
         })
     }
 
+    /// Points the header at a new snapshot table of `count` entries,
+    /// durably (the table is durable already).
+    pub(crate) fn set_snapshots(
+        &mut self,
+        storage: &dyn Storage,
+        at: RefcountTableLocation,
+        count: u32,
+        offset: HostOffset,
+    ) -> Result<()> {
+        self.update(storage, at, |h| {
+            h.nb_snapshots = count;
+            h.snapshots_offset = offset.get();
+            true
+        })
+    }
+
     /// Removes the dedup extension and clears incompatible bit 1, durably:
     /// the image is plain from here on.
     pub(crate) fn clear_dedup(

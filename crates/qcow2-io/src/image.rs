@@ -190,7 +190,15 @@ impl Image {
         options: &OpenOptions,
         context: ChainContext,
     ) -> Result<Self> {
-        let (header, loading) = read_header(&*storage, options.check)?;
+        let (mut header, loading) = read_header(&*storage, options.check)?;
+        if let Some(id_or_name) = &options.snapshot {
+            if options.write {
+                return Err(ImageError::InvalidOption(
+                    "an image opened at a snapshot is read-only".into(),
+                ));
+            }
+            crate::snapshots::view_at(&*storage, &mut header, id_or_name)?;
+        }
         if header.incompatible_features & INCOMPAT_EXTERNAL_DATA != 0 {
             return Err(ImageError::Unsupported("external data files".into()));
         }
@@ -348,15 +356,38 @@ impl Image {
     }
 
     /// Grows the virtual disk to `new_size` bytes (rounded up to 512).
-    /// Shrinking is refused.
+    /// Shrinking is refused (see [`Image::shrink`]).
     pub fn resize(&self, new_size: u64) -> Result<()> {
         let new_size = new_size.next_multiple_of(512);
         let _all = self.lock_for_change(0..u64::MAX)?;
         let mut meta = self.meta.lock();
         meta.mark_dirty()?;
         meta.grow(new_size)?;
-        self.size.store(new_size, Ordering::Release);
+        self.set_size(new_size);
         Ok(())
+    }
+
+    /// Shrinks the virtual disk to `new_size` bytes (rounded up to 512), as
+    /// `qemu-img resize --shrink`: the data past the new end is dropped and
+    /// the clusters only it used are freed. Growing is refused here.
+    pub fn shrink(&self, new_size: u64) -> Result<()> {
+        let new_size = new_size.next_multiple_of(512);
+        let _all = self.lock_for_change(0..u64::MAX)?;
+        if new_size > self.size() {
+            return Err(ImageError::InvalidOption(format!(
+                "shrink to {new_size} bytes, more than the current {}",
+                self.size()
+            )));
+        }
+        let mut meta = self.meta.lock();
+        meta.mark_dirty()?;
+        meta.shrink(new_size)?;
+        self.set_size(new_size);
+        Ok(())
+    }
+
+    pub(crate) fn set_size(&self, size: u64) {
+        self.size.store(size, Ordering::Release);
     }
 
     /// Consistency check, optionally repairing what `repair` allows.

@@ -35,6 +35,7 @@ mod options;
 mod overlap;
 mod range_lock;
 mod read;
+mod snapshots;
 mod write;
 mod zeros;
 

@@ -21,7 +21,8 @@ use std::sync::Arc;
 
 use qcow2_alloc::{Refcounts, RefcountsConfig, ReferenceCounts, Storage};
 use qcow2_dedup::{ContentHash, DedupStats};
-use qcow2_format::l2::{L2Format, L2Mapping, SubclusterBitmap};
+use qcow2_format::l1::{L1Entry, L1Mapping};
+use qcow2_format::l2::{L2Entry, L2Format, L2Mapping, SubclusterBitmap};
 use qcow2_format::refcount::RefcountWidth;
 use qcow2_format::snapshot::{parse_snapshot_table, Snapshot};
 use qcow2_format::table::encode_u64s;
@@ -215,6 +216,197 @@ impl Metadata {
     ) -> Result<()> {
         self.set_mapping(guest, mapping)?;
         self.alloc.release_mapping(old);
+        Ok(())
+    }
+
+    /// A copy of the raw entries of the L2 table at `offset` (any table,
+    /// active or a snapshot's).
+    pub(crate) fn l2_entries(&mut self, offset: HostOffset) -> Result<Vec<u64>> {
+        self.map.l2_entries(&*self.storage, offset)
+    }
+
+    /// The raw active L1 entries.
+    pub(crate) fn l1(&self) -> &[u64] {
+        self.map.l1()
+    }
+
+    /// Replaces the whole active L1 with `entries` (zero-padded to its
+    /// length, which must be at least theirs). References are the caller's.
+    pub(crate) fn set_active_l1(&mut self, entries: &[u64]) -> Result<()> {
+        let len = self.map.l1().len();
+        if entries.len() > len {
+            return Err(ImageError::Internal("new L1 entries exceed the L1 table"));
+        }
+        for index in 0..len {
+            let raw = entries.get(index).copied().unwrap_or(0);
+            if self.map.l1()[index] != raw {
+                self.map.set_l1_raw(index, raw);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets OFLAG_COPIED on every active L1 and L2 entry exactly where the
+    /// cluster it names has (once queued decreases land) refcount 1, as
+    /// QEMU does after a snapshot operation. L2 tables are changed in
+    /// place even when shared: only the flag changes, which is right for
+    /// every L1 that points there.
+    pub(crate) fn refresh_copied_flags(&mut self) -> Result<()> {
+        let g = self.geometry;
+        let format = self.map.format();
+        for index in 0..self.map.l1().len() {
+            let raw = self.map.l1()[index];
+            let L1Mapping::L2Table { offset, copied } = L1Entry(raw).decode(g)? else {
+                continue;
+            };
+            let exclusive = self.live_refcount(g.host_cluster(offset))? == 1;
+            if exclusive != copied {
+                self.map
+                    .set_l1_raw(index, L1Entry::new(offset, exclusive).0);
+            }
+            let entries = self.map.l2_entries(&*self.storage, offset)?;
+            let mut changed = Vec::new();
+            for (i, &entry) in entries.iter().enumerate() {
+                let mapping = L2Entry(entry).decode(format)?;
+                let fixed = match mapping {
+                    L2Mapping::Data {
+                        offset: host,
+                        copied,
+                    } => {
+                        let want = self.live_refcount(g.host_cluster(host))? == 1;
+                        (want != copied).then_some(L2Mapping::Data {
+                            offset: host,
+                            copied: want,
+                        })
+                    }
+                    L2Mapping::Zero {
+                        preallocated: Some(host),
+                        copied,
+                    } => {
+                        let want = self.live_refcount(g.host_cluster(host))? == 1;
+                        (want != copied).then_some(L2Mapping::Zero {
+                            preallocated: Some(host),
+                            copied: want,
+                        })
+                    }
+                    _ => None,
+                };
+                if let Some(m) = fixed {
+                    changed.push((i, m.encode(g).0));
+                }
+            }
+            if !changed.is_empty() {
+                self.map
+                    .update_entries_in_place(&*self.storage, offset, &changed)?;
+            }
+        }
+        if self.map.needs_write_back() {
+            self.write_tables()?;
+        }
+        Ok(())
+    }
+
+    /// Adds `n` references to each cluster of `counts`, all or none: every
+    /// sum is checked against the refcount width first. Durable on return.
+    pub(crate) fn add_references(&mut self, counts: &[(HostCluster, u64)]) -> Result<()> {
+        let max = self.max_refcount();
+        for &(cluster, n) in counts {
+            let now = self.refcount(cluster)?;
+            if now.checked_add(n).is_none_or(|sum| sum > max) {
+                return Err(ImageError::InvalidOption(format!(
+                    "cluster {cluster} would need refcount {} but refcount_bits={} holds at most {max}",
+                    now.saturating_add(n),
+                    self.alloc.width().bits()
+                )));
+            }
+        }
+        for &(cluster, n) in counts {
+            for _ in 0..n {
+                self.alloc.add_reference(&*self.storage, cluster)?;
+            }
+        }
+        self.refcounts_durable()
+    }
+
+    /// Queues the decrease of `n` references to each cluster of `counts`,
+    /// applied at the next flush once nothing durable points there.
+    pub(crate) fn release_references(&mut self, counts: &[(HostCluster, u64)]) {
+        for &(cluster, n) in counts {
+            for _ in 0..n {
+                self.alloc
+                    .release_run(self.geometry.host_offset(cluster), ClusterCount::ONE);
+            }
+        }
+    }
+
+    /// The image file.
+    pub(crate) fn storage(&self) -> &dyn Storage {
+        &*self.storage
+    }
+
+    /// Writes a new table of `entries` (an L1 copy) to fresh clusters,
+    /// durably, and returns where. Nothing points to it yet.
+    pub(crate) fn write_new_table(&mut self, entries: &[u64]) -> Result<HostOffset> {
+        if entries.is_empty() {
+            return Ok(HostOffset::new(0));
+        }
+        let clusters = self.geometry.count_for(entries.len() as u64 * 8);
+        let first = self.alloc.allocate_contiguous(&*self.storage, clusters)?;
+        let offset = self.geometry.host_offset(first);
+        self.refcounts_durable()?;
+        self.storage
+            .write_at(&encode_u64s(entries), offset.get())
+            .map_err(ImageError::io("writing a new table"))?;
+        self.sync("syncing a new table")?;
+        Ok(offset)
+    }
+
+    /// Records `size` as the virtual size, durably (the L1 already maps no
+    /// more than it; it keeps its length).
+    pub(crate) fn set_virtual_size(&mut self, size: u64) -> Result<()> {
+        let header = self.header().clone();
+        let location = self.alloc.table_location();
+        self.header.set_l1(
+            &*self.storage,
+            location,
+            HostOffset::new(header.l1_table_offset),
+            header.l1_size,
+            size,
+        )
+    }
+
+    /// Writes `snapshots` as the new snapshot table in fresh clusters, then
+    /// (durably) points the header at it, then releases the old table.
+    pub(crate) fn write_snapshot_table(&mut self, snapshots: &[Snapshot]) -> Result<()> {
+        let old = self.header().clone();
+        let bytes: Vec<u8> = snapshots.iter().flat_map(Snapshot::encode).collect();
+        let offset = if bytes.is_empty() {
+            HostOffset::new(0)
+        } else {
+            let clusters = self.geometry.count_for(bytes.len() as u64);
+            let first = self.alloc.allocate_contiguous(&*self.storage, clusters)?;
+            let offset = self.geometry.host_offset(first);
+            self.refcounts_durable()?;
+            self.storage
+                .write_at(&bytes, offset.get())
+                .map_err(ImageError::io("writing the snapshot table"))?;
+            self.sync("syncing the snapshot table")?;
+            offset
+        };
+        let count = u32::try_from(snapshots.len())
+            .map_err(|_| ImageError::InvalidOption("too many snapshots".into()))?;
+        let location = self.alloc.table_location();
+        self.header
+            .set_snapshots(&*self.storage, location, count, offset)?;
+        if old.nb_snapshots > 0 {
+            let old_len: u64 = read_snapshot_table(&*self.storage, &old)
+                .map(|t| t.iter().map(|s| s.encoded_len() as u64).sum())
+                .unwrap_or(0);
+            self.alloc.release_run(
+                HostOffset::new(old.snapshots_offset),
+                self.geometry.count_for(old_len),
+            );
+        }
         Ok(())
     }
 
@@ -710,12 +902,18 @@ impl Metadata {
     /// Grows the virtual disk to `new_size`, moving the L1 table if it must
     /// grow past the clusters it occupies. Shrinking is refused.
     pub(crate) fn grow(&mut self, new_size: u64) -> Result<()> {
+        self.grow_with_l1(new_size, 0)
+    }
+
+    /// [`Metadata::grow`] with an active L1 of at least `min_l1_entries`
+    /// entries (to take a snapshot's L1 that is larger than the size needs).
+    pub(crate) fn grow_with_l1(&mut self, new_size: u64, min_l1_entries: u64) -> Result<()> {
         let header = self.header().clone();
         if new_size < header.size {
             return Err(ImageError::Unsupported("shrinking an image".into()));
         }
         let g = self.geometry;
-        let needed = g.l1_entries_for(new_size);
+        let needed = g.l1_entries_for(new_size).max(min_l1_entries);
         if needed > qcow2_format::MAX_L1_BYTES / 8 {
             return Err(ImageError::InvalidOption(format!(
                 "size {new_size} needs an L1 table larger than 32 MiB"
@@ -763,6 +961,48 @@ impl Metadata {
             )?;
             self.map.extend_l1(entries as usize);
         }
+        self.flush()
+    }
+}
+
+impl Metadata {
+    /// Shrinks the virtual disk to `new_size` (as `qemu-img resize
+    /// --shrink`): every cluster wholly past the new end is unmapped and its
+    /// references dropped, whole L2 tables past it are unlinked from the L1
+    /// (which keeps its size), then the header records the size.
+    pub(crate) fn shrink(&mut self, new_size: u64) -> Result<()> {
+        let header = self.header().clone();
+        if new_size > header.size {
+            return Err(ImageError::Internal("shrink to a larger size"));
+        }
+        let g = self.geometry;
+        self.flush()?;
+        let keep_to = g.align_up(new_size);
+        let first_free_l1 = g.l1_entries_for(keep_to) as usize;
+        let mut guest = keep_to;
+        while guest < g.align_up(header.size) && (g.l1_index(guest) as usize) < first_free_l1 {
+            let at = GuestOffset::new(guest);
+            let (old, _) = self.lookup(at)?;
+            if old != L2Mapping::Unallocated {
+                self.replace_mapping(at, L2Mapping::Unallocated, old)?;
+            }
+            guest += g.cluster_size();
+        }
+        let l1 = self.map.l1().to_vec();
+        for (index, &raw) in l1.iter().enumerate().skip(first_free_l1) {
+            let L1Mapping::L2Table { offset, .. } = L1Entry(raw).decode(g)? else {
+                continue;
+            };
+            for entry in self.l2_entries(offset)? {
+                self.alloc
+                    .release_mapping(L2Entry(entry).decode(self.map.format())?);
+            }
+            self.alloc.release_run(offset, ClusterCount::ONE);
+            self.map.set_l1_raw(index, 0);
+        }
+        self.write_tables()?;
+        self.sync("syncing tables before the new size")?;
+        self.set_virtual_size(new_size)?;
         self.flush()
     }
 }

@@ -171,6 +171,10 @@ pub struct OpenOptions {
     /// with repair, rebuild the structure as `qemu-img check -r all` does.
     /// Until then every allocation fails.
     pub check: bool,
+    /// Open read-only at this internal snapshot (its ID, or else its
+    /// name): reads see the disk as it was when it was taken (QEMU's
+    /// `convert -l`). Refused for writing.
+    pub snapshot: Option<String>,
 }
 
 impl OpenOptions {
@@ -201,6 +205,14 @@ impl OpenOptions {
         }
     }
 
+    /// Read-only at internal snapshot `id_or_name`.
+    pub fn at_snapshot(id_or_name: impl Into<String>) -> Self {
+        Self {
+            snapshot: Some(id_or_name.into()),
+            ..Self::read_only()
+        }
+    }
+
     /// Read-write with default caches.
     pub fn read_write() -> Self {
         Self {
@@ -218,6 +230,7 @@ impl Default for OpenOptions {
             refcount_cache_bytes: 4 << 20,
             repair: false,
             check: false,
+            snapshot: None,
         }
     }
 }

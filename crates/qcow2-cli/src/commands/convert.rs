@@ -159,10 +159,11 @@ impl Target for Qcow2Target {
 /// Runs the command.
 pub fn run(args: &ConvertArgs) -> Result<u8, CliError> {
     let src_path = args.source.as_str();
-    let source = Disk::open(
+    let source = Disk::open_at(
         src_path,
         args.source_format,
         args.source_cache == SourceCache::None,
+        args.snapshot.as_deref(),
     )?;
     let size = source.size();
     let target = open_target(args, size)?;

@@ -28,11 +28,10 @@ pub fn run(args: &ResizeArgs) -> Result<u8, CliError> {
                 "use the --shrink option to perform a shrink operation".into(),
             ));
         }
-        return Err(CliError::Usage(
-            "shrinking qcow2 images is not supported yet (the image is unchanged)".into(),
-        ));
+        image.shrink(new).map_err(CliError::image(path))?;
+    } else {
+        image.resize(new).map_err(CliError::image(path))?;
     }
-    image.resize(new).map_err(CliError::image(path))?;
     image.close().map_err(CliError::image(path))?;
     if !args.quiet {
         say!("Image resized.");

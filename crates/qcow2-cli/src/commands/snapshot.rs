@@ -1,6 +1,6 @@
-//! `qcow2 snapshot -l IMAGE`: the internal snapshots, as qemu-img lists
-//! them. Creating, applying and deleting are refused for now, with a
-//! message that says so (the image is not touched).
+//! `qcow2 snapshot -l|-c NAME|-a NAME|-d NAME IMAGE`: list, create, apply
+//! and delete internal snapshots, as `qemu-img snapshot` does (the list is
+//! printed as qemu-img prints it).
 
 use qcow2_io::{Image, OpenOptions};
 
@@ -11,10 +11,23 @@ use crate::error::CliError;
 /// Runs the command.
 pub fn run(args: &SnapshotArgs) -> Result<u8, CliError> {
     let path = args.image.as_str();
-    if !args.list {
-        return Err(CliError::Usage(
-            "creating, applying and deleting snapshots is not supported yet (use qemu-img snapshot); the image is unchanged".into(),
-        ));
+    let change = |what: &str, name: &str, op: &dyn Fn(&Image) -> qcow2_io::Result<()>| {
+        let image = Image::open(path, &OpenOptions::read_write()).map_err(CliError::image(path))?;
+        op(&image)
+            .map_err(|e| CliError::Usage(format!("Could not {what} snapshot '{name}': {e}")))?;
+        image.close().map_err(CliError::image(path))?;
+        Ok(0)
+    };
+    if let Some(name) = &args.create {
+        return change("create", name, &|image| {
+            image.snapshot_create(name).map(drop)
+        });
+    }
+    if let Some(name) = &args.apply {
+        return change("apply", name, &|image| image.snapshot_apply(name));
+    }
+    if let Some(name) = &args.delete {
+        return change("delete", name, &|image| image.snapshot_delete(name));
     }
     let image = Image::open(path, &OpenOptions::read_only()).map_err(CliError::image(path))?;
     let snapshots = image.snapshots().map_err(CliError::image(path))?;

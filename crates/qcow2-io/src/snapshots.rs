@@ -1,0 +1,297 @@
+//! Internal snapshots: create, apply (QEMU's "goto") and delete, as QEMU
+//! does them, and the references a snapshot's tables hold.
+//!
+//! Reference counting follows QEMU's model: every L1 table (the active one
+//! and each snapshot's) holds one reference to each L2 table it names, and
+//! every such L1→L2 path holds one reference to each data cluster (or each
+//! host cluster a compressed cluster touches). An L2 table shared by the
+//! active L1 and a snapshot therefore gives its data clusters refcount 2,
+//! and any cluster with refcount above 1 is never written in place: the
+//! writer copies it first (OFLAG_COPIED clear).
+//!
+//! Ordering, so that a crash at any point leaks clusters at worst:
+//! - create: raise the refcounts of everything the active L1 reaches
+//!   (durable), clear OFLAG_COPIED where they now exceed 1 (durable), write
+//!   the snapshot's copy of the L1, then the new snapshot table, then point
+//!   the header at it;
+//! - apply: raise the refcounts of everything the snapshot reaches
+//!   (durable), make the active L1 a copy of the snapshot's (durable), then
+//!   drop the references of the old active tree and refresh OFLAG_COPIED;
+//! - delete: point the header at a snapshot table without the entry
+//!   (durable), then drop the references of its tree and its L1 table.
+//!
+//! On a deduplicated image the same refcounts carry both kinds of sharing:
+//! a cluster a snapshot holds has refcount above 1 and is never written in
+//! place, a new write of its content may share it, and when its last
+//! reference goes its dedup entry goes with it (see `Metadata::flush`).
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use qcow2_alloc::cache::IntMap;
+use qcow2_format::l1::{L1Entry, L1Mapping};
+use qcow2_format::l2::{L2Entry, L2Mapping};
+use qcow2_format::snapshot::Snapshot;
+use qcow2_format::table::decode_u64s;
+use qcow2_format::{HostCluster, HostOffset};
+
+use qcow2_alloc::Storage;
+use qcow2_format::Header;
+
+use crate::metadata::{read_snapshot_table, Metadata};
+use crate::{Image, ImageError, Result};
+
+/// QEMU's limit on the number of snapshots.
+const MAX_SNAPSHOTS: usize = 65536;
+/// QEMU's limit on the snapshot table's size.
+const MAX_SNAPSHOT_TABLE_BYTES: u64 = 64 << 20;
+
+/// Every host cluster the tree under `l1` references and how many times:
+/// each L2 table once per L1 entry naming it, each data (or preallocated
+/// zero) cluster and each host cluster of a compressed cluster once per
+/// L2 entry naming it. Sorted by cluster.
+pub(crate) fn tree_references(meta: &mut Metadata, l1: &[u64]) -> Result<Vec<(HostCluster, u64)>> {
+    let g = meta.header().geometry;
+    let format = meta.l2_format();
+    let mut counts: IntMap<HostCluster, u64> = IntMap::default();
+    let mut add = |cluster: HostCluster| *counts.entry(cluster).or_default() += 1;
+    for &raw in l1 {
+        let L1Mapping::L2Table { offset, .. } = L1Entry(raw).decode(g)? else {
+            continue;
+        };
+        add(g.host_cluster(offset));
+        let stride = (g.l2_entry_size() / 8) as usize;
+        for entry in meta.l2_entries(offset)?.into_iter().step_by(stride) {
+            match L2Entry(entry).decode(format)? {
+                L2Mapping::Compressed(d) => d.host_clusters(g).for_each(&mut add),
+                other => {
+                    if let Some(host) = other.host_cluster(g) {
+                        add(host);
+                    }
+                }
+            }
+        }
+    }
+    let mut out: Vec<(HostCluster, u64)> = counts.into_iter().collect();
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// The index of the snapshot `id_or_name` names: by ID first, then by
+/// name, as QEMU looks it up.
+fn find(snapshots: &[Snapshot], id_or_name: &str) -> Option<usize> {
+    snapshots
+        .iter()
+        .position(|s| s.id == id_or_name)
+        .or_else(|| snapshots.iter().position(|s| s.name == id_or_name))
+}
+
+fn not_found(id_or_name: &str) -> ImageError {
+    ImageError::SnapshotNotFound(id_or_name.to_string())
+}
+
+/// Refuses a snapshot whose L1 table lies outside the file.
+fn check_l1_inside(storage: &dyn Storage, snapshot: &Snapshot) -> Result<()> {
+    let file_size = storage
+        .len()
+        .map_err(ImageError::io("reading the image size"))?;
+    let bytes = u64::from(snapshot.l1_size) * 8;
+    if snapshot.l1_table_offset.saturating_add(bytes) > file_size {
+        return Err(ImageError::Corrupt(format!(
+            "the L1 table of snapshot {} lies past the end of the file",
+            snapshot.id
+        )));
+    }
+    Ok(())
+}
+
+/// Turns `header` into the header of a read-only view of the disk at
+/// snapshot `id_or_name`: its L1 table and its virtual size.
+pub(crate) fn view_at(storage: &dyn Storage, header: &mut Header, id_or_name: &str) -> Result<()> {
+    let snapshots = read_snapshot_table(storage, header)?;
+    let snapshot = find(&snapshots, id_or_name)
+        .map(|i| &snapshots[i])
+        .ok_or_else(|| not_found(id_or_name))?;
+    check_l1_inside(storage, snapshot)?;
+    header.l1_table_offset = snapshot.l1_table_offset;
+    header.l1_size = snapshot.l1_size;
+    header.size = snapshot.disk_size.unwrap_or(header.size);
+    Ok(())
+}
+
+/// Reads the L1 table of `snapshot`, refusing one outside the file.
+fn snapshot_l1(meta: &Metadata, snapshot: &Snapshot) -> Result<Vec<u64>> {
+    let storage = meta.storage();
+    check_l1_inside(storage, snapshot)?;
+    let bytes = u64::from(snapshot.l1_size) * 8;
+    let mut raw = vec![0u8; bytes as usize];
+    storage
+        .read_at(&mut raw, snapshot.l1_table_offset)
+        .map_err(ImageError::io("reading a snapshot L1 table"))?;
+    Ok(decode_u64s(&raw))
+}
+
+/// The next free numeric ID (one above the largest), as QEMU picks it.
+fn next_id(snapshots: &[Snapshot]) -> String {
+    let max = snapshots
+        .iter()
+        .filter_map(|s| s.id.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0);
+    max.saturating_add(1).to_string()
+}
+
+/// The snapshot table entry QEMU writes for a disk-only snapshot: no VM
+/// state, the virtual size and an instruction count of 0 as extra data.
+fn new_entry(id: String, name: &str, l1: HostOffset, l1_size: u32, disk_size: u64) -> Snapshot {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let mut extra = Vec::with_capacity(24);
+    extra.extend_from_slice(&0u64.to_be_bytes());
+    extra.extend_from_slice(&disk_size.to_be_bytes());
+    extra.extend_from_slice(&0u64.to_be_bytes());
+    Snapshot {
+        l1_table_offset: l1.get(),
+        l1_size,
+        id,
+        name: name.to_string(),
+        date_sec: u32::try_from(now.as_secs()).unwrap_or(u32::MAX),
+        // QEMU records microseconds.
+        date_nsec: now.subsec_micros() * 1000,
+        vm_clock_nsec: 0,
+        vm_state_size: 0,
+        disk_size: Some(disk_size),
+        extra,
+    }
+}
+
+impl Image {
+    /// Takes an internal snapshot named `name` of the disk as it is now
+    /// (no VM state), as `qemu-img snapshot -c` does, and returns its table
+    /// entry. A name already in use, too many snapshots or refcounts that
+    /// would overflow are refused before anything is written.
+    pub fn snapshot_create(&self, name: &str) -> Result<Snapshot> {
+        let _all = self.lock_for_change(0..u64::MAX)?;
+        let mut meta = self.meta.lock();
+        let mut snapshots = meta.snapshots()?;
+        if name.is_empty() || name.len() > usize::from(u16::MAX) {
+            return Err(ImageError::InvalidOption(
+                "a snapshot name must be 1 to 65535 bytes".into(),
+            ));
+        }
+        if snapshots.iter().any(|s| s.name == name) {
+            return Err(ImageError::SnapshotExists(name.to_string()));
+        }
+        if snapshots.len() >= MAX_SNAPSHOTS {
+            return Err(ImageError::InvalidOption(format!(
+                "the image already has {MAX_SNAPSHOTS} snapshots, QEMU's limit"
+            )));
+        }
+        let l1: Vec<u64> = meta.l1().to_vec();
+        let l1_size = u32::try_from(l1.len())
+            .map_err(|_| ImageError::Internal("active L1 longer than u32"))?;
+        let entry = new_entry(
+            next_id(&snapshots),
+            name,
+            HostOffset::new(0),
+            l1_size,
+            self.size(),
+        );
+        let table_bytes: u64 = snapshots
+            .iter()
+            .chain(std::iter::once(&entry))
+            .map(|s| s.encoded_len() as u64)
+            .sum();
+        if table_bytes > MAX_SNAPSHOT_TABLE_BYTES {
+            return Err(ImageError::InvalidOption(
+                "the snapshot table would exceed QEMU's 64 MiB limit".into(),
+            ));
+        }
+        meta.mark_dirty()?;
+        meta.flush()?;
+        let references = tree_references(&mut meta, &l1)?;
+        meta.add_references(&references)?;
+        meta.refresh_copied_flags()?;
+        meta.flush()?;
+        let copy: Vec<u64> = l1
+            .iter()
+            .map(|&raw| match L1Entry(raw).decode(self.geometry) {
+                Ok(L1Mapping::L2Table { offset, .. }) => L1Entry::new(offset, false).0,
+                _ => raw,
+            })
+            .collect();
+        let l1_offset = meta.write_new_table(&copy)?;
+        let entry = Snapshot {
+            l1_table_offset: l1_offset.get(),
+            ..entry
+        };
+        snapshots.push(entry.clone());
+        meta.write_snapshot_table(&snapshots)?;
+        meta.flush()?;
+        Ok(entry)
+    }
+
+    /// Makes the disk what it was when snapshot `id_or_name` (its ID, or
+    /// else its name) was taken, as `qemu-img snapshot -a` does; the virtual
+    /// size follows the snapshot's. The snapshot itself stays.
+    pub fn snapshot_apply(&self, id_or_name: &str) -> Result<()> {
+        let _all = self.lock_for_change(0..u64::MAX)?;
+        let mut meta = self.meta.lock();
+        let snapshots = meta.snapshots()?;
+        let index = find(&snapshots, id_or_name).ok_or_else(|| not_found(id_or_name))?;
+        let snapshot = &snapshots[index];
+        let target_l1 = snapshot_l1(&meta, snapshot)?;
+        let size = snapshot.disk_size.unwrap_or_else(|| self.size());
+        meta.mark_dirty()?;
+        meta.flush()?;
+        let new_refs = tree_references(&mut meta, &target_l1)?;
+        meta.add_references(&new_refs)?;
+        let current = self.size();
+        if size > current || target_l1.len() > meta.l1().len() {
+            meta.grow_with_l1(size.max(current), target_l1.len() as u64)?;
+        }
+        let old_l1 = meta.l1().to_vec();
+        let old_refs = tree_references(&mut meta, &old_l1)?;
+        meta.set_active_l1(&target_l1)?;
+        meta.flush()?;
+        meta.release_references(&old_refs);
+        meta.flush()?;
+        if size < current {
+            meta.set_virtual_size(size)?;
+        }
+        meta.refresh_copied_flags()?;
+        meta.flush()?;
+        drop(meta);
+        self.set_size(size);
+        Ok(())
+    }
+
+    /// Deletes snapshot `id_or_name` (its ID, or else its name), as
+    /// `qemu-img snapshot -d` does: clusters only it held are freed (and on
+    /// a deduplicated image their dedup entries removed).
+    pub fn snapshot_delete(&self, id_or_name: &str) -> Result<()> {
+        let _all = self.lock_for_change(0..u64::MAX)?;
+        let mut meta = self.meta.lock();
+        let mut snapshots = meta.snapshots()?;
+        let index = find(&snapshots, id_or_name).ok_or_else(|| not_found(id_or_name))?;
+        let snapshot = snapshots.remove(index);
+        let l1 = snapshot_l1(&meta, &snapshot)?;
+        meta.mark_dirty()?;
+        meta.flush()?;
+        let mut references = tree_references(&mut meta, &l1)?;
+        let g = self.geometry;
+        let l1_clusters = g.count_for(u64::from(snapshot.l1_size) * 8);
+        if snapshot.l1_size > 0 {
+            references.extend(
+                g.host_cluster(HostOffset::new(snapshot.l1_table_offset))
+                    .run(l1_clusters)
+                    .map(|c| (c, 1)),
+            );
+        }
+        meta.write_snapshot_table(&snapshots)?;
+        meta.release_references(&references);
+        meta.flush()?;
+        meta.refresh_copied_flags()?;
+        meta.flush()
+    }
+}
