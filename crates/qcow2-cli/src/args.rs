@@ -42,13 +42,66 @@ pub enum Command {
     Bench(BenchArgs),
     /// Serve an image over NBD, as `qemu-nbd` does (deduplicating inline).
     Serve(ServeArgs),
-    /// Grow an image's virtual disk.
+    /// Grow or (with --shrink) shrink an image's virtual disk.
     Resize(ResizeArgs),
-    /// List internal snapshots (creating, applying and deleting them is
-    /// not supported yet).
+    /// List, create, apply and delete internal snapshots.
     Snapshot(SnapshotArgs),
+    /// Move an overlay onto another backing file.
+    Rebase(RebaseArgs),
+    /// Write an overlay's data into its backing file.
+    Commit(CommitArgs),
     /// Change an image's options in place (`-o dedup=on|off`).
     Amend(AmendArgs),
+}
+
+/// `qcow2 rebase [-f qcow2] [-u] [-p] [-q] -b BACKING [-F FMT] FILE`
+#[derive(Debug, Args)]
+pub struct RebaseArgs {
+    /// Image format (only qcow2).
+    #[arg(short = 'f', value_enum)]
+    pub format: Option<Qcow2Only>,
+    /// Only change the backing file name ("unsafe"): no data is compared or
+    /// copied.
+    #[arg(short = 'u')]
+    pub unsafe_: bool,
+    /// The new backing file; an empty name removes the backing file (its
+    /// data is copied in first unless -u).
+    #[arg(short = 'b', value_name = "BACKING", required = true)]
+    pub backing: String,
+    /// Format of the new backing file (probed when not given).
+    #[arg(short = 'F', value_enum)]
+    pub backing_format: Option<ImageFormat>,
+    /// Show progress.
+    #[arg(short = 'p')]
+    pub progress: bool,
+    /// Print nothing.
+    #[arg(short = 'q')]
+    pub quiet: bool,
+    /// The overlay to rebase.
+    pub file: String,
+}
+
+/// `qcow2 commit [-f qcow2] [-b BASE] [-d] [-p] [-q] FILE`
+#[derive(Debug, Args)]
+pub struct CommitArgs {
+    /// Image format (only qcow2).
+    #[arg(short = 'f', value_enum)]
+    pub format: Option<Qcow2Only>,
+    /// The image of FILE's backing chain to commit into (default: its
+    /// backing file). The images between are left stale, so -b implies -d.
+    #[arg(short = 'b', value_name = "BASE")]
+    pub base: Option<String>,
+    /// Keep FILE's data after committing it (do not empty it).
+    #[arg(short = 'd')]
+    pub keep: bool,
+    /// Show progress.
+    #[arg(short = 'p')]
+    pub progress: bool,
+    /// Print nothing.
+    #[arg(short = 'q')]
+    pub quiet: bool,
+    /// The overlay to commit.
+    pub file: String,
 }
 
 /// `qcow2 amend [-f qcow2] [-q] -o dedup=on|off FILE`
@@ -125,6 +178,16 @@ pub enum ImageFormat {
     Raw,
     /// QEMU copy-on-write version 2 (compat 0.10 and 1.1).
     Qcow2,
+}
+
+impl ImageFormat {
+    /// The name qemu-img and image headers use.
+    pub fn name(self) -> &'static str {
+        match self {
+            ImageFormat::Raw => "raw",
+            ImageFormat::Qcow2 => "qcow2",
+        }
+    }
 }
 
 /// `-f qcow2`, for commands that only handle qcow2.
@@ -254,6 +317,14 @@ pub struct ConvertArgs {
     /// Print nothing (overrides -p).
     #[arg(short = 'q')]
     pub quiet: bool,
+    /// Create the target as an overlay of this backing file, writing only
+    /// what the source's top image holds (the backing file is assumed to
+    /// hold what the source's backing chain holds, as qemu-img assumes).
+    #[arg(short = 'B', value_name = "BACKING")]
+    pub backing: Option<String>,
+    /// Format of the backing file given with -B (probed when not given).
+    #[arg(short = 'F', value_enum, requires = "backing")]
+    pub backing_format: Option<ImageFormat>,
     /// Read the source as it was at this internal snapshot (ID or name;
     /// `snapshot.id=ID` and `snapshot.name=NAME` as qemu-img takes them).
     #[arg(short = 'l', value_name = "SNAPSHOT")]

@@ -51,6 +51,25 @@ pub fn resolve_format(path: &str, asked: Option<ImageFormat>) -> Result<ImageFor
     }
 }
 
+/// The format name a header records for a backing file `name` of the
+/// image at `image_path`: the one asked for, else probed from the file
+/// (the name resolved against the image's directory, as QEMU resolves it).
+pub fn backing_format_name(
+    image_path: &str,
+    name: &str,
+    asked: Option<ImageFormat>,
+) -> Result<&'static str, CliError> {
+    let format = match asked {
+        Some(f) => f,
+        None => {
+            let dir = Path::new(image_path).parent().map(Path::to_path_buf);
+            let resolved = qcow2_io::backing::resolve(name, dir.as_deref());
+            detect_format(&resolved.to_string_lossy())?
+        }
+    };
+    Ok(format.name())
+}
+
 /// Opens a qcow2 image whose aligned data requests bypass the page cache
 /// (for bulk rewrites such as `qcow2 dedup`).
 pub fn open_image(path: &str, writable: bool) -> Result<Image, CliError> {
@@ -125,6 +144,27 @@ impl Disk {
         match self {
             Disk::Raw { file, .. } => file.read_at(buf, offset).map_err(CliError::io(path)),
             Disk::Qcow2(image) => image.read_at(buf, offset).map_err(CliError::image(path)),
+        }
+    }
+
+    /// Ranges `[start, end)` the image itself holds (data, compressed or
+    /// zero clusters; not what its backing chain shows), merged, in order.
+    /// All of a raw file.
+    pub fn top_ranges(&self, path: &str) -> Result<Vec<(u64, u64)>, CliError> {
+        match self {
+            Disk::Raw { size, .. } => Ok(vec![(0, *size)]),
+            Disk::Qcow2(image) => {
+                let mut out: Vec<(u64, u64)> = Vec::new();
+                for e in image.map().map_err(CliError::image(path))? {
+                    if e.kind != MapKind::Unallocated {
+                        match out.last_mut() {
+                            Some(last) if last.1 == e.start => last.1 += e.length,
+                            _ => out.push((e.start, e.start + e.length)),
+                        }
+                    }
+                }
+                Ok(out)
+            }
         }
     }
 

@@ -24,6 +24,11 @@ impl Progress {
         p
     }
 
+    /// Units of work completed so far.
+    pub fn done(&self) -> u64 {
+        self.done
+    }
+
     /// Adds `n` units of completed work.
     pub fn advance(&mut self, n: u64) {
         self.done = (self.done + n).min(self.total);

@@ -404,6 +404,25 @@ impl Header {
         }
     }
 
+    /// Replaces (or with `None` removes) the backing file name and its
+    /// format extension. The name must be 1 to 1023 bytes.
+    pub fn set_backing(&mut self, backing: Option<(&str, &str)>) -> Result<()> {
+        self.extensions
+            .retain(|e| !matches!(e, HeaderExtension::BackingFormat(_)));
+        self.backing_file = None;
+        if let Some((name, format)) = backing {
+            if name.is_empty() || name.len() > MAX_BACKING_NAME as usize {
+                return Err(FormatError::InvalidBackingName(
+                    "empty or longer than 1023 bytes",
+                ));
+            }
+            self.backing_file = Some(name.to_string());
+            self.extensions
+                .insert(0, HeaderExtension::BackingFormat(format.to_string()));
+        }
+        Ok(())
+    }
+
     /// Incompatible bit 1 with the dedup extension: a deduplicated image.
     pub fn is_dedup(&self) -> bool {
         self.incompatible_features & features::INCOMPAT_CORRUPT_OR_DEDUP != 0

@@ -31,6 +31,8 @@ pub enum Backing {
         file: FileStorage,
         /// Its length.
         size: u64,
+        /// Its canonical path.
+        path: PathBuf,
     },
 }
 
@@ -41,6 +43,8 @@ pub(crate) struct ChainContext {
     pub(crate) base_dir: Option<PathBuf>,
     pub(crate) visited: HashSet<PathBuf>,
     pub(crate) depth: usize,
+    /// The canonical path of the image opened in this context, if known.
+    pub(crate) own: Option<PathBuf>,
 }
 
 impl Backing {
@@ -80,7 +84,8 @@ impl Backing {
             "qcow2" => {
                 let mut inner = context.clone();
                 inner.base_dir = canonical.parent().map(Path::to_path_buf);
-                inner.visited.insert(canonical);
+                inner.visited.insert(canonical.clone());
+                inner.own = Some(canonical);
                 inner.depth += 1;
                 let read_only = OpenOptions {
                     write: false,
@@ -96,11 +101,23 @@ impl Backing {
                 let size = file
                     .len()
                     .map_err(ImageError::io("reading the backing file size"))?;
-                Ok(Backing::Raw { file, size })
+                Ok(Backing::Raw {
+                    file,
+                    size,
+                    path: canonical,
+                })
             }
             other => Err(ImageError::Unsupported(format!(
                 "backing file format {other:?} (raw and qcow2 are read)"
             ))),
+        }
+    }
+
+    /// The backing file's canonical path.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            Backing::Qcow2(image) => image.path(),
+            Backing::Raw { path, .. } => Some(path),
         }
     }
 

@@ -179,6 +179,24 @@ impl HeaderWriter {
         })
     }
 
+    /// Names a new backing file (or none), durably. The header is encoded
+    /// before anything is written, so a name that does not fit in the
+    /// first cluster changes nothing.
+    pub(crate) fn set_backing(
+        &mut self,
+        storage: &dyn Storage,
+        at: RefcountTableLocation,
+        backing: Option<(&str, &str)>,
+    ) -> Result<()> {
+        let mut next = self.header.clone();
+        next.set_backing(backing)?;
+        next.encode()?;
+        self.update(storage, at, |h| {
+            *h = next;
+            true
+        })
+    }
+
     /// Removes the dedup extension and clears incompatible bit 1, durably:
     /// the image is plain from here on.
     pub(crate) fn clear_dedup(

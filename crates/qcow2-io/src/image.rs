@@ -41,6 +41,9 @@ pub struct Image {
     pub(crate) claims: InflightClaims,
     /// The backing file unallocated clusters read through, if any.
     pub(crate) backing: Option<Backing>,
+    /// Where the image was opened from: what its backing file names
+    /// resolve against, and the files already in its chain.
+    pub(crate) chain: ChainContext,
     closed: AtomicBool,
 }
 
@@ -163,7 +166,8 @@ impl Image {
         let mut context = ChainContext::default();
         if let Ok(canonical) = std::fs::canonicalize(path) {
             context.base_dir = canonical.parent().map(Path::to_path_buf);
-            context.visited.insert(canonical);
+            context.visited.insert(canonical.clone());
+            context.own = Some(canonical);
         }
         Self::open_in_chain(storage, options, context)
     }
@@ -231,6 +235,7 @@ impl Image {
         )?;
         let mut image = Self::from_parts(storage, meta, options.write);
         image.backing = backing;
+        image.chain = context;
         if options.write && dirty {
             image.check(RepairMode::All)?;
         }
@@ -251,6 +256,7 @@ impl Image {
             writable,
             claims: InflightClaims::default(),
             backing: None,
+            chain: ChainContext::default(),
             closed: AtomicBool::new(false),
         }
     }
@@ -263,6 +269,11 @@ impl Image {
     /// Cluster size in bytes.
     pub fn cluster_size(&self) -> u64 {
         self.geometry.cluster_size()
+    }
+
+    /// The image file's canonical path, when it was opened by path.
+    pub fn path(&self) -> Option<&Path> {
+        self.chain.own.as_deref()
     }
 
     /// The backing file, if the image has one.

@@ -22,6 +22,7 @@
 mod allocator;
 pub mod backing;
 mod block_map;
+mod chain;
 mod check;
 mod compressed;
 mod create;

@@ -988,22 +988,46 @@ impl Metadata {
             }
             guest += g.cluster_size();
         }
+        self.unlink_l2_tables(first_free_l1)?;
+        self.write_tables()?;
+        self.sync("syncing tables before the new size")?;
+        self.set_virtual_size(new_size)?;
+        self.flush()
+    }
+
+    /// Unmaps every guest cluster (`qemu-img commit` empties the committed
+    /// overlay so it reads through to its backing again).
+    pub(crate) fn unmap_all(&mut self) -> Result<()> {
+        self.flush()?;
+        self.unlink_l2_tables(0)?;
+        self.flush()
+    }
+
+    /// Clears the active L1 entries from `first` on and queues the release
+    /// of their L2 tables and of everything those reference.
+    fn unlink_l2_tables(&mut self, first: usize) -> Result<()> {
+        let g = self.geometry;
         let l1 = self.map.l1().to_vec();
-        for (index, &raw) in l1.iter().enumerate().skip(first_free_l1) {
+        for (index, &raw) in l1.iter().enumerate().skip(first) {
             let L1Mapping::L2Table { offset, .. } = L1Entry(raw).decode(g)? else {
                 continue;
             };
-            for entry in self.l2_entries(offset)? {
+            let stride = (g.l2_entry_size() / 8) as usize;
+            for entry in self.l2_entries(offset)?.into_iter().step_by(stride) {
                 self.alloc
                     .release_mapping(L2Entry(entry).decode(self.map.format())?);
             }
             self.alloc.release_run(offset, ClusterCount::ONE);
             self.map.set_l1_raw(index, 0);
         }
-        self.write_tables()?;
-        self.sync("syncing tables before the new size")?;
-        self.set_virtual_size(new_size)?;
-        self.flush()
+        Ok(())
+    }
+
+    /// Names a new backing file (or none) in the header, durably.
+    pub(crate) fn set_backing(&mut self, backing: Option<(&str, &str)>) -> Result<()> {
+        self.flush()?;
+        let location = self.alloc.table_location();
+        self.header.set_backing(&*self.storage, location, backing)
     }
 }
 

@@ -14,7 +14,7 @@ use qcow2_io::{AlignedBuf, CreateOptions, FileStorage, Image, Storage};
 
 use crate::args::{CacheMode, ConvertArgs, ImageFormat, SourceCache};
 use crate::commands::create::apply_options;
-use crate::disk::{is_zero, Disk};
+use crate::disk::{backing_format_name, is_zero, Disk};
 use crate::error::CliError;
 use crate::progress::Progress;
 
@@ -35,10 +35,26 @@ pub(crate) trait Target: Sync {
     fn finish(self: Box<Self>) -> Result<(), CliError>;
 }
 
-struct RawTarget {
+pub(crate) struct RawTarget {
     file: FileStorage,
     path: String,
     sync: bool,
+}
+
+impl RawTarget {
+    /// Writes into the existing raw file at `path` (grown to `size` bytes
+    /// if it is shorter).
+    pub(crate) fn open_existing(path: &str, size: u64, cache: CacheMode) -> Result<Self, CliError> {
+        let file = target_file(path, cache, true)?;
+        if file.len().map_err(CliError::io(path))? < size {
+            file.set_len(size).map_err(CliError::io(path))?;
+        }
+        Ok(Self {
+            file,
+            path: path.to_string(),
+            sync: cache != CacheMode::Unsafe,
+        })
+    }
 }
 
 impl Target for RawTarget {
@@ -81,7 +97,11 @@ pub(crate) struct Qcow2Target {
 }
 
 /// Opens (`existing`) or creates a target file for the cache mode.
-fn target_file(path: &str, cache: CacheMode, existing: bool) -> Result<FileStorage, CliError> {
+pub(crate) fn target_file(
+    path: &str,
+    cache: CacheMode,
+    existing: bool,
+) -> Result<FileStorage, CliError> {
     let p = Path::new(path);
     let file = if existing {
         FileStorage::open(p, true)
@@ -114,8 +134,33 @@ impl Qcow2Target {
         })
     }
 
+    /// Creates a qcow2 overlay of `size` bytes on `backing` (name and
+    /// format), opened with its backing file so partial clusters are
+    /// completed from it.
+    pub(crate) fn create_overlay(
+        path: &str,
+        size: u64,
+        options: Option<&str>,
+        backing: (&str, &str),
+        cache: CacheMode,
+    ) -> Result<Self, CliError> {
+        let mut create = CreateOptions::new(size);
+        apply_options(&mut create, options)?;
+        create.size = size;
+        let create = create.backing_file(backing.0, backing.1).overwrite(true);
+        let image = Image::create(path, &create).map_err(CliError::image(path))?;
+        image.close().map_err(CliError::image(path))?;
+        drop(image);
+        Self::open_existing(path, cache)
+    }
+
+    /// Grows the virtual disk to `size` bytes.
+    pub(crate) fn grow(&self, size: u64) -> Result<(), CliError> {
+        self.image.resize(size).map_err(CliError::image(&self.path))
+    }
+
     /// Opens the existing qcow2 image at `path` for writing (`-n`).
-    fn open_existing(path: &str, cache: CacheMode) -> Result<Self, CliError> {
+    pub(crate) fn open_existing(path: &str, cache: CacheMode) -> Result<Self, CliError> {
         let storage = target_file(path, cache, true)?;
         let image = Image::open_on_file(
             Arc::new(storage),
@@ -168,9 +213,13 @@ pub fn run(args: &ConvertArgs) -> Result<u8, CliError> {
     let size = source.size();
     let target = open_target(args, size)?;
     // A new target reads as zeros; an existing one must have every byte
-    // of the source written, zeros included.
+    // of the source written, zeros included. An overlay (-B) gets what
+    // the source's top image holds, zeros included (they hide the
+    // backing's data); the rest is assumed to be in its backing file.
     let ranges = if args.no_create {
         vec![(0, size)]
+    } else if args.backing.is_some() {
+        source.top_ranges(src_path)?
     } else {
         source.data_ranges(src_path)?
     };
@@ -181,7 +230,7 @@ pub fn run(args: &ConvertArgs) -> Result<u8, CliError> {
         target,
         CopyMode {
             progress: args.progress && !args.quiet,
-            zero_existing: args.no_create,
+            zero_existing: args.no_create || args.backing.is_some(),
         },
     )?;
     Ok(0)
@@ -194,6 +243,21 @@ fn open_target(args: &ConvertArgs, size: u64) -> Result<Box<dyn Target>, CliErro
         return Err(CliError::Usage(
             "-o has no effect with -n (the target is not created)".into(),
         ));
+    }
+    if let Some(backing) = &args.backing {
+        if args.no_create || args.target_format != ImageFormat::Qcow2 {
+            return Err(CliError::Usage(
+                "-B creates a qcow2 overlay: it needs -O qcow2 and no -n".into(),
+            ));
+        }
+        let format = backing_format_name(path, backing, args.backing_format)?;
+        return Ok(Box::new(Qcow2Target::create_overlay(
+            path,
+            size,
+            args.options.as_deref(),
+            (backing, format),
+            cache,
+        )?));
     }
     let target: Box<dyn Target> = match args.target_format {
         ImageFormat::Qcow2 if args.no_create => Box::new(Qcow2Target::open_existing(path, cache)?),

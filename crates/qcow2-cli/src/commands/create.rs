@@ -2,7 +2,7 @@
 
 use qcow2_io::{Compat, CreateOptions, Image, OpenOptions};
 
-use crate::args::{parse_bool, parse_options, CreateArgs, ImageFormat, Qcow2Only};
+use crate::args::{parse_bool, parse_options, CreateArgs, Qcow2Only};
 use crate::error::CliError;
 use crate::output::say;
 use crate::size::{human, parse_size};
@@ -53,10 +53,7 @@ pub fn run(args: &CreateArgs) -> Result<u8, CliError> {
         let format = args.backing_format.ok_or_else(|| {
             CliError::Usage("-b needs -F (the backing file's format: qcow2 or raw)".into())
         })?;
-        let format = match format {
-            ImageFormat::Qcow2 => "qcow2",
-            ImageFormat::Raw => "raw",
-        };
+        let format = format.name();
         if size.is_none() && options.size == 0 {
             options.size = backing_size(path, backing, format)?;
         }

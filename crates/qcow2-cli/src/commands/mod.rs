@@ -3,12 +3,14 @@
 pub mod amend;
 pub mod bench;
 pub mod check;
+pub mod commit;
 pub mod compare;
 pub mod convert;
 pub mod create;
 pub mod dedup;
 pub mod info;
 pub mod map;
+pub mod rebase;
 pub mod resize;
 pub mod serve;
 pub mod snapshot;

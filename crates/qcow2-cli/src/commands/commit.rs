@@ -1,0 +1,127 @@
+//! `qcow2 commit [-f qcow2] [-b BASE] [-d] [-p] [-q] FILE`: write what
+//! FILE (and the images between it and BASE) hold into BASE, as
+//! `qemu-img commit` does, then empty FILE so it reads through again
+//! (unless `-d`, or `-b`, which leaves the images between stale).
+
+use std::path::{Path, PathBuf};
+
+use qcow2_io::{Backing, Image, MapKind, OpenOptions};
+
+use crate::args::{CacheMode, CommitArgs, ImageFormat};
+use crate::commands::convert::{copy, CopyMode, Qcow2Target, RawTarget, Target};
+use crate::disk::{resolve_format, Disk};
+use crate::error::CliError;
+use crate::output::say;
+
+/// The commit target found in the chain: its path and whether it is qcow2.
+struct Base {
+    path: PathBuf,
+    qcow2: bool,
+}
+
+/// The images above the base (top first) and the base.
+fn find_base<'a>(
+    top: &'a Image,
+    wanted: Option<&Path>,
+) -> Result<(Vec<&'a Image>, Base), CliError> {
+    let mut above = vec![top];
+    let mut current = top.backing();
+    loop {
+        let Some(layer) = current else {
+            return Err(CliError::Usage(match wanted {
+                Some(w) => format!("'{}' is not in the backing chain", w.display()),
+                None => "the image has no backing file to commit into".into(),
+            }));
+        };
+        let path = layer
+            .path()
+            .ok_or_else(|| CliError::Usage("a backing file without a path".into()))?
+            .to_path_buf();
+        if wanted.is_none_or(|w| w == path) {
+            let qcow2 = matches!(layer, Backing::Qcow2(_));
+            return Ok((above, Base { path, qcow2 }));
+        }
+        match layer {
+            Backing::Qcow2(image) => {
+                above.push(image);
+                current = image.backing();
+            }
+            Backing::Raw { .. } => current = None,
+        }
+    }
+}
+
+/// The ranges any of `layers` holds (data, compressed or zero), merged.
+fn allocated(layers: &[&Image], path: &str) -> Result<Vec<(u64, u64)>, CliError> {
+    let mut ranges = Vec::new();
+    for layer in layers {
+        for e in layer.map().map_err(CliError::image(path))? {
+            if e.kind != MapKind::Unallocated {
+                ranges.push((e.start, e.start + e.length));
+            }
+        }
+    }
+    ranges.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for (start, end) in ranges {
+        match merged.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => merged.push((start, end)),
+        }
+    }
+    Ok(merged)
+}
+
+/// Runs the command.
+pub fn run(args: &CommitArgs) -> Result<u8, CliError> {
+    let path = args.file.as_str();
+    if args.format.is_some() {
+        resolve_format(path, Some(ImageFormat::Qcow2))?;
+    }
+    let wanted = args
+        .base
+        .as_deref()
+        .map(|b| std::fs::canonicalize(b).map_err(CliError::io(b)))
+        .transpose()?;
+    let source = Disk::open(path, Some(ImageFormat::Qcow2), false)?;
+    let Disk::Qcow2(top) = &source else {
+        return Err(CliError::Usage(format!("{path} is not a qcow2 image")));
+    };
+    let (above, base) = find_base(top, wanted.as_deref())?;
+    let ranges = allocated(&above, path)?;
+    let size = top.size();
+    let base_path = base.path.to_string_lossy().into_owned();
+    let target: Box<dyn Target> = if base.qcow2 {
+        let target = Qcow2Target::open_existing(&base_path, CacheMode::Writeback)?;
+        if target.size()? < size {
+            target.grow(size)?;
+        }
+        Box::new(target)
+    } else {
+        Box::new(RawTarget::open_existing(
+            &base_path,
+            size,
+            CacheMode::Writeback,
+        )?)
+    };
+    copy(
+        &source,
+        path,
+        &ranges,
+        target,
+        CopyMode {
+            progress: args.progress && !args.quiet,
+            zero_existing: true,
+        },
+    )?;
+    drop(source);
+    if !args.keep && args.base.is_none() {
+        let image = Image::open(path, &OpenOptions::read_write()).map_err(CliError::image(path))?;
+        image.make_empty().map_err(CliError::image(path))?;
+        image.close().map_err(CliError::image(path))?;
+    }
+    if !args.quiet {
+        say!("Image committed.");
+    }
+    Ok(0)
+}

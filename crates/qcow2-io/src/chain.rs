@@ -1,0 +1,108 @@
+//! Changing an overlay's place in its backing chain: naming another
+//! backing file (`qemu-img rebase -u`), moving onto another backing file
+//! while keeping what the guest reads (`qemu-img rebase`), and emptying an
+//! overlay whose data was committed to its backing (`qemu-img commit`).
+
+use crate::backing::Backing;
+use crate::map::MapKind;
+use crate::{is_zero, Image, OpenOptions, Result};
+
+/// Clusters compared per step of a safe rebase.
+const REBASE_STEP_CLUSTERS: u64 = 32;
+
+impl Image {
+    /// Opens `backing` (name resolved against this image's directory, as
+    /// QEMU resolves it) as this image's backing file would be opened.
+    fn open_backing(&self, name: &str, format: &str) -> Result<Backing> {
+        Backing::open(name, Some(format), &OpenOptions::read_only(), &self.chain)
+    }
+
+    /// Names `backing` (file name and format) as the backing file, or none,
+    /// without touching any data (`qemu-img rebase -u`): what the guest
+    /// reads through unallocated clusters changes to what the new file
+    /// holds. The new file must open (a loop, a missing file or a name
+    /// over 1023 bytes is refused before anything is written).
+    pub fn set_backing_file(&mut self, backing: Option<(&str, &str)>) -> Result<()> {
+        self.check_writable()?;
+        let opened = match backing {
+            Some((name, format)) => Some(self.open_backing(name, format)?),
+            None => None,
+        };
+        self.meta.lock().set_backing(backing)?;
+        self.backing = opened;
+        Ok(())
+    }
+
+    /// Moves this overlay onto `backing` (or onto none) keeping every byte
+    /// the guest reads, as `qemu-img rebase` does: wherever this image has
+    /// no cluster of its own and the old and new backing files differ, the
+    /// old content is copied into this image first; then the header names
+    /// the new file. `progress` is told the bytes done and the total.
+    pub fn rebase(
+        &mut self,
+        backing: Option<(&str, &str)>,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<()> {
+        self.check_writable()?;
+        let new = match backing {
+            Some((name, format)) => Some(self.open_backing(name, format)?),
+            None => None,
+        };
+        let cs = self.cluster_size();
+        let step = cs * REBASE_STEP_CLUSTERS;
+        let unallocated: Vec<(u64, u64)> = self
+            .map()?
+            .into_iter()
+            .filter(|e| e.kind == MapKind::Unallocated)
+            .map(|e| (e.start, e.start + e.length))
+            .collect();
+        let total: u64 = unallocated.iter().map(|(s, e)| e - s).sum();
+        let mut done = 0;
+        let mut old_data = vec![0u8; step as usize];
+        let mut new_data = vec![0u8; step as usize];
+        for (start, end) in unallocated {
+            let mut at = start;
+            while at < end {
+                let len = (end - at).min(step - at % step);
+                let (old, fresh) = (&mut old_data[..len as usize], &mut new_data[..len as usize]);
+                self.read_at(old, at)?;
+                match &new {
+                    Some(b) => b.read_at(fresh, at)?,
+                    None => fresh.fill(0),
+                }
+                let mut offset = 0usize;
+                while offset < old.len() {
+                    let piece = (cs as usize - (at as usize + offset) % cs as usize)
+                        .min(old.len() - offset);
+                    let range = offset..offset + piece;
+                    if old[range.clone()] != fresh[range.clone()] {
+                        let guest = at + offset as u64;
+                        if is_zero(&old[range.clone()]) {
+                            // A zero cluster hides the new backing's data.
+                            self.write_zeroes(guest, piece as u64)?;
+                        } else {
+                            self.write_at(&old[range], guest)?;
+                        }
+                    }
+                    offset += piece;
+                }
+                at += len;
+                done += len;
+                progress(done, total);
+            }
+        }
+        self.meta.lock().set_backing(backing)?;
+        self.backing = new;
+        Ok(())
+    }
+
+    /// Unmaps every cluster of this image, so it reads through to its
+    /// backing file again (`qemu-img commit` empties the overlay it
+    /// committed). Without a backing file the disk then reads as zeros.
+    pub fn make_empty(&self) -> Result<()> {
+        let _all = self.lock_for_change(0..u64::MAX)?;
+        let mut meta = self.meta.lock();
+        meta.mark_dirty()?;
+        meta.unmap_all()
+    }
+}
