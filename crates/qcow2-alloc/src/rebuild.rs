@@ -55,6 +55,21 @@ impl ReferenceCounts {
         }
     }
 
+    /// Sets the count of `cluster` outright; `false` if it lies past the
+    /// clusters this tally was sized for.
+    pub fn set(&mut self, cluster: HostCluster, count: u64) -> bool {
+        match usize::try_from(cluster.get())
+            .ok()
+            .and_then(|i| self.counts.get_mut(i))
+        {
+            Some(c) => {
+                *c = count;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Takes back one reference to `cluster` (none below 0).
     pub fn remove(&mut self, cluster: HostCluster) {
         if let Some(c) = usize::try_from(cluster.get())

@@ -190,6 +190,18 @@ impl HeaderWriter {
     ) -> Result<()> {
         let mut next = self.header.clone();
         next.set_backing(backing)?;
+        self.replace(storage, at, next)
+    }
+
+    /// Replaces the header with `next` (its refcount table fields aside),
+    /// durably; `next` is encoded first, so one that cannot be written
+    /// changes nothing.
+    pub(crate) fn replace(
+        &mut self,
+        storage: &dyn Storage,
+        at: RefcountTableLocation,
+        next: Header,
+    ) -> Result<()> {
         next.encode()?;
         self.update(storage, at, |h| {
             *h = next;

@@ -271,6 +271,29 @@ impl Image {
         self.geometry.cluster_size()
     }
 
+    /// Reads the header and the tables again, after a change of format
+    /// (the caches get their default sizes).
+    pub(crate) fn reload_metadata(&mut self) -> Result<()> {
+        self.meta.get_mut().flush()?;
+        let (header, loading) = read_header(&*self.storage, false)?;
+        let defaults = OpenOptions::default();
+        let mut meta = Metadata::load(
+            self.storage.clone(),
+            header,
+            defaults.l2_cache_bytes,
+            defaults.refcount_cache_bytes,
+            loading,
+        )?;
+        if self.writable {
+            meta.build_dedup_index(false)?;
+        }
+        self.geometry = meta.header().geometry;
+        self.set_size(meta.header().size);
+        self.dedup.store(meta.is_dedup(), Ordering::Release);
+        *self.meta.get_mut() = meta;
+        Ok(())
+    }
+
     /// The image file's canonical path, when it was opened by path.
     pub fn path(&self) -> Option<&Path> {
         self.chain.own.as_deref()

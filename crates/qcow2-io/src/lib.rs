@@ -20,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 mod allocator;
+mod amend;
 pub mod backing;
 mod block_map;
 mod chain;
@@ -40,6 +41,7 @@ mod snapshots;
 mod write;
 mod zeros;
 
+pub use amend::AmendOptions;
 pub use backing::Backing;
 pub use check::{CheckReport, Finding, FindingKind, RepairMode};
 pub use error::{ImageError, Result};

@@ -1023,6 +1023,109 @@ impl Metadata {
         Ok(())
     }
 
+    /// Replaces the header with what `change` makes of it, durably (after
+    /// a flush; nothing is written if the result cannot be encoded).
+    pub(crate) fn change_header(&mut self, change: impl FnOnce(&mut Header)) -> Result<()> {
+        self.flush()?;
+        let mut next = self.header().clone();
+        change(&mut next);
+        let location = self.alloc.table_location();
+        self.header.replace(&*self.storage, location, next)
+    }
+
+    /// Rewrites the refcount structure with entries of `order` (a new
+    /// `refcount_order`), holding the same refcounts, then points the header
+    /// at it. Refused before anything is written when a refcount does not
+    /// fit the new width.
+    pub(crate) fn change_refcount_order(&mut self, order: u32) -> Result<()> {
+        self.flush()?;
+        let width = RefcountWidth::new(order)?;
+        let file_size = self
+            .storage
+            .len()
+            .map_err(ImageError::io("reading the image size"))?;
+        let present = self
+            .alloc
+            .refcounts_mut()
+            .nonzero_from(&*self.storage, HostCluster::new(0))?;
+        let clusters = present
+            .last()
+            .map_or(0, |(c, _)| c.get() + 1)
+            .max(self.geometry.clusters_for(file_size));
+        let mut tally = ReferenceCounts::new(clusters);
+        for &(cluster, count) in &present {
+            if count > width.max() {
+                return Err(ImageError::InvalidOption(format!(
+                    "cluster {cluster} has refcount {count}, more than refcount_bits={} holds",
+                    width.bits()
+                )));
+            }
+            tally.set(cluster, count);
+        }
+        for (first, count) in self.alloc.metadata_clusters() {
+            first.run(count).for_each(|c| tally.remove(c));
+        }
+        let config = RefcountsConfig {
+            width,
+            ..self.alloc.refcounts_mut().config()
+        };
+        let rebuilt = qcow2_alloc::rebuild_refcounts(&*self.storage, config, &tally)?;
+        self.alloc = Allocator::new(rebuilt, self.geometry);
+        let location = self.alloc.table_location();
+        let mut next = self.header().clone();
+        next.refcount_order = order;
+        self.header.replace(&*self.storage, location, next)
+    }
+
+    /// Turns every zero cluster of the active tables into what compat=0.10
+    /// can express: a preallocated one gets its cluster zeroed and becomes
+    /// data; an unallocated one becomes unallocated (reads as zeros) or,
+    /// over a backing file, a newly written cluster of zeros.
+    pub(crate) fn expand_zero_clusters(&mut self, backed: bool) -> Result<()> {
+        let g = self.geometry;
+        let cs = g.cluster_size();
+        let zeros = vec![0u8; cs as usize];
+        let l1 = self.map.l1().to_vec();
+        for (index, &raw) in l1.iter().enumerate() {
+            let L1Mapping::L2Table { offset, .. } = L1Entry(raw).decode(g)? else {
+                continue;
+            };
+            for (i, entry) in self.l2_entries(offset)?.into_iter().enumerate() {
+                let L2Mapping::Zero {
+                    preallocated,
+                    copied,
+                } = L2Entry(entry).decode(self.map.format())?
+                else {
+                    continue;
+                };
+                let guest = GuestOffset::new(index as u64 * g.l2_coverage() + i as u64 * cs);
+                let target = match (preallocated, backed) {
+                    (Some(host), _) => Some((host, copied)),
+                    (None, false) => None,
+                    (None, true) => {
+                        let (first, _) = self.allocate(ClusterCount::ONE)?;
+                        Some((g.host_offset(first), true))
+                    }
+                };
+                let mapping = match target {
+                    Some((host, copied)) => {
+                        self.guard_data_write(host, cs)?;
+                        self.storage
+                            .write_at(&zeros, host.get())
+                            .map_err(ImageError::io("zeroing a cluster"))?;
+                        L2Mapping::Data {
+                            offset: host,
+                            copied,
+                        }
+                    }
+                    None => L2Mapping::Unallocated,
+                };
+                self.set_mapping(guest, mapping)?;
+            }
+        }
+        self.flush()
+    }
+
     /// Names a new backing file (or none) in the header, durably.
     pub(crate) fn set_backing(&mut self, backing: Option<(&str, &str)>) -> Result<()> {
         self.flush()?;

@@ -1,7 +1,11 @@
-//! `qcow2 amend -o dedup=on|off FILE`: turn deduplication on (the table is
-//! built from the data, duplicates shared) or off (the table dropped, bit 1
-//! cleared: QEMU writes the image again). Other options are refused with a
-//! clear error before anything changes.
+//! `qcow2 amend -o OPTIONS FILE`: change an image's options in place, as
+//! `qemu-img amend` does: `compat=0.10|1.1`, `lazy_refcounts=on|off`,
+//! `refcount_bits=N`, and `dedup=on|off` (the dedup table built from the
+//! data, duplicates shared; or dropped, so QEMU writes the image again).
+//! Every option is checked before anything changes; unknown ones are
+//! refused.
+
+use qcow2_io::{AmendOptions, Compat};
 
 use crate::args::{parse_bool, parse_options, AmendArgs, ImageFormat};
 use crate::disk::{open_image, resolve_format};
@@ -14,26 +18,59 @@ pub fn run(args: &AmendArgs) -> Result<u8, CliError> {
         resolve_format(path, Some(ImageFormat::Qcow2))?;
     }
     let mut dedup = None;
+    let mut amend = AmendOptions::default();
     for (key, value) in parse_options(&args.options)? {
         match key.as_str() {
             "dedup" => dedup = Some(parse_bool(&key, &value)?),
+            "lazy_refcounts" => amend.lazy_refcounts = Some(parse_bool(&key, &value)?),
+            "compat" => {
+                amend.compat = Some(match value.as_str() {
+                    "0.10" | "v2" => Compat::V2,
+                    "1.1" | "v3" => Compat::V3,
+                    other => {
+                        return Err(CliError::Usage(format!(
+                            "compat={other}: expected 0.10 or 1.1"
+                        )))
+                    }
+                })
+            }
+            "refcount_bits" => {
+                amend.refcount_bits = Some(value.parse().map_err(|_| {
+                    CliError::Usage(format!("refcount_bits={value}: expected a number"))
+                })?)
+            }
             other => {
                 return Err(CliError::Usage(format!(
-                    "amending {other:?} is not supported yet (only dedup=on|off); the image is unchanged"
+                    "amending {other:?} is not supported (compat, lazy_refcounts, refcount_bits, dedup); the image is unchanged"
                 )))
             }
         }
     }
-    let Some(dedup) = dedup else {
-        return Err(CliError::Usage("nothing to amend (-o dedup=on|off)".into()));
-    };
-    let image = open_image(path, true)?;
-    let result = if dedup {
-        image.enable_dedup()
-    } else {
-        image.disable_dedup()
-    };
-    result.map_err(CliError::image(path))?;
+    let changes_format = amend != AmendOptions::default();
+    if dedup.is_none() && !changes_format {
+        return Err(CliError::Usage("nothing to amend".into()));
+    }
+    if dedup == Some(true) && amend.compat == Some(Compat::V2) {
+        return Err(CliError::Usage(
+            "dedup=on needs compat=1.1; the image is unchanged".into(),
+        ));
+    }
+    let mut image = open_image(path, true)?;
+    // Everything is checked before the first change.
+    if changes_format {
+        image
+            .check_amend(&amend, dedup == Some(false))
+            .map_err(CliError::image(path))?;
+    }
+    if dedup == Some(false) {
+        image.disable_dedup().map_err(CliError::image(path))?;
+    }
+    if changes_format {
+        image.amend(&amend).map_err(CliError::image(path))?;
+    }
+    if dedup == Some(true) {
+        image.enable_dedup().map_err(CliError::image(path))?;
+    }
     image.close().map_err(CliError::image(path))?;
     if !args.quiet {
         crate::output::say!("Image amended.");

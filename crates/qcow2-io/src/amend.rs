@@ -1,0 +1,180 @@
+//! Changing a qcow2 image's format options in place, as `qemu-img amend`
+//! does: the compatibility level, lazy refcounts and the refcount width.
+//! (Deduplication is turned on and off by [`Image::enable_dedup`] and
+//! [`Image::disable_dedup`].)
+//!
+//! Every request is checked against the image before anything is written;
+//! each change then replaces one structure and, once that is durable, the
+//! header that names it, so a crash leaves the old image or the new one
+//! (plus leaked clusters).
+
+use qcow2_format::extensions::HeaderExtension;
+use qcow2_format::features::{
+    standard_feature_names, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION_TYPE,
+    INCOMPAT_CORRUPT_OR_DEDUP,
+};
+use qcow2_format::header::{V2_HEADER_LEN, V3_HEADER_LEN};
+use qcow2_format::Header;
+
+use crate::{Compat, Image, ImageError, Result};
+
+/// What [`Image::amend`] changes; `None` keeps the current value.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AmendOptions {
+    /// `compat=0.10` (version 2) or `compat=1.1` (version 3).
+    pub compat: Option<Compat>,
+    /// `lazy_refcounts=on|off` (version 3 only).
+    pub lazy_refcounts: Option<bool>,
+    /// `refcount_bits=1|2|4|8|16|32|64` (other than 16: version 3 only).
+    pub refcount_bits: Option<u32>,
+}
+
+fn refused(reason: impl Into<String>) -> ImageError {
+    ImageError::InvalidOption(reason.into())
+}
+
+/// Why `header` cannot be written as version 2, if it cannot.
+fn v2_obstacle(header: &Header, lazy: bool, refcount_order: u32) -> Option<&'static str> {
+    if header.is_dedup() {
+        Some("deduplicated images need compat=1.1 (amend -o dedup=off first)")
+    } else if header.geometry.extended_l2() {
+        Some("extended L2 entries need compat=1.1")
+    } else if header.incompatible_features & INCOMPAT_COMPRESSION_TYPE != 0 {
+        Some("zstd compression needs compat=1.1")
+    } else if header.incompatible_features & !qcow2_format::features::INCOMPAT_DIRTY != 0 {
+        Some("the image uses incompatible features that need compat=1.1")
+    } else if lazy {
+        Some("lazy refcounts need compat=1.1")
+    } else if refcount_order != 4 {
+        Some("refcount widths other than 16 bits need compat=1.1")
+    } else if header.nb_snapshots > 0 {
+        Some("downgrading an image with internal snapshots is not supported")
+    } else {
+        None
+    }
+}
+
+impl Image {
+    /// Changes the image's format options in place (see [`AmendOptions`]).
+    /// Refused, with nothing written, where the result would not be a
+    /// valid image: version 2 with dedup, extended L2, zstd, lazy
+    /// refcounts or a refcount width other than 16; a refcount width too
+    /// narrow for a refcount the image holds (or 1 bit on a dedup image).
+    /// Downgrading turns zero clusters into what version 2 can express.
+    pub fn amend(&mut self, options: &AmendOptions) -> Result<()> {
+        let header = self.header();
+        let Target {
+            version,
+            lazy,
+            order,
+        } = self.check_amend_target(options, false)?;
+        // `&mut self`: no other reference can be reading or writing.
+        self.check_writable()?;
+        {
+            let meta = self.meta.get_mut();
+            meta.mark_dirty()?;
+            if version > header.version {
+                meta.change_header(upgrade_to_v3)?;
+            }
+            if order != header.refcount_order {
+                meta.change_refcount_order(order)?;
+            }
+            if version == 3 && lazy != header.lazy_refcounts() {
+                meta.change_header(|h| {
+                    if lazy {
+                        h.compatible_features |= COMPAT_LAZY_REFCOUNTS;
+                    } else {
+                        h.compatible_features &= !COMPAT_LAZY_REFCOUNTS;
+                    }
+                })?;
+            }
+            if version < header.version {
+                meta.expand_zero_clusters(self.backing.is_some())?;
+                meta.change_header(downgrade_to_v2)?;
+            }
+        }
+        self.reload_metadata()
+    }
+}
+
+/// What an amend leads to.
+struct Target {
+    version: u32,
+    lazy: bool,
+    order: u32,
+}
+
+impl Image {
+    /// Whether [`Image::amend`] with `options` would be accepted, checked
+    /// without writing anything; with `without_dedup`, as if deduplication
+    /// had been turned off first (`amend -o dedup=off,compat=0.10`).
+    pub fn check_amend(&self, options: &AmendOptions, without_dedup: bool) -> Result<()> {
+        self.check_amend_target(options, without_dedup).map(drop)
+    }
+
+    fn check_amend_target(&self, options: &AmendOptions, without_dedup: bool) -> Result<Target> {
+        let mut header = self.header();
+        if without_dedup {
+            header.set_dedup_extension(None);
+            header.incompatible_features &= !INCOMPAT_CORRUPT_OR_DEDUP;
+        }
+        let version = match options.compat {
+            Some(Compat::V2) => 2,
+            Some(Compat::V3) => 3,
+            None => header.version,
+        };
+        let lazy = options
+            .lazy_refcounts
+            .unwrap_or_else(|| header.lazy_refcounts());
+        let order = match options.refcount_bits {
+            None => header.refcount_order,
+            Some(bits) if bits.is_power_of_two() && bits <= 64 => bits.trailing_zeros(),
+            Some(bits) => {
+                return Err(refused(format!(
+                    "refcount_bits={bits}: it must be a power of two up to 64"
+                )))
+            }
+        };
+        if version == 2 {
+            if let Some(reason) = v2_obstacle(&header, lazy, order) {
+                return Err(refused(reason));
+            }
+        }
+        if order == 0 && header.is_dedup() {
+            return Err(refused(
+                "refcount_bits=1 cannot share a cluster, which deduplication needs",
+            ));
+        }
+        Ok(Target {
+            version,
+            lazy,
+            order,
+        })
+    }
+}
+
+/// Version 3 with the fields QEMU writes for an upgraded image.
+fn upgrade_to_v3(h: &mut Header) {
+    h.version = 3;
+    h.header_length = V3_HEADER_LEN;
+    h.refcount_order = 4;
+    h.incompatible_features = 0;
+    h.compatible_features = 0;
+    h.autoclear_features = 0;
+    h.compression_type = 0;
+    h.additional_fields = vec![0; 7];
+    h.extensions
+        .push(HeaderExtension::FeatureNames(standard_feature_names()));
+}
+
+/// Version 2: no feature bits, no feature name table.
+fn downgrade_to_v2(h: &mut Header) {
+    h.version = 2;
+    h.header_length = V2_HEADER_LEN;
+    h.incompatible_features = 0;
+    h.compatible_features = 0;
+    h.autoclear_features = 0;
+    h.additional_fields.clear();
+    h.extensions
+        .retain(|e| !matches!(e, HeaderExtension::FeatureNames(_)));
+}
