@@ -7,7 +7,7 @@
 
 use qcow2_alloc::Storage;
 use qcow2_format::dedup::DedupExtension;
-use qcow2_format::features::{INCOMPAT_CORRUPT_OR_DEDUP, INCOMPAT_DIRTY};
+use qcow2_format::features::{AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT_OR_DEDUP, INCOMPAT_DIRTY};
 use qcow2_format::{Header, HostOffset};
 
 use crate::{ImageError, Result};
@@ -75,19 +75,23 @@ impl HeaderWriter {
         Ok(())
     }
 
-    /// Sets the dirty bit (v3) and clears autoclear bits this implementation
-    /// does not maintain, durably, before the first modification.
+    /// Sets the dirty bit (v3) and clears the autoclear bits this
+    /// implementation does not maintain, durably, before the first
+    /// modification. The bitmaps bit is kept with `keep_bitmaps` (every
+    /// bitmap has been marked in use, which keeps the extension truthful).
     pub(crate) fn mark_dirty(
         &mut self,
         storage: &dyn Storage,
         at: RefcountTableLocation,
+        keep_bitmaps: bool,
     ) -> Result<()> {
+        let keep = if keep_bitmaps { AUTOCLEAR_BITMAPS } else { 0 };
         self.update(storage, at, |h| {
-            if h.version < 3 || (h.is_dirty() && h.autoclear_features == 0) {
+            if h.version < 3 || (h.is_dirty() && h.autoclear_features & !keep == 0) {
                 return false;
             }
             h.incompatible_features |= INCOMPAT_DIRTY;
-            h.autoclear_features = 0;
+            h.autoclear_features &= keep;
             true
         })
     }

@@ -47,6 +47,19 @@ pub struct Image {
     closed: AtomicBool,
 }
 
+/// A persistent dirty bitmap, as `qemu-img info` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapInfo {
+    /// Its name.
+    pub name: String,
+    /// Bytes of guest data one bit covers.
+    pub granularity: u64,
+    /// The in-use flag: the bitmap may be inconsistent and is not trusted.
+    pub in_use: bool,
+    /// The auto flag: the bitmap is enabled (tracks writes).
+    pub auto: bool,
+}
+
 /// What `qcow2 info` shows about an image.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageInfo {
@@ -76,6 +89,8 @@ pub struct ImageInfo {
     pub backing_format: Option<String>,
     /// Number of internal snapshots.
     pub snapshots: u32,
+    /// Persistent dirty bitmaps (empty without a valid bitmaps extension).
+    pub bitmaps: Vec<BitmapInfo>,
     /// Length of the image file in bytes.
     pub file_length: u64,
 }
@@ -336,6 +351,16 @@ impl Image {
             backing_file: h.backing_file.clone(),
             backing_format: h.backing_format().map(str::to_string),
             snapshots: h.nb_snapshots,
+            bitmaps: meta
+                .bitmaps()
+                .into_iter()
+                .map(|b| BitmapInfo {
+                    granularity: 1u64.checked_shl(u32::from(b.granularity_bits)).unwrap_or(0),
+                    in_use: b.in_use(),
+                    auto: b.auto(),
+                    name: b.name,
+                })
+                .collect(),
             file_length: self
                 .storage
                 .len()

@@ -45,7 +45,7 @@ pub use amend::AmendOptions;
 pub use backing::Backing;
 pub use check::{CheckReport, Finding, FindingKind, RepairMode};
 pub use error::{ImageError, Result};
-pub use image::{Image, ImageInfo};
+pub use image::{BitmapInfo, Image, ImageInfo};
 pub use map::{MapExtent, MapKind};
 pub use options::{Compat, CreateOptions, OpenOptions};
 pub use qcow2_alloc::{

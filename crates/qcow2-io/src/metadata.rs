@@ -21,6 +21,9 @@ use std::sync::Arc;
 
 use qcow2_alloc::{Refcounts, RefcountsConfig, ReferenceCounts, Storage};
 use qcow2_dedup::{ContentHash, DedupStats};
+use qcow2_format::bitmaps::{mark_in_use, parse_bitmap_directory, BitmapDirectoryEntry};
+use qcow2_format::extensions::HeaderExtension;
+use qcow2_format::features::AUTOCLEAR_BITMAPS;
 use qcow2_format::l1::{L1Entry, L1Mapping};
 use qcow2_format::l2::{L2Entry, L2Format, L2Mapping, SubclusterBitmap};
 use qcow2_format::refcount::RefcountWidth;
@@ -43,6 +46,9 @@ pub(crate) struct Metadata {
     map: BlockMap,
     alloc: Allocator,
     dedup: Option<DedupState>,
+    /// Whether the bitmaps were marked in use this session (and so their
+    /// extension stays valid); `None` until the first modification.
+    bitmaps_in_use: Option<bool>,
 }
 
 /// A stored copy of a content on a deduplicated image.
@@ -129,6 +135,7 @@ impl Metadata {
             map,
             alloc,
             dedup,
+            bitmaps_in_use: None,
         }
     }
 
@@ -664,9 +671,61 @@ impl Metadata {
     // --- the header ---
 
     /// Sets the dirty bit (v3), durably, before the first modification.
+    /// Persistent bitmaps, which this implementation does not update, are
+    /// first marked in use (durably), so QEMU never trusts one that missed
+    /// our writes; if their directory cannot be read, the bitmaps
+    /// autoclear bit is cleared instead, as the specification allows.
     pub(crate) fn mark_dirty(&mut self) -> Result<()> {
+        let keep_bitmaps = match self.bitmaps_in_use {
+            Some(kept) => kept,
+            None => {
+                let kept = self.mark_bitmaps_in_use()?;
+                self.bitmaps_in_use = Some(kept);
+                kept
+            }
+        };
         let location = self.alloc.table_location();
-        self.header.mark_dirty(&*self.storage, location)
+        self.header
+            .mark_dirty(&*self.storage, location, keep_bitmaps)
+    }
+
+    /// Sets the in-use flag of every bitmap, in place, durably; whether the
+    /// bitmaps extension stays valid (false: there is none, it was already
+    /// invalid, or its directory is damaged).
+    fn mark_bitmaps_in_use(&mut self) -> Result<bool> {
+        let header = self.header();
+        if header.autoclear_features & AUTOCLEAR_BITMAPS == 0 {
+            return Ok(false);
+        }
+        let Ok(Some(directory)) = read_bitmap_directory(&*self.storage, header) else {
+            return Ok(false);
+        };
+        if directory.entries.iter().all(|e| e.in_use()) {
+            return Ok(true);
+        }
+        let mut bytes = directory.bytes;
+        if mark_in_use(&mut bytes, &directory.entries).is_err() {
+            return Ok(false);
+        }
+        self.storage
+            .write_at(&bytes, directory.offset)
+            .map_err(ImageError::io("marking the bitmaps in use"))?;
+        self.sync("syncing the bitmap directory")?;
+        Ok(true)
+    }
+
+    /// The persistent bitmaps, as the bitmap directory describes them
+    /// (empty without a valid bitmaps extension).
+    pub(crate) fn bitmaps(&self) -> Vec<BitmapDirectoryEntry> {
+        let header = self.header();
+        if header.autoclear_features & AUTOCLEAR_BITMAPS == 0 {
+            return Vec::new();
+        }
+        read_bitmap_directory(&*self.storage, header)
+            .ok()
+            .flatten()
+            .map(|d| d.entries)
+            .unwrap_or_default()
     }
 
     /// Flushes and clears the dirty bit.
@@ -1132,6 +1191,52 @@ impl Metadata {
         let location = self.alloc.table_location();
         self.header.set_backing(&*self.storage, location, backing)
     }
+}
+
+/// The bitmap directory read from disk: where, its bytes, its entries.
+pub(crate) struct BitmapDirectory {
+    pub(crate) offset: u64,
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) entries: Vec<BitmapDirectoryEntry>,
+}
+
+/// Largest bitmap directory read (QEMU's limit).
+const MAX_BITMAP_DIRECTORY: u64 = 64 << 20;
+
+/// Reads the bitmap directory `header`'s bitmaps extension names, if any,
+/// refusing one outside the file or larger than QEMU allows.
+pub(crate) fn read_bitmap_directory(
+    storage: &dyn Storage,
+    header: &Header,
+) -> Result<Option<BitmapDirectory>> {
+    let Some((offset, size, count)) = header.extensions.iter().find_map(|e| match e {
+        HeaderExtension::Bitmaps {
+            nb_bitmaps,
+            directory_size,
+            directory_offset,
+        } => Some((*directory_offset, *directory_size, *nb_bitmaps)),
+        _ => None,
+    }) else {
+        return Ok(None);
+    };
+    let file_size = storage
+        .len()
+        .map_err(ImageError::io("reading the image size"))?;
+    if size > MAX_BITMAP_DIRECTORY || offset.saturating_add(size) > file_size {
+        return Err(ImageError::Corrupt(
+            "the bitmap directory lies past the end of the image".into(),
+        ));
+    }
+    let mut bytes = vec![0u8; size as usize];
+    storage
+        .read_at(&mut bytes, offset)
+        .map_err(ImageError::io("reading the bitmap directory"))?;
+    let entries = parse_bitmap_directory(&bytes, count)?;
+    Ok(Some(BitmapDirectory {
+        offset,
+        bytes,
+        entries,
+    }))
 }
 
 /// Reads and validates the snapshot table `header` names, reading no more

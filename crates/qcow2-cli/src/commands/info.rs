@@ -7,7 +7,7 @@
 use std::os::unix::fs::MetadataExt;
 
 use qcow2_format::snapshot::Snapshot;
-use qcow2_io::{DedupStats, Image, ImageInfo, OpenOptions};
+use qcow2_io::{BitmapInfo, DedupStats, Image, ImageInfo, OpenOptions};
 use serde_json::{json, Value};
 
 use crate::args::{ImageFormat, InfoArgs, OutputFormat};
@@ -137,6 +137,18 @@ fn icount(s: &Snapshot) -> Option<u64> {
     Some(u64::from_be_bytes(bytes)).filter(|&v| v != u64::MAX)
 }
 
+/// A bitmap's flags as qemu-img names them, in its order.
+fn bitmap_flags(b: &BitmapInfo) -> Vec<&'static str> {
+    let mut flags = Vec::new();
+    if b.in_use {
+        flags.push("in-use");
+    }
+    if b.auto {
+        flags.push("auto");
+    }
+    flags
+}
+
 fn info_json(
     path: &str,
     actual: u64,
@@ -147,6 +159,19 @@ fn info_json(
     let mut data = json!({"compat": if info.version == 2 { "0.10" } else { "1.1" }});
     data["extended-l2"] = json!(info.extended_l2);
     data["lazy-refcounts"] = json!(info.lazy_refcounts);
+    if !info.bitmaps.is_empty() {
+        data["bitmaps"] = info
+            .bitmaps
+            .iter()
+            .map(|b| {
+                json!({
+                    "flags": bitmap_flags(b),
+                    "name": b.name,
+                    "granularity": b.granularity,
+                })
+            })
+            .collect();
+    }
     data["corrupt"] = json!(info.corrupt);
     data["refcount-bits"] = json!(info.refcount_bits);
     if info.version >= 3 {
@@ -246,6 +271,18 @@ fn print_human(
         say!("    compression type: {}", info.compression_type);
     }
     say!("    lazy refcounts: {}", info.lazy_refcounts);
+    if !info.bitmaps.is_empty() {
+        say!("    bitmaps:");
+        for (i, b) in info.bitmaps.iter().enumerate() {
+            say!("        [{i}]:");
+            say!("            flags:");
+            for (j, flag) in bitmap_flags(b).iter().enumerate() {
+                say!("                [{j}]: {flag}");
+            }
+            say!("            name: {}", b.name);
+            say!("            granularity: {}", b.granularity);
+        }
+    }
     say!("    refcount bits: {}", info.refcount_bits);
     say!("    corrupt: {}", info.corrupt);
     say!("    extended l2: {}", info.extended_l2);
