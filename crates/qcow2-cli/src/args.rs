@@ -305,6 +305,10 @@ pub struct ConvertArgs {
     /// The target exists already: write into it instead of creating it.
     #[arg(short = 'n')]
     pub no_create: bool,
+    /// Compress the target's clusters (qcow2 only; the compression type is
+    /// `-o compression_type=zlib|zstd`).
+    #[arg(short = 'c')]
+    pub compress: bool,
     /// Cache mode of the target.
     #[arg(short = 't', value_enum, default_value = "none")]
     pub target_cache: CacheMode,

@@ -47,6 +47,18 @@ pub struct CompressedDescriptor {
 }
 
 impl CompressedDescriptor {
+    /// The descriptor of `len` bytes (at least one) of compressed data at
+    /// `offset`, as QEMU writes it: the sectors after the one holding the
+    /// first byte, up to the one holding the last.
+    pub fn for_piece(offset: HostOffset, len: u64) -> Self {
+        let first = offset.get() >> 9;
+        let last = offset.get().saturating_add(len.saturating_sub(1)) >> 9;
+        Self {
+            offset: offset.get(),
+            additional_sectors: last.saturating_sub(first),
+        }
+    }
+
     /// Number of bits of the descriptor that hold the offset.
     #[allow(clippy::arithmetic_side_effects)] // cluster_bits is 9..=21
     pub const fn offset_bits(geometry: Geometry) -> u32 {

@@ -36,6 +36,9 @@ pub(crate) struct Allocator {
     released: Vec<HostCluster>,
     /// How many queued decreases each cluster in `released` has.
     released_per_cluster: IntMap<HostCluster, u64>,
+    /// The first free byte of the host cluster compressed data is being
+    /// packed into, if that cluster has room left.
+    compressed_tail: Option<HostOffset>,
 }
 
 impl Allocator {
@@ -62,6 +65,7 @@ impl Allocator {
             ));
         }
         self.refcounts = rebuild_refcounts(storage, self.refcounts.config(), tally)?;
+        self.compressed_tail = None;
         Ok(())
     }
 
@@ -72,6 +76,7 @@ impl Allocator {
             geometry,
             released: Vec::new(),
             released_per_cluster: IntMap::default(),
+            compressed_tail: None,
         }
     }
 
@@ -119,6 +124,55 @@ impl Allocator {
         count: ClusterCount,
     ) -> Result<HostCluster> {
         Ok(self.refcounts.allocate_contiguous(storage, count)?)
+    }
+
+    /// Room for `len` bytes of compressed data, packed after the previous
+    /// piece as QEMU packs them: every host cluster the piece touches gets
+    /// one reference for it (a cluster already holding pieces one more, a
+    /// new one refcount 1). A piece that does not fit the current cluster
+    /// continues into the next one when that is allocated right after it,
+    /// and starts a fresh cluster otherwise.
+    pub(crate) fn allocate_bytes(&mut self, storage: &dyn Storage, len: u64) -> Result<HostOffset> {
+        let g = self.geometry;
+        let cs = g.cluster_size();
+        let len = len.max(1);
+        let tail = self.compressed_tail.take();
+        if let Some(free) = tail {
+            let room = cs - g.offset_in_cluster(free.get());
+            if len <= room {
+                self.add_reference(storage, g.host_cluster(free))?;
+                let end = free + len;
+                self.compressed_tail = (len < room).then_some(end);
+                return Ok(free);
+            }
+        }
+        let fresh = |n: u64| g.count_for(n);
+        let start = match tail {
+            Some(free) => {
+                let room = cs - g.offset_in_cluster(free.get());
+                let next = self.allocate_contiguous(storage, fresh(len - room))?;
+                if next == g.host_cluster(free).next() {
+                    self.add_reference(storage, g.host_cluster(free))?;
+                    free
+                } else {
+                    // Not adjacent: the clusters just taken hold the piece
+                    // from their start if they are enough, else take more.
+                    let needed = fresh(len);
+                    if needed.get() > fresh(len - room).get() {
+                        for c in next.run(fresh(len - room)) {
+                            self.queue(c);
+                        }
+                        g.host_offset(self.allocate_contiguous(storage, needed)?)
+                    } else {
+                        g.host_offset(next)
+                    }
+                }
+            }
+            None => g.host_offset(self.allocate_contiguous(storage, fresh(len))?),
+        };
+        let end = start + len;
+        self.compressed_tail = (g.offset_in_cluster(end.get()) != 0).then_some(end);
+        Ok(start)
     }
 
     fn queue(&mut self, cluster: HostCluster) {
@@ -178,7 +232,17 @@ impl Allocator {
         storage: &dyn Storage,
         cluster: HostCluster,
     ) -> Result<u64> {
-        Ok(self.refcounts.adjust(storage, cluster, -1)?)
+        let left = self.refcounts.adjust(storage, cluster, -1)?;
+        // A freed cluster may be handed out for anything: no more pieces
+        // of compressed data go after the old ones in it.
+        if left == 0
+            && self
+                .compressed_tail
+                .is_some_and(|t| self.geometry.host_cluster(t) == cluster)
+        {
+            self.compressed_tail = None;
+        }
+        Ok(left)
     }
 
     /// Sets a refcount outright (repair).
@@ -188,6 +252,7 @@ impl Allocator {
         cluster: HostCluster,
         value: u64,
     ) -> Result<()> {
+        self.compressed_tail = None;
         Ok(self.refcounts.set(storage, cluster, value)?)
     }
 

@@ -4,13 +4,15 @@ use std::sync::Arc;
 
 use qcow2_alloc::{Refcounts, RefcountsConfig, Storage};
 use qcow2_format::extensions::HeaderExtension;
-use qcow2_format::features::{standard_feature_names, COMPAT_LAZY_REFCOUNTS};
+use qcow2_format::features::{
+    standard_feature_names, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION_TYPE,
+};
 use qcow2_format::header::{V2_HEADER_LEN, V3_HEADER_LEN};
 use qcow2_format::refcount::RefcountWidth;
 use qcow2_format::{ClusterCount, Geometry, Header, HostCluster, HostOffset};
 
 use crate::metadata::Metadata;
-use crate::options::{Compat, CreateOptions};
+use crate::options::{Compat, Compression, CreateOptions};
 use crate::{ImageError, OpenOptions, Result};
 
 /// Writes an empty image onto `storage`: header in cluster 0, a one-cluster
@@ -43,7 +45,11 @@ pub(crate) fn create(
         refcount_table_clusters: 1,
         nb_snapshots: 0,
         snapshots_offset: 0,
-        incompatible_features: 0,
+        incompatible_features: if options.compression == Compression::Zstd {
+            INCOMPAT_COMPRESSION_TYPE
+        } else {
+            0
+        },
         compatible_features: if options.lazy_refcounts {
             COMPAT_LAZY_REFCOUNTS
         } else {
@@ -52,7 +58,10 @@ pub(crate) fn create(
         autoclear_features: 0,
         refcount_order: width.order(),
         header_length: if v3 { V3_HEADER_LEN } else { V2_HEADER_LEN },
-        compression_type: 0,
+        compression_type: match options.compression {
+            Compression::Zlib => 0,
+            Compression::Zstd => 1,
+        },
         additional_fields: if v3 { vec![0; 7] } else { Vec::new() },
         extensions: if v3 {
             vec![HeaderExtension::FeatureNames(standard_feature_names())]

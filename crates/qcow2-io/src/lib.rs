@@ -47,7 +47,7 @@ pub use check::{CheckReport, Finding, FindingKind, RepairMode};
 pub use error::{ImageError, Result};
 pub use image::{BitmapInfo, Image, ImageInfo};
 pub use map::{MapExtent, MapKind};
-pub use options::{Compat, CreateOptions, OpenOptions};
+pub use options::{Compat, Compression, CreateOptions, OpenOptions};
 pub use qcow2_alloc::{
     AlignedBuf, FaultyStorage, FileStorage, MemStorage, Storage, DIRECT_IO_ALIGN,
 };

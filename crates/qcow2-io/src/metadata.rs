@@ -429,6 +429,14 @@ impl Metadata {
         self.alloc.allocate(&*self.storage, max)
     }
 
+    /// Room for `len` bytes of compressed data (see
+    /// `Allocator::allocate_bytes`), checked against the metadata.
+    pub(crate) fn allocate_bytes(&mut self, len: u64) -> Result<HostOffset> {
+        let at = self.alloc.allocate_bytes(&*self.storage, len)?;
+        self.guard_data_write(at, len)?;
+        Ok(at)
+    }
+
     /// The refcount of `cluster` (released references not yet subtracted).
     pub(crate) fn refcount(&mut self, cluster: HostCluster) -> Result<u64> {
         self.alloc.refcount(&*self.storage, cluster)

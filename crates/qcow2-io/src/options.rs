@@ -11,6 +11,17 @@ pub enum Compat {
     V3,
 }
 
+/// The compression of compressed clusters (the header's
+/// `compression_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compression {
+    /// Raw deflate with a 4 KiB window, as QEMU writes it (type 0).
+    #[default]
+    Zlib,
+    /// One zstd frame per cluster (type 1, incompatible bit 3).
+    Zstd,
+}
+
 /// How to create a new image. `Default` gives what `qemu-img create` does:
 /// 64 KiB clusters, 16-bit refcounts, compat 1.1.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +48,9 @@ pub struct CreateOptions {
     /// Let [`crate::Image::create`] replace an existing file (by default it
     /// refuses one, so an image is never truncated by accident).
     pub overwrite: bool,
+    /// How compressed clusters are compressed (`compression_type`; zstd
+    /// needs compat=1.1).
+    pub compression: Compression,
     /// Backing file name (stored as given: a relative name is resolved
     /// against the new image's directory) and its format (`qcow2` or `raw`,
     /// recorded in the backing-format extension).
@@ -54,8 +68,15 @@ impl CreateOptions {
             lazy_refcounts: false,
             dedup: false,
             overwrite: false,
+            compression: Compression::Zlib,
             backing: None,
         }
+    }
+
+    /// Sets the compression type of compressed clusters.
+    pub fn compression(mut self, compression: Compression) -> Self {
+        self.compression = compression;
+        self
     }
 
     /// Backed by `name` in `format` (`qcow2` or `raw`).
@@ -141,6 +162,11 @@ impl CreateOptions {
                     "backing format {format:?} (qcow2 or raw)"
                 )));
             }
+        }
+        if self.compat == Compat::V2 && self.compression == Compression::Zstd {
+            return Err(ImageError::InvalidOption(
+                "compression_type=zstd needs compat=1.1".into(),
+            ));
         }
         if self.compat == Compat::V2 && self.lazy_refcounts {
             return Err(ImageError::InvalidOption(

@@ -7,6 +7,7 @@
 //! targets runs on every core. The main thread reports progress.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 
@@ -94,6 +95,8 @@ impl Target for RawTarget {
 pub(crate) struct Qcow2Target {
     image: Image,
     path: String,
+    /// Write clusters compressed (`convert -c`).
+    compress: bool,
 }
 
 /// Opens (`existing`) or creates a target file for the cache mode.
@@ -131,6 +134,7 @@ impl Qcow2Target {
         Ok(Self {
             image,
             path: path.to_string(),
+            compress: false,
         })
     }
 
@@ -154,6 +158,12 @@ impl Qcow2Target {
         Self::open_existing(path, cache)
     }
 
+    /// Writes clusters compressed when `compress`.
+    pub(crate) fn compressing(mut self, compress: bool) -> Self {
+        self.compress = compress;
+        self
+    }
+
     /// Grows the virtual disk to `size` bytes.
     pub(crate) fn grow(&self, size: u64) -> Result<(), CliError> {
         self.image.resize(size).map_err(CliError::image(&self.path))
@@ -171,6 +181,7 @@ impl Qcow2Target {
         Ok(Self {
             image,
             path: path.to_string(),
+            compress: false,
         })
     }
 }
@@ -185,9 +196,23 @@ impl Target for Qcow2Target {
     }
 
     fn write(&self, data: &[u8], offset: u64) -> Result<(), CliError> {
-        self.image
-            .write_at(data, offset)
-            .map_err(CliError::image(&self.path))
+        if !self.compress {
+            return self
+                .image
+                .write_at(data, offset)
+                .map_err(CliError::image(&self.path));
+        }
+        // Runs of clusters, each compressed on its own (the granule is the
+        // cluster, so runs start on a cluster and end on one or at the end
+        // of the disk).
+        let cs = self.image.cluster_size() as usize;
+        for (i, cluster) in data.chunks(cs).enumerate() {
+            let at = offset + (i * cs) as u64;
+            self.image
+                .write_compressed(cluster, at)
+                .map_err(CliError::image(&self.path))?;
+        }
+        Ok(())
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), CliError> {
@@ -251,22 +276,30 @@ fn open_target(args: &ConvertArgs, size: u64) -> Result<Box<dyn Target>, CliErro
             ));
         }
         let format = backing_format_name(path, backing, args.backing_format)?;
-        return Ok(Box::new(Qcow2Target::create_overlay(
-            path,
-            size,
-            args.options.as_deref(),
-            (backing, format),
-            cache,
-        )?));
+        return Ok(Box::new(
+            Qcow2Target::create_overlay(
+                path,
+                size,
+                args.options.as_deref(),
+                (backing, format),
+                cache,
+            )?
+            .compressing(args.compress),
+        ));
+    }
+    if args.compress && args.target_format != ImageFormat::Qcow2 {
+        return Err(CliError::Usage(
+            "-c compresses qcow2 targets only (-O qcow2)".into(),
+        ));
     }
     let target: Box<dyn Target> = match args.target_format {
-        ImageFormat::Qcow2 if args.no_create => Box::new(Qcow2Target::open_existing(path, cache)?),
-        ImageFormat::Qcow2 => Box::new(Qcow2Target::create(
-            path,
-            size,
-            args.options.as_deref(),
-            cache,
-        )?),
+        ImageFormat::Qcow2 if args.no_create => {
+            Box::new(Qcow2Target::open_existing(path, cache)?.compressing(args.compress))
+        }
+        ImageFormat::Qcow2 => Box::new(
+            Qcow2Target::create(path, size, args.options.as_deref(), cache)?
+                .compressing(args.compress),
+        ),
         ImageFormat::Raw => {
             if args.options.is_some() {
                 return Err(CliError::Usage("raw targets take no -o options".into()));
@@ -326,12 +359,19 @@ pub(crate) fn copy(
     }
     let full_rx = Mutex::new(full_rx);
     let target_ref: &dyn Target = &*target;
+    let stop = AtomicBool::new(false);
     std::thread::scope(|scope| {
-        scope.spawn(|| read_chunks(source, src_path, ranges, full_tx, empty_rx));
+        let stop = &stop;
+        scope.spawn(move || read_chunks(source, src_path, ranges, full_tx, empty_rx, stop));
         for _ in 0..writers {
             let (full_rx, empty_tx, done_tx) = (&full_rx, empty_tx.clone(), done_tx.clone());
-            scope.spawn(move || write_chunks(target_ref, mode, full_rx, &empty_tx, &done_tx));
+            scope.spawn(move || {
+                write_chunks(target_ref, mode, full_rx, &empty_tx, &done_tx, stop);
+            });
         }
+        // The writers hold the only senders of empty buffers and of
+        // results: once they are all gone, the reader and this loop end.
+        drop(empty_tx);
         drop(done_tx);
         let mut result = Ok(());
         for done in done_rx {
@@ -343,7 +383,9 @@ pub(crate) fn copy(
                 }
             }
         }
-        // Unblock everyone on failure: no more chunks are taken.
+        // On failure everyone stops: the reader takes no more buffers and
+        // the writers no more chunks; what is queued is dropped.
+        stop.store(true, Ordering::Release);
         if let Ok(rx) = full_rx.lock() {
             while rx.try_recv().is_ok() {}
         }
@@ -360,10 +402,14 @@ fn read_chunks(
     ranges: &[(u64, u64)],
     full: SyncSender<Result<Chunk, CliError>>,
     empty: Receiver<AlignedBuf>,
+    stop: &AtomicBool,
 ) {
     for &(start, end) in ranges {
         let mut offset = start;
         while offset < end {
+            if stop.load(Ordering::Acquire) {
+                return;
+            }
             let len = (CHUNK - offset % CHUNK).min(end - offset);
             let Ok(mut buf) = empty.recv() else { return };
             buf.set_len(len as usize);
@@ -385,9 +431,13 @@ fn write_chunks(
     full: &Mutex<Receiver<Result<Chunk, CliError>>>,
     empty: &SyncSender<AlignedBuf>,
     done: &Sender<Result<u64, CliError>>,
+    stop: &AtomicBool,
 ) {
     let granule = target.granule() as usize;
     loop {
+        if stop.load(Ordering::Acquire) {
+            return;
+        }
         let item = match full.lock() {
             Ok(rx) => rx.recv(),
             Err(_) => return,

@@ -1,6 +1,6 @@
 //! `qcow2 create [-f qcow2] [-o OPTIONS] FILE SIZE`
 
-use qcow2_io::{Compat, CreateOptions, Image, OpenOptions};
+use qcow2_io::{Compat, Compression, CreateOptions, Image, OpenOptions};
 
 use crate::args::{parse_bool, parse_options, CreateArgs, Qcow2Only};
 use crate::error::CliError;
@@ -30,6 +30,17 @@ pub fn apply_options(options: &mut CreateOptions, text: Option<&str>) -> Result<
             }
             "lazy_refcounts" => options.lazy_refcounts = parse_bool(&key, &value)?,
             "dedup" => options.dedup = parse_bool(&key, &value)?,
+            "compression_type" => {
+                options.compression = match value.as_str() {
+                    "zlib" => Compression::Zlib,
+                    "zstd" => Compression::Zstd,
+                    _ => {
+                        return Err(CliError::Usage(format!(
+                            "compression_type must be zlib or zstd, not {value:?}"
+                        )))
+                    }
+                }
+            }
             "size" => options.size = parse_size(&value)?,
             _ => {
                 return Err(CliError::Usage(format!(
