@@ -27,6 +27,14 @@ pub trait Storage: Send + Sync {
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Makes every completed write durable.
     fn flush(&self) -> io::Result<()>;
+    /// Reserves space for `len` bytes at `offset` (within the current
+    /// length) so later writes there cannot fail for lack of space; the
+    /// bytes keep reading as they did. Storage with nothing to reserve does
+    /// nothing.
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
 }
 
 /// Alignment of memory, offset and length that direct I/O needs (the
@@ -56,6 +64,40 @@ fn is_aligned(addr: usize, offset: u64, len: usize) -> bool {
 }
 
 impl FileStorage {
+    /// The runs of `[start, end)` the file system holds data for, in order:
+    /// its holes (found with `SEEK_DATA`/`SEEK_HOLE`) left out, so a sparse
+    /// file is walked without reading its holes. Where the file system
+    /// cannot tell, the whole range is data.
+    pub fn data_ranges(&self, start: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
+        use rustix::fs::{seek, SeekFrom};
+        use rustix::io::Errno;
+        let mut out = Vec::new();
+        let mut pos = start;
+        while pos < end {
+            let data = match seek(&self.file, SeekFrom::Data(pos)) {
+                Ok(data) => data,
+                // No data after `pos`.
+                Err(Errno::NXIO) => break,
+                Err(Errno::INVAL | Errno::OPNOTSUPP) => {
+                    out.push((pos, end));
+                    break;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if data >= end {
+                break;
+            }
+            let hole = match seek(&self.file, SeekFrom::Hole(data)) {
+                Ok(hole) => hole.min(end),
+                Err(Errno::NXIO) => end,
+                Err(e) => return Err(e.into()),
+            };
+            out.push((data, hole.max(data.saturating_add(1)).min(end)));
+            pos = hole.max(data.saturating_add(1));
+        }
+        Ok(out)
+    }
+
     /// Opens an existing file, read-only or read-write.
     pub fn open(path: &Path, writable: bool) -> io::Result<Self> {
         let file = std::fs::OpenOptions::new()
@@ -159,6 +201,15 @@ impl Storage for FileStorage {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.file.set_len(len)
+    }
+
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        use rustix::fs::{fallocate, FallocateFlags};
+        match fallocate(&self.file, FallocateFlags::KEEP_SIZE, offset, len) {
+            Ok(()) => Ok(()),
+            Err(rustix::io::Errno::OPNOTSUPP) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -504,6 +555,28 @@ impl SplitMix {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn data_ranges_skip_the_holes_of_a_sparse_file() {
+        let path = std::env::temp_dir().join(format!("qcow2-sparse-{}", std::process::id()));
+        let f = FileStorage::create(&path).unwrap();
+        f.write_at(&[1u8; 4096], 0).unwrap();
+        f.write_at(&[2u8; 4096], 4 << 20).unwrap();
+        f.set_len(16 << 20).unwrap();
+        let ranges = f.data_ranges(0, 16 << 20).unwrap();
+        let _ = std::fs::remove_file(&path);
+        let covered = |at: u64| ranges.iter().any(|&(s, e)| s <= at && at < e);
+        assert!(covered(0) && covered(4095), "{ranges:?}");
+        assert!(covered(4 << 20) && covered((4 << 20) + 4095), "{ranges:?}");
+        assert!(
+            ranges.windows(2).all(|w| w[0].1 <= w[1].0),
+            "ordered, disjoint: {ranges:?}"
+        );
+        // File systems that cannot tell report data everywhere; tmpfs,
+        // ext4, xfs and btrfs report the hole.
+        let data: u64 = ranges.iter().map(|(s, e)| e - s).sum();
+        assert!(data == 16 << 20 || !covered(2 << 20), "{ranges:?}");
+    }
 
     #[test]
     fn a_power_loss_keeps_flushed_data_and_mixes_the_rest_by_sector() {

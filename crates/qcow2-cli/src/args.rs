@@ -50,6 +50,8 @@ pub enum Command {
     Rebase(RebaseArgs),
     /// Write an overlay's data into its backing file.
     Commit(CommitArgs),
+    /// Compute the size of an image converted from a source, or created.
+    Measure(MeasureArgs),
     /// Change an image's options in place (`-o dedup=on|off`).
     Amend(AmendArgs),
 }
@@ -353,6 +355,38 @@ pub struct DedupArgs {
     pub quiet: bool,
     /// The image.
     pub image: String,
+}
+
+/// `qcow2 measure [--output human|json] [-f FMT] [-O FMT] [-o OPTIONS] [-c] [-l SNAPSHOT] (--size SIZE | FILE)`
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("what").required(true).multiple(false))]
+pub struct MeasureArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value = "human")]
+    pub output: OutputFormat,
+    /// Source format (probed when not given).
+    #[arg(short = 'f', value_enum)]
+    pub format: Option<ImageFormat>,
+    /// Target format.
+    #[arg(short = 'O', value_enum, default_value = "qcow2")]
+    pub target_format: ImageFormat,
+    /// Creation options of the target (as for `create`; dedup=on measures
+    /// the source's unique clusters).
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    pub options: Option<String>,
+    /// Measure a compressed target (`convert -c`): the source's clusters
+    /// are compressed to count their size.
+    #[arg(short = 'c')]
+    pub compress: bool,
+    /// Measure the source as it was at this internal snapshot.
+    #[arg(short = 'l', value_name = "SNAPSHOT")]
+    pub snapshot: Option<String>,
+    /// Measure a new empty image of this size instead of a source.
+    #[arg(long, value_name = "SIZE", group = "what")]
+    pub size: Option<String>,
+    /// The source image.
+    #[arg(group = "what")]
+    pub file: Option<String>,
 }
 
 /// `qcow2 map [-f FMT] [--output human|json] FILE`

@@ -172,7 +172,7 @@ impl Disk {
     /// lies between them reads as zeros.
     pub fn data_ranges(&self, path: &str) -> Result<Vec<(u64, u64)>, CliError> {
         match self {
-            Disk::Raw { size, .. } => Ok(vec![(0, *size)]),
+            Disk::Raw { file, size } => file.data_ranges(0, *size).map_err(CliError::io(path)),
             // Unallocated ranges of an overlay show its backing file.
             Disk::Qcow2(image) if image.backing().is_some() => Ok(vec![(0, image.size())]),
             Disk::Qcow2(image) => {

@@ -55,6 +55,7 @@ fn run(command: Command) -> Result<u8, CliError> {
         Command::Amend(a) => commands::amend::run(&a),
         Command::Rebase(a) => commands::rebase::run(&a),
         Command::Commit(a) => commands::commit::run(&a),
+        Command::Measure(a) => commands::measure::run(&a),
     }
 }
 

@@ -12,7 +12,7 @@ use qcow2_format::refcount::RefcountWidth;
 use qcow2_format::{ClusterCount, Geometry, Header, HostCluster, HostOffset};
 
 use crate::metadata::Metadata;
-use crate::options::{Compat, Compression, CreateOptions};
+use crate::options::{Compat, Compression, CreateOptions, Preallocation};
 use crate::{ImageError, OpenOptions, Result};
 
 /// Writes an empty image onto `storage`: header in cluster 0, a one-cluster
@@ -109,6 +109,9 @@ pub(crate) fn create(
     if options.dedup {
         meta.start_dedup()?;
         meta.publish_dedup()?;
+    }
+    if options.preallocation != Preallocation::Off {
+        meta.preallocate(options.preallocation)?;
     }
     Ok(meta)
 }

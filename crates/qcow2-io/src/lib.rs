@@ -32,6 +32,7 @@ mod error;
 mod header_writer;
 mod image;
 mod map;
+pub mod measure;
 mod metadata;
 mod options;
 mod overlap;
@@ -47,9 +48,10 @@ pub use check::{CheckReport, Finding, FindingKind, RepairMode};
 pub use error::{ImageError, Result};
 pub use image::{BitmapInfo, Image, ImageInfo};
 pub use map::{MapExtent, MapKind};
-pub use options::{Compat, Compression, CreateOptions, OpenOptions};
+pub use measure::{measure, Measurement};
+pub use options::{Compat, Compression, CreateOptions, OpenOptions, Preallocation};
 pub use qcow2_alloc::{
     AlignedBuf, FaultyStorage, FileStorage, MemStorage, Storage, DIRECT_IO_ALIGN,
 };
-pub use qcow2_dedup::DedupStats;
+pub use qcow2_dedup::{ContentHash, DedupStats};
 pub use zeros::is_zero;

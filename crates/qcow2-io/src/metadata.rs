@@ -35,6 +35,7 @@ use crate::allocator::{Allocator, RefcountLoading};
 use crate::block_map::BlockMap;
 use crate::dedup::DedupState;
 use crate::header_writer::HeaderWriter;
+use crate::options::Preallocation;
 use crate::overlap::{first_overlap, HoldsMetadata};
 use crate::{ImageError, Result};
 
@@ -1188,6 +1189,73 @@ impl Metadata {
                     None => L2Mapping::Unallocated,
                 };
                 self.set_mapping(guest, mapping)?;
+            }
+        }
+        self.flush()
+    }
+
+    /// Allocates and maps every data cluster of the virtual disk (new
+    /// image, as `qemu-img create -o preallocation=`): runs of contiguous
+    /// clusters, their L2 tables allocated as needed; then the file is
+    /// extended to hold them (`Metadata`), its blocks reserved (`Falloc`)
+    /// or the clusters written with zeros (`Full`), before the tables that
+    /// point to them are written.
+    pub(crate) fn preallocate(&mut self, mode: Preallocation) -> Result<()> {
+        let g = self.geometry;
+        let cs = g.cluster_size();
+        let total = g.clusters_for(self.header().size);
+        let mut guest = 0u64;
+        let mut end = 0u64;
+        let mut runs = Vec::new();
+        while guest < total {
+            let (first, n) = self.allocate(ClusterCount::new(total - guest))?;
+            for (i, host) in first.run(n).enumerate() {
+                let at = GuestOffset::new((guest + i as u64) * cs);
+                let offset = g.host_offset(host);
+                self.set_mapping(
+                    at,
+                    L2Mapping::Data {
+                        offset,
+                        copied: true,
+                    },
+                )?;
+            }
+            let start = g.host_offset(first).get();
+            runs.push((start, g.bytes(n)));
+            end = end.max(start + g.bytes(n));
+            guest += n.get();
+        }
+        let storage = &*self.storage;
+        if storage
+            .len()
+            .map_err(ImageError::io("reading the image size"))?
+            < end
+        {
+            storage
+                .set_len(end)
+                .map_err(ImageError::io("extending the image for preallocation"))?;
+        }
+        match mode {
+            Preallocation::Off | Preallocation::Metadata => {}
+            Preallocation::Falloc => {
+                for &(start, len) in &runs {
+                    storage
+                        .allocate(start, len)
+                        .map_err(ImageError::io("reserving the preallocated clusters"))?;
+                }
+            }
+            Preallocation::Full => {
+                let zeros = vec![0u8; (4 << 20).min(cs.max(1 << 20)) as usize];
+                for &(start, len) in &runs {
+                    let mut at = 0;
+                    while at < len {
+                        let n = (len - at).min(zeros.len() as u64);
+                        storage
+                            .write_at(&zeros[..n as usize], start + at)
+                            .map_err(ImageError::io("writing the preallocated clusters"))?;
+                        at += n;
+                    }
+                }
             }
         }
         self.flush()

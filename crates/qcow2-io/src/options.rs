@@ -22,6 +22,28 @@ pub enum Compression {
     Zstd,
 }
 
+/// How much of a new image is allocated up front (`preallocation=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Preallocation {
+    /// Nothing: clusters are allocated as they are written.
+    #[default]
+    Off,
+    /// Every L2 table and data cluster allocated and mapped; the file is
+    /// extended (sparse) to hold them.
+    Metadata,
+    /// As `Metadata`, with the file's blocks reserved (`fallocate`).
+    Falloc,
+    /// As `Metadata`, with every data cluster written with zeros.
+    Full,
+}
+
+impl Preallocation {
+    /// Whether every data cluster takes space in the file at creation.
+    pub fn writes_every_cluster(self) -> bool {
+        matches!(self, Preallocation::Falloc | Preallocation::Full)
+    }
+}
+
 /// How to create a new image. `Default` gives what `qemu-img create` does:
 /// 64 KiB clusters, 16-bit refcounts, compat 1.1.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +73,8 @@ pub struct CreateOptions {
     /// How compressed clusters are compressed (`compression_type`; zstd
     /// needs compat=1.1).
     pub compression: Compression,
+    /// What is allocated at creation (not with a backing file or dedup).
+    pub preallocation: Preallocation,
     /// Backing file name (stored as given: a relative name is resolved
     /// against the new image's directory) and its format (`qcow2` or `raw`,
     /// recorded in the backing-format extension).
@@ -69,8 +93,15 @@ impl CreateOptions {
             dedup: false,
             overwrite: false,
             compression: Compression::Zlib,
+            preallocation: Preallocation::Off,
             backing: None,
         }
+    }
+
+    /// Sets what is allocated at creation.
+    pub fn preallocation(mut self, preallocation: Preallocation) -> Self {
+        self.preallocation = preallocation;
+        self
     }
 
     /// Sets the compression type of compressed clusters.
@@ -166,6 +197,16 @@ impl CreateOptions {
         if self.compat == Compat::V2 && self.compression == Compression::Zstd {
             return Err(ImageError::InvalidOption(
                 "compression_type=zstd needs compat=1.1".into(),
+            ));
+        }
+        if self.preallocation != Preallocation::Off && self.backing.is_some() {
+            return Err(ImageError::InvalidOption(
+                "preallocation and a backing file cannot be combined (the backing would never show through)".into(),
+            ));
+        }
+        if self.preallocation != Preallocation::Off && self.dedup {
+            return Err(ImageError::InvalidOption(
+                "preallocation and dedup=on cannot be combined (dedup allocates by content)".into(),
             ));
         }
         if self.compat == Compat::V2 && self.lazy_refcounts {

@@ -248,6 +248,7 @@ pub fn run(args: &ConvertArgs) -> Result<u8, CliError> {
     } else {
         source.data_ranges(src_path)?
     };
+    let ranges = align_ranges(&ranges, target.granule(), size);
     copy(
         &source,
         src_path,
@@ -324,6 +325,22 @@ fn open_target(args: &ConvertArgs, size: u64) -> Result<Box<dyn Target>, CliErro
         }
     }
     Ok(target)
+}
+
+/// `ranges` widened to whole granules of the target (clipped to `size`)
+/// and merged, so each write covers whole clusters: a compressed write
+/// needs the whole cluster, and a partial one would cost a copy.
+pub(crate) fn align_ranges(ranges: &[(u64, u64)], granule: u64, size: u64) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &(start, end) in ranges {
+        let start = start / granule * granule;
+        let end = end.next_multiple_of(granule).min(size);
+        match out.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => out.push((start, end)),
+        }
+    }
+    out
 }
 
 /// How [`copy`] treats the target.

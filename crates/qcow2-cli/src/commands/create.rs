@@ -1,6 +1,6 @@
 //! `qcow2 create [-f qcow2] [-o OPTIONS] FILE SIZE`
 
-use qcow2_io::{Compat, Compression, CreateOptions, Image, OpenOptions};
+use qcow2_io::{Compat, Compression, CreateOptions, Image, OpenOptions, Preallocation};
 
 use crate::args::{parse_bool, parse_options, CreateArgs, Qcow2Only};
 use crate::error::CliError;
@@ -30,6 +30,19 @@ pub fn apply_options(options: &mut CreateOptions, text: Option<&str>) -> Result<
             }
             "lazy_refcounts" => options.lazy_refcounts = parse_bool(&key, &value)?,
             "dedup" => options.dedup = parse_bool(&key, &value)?,
+            "preallocation" => {
+                options.preallocation = match value.as_str() {
+                    "off" => Preallocation::Off,
+                    "metadata" => Preallocation::Metadata,
+                    "falloc" => Preallocation::Falloc,
+                    "full" => Preallocation::Full,
+                    _ => {
+                        return Err(CliError::Usage(format!(
+                            "preallocation must be off, metadata, falloc or full, not {value:?}"
+                        )))
+                    }
+                }
+            }
             "compression_type" => {
                 options.compression = match value.as_str() {
                     "zlib" => Compression::Zlib,

@@ -10,6 +10,7 @@ pub mod create;
 pub mod dedup;
 pub mod info;
 pub mod map;
+pub mod measure;
 pub mod rebase;
 pub mod resize;
 pub mod serve;
