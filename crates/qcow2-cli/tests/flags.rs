@@ -301,8 +301,9 @@ fn one_bit_refcounts_with_dedup_are_refused_naming_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("s.raw");
     std::fs::write(&src, pattern(1 << 20, 2)).unwrap();
+    let (x, y) = (dir.path().join("x.qcow2"), dir.path().join("y.qcow2"));
     for args in [
-        vec!["create", "-o", "dedup=on,refcount_bits=1", "x.qcow2", "1M"],
+        vec!["create", "-o", "dedup=on,refcount_bits=1", p(&x), "1M"],
         vec![
             "convert",
             "-O",
@@ -310,7 +311,7 @@ fn one_bit_refcounts_with_dedup_are_refused_naming_the_reason() {
             "-o",
             "dedup=on,refcount_bits=1",
             p(&src),
-            "y.qcow2",
+            p(&y),
         ],
     ] {
         let out = qcow2(&args);
@@ -322,6 +323,7 @@ fn one_bit_refcounts_with_dedup_are_refused_naming_the_reason() {
         );
         assert_eq!(err.lines().count(), 1, "{err}");
     }
+    assert!(!x.exists() && !y.exists(), "refused requests leave no file");
 }
 
 #[test]

@@ -387,6 +387,14 @@ impl Header {
         })
     }
 
+    /// The external data file name, if the header names one.
+    pub fn data_file(&self) -> Option<&str> {
+        self.extensions.iter().find_map(|e| match e {
+            HeaderExtension::DataFile(name) => Some(name.as_str()),
+            _ => None,
+        })
+    }
+
     /// The dedup extension, if present.
     pub fn dedup_extension(&self) -> Option<DedupExtension> {
         self.extensions.iter().find_map(|e| match e {
@@ -450,6 +458,7 @@ impl Header {
         crate::l2::L2Format {
             geometry: self.geometry,
             zero_flag: self.version >= 3 && !self.geometry.extended_l2(),
+            external_data: self.incompatible_features & features::INCOMPAT_EXTERNAL_DATA != 0,
         }
     }
 

@@ -96,6 +96,10 @@ pub struct L2Format {
     /// Whether the standard descriptor's bit 0 is the zero flag (v3 without
     /// extended L2 entries).
     pub zero_flag: bool,
+    /// An external data file holds the data: offset 0 is a valid data
+    /// cluster there, told from "unallocated" by OFLAG_COPIED (such
+    /// clusters always have it), as QEMU tells them apart.
+    pub external_data: bool,
 }
 
 impl L2Entry {
@@ -134,7 +138,7 @@ impl L2Entry {
             return Err(self.invalid("zero flag on an image without zero clusters"));
         }
         let offset = raw & OFFSET_MASK;
-        let host = if offset == 0 {
+        let host = if offset == 0 && !(format.external_data && copied) {
             None
         } else {
             Some(
@@ -270,6 +274,7 @@ mod tests {
 
     fn fmt(bits: u32, zero_flag: bool) -> L2Format {
         L2Format {
+            external_data: false,
             geometry: Geometry::new(bits, false).unwrap(),
             zero_flag,
         }
@@ -310,6 +315,7 @@ mod tests {
             let e = L2Mapping::Compressed(d).encode(g);
             assert_eq!(
                 e.decode(L2Format {
+                    external_data: false,
                     geometry: g,
                     zero_flag: true
                 })

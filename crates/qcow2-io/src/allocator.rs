@@ -39,6 +39,10 @@ pub(crate) struct Allocator {
     /// The first free byte of the host cluster compressed data is being
     /// packed into, if that cluster has room left.
     compressed_tail: Option<HostOffset>,
+    /// False with an external data file: data clusters live there, at
+    /// their guest offsets, and the refcounts (of this file) do not count
+    /// them.
+    data_refcounted: bool,
 }
 
 impl Allocator {
@@ -77,7 +81,13 @@ impl Allocator {
             released: Vec::new(),
             released_per_cluster: IntMap::default(),
             compressed_tail: None,
+            data_refcounted: true,
         }
+    }
+
+    /// Stops counting data clusters (an external data file holds them).
+    pub(crate) fn data_not_refcounted(&mut self) {
+        self.data_refcounted = false;
     }
 
     /// Width of the refcount entries.
@@ -182,6 +192,9 @@ impl Allocator {
 
     /// Queues the decreases for every host cluster `mapping` references.
     pub(crate) fn release_mapping(&mut self, mapping: L2Mapping) {
+        if !self.data_refcounted {
+            return;
+        }
         match mapping {
             L2Mapping::Compressed(d) => {
                 for cluster in d.host_clusters(self.geometry) {

@@ -292,6 +292,8 @@ fn walk_l1(parts: &mut MetadataParts<'_>, walk: &mut Walk, l1: &[u64], active: b
     let g = parts.header.geometry;
     let cs = g.cluster_size();
     let format = parts.map.format();
+    let external =
+        parts.header.incompatible_features & qcow2_format::features::INCOMPAT_EXTERNAL_DATA != 0;
     for (index, &raw) in l1.iter().enumerate() {
         let offset = match L1Entry(raw).decode(g) {
             Ok(L1Mapping::Unallocated) if raw == 0 => continue,
@@ -377,7 +379,10 @@ fn walk_l1(parts: &mut MetadataParts<'_>, walk: &mut Walk, l1: &[u64], active: b
                     preallocated: Some(offset),
                     copied,
                 } => {
-                    walk.reference(offset.get(), ClusterCount::ONE, "data cluster");
+                    // Clusters of an external data file are not refcounted.
+                    if !external {
+                        walk.reference(offset.get(), ClusterCount::ONE, "data cluster");
+                    }
                     let host = g.host_cluster(offset);
                     // Snapshots' clusters hold guest data too: on a dedup
                     // image they keep their entries (new writes share them).
@@ -394,7 +399,11 @@ fn walk_l1(parts: &mut MetadataParts<'_>, walk: &mut Walk, l1: &[u64], active: b
                         walk.report.fragmented_clusters += 1;
                     }
                     expected_next = Some(offset + cs);
-                    let refcount = parts.alloc.refcount(storage, host)?;
+                    let refcount = if external {
+                        1
+                    } else {
+                        parts.alloc.refcount(storage, host)?
+                    };
                     if copied != (refcount == 1) {
                         walk.finding(
                             FindingKind::Corruption,

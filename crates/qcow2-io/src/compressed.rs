@@ -145,6 +145,11 @@ impl Image {
                 buf.len()
             )));
         }
+        if self.meta.lock().external_data() {
+            return Err(ImageError::Unsupported(
+                "compressed writes with an external data file (QEMU refuses them too)".into(),
+            ));
+        }
         if self.is_dedup() {
             return Err(ImageError::Unsupported(
                 "compressed writes to a deduplicated image (its dedup table names whole clusters)"

@@ -5,7 +5,8 @@ use std::sync::Arc;
 use qcow2_alloc::{Refcounts, RefcountsConfig, Storage};
 use qcow2_format::extensions::HeaderExtension;
 use qcow2_format::features::{
-    standard_feature_names, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION_TYPE,
+    standard_feature_names, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS,
+    INCOMPAT_COMPRESSION_TYPE, INCOMPAT_EXTERNAL_DATA,
 };
 use qcow2_format::header::{V2_HEADER_LEN, V3_HEADER_LEN};
 use qcow2_format::refcount::RefcountWidth;
@@ -70,6 +71,15 @@ pub(crate) fn create(
         },
         backing_file: options.backing.as_ref().map(|(name, _)| name.clone()),
     };
+    if let Some(name) = &options.data_file {
+        header.incompatible_features |= INCOMPAT_EXTERNAL_DATA;
+        if options.data_file_raw {
+            header.autoclear_features |= AUTOCLEAR_DATA_FILE_RAW;
+        }
+        header
+            .extensions
+            .push(HeaderExtension::DataFile(name.clone()));
+    }
     if let Some((_, format)) = &options.backing {
         header
             .extensions
@@ -110,8 +120,14 @@ pub(crate) fn create(
         meta.start_dedup()?;
         meta.publish_dedup()?;
     }
-    if options.preallocation != Preallocation::Off {
-        meta.preallocate(options.preallocation)?;
+    // A raw data file reads as the disk only if every cluster maps to it.
+    let preallocation = if options.data_file_raw && options.preallocation == Preallocation::Off {
+        Preallocation::Metadata
+    } else {
+        options.preallocation
+    };
+    if preallocation != Preallocation::Off {
+        meta.preallocate(preallocation)?;
     }
     Ok(meta)
 }

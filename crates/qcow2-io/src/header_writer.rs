@@ -7,7 +7,9 @@
 
 use qcow2_alloc::Storage;
 use qcow2_format::dedup::DedupExtension;
-use qcow2_format::features::{AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT_OR_DEDUP, INCOMPAT_DIRTY};
+use qcow2_format::features::{
+    AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_CORRUPT_OR_DEDUP, INCOMPAT_DIRTY,
+};
 use qcow2_format::{Header, HostOffset};
 
 use crate::{ImageError, Result};
@@ -86,6 +88,9 @@ impl HeaderWriter {
         keep_bitmaps: bool,
     ) -> Result<()> {
         let keep = if keep_bitmaps { AUTOCLEAR_BITMAPS } else { 0 };
+        // A raw data file stays raw: data lives at its guest offsets and
+        // zeroing writes zeros there (see `Image::clear_range`).
+        let keep = keep | (self.header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW);
         self.update(storage, at, |h| {
             if h.version < 3 || (h.is_dirty() && h.autoclear_features & !keep == 0) {
                 return false;

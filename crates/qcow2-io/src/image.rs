@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 use qcow2_alloc::{FileStorage, Storage};
-use qcow2_format::features::{INCOMPAT_COMPRESSION_TYPE, INCOMPAT_EXTERNAL_DATA};
+use qcow2_format::features::{
+    AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_COMPRESSION_TYPE, INCOMPAT_EXTERNAL_DATA,
+};
 use qcow2_format::{Geometry, Header, MAX_CLUSTER_BITS};
 
 use crate::allocator::RefcountLoading;
@@ -29,6 +31,9 @@ use crate::{create, CreateOptions, ImageError, OpenOptions, Result};
 /// return it: call [`Image::close`] to handle the error yourself.
 pub struct Image {
     pub(crate) storage: Arc<dyn Storage>,
+    /// Where guest data lives: the image file itself, or its external data
+    /// file.
+    pub(crate) data: Arc<dyn Storage>,
     pub(crate) meta: Mutex<Metadata>,
     pub(crate) locks: RangeLocks,
     pub(crate) geometry: Geometry,
@@ -91,8 +96,57 @@ pub struct ImageInfo {
     pub snapshots: u32,
     /// Persistent dirty bitmaps (empty without a valid bitmaps extension).
     pub bitmaps: Vec<BitmapInfo>,
+    /// The external data file, as the header names it.
+    pub data_file: Option<String>,
+    /// Whether the data file is kept a raw image of the disk.
+    pub data_file_raw: bool,
     /// Length of the image file in bytes.
     pub file_length: u64,
+}
+
+/// Creates (or truncates) the external data file `name` (as given: a
+/// relative name is relative to the current directory, as in QEMU), sized
+/// to the virtual disk, its blocks reserved or written as the
+/// preallocation asks.
+fn create_data_file(name: &str, options: &CreateOptions) -> Result<()> {
+    let data =
+        FileStorage::create(Path::new(name)).map_err(ImageError::io("creating the data file"))?;
+    let size = options.size.next_multiple_of(512);
+    data.set_len(size)
+        .map_err(ImageError::io("sizing the data file"))?;
+    match options.preallocation {
+        crate::Preallocation::Falloc => data
+            .allocate(0, size)
+            .map_err(ImageError::io("reserving the data file"))?,
+        crate::Preallocation::Full => {
+            let zeros = vec![0u8; 1 << 20];
+            let mut at = 0;
+            while at < size {
+                let n = (size - at).min(zeros.len() as u64);
+                data.write_at(&zeros[..n as usize], at)
+                    .map_err(ImageError::io("writing the data file"))?;
+                at += n;
+            }
+        }
+        _ => {}
+    }
+    data.flush()
+        .map_err(ImageError::io("syncing the data file"))
+}
+
+/// Opens the external data file `header` names, writable when the image
+/// is. The name is used as it is, as QEMU uses it: a relative one is
+/// relative to the current directory (unlike a backing file name).
+fn open_data_file(header: &Header, options: &OpenOptions) -> Result<Arc<dyn Storage>> {
+    let name = header.data_file().ok_or_else(|| {
+        ImageError::Corrupt("the image has an external data file but does not name it".into())
+    })?;
+    let path = Path::new(name);
+    let file = FileStorage::open(path, options.write).map_err(|source| ImageError::Io {
+        op: "opening the external data file",
+        source: std::io::Error::new(source.kind(), format!("{}: {source}", path.display())),
+    })?;
+    Ok(Arc::new(file))
 }
 
 /// Reads the header; for a check (`tolerant`), damage to the refcount
@@ -128,11 +182,15 @@ impl Image {
             FileStorage::create_new(path)
         }
         .map_err(ImageError::io("creating the image file"))?;
+        if let Some(name) = &options.data_file {
+            create_data_file(name, options)?;
+        }
         let image = Self::create_unbacked(Arc::new(storage), options)?;
-        if options.backing.is_none() {
+        if options.backing.is_none() && options.data_file.is_none() {
             return Ok(image);
         }
-        // Reopen so the backing name resolves against this image's directory.
+        // Reopen so the backing and data file names resolve against this
+        // image's directory.
         image.close()?;
         drop(image);
         Self::open(path, &OpenOptions::read_write())
@@ -142,6 +200,12 @@ impl Image {
     /// relative backing file name is resolved against the current
     /// directory here ([`Image::create`] resolves it against the image's).
     pub fn create_on(storage: Arc<dyn Storage>, options: &CreateOptions) -> Result<Self> {
+        if options.data_file.is_some() {
+            return Err(ImageError::InvalidOption(
+                "an external data file is created with Image::create (it needs the image's path)"
+                    .into(),
+            ));
+        }
         let backing = match &options.backing {
             Some((name, format)) => Some(Backing::open(
                 name,
@@ -218,9 +282,11 @@ impl Image {
             }
             crate::snapshots::view_at(&*storage, &mut header, id_or_name)?;
         }
-        if header.incompatible_features & INCOMPAT_EXTERNAL_DATA != 0 {
-            return Err(ImageError::Unsupported("external data files".into()));
-        }
+        let data_file = if header.incompatible_features & INCOMPAT_EXTERNAL_DATA != 0 {
+            Some(open_data_file(&header, options)?)
+        } else {
+            None
+        };
         let backing = match &header.backing_file {
             Some(name) => Some(Backing::open(
                 name,
@@ -240,6 +306,11 @@ impl Image {
                 ));
             }
         }
+        if header.is_dedup() && header.incompatible_features & INCOMPAT_EXTERNAL_DATA != 0 {
+            return Err(ImageError::Unsupported(
+                "a deduplicated image with an external data file".into(),
+            ));
+        }
         let dirty = header.is_dirty();
         let meta = Metadata::load(
             storage.clone(),
@@ -251,6 +322,9 @@ impl Image {
         let mut image = Self::from_parts(storage, meta, options.write);
         image.backing = backing;
         image.chain = context;
+        if let Some(data) = data_file {
+            image.data = data;
+        }
         if options.write && dirty {
             image.check(RepairMode::All)?;
         }
@@ -267,6 +341,7 @@ impl Image {
             dedup: AtomicBool::new(meta.is_dedup()),
             meta: Mutex::new(meta),
             locks: RangeLocks::default(),
+            data: storage.clone(),
             storage,
             writable,
             claims: InflightClaims::default(),
@@ -351,6 +426,11 @@ impl Image {
             backing_file: h.backing_file.clone(),
             backing_format: h.backing_format().map(str::to_string),
             snapshots: h.nb_snapshots,
+            data_file: h
+                .data_file()
+                .filter(|_| h.incompatible_features & INCOMPAT_EXTERNAL_DATA != 0)
+                .map(str::to_string),
+            data_file_raw: h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0,
             bitmaps: meta
                 .bitmaps()
                 .into_iter()

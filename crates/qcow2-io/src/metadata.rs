@@ -23,7 +23,7 @@ use qcow2_alloc::{Refcounts, RefcountsConfig, ReferenceCounts, Storage};
 use qcow2_dedup::{ContentHash, DedupStats};
 use qcow2_format::bitmaps::{mark_in_use, parse_bitmap_directory, BitmapDirectoryEntry};
 use qcow2_format::extensions::HeaderExtension;
-use qcow2_format::features::AUTOCLEAR_BITMAPS;
+use qcow2_format::features::{AUTOCLEAR_BITMAPS, INCOMPAT_EXTERNAL_DATA};
 use qcow2_format::l1::{L1Entry, L1Mapping};
 use qcow2_format::l2::{L2Entry, L2Format, L2Mapping, SubclusterBitmap};
 use qcow2_format::refcount::RefcountWidth;
@@ -126,9 +126,12 @@ impl Metadata {
         storage: Arc<dyn Storage>,
         header: Header,
         map: BlockMap,
-        alloc: Allocator,
+        mut alloc: Allocator,
         dedup: Option<DedupState>,
     ) -> Self {
+        if header.incompatible_features & INCOMPAT_EXTERNAL_DATA != 0 {
+            alloc.data_not_refcounted();
+        }
         Self {
             storage,
             geometry: header.geometry,
@@ -425,6 +428,26 @@ impl Metadata {
 
     // --- the allocator ---
 
+    /// Host clusters for up to `max` guest clusters from `guest`: with an
+    /// external data file, the guest clusters' own offsets in it (not
+    /// refcounted); otherwise [`Metadata::allocate`].
+    pub(crate) fn allocate_data(
+        &mut self,
+        guest: GuestOffset,
+        max: ClusterCount,
+    ) -> Result<(HostCluster, ClusterCount)> {
+        if self.external_data() {
+            let g = self.geometry;
+            return Ok((HostCluster::new(g.guest_cluster(guest).get()), max));
+        }
+        self.allocate(max)
+    }
+
+    /// Whether guest data lives in an external data file.
+    pub(crate) fn external_data(&self) -> bool {
+        self.header().incompatible_features & INCOMPAT_EXTERNAL_DATA != 0
+    }
+
     /// Allocates up to `max` contiguous clusters with refcount 1.
     pub(crate) fn allocate(&mut self, max: ClusterCount) -> Result<(HostCluster, ClusterCount)> {
         self.alloc.allocate(&*self.storage, max)
@@ -459,6 +482,10 @@ impl Metadata {
     /// Fails (and marks a plain image corrupt) if guest data written to
     /// `len` bytes at `host` would land on metadata.
     pub(crate) fn guard_data_write(&mut self, host: HostOffset, len: u64) -> Result<()> {
+        if self.external_data() {
+            // Guest data goes to the data file, which holds no metadata.
+            return Ok(());
+        }
         let g = self.geometry;
         let fixed = FixedMetadata(self.header.header());
         let mut parts: Vec<&dyn HoldsMetadata> = vec![&fixed, &self.map, &self.alloc];
@@ -1208,7 +1235,8 @@ impl Metadata {
         let mut end = 0u64;
         let mut runs = Vec::new();
         while guest < total {
-            let (first, n) = self.allocate(ClusterCount::new(total - guest))?;
+            let at = GuestOffset::new(guest * cs);
+            let (first, n) = self.allocate_data(at, ClusterCount::new(total - guest))?;
             for (i, host) in first.run(n).enumerate() {
                 let at = GuestOffset::new((guest + i as u64) * cs);
                 let offset = g.host_offset(host);
@@ -1224,6 +1252,11 @@ impl Metadata {
             runs.push((start, g.bytes(n)));
             end = end.max(start + g.bytes(n));
             guest += n.get();
+        }
+        if self.external_data() {
+            // The data file was made to size (and reserved or written) by
+            // its creator; only the mappings live here.
+            return self.flush();
         }
         let storage = &*self.storage;
         if storage

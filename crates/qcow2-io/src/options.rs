@@ -75,6 +75,14 @@ pub struct CreateOptions {
     pub compression: Compression,
     /// What is allocated at creation (not with a backing file or dedup).
     pub preallocation: Preallocation,
+    /// External data file (`data_file=`): guest data goes to this file, at
+    /// the guest offsets, and the image file holds only metadata. The name
+    /// is used as given, as QEMU uses it (a relative name is relative to
+    /// the current directory). Created (or truncated) with the image.
+    pub data_file: Option<String>,
+    /// `data_file_raw=on`: the data file is kept a valid raw image of the
+    /// disk (every cluster mapped to it, zeroing writes zeros there).
+    pub data_file_raw: bool,
     /// Backing file name (stored as given: a relative name is resolved
     /// against the new image's directory) and its format (`qcow2` or `raw`,
     /// recorded in the backing-format extension).
@@ -94,8 +102,18 @@ impl CreateOptions {
             overwrite: false,
             compression: Compression::Zlib,
             preallocation: Preallocation::Off,
+            data_file: None,
+            data_file_raw: false,
             backing: None,
         }
+    }
+
+    /// Puts guest data in the external data file `name` (raw image of the
+    /// disk when `raw`).
+    pub fn data_file(mut self, name: impl Into<String>, raw: bool) -> Self {
+        self.data_file = Some(name.into());
+        self.data_file_raw = raw;
+        self
     }
 
     /// Sets what is allocated at creation.
@@ -207,6 +225,22 @@ impl CreateOptions {
         if self.preallocation != Preallocation::Off && self.dedup {
             return Err(ImageError::InvalidOption(
                 "preallocation and dedup=on cannot be combined (dedup allocates by content)".into(),
+            ));
+        }
+        if let Some(name) = &self.data_file {
+            if self.compat == Compat::V2 || self.dedup || name.is_empty() {
+                return Err(ImageError::InvalidOption(
+                    "an external data file needs compat=1.1, a name, and no dedup".into(),
+                ));
+            }
+            if self.data_file_raw && self.backing.is_some() {
+                return Err(ImageError::InvalidOption(
+                    "data_file_raw=on and a backing file cannot be combined".into(),
+                ));
+            }
+        } else if self.data_file_raw {
+            return Err(ImageError::InvalidOption(
+                "data_file_raw=on needs data_file".into(),
             ));
         }
         if self.compat == Compat::V2 && self.lazy_refcounts {

@@ -145,7 +145,7 @@ impl Image {
             let dst = &mut buf[s.at..s.at + s.len];
             match s.extent {
                 Extent::Data(host) => self
-                    .storage
+                    .data
                     .read_at(dst, host)
                     .map_err(ImageError::io("reading guest data"))?,
                 Extent::Zero => dst.fill(0),

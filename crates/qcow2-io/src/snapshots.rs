@@ -173,6 +173,12 @@ impl Image {
     pub fn snapshot_create(&self, name: &str) -> Result<Snapshot> {
         let _all = self.lock_for_change(0..u64::MAX)?;
         let mut meta = self.meta.lock();
+        if meta.external_data() {
+            return Err(ImageError::Unsupported(
+                "internal snapshots of an image with an external data file (QEMU refuses them too)"
+                    .into(),
+            ));
+        }
         let mut snapshots = meta.snapshots()?;
         if name.is_empty() || name.len() > usize::from(u16::MAX) {
             return Err(ImageError::InvalidOption(

@@ -71,7 +71,7 @@ fn plan_write(meta: &mut Metadata, pos: GuestOffset, remaining: u64) -> Result<W
         }
         old.push(mapping);
     }
-    let (first, got) = meta.allocate(ClusterCount::new(old.len() as u64))?;
+    let (first, got) = meta.allocate_data(cluster_start, ClusterCount::new(old.len() as u64))?;
     old.truncate(got.as_usize());
     meta.guard_data_write(g.host_offset(first), g.bytes(got))?;
     Ok(WritePlan::Allocate {
@@ -130,7 +130,7 @@ impl Image {
             let plan = plan_write(&mut self.meta.lock(), GuestOffset::new(pos), remaining)?;
             match plan {
                 WritePlan::InPlace { host, len } => {
-                    self.storage
+                    self.data
                         .write_at(&buf[done..done + len as usize], host.get())
                         .map_err(ImageError::io("writing guest data"))?;
                     done += len as usize;
@@ -146,7 +146,7 @@ impl Image {
                     let len = remaining.min(span - head);
                     let piece = &buf[done..done + len as usize];
                     if head == 0 && len == span {
-                        self.storage
+                        self.data
                             .write_at(piece, host.get())
                             .map_err(ImageError::io("writing guest data"))?;
                     } else {
@@ -172,7 +172,7 @@ impl Image {
                             }
                         }
                         whole[head as usize..tail as usize].copy_from_slice(piece);
-                        self.storage
+                        self.data
                             .write_at(&whole, host.get())
                             .map_err(ImageError::io("writing guest data"))?;
                     }
@@ -190,7 +190,7 @@ impl Image {
     fn old_contents(&self, mapping: L2Mapping, guest: u64, out: &mut [u8]) -> Result<()> {
         match mapping {
             L2Mapping::Data { offset, .. } => self
-                .storage
+                .data
                 .read_at(out, offset.get())
                 .map_err(ImageError::io("reading a cluster to copy")),
             L2Mapping::Compressed(d) => {
@@ -247,7 +247,16 @@ impl Image {
         let g = self.geometry;
         let end = offset + len;
         let _range = self.lock_for_change(self.cluster_span(offset, len))?;
-        self.meta.lock().mark_dirty()?;
+        let raw_data_file = {
+            let mut meta = self.meta.lock();
+            meta.mark_dirty()?;
+            meta.header().autoclear_features & qcow2_format::features::AUTOCLEAR_DATA_FILE_RAW != 0
+        };
+        if raw_data_file {
+            // The data file must keep reading as the disk: zeros are
+            // written there, every cluster stays mapped.
+            return self.zero_partial(offset, end);
+        }
         let full_start = g.align_up(offset);
         let full_end = g.cluster_start(end);
         if full_start >= full_end {

@@ -129,6 +129,8 @@ impl Qcow2Target {
         let mut create = CreateOptions::new(size);
         apply_options(&mut create, options)?;
         create.size = size;
+        // Refused options leave no file behind.
+        create.validate().map_err(CliError::image(path))?;
         let storage = target_file(path, cache, false)?;
         let image = Image::create_on(Arc::new(storage), &create).map_err(CliError::image(path))?;
         Ok(Self {

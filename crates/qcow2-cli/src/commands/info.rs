@@ -174,6 +174,10 @@ fn info_json(
     }
     data["corrupt"] = json!(info.corrupt);
     data["refcount-bits"] = json!(info.refcount_bits);
+    if let Some(f) = &info.data_file {
+        data["data-file"] = json!(f);
+        data["data-file-raw"] = json!(info.data_file_raw);
+    }
     if info.version >= 3 {
         data["compression-type"] = json!(info.compression_type);
     }
@@ -284,6 +288,10 @@ fn print_human(
         }
     }
     say!("    refcount bits: {}", info.refcount_bits);
+    if let Some(f) = &info.data_file {
+        say!("    data file: {f}");
+        say!("    data file raw: {}", info.data_file_raw);
+    }
     say!("    corrupt: {}", info.corrupt);
     say!("    extended l2: {}", info.extended_l2);
     if info.dedup {

@@ -41,6 +41,7 @@ pub fn tables(data: &[u8]) {
         let _ = RefcountTableEntry(raw).decode(g);
         for zero_flag in [false, true] {
             let format = qcow2_format::l2::L2Format {
+                external_data: selector & 0x40 != 0,
                 geometry: g,
                 zero_flag,
             };
