@@ -224,12 +224,34 @@ impl BlockMap {
         guest: GuestOffset,
         mapping: L2Mapping,
     ) -> Result<()> {
+        let bitmap = if self.geometry.extended_l2() {
+            // Whole-cluster mappings: data in every subcluster, or none.
+            Some(match mapping {
+                L2Mapping::Data { .. } => SubclusterBitmap(0xffff_ffff),
+                L2Mapping::Zero { .. } => SubclusterBitmap(0xffff_ffff << 32),
+                L2Mapping::Compressed(_) | L2Mapping::Unallocated => SubclusterBitmap(0),
+            })
+        } else {
+            None
+        };
+        let mapping = match mapping {
+            L2Mapping::Zero { .. } if bitmap.is_some() => L2Mapping::Unallocated,
+            other => other,
+        };
+        self.set_entry(storage, alloc, guest, mapping, bitmap)
+    }
+
+    /// Points the guest cluster holding `guest` at `mapping` with subcluster
+    /// `bitmap` (extended L2 entries; `None` for standard ones).
+    pub(crate) fn set_entry(
+        &mut self,
+        storage: &dyn Storage,
+        alloc: &mut Allocator,
+        guest: GuestOffset,
+        mapping: L2Mapping,
+        bitmap: Option<SubclusterBitmap>,
+    ) -> Result<()> {
         let g = self.geometry;
-        if g.extended_l2() {
-            return Err(ImageError::Unsupported(
-                "writing images with extended L2 entries".into(),
-            ));
-        }
         let l1_index = usize::try_from(g.l1_index(guest.get()))
             .ok()
             .filter(|&i| i < self.l1.len())
@@ -242,7 +264,13 @@ impl BlockMap {
             .l2
             .get_mut(key)
             .ok_or(ImageError::Internal("L2 table vanished from the cache"))?;
-        table[index] = mapping.encode(g).0;
+        match bitmap {
+            Some(bits) if g.extended_l2() => {
+                table[2 * index] = mapping.encode(g).0;
+                table[2 * index + 1] = bits.0;
+            }
+            _ => table[index] = mapping.encode(g).0,
+        }
         Ok(())
     }
 

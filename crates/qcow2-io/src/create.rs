@@ -6,7 +6,7 @@ use qcow2_alloc::{Refcounts, RefcountsConfig, Storage};
 use qcow2_format::extensions::HeaderExtension;
 use qcow2_format::features::{
     standard_feature_names, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS,
-    INCOMPAT_COMPRESSION_TYPE, INCOMPAT_EXTERNAL_DATA,
+    INCOMPAT_COMPRESSION_TYPE, INCOMPAT_EXTENDED_L2, INCOMPAT_EXTERNAL_DATA,
 };
 use qcow2_format::header::{V2_HEADER_LEN, V3_HEADER_LEN};
 use qcow2_format::refcount::RefcountWidth;
@@ -26,7 +26,7 @@ pub(crate) fn create(
 ) -> Result<Metadata> {
     options.validate()?;
     let size = options.size.next_multiple_of(512);
-    let geometry = Geometry::new(options.cluster_size.trailing_zeros(), false)?;
+    let geometry = Geometry::new(options.cluster_size.trailing_zeros(), options.extended_l2)?;
     let cs = geometry.cluster_size();
     let width = RefcountWidth::new(options.refcount_bits.trailing_zeros())?;
     let l1_entries = geometry.l1_entries_for(size);
@@ -71,6 +71,9 @@ pub(crate) fn create(
         },
         backing_file: options.backing.as_ref().map(|(name, _)| name.clone()),
     };
+    if options.extended_l2 {
+        header.incompatible_features |= INCOMPAT_EXTENDED_L2;
+    }
     if let Some(name) = &options.data_file {
         header.incompatible_features |= INCOMPAT_EXTERNAL_DATA;
         if options.data_file_raw {

@@ -254,9 +254,9 @@ impl Image {
     /// Opens an image on any storage.
     ///
     /// Refuses what it cannot handle faithfully: unknown incompatible
-    /// features (named from the image's feature table), encryption and
-    /// external data files; for writing also images QEMU marked corrupt
-    /// (unless opened for repair) and extended L2 entries. A backing file
+    /// features (named from the image's feature table) and encryption; for
+    /// writing also images QEMU marked corrupt (unless opened for repair).
+    /// A backing file
     /// is opened read-only (see [`crate::backing`]); its relative name is
     /// resolved against the current directory here, against the image's
     /// own directory by [`Image::open`].
@@ -296,15 +296,8 @@ impl Image {
             )?),
             None => None,
         };
-        if options.write {
-            if header.is_marked_corrupt() && !options.repair {
-                return Err(ImageError::MarkedCorrupt);
-            }
-            if header.geometry.extended_l2() {
-                return Err(ImageError::Unsupported(
-                    "writing images with extended L2 entries (open read-only)".into(),
-                ));
-            }
+        if options.write && header.is_marked_corrupt() && !options.repair {
+            return Err(ImageError::MarkedCorrupt);
         }
         if header.is_dedup() && header.incompatible_features & INCOMPAT_EXTERNAL_DATA != 0 {
             return Err(ImageError::Unsupported(

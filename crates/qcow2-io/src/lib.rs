@@ -29,6 +29,7 @@ mod compressed;
 mod create;
 mod dedup;
 mod error;
+mod extended;
 mod header_writer;
 mod image;
 mod map;

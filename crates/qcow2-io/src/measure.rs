@@ -36,7 +36,7 @@ fn refcount_metadata(clusters: u64, cluster_size: u64, refcount_bits: u64) -> u6
 pub fn metadata_size(options: &CreateOptions, virtual_size: u64) -> u64 {
     let cs = options.cluster_size;
     let data = virtual_size.next_multiple_of(cs);
-    let entry = 8;
+    let entry = if options.extended_l2 { 16 } else { 8 };
     let mut meta = cs;
     let l2_entries = (data / cs).next_multiple_of(cs / entry);
     meta += l2_entries * entry;

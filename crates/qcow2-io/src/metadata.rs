@@ -217,6 +217,32 @@ impl Metadata {
         Ok(())
     }
 
+    /// Points the guest cluster holding `guest` at `mapping` with subcluster
+    /// `bitmap` (extended L2 entries) and drops the reference `old` (what
+    /// it pointed to, if anything else) once the tables are durable.
+    pub(crate) fn replace_mapping_ext(
+        &mut self,
+        guest: GuestOffset,
+        mapping: L2Mapping,
+        bitmap: SubclusterBitmap,
+        old: L2Mapping,
+    ) -> Result<()> {
+        self.map.set_entry(
+            &*self.storage,
+            &mut self.alloc,
+            guest,
+            mapping,
+            Some(bitmap),
+        )?;
+        if old != mapping {
+            self.alloc.release_mapping(old);
+        }
+        if self.map.needs_write_back() {
+            self.write_tables()?;
+        }
+        Ok(())
+    }
+
     /// Points the guest cluster at `mapping` and drops the reference `old`
     /// (what it pointed to) once the tables are durable.
     pub(crate) fn replace_mapping(
@@ -276,8 +302,9 @@ impl Metadata {
                     .set_l1_raw(index, L1Entry::new(offset, exclusive).0);
             }
             let entries = self.map.l2_entries(&*self.storage, offset)?;
+            let stride = (g.l2_entry_size() / 8) as usize;
             let mut changed = Vec::new();
-            for (i, &entry) in entries.iter().enumerate() {
+            for (i, &entry) in entries.iter().step_by(stride).enumerate() {
                 let mapping = L2Entry(entry).decode(format)?;
                 let fixed = match mapping {
                     L2Mapping::Data {

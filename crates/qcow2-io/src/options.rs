@@ -83,6 +83,10 @@ pub struct CreateOptions {
     /// `data_file_raw=on`: the data file is kept a valid raw image of the
     /// disk (every cluster mapped to it, zeroing writes zeros there).
     pub data_file_raw: bool,
+    /// Extended L2 entries (`extended_l2=on`): 32 subclusters per cluster,
+    /// allocated one by one (compat=1.1, clusters of 16 KiB to 2 MiB, no
+    /// dedup).
+    pub extended_l2: bool,
     /// Backing file name (stored as given: a relative name is resolved
     /// against the new image's directory) and its format (`qcow2` or `raw`,
     /// recorded in the backing-format extension).
@@ -104,8 +108,15 @@ impl CreateOptions {
             preallocation: Preallocation::Off,
             data_file: None,
             data_file_raw: false,
+            extended_l2: false,
             backing: None,
         }
+    }
+
+    /// Uses extended L2 entries (subcluster allocation).
+    pub fn extended_l2(mut self, on: bool) -> Self {
+        self.extended_l2 = on;
+        self
     }
 
     /// Puts guest data in the external data file `name` (raw image of the
@@ -225,6 +236,11 @@ impl CreateOptions {
         if self.preallocation != Preallocation::Off && self.dedup {
             return Err(ImageError::InvalidOption(
                 "preallocation and dedup=on cannot be combined (dedup allocates by content)".into(),
+            ));
+        }
+        if self.extended_l2 && (self.compat == Compat::V2 || self.dedup || cs < 16384) {
+            return Err(ImageError::InvalidOption(
+                "extended_l2=on needs compat=1.1, clusters of at least 16k (subclusters of 512 bytes), and no dedup (dedup hashes whole clusters)".into(),
             ));
         }
         if let Some(name) = &self.data_file {

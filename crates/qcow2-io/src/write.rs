@@ -122,6 +122,9 @@ impl Image {
         if self.is_dedup() {
             return self.dedup_write_locked(buf, offset);
         }
+        if self.geometry.extended_l2() {
+            return self.write_extended_locked(buf, offset);
+        }
         let cs = self.geometry.cluster_size();
         let mut done = 0usize;
         while done < buf.len() {
@@ -256,6 +259,9 @@ impl Image {
             // The data file must keep reading as the disk: zeros are
             // written there, every cluster stays mapped.
             return self.zero_partial(offset, end);
+        }
+        if g.extended_l2() {
+            return self.clear_extended_locked(offset, end, how == Clear::Discard);
         }
         let full_start = g.align_up(offset);
         let full_end = g.cluster_start(end);

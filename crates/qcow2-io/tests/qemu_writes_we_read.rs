@@ -278,10 +278,26 @@ fn extended_l2_images_read_correctly() {
         assert!(expected.contains(&0x74));
         assert!(image.check(RepairMode::None).unwrap().is_clean(), "{opts}");
         drop(image);
-        let err = Image::open(&path, &OpenOptions::read_write()).unwrap_err();
-        assert!(
-            matches!(err, qcow2_io::ImageError::Unsupported(_)),
-            "{err:?}"
+        // We write into QEMU's subclusters; QEMU reads what we wrote.
+        let image = Image::open(&path, &OpenOptions::read_write()).unwrap();
+        let mut expected = expected;
+        for (at, len, byte) in [
+            (3000u64, 9000usize, 0x31u8),
+            (15 << 20, 700, 0x32),
+            (65536, 1, 0x33),
+        ] {
+            image.write_at(&vec![byte; len], at).unwrap();
+            expected[at as usize..at as usize + len].fill(byte);
+        }
+        image.write_zeroes(1 << 20, 20_000).unwrap();
+        expected[1 << 20..(1 << 20) + 20_000].fill(0);
+        image.close().unwrap();
+        drop(image);
+        assert_qemu_check_clean(&path);
+        assert_eq!(
+            first_difference(&qemu_raw(&path), &expected),
+            None,
+            "{opts}: after our writes"
         );
     }
 }

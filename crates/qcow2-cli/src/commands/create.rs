@@ -31,6 +31,7 @@ pub fn apply_options(options: &mut CreateOptions, text: Option<&str>) -> Result<
             "lazy_refcounts" => options.lazy_refcounts = parse_bool(&key, &value)?,
             "dedup" => options.dedup = parse_bool(&key, &value)?,
             "data_file" => options.data_file = Some(value.clone()),
+            "extended_l2" => options.extended_l2 = parse_bool(&key, &value)?,
             "data_file_raw" => options.data_file_raw = parse_bool(&key, &value)?,
             "preallocation" => {
                 options.preallocation = match value.as_str() {
