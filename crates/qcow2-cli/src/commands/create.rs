@@ -2,7 +2,7 @@
 
 use qcow2_io::{Compat, Compression, CreateOptions, Image, OpenOptions, Preallocation};
 
-use crate::args::{parse_bool, parse_options, CreateArgs, Qcow2Only};
+use crate::args::{parse_bool, parse_options, CreateArgs, ImageFormat, Qcow2Only};
 use crate::error::CliError;
 use crate::output::say;
 use crate::size::{human, parse_size};
@@ -30,6 +30,14 @@ pub fn apply_options(options: &mut CreateOptions, text: Option<&str>) -> Result<
             }
             "lazy_refcounts" => options.lazy_refcounts = parse_bool(&key, &value)?,
             "dedup" => options.dedup = parse_bool(&key, &value)?,
+            "backing_file" => {
+                let format = options.backing.take().map(|(_, f)| f).unwrap_or_default();
+                options.backing = Some((value.clone(), format));
+            }
+            "backing_fmt" => {
+                let name = options.backing.take().map(|(n, _)| n).unwrap_or_default();
+                options.backing = Some((name, value.clone()));
+            }
             "data_file" => options.data_file = Some(value.clone()),
             "extended_l2" => options.extended_l2 = parse_bool(&key, &value)?,
             "data_file_raw" => options.data_file_raw = parse_bool(&key, &value)?,
@@ -76,8 +84,26 @@ pub fn run(args: &CreateArgs) -> Result<u8, CliError> {
     let size = args.size.as_deref().map(parse_size).transpose()?;
     let mut options = CreateOptions::new(size.unwrap_or(0)).overwrite(true);
     apply_options(&mut options, args.options.as_deref())?;
-    if let Some(backing) = &args.backing {
-        let format = args.backing_format.ok_or_else(|| {
+    // -o backing_file=...,backing_fmt=... is -b ... -F ...
+    let from_options = options.backing.take();
+    let backing = args
+        .backing
+        .clone()
+        .or(from_options.as_ref().map(|(n, _)| n.clone()));
+    let backing_format =
+        args.backing_format
+            .or(match from_options.as_ref().map(|(_, f)| f.as_str()) {
+                Some("qcow2") => Some(ImageFormat::Qcow2),
+                Some("raw") => Some(ImageFormat::Raw),
+                Some("") | None => None,
+                Some(other) => {
+                    return Err(CliError::Usage(format!(
+                        "backing_fmt must be qcow2 or raw, not {other:?}"
+                    )))
+                }
+            });
+    if let Some(backing) = &backing {
+        let format = backing_format.ok_or_else(|| {
             CliError::Usage("-b needs -F (the backing file's format: qcow2 or raw)".into())
         })?;
         let format = format.name();
