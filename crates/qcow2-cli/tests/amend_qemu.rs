@@ -15,10 +15,8 @@ fn info(path: &Path) -> serde_json::Value {
 }
 
 fn clean_and_same(image: &Path, raw: &Path, step: &str) {
-    let check = run("qemu-img", &["check", p(image)]);
-    assert!(check.status.success(), "{step}: {}", text(&check.stdout));
-    let cmp = run("qemu-img", &["compare", p(image), p(raw)]);
-    assert!(cmp.status.success(), "{step}: {}", text(&cmp.stdout));
+    assert_qemu_clean(image, step);
+    assert_identical(image, raw, step);
 }
 
 #[test]

@@ -38,15 +38,6 @@ impl Chain {
     }
 }
 
-fn qemu_io(path: &Path, commands: &[&str]) {
-    let mut args = Vec::new();
-    for c in commands {
-        args.extend(["-c", c]);
-    }
-    args.push(p(path));
-    ok("qemu-io", &args);
-}
-
 fn chain() -> Chain {
     let dir = tempfile::tempdir().unwrap();
     let at = |n: &str| dir.path().join(n);
@@ -109,21 +100,6 @@ fn chain() -> Chain {
     Chain { dir, expected }
 }
 
-fn identical(a: &Path, b: &Path, step: &str) {
-    let out = run("qemu-img", &["compare", p(a), p(b)]);
-    assert!(
-        out.status.success(),
-        "{step}: {}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-}
-
-fn clean(path: &Path, step: &str) {
-    let out = run("qemu-img", &["check", p(path)]);
-    assert!(out.status.success(), "{step}: {}", text(&out.stdout));
-}
-
 fn backing_of(path: &Path) -> Option<String> {
     let json = ok("qemu-img", &["info", "--output=json", p(path)]);
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
@@ -144,16 +120,16 @@ fn rebase_keeps_what_the_guest_reads_as_qemu_img_does() {
         "qemu-img",
         &["rebase", "-b", p(&other), "-F", "qcow2", p(&theirs)],
     );
-    identical(&ours, &c.expected, "ours after a safe rebase");
-    identical(&ours, &theirs, "ours and qemu-img's");
-    clean(&ours, "safe rebase");
+    assert_identical(&ours, &c.expected, "ours after a safe rebase");
+    assert_identical(&ours, &theirs, "ours and qemu-img's");
+    assert_qemu_clean(&ours, "safe rebase");
     assert_eq!(backing_of(&ours).as_deref(), Some(p(&other)));
     // Onto nothing: the chain's data is copied in.
     let (_, _, flat) = c.copy("flat");
     ok(bin(), &["rebase", "-q", "-b", "", p(&flat)]);
-    identical(&flat, &c.expected, "rebased onto nothing");
+    assert_identical(&flat, &c.expected, "rebased onto nothing");
     assert_eq!(backing_of(&flat), None);
-    clean(&flat, "rebase onto nothing");
+    assert_qemu_clean(&flat, "rebase onto nothing");
     // -u only renames; the format is probed when -F is missing.
     let (_, _, unsafe_) = c.copy("unsafe");
     ok(bin(), &["rebase", "-u", "-b", p(&other), p(&unsafe_)]);
@@ -163,7 +139,7 @@ fn rebase_keeps_what_the_guest_reads_as_qemu_img_does() {
         json.contains("\"backing-filename-format\": \"qcow2\""),
         "{json}"
     );
-    clean(&unsafe_, "unsafe rebase");
+    assert_qemu_clean(&unsafe_, "unsafe rebase");
 }
 
 #[test]
@@ -179,12 +155,12 @@ fn commit_writes_the_overlay_into_its_base_as_qemu_img_does() {
         "Image committed."
     );
     ok("qemu-img", &["commit", "-q", p(&top_qemu)]);
-    identical(&mid_ours, &mid_qemu, "the committed-into image");
-    identical(&top_ours, &c.expected, "the emptied top reads through");
+    assert_identical(&mid_ours, &mid_qemu, "the committed-into image");
+    assert_identical(&top_ours, &c.expected, "the emptied top reads through");
     let map = ok("qemu-img", &["map", "--output=json", p(&top_ours)]);
     assert!(!map.contains("\"depth\": 0"), "the top was emptied: {map}");
-    clean(&top_ours, "commit: top");
-    clean(&mid_ours, "commit: mid");
+    assert_qemu_clean(&top_ours, "commit: top");
+    assert_qemu_clean(&mid_ours, "commit: mid");
     // -b: into the base, past the middle image; the top keeps its data.
     let (base_ours, _, top_ours) = c.copy("ours_b");
     let (base_qemu, _, top_qemu) = c.copy("qemu_b");
@@ -193,14 +169,14 @@ fn commit_writes_the_overlay_into_its_base_as_qemu_img_does() {
         "qemu-img",
         &["commit", "-q", "-b", p(&base_qemu), p(&top_qemu)],
     );
-    identical(&base_ours, &base_qemu, "commit -b: the base");
-    identical(
+    assert_identical(&base_ours, &base_qemu, "commit -b: the base");
+    assert_identical(
         &base_ours,
         &c.expected,
         "commit -b: the base holds the chain",
     );
-    identical(&top_ours, &c.expected, "commit -b: the top keeps its data");
-    clean(&base_ours, "commit -b");
+    assert_identical(&top_ours, &c.expected, "commit -b: the top keeps its data");
+    assert_qemu_clean(&base_ours, "commit -b");
     // Into a raw base.
     let raw = c.path("raw_base.img");
     ok(
@@ -219,7 +195,7 @@ fn commit_writes_the_overlay_into_its_base_as_qemu_img_does() {
         &["convert", "-O", "raw", p(&overlay), p(&expected)],
     );
     ok(bin(), &["commit", "-q", p(&overlay)]);
-    identical(&raw, &expected, "commit into a raw base");
+    assert_identical(&raw, &expected, "commit into a raw base");
 }
 
 #[test]
@@ -259,9 +235,9 @@ fn convert_b_writes_an_overlay_with_only_the_top_images_data() {
             p(&theirs),
         ],
     );
-    identical(&ours, &c.expected, "the overlay reads as the source");
-    identical(&ours, &theirs, "ours and qemu-img's");
-    clean(&ours, "convert -B");
+    assert_identical(&ours, &c.expected, "the overlay reads as the source");
+    assert_identical(&ours, &theirs, "ours and qemu-img's");
+    assert_qemu_clean(&ours, "convert -B");
     assert_eq!(backing_of(&ours).as_deref(), Some(p(&mid)));
     let allocated = |path: &Path| {
         let json = ok("qemu-img", &["check", "--output=json", p(path)]);

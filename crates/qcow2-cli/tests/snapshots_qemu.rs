@@ -9,35 +9,6 @@ use common::*;
 
 use std::path::Path;
 
-fn qemu_io(path: &Path, commands: &[&str]) {
-    let mut args = Vec::new();
-    for c in commands {
-        args.extend(["-c", c]);
-    }
-    args.push(p(path));
-    ok("qemu-io", &args);
-}
-
-fn qemu_clean(path: &Path, step: &str) {
-    let out = run("qemu-img", &["check", p(path)]);
-    assert!(
-        out.status.success(),
-        "{step}: qemu-img check: {}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-}
-
-fn same(a: &Path, b: &Path, step: &str) {
-    let out = run("qemu-img", &["compare", p(a), p(b)]);
-    assert!(
-        out.status.success(),
-        "{step}: {}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-}
-
 #[test]
 fn snapshots_we_take_are_listed_and_read_by_qemu_as_by_us() {
     if !tools(&["qemu-img", "qemu-io"]) {
@@ -51,14 +22,14 @@ fn snapshots_we_take_are_listed_and_read_by_qemu_as_by_us() {
     );
     qemu_io(&image, &["write -P 1 0 3M", "write -P 2 10M 100k"]);
     ok(bin(), &["snapshot", "-c", "first", p(&image)]);
-    qemu_clean(&image, "after the first snapshot");
+    assert_qemu_clean(&image, "after the first snapshot");
     qemu_io(
         &image,
         &["write -P 3 1M 1M", "write -z 10M 64k", "discard 0 64k"],
     );
     ok(bin(), &["snapshot", "-c", "second", p(&image)]);
     qemu_io(&image, &["write -P 4 512k 2M"]);
-    qemu_clean(&image, "after writes over both snapshots");
+    assert_qemu_clean(&image, "after writes over both snapshots");
     assert_eq!(
         ok(bin(), &["snapshot", "-l", p(&image)]),
         ok("qemu-img", &["snapshot", "-l", p(&image)]),
@@ -75,18 +46,18 @@ fn snapshots_we_take_are_listed_and_read_by_qemu_as_by_us() {
             "qemu-img",
             &["convert", "-l", name, "-O", "raw", p(&image), p(&theirs)],
         );
-        same(&ours, &theirs, name);
+        assert_identical(&ours, &theirs, name);
     }
     // qemu-img goes back to a snapshot we took.
     let copy = dir.path().join("copy.qcow2");
     std::fs::copy(&image, &copy).unwrap();
     ok("qemu-img", &["snapshot", "-a", "first", p(&copy)]);
-    same(
+    assert_identical(
         &copy,
         &dir.path().join("first.qemu.raw"),
         "qemu applies ours",
     );
-    qemu_clean(&copy, "qemu applied ours");
+    assert_qemu_clean(&copy, "qemu applied ours");
 }
 
 #[test]
@@ -121,8 +92,8 @@ fn we_apply_and_delete_qemus_snapshots_as_qemu_does() {
         let step = format!("snapshot {op} {name}");
         ok(bin(), &["snapshot", op, name, p(&ours)]);
         ok("qemu-img", &["snapshot", op, name, p(&theirs)]);
-        qemu_clean(&ours, &step);
-        same(&ours, &theirs, &step);
+        assert_qemu_clean(&ours, &step);
+        assert_identical(&ours, &theirs, &step);
         assert_eq!(
             ok("qemu-img", &["snapshot", "-l", p(&ours)]),
             ok("qemu-img", &["snapshot", "-l", p(&theirs)]),
@@ -131,7 +102,7 @@ fn we_apply_and_delete_qemus_snapshots_as_qemu_does() {
     }
     // The result is an ordinary image QEMU keeps writing.
     qemu_io(&ours, &["write -P 7 0 4M"]);
-    qemu_clean(&ours, "qemu writes after our snapshot operations");
+    assert_qemu_clean(&ours, "qemu writes after our snapshot operations");
 }
 
 #[test]
@@ -152,8 +123,8 @@ fn shrink_matches_qemu_img_resize_shrink() {
     assert!(!refused.status.success(), "shrinking needs --shrink");
     ok(bin(), &["resize", "-q", "--shrink", p(&ours), "-44M"]);
     ok("qemu-img", &["resize", "-q", "--shrink", p(&theirs), "20M"]);
-    qemu_clean(&ours, "after shrinking");
-    same(&ours, &theirs, "shrunk");
+    assert_qemu_clean(&ours, "after shrinking");
+    assert_identical(&ours, &theirs, "shrunk");
     let size = |path: &Path| {
         let json = ok("qemu-img", &["info", "--output=json", p(path)]);
         serde_json::from_str::<serde_json::Value>(&json).unwrap()["virtual-size"].clone()

@@ -74,3 +74,35 @@ pub fn tools(names: &[&str]) -> bool {
 pub fn qemu_available() -> bool {
     tools(&["qemu-img"])
 }
+
+/// Runs qemu-io with each of `commands` on `path`; it must succeed.
+pub fn qemu_io(path: &Path, commands: &[&str]) {
+    let mut args = Vec::new();
+    for c in commands {
+        args.extend(["-c", c]);
+    }
+    args.push(p(path));
+    ok("qemu-io", &args);
+}
+
+/// `qemu-img check` finds nothing on `path`.
+pub fn assert_qemu_clean(path: &Path, step: &str) {
+    let out = run("qemu-img", &["check", p(path)]);
+    assert!(
+        out.status.success(),
+        "{step}: qemu-img check: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
+
+/// `qemu-img compare` finds `a` and `b` identical (formats probed).
+pub fn assert_identical(a: &Path, b: &Path, step: &str) {
+    let out = run("qemu-img", &["compare", p(a), p(b)]);
+    assert!(
+        out.status.success(),
+        "{step}: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
