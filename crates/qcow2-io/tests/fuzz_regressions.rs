@@ -58,6 +58,13 @@ fn seed_images_go_through_every_target() {
             harness::open(&image);
         }
     }
+    for kind in 0..3 {
+        let image = harness::rich_seed_image(kind);
+        harness::header(&image);
+        harness::open(&image);
+        // The rich seeds through the structure-aware target, patched.
+        harness::mutate(&[0x20 | (kind as u8) << 1, 0, 0, 0, 0x30, 0x7f]);
+    }
     harness::mutate(&[0x03, 0, 0, 0, 0x20, 0xff, 0, 0, 0, 0x48, 0x00]);
 }
 

@@ -126,6 +126,42 @@ pub fn seed_image(dedup: bool, cluster_bits: u32) -> Vec<u8> {
     storage.to_bytes()
 }
 
+/// A valid small image using the newer structures: extended L2 entries
+/// with partly allocated clusters (`kind` 0), compressed clusters packed
+/// into shared host clusters (1), or an internal snapshot sharing clusters
+/// and L2 tables with the active disk (2).
+pub fn rich_seed_image(kind: usize) -> Vec<u8> {
+    let storage = Arc::new(MemStorage::new());
+    let cluster: u64 = [16384, 4096, 65536][kind % 3];
+    let options = CreateOptions::new(4 << 20)
+        .cluster_size(cluster)
+        .extended_l2(kind.is_multiple_of(3));
+    let image = Image::create_on(storage.clone(), &options).expect("a seed image");
+    for i in 0..12u64 {
+        let data: Vec<u8> = (0..cluster)
+            .map(|j| ((j / 7) as u8).wrapping_add(i as u8))
+            .collect();
+        let at = i * 3 * cluster;
+        match kind % 3 {
+            0 => image.write_at(&data[..1536], at + 1000),
+            1 => image.write_compressed(&data, at),
+            _ => image.write_at(&data, at),
+        }
+        .expect("seed write");
+    }
+    if kind % 3 == 2 {
+        image.snapshot_create("seed").expect("seed snapshot");
+        image
+            .write_at(&[9u8; 4096], 0)
+            .expect("seed write after the snapshot");
+    }
+    image
+        .write_zeroes(cluster * 5, cluster / 2)
+        .expect("seed zero");
+    image.close().expect("seed close");
+    storage.to_bytes()
+}
+
 /// Structure-aware: a valid image with the fuzzer's bytes patched in as
 /// (offset, value) pairs, so inputs get past the magic and the header's
 /// checks and into the tables.
@@ -141,9 +177,15 @@ pub fn mutate(data: &[u8]) {
         [false, true]
             .into_iter()
             .flat_map(|d| [9, 12, 16].map(|bits| seed_image(d, bits)))
+            .chain((0..3).map(rich_seed_image))
             .collect()
     });
-    let mut image = seeds[usize::from(dedup) * 3 + variant].clone();
+    let index = if selector & 0x20 != 0 {
+        6 + variant
+    } else {
+        usize::from(dedup) * 3 + variant
+    };
+    let mut image = seeds[index].clone();
     for patch in patches.chunks_exact(5) {
         let at = u32::from_be_bytes([patch[0], patch[1], patch[2], patch[3]]) as usize;
         // Most patches aim at the first clusters, where metadata lives.
