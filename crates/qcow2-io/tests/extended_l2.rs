@@ -59,6 +59,13 @@ fn random_workload_matches_the_model() {
         let mut back = vec![0u8; model.len()];
         image.read_at(&mut back, 0).unwrap();
         assert!(back == model, "{cluster}: reads back the model");
+        assert!(
+            matches!(
+                image.enable_dedup(),
+                Err(qcow2_io::ImageError::Unsupported(_))
+            ),
+            "dedup shares whole clusters: refused here"
+        );
     }
 }
 

@@ -115,6 +115,11 @@ impl Image {
                     "deduplicating an image with internal snapshots".into(),
                 ));
             }
+            if meta.header().geometry.extended_l2() || meta.external_data() {
+                return Err(ImageError::Unsupported(
+                    "deduplicating an image with extended L2 entries or an external data file (dedup shares whole clusters of the image file)".into(),
+                ));
+            }
             meta.mark_dirty()?;
             meta.flush()?;
             meta.start_dedup()?;
