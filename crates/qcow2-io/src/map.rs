@@ -1,6 +1,6 @@
 //! The allocation map of the virtual disk, for `qcow2 map`.
 
-use qcow2_format::l2::L2Mapping;
+use qcow2_format::l2::{L2Mapping, SubclusterState};
 use qcow2_format::GuestOffset;
 
 use crate::image::Image;
@@ -82,7 +82,24 @@ impl Image {
                 continue;
             }
             let len = (guest + cs).min(size) - guest;
-            let (kind, host) = match meta.lookup_for_read(GuestOffset::new(guest))?.0 {
+            let (mapping, bitmap) = meta.lookup_for_read(GuestOffset::new(guest))?;
+            if g.extended_l2() && !matches!(mapping, L2Mapping::Compressed(_)) {
+                // Extended L2 entries: each subcluster has a state of its own.
+                let sub = g.subcluster_size();
+                let host = mapping.host_offset().map(|h| h.get());
+                for i in 0..len.div_ceil(sub) {
+                    let piece = sub.min(len - i * sub);
+                    let (kind, at) = match bitmap.state(i as u32) {
+                        SubclusterState::Allocated => (MapKind::Data, host.map(|h| h + i * sub)),
+                        SubclusterState::Zero => (MapKind::Zero, None),
+                        SubclusterState::Unallocated => (MapKind::Unallocated, None),
+                    };
+                    push(guest + i * sub, piece, kind, at);
+                }
+                guest += len;
+                continue;
+            }
+            let (kind, host) = match mapping {
                 L2Mapping::Data { offset, .. } => (MapKind::Data, Some(offset.get())),
                 L2Mapping::Compressed(_) => (MapKind::Compressed, None),
                 L2Mapping::Zero { .. } => (MapKind::Zero, None),

@@ -61,6 +61,7 @@ fn extent_at(meta: &mut Metadata, guest: u64, backed: bool) -> Result<(Extent, u
                     "allocated subcluster without a host cluster at guest offset {guest:#x}"
                 )))
             }
+            (SubclusterState::Unallocated, _) if backed => (Extent::Backing, len),
             _ => (Extent::Zero, len),
         });
     }

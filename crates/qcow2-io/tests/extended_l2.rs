@@ -132,6 +132,18 @@ fn an_overlay_write_allocates_only_the_subclusters_it_covers() {
     image.write_at(&[9u8; 4096], 8192).unwrap();
     image.close().unwrap();
     drop(image);
+    let second = dir.path().join("second.qcow2");
+    let image = Image::create(&second, &options).unwrap();
+    // Partly covered subclusters are completed from the backing file.
+    image.write_at(&[7u8; 100], 20_000).unwrap();
+    image.close().unwrap();
+    drop(image);
+    let mut partial = vec![5u8; 8 << 20];
+    partial[20_000..20_100].fill(7);
+    let partial_raw = dir.path().join("partial.raw");
+    std::fs::write(&partial_raw, &partial).unwrap();
+    assert_qemu_check_clean(&second);
+    assert_qemu_identical(&second, &partial_raw);
     let map = run_ok(
         "qemu-img",
         &["map", "--output=json", overlay.to_str().unwrap()],
@@ -149,4 +161,12 @@ fn an_overlay_write_allocates_only_the_subclusters_it_covers() {
     std::fs::write(&raw, &expected).unwrap();
     assert_qemu_check_clean(&overlay);
     assert_qemu_identical(&overlay, &raw);
+    // We read the unallocated subclusters through the backing file too.
+    let image = Image::open(&overlay, &OpenOptions::read_only()).unwrap();
+    let mut back = vec![0u8; expected.len()];
+    image.read_at(&mut back, 0).unwrap();
+    assert!(
+        back == expected,
+        "our reads of a partly allocated overlay cluster"
+    );
 }
