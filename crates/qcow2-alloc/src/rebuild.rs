@@ -41,41 +41,29 @@ impl ReferenceCounts {
         }
     }
 
-    /// Counts one reference to `cluster`; `false` if it lies past the file.
-    pub fn add(&mut self, cluster: HostCluster) -> bool {
-        match usize::try_from(cluster.get())
+    /// The counter of `cluster`, if the tally covers it.
+    fn slot(&mut self, cluster: HostCluster) -> Option<&mut u64> {
+        usize::try_from(cluster.get())
             .ok()
             .and_then(|i| self.counts.get_mut(i))
-        {
-            Some(c) => {
-                *c = c.saturating_add(1);
-                true
-            }
-            None => false,
-        }
+    }
+
+    /// Counts one reference to `cluster`; `false` if it lies past the file.
+    pub fn add(&mut self, cluster: HostCluster) -> bool {
+        self.slot(cluster)
+            .map(|c| *c = c.saturating_add(1))
+            .is_some()
     }
 
     /// Sets the count of `cluster` outright; `false` if it lies past the
     /// clusters this tally was sized for.
     pub fn set(&mut self, cluster: HostCluster, count: u64) -> bool {
-        match usize::try_from(cluster.get())
-            .ok()
-            .and_then(|i| self.counts.get_mut(i))
-        {
-            Some(c) => {
-                *c = count;
-                true
-            }
-            None => false,
-        }
+        self.slot(cluster).map(|c| *c = count).is_some()
     }
 
     /// Takes back one reference to `cluster` (none below 0).
     pub fn remove(&mut self, cluster: HostCluster) {
-        if let Some(c) = usize::try_from(cluster.get())
-            .ok()
-            .and_then(|i| self.counts.get_mut(i))
-        {
+        if let Some(c) = self.slot(cluster) {
             *c = c.saturating_sub(1);
         }
     }

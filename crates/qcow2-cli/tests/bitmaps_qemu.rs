@@ -90,4 +90,17 @@ fn bitmaps_are_listed_kept_and_marked_in_use_by_our_writes() {
     std::fs::write(&expected, bytes).unwrap();
     let cmp = run("qemu-img", &["compare", p(&image), p(&expected)]);
     assert!(cmp.status.success(), "{}", text(&cmp.stdout));
+    // A writer that cleared the bitmaps autoclear bit left the extension
+    // invalid: its clusters are leaks, to qemu-img and to us alike.
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap();
+    f.write_all_at(&0u64.to_be_bytes(), 88).unwrap();
+    let codes = [
+        run("qemu-img", &["check", p(&image)]).status.code(),
+        qcow2(&["check", p(&image)]).status.code(),
+    ];
+    assert_eq!(codes, [Some(3), Some(3)], "leaks, as qemu-img says");
 }

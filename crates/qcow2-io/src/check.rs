@@ -6,8 +6,6 @@ use std::collections::HashMap;
 
 use qcow2_alloc::ReferenceCounts;
 use qcow2_dedup::ContentHash;
-use qcow2_format::bitmaps::parse_bitmap_directory;
-use qcow2_format::extensions::HeaderExtension;
 use qcow2_format::l1::{L1Entry, L1Mapping};
 use qcow2_format::l2::{L2Entry, L2Mapping};
 use qcow2_format::{ClusterCount, Geometry, GuestOffset, HostCluster, HostOffset};
@@ -480,45 +478,32 @@ fn walk_snapshots(parts: &mut MetadataParts<'_>, walk: &mut Walk, file_size: u64
     Ok(())
 }
 
-/// Persistent bitmaps own their directory, tables and data clusters.
+/// Persistent bitmaps own their directory, tables and data clusters — while
+/// the bitmaps autoclear bit says the extension is valid; otherwise, as for
+/// QEMU, their clusters are leaks.
 fn walk_bitmaps(parts: &mut MetadataParts<'_>, walk: &mut Walk, file_size: u64) -> Result<()> {
-    let Some((directory_offset, directory_size, count)) =
-        parts.header.extensions.iter().find_map(|e| match e {
-            HeaderExtension::Bitmaps {
-                nb_bitmaps,
-                directory_size,
-                directory_offset,
-            } => Some((*directory_offset, *directory_size, *nb_bitmaps)),
-            _ => None,
-        })
-    else {
-        return Ok(());
-    };
-    let g = parts.header.geometry;
-    if directory_offset.saturating_add(directory_size) > file_size || directory_size > 64 << 20 {
-        walk.finding(
-            FindingKind::Corruption,
-            "ERROR bitmap directory lies past the end of the image".into(),
-        );
+    if parts.header.autoclear_features & qcow2_format::features::AUTOCLEAR_BITMAPS == 0 {
         return Ok(());
     }
-    walk.reference(
-        directory_offset,
-        g.count_for(directory_size),
-        "bitmap directory",
-    );
-    let mut dir = vec![0u8; directory_size as usize];
-    parts
-        .storage
-        .read_at(&mut dir, directory_offset)
-        .map_err(ImageError::io("reading the bitmap directory"))?;
-    let entries = match parse_bitmap_directory(&dir, count) {
-        Ok(entries) => entries,
+    let g = parts.header.geometry;
+    let directory = match crate::metadata::read_bitmap_directory(parts.storage, parts.header) {
+        Ok(Some(directory)) => directory,
+        Ok(None) => return Ok(()),
+        Err(e @ ImageError::Io { .. }) => return Err(e),
         Err(e) => {
-            walk.finding(FindingKind::Corruption, format!("ERROR {e}"));
+            walk.finding(
+                FindingKind::Corruption,
+                format!("ERROR bitmap directory: {e}"),
+            );
             return Ok(());
         }
     };
+    walk.reference(
+        directory.offset,
+        g.count_for(directory.bytes.len() as u64),
+        "bitmap directory",
+    );
+    let entries = directory.entries;
     for entry in entries {
         let bytes = u64::from(entry.table_size) * 8;
         if entry.table_offset.saturating_add(bytes) > file_size {
