@@ -205,3 +205,31 @@ fn extended_and_data_file_overlays() {
     );
     assert_qemu_clean(&data_overlay, "data-file overlay");
 }
+
+#[test]
+fn map_of_sparse_raw_layers_is_qemu_imgs() {
+    if !tools(&["qemu-img", "qemu-io"]) {
+        return;
+    }
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("sparse.raw");
+    let f = std::fs::File::create(&raw).unwrap();
+    f.write_all_at(&vec![3u8; 1 << 20], 0).unwrap();
+    f.write_all_at(b"abc", 5 << 20).unwrap();
+    f.set_len(8 << 20).unwrap();
+    let overlay = dir.path().join("on-raw.qcow2");
+    ok(
+        bin(),
+        &["create", "-q", "-b", p(&raw), "-F", "raw", p(&overlay)],
+    );
+    qemu_io(&overlay, &["write -P 1 2M 64k"]);
+    for args in [
+        vec!["map", "--output=json", p(&overlay)],
+        vec!["map", p(&overlay)],
+        vec!["map", "-f", "raw", "--output=json", p(&raw)],
+        vec!["map", "-f", "raw", p(&raw)],
+    ] {
+        assert_eq!(ok(bin(), &args), ok("qemu-img", &args), "{args:?}");
+    }
+}

@@ -3,7 +3,7 @@
 //! The output is qemu-img's, byte for byte: one extent per line in JSON,
 //! with the `depth` of the layer of a backing chain the bytes come from.
 
-use qcow2_io::{Backing, Image, MapKind, OpenOptions};
+use qcow2_io::{Backing, FileStorage, Image, MapKind, OpenOptions, Storage};
 
 use crate::args::{ImageFormat, MapArgs, OutputFormat};
 use crate::disk::resolve_format;
@@ -92,19 +92,11 @@ fn walk(
                 if covered > e.start {
                     match backing {
                         Backing::Qcow2(b) => walk(b, e.start, covered - e.start, depth + 1, out)?,
-                        Backing::Raw { .. } => push(
-                            out,
-                            Extent {
-                                start: e.start,
-                                length: covered - e.start,
-                                depth: depth + 1,
-                                present: true,
-                                zero: false,
-                                data: true,
-                                compressed: false,
-                                offset: Some(e.start),
-                            },
-                        ),
+                        Backing::Raw { file, .. } => {
+                            raw_extents(file, e.start, covered, depth + 1, out).map_err(
+                                qcow2_io::ImageError::io("finding the data of a raw backing file"),
+                            )?
+                        }
                     }
                 }
                 if covered < end {
@@ -112,6 +104,39 @@ fn walk(
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// The extents of `[start, end)` of a raw file at `depth`: its data, and
+/// its holes as zeros, as qemu-img maps a raw file.
+fn raw_extents(
+    file: &FileStorage,
+    start: u64,
+    end: u64,
+    depth: usize,
+    out: &mut Vec<Extent>,
+) -> std::io::Result<()> {
+    let extent = |s: u64, e: u64, data: bool| Extent {
+        start: s,
+        length: e - s,
+        depth,
+        present: true,
+        zero: !data,
+        data,
+        compressed: false,
+        offset: Some(s),
+    };
+    let mut at = start;
+    for (s, e) in file.data_ranges(start, end)? {
+        if s > at {
+            push(out, extent(at, s, false));
+        }
+        push(out, extent(s, e, true));
+        at = e;
+    }
+    if at < end {
+        push(out, extent(at, end, false));
     }
     Ok(())
 }
@@ -154,18 +179,12 @@ pub fn run(args: &MapArgs) -> Result<u8, CliError> {
             (out, layer_names(&image, path))
         }
         ImageFormat::Raw => {
-            let length = std::fs::metadata(path).map_err(CliError::io(path))?.len();
-            let all = Extent {
-                start: 0,
-                length,
-                depth: 0,
-                present: true,
-                zero: false,
-                data: true,
-                compressed: false,
-                offset: Some(0),
-            };
-            (vec![all], vec![path.to_string()])
+            let file =
+                FileStorage::open(std::path::Path::new(path), false).map_err(CliError::io(path))?;
+            let length = file.len().map_err(CliError::io(path))?;
+            let mut out = Vec::new();
+            raw_extents(&file, 0, length, 0, &mut out).map_err(CliError::io(path))?;
+            (out, vec![path.to_string()])
         }
     };
     match args.output {
