@@ -46,11 +46,28 @@ impl Op {
     }
 }
 
+#[derive(Default)]
 struct Totals {
     crash_points: u64,
     images: u64,
     repaired_leaks: u64,
     qemu_checked: u64,
+}
+
+impl Totals {
+    /// Prints the figures RELIABILITY.md quotes and asserts enough crash
+    /// points were tried.
+    fn report(&self, what: &str) {
+        eprintln!(
+            "power loss{what}: {} crash points x {PATTERNS} landing patterns = {} crash images; 0 corruptions, 0 flushed writes lost; {} leaks left after the open's repair; {} images also passed qemu-img check",
+            self.crash_points, self.images, self.repaired_leaks, self.qemu_checked
+        );
+        assert!(
+            self.crash_points >= 1000,
+            "{} crash points",
+            self.crash_points
+        );
+    }
 }
 
 fn small_cache() -> OpenOptions {
@@ -272,12 +289,7 @@ fn workload(paths: Paths, cluster: u64, seed: u64, totals: &mut Totals, qemu: bo
 #[test]
 fn power_loss_at_every_step_never_corrupts_or_loses_flushed_data() {
     let qemu = qemu_available();
-    let mut totals = Totals {
-        crash_points: 0,
-        images: 0,
-        repaired_leaks: 0,
-        qemu_checked: 0,
-    };
+    let mut totals = Totals::default();
     for dedup in [false, true] {
         for cluster in [512u64, 4096, 65536] {
             for seed in 0..2 {
@@ -289,90 +301,31 @@ fn power_loss_at_every_step_never_corrupts_or_loses_flushed_data() {
             }
         }
     }
-    eprintln!(
-        "power loss: {} crash points x {PATTERNS} landing patterns = {} crash images; 0 corruptions, 0 flushed writes lost; {} leaks left after the open's repair; {} images also passed qemu-img check",
-        totals.crash_points, totals.images, totals.repaired_leaks, totals.qemu_checked
-    );
-    assert!(
-        totals.crash_points >= 1000,
-        "{} crash points",
-        totals.crash_points
-    );
+    totals.report("");
 }
 
 #[test]
 fn power_loss_on_subclusters_compression_and_snapshots() {
     let qemu = qemu_available();
-    let mut totals = Totals {
-        crash_points: 0,
-        images: 0,
-        repaired_leaks: 0,
-        qemu_checked: 0,
+    let mut totals = Totals::default();
+    let only = |f: fn(&mut Paths)| {
+        let mut paths = Paths::default();
+        f(&mut paths);
+        paths
     };
     let runs = [
-        (
-            Paths {
-                extended: true,
-                ..Paths::default()
-            },
-            16384u64,
-        ),
-        (
-            Paths {
-                extended: true,
-                ..Paths::default()
-            },
-            65536,
-        ),
-        (
-            Paths {
-                compressed: true,
-                ..Paths::default()
-            },
-            4096,
-        ),
-        (
-            Paths {
-                compressed: true,
-                ..Paths::default()
-            },
-            65536,
-        ),
-        (
-            Paths {
-                snapshots: true,
-                ..Paths::default()
-            },
-            4096,
-        ),
-        (
-            Paths {
-                snapshots: true,
-                ..Paths::default()
-            },
-            65536,
-        ),
-        (
-            Paths {
-                snapshots: true,
-                dedup: true,
-                ..Paths::default()
-            },
-            4096,
-        ),
+        (only(|p| p.extended = true), 16384u64),
+        (only(|p| p.extended = true), 65536),
+        (only(|p| p.compressed = true), 4096),
+        (only(|p| p.compressed = true), 65536),
+        (only(|p| p.snapshots = true), 4096),
+        (only(|p| p.snapshots = true), 65536),
+        (only(|p| (p.snapshots, p.dedup) = (true, true)), 4096),
     ];
     for (paths, cluster) in runs {
         for seed in 0..2 {
             workload(paths, cluster, seed, &mut totals, qemu && !paths.dedup);
         }
     }
-    eprintln!(
-        "power loss (subclusters, compression, snapshots): {} crash points x {PATTERNS} landing patterns = {} crash images; 0 corruptions, 0 flushed writes lost; {} leaks left after the open's repair; {} images also passed qemu-img check",
-        totals.crash_points, totals.images, totals.repaired_leaks, totals.qemu_checked
-    );
-    assert!(
-        totals.crash_points >= 1000,
-        "{} crash points",
-        totals.crash_points
-    );
+    totals.report(" (subclusters, compression, snapshots)");
 }
