@@ -6,8 +6,10 @@
 #
 # DIR: where the inputs and outputs live (tmpfs such as /dev/shm for the
 # CPU work with the page cache warm, or a directory on the disk). Inputs:
-# random data, an ext4 image of real files (mke2fs -d over /usr), and a
-# 50 %-duplicate image (every other 64 KiB repeats one of 16 blocks).
+# random data, an ext4 image of real files (mke2fs -d over a tree of this
+# machine's files), and a 50 %-duplicate image (every other 64 KiB
+# repeats one of 16 blocks). A floor row per size times `dd` writing as
+# many bytes into one new file: the least time any converter can take.
 # Prints Markdown: per job and size, median wall time of qemu-img and of
 # qcow2, their ratio, and the noise (ratio of qemu-img's odd-run median to
 # its even-run median). Needs qemu-img and a release build of qcow2.
@@ -18,15 +20,27 @@ ab="$here/ab.sh"
 qcow2=${QCOW2:-$here/../../../target/release/qcow2}
 cd "$dir"
 
-make_inputs() { # SIZE_MIB
-    local mib=$1
-    [ -f "rand-$mib.raw" ] || head -c "${mib}M" /dev/urandom > "rand-$mib.raw"
-    if [ ! -f "ext4-$mib.raw" ]; then
-        # Real files, as many as fit: a file system image of MIB MiB.
-        mke2fs -q -F -t ext4 -b 4096 -d /usr/share "ext4-$mib.raw" "${mib}M" >/dev/null 2>&1 ||
-            mke2fs -q -F -t ext4 -b 4096 -d /usr/share/doc "ext4-$mib.raw" "${mib}M" >/dev/null
-    fi
-    if [ ! -f "dup50-$mib.raw" ]; then
+# Real files for the ext4 image: the largest tree here that fills at most
+# three quarters of an image of MIB MiB.
+files_for() { # SIZE_MIB
+    local mib=$1 tree
+    for tree in /usr/lib "${HOME:-/root}/.rustup" /usr/share /usr/share/doc /etc; do
+        [ -d "$tree" ] || continue
+        if [ "$(du -sm "$tree" 2>/dev/null | cut -f1)" -le $((mib * 3 / 4)) ]; then
+            echo "$tree"
+            return
+        fi
+    done
+    echo /etc
+}
+
+make_input() { # KIND SIZE_MIB: creates KIND-MIB.raw unless it exists
+    local kind=$1 mib=$2
+    [ -f "$kind-$mib.raw" ] && return
+    case $kind in
+    rand) head -c "${mib}M" /dev/urandom > "rand-$mib.raw" ;;
+    ext4) mke2fs -q -F -t ext4 -b 4096 -d "$(files_for "$mib")" "ext4-$mib.raw" "${mib}M" >/dev/null ;;
+    dup50)
         head -c 1M /dev/urandom > blocks.bin
         python3 - "$mib" <<'PY'
 import os, sys
@@ -40,8 +54,13 @@ with open(f"dup50-{mib}.raw", "wb") as out:
         else:
             out.write(os.urandom(65536))
 PY
-    fi
+        rm -f blocks.bin ;;
+    esac
 }
+
+# Inputs made for one size are removed after it (KEEP_INPUTS=1 keeps
+# them), so a 4 GiB run fits in memory on tmpfs.
+drop_input() { [ -n "${KEEP_INPUTS:-}" ] || rm -f "$1"; }
 
 row() { # LABEL PREP -- A... -- B...
     local label=$1; shift
@@ -52,7 +71,14 @@ row() { # LABEL PREP -- A... -- B...
 echo "| job | qemu-img | qcow2 | qcow2 / qemu-img | noise |"
 echo "|---|---|---|---|---|"
 for mib in "$small" "$large"; do
-    make_inputs "$mib"
+    make_input rand "$mib"
+    # What the kernel alone needs to take MIB MiB into one new file (the
+    # file system serialises writes to one file): no tool writing a
+    # converted image of this size can be faster.
+    row "*floor*: dd of $mib MiB of zeros into one new file, vs qemu-img raw → qcow2 64k" "rm -f q.qcow2 floor.bin" -- \
+        qemu-img convert -t writeback -f raw -O qcow2 "rand-$mib.raw" q.qcow2 -- \
+        dd if=/dev/zero of=floor.bin bs=2M count=$((mib / 2)) conv=fsync status=none
+    rm -f floor.bin
     for cs in 64k 4k; do
         row "raw → qcow2, $cs clusters, $mib MiB random" "rm -f q.qcow2 o.qcow2" -- \
             qemu-img convert -t writeback -f raw -O qcow2 -o cluster_size=$cs "rand-$mib.raw" q.qcow2 -- \
@@ -61,17 +87,26 @@ for mib in "$small" "$large"; do
             qemu-img convert -t writeback -f raw -O qcow2 -o cluster_size=$cs "rand-$mib.raw" q.qcow2 -- \
             "$qcow2" convert -f raw -O qcow2 -o cluster_size=$cs,dedup=on "rand-$mib.raw" o.qcow2
     done
+    rm -f q.qcow2 o.qcow2
+    make_input ext4 "$mib"
     row "raw → qcow2 dedup=on vs qemu-img plain, 4k, $mib MiB ext4 of real files" "rm -f q.qcow2 o.qcow2" -- \
         qemu-img convert -t writeback -f raw -O qcow2 -o cluster_size=4k "ext4-$mib.raw" q.qcow2 -- \
         "$qcow2" convert -f raw -O qcow2 -o cluster_size=4k,dedup=on "ext4-$mib.raw" o.qcow2
+    rm -f q.qcow2 o.qcow2
+    drop_input "ext4-$mib.raw"
+    make_input dup50 "$mib"
     row "raw → qcow2 dedup=on vs qemu-img plain, 64k, $mib MiB 50 % duplicate" "rm -f q.qcow2 o.qcow2" -- \
         qemu-img convert -t writeback -f raw -O qcow2 "dup50-$mib.raw" q.qcow2 -- \
         "$qcow2" convert -f raw -O qcow2 -o dedup=on "dup50-$mib.raw" o.qcow2
+    rm -f q.qcow2 o.qcow2
+    drop_input "dup50-$mib.raw"
     qemu-img convert -f raw -O qcow2 -o cluster_size=4k "rand-$mib.raw" src.qcow2
+    drop_input "rand-$mib.raw"
     row "qcow2 (4k clusters) → raw, $mib MiB" "rm -f q.raw o.raw" -- \
         qemu-img convert -t writeback -f qcow2 -O raw src.qcow2 q.raw -- \
         "$qcow2" convert -f qcow2 -O raw src.qcow2 o.raw
+    rm -f q.raw o.raw
     row "check (4k clusters), $mib MiB" "true" -- \
         qemu-img check src.qcow2 -- "$qcow2" check src.qcow2
-    rm -f q.qcow2 o.qcow2 q.raw o.raw src.qcow2
+    rm -f src.qcow2
 done

@@ -41,6 +41,9 @@ pub trait Storage: Send + Sync {
 /// largest logical block size in common use).
 pub const DIRECT_IO_ALIGN: usize = 4096;
 
+/// `f_type` of ramfs (`linux/magic.h`; the libc crate lacks it).
+const RAMFS_MAGIC: i64 = 0x8584_58f6;
+
 /// A file on disk.
 ///
 /// With [`FileStorage::with_direct_io`], requests whose buffer address,
@@ -130,9 +133,15 @@ impl FileStorage {
     }
 
     /// Adds a direct-I/O descriptor for aligned requests, where the file
-    /// system supports it (else the storage stays as it was).
+    /// system supports it and keeps a page cache to bypass (else the
+    /// storage stays as it was). A file in memory (tmpfs, ramfs) *is* page
+    /// cache: its `O_DIRECT` is a buffered copy, so it stays buffered and
+    /// [`FileStorage::is_direct`] tells the truth.
     pub fn with_direct_io(mut self, path: &Path, writable: bool) -> Self {
         use std::os::unix::fs::OpenOptionsExt;
+        if self.is_in_memory() {
+            return self;
+        }
         self.direct = std::fs::OpenOptions::new()
             .read(true)
             .write(writable)
@@ -145,6 +154,15 @@ impl FileStorage {
     /// Whether aligned requests bypass the page cache.
     pub fn is_direct(&self) -> bool {
         self.direct.is_some()
+    }
+
+    /// Whether the file lives in memory (tmpfs, ramfs): writes to it are
+    /// copies the file system serialises, with no device to wait for.
+    pub fn is_in_memory(&self) -> bool {
+        rustix::fs::fstatfs(&self.file).is_ok_and(|fs| {
+            let kind = i64::from(fs.f_type);
+            kind == i64::from(libc::TMPFS_MAGIC) || kind == RAMFS_MAGIC
+        })
     }
 
     fn direct_for(&self, addr: usize, offset: u64, len: usize) -> Option<&File> {

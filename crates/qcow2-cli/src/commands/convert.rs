@@ -1,10 +1,12 @@
 //! `qcow2 convert [-f FMT] [-O raw|qcow2] [-o OPTIONS] [-n] [-t CACHE] [-T CACHE] [-p] [-q] SRC DST`
 //!
-//! A reader thread fills chunk buffers; one writer thread per core takes
-//! them, skips runs of zeros (a new target reads them as zeros:
-//! unallocated qcow2 clusters, holes in a raw file; an existing one, `-n`,
-//! gets them zeroed) and writes the rest, so hashing for deduplicated
-//! targets runs on every core. The main thread reports progress.
+//! A reader thread fills chunk buffers; writer threads take them, skip
+//! runs of zeros (a new target reads them as zeros: unallocated qcow2
+//! clusters, holes in a raw file; an existing one, `-n`, gets them zeroed)
+//! and write the rest. There is one writer per core where writing does
+//! work that spreads (hashing for deduplicated targets, compressing, or
+//! waiting on a device with direct I/O), else one. The main thread
+//! reports progress.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,6 +34,12 @@ pub(crate) trait Target: Sync {
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), CliError>;
     /// Virtual size in bytes.
     fn size(&self) -> Result<u64, CliError>;
+    /// Whether writers on more than one core pay off: a write does CPU
+    /// work of ours (hashing, compressing) or waits on a device (direct
+    /// I/O). A buffered write is a copy the kernel serialises per file,
+    /// where a second writer only spins on the file's lock and takes the
+    /// core the reader needs.
+    fn parallel_writes(&self) -> bool;
     /// Makes everything durable.
     fn finish(self: Box<Self>) -> Result<(), CliError>;
 }
@@ -67,6 +75,10 @@ impl Target for RawTarget {
         self.file.len().map_err(CliError::io(&self.path))
     }
 
+    fn parallel_writes(&self) -> bool {
+        self.file.is_direct()
+    }
+
     fn write(&self, data: &[u8], offset: u64) -> Result<(), CliError> {
         self.file
             .write_at(data, offset)
@@ -97,6 +109,8 @@ pub(crate) struct Qcow2Target {
     path: String,
     /// Write clusters compressed (`convert -c`).
     compress: bool,
+    /// The image file bypasses the page cache.
+    direct: bool,
 }
 
 /// Opens (`existing`) or creates a target file for the cache mode.
@@ -132,11 +146,13 @@ impl Qcow2Target {
         // Refused options leave no file behind.
         create.validate().map_err(CliError::image(path))?;
         let storage = target_file(path, cache, false)?;
+        let direct = storage.is_direct();
         let image = Image::create_on(Arc::new(storage), &create).map_err(CliError::image(path))?;
         Ok(Self {
             image,
             path: path.to_string(),
             compress: false,
+            direct,
         })
     }
 
@@ -174,6 +190,7 @@ impl Qcow2Target {
     /// Opens the existing qcow2 image at `path` for writing (`-n`).
     pub(crate) fn open_existing(path: &str, cache: CacheMode) -> Result<Self, CliError> {
         let storage = target_file(path, cache, true)?;
+        let direct = storage.is_direct();
         let image = Image::open_on_file(
             Arc::new(storage),
             &qcow2_io::OpenOptions::read_write(),
@@ -184,6 +201,7 @@ impl Qcow2Target {
             image,
             path: path.to_string(),
             compress: false,
+            direct,
         })
     }
 }
@@ -195,6 +213,10 @@ impl Target for Qcow2Target {
 
     fn size(&self) -> Result<u64, CliError> {
         Ok(self.image.size())
+    }
+
+    fn parallel_writes(&self) -> bool {
+        self.compress || self.image.is_dedup() || self.direct
     }
 
     fn write(&self, data: &[u8], offset: u64) -> Result<(), CliError> {
@@ -365,9 +387,13 @@ pub(crate) fn copy(
     mode: CopyMode,
 ) -> Result<(), CliError> {
     let total: u64 = ranges.iter().map(|(s, e)| e - s).sum();
-    let writers = std::thread::available_parallelism()
-        .map_or(2, |n| n.get())
-        .clamp(1, 16);
+    let writers = if target.parallel_writes() {
+        std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .clamp(1, 16)
+    } else {
+        1
+    };
     let depth = 2 * writers;
     let mut progress = Progress::new(total, mode.progress);
     let (full_tx, full_rx) = sync_channel::<Result<Chunk, CliError>>(depth);
