@@ -158,6 +158,9 @@ impl FileStorage {
 
     /// Whether the file lives in memory (tmpfs, ramfs): writes to it are
     /// copies the file system serialises, with no device to wait for.
+    // `f_type` and the magic numbers are i64 on x86_64 but other widths
+    // elsewhere: the conversions are no-ops only here.
+    #[allow(clippy::useless_conversion)]
     pub fn is_in_memory(&self) -> bool {
         rustix::fs::fstatfs(&self.file).is_ok_and(|fs| {
             let kind = i64::from(fs.f_type);
