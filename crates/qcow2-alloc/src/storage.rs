@@ -651,6 +651,40 @@ mod tests {
     }
 
     #[test]
+    fn files_in_memory_are_told_apart_and_stay_buffered() {
+        let shm = std::path::Path::new("/dev/shm");
+        let fs_type = |dir: &std::path::Path| {
+            let out = std::process::Command::new("stat")
+                .args(["-f", "-c", "%T"])
+                .arg(dir)
+                .output()
+                .ok()?;
+            Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        };
+        let tmp = std::env::temp_dir();
+        for dir in [shm, tmp.as_path()] {
+            if !dir.is_dir() {
+                eprintln!("SKIPPED for {}: no such directory", dir.display());
+                continue;
+            }
+            let Some(kind) = fs_type(dir) else {
+                eprintln!("SKIPPED for {}: `stat -f` is not available", dir.display());
+                continue;
+            };
+            let path = dir.join(format!("qcow2-alloc-memory-{}", std::process::id()));
+            let s = FileStorage::create(&path)
+                .unwrap()
+                .with_direct_io(&path, true);
+            let in_memory = kind == "tmpfs" || kind == "ramfs";
+            assert_eq!(s.is_in_memory(), in_memory, "{} is {kind}", dir.display());
+            if in_memory {
+                assert!(!s.is_direct(), "O_DIRECT on {kind} is a buffered copy");
+            }
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
+
+    #[test]
     fn direct_io_serves_aligned_requests_and_falls_back_for_the_rest() {
         let path = std::env::temp_dir().join(format!("qcow2-alloc-direct-{}", std::process::id()));
         let s = FileStorage::create(&path)
