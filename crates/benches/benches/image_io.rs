@@ -1,6 +1,7 @@
 //! Criterion micro-benchmarks: 4 KiB random reads and writes through
+//! `Image` on a real file, and sequential 1 MiB writes in memory, plain
+//! and deduplicated (the hashing pipeline end to end).
 #![allow(missing_docs)] // criterion_group! generates an undocumented function
-//! `Image` on a real file, and sequential 1 MiB writes.
 
 use std::sync::Arc;
 
@@ -71,6 +72,23 @@ fn sequential_1m(c: &mut Criterion) {
             |image| {
                 for i in 0..64u64 {
                     image.write_at(&data, i << 20).unwrap();
+                }
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    let dedup = CreateOptions {
+        dedup: true,
+        ..CreateOptions::new(SIZE)
+    };
+    let mut rng = SmallRng::seed_from_u64(2);
+    let unique: Vec<u8> = (0..64 << 20).map(|_| rng.gen()).collect();
+    group.bench_function("write_64m_memory_dedup_unique", |b| {
+        b.iter_batched(
+            || Image::create_on(Arc::new(MemStorage::new()), &dedup).unwrap(),
+            |image| {
+                for (i, piece) in unique.chunks(1 << 20).enumerate() {
+                    image.write_at(piece, (i as u64) << 20).unwrap();
                 }
             },
             BatchSize::LargeInput,

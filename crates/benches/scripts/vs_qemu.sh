@@ -8,8 +8,9 @@
 # CPU work with the page cache warm, or a directory on the disk). Inputs:
 # random data, an ext4 image of real files (mke2fs -d over a tree of this
 # machine's files), and a 50 %-duplicate image (every other 64 KiB
-# repeats one of 16 blocks). A floor row per size times `dd` writing as
-# many bytes into one new file: the least time any converter can take.
+# repeats one of 16 blocks). A reference row per size times `dd` writing
+# as many bytes into one new file: on tmpfs, the least time any converter
+# can take.
 # Prints Markdown: per job and size, median wall time of qemu-img and of
 # qcow2, their ratio, and the noise (ratio of qemu-img's odd-run median to
 # its even-run median). Needs qemu-img and a release build of qcow2.
@@ -72,10 +73,11 @@ echo "| job | qemu-img | qcow2 | qcow2 / qemu-img | noise |"
 echo "|---|---|---|---|---|"
 for mib in "$small" "$large"; do
     make_input rand "$mib"
-    # What the kernel alone needs to take MIB MiB into one new file (the
-    # file system serialises writes to one file): no tool writing a
-    # converted image of this size can be faster.
-    row "*floor*: dd of $mib MiB of zeros into one new file, vs qemu-img raw → qcow2 64k" "rm -f q.qcow2 floor.bin" -- \
+    # What the kernel alone needs to take MIB MiB into one new file
+    # through the page cache. On tmpfs, where every write is a copy the
+    # file system serialises per file, no converter can be faster; on a
+    # disk, direct I/O can.
+    row "*reference*: dd of $mib MiB of zeros into one new file, vs qemu-img raw → qcow2 64k" "rm -f q.qcow2 floor.bin" -- \
         qemu-img convert -t writeback -f raw -O qcow2 "rand-$mib.raw" q.qcow2 -- \
         dd if=/dev/zero of=floor.bin bs=2M count=$((mib / 2)) conv=fsync status=none
     rm -f floor.bin
