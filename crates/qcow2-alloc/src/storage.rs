@@ -101,6 +101,43 @@ impl FileStorage {
         Ok(out)
     }
 
+    /// Like [`FileStorage::data_ranges`], but to a granularity of `window`
+    /// bytes: the windows (aligned to multiples of `window`, clipped to
+    /// `[start, end)`) holding any data, merged. It costs one `SEEK_DATA`
+    /// per data window, where finding each hole's exact start costs
+    /// `SEEK_HOLE` a walk over all the data before it (on tmpfs, every
+    /// page): 14 ms per GiB, paid before a copy can start.
+    pub fn data_windows(&self, start: u64, end: u64, window: u64) -> io::Result<Vec<(u64, u64)>> {
+        use rustix::fs::{seek, SeekFrom};
+        use rustix::io::Errno;
+        let window = window.max(1);
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut pos = start;
+        while pos < end {
+            let data = match seek(&self.file, SeekFrom::Data(pos)) {
+                Ok(data) => data,
+                Err(Errno::NXIO) => break,
+                Err(Errno::INVAL | Errno::OPNOTSUPP) => {
+                    out.push((pos, end));
+                    break;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if data >= end {
+                break;
+            }
+            let aligned = data.saturating_sub(data.checked_rem(window).unwrap_or(0));
+            let from = aligned.max(pos);
+            let to = aligned.saturating_add(window).min(end);
+            match out.last_mut() {
+                Some(last) if last.1 >= from => last.1 = to,
+                _ => out.push((from, to)),
+            }
+            pos = to;
+        }
+        Ok(out)
+    }
+
     /// Opens an existing file, read-only or read-write.
     pub fn open(path: &Path, writable: bool) -> io::Result<Self> {
         let file = std::fs::OpenOptions::new()
@@ -597,6 +634,35 @@ mod tests {
         // ext4, xfs and btrfs report the hole.
         let data: u64 = ranges.iter().map(|(s, e)| e - s).sum();
         assert!(data == 16 << 20 || !covered(2 << 20), "{ranges:?}");
+    }
+
+    #[test]
+    fn data_windows_cover_the_data_to_the_window_and_skip_whole_holes() {
+        let path = std::env::temp_dir().join(format!("qcow2-windows-{}", std::process::id()));
+        let f = FileStorage::create(&path).unwrap();
+        f.write_at(&[1u8; 4096], 0).unwrap();
+        f.write_at(&[2u8; 4096], (4 << 20) + 8192).unwrap();
+        f.write_at(&[3u8; 4096], (5 << 20) - 4096).unwrap();
+        f.set_len(16 << 20).unwrap();
+        let precise = f.data_ranges(0, 16 << 20).unwrap();
+        let windows = f.data_windows(0, 16 << 20, 1 << 20).unwrap();
+        let from_middle = f.data_windows(2048, 16 << 20, 1 << 20).unwrap();
+        let _ = std::fs::remove_file(&path);
+        if precise == [(0, 16 << 20)] {
+            eprintln!("SKIPPED: this file system reports no holes");
+            assert_eq!(windows, [(0, 16 << 20)]);
+            return;
+        }
+        // Every precise range lies in a window; windows are whole
+        // (aligned) except where clipped to the range asked.
+        assert_eq!(windows, [(0, 1 << 20), (4 << 20, 5 << 20)]);
+        for (s, e) in precise {
+            assert!(
+                windows.iter().any(|&(ws, we)| ws <= s && e <= we),
+                "{s}..{e}"
+            );
+        }
+        assert_eq!(from_middle, [(2048, 1 << 20), (4 << 20, 5 << 20)]);
     }
 
     #[test]
