@@ -14,11 +14,24 @@
 # Prints Markdown: per job and size, median wall time of qemu-img and of
 # qcow2, their ratio, and the noise (ratio of qemu-img's odd-run median to
 # its even-run median). Needs qemu-img and a release build of qcow2.
+#
+# With INTO=BENCHMARKS.md SECTION=NAME the table also replaces the lines
+# between `<!-- vs_qemu NAME -->` and `<!-- /vs_qemu NAME -->` in that file.
 set -euo pipefail
 dir=$1; runs=$2; small=$3; large=$4
 here=$(cd "$(dirname "$0")" && pwd)
 ab="$here/ab.sh"
 qcow2=${QCOW2:-$here/../../../target/release/qcow2}
+into=""
+if [ -n "${INTO:-}" ]; then
+    into=$(realpath "$INTO")
+    : "${SECTION:?INTO needs SECTION, the name in the markers}"
+    grep -qF -- "<!-- vs_qemu $SECTION -->" "$into" ||
+        { echo "no <!-- vs_qemu $SECTION --> marker in $into" >&2; exit 2; }
+    table=$(mktemp)
+    trap 'rm -f "$table"' EXIT
+    exec 3>&1 > >(tee "$table" >&3)
+fi
 cd "$dir"
 
 # Real files for the ext4 image: the largest tree here that fills at most
@@ -112,3 +125,16 @@ for mib in "$small" "$large"; do
         qemu-img check src.qcow2 -- "$qcow2" check src.qcow2
     rm -f src.qcow2
 done
+if [ -n "$into" ]; then
+    exec >&3
+    sleep 0.2 # let tee drain
+    python3 - "$into" "$SECTION" "$table" <<'PY'
+import sys
+path, name, table = sys.argv[1], sys.argv[2], open(sys.argv[3]).read().strip()
+text = open(path).read()
+start, end = f"<!-- vs_qemu {name} -->", f"<!-- /vs_qemu {name} -->"
+a, b = text.index(start) + len(start), text.index(end)
+open(path, "w").write(text[:a] + "\n" + table + "\n" + text[b:])
+PY
+    echo "wrote the table into $into ($SECTION)" >&2
+fi
