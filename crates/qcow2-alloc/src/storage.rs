@@ -72,9 +72,25 @@ impl FileStorage {
     /// file is walked without reading its holes. Where the file system
     /// cannot tell, the whole range is data.
     pub fn data_ranges(&self, start: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
+        self.data_runs(start, end, None)
+    }
+
+    /// Like [`FileStorage::data_ranges`], but to a granularity of `window`
+    /// bytes: the windows (aligned to multiples of `window`, clipped to
+    /// `[start, end)`) holding any data, merged. It costs one `SEEK_DATA`
+    /// per data window, where finding each hole's exact start costs
+    /// `SEEK_HOLE` a walk over all the data before it (on tmpfs, every
+    /// page): 14 ms per GiB, paid before a copy can start.
+    pub fn data_windows(&self, start: u64, end: u64, window: u64) -> io::Result<Vec<(u64, u64)>> {
+        self.data_runs(start, end, Some(window.max(1)))
+    }
+
+    /// Data runs of `[start, end)`, exact (`window` none) or widened to
+    /// whole windows.
+    fn data_runs(&self, start: u64, end: u64, window: Option<u64>) -> io::Result<Vec<(u64, u64)>> {
         use rustix::fs::{seek, SeekFrom};
         use rustix::io::Errno;
-        let mut out = Vec::new();
+        let mut out: Vec<(u64, u64)> = Vec::new();
         let mut pos = start;
         while pos < end {
             let data = match seek(&self.file, SeekFrom::Data(pos)) {
@@ -90,45 +106,20 @@ impl FileStorage {
             if data >= end {
                 break;
             }
-            let hole = match seek(&self.file, SeekFrom::Hole(data)) {
-                Ok(hole) => hole.min(end),
-                Err(Errno::NXIO) => end,
-                Err(e) => return Err(e.into()),
-            };
-            out.push((data, hole.max(data.saturating_add(1)).min(end)));
-            pos = hole.max(data.saturating_add(1));
-        }
-        Ok(out)
-    }
-
-    /// Like [`FileStorage::data_ranges`], but to a granularity of `window`
-    /// bytes: the windows (aligned to multiples of `window`, clipped to
-    /// `[start, end)`) holding any data, merged. It costs one `SEEK_DATA`
-    /// per data window, where finding each hole's exact start costs
-    /// `SEEK_HOLE` a walk over all the data before it (on tmpfs, every
-    /// page): 14 ms per GiB, paid before a copy can start.
-    pub fn data_windows(&self, start: u64, end: u64, window: u64) -> io::Result<Vec<(u64, u64)>> {
-        use rustix::fs::{seek, SeekFrom};
-        use rustix::io::Errno;
-        let window = window.max(1);
-        let mut out: Vec<(u64, u64)> = Vec::new();
-        let mut pos = start;
-        while pos < end {
-            let data = match seek(&self.file, SeekFrom::Data(pos)) {
-                Ok(data) => data,
-                Err(Errno::NXIO) => break,
-                Err(Errno::INVAL | Errno::OPNOTSUPP) => {
-                    out.push((pos, end));
-                    break;
+            let (from, to) = match window {
+                None => {
+                    let hole = match seek(&self.file, SeekFrom::Hole(data)) {
+                        Ok(hole) => hole,
+                        Err(Errno::NXIO) => end,
+                        Err(e) => return Err(e.into()),
+                    };
+                    (data, hole.max(data.saturating_add(1)).min(end))
                 }
-                Err(e) => return Err(e.into()),
+                Some(window) => {
+                    let aligned = data.saturating_sub(data.checked_rem(window).unwrap_or(0));
+                    (aligned.max(pos), aligned.saturating_add(window).min(end))
+                }
             };
-            if data >= end {
-                break;
-            }
-            let aligned = data.saturating_sub(data.checked_rem(window).unwrap_or(0));
-            let from = aligned.max(pos);
-            let to = aligned.saturating_add(window).min(end);
             match out.last_mut() {
                 Some(last) if last.1 >= from => last.1 = to,
                 _ => out.push((from, to)),
