@@ -165,6 +165,43 @@ fn convert_round_trips_and_skips_zeros() {
     }
 }
 
+/// Each cache mode spreads a convert differently over threads (one reader
+/// and one writer; one reader and a writer per core with direct I/O; a
+/// worker per core reading its own chunks when writes hash or compress):
+/// every way gives the source's bytes and a clean image.
+#[test]
+fn convert_gives_the_same_disk_in_every_cache_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("in.raw");
+    let mut data = vec![0u8; 9 << 20];
+    data[..4 << 20].copy_from_slice(&pattern(4 << 20, 5));
+    data[(6 << 20)..(7 << 20)].copy_from_slice(&pattern(1 << 20, 5));
+    std::fs::write(&raw, &data).unwrap();
+    for cache in ["none", "writeback", "unsafe"] {
+        for (name, extra) in [("plain", None), ("dedup", Some("dedup=on")), ("c", None)] {
+            let img = dir.path().join(format!("{name}-{cache}.qcow2"));
+            let mut args = vec!["convert", "-t", cache, "-O", "qcow2"];
+            if let Some(options) = extra {
+                args.extend(["-o", options]);
+            }
+            if name == "c" {
+                args.push("-c");
+            }
+            args.extend([p(&raw), p(&img)]);
+            let out = qcow2(&args);
+            assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+            let out = qcow2(&["compare", p(&img), p(&raw)]);
+            assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stdout(&out));
+            let out = qcow2(&["check", p(&img)]);
+            assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stdout(&out));
+            if qemu_available() {
+                let out = qemu(&["compare", "-F", "raw", p(&img), p(&raw)]);
+                assert!(out.status.success(), "{args:?}: {}", stdout(&out));
+            }
+        }
+    }
+}
+
 #[test]
 fn compare_reports_the_first_difference() {
     let dir = tempfile::tempdir().unwrap();
@@ -306,72 +343,78 @@ fn dedup_convert_stores_each_distinct_block_once() {
         }
     }
     std::fs::write(&raw, &data).unwrap();
-    let img = dir.path().join("dedup.qcow2");
-    let out = qcow2(&[
-        "convert",
-        "-p",
-        "-O",
-        "qcow2",
-        "-o",
-        "dedup=on",
-        p(&raw),
-        p(&img),
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    // Direct I/O (one reader, a writer per core) and the page cache (a
+    // worker per core reading and hashing its own chunks).
+    for cache in ["none", "writeback"] {
+        let img = dir.path().join(format!("dedup-{cache}.qcow2"));
+        let out = qcow2(&[
+            "convert",
+            "-p",
+            "-t",
+            cache,
+            "-O",
+            "qcow2",
+            "-o",
+            "dedup=on",
+            p(&raw),
+            p(&img),
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
 
-    let out = qcow2(&["info", "--output", "json", p(&img)]);
-    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
-    let stats = &v["format-specific"]["data"]["dedup-stats"];
-    assert_eq!(v["format-specific"]["data"]["dedup"], true);
-    assert_eq!(stats["unique-clusters"], k as u64, "{v}");
-    let non_zero_blocks = (0..1024).filter(|i| i % 7 != 3).count() as u64;
-    assert_eq!(stats["references"], non_zero_blocks, "{v}");
+        let out = qcow2(&["info", "--output", "json", p(&img)]);
+        let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+        let stats = &v["format-specific"]["data"]["dedup-stats"];
+        assert_eq!(v["format-specific"]["data"]["dedup"], true);
+        assert_eq!(stats["unique-clusters"], k as u64, "{v}");
+        let non_zero_blocks = (0..1024).filter(|i| i % 7 != 3).count() as u64;
+        assert_eq!(stats["references"], non_zero_blocks, "{v}");
 
-    let image = qcow2_io::Image::open(&img, &qcow2_io::OpenOptions::read_only()).unwrap();
-    let hosts: std::collections::BTreeSet<u64> = image
-        .map()
-        .unwrap()
-        .iter()
-        .filter(|e| e.kind == qcow2_io::MapKind::Data)
-        .flat_map(|e| (0..e.length / 65536).map(move |i| e.host_offset.unwrap() + i * 65536))
-        .collect();
-    assert_eq!(hosts.len(), k, "exactly K data clusters are stored");
-    let table = image.dedup_table_clusters();
-    drop(image);
+        let image = qcow2_io::Image::open(&img, &qcow2_io::OpenOptions::read_only()).unwrap();
+        let hosts: std::collections::BTreeSet<u64> = image
+            .map()
+            .unwrap()
+            .iter()
+            .filter(|e| e.kind == qcow2_io::MapKind::Data)
+            .flat_map(|e| (0..e.length / 65536).map(move |i| e.host_offset.unwrap() + i * 65536))
+            .collect();
+        assert_eq!(hosts.len(), k, "exactly K data clusters are stored");
+        let table = image.dedup_table_clusters();
+        drop(image);
 
-    let out = qcow2(&["check", p(&img)]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}{}",
-        stdout(&out),
-        stderr(&out)
-    );
-
-    if qemu_available() {
-        let back = dir.path().join("qemu-back.raw");
-        assert!(qemu(&["convert", "-O", "raw", p(&img), p(&back)])
-            .status
-            .success());
-        assert!(
-            std::fs::read(&back).unwrap() == data,
-            "qemu-img reads the dedup image identically"
+        let out = qcow2(&["check", p(&img)]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}{}",
+            stdout(&out),
+            stderr(&out)
         );
-        let out = qemu(&["check", p(&img)]);
-        let text = format!("{}{}", stdout(&out), stderr(&out));
-        assert!(!text.contains("ERROR"), "{text}");
-        assert!(
-            text.contains(&format!("{} leaked clusters were found", table.len())),
-            "{text}"
-        );
-        let out = Command::new("qemu-io")
-            .args(["-c", "write 0 4k", p(&img)])
-            .output()
-            .unwrap();
-        assert!(
-            !out.status.success(),
-            "qemu-io must not write a dedup image"
-        );
+
+        if qemu_available() {
+            let back = dir.path().join(format!("qemu-back-{cache}.raw"));
+            assert!(qemu(&["convert", "-O", "raw", p(&img), p(&back)])
+                .status
+                .success());
+            assert!(
+                std::fs::read(&back).unwrap() == data,
+                "qemu-img reads the dedup image identically"
+            );
+            let out = qemu(&["check", p(&img)]);
+            let text = format!("{}{}", stdout(&out), stderr(&out));
+            assert!(!text.contains("ERROR"), "{text}");
+            assert!(
+                text.contains(&format!("{} leaked clusters were found", table.len())),
+                "{text}"
+            );
+            let out = Command::new("qemu-io")
+                .args(["-c", "write 0 4k", p(&img)])
+                .output()
+                .unwrap();
+            assert!(
+                !out.status.success(),
+                "qemu-io must not write a dedup image"
+            );
+        }
     }
 }
 

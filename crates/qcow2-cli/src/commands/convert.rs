@@ -34,14 +34,28 @@ pub(crate) trait Target: Sync {
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), CliError>;
     /// Virtual size in bytes.
     fn size(&self) -> Result<u64, CliError>;
-    /// Whether writers on more than one core pay off: a write does CPU
-    /// work of ours (hashing, compressing) or waits on a device (direct
-    /// I/O). A buffered write is a copy the kernel serialises per file,
-    /// where a second writer only spins on the file's lock and takes the
-    /// core the reader needs.
-    fn parallel_writes(&self) -> bool;
+    /// What a write mostly costs, which decides how [`copy`] spreads the
+    /// work over threads.
+    fn write_cost(&self) -> WriteCost;
     /// Makes everything durable.
     fn finish(self: Box<Self>) -> Result<(), CliError>;
+}
+
+/// What a write to a [`Target`] mostly costs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WriteCost {
+    /// A copy into the page cache, which the kernel serialises per file:
+    /// one reader feeds one writer (a second writer only spins on the
+    /// file's lock, on the core the reader needs).
+    Copy,
+    /// Waiting on a device (direct I/O): one reader feeds a writer per
+    /// core, so several writes are in flight while reading goes on.
+    Device,
+    /// CPU work of ours (hashing, compressing) before a buffered write: a
+    /// worker per core reads its own chunks and writes them, so a chunk is
+    /// hashed on the core that read it, while it is in that core's cache,
+    /// and no reader thread competes for the cores.
+    Cpu,
 }
 
 pub(crate) struct RawTarget {
@@ -75,8 +89,12 @@ impl Target for RawTarget {
         self.file.len().map_err(CliError::io(&self.path))
     }
 
-    fn parallel_writes(&self) -> bool {
-        self.file.is_direct()
+    fn write_cost(&self) -> WriteCost {
+        if self.file.is_direct() {
+            WriteCost::Device
+        } else {
+            WriteCost::Copy
+        }
     }
 
     fn write(&self, data: &[u8], offset: u64) -> Result<(), CliError> {
@@ -215,8 +233,14 @@ impl Target for Qcow2Target {
         Ok(self.image.size())
     }
 
-    fn parallel_writes(&self) -> bool {
-        self.compress || self.image.is_dedup() || self.direct
+    fn write_cost(&self) -> WriteCost {
+        if self.direct {
+            WriteCost::Device
+        } else if self.compress || self.image.is_dedup() {
+            WriteCost::Cpu
+        } else {
+            WriteCost::Copy
+        }
     }
 
     fn write(&self, data: &[u8], offset: u64) -> Result<(), CliError> {
@@ -378,6 +402,41 @@ pub(crate) struct CopyMode {
 
 type Chunk = (u64, AlignedBuf);
 
+/// Hands out the pieces of `ranges` to copy, in order: at most [`CHUNK`]
+/// bytes each, never across a multiple of it.
+struct Chunks<'a> {
+    ranges: &'a [(u64, u64)],
+    /// Index of the current range and the next offset in it.
+    next: Mutex<(usize, u64)>,
+}
+
+impl<'a> Chunks<'a> {
+    fn new(ranges: &'a [(u64, u64)]) -> Self {
+        let start = ranges.first().map_or(0, |r| r.0);
+        Self {
+            ranges,
+            next: Mutex::new((0, start)),
+        }
+    }
+
+    /// The next piece, `(offset, length)`, or `None` once all are out.
+    fn take(&self) -> Option<(u64, u64)> {
+        let mut next = self.next.lock().ok()?;
+        let (index, offset) = &mut *next;
+        loop {
+            let &(_, end) = self.ranges.get(*index)?;
+            if *offset < end {
+                let len = (CHUNK - *offset % CHUNK).min(end - *offset);
+                let piece = (*offset, len);
+                *offset += len;
+                return Some(piece);
+            }
+            *index += 1;
+            *offset = self.ranges.get(*index).map_or(0, |r| r.0);
+        }
+    }
+}
+
 /// Copies the data ranges of `source` to `target` and finishes it.
 pub(crate) fn copy(
     source: &Disk,
@@ -387,36 +446,50 @@ pub(crate) fn copy(
     mode: CopyMode,
 ) -> Result<(), CliError> {
     let total: u64 = ranges.iter().map(|(s, e)| e - s).sum();
-    let writers = if target.parallel_writes() {
-        std::thread::available_parallelism()
-            .map_or(2, |n| n.get())
-            .clamp(1, 16)
-    } else {
-        1
-    };
-    let depth = 2 * writers;
+    let cores = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(1, 16);
+    let cost = target.write_cost();
     let mut progress = Progress::new(total, mode.progress);
-    let (full_tx, full_rx) = sync_channel::<Result<Chunk, CliError>>(depth);
-    let (empty_tx, empty_rx) = sync_channel::<AlignedBuf>(depth + writers + 1);
     let (done_tx, done_rx) = channel::<Result<u64, CliError>>();
-    for _ in 0..depth + writers + 1 {
-        let _ = empty_tx.send(AlignedBuf::new(CHUNK as usize, CHUNK as usize));
-    }
-    let full_rx = Mutex::new(full_rx);
+    let chunks = Chunks::new(ranges);
     let target_ref: &dyn Target = &*target;
     let stop = AtomicBool::new(false);
+    let job = Job {
+        source,
+        src_path,
+        target: target_ref,
+        mode,
+        stop: &stop,
+    };
     std::thread::scope(|scope| {
-        let stop = &stop;
-        scope.spawn(move || read_chunks(source, src_path, ranges, full_tx, empty_rx, stop));
-        for _ in 0..writers {
-            let (full_rx, empty_tx, done_tx) = (&full_rx, empty_tx.clone(), done_tx.clone());
-            scope.spawn(move || {
-                write_chunks(target_ref, mode, full_rx, &empty_tx, &done_tx, stop);
-            });
+        let job = &job;
+        let chunks = &chunks;
+        if cost == WriteCost::Cpu {
+            for _ in 0..cores {
+                let done_tx = done_tx.clone();
+                scope.spawn(move || job.read_and_write(chunks, &done_tx));
+            }
+        } else {
+            let writers = if cost == WriteCost::Device { cores } else { 1 };
+            let depth = 2 * writers;
+            let (full_tx, full_rx) = sync_channel::<Result<Chunk, CliError>>(depth);
+            let (empty_tx, empty_rx) = sync_channel::<AlignedBuf>(depth + writers + 1);
+            for _ in 0..depth + writers + 1 {
+                let _ = empty_tx.send(AlignedBuf::new(CHUNK as usize, CHUNK as usize));
+            }
+            scope.spawn(move || job.read(chunks, full_tx, empty_rx));
+            let full_rx = Arc::new(Mutex::new(full_rx));
+            for _ in 0..writers {
+                let (full_rx, empty_tx, done_tx) =
+                    (full_rx.clone(), empty_tx.clone(), done_tx.clone());
+                scope.spawn(move || job.write(&full_rx, &empty_tx, &done_tx));
+            }
+            // The writers hold the only senders of empty buffers: once
+            // they are gone, the reader ends.
         }
-        // The writers hold the only senders of empty buffers and of
-        // results: once they are all gone, the reader and this loop end.
-        drop(empty_tx);
+        // The workers hold the only senders of results: once they are
+        // all gone, this loop ends.
         drop(done_tx);
         let mut result = Ok(());
         for done in done_rx {
@@ -428,12 +501,9 @@ pub(crate) fn copy(
                 }
             }
         }
-        // On failure everyone stops: the reader takes no more buffers and
-        // the writers no more chunks; what is queued is dropped.
+        // On failure everyone stops at their next chunk; what is queued
+        // is dropped with its channel.
         stop.store(true, Ordering::Release);
-        if let Ok(rx) = full_rx.lock() {
-            while rx.try_recv().is_ok() {}
-        }
         result
     })?;
     target.finish()?;
@@ -441,63 +511,104 @@ pub(crate) fn copy(
     Ok(())
 }
 
-fn read_chunks(
-    source: &Disk,
-    path: &str,
-    ranges: &[(u64, u64)],
-    full: SyncSender<Result<Chunk, CliError>>,
-    empty: Receiver<AlignedBuf>,
-    stop: &AtomicBool,
-) {
-    for &(start, end) in ranges {
-        let mut offset = start;
-        while offset < end {
-            if stop.load(Ordering::Acquire) {
+/// What every thread of one [`copy`] shares.
+struct Job<'a> {
+    source: &'a Disk,
+    src_path: &'a str,
+    target: &'a dyn Target,
+    mode: CopyMode,
+    /// Set when the copy failed: threads stop at their next chunk.
+    stop: &'a AtomicBool,
+}
+
+impl Job<'_> {
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// [`WriteCost::Cpu`]: reads chunks and writes them, on one thread.
+    fn read_and_write(&self, chunks: &Chunks, done: &Sender<Result<u64, CliError>>) {
+        let mut buf = AlignedBuf::new(CHUNK as usize, CHUNK as usize);
+        while let Some((offset, len)) = chunks.take() {
+            if self.stopped() {
                 return;
             }
-            let len = (CHUNK - offset % CHUNK).min(end - offset);
+            buf.set_len(len as usize);
+            let result = self
+                .source
+                .read_at(buf.as_mut_slice(), offset, self.src_path)
+                .and_then(|()| self.write_chunk(buf.as_slice(), offset));
+            let failed = result.is_err();
+            if done.send(result).is_err() || failed {
+                return;
+            }
+        }
+    }
+
+    /// The reader of a reader and writers: fills empty buffers with the
+    /// next chunks.
+    fn read(
+        &self,
+        chunks: &Chunks,
+        full: SyncSender<Result<Chunk, CliError>>,
+        empty: Receiver<AlignedBuf>,
+    ) {
+        while let Some((offset, len)) = chunks.take() {
+            if self.stopped() {
+                return;
+            }
             let Ok(mut buf) = empty.recv() else { return };
             buf.set_len(len as usize);
-            let item = source
-                .read_at(buf.as_mut_slice(), offset, path)
+            let item = self
+                .source
+                .read_at(buf.as_mut_slice(), offset, self.src_path)
                 .map(|()| (offset, buf));
             let failed = item.is_err();
             if full.send(item).is_err() || failed {
                 return;
             }
-            offset += len;
         }
     }
-}
 
-fn write_chunks(
-    target: &dyn Target,
-    mode: CopyMode,
-    full: &Mutex<Receiver<Result<Chunk, CliError>>>,
-    empty: &SyncSender<AlignedBuf>,
-    done: &Sender<Result<u64, CliError>>,
-    stop: &AtomicBool,
-) {
-    let granule = target.granule() as usize;
-    loop {
-        if stop.load(Ordering::Acquire) {
-            return;
+    /// A writer of a reader and writers: writes full buffers and hands
+    /// them back empty.
+    fn write(
+        &self,
+        full: &Mutex<Receiver<Result<Chunk, CliError>>>,
+        empty: &SyncSender<AlignedBuf>,
+        done: &Sender<Result<u64, CliError>>,
+    ) {
+        loop {
+            if self.stopped() {
+                return;
+            }
+            let item = match full.lock() {
+                Ok(rx) => rx.recv(),
+                Err(_) => return,
+            };
+            let Ok(item) = item else { return };
+            let result = item.and_then(|(offset, buf)| {
+                let n = self.write_chunk(buf.as_slice(), offset)?;
+                let _ = empty.send(buf);
+                Ok(n)
+            });
+            let failed = result.is_err();
+            if done.send(result).is_err() || failed {
+                return;
+            }
         }
-        let item = match full.lock() {
-            Ok(rx) => rx.recv(),
-            Err(_) => return,
-        };
-        let Ok(item) = item else { return };
-        let result = item.and_then(|(offset, buf)| {
-            write_non_zero(target, buf.as_slice(), offset, granule, mode.zero_existing)?;
-            let n = buf.as_slice().len() as u64;
-            let _ = empty.send(buf);
-            Ok(n)
-        });
-        let failed = result.is_err();
-        if done.send(result).is_err() || failed {
-            return;
-        }
+    }
+
+    /// Writes one chunk read from `offset`; returns its length.
+    fn write_chunk(&self, buf: &[u8], offset: u64) -> Result<u64, CliError> {
+        write_non_zero(
+            self.target,
+            buf,
+            offset,
+            self.target.granule() as usize,
+            self.mode.zero_existing,
+        )?;
+        Ok(buf.len() as u64)
     }
 }
 
