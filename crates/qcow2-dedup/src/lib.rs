@@ -34,6 +34,18 @@ impl ContentHash {
     pub fn of(data: &[u8]) -> Self {
         Self(Sha256::digest(data).into())
     }
+
+    /// Hashes each of `clusters`, the same values as [`ContentHash::of`]
+    /// one by one, computed side by side: one cluster per SIMD lane
+    /// (16 with AVX-512), about twice the throughput of the SHA
+    /// extensions on one message at a time. The write path hashes its
+    /// batches so; [`ContentHash::of`], a separate implementation, is what
+    /// `check` verifies stored hashes with.
+    pub fn of_many(clusters: &[&[u8]]) -> Vec<Self> {
+        let mut digests = vec![[0u8; 32]; clusters.len()];
+        tape_sha256::hash_many(clusters, &mut digests);
+        digests.into_iter().map(Self).collect()
+    }
 }
 
 /// Figures for `qcow2 info`.
@@ -54,6 +66,53 @@ pub struct DedupStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hashes_side_by_side_equal_hashes_one_by_one() {
+        // Lengths around the SHA-256 block and padding edges, cluster
+        // sizes, and batches that do not fill the lanes.
+        let mut seed = 0x9e37_79b9_u32;
+        let mut bytes = |n: usize| -> Vec<u8> {
+            (0..n)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 17;
+                    seed ^= seed << 5;
+                    seed as u8
+                })
+                .collect()
+        };
+        let lengths = [
+            0,
+            1,
+            55,
+            56,
+            63,
+            64,
+            65,
+            119,
+            120,
+            512,
+            4096,
+            65536,
+            2 << 20,
+        ];
+        let messages: Vec<Vec<u8>> = lengths.iter().map(|&n| bytes(n)).collect();
+        let mut clusters: Vec<Vec<u8>> = (0..37).map(|_| bytes(4096)).collect();
+        clusters[5] = vec![0; 4096];
+        clusters[6] = clusters[7].clone();
+        for batch in [messages, clusters] {
+            for take in [1, 2, 15, 16, 17, batch.len()] {
+                let take = take.min(batch.len());
+                let slices: Vec<&[u8]> = batch[..take].iter().map(Vec::as_slice).collect();
+                let side_by_side = ContentHash::of_many(&slices);
+                let one_by_one: Vec<ContentHash> =
+                    slices.iter().map(|s| ContentHash::of(s)).collect();
+                assert_eq!(side_by_side, one_by_one, "batch of {take}");
+            }
+        }
+        assert!(ContentHash::of_many(&[]).is_empty());
+    }
 
     #[test]
     fn matches_the_sha256_test_vector() {

@@ -87,10 +87,12 @@ impl Image {
 
     /// Hashes, classifies, applies and commits one batch.
     pub(super) fn write_batch(&self, items: &mut [ClusterWrite<'_>], source: &[u8]) -> Result<()> {
-        for w in items.iter_mut() {
-            if !is_zero(&w.content) {
-                w.item.hash = Some(ContentHash::of(&w.content));
-            }
+        let mut data: Vec<&mut ClusterWrite<'_>> =
+            items.iter_mut().filter(|w| !is_zero(&w.content)).collect();
+        let contents: Vec<&[u8]> = data.iter().map(|w| &*w.content).collect();
+        let hashes = ContentHash::of_many(&contents);
+        for (w, hash) in data.iter_mut().zip(hashes) {
+            w.item.hash = Some(hash);
         }
         let mut start = 0;
         while start < items.len() {
