@@ -105,9 +105,7 @@ fn hashing(c: &mut Criterion) {
             b.iter(|| ContentHash::of(&data))
         });
         // A write batch: 2 MiB of clusters hashed side by side.
-        let batch: Vec<Vec<u8>> = (0..(2 << 20) / size)
-            .map(|i| vec![i as u8; size])
-            .collect();
+        let batch: Vec<Vec<u8>> = (0..(2 << 20) / size).map(|i| vec![i as u8; size]).collect();
         let slices: Vec<&[u8]> = batch.iter().map(Vec::as_slice).collect();
         group.throughput(Throughput::Bytes(2 << 20));
         group.bench_function(format!("batch_2m_of_{size}"), |b| {
