@@ -13,6 +13,7 @@
 //! that predates the allocator rework, so the same file builds against
 //! old commits for before/after numbers.
 
+use std::error::Error;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -21,7 +22,9 @@ use qcow2_io::{CreateOptions, Image, OpenOptions};
 const CLUSTER: u64 = 512;
 const WRITES: u64 = 1000;
 
-fn main() {
+type Result<T> = std::result::Result<T, Box<dyn Error>>;
+
+fn main() -> Result<()> {
     let runs: usize = std::env::args()
         .nth(1)
         .and_then(|a| a.parse().ok())
@@ -33,7 +36,9 @@ fn main() {
         ("100,000 clusters used", 100_000, false),
         ("100,000 clusters used, reopened", 100_000, true),
     ] {
-        let mut times: Vec<Duration> = (0..runs).map(|_| one_run(used, reopen)).collect();
+        let mut times = (0..runs.max(1))
+            .map(|_| one_run(used, reopen))
+            .collect::<Result<Vec<Duration>>>()?;
         times.sort();
         let median = times[times.len() / 2];
         println!(
@@ -42,39 +47,40 @@ fn main() {
             median.as_secs_f64() * 1e6 / WRITES as f64
         );
     }
+    Ok(())
 }
 
 /// Fills `used` clusters, optionally reopens, then times the writes.
-fn one_run(used: u64, reopen: bool) -> Duration {
-    let dir = tempfile::tempdir().expect("a temporary directory");
+fn one_run(used: u64, reopen: bool) -> Result<Duration> {
+    let dir = tempfile::tempdir()?;
     let path = dir.path().join("fill.qcow2");
     let options = CreateOptions {
         cluster_size: CLUSTER,
         ..CreateOptions::new(8 << 30)
     };
-    let mut image = Image::create(&path, &options).expect("create");
+    let mut image = Image::create(&path, &options)?;
     let fill = vec![0x11u8; 1 << 20];
     let mut next = 0u64;
     while next < used * CLUSTER {
-        image.write_at(&fill, next).expect("fill");
+        image.write_at(&fill, next)?;
         next += fill.len() as u64;
     }
     if reopen {
-        image = reopened(image, &path);
+        image = reopened(image, &path)?;
     }
     let cluster = [0x22u8; CLUSTER as usize];
     let start = Instant::now();
     for _ in 0..WRITES {
-        image.write_at(&cluster, next).expect("allocating write");
+        image.write_at(&cluster, next)?;
         next += CLUSTER;
     }
     let took = start.elapsed();
-    image.flush().expect("flush");
-    took
+    image.flush()?;
+    Ok(took)
 }
 
-fn reopened(image: Image, path: &Path) -> Image {
-    image.flush().expect("flush");
+fn reopened(image: Image, path: &Path) -> Result<Image> {
+    image.flush()?;
     drop(image);
-    Image::open(path, &OpenOptions::read_write()).expect("reopen")
+    Ok(Image::open(path, &OpenOptions::read_write())?)
 }
