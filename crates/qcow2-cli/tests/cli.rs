@@ -50,6 +50,22 @@ fn pattern(len: usize, seed: u32) -> Vec<u8> {
         .collect()
 }
 
+/// A raw disk of `len` bytes in `dir`: zeros, with `pattern(seed)` over
+/// each of `runs`. Returns its path and its bytes.
+fn raw_disk(
+    dir: &Path,
+    len: usize,
+    runs: &[(std::ops::Range<usize>, u32)],
+) -> (std::path::PathBuf, Vec<u8>) {
+    let mut data = vec![0u8; len];
+    for (range, seed) in runs {
+        data[range.clone()].copy_from_slice(&pattern(range.len(), *seed));
+    }
+    let path = dir.join("in.raw");
+    std::fs::write(&path, &data).unwrap();
+    (path, data)
+}
+
 #[test]
 fn create_then_info_in_both_formats() {
     let dir = tempfile::tempdir().unwrap();
@@ -96,11 +112,11 @@ fn create_then_info_in_both_formats() {
 #[test]
 fn convert_round_trips_and_skips_zeros() {
     let dir = tempfile::tempdir().unwrap();
-    let raw = dir.path().join("in.raw");
-    let mut data = vec![0u8; 12 << 20];
-    data[..3 << 20].copy_from_slice(&pattern(3 << 20, 1));
-    data[(7 << 20) + 100..(7 << 20) + 5000].copy_from_slice(&pattern(4900, 2));
-    std::fs::write(&raw, &data).unwrap();
+    let (raw, data) = raw_disk(
+        dir.path(),
+        12 << 20,
+        &[(0..3 << 20, 1), ((7 << 20) + 100..(7 << 20) + 5000, 2)],
+    );
     let img = dir.path().join("out.qcow2");
     let out = qcow2(&[
         "convert",
@@ -172,11 +188,11 @@ fn convert_round_trips_and_skips_zeros() {
 #[test]
 fn convert_gives_the_same_disk_in_every_cache_mode() {
     let dir = tempfile::tempdir().unwrap();
-    let raw = dir.path().join("in.raw");
-    let mut data = vec![0u8; 9 << 20];
-    data[..4 << 20].copy_from_slice(&pattern(4 << 20, 5));
-    data[(6 << 20)..(7 << 20)].copy_from_slice(&pattern(1 << 20, 5));
-    std::fs::write(&raw, &data).unwrap();
+    let (raw, _) = raw_disk(
+        dir.path(),
+        9 << 20,
+        &[(0..4 << 20, 5), (6 << 20..7 << 20, 5)],
+    );
     for cache in ["none", "writeback", "unsafe"] {
         for (name, extra) in [("plain", None), ("dedup", Some("dedup=on")), ("c", None)] {
             let img = dir.path().join(format!("{name}-{cache}.qcow2"));

@@ -533,13 +533,10 @@ impl Job<'_> {
             if self.stopped() {
                 return;
             }
-            buf.set_len(len as usize);
             let result = self
-                .source
-                .read_at(buf.as_mut_slice(), offset, self.src_path)
+                .read_chunk(&mut buf, offset, len)
                 .and_then(|()| self.write_chunk(buf.as_slice(), offset));
-            let failed = result.is_err();
-            if done.send(result).is_err() || failed {
+            if !pass_on(|r| done.send(r).is_ok(), result) {
                 return;
             }
         }
@@ -558,13 +555,10 @@ impl Job<'_> {
                 return;
             }
             let Ok(mut buf) = empty.recv() else { return };
-            buf.set_len(len as usize);
             let item = self
-                .source
-                .read_at(buf.as_mut_slice(), offset, self.src_path)
+                .read_chunk(&mut buf, offset, len)
                 .map(|()| (offset, buf));
-            let failed = item.is_err();
-            if full.send(item).is_err() || failed {
+            if !pass_on(|r| full.send(r).is_ok(), item) {
                 return;
             }
         }
@@ -592,11 +586,17 @@ impl Job<'_> {
                 let _ = empty.send(buf);
                 Ok(n)
             });
-            let failed = result.is_err();
-            if done.send(result).is_err() || failed {
+            if !pass_on(|r| done.send(r).is_ok(), result) {
                 return;
             }
         }
+    }
+
+    /// Reads the `len` bytes at `offset` into `buf`.
+    fn read_chunk(&self, buf: &mut AlignedBuf, offset: u64, len: u64) -> Result<(), CliError> {
+        buf.set_len(len as usize);
+        self.source
+            .read_at(buf.as_mut_slice(), offset, self.src_path)
     }
 
     /// Writes one chunk read from `offset`; returns its length.
@@ -610,6 +610,13 @@ impl Job<'_> {
         )?;
         Ok(buf.len() as u64)
     }
+}
+
+/// Sends `item` on with `send`; whether the thread goes on: not after a
+/// failure, nor once nobody receives.
+fn pass_on<T>(send: impl FnOnce(Result<T, CliError>) -> bool, item: Result<T, CliError>) -> bool {
+    let failed = item.is_err();
+    send(item) && !failed
 }
 
 /// Writes the runs of `buf` that are not all zeros, in granules; runs of
