@@ -16,7 +16,7 @@ use crate::backing::{Backing, ChainContext};
 use crate::check::{CheckReport, RepairMode};
 use crate::dedup::claims::InflightClaims;
 use crate::metadata::Metadata;
-use crate::range_lock::{RangeGuard, RangeLocks};
+use crate::range_lock::{MovableMappings, RangeGuard, RangeLocks};
 use crate::{create, CreateOptions, ImageError, OpenOptions, Result};
 
 /// An open qcow2 image.
@@ -484,7 +484,9 @@ impl Image {
         if !self.writable {
             return Ok(());
         }
-        self.meta.lock().flush()
+        self.meta
+            .lock()
+            .flush_moving(MovableMappings::Unlocked(&self.locks))
     }
 
     /// Grows the virtual disk to `new_size` bytes (rounded up to 512).
@@ -514,6 +516,7 @@ impl Image {
         let mut meta = self.meta.lock();
         meta.mark_dirty()?;
         meta.shrink(new_size)?;
+        meta.flush_moving(MovableMappings::All)?;
         self.set_size(new_size);
         Ok(())
     }
@@ -534,7 +537,7 @@ impl Image {
             meta.mark_dirty()?;
         }
         if self.writable {
-            meta.flush()?;
+            meta.flush_moving(MovableMappings::All)?;
         }
         let report = crate::check::check(&mut meta, repair)?;
         if repair == RepairMode::All && report.is_clean() {

@@ -17,6 +17,7 @@
 //! writes on its own: caches that fill up with dirty entries ask for a
 //! write-back, and [`Metadata::write_tables`] runs it in the order above.
 
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 
 use qcow2_alloc::{Refcounts, RefcountsConfig, ReferenceCounts, Storage};
@@ -37,6 +38,7 @@ use crate::dedup::DedupState;
 use crate::header_writer::HeaderWriter;
 use crate::options::Preallocation;
 use crate::overlap::{first_overlap, HoldsMetadata};
+use crate::range_lock::MovableMappings;
 use crate::{ImageError, Result};
 
 /// Metadata of an open image. See the module documentation.
@@ -50,6 +52,17 @@ pub(crate) struct Metadata {
     /// Whether the bitmaps were marked in use this session (and so their
     /// extension stays valid); `None` until the first modification.
     bitmaps_in_use: Option<bool>,
+    /// Dedup clusters that lost references and are shared below the
+    /// refcount maximum: their contents' copies wait to be consolidated by
+    /// [`Metadata::flush_moving`].
+    unsettled: BTreeSet<HostCluster>,
+}
+
+/// References planned to move from one copy of a content to another.
+struct Move {
+    donor: HostCluster,
+    target: HostCluster,
+    left: u64,
 }
 
 /// A stored copy of a content on a deduplicated image.
@@ -140,6 +153,7 @@ impl Metadata {
             alloc,
             dedup,
             bitmaps_in_use: None,
+            unsettled: BTreeSet::new(),
         }
     }
 
@@ -624,7 +638,7 @@ impl Metadata {
     /// Makes `host` the copy of `hash` that takes new references.
     pub(crate) fn dedup_set_open_copy(&mut self, hash: &ContentHash, host: HostCluster) {
         if let Some(d) = self.dedup.as_mut() {
-            d.set_open_copy(hash, host);
+            d.set_open_copy(hash, Some(host));
         }
     }
 
@@ -793,7 +807,7 @@ impl Metadata {
 
     /// Flushes and clears the dirty bit.
     pub(crate) fn close(&mut self) -> Result<()> {
-        self.flush()?;
+        self.flush_moving(MovableMappings::All)?;
         let location = self.alloc.table_location();
         self.header.mark_clean(&*self.storage, location)
     }
@@ -854,20 +868,34 @@ impl Metadata {
     }
 
     /// Writes every dirty structure in the crash-safe order and syncs (see
-    /// the module documentation).
+    /// the module documentation). Moves no guest mapping: the copies of
+    /// dedup contents that lost references wait for
+    /// [`Metadata::flush_moving`] to consolidate them.
     pub(crate) fn flush(&mut self) -> Result<()> {
+        self.flush_moving(MovableMappings::None)
+    }
+
+    /// [`Metadata::flush`] that also consolidates the copies of dedup
+    /// contents that lost references, moving only the guest mappings that
+    /// `movable` lets it hold. Each round applies the decreases queued so
+    /// far; consolidating queues more (of the donors), which the next
+    /// round applies. A round only moves references into fuller copies,
+    /// so this settles in two rounds; four is a safe bound, and what is
+    /// left waits for the next flush.
+    pub(crate) fn flush_moving(&mut self, movable: MovableMappings<'_>) -> Result<()> {
         self.write_tables()?;
-        // Each round applies the decreases queued so far; consolidating the
-        // copies of a dedup content queues more (of the donors), which the
-        // next round applies. A round only moves references into fuller
-        // copies, so this settles in two rounds; four is a safe bound.
-        for _ in 0..4 {
-            if !self.alloc.has_released() {
+        let mut rounds = 0;
+        loop {
+            if self.alloc.has_released() {
+                self.apply_released()?;
+            }
+            if rounds == 4 || !movable.any() || self.unsettled.is_empty() {
                 break;
             }
-            let touched = self.apply_released()?;
-            if !touched.is_empty() {
-                self.consolidate_copies(&touched)?;
+            rounds += 1;
+            let touched = std::mem::take(&mut self.unsettled);
+            if !self.consolidate_copies(&touched, movable)? {
+                break;
             }
         }
         self.relocate_dedup_l1()?;
@@ -876,13 +904,12 @@ impl Metadata {
     }
 
     /// Syncs the tables, then applies the queued decreases (step 3 of the
-    /// ordering) and writes back what they changed. Returns the dedup
-    /// clusters left shared below the refcount maximum.
-    fn apply_released(&mut self) -> Result<Vec<HostCluster>> {
+    /// ordering) and writes back what they changed. The dedup clusters
+    /// left shared below the refcount maximum join `unsettled`.
+    fn apply_released(&mut self) -> Result<()> {
         self.sync("syncing tables before freeing")?;
         let size = self.header().size;
         let limit = self.max_refcount();
-        let mut touched = Vec::new();
         for cluster in self.alloc.take_released() {
             let left = self.alloc.drop_reference(&*self.storage, cluster)?;
             if let Some(d) = self.dedup.as_mut() {
@@ -895,15 +922,14 @@ impl Metadata {
                     size,
                 )?;
                 if left > 0 && left < limit {
-                    touched.push(cluster);
+                    self.unsettled.insert(cluster);
                 }
             }
         }
         if let Some(d) = self.dedup.as_mut() {
             d.resolve_copied_flags(&*self.storage, &mut self.map, &mut self.alloc)?;
         }
-        self.write_tables()?;
-        Ok(touched)
+        self.write_tables()
     }
 
     /// Keeps at most one copy of each content with room left (so stored
@@ -913,10 +939,21 @@ impl Metadata {
     /// its dedup entry's guest offset, else by one pass over the active L2
     /// tables. Moved references are ordinary shares: the target's refcount
     /// rises before the pointer, the donor's falls at the next round.
-    fn consolidate_copies(&mut self, touched: &[HostCluster]) -> Result<()> {
+    ///
+    /// A referrer moves only under its guest cluster's range lock (from
+    /// `movable`): one a reader or writer holds is left where it is, and
+    /// its donor stays in `unsettled` for the next flush. Afterwards the
+    /// open copy of each content is the fullest one left with room.
+    /// Returns whether any reference moved.
+    fn consolidate_copies(
+        &mut self,
+        touched: &BTreeSet<HostCluster>,
+        movable: MovableMappings<'_>,
+    ) -> Result<bool> {
         let limit = self.max_refcount();
-        let mut moves: Vec<(HostCluster, HostCluster, u64)> = Vec::new();
-        let mut seen = std::collections::HashSet::new();
+        let mut moves: Vec<Move> = Vec::new();
+        let mut contents = Vec::new();
+        let mut seen = HashSet::new();
         for &cluster in touched {
             let storage = self.storage.clone();
             let Some(hash) = self.dedup_mut()?.hash_of(&*storage, cluster)? else {
@@ -925,20 +962,22 @@ impl Metadata {
             if !seen.insert(hash.0) {
                 continue;
             }
+            contents.push(hash);
             let mut open: Vec<(HostCluster, u64)> = self
                 .dedup_copies(&hash)?
                 .into_iter()
-                .filter(|c| c.refcount < limit)
-                .map(|c| (c.host, c.refcount))
+                .map(|c| (c.host, c.refcount - c.released.min(c.refcount)))
+                .filter(|&(_, live)| live > 0 && live < limit)
                 .collect();
-            open.sort_by_key(|&(host, refcount)| (std::cmp::Reverse(refcount), host));
-            if let (Some(&(target, _)), Some(d)) = (open.first(), self.dedup.as_mut()) {
-                d.set_open_copy(&hash, target);
-            }
+            open.sort_by_key(|&(host, live)| (std::cmp::Reverse(live), host));
             while open.len() > 1 {
                 let last = open.len() - 1;
                 let n = (limit - open[0].1).min(open[last].1);
-                moves.push((open[last].0, open[0].0, n));
+                moves.push(Move {
+                    donor: open[last].0,
+                    target: open[0].0,
+                    left: n,
+                });
                 open[0].1 += n;
                 open[last].1 -= n;
                 if open[last].1 == 0 {
@@ -949,53 +988,117 @@ impl Metadata {
                 }
             }
         }
-        if moves.is_empty() {
-            return Ok(());
+        let mut moved = false;
+        let mut busy = BTreeSet::new();
+        if !moves.is_empty() {
+            moved |= self.move_hinted_referrers(&mut moves, movable, &mut busy)?;
+            moves.retain(|m| m.left > 0);
         }
+        if !moves.is_empty() {
+            moved |= self.move_scanned_referrers(&mut moves, movable, &mut busy)?;
+        }
+        self.unsettled.extend(busy);
+        for hash in contents {
+            self.reopen_copy(&hash)?;
+        }
+        Ok(moved)
+    }
+
+    /// Moves the referrer each donor's dedup entry names, where it still
+    /// points at the donor and its lock can be held.
+    fn move_hinted_referrers(
+        &mut self,
+        moves: &mut [Move],
+        movable: MovableMappings<'_>,
+        busy: &mut BTreeSet<HostCluster>,
+    ) -> Result<bool> {
         let g = self.geometry;
+        let mut moved = false;
         for m in moves.iter_mut() {
             let storage = self.storage.clone();
-            let Some(guest) = self.dedup_mut()?.entry_guest(&*storage, m.0)? else {
+            let Some(guest) = self.dedup_mut()?.entry_guest(&*storage, m.donor)? else {
                 continue;
             };
             if guest.get() >= self.header().size {
                 continue;
             }
             let (old, _) = self.lookup(guest)?;
-            if matches!(old, L2Mapping::Data { offset, .. } if g.host_cluster(offset) == m.0) {
-                self.share(guest, m.1, old)?;
-                m.2 -= 1;
+            if !matches!(old, L2Mapping::Data { offset, .. } if g.host_cluster(offset) == m.donor) {
+                continue;
             }
+            let Some(_hold) = movable.hold(g.cluster_index(guest.get())) else {
+                busy.insert(m.donor);
+                continue;
+            };
+            self.share(guest, m.target, old)?;
+            m.left -= 1;
+            moved = true;
         }
-        moves.retain(|m| m.2 > 0);
-        if moves.is_empty() {
-            return Ok(());
-        }
+        Ok(moved)
+    }
+
+    /// Moves the donors' remaining referrers found by one pass over the
+    /// active L2 tables, each under its guest cluster's lock.
+    fn move_scanned_referrers(
+        &mut self,
+        moves: &mut [Move],
+        movable: MovableMappings<'_>,
+        busy: &mut BTreeSet<HostCluster>,
+    ) -> Result<bool> {
+        let g = self.geometry;
+        let format = self.map.format();
+        let mut moved = false;
         let l1 = self.map.l1().to_vec();
         for (index, raw) in l1.into_iter().enumerate() {
-            let qcow2_format::l1::L1Mapping::L2Table { offset, .. } =
-                qcow2_format::l1::L1Entry(raw).decode(g)?
-            else {
+            let L1Mapping::L2Table { offset, .. } = L1Entry(raw).decode(g)? else {
                 continue;
             };
             let entries = self.map.l2_entries(&*self.storage, offset)?;
-            let format = self.map.format();
             for (i, raw) in entries.into_iter().enumerate() {
-                let Ok(old @ L2Mapping::Data { offset: host, .. }) =
-                    qcow2_format::l2::L2Entry(raw).decode(format)
+                let Ok(old @ L2Mapping::Data { offset: host, .. }) = L2Entry(raw).decode(format)
                 else {
                     continue;
                 };
                 let donor = g.host_cluster(host);
-                let Some(m) = moves.iter_mut().find(|m| m.0 == donor && m.2 > 0) else {
+                let Some(m) = moves.iter_mut().find(|m| m.donor == donor && m.left > 0) else {
                     continue;
                 };
                 let guest =
                     GuestOffset::new(index as u64 * g.l2_coverage() + i as u64 * g.cluster_size());
-                let target = m.1;
-                m.2 -= 1;
+                let Some(_hold) = movable.hold(g.cluster_index(guest.get())) else {
+                    busy.insert(donor);
+                    continue;
+                };
+                m.left -= 1;
+                let target = m.target;
                 self.share(guest, target, old)?;
+                moved = true;
             }
+        }
+        Ok(moved)
+    }
+
+    /// Makes the fullest live copy of `hash` with room left the one that
+    /// takes new references (none when every copy is full, or when the
+    /// content has one copy, which the index finds in O(1) anyway).
+    fn reopen_copy(&mut self, hash: &ContentHash) -> Result<()> {
+        let limit = self.max_refcount();
+        let live = self
+            .dedup_copies(hash)?
+            .into_iter()
+            .map(|c| (c.refcount - c.released.min(c.refcount), c.host))
+            .filter(|&(live, _)| live > 0)
+            .collect::<Vec<_>>();
+        let open = (live.len() > 1)
+            .then(|| {
+                live.iter()
+                    .filter(|&&(live, _)| live < limit)
+                    .max_by_key(|&&(live, host)| (live, std::cmp::Reverse(host)))
+                    .map(|&(_, host)| host)
+            })
+            .flatten();
+        if let Some(d) = self.dedup.as_mut() {
+            d.set_open_copy(hash, open);
         }
         Ok(())
     }

@@ -44,6 +44,71 @@ impl RangeLocks {
         });
         RangeGuard { locks: self, id }
     }
+
+    /// Holds `range` exclusively if nothing overlapping is held now;
+    /// `None` without waiting otherwise.
+    pub(crate) fn try_lock_exclusive(&self, range: Range<u64>) -> Option<RangeGuard<'_>> {
+        let mut held = self.held.lock();
+        if held
+            .1
+            .iter()
+            .any(|h| h.range.start < range.end && range.start < h.range.end)
+        {
+            return None;
+        }
+        held.0 += 1;
+        let id = held.0;
+        held.1.push(Held {
+            id,
+            range,
+            exclusive: true,
+        });
+        Some(RangeGuard { locks: self, id })
+    }
+}
+
+/// Which guest mappings background work (a flush consolidating dedup
+/// copies) may move: only those whose guest cluster's range lock it holds,
+/// so no writer can commit a mapping planned against the state it changed.
+#[derive(Clone, Copy)]
+pub(crate) enum MovableMappings<'a> {
+    /// None: the caller holds some ranges but not all; moves wait for a
+    /// later flush.
+    None,
+    /// Those whose guest cluster's lock can be taken at once.
+    Unlocked(&'a RangeLocks),
+    /// All: the caller holds the lock of every guest range.
+    All,
+}
+
+/// The hold on one guest cluster that lets a mapping move.
+pub(crate) enum MoveHold<'a> {
+    /// The caller's own lock covers it.
+    Covered,
+    /// Taken for this move; released on drop.
+    Taken {
+        /// Held for the move; its drop releases the cluster.
+        _guard: RangeGuard<'a>,
+    },
+}
+
+impl<'a> MovableMappings<'a> {
+    /// Whether any mapping may move at all.
+    pub(crate) fn any(&self) -> bool {
+        !matches!(self, Self::None)
+    }
+
+    /// The hold under which guest cluster `index` may move, or `None` if a
+    /// reader or writer holds it now.
+    pub(crate) fn hold(&self, index: u64) -> Option<MoveHold<'a>> {
+        match *self {
+            Self::None => None,
+            Self::Unlocked(locks) => locks
+                .try_lock_exclusive(index..index + 1)
+                .map(|guard| MoveHold::Taken { _guard: guard }),
+            Self::All => Some(MoveHold::Covered),
+        }
+    }
 }
 
 impl Drop for RangeGuard<'_> {
@@ -85,5 +150,33 @@ mod tests {
         drop(_b);
         t.join().unwrap();
         assert!(entered.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn try_lock_takes_only_ranges_nobody_holds() {
+        let locks = RangeLocks::default();
+        let reader = locks.lock(2..3, false);
+        assert!(
+            locks.try_lock_exclusive(2..3).is_none(),
+            "a reader holds it"
+        );
+        let taken = locks.try_lock_exclusive(3..4);
+        assert!(taken.is_some());
+        assert!(
+            locks.try_lock_exclusive(3..4).is_none(),
+            "held by the first try"
+        );
+        drop(reader);
+        drop(taken);
+        assert!(locks.try_lock_exclusive(2..4).is_some());
+        let movable = MovableMappings::Unlocked(&locks);
+        let _writer = locks.lock(7..8, true);
+        assert!(movable.hold(7).is_none());
+        assert!(movable.hold(6).is_some());
+        assert!(MovableMappings::None.hold(6).is_none());
+        assert!(matches!(
+            MovableMappings::All.hold(7),
+            Some(MoveHold::Covered)
+        ));
     }
 }

@@ -38,6 +38,7 @@ use qcow2_alloc::Storage;
 use qcow2_format::Header;
 
 use crate::metadata::{read_snapshot_table, Metadata};
+use crate::range_lock::MovableMappings;
 use crate::{Image, ImageError, Result};
 
 /// QEMU's limit on the number of snapshots.
@@ -298,6 +299,6 @@ impl Image {
         meta.release_references(&references);
         meta.flush()?;
         meta.refresh_copied_flags()?;
-        meta.flush()
+        meta.flush_moving(MovableMappings::All)
     }
 }

@@ -99,79 +99,128 @@ fn sixteen_bits_one_reference_dropped_one_added() {
     assert_eq!(stored_copies(&image, 5), 2, "65536 references need two");
 }
 
-/// Random writes, overwrites and discards from a small pool of contents:
-/// after every flush each content is stored in exactly
-/// ⌈live references / refcount maximum⌉ copies, and the image reads back
-/// as the model says.
+/// Asserts that each content of `model` is stored in exactly
+/// ⌈live references / `max`⌉ copies.
+fn assert_copies_follow_references(image: &Image, model: &[Option<u64>], max: u64, label: &str) {
+    let cluster = image.cluster_size() as usize;
+    let copies = copies_by_content(image);
+    for id in 1..=4u64 {
+        let live = model.iter().filter(|&&m| m == Some(id)).count() as u64;
+        let stored = copies.get(&content(id, cluster)).map_or(0, BTreeSet::len) as u64;
+        assert_eq!(
+            stored,
+            live.div_ceil(max),
+            "{label}, content {id}: {live} live references"
+        );
+    }
+}
+
+/// Random writes, overwrites, discards, zero writes and shrinks (regrown
+/// at once) from a small pool of contents, with flushes at random: after
+/// every flush each content is stored in exactly
+/// ⌈live references / refcount maximum⌉ copies, and so after every later
+/// write that only adds references; the image reads back as the model
+/// says and checks clean.
 #[test]
 fn stored_copies_follow_live_references_at_every_width() {
-    for (bits, cluster) in [(2u32, 4096u64), (2, 512), (4, 4096), (16, 4096)] {
+    for (bits, cluster) in [(2u32, 4096u64), (2, 512), (4, 4096), (4, 512), (16, 4096)] {
         let max = (1u64 << bits) - 1;
         let clusters = 96u64;
-        let image = dedup_image(clusters * cluster, cluster, bits);
+        let size = clusters * cluster;
+        let image = dedup_image(size, cluster, bits);
         let mut model: Vec<Option<u64>> = vec![None; clusters as usize];
         let mut rng = SmallRng::seed_from_u64(u64::from(bits) * cluster);
-        for step in 0..600 {
+        // Whether the copies were consolidated and only references were
+        // added since.
+        let mut settled = true;
+        for step in 0..1200 {
             let guest = rng.gen_range(0..clusters);
             let run = rng.gen_range(1..=4u64).min(clusters - guest);
-            match rng.gen_range(0..10) {
-                0..=6 => {
+            let label = format!("bits {bits}, cluster {cluster}, step {step}");
+            match rng.gen_range(0..20) {
+                0..=12 => {
                     let id = rng.gen_range(1..=4u64);
                     let mut buf = Vec::new();
                     for g in guest..guest + run {
                         buf.extend(content(id, cluster as usize));
+                        settled &= model[g as usize].is_none();
                         model[g as usize] = Some(id);
                     }
                     image.write_at(&buf, guest * cluster).unwrap();
-                }
-                7..=8 => {
-                    image.discard(guest * cluster, run * cluster).unwrap();
-                    for g in guest..guest + run {
-                        model[g as usize] = None;
+                    if settled {
+                        assert_copies_follow_references(&image, &model, max, &label);
                     }
+                }
+                13..=15 => {
+                    image.discard(guest * cluster, run * cluster).unwrap();
+                    model[guest as usize..(guest + run) as usize].fill(None);
+                    settled = false;
+                }
+                16 => {
+                    image.write_zeroes(guest * cluster, run * cluster).unwrap();
+                    model[guest as usize..(guest + run) as usize].fill(None);
+                    settled = false;
+                }
+                17 => {
+                    image.shrink(guest * cluster).unwrap();
+                    image.resize(size).unwrap();
+                    model[guest as usize..].fill(None);
+                    settled = false;
                 }
                 _ => {
-                    image.write_zeroes(guest * cluster, run * cluster).unwrap();
-                    for g in guest..guest + run {
-                        model[g as usize] = None;
+                    image.flush().unwrap();
+                    settled = true;
+                    assert_copies_follow_references(&image, &model, max, &label);
+                    let mut buf = vec![0u8; cluster as usize];
+                    for (g, m) in model.iter().enumerate() {
+                        image.read_at(&mut buf, g as u64 * cluster).unwrap();
+                        let expected = m.map_or_else(
+                            || vec![0; cluster as usize],
+                            |id| content(id, cluster as usize),
+                        );
+                        assert!(buf == expected, "{label}: guest cluster {g}");
                     }
+                    let report = image.check(RepairMode::None).unwrap();
+                    assert!(report.is_clean(), "{label}: {:?}", report.findings);
                 }
             }
-            if step % 25 != 24 {
-                continue;
-            }
-            image.flush().unwrap();
-            let copies = copies_by_content(&image);
-            for id in 1..=4u64 {
-                let live = model.iter().filter(|&&m| m == Some(id)).count() as u64;
-                let stored = copies
-                    .get(&content(id, cluster as usize))
-                    .map_or(0, BTreeSet::len) as u64;
-                assert_eq!(
-                    stored,
-                    live.div_ceil(max),
-                    "bits {bits}, cluster {cluster}, step {step}, content {id}: {live} live references"
-                );
-            }
-            let mut buf = vec![0u8; cluster as usize];
-            for (g, m) in model.iter().enumerate() {
-                image.read_at(&mut buf, g as u64 * cluster).unwrap();
-                let expected = m.map_or_else(
-                    || vec![0; cluster as usize],
-                    |id| content(id, cluster as usize),
-                );
-                assert!(
-                    buf == expected,
-                    "bits {bits}: guest cluster {g} at step {step}"
-                );
-            }
-            let report = image.check(RepairMode::None).unwrap();
-            assert!(
-                report.is_clean(),
-                "bits {bits} step {step}: {:?}",
-                report.findings
-            );
         }
+    }
+}
+
+/// The sequence: 3 full copies of 3, four references dropped
+/// (copies at 2, 2, 1), a flush, one more write: 6 references fit in
+/// ⌈6 / 3⌉ = 2 copies. The same when a shrink drops the references.
+#[test]
+fn a_write_after_consolidation_shares_the_copy_left_with_room() {
+    for by_shrink in [false, true] {
+        let cs = 4096u64;
+        let image = dedup_image(16 * cs, cs, 2);
+        let p = content(1, cs as usize);
+        for guest in 0..9 {
+            image.write_at(&p, guest * cs).unwrap();
+        }
+        assert_eq!(stored_copies(&image, 1), 3);
+        if by_shrink {
+            // Clusters 0..5 are kept; 5..9 go.
+            image.shrink(5 * cs).unwrap();
+            image.resize(16 * cs).unwrap();
+        } else {
+            // Two from the second copy, one each from the first and third.
+            for guest in [0, 3, 4, 6] {
+                image.discard(guest * cs, cs).unwrap();
+            }
+        }
+        image.flush().unwrap();
+        assert_eq!(stored_copies(&image, 1), 2, "shrink {by_shrink}: 5 live");
+        image.write_at(&p, 12 * cs).unwrap();
+        assert_eq!(
+            stored_copies(&image, 1),
+            2,
+            "shrink {by_shrink}: 6 references in 2 copies"
+        );
+        let report = image.check(RepairMode::None).unwrap();
+        assert!(report.is_clean(), "{:?}", report.findings);
     }
 }
 

@@ -245,9 +245,13 @@ impl DedupState {
         Ok(Some((host, refcount)))
     }
 
-    /// Makes `host` the copy of `hash` that takes new references.
-    pub(crate) fn set_open_copy(&mut self, hash: &ContentHash, host: HostCluster) {
-        self.open_copy.insert(hash.0, host);
+    /// Makes `host` the copy of `hash` that takes new references; `None`
+    /// when every copy is full.
+    pub(crate) fn set_open_copy(&mut self, hash: &ContentHash, host: Option<HostCluster>) {
+        match host {
+            Some(host) => self.open_copy.insert(hash.0, host),
+            None => self.open_copy.remove(&hash.0),
+        };
     }
 
     /// Records that `host` holds content `hash`, first written at `guest`.
