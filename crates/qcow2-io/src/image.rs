@@ -491,13 +491,36 @@ impl Image {
 
     /// Grows the virtual disk to `new_size` bytes (rounded up to 512).
     /// Shrinking is refused (see [`Image::shrink`]).
+    ///
+    /// As in QEMU, when the backing file is longer than the disk was, the
+    /// newly exposed range is zeroed, so it reads as zeros and not as the
+    /// backing file's data; a compat=0.10 image (no zero clusters) is
+    /// refused then ([`ImageError::Unsupported`]) and left unchanged.
     pub fn resize(&self, new_size: u64) -> Result<()> {
         let new_size = new_size.next_multiple_of(512);
         let _all = self.lock_for_change(0..u64::MAX)?;
-        let mut meta = self.meta.lock();
-        meta.mark_dirty()?;
-        meta.grow(new_size)?;
-        self.set_size(new_size);
+        let old_size = self.size();
+        let exposes_backing = new_size > old_size
+            && self
+                .backing
+                .as_ref()
+                .is_some_and(|backing| backing.size() > old_size);
+        {
+            let mut meta = self.meta.lock();
+            if exposes_backing && !meta.l2_format().zero_flag {
+                return Err(ImageError::Unsupported(
+                    "growing over a longer backing file needs zero clusters to hide it, \
+                     which a compat=0.10 image lacks (as in QEMU)"
+                        .into(),
+                ));
+            }
+            meta.mark_dirty()?;
+            meta.grow(new_size)?;
+            self.set_size(new_size);
+        }
+        if exposes_backing {
+            self.zero_locked(old_size, new_size - old_size)?;
+        }
         Ok(())
     }
 

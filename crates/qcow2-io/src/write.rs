@@ -241,15 +241,25 @@ impl Image {
     }
 
     fn clear_range(&self, offset: u64, len: u64, how: Clear) -> Result<()> {
-        let zero_edges = how != Clear::Discard;
         self.check_writable()?;
         self.check_bounds(offset, len)?;
         if len == 0 {
             return Ok(());
         }
+        let _range = self.lock_for_change(self.cluster_span(offset, len))?;
+        self.clear_range_locked(offset, len, how)
+    }
+
+    /// Makes `[offset, offset + len)` read as zeros, letting whole clusters
+    /// give up their host clusters; the caller holds the range's lock.
+    pub(crate) fn zero_locked(&self, offset: u64, len: u64) -> Result<()> {
+        self.clear_range_locked(offset, len, Clear::Zero { unmap: true })
+    }
+
+    fn clear_range_locked(&self, offset: u64, len: u64, how: Clear) -> Result<()> {
+        let zero_edges = how != Clear::Discard;
         let g = self.geometry;
         let end = offset + len;
-        let _range = self.lock_for_change(self.cluster_span(offset, len))?;
         let raw_data_file = {
             let mut meta = self.meta.lock();
             meta.mark_dirty()?;

@@ -275,3 +275,95 @@ fn a_dedup_overlay_deduplicates_its_own_clusters_and_leaves_the_base_alone() {
     expected[8 << 20..(8 << 20) + (8 << 16)].fill(0x5a);
     assert_eq!(first_difference(&qemu_raw(&path), &expected), None);
 }
+
+/// An overlay shorter than its backing file, grown (and shrunk and grown
+/// again) by us and by `qemu-img resize` on a twin: the newly exposed range
+/// reads as zeros in both, never as the backing file's data; both check
+/// clean and compare identical. A compat=0.10 overlay is refused by both
+/// and keeps its size.
+#[test]
+fn growing_an_overlay_over_a_longer_backing_reads_zeros_as_in_qemu() {
+    if !qemu_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    run_ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", &d("base.qcow2"), "1M"],
+    );
+    run_ok("qemu-io", &["-c", "write -P 0xaa 0 1M", &d("base.qcow2")]);
+    for (compat, dedup) in [("1.1", false), ("1.1", true), ("0.10", false)] {
+        let (ours, theirs) = (d("ours.qcow2"), d("theirs.qcow2"));
+        let options = CreateOptions {
+            backing: Some(("base.qcow2".into(), "qcow2".into())),
+            ..CreateOptions::new(512 << 10).dedup(dedup)
+        }
+        .compat(if compat == "0.10" {
+            qcow2_io::Compat::V2
+        } else {
+            qcow2_io::Compat::V3
+        })
+        .overwrite(true);
+        Image::create(&ours, &options).unwrap().close().unwrap();
+        run_ok(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                &format!("compat={compat}"),
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                &theirs,
+                "512k",
+            ],
+        );
+        let qemu_grow = run("qemu-img", &["resize", &theirs, "1M"]);
+        let image = Image::open(&ours, &OpenOptions::read_write()).unwrap();
+        let grown = image.resize(1 << 20);
+        if compat == "0.10" {
+            assert!(!qemu_grow.status.success(), "qemu-img refuses a v2 overlay");
+            assert!(
+                matches!(grown, Err(ImageError::Unsupported(_))),
+                "{grown:?}"
+            );
+            assert_eq!(image.size(), 512 << 10, "a refused resize changes nothing");
+            continue;
+        }
+        assert!(qemu_grow.status.success());
+        grown.unwrap();
+        let mut buf = vec![1u8; 512 << 10];
+        image.read_at(&mut buf, 512 << 10).unwrap();
+        assert!(
+            buf.iter().all(|&b| b == 0),
+            "dedup {dedup}: the grown range reads zeros"
+        );
+        image.shrink(256 << 10).unwrap();
+        image.resize(1 << 20).unwrap();
+        image.close().unwrap();
+        drop(image);
+        run_ok("qemu-img", &["resize", "--shrink", &theirs, "256k"]);
+        run_ok("qemu-img", &["resize", &theirs, "1M"]);
+        let raw = qemu_raw(std::path::Path::new(&ours));
+        assert!(raw[..256 << 10].iter().all(|&b| b == 0xaa));
+        assert!(
+            raw[256 << 10..].iter().all(|&b| b == 0),
+            "dedup {dedup}: regrown range"
+        );
+        assert_eq!(raw, qemu_raw(std::path::Path::new(&theirs)));
+        run_ok(
+            "qemu-img",
+            &["compare", "-f", "qcow2", "-F", "qcow2", &ours, &theirs],
+        );
+        if !dedup {
+            assert_qemu_check_clean(std::path::Path::new(&ours));
+        }
+        let image = Image::open(&ours, &OpenOptions::read_only()).unwrap();
+        assert!(image.check(RepairMode::None).unwrap().is_clean());
+    }
+}
