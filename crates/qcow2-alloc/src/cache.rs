@@ -70,6 +70,9 @@ pub struct WriteBackCache<T> {
     hand: usize,
     capacity: usize,
     dirty: usize,
+    /// Keys that turned dirty since the last write-back (some may be
+    /// clean or gone since): a write-back visits these, not every slot.
+    dirty_keys: Vec<u64>,
 }
 
 impl<T> WriteBackCache<T> {
@@ -81,6 +84,7 @@ impl<T> WriteBackCache<T> {
             hand: 0,
             capacity: capacity.max(2),
             dirty: 0,
+            dirty_keys: Vec::new(),
         }
     }
 
@@ -120,8 +124,10 @@ impl<T> WriteBackCache<T> {
         if !slot.dirty {
             slot.dirty = true;
             self.dirty += 1;
+            self.dirty_keys.push(key);
+            self.compact_dirty_keys();
         }
-        Some(&mut slot.value)
+        Some(&mut self.slots[i].value)
     }
 
     /// Adds (or replaces) the entry for `key`. When the cache is full, the
@@ -130,6 +136,7 @@ impl<T> WriteBackCache<T> {
     pub fn insert(&mut self, key: u64, value: T, dirty: bool) {
         if let Some(&i) = self.index.get(&key) {
             let slot = &mut self.slots[i];
+            let turned_dirty = dirty && !slot.dirty;
             if slot.dirty != dirty {
                 if dirty {
                     self.dirty += 1;
@@ -143,6 +150,10 @@ impl<T> WriteBackCache<T> {
                 dirty,
                 referenced: true,
             };
+            if turned_dirty {
+                self.dirty_keys.push(key);
+                self.compact_dirty_keys();
+            }
             return;
         }
         if self.slots.len() >= self.capacity {
@@ -157,6 +168,24 @@ impl<T> WriteBackCache<T> {
         });
         if dirty {
             self.dirty += 1;
+            self.dirty_keys.push(key);
+            self.compact_dirty_keys();
+        }
+    }
+
+    fn is_dirty_key(&self, key: u64) -> bool {
+        self.index.get(&key).is_some_and(|&i| self.slots[i].dirty)
+    }
+
+    /// Drops the keys that went clean or away when they outnumber the
+    /// entries twice over, so the list stays within twice the cache.
+    fn compact_dirty_keys(&mut self) {
+        if self.dirty_keys.len() > 2 * self.slots.len().max(self.capacity) {
+            let mut keys = std::mem::take(&mut self.dirty_keys);
+            keys.retain(|&k| self.is_dirty_key(k));
+            keys.sort_unstable();
+            keys.dedup();
+            self.dirty_keys = keys;
         }
     }
 
@@ -210,15 +239,20 @@ impl<T> WriteBackCache<T> {
         self.dirty * 4 >= self.capacity * 3
     }
 
-    /// Keys of the dirty entries, in ascending order.
+    /// Keys of the dirty entries, in ascending order. Costs O(entries
+    /// turned dirty since the last write-back), not O(entries held).
     pub fn dirty_keys(&self) -> Vec<u64> {
+        if self.dirty == 0 {
+            return Vec::new();
+        }
         let mut keys: Vec<u64> = self
-            .slots
+            .dirty_keys
             .iter()
-            .filter(|s| s.dirty)
-            .map(|s| s.key)
+            .copied()
+            .filter(|&k| self.is_dirty_key(k))
             .collect();
         keys.sort_unstable();
+        keys.dedup();
         keys
     }
 
@@ -238,6 +272,7 @@ impl<T> WriteBackCache<T> {
                 self.dirty -= 1;
             }
         }
+        self.dirty_keys.clear();
         Ok(!keys.is_empty())
     }
 
@@ -250,6 +285,37 @@ impl<T> WriteBackCache<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn write_back_visits_exactly_the_entries_still_dirty() {
+        let mut c = WriteBackCache::new(64);
+        for k in 0..64u64 {
+            c.insert(k, k, false);
+        }
+        *c.get_mut(9).unwrap() += 1;
+        *c.get_mut(3).unwrap() += 1;
+        *c.get_mut(9).unwrap() += 1;
+        c.insert(5, 50, true);
+        c.insert(5, 51, false);
+        c.insert(7, 70, true);
+        c.remove(7);
+        assert_eq!(c.dirty_keys(), vec![3, 9]);
+        let mut written = Vec::new();
+        assert!(c
+            .write_back(|k, v: &mut u64| {
+                written.push((k, *v));
+                Ok::<(), ()>(())
+            })
+            .unwrap());
+        assert_eq!(written, vec![(3, 4), (9, 11)]);
+        assert!(!c.is_dirty() && c.dirty_keys().is_empty());
+        for key in (0..1000u64).map(|round| round % 64).filter(|&k| k != 7) {
+            *c.get_mut(key).unwrap() += 1;
+            c.insert(key, 0, false);
+        }
+        assert!(c.dirty_keys.len() <= 2 * 64, "the list stays bounded");
+        assert!(!c.write_back(|_, _| Ok::<(), ()>(())).unwrap());
+    }
 
     #[test]
     fn evicts_clean_entries_only_and_keeps_the_recently_used() {

@@ -7,6 +7,14 @@
 //! each shard is an open-addressing table with linear probing whose home
 //! slot is the top bits of the tag, so entries can be moved on growth and on
 //! deletion (backward shift) without the full hash.
+//!
+//! A content stored in several copies (its references outgrew the
+//! refcount width) keeps one copy, its representative, in the tag table;
+//! the further copies are kept by full hash beside it. So many copies of
+//! one content never form one long probe run, and inserting or removing a
+//! copy costs O(1) however many copies the content has.
+
+use std::collections::{HashMap, HashSet};
 
 use qcow2_format::HostCluster;
 
@@ -73,11 +81,19 @@ impl Shard {
 
 /// The hash → host cluster index. See the module documentation.
 ///
-/// Invariant: every (hash, cluster) pair inserted and not removed is found
-/// by [`DedupIndex::candidates`]; a cluster appears at most once per hash.
+/// Invariant: every (hash, cluster) pair inserted with
+/// [`DedupIndex::insert`] and not removed is found by
+/// [`DedupIndex::candidates`], every one inserted with
+/// [`DedupIndex::insert_copy`] by [`DedupIndex::further_copies`]; a
+/// cluster appears at most once per hash. Removing a representative
+/// promotes one of its content's further copies in its place.
 #[derive(Debug, Clone)]
 pub struct DedupIndex {
     shards: Vec<Shard>,
+    /// Copies beyond the representative, by full hash.
+    further: HashMap<[u8; 32], HashSet<HostCluster>>,
+    /// Entries in `further`.
+    further_len: usize,
     len: usize,
 }
 
@@ -101,24 +117,64 @@ impl DedupIndex {
     pub fn new() -> Self {
         Self {
             shards: vec![Shard::new(); SHARDS],
+            further: HashMap::new(),
+            further_len: 0,
             len: 0,
         }
     }
 
-    /// Number of entries.
+    /// Number of entries (representatives and further copies).
     pub fn len(&self) -> usize {
-        self.len
+        self.len + self.further_len
     }
 
     /// Whether the index is empty.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
-    /// Bytes of memory the slots occupy.
+    /// Bytes of memory the slots and the further copies occupy (the
+    /// latter estimated from their tables' capacities).
     pub fn memory_bytes(&self) -> usize {
+        let further = self.further.capacity() * (32 + std::mem::size_of::<HashSet<HostCluster>>())
+            + self
+                .further
+                .values()
+                .map(|set| set.capacity() * (8 + 1))
+                .sum::<usize>();
         self.shards.iter().map(|s| s.slots.len() * 8).sum::<usize>()
             + SHARDS * std::mem::size_of::<Shard>()
+            + further
+    }
+
+    /// Records `cluster` as one more copy of a content whose
+    /// representative is indexed already. Returns `false` if the pair is
+    /// present.
+    pub fn insert_copy(&mut self, hash: &ContentHash, cluster: HostCluster) -> bool {
+        let added = self.further.entry(hash.0).or_default().insert(cluster);
+        if added {
+            self.further_len += 1;
+        }
+        added
+    }
+
+    /// The copies of `hash` beyond its representative.
+    pub fn further_copies(&self, hash: &ContentHash) -> impl Iterator<Item = HostCluster> + '_ {
+        self.further.get(&hash.0).into_iter().flatten().copied()
+    }
+
+    /// Whether `hash` has copies beyond its representative.
+    pub fn has_further_copies(&self, hash: &ContentHash) -> bool {
+        self.further.contains_key(&hash.0)
+    }
+
+    /// Whether the pair (`hash`, `cluster`) is indexed, as representative
+    /// or further copy.
+    pub fn contains(&self, hash: &ContentHash, cluster: HostCluster) -> bool {
+        self.further
+            .get(&hash.0)
+            .is_some_and(|set| set.contains(&cluster))
+            || self.candidates(hash).contains(&cluster)
     }
 
     /// Host clusters whose hash shares this hash's tag: candidates that the
@@ -166,7 +222,38 @@ impl DedupIndex {
     }
 
     /// Forgets that `cluster` holds `hash`. Returns whether it was present.
+    /// A representative removed is replaced by one of its further copies.
     pub fn remove(&mut self, hash: &ContentHash, cluster: HostCluster) -> bool {
+        if let Some(set) = self.further.get_mut(&hash.0) {
+            if set.remove(&cluster) {
+                if set.is_empty() {
+                    self.further.remove(&hash.0);
+                }
+                self.further_len -= 1;
+                return true;
+            }
+        }
+        if !self.remove_representative(hash, cluster) {
+            return false;
+        }
+        let promoted = self.further.get_mut(&hash.0).and_then(|set| {
+            let next = set.iter().next().copied();
+            if let Some(next) = next {
+                set.remove(&next);
+            }
+            next
+        });
+        if let Some(next) = promoted {
+            if self.further.get(&hash.0).is_some_and(HashSet::is_empty) {
+                self.further.remove(&hash.0);
+            }
+            self.further_len -= 1;
+            self.insert(hash, next);
+        }
+        true
+    }
+
+    fn remove_representative(&mut self, hash: &ContentHash, cluster: HostCluster) -> bool {
         let cluster = cluster.get();
         let (shard, tag) = split(hash);
         let s = &mut self.shards[shard];
@@ -256,6 +343,39 @@ mod tests {
         found.sort_unstable();
         assert_eq!(found, vec![c(10), c(11)]);
         assert!(!index.insert(&h(2), c(MAX_INDEXED_CLUSTER + 1)));
+    }
+
+    #[test]
+    fn further_copies_stay_out_of_the_tag_table_and_replace_a_removed_representative() {
+        let mut index = DedupIndex::new();
+        assert!(index.insert(&h(1), c(1)));
+        for i in 2..1000 {
+            assert!(index.insert_copy(&h(1), c(i)));
+        }
+        assert!(!index.insert_copy(&h(1), c(5)), "each pair once");
+        assert_eq!(index.len(), 999);
+        assert_eq!(
+            index.candidates(&h(1)),
+            vec![c(1)],
+            "one slot for the content"
+        );
+        assert_eq!(index.further_copies(&h(1)).count(), 998);
+        assert!(index.contains(&h(1), c(500)) && index.contains(&h(1), c(1)));
+        assert!(index.remove(&h(1), c(500)));
+        assert!(!index.contains(&h(1), c(500)));
+        assert!(index.remove(&h(1), c(1)), "the representative");
+        let promoted = index.candidates(&h(1));
+        assert_eq!(promoted.len(), 1, "a further copy took its place");
+        assert!(!index.further_copies(&h(1)).any(|x| x == promoted[0]));
+        assert_eq!(index.len(), 997);
+        let mut left: Vec<_> = index.further_copies(&h(1)).chain(promoted).collect();
+        left.sort_unstable();
+        let expected: Vec<_> = (2..1000).filter(|&i| i != 500).map(c).collect();
+        assert_eq!(left, expected);
+        for x in left {
+            assert!(index.remove(&h(1), x));
+        }
+        assert!(index.is_empty() && !index.has_further_copies(&h(1)));
     }
 
     #[test]

@@ -591,7 +591,7 @@ fn check_dedup_table(parts: &mut MetadataParts<'_>, walk: &mut Walk) -> Result<(
     if let Some(index) = d.index() {
         let missing = entries
             .iter()
-            .filter(|(h, e)| !index.candidates(&ContentHash(e.hash)).contains(h))
+            .filter(|(h, e)| !index.contains(&ContentHash(e.hash), *h))
             .count();
         if missing > 0 || index.len() != entries.len() {
             walk.finding(

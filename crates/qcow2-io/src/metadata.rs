@@ -17,7 +17,7 @@
 //! writes on its own: caches that fill up with dirty entries ask for a
 //! write-back, and [`Metadata::write_tables`] runs it in the order above.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use qcow2_alloc::{Refcounts, RefcountsConfig, ReferenceCounts, Storage};
@@ -684,7 +684,17 @@ impl Metadata {
                 copied: false,
             },
             old,
-        )
+        )?;
+        let limit = self.max_refcount();
+        let storage = self.storage.clone();
+        let Self { map, dedup, .. } = self;
+        if let Some(d) = dedup.as_mut() {
+            d.note_referrer(host, guest, limit, |g| {
+                let (mapping, _) = map.lookup(&*storage, g)?;
+                Ok(matches!(mapping, L2Mapping::Data { offset: o, .. } if o == offset))
+            })?;
+        }
+        Ok(())
     }
 
     /// Removes the dedup entry of `host` (its content is about to change).
@@ -952,23 +962,32 @@ impl Metadata {
     ) -> Result<bool> {
         let limit = self.max_refcount();
         let mut moves: Vec<Move> = Vec::new();
-        let mut contents = Vec::new();
-        let mut seen = HashSet::new();
+        let mut contents: Vec<(ContentHash, Vec<HostCluster>)> = Vec::new();
+        let mut by_hash: HashMap<[u8; 32], usize> = HashMap::new();
         for &cluster in touched {
             let storage = self.storage.clone();
             let Some(hash) = self.dedup_mut()?.hash_of(&*storage, cluster)? else {
                 continue;
             };
-            if !seen.insert(hash.0) {
-                continue;
+            let slot = *by_hash.entry(hash.0).or_insert_with(|| {
+                contents.push((hash, Vec::new()));
+                contents.len() - 1
+            });
+            contents[slot].1.push(cluster);
+        }
+        for (hash, copies) in &mut contents {
+            if let Some(open) = self.dedup_open_copy(hash)? {
+                if !copies.contains(&open.host) {
+                    copies.push(open.host);
+                }
             }
-            contents.push(hash);
-            let mut open: Vec<(HostCluster, u64)> = self
-                .dedup_copies(&hash)?
-                .into_iter()
-                .map(|c| (c.host, c.refcount - c.released.min(c.refcount)))
-                .filter(|&(_, live)| live > 0 && live < limit)
-                .collect();
+            let mut open = Vec::new();
+            for &host in copies.iter() {
+                let live = self.live_refcount(host)?;
+                if live > 0 && live < limit {
+                    open.push((host, live));
+                }
+            }
             open.sort_by_key(|&(host, live)| (std::cmp::Reverse(live), host));
             while open.len() > 1 {
                 let last = open.len() - 1;
@@ -998,14 +1017,15 @@ impl Metadata {
             moved |= self.move_scanned_referrers(&mut moves, movable, &mut busy)?;
         }
         self.unsettled.extend(busy);
-        for hash in contents {
-            self.reopen_copy(&hash)?;
+        for (hash, copies) in contents {
+            self.reopen_copy(&hash, &copies)?;
         }
         Ok(moved)
     }
 
-    /// Moves the referrer each donor's dedup entry names, where it still
-    /// points at the donor and its lock can be held.
+    /// Moves the referrers each donor's hints name (its dedup entry's guest
+    /// offset, then the guests noted when they shared it), where they still
+    /// point at the donor and their locks can be held.
     fn move_hinted_referrers(
         &mut self,
         moves: &mut [Move],
@@ -1016,23 +1036,27 @@ impl Metadata {
         let mut moved = false;
         for m in moves.iter_mut() {
             let storage = self.storage.clone();
-            let Some(guest) = self.dedup_mut()?.entry_guest(&*storage, m.donor)? else {
-                continue;
-            };
-            if guest.get() >= self.header().size {
-                continue;
+            let hints = self.dedup_mut()?.referrer_hints(&*storage, m.donor)?;
+            for guest in hints {
+                if m.left == 0 {
+                    break;
+                }
+                if guest.get() >= self.header().size {
+                    continue;
+                }
+                let (old, _) = self.lookup(guest)?;
+                if !matches!(old, L2Mapping::Data { offset, .. } if g.host_cluster(offset) == m.donor)
+                {
+                    continue;
+                }
+                let Some(_hold) = movable.hold(g.cluster_index(guest.get())) else {
+                    busy.insert(m.donor);
+                    continue;
+                };
+                self.share(guest, m.target, old)?;
+                m.left -= 1;
+                moved = true;
             }
-            let (old, _) = self.lookup(guest)?;
-            if !matches!(old, L2Mapping::Data { offset, .. } if g.host_cluster(offset) == m.donor) {
-                continue;
-            }
-            let Some(_hold) = movable.hold(g.cluster_index(guest.get())) else {
-                busy.insert(m.donor);
-                continue;
-            };
-            self.share(guest, m.target, old)?;
-            m.left -= 1;
-            moved = true;
         }
         Ok(moved)
     }
@@ -1078,25 +1102,32 @@ impl Metadata {
         Ok(moved)
     }
 
-    /// Makes the fullest live copy of `hash` with room left the one that
-    /// takes new references (none when every copy is full, or when the
-    /// content has one copy, which the index finds in O(1) anyway).
-    fn reopen_copy(&mut self, hash: &ContentHash) -> Result<()> {
+    /// Makes the fullest live copy of `hash` among `copies` (the copies
+    /// that may have room: every other is full) with room left the one
+    /// that takes new references. With no room anywhere, a full copy stays
+    /// the open one, so the next write of the content makes a new copy
+    /// without looking at the others. None when the content has one copy,
+    /// which the index finds in O(1) anyway.
+    fn reopen_copy(&mut self, hash: &ContentHash, copies: &[HostCluster]) -> Result<()> {
         let limit = self.max_refcount();
-        let live = self
-            .dedup_copies(hash)?
-            .into_iter()
-            .map(|c| (c.refcount - c.released.min(c.refcount), c.host))
-            .filter(|&(live, _)| live > 0)
-            .collect::<Vec<_>>();
-        let open = (live.len() > 1)
-            .then(|| {
-                live.iter()
-                    .filter(|&&(live, _)| live < limit)
-                    .max_by_key(|&&(live, host)| (live, std::cmp::Reverse(host)))
-                    .map(|&(_, host)| host)
-            })
-            .flatten();
+        let several = self
+            .dedup
+            .as_ref()
+            .is_some_and(|d| d.has_several_copies(hash));
+        let mut fullest_with_room = None;
+        for &host in copies {
+            let live = self.live_refcount(host)?;
+            if live > 0 && live < limit && fullest_with_room.is_none_or(|(l, _)| live > l) {
+                fullest_with_room = Some((live, host));
+            }
+        }
+        let current = self.dedup_open_copy(hash)?.map(|c| c.host);
+        let open = match fullest_with_room {
+            Some((_, host)) if several => Some(host),
+            Some(_) => None,
+            None if several => current,
+            None => None,
+        };
         if let Some(d) = self.dedup.as_mut() {
             d.set_open_copy(hash, open);
         }

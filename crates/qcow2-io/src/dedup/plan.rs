@@ -53,7 +53,8 @@ pub(super) enum Stop {
     FlushFirst,
 }
 
-/// Classifies `items` in order, under the metadata lock, changing nothing.
+/// Classifies `items` in order, under the metadata lock, changing nothing
+/// but the hint of which copy of a content takes new references.
 /// A share goes to the fullest copy that still has room, so copies fill up
 /// one by one; it never takes a copy past the refcount width's maximum,
 /// counting the shares planned earlier in the same batch. A copy that is
@@ -126,6 +127,12 @@ pub(super) fn classify(
             .filter(|(load, _)| *load < limit)
             .max_by_key(|(load, _)| *load)
             .map(|(_, c)| c.host);
+        if !several_copies && copies.len() > 1 {
+            // Found by a look at every copy (after a reopen, the open copy
+            // is not known yet): remember it, so the next write need not.
+            let open = fullest_with_room.unwrap_or(copies[0].host);
+            meta.dedup_set_open_copy(&hash, open);
+        }
         if let Some(host) = fullest_with_room {
             match planned_shares.iter_mut().find(|(h, _)| *h == host) {
                 Some((_, n)) => *n += 1,

@@ -43,7 +43,20 @@ pub(crate) struct DedupState {
     /// references), so new references never need to look at them: the
     /// cost of a write stays O(1) however many copies a content has.
     open_copy: HashMap<[u8; 32], HostCluster>,
+    /// Guest clusters that were pointed at shared clusters, beyond the
+    /// dedup entry's guest offset: where a flush consolidating copies looks
+    /// for a donor's referrers before it scans the L2 tables. A hint may be
+    /// stale (every one is checked against the L2 entry before use); at
+    /// most [`MAX_REFERRER_HINTS`] are kept.
+    referrers: HashMap<HostCluster, Vec<GuestOffset>>,
+    referrer_hints: usize,
 }
+
+/// Most referrer hints kept (8 bytes each, plus the map's slots).
+const MAX_REFERRER_HINTS: usize = 1 << 22;
+
+/// Widest refcount maximum (8 bits) at which referrers are noted.
+const MAX_HINTED_REFCOUNT: u64 = 255;
 
 impl DedupState {
     /// Loads the dedup table the header points to (no index yet).
@@ -79,6 +92,8 @@ impl DedupState {
             index,
             copied_unresolved: HashSet::new(),
             open_copy: HashMap::new(),
+            referrers: HashMap::new(),
+            referrer_hints: 0,
         }
     }
 
@@ -94,6 +109,9 @@ impl DedupState {
         let g = self.geometry;
         let mut index = DedupIndex::new();
         let mut dropped = Vec::new();
+        // Entries whose tag an indexed entry shares: a further copy of its
+        // content, or a different content; told apart after the scan.
+        let mut maybe_copies = Vec::new();
         let mut data = vec![0u8; g.cluster_size() as usize];
         let mut failure = None;
         self.table.scan(storage, |host, entry| {
@@ -110,10 +128,13 @@ impl DedupState {
                     .map_err(qcow2_dedup::DedupError::io("re-verifying a dedup entry"))?;
                 keep = ContentHash::of(&data).0 == entry.hash;
             }
-            if keep {
-                index.insert(&ContentHash(entry.hash), host);
-            } else {
+            let hash = ContentHash(entry.hash);
+            if !keep {
                 dropped.push(host);
+            } else if index.candidates(&hash).is_empty() {
+                index.insert(&hash, host);
+            } else {
+                maybe_copies.push((host, hash));
             }
             Ok(())
         })?;
@@ -124,6 +145,43 @@ impl DedupState {
             self.table.clear(storage, host)?;
         }
         self.index = Some(index);
+        for (host, hash) in maybe_copies {
+            self.index_entry(storage, host, &hash)?;
+        }
+        Ok(())
+    }
+
+    /// Indexes `host` as holding `hash`: as a further copy when a
+    /// confirmed representative of the content is indexed, else as the
+    /// representative.
+    fn index_entry(
+        &mut self,
+        storage: &dyn Storage,
+        host: HostCluster,
+        hash: &ContentHash,
+    ) -> Result<()> {
+        let Some(index) = self.index.as_ref() else {
+            return Ok(());
+        };
+        let mut represented = false;
+        for candidate in index.candidates(hash) {
+            if candidate != host
+                && self
+                    .table
+                    .get(storage, candidate)?
+                    .is_some_and(|e| e.hash == hash.0)
+            {
+                represented = true;
+                break;
+            }
+        }
+        if let Some(index) = self.index.as_mut() {
+            if represented {
+                index.insert_copy(hash, host);
+            } else {
+                index.insert(hash, host);
+            }
+        }
         Ok(())
     }
 
@@ -168,7 +226,11 @@ impl DedupState {
         let candidates = self
             .index
             .as_ref()
-            .map(|i| i.candidates(hash))
+            .map(|i| {
+                let mut all = i.candidates(hash);
+                all.extend(i.further_copies(hash));
+                all
+            })
             .unwrap_or_default();
         let mut out = Vec::with_capacity(candidates.len());
         for host in candidates {
@@ -216,6 +278,9 @@ impl DedupState {
             if self.open_copy.get(&entry.hash) == Some(&host) {
                 self.open_copy.remove(&entry.hash);
             }
+            if let Some(hints) = self.referrers.remove(&host) {
+                self.referrer_hints -= hints.len();
+            }
             self.table.clear(storage, host)?;
         }
         Ok(())
@@ -245,6 +310,62 @@ impl DedupState {
         Ok(Some((host, refcount)))
     }
 
+    /// Notes that `guest` now points at the shared cluster `host`. When the
+    /// cluster's hints reach twice the references it can have, the stale
+    /// and repeated ones (found by `still_points`) are dropped first, which
+    /// leaves at most `max_refcount`: a cluster keeps at most twice that
+    /// many, and the upkeep is amortised O(1). Only at refcount widths up
+    /// to 8 bits, where contents outgrow their copies often; wider ones
+    /// rely on the dedup entry's guest offset and the scan.
+    pub(crate) fn note_referrer(
+        &mut self,
+        host: HostCluster,
+        guest: GuestOffset,
+        max_refcount: u64,
+        mut still_points: impl FnMut(GuestOffset) -> Result<bool>,
+    ) -> Result<()> {
+        if self.referrer_hints >= MAX_REFERRER_HINTS || max_refcount > MAX_HINTED_REFCOUNT {
+            return Ok(());
+        }
+        let hints = self.referrers.entry(host).or_default();
+        if hints.len() as u64 >= max_refcount.saturating_mul(2) {
+            let before = hints.len();
+            hints.sort_unstable();
+            hints.dedup();
+            let mut kept = Vec::with_capacity(hints.len());
+            for &g in hints.iter() {
+                if still_points(g)? {
+                    kept.push(g);
+                }
+            }
+            *hints = kept;
+            self.referrer_hints -= before - hints.len();
+        }
+        hints.push(guest);
+        self.referrer_hints += 1;
+        Ok(())
+    }
+
+    /// The guest clusters that may point at `host`: the dedup entry's guest
+    /// offset, then the noted referrers (any may be stale).
+    pub(crate) fn referrer_hints(
+        &mut self,
+        storage: &dyn Storage,
+        host: HostCluster,
+    ) -> Result<Vec<GuestOffset>> {
+        let mut hints: Vec<GuestOffset> = self.entry_guest(storage, host)?.into_iter().collect();
+        if let Some(noted) = self.referrers.get(&host) {
+            hints.extend(
+                noted
+                    .iter()
+                    .filter(|g| !hints.contains(g))
+                    .copied()
+                    .collect::<Vec<_>>(),
+            );
+        }
+        Ok(hints)
+    }
+
     /// Makes `host` the copy of `hash` that takes new references; `None`
     /// when every copy is full.
     pub(crate) fn set_open_copy(&mut self, hash: &ContentHash, host: Option<HostCluster>) {
@@ -263,20 +384,19 @@ impl DedupState {
         hash: &ContentHash,
         guest: GuestOffset,
     ) -> Result<()> {
-        if let Some(index) = self.index.as_mut() {
-            index.insert(hash, host);
-        }
         let entry = DedupEntry {
             hash: hash.0,
             guest_offset: guest.get().into(),
         };
-        Ok(self
-            .table
-            .set(storage, alloc.refcounts_mut(), host, &entry)?)
+        self.table
+            .set(storage, alloc.refcounts_mut(), host, &entry)?;
+        self.index_entry(storage, host, hash)
     }
 
-    /// Sets OFLAG_COPIED of the referrer of `host` found at the dedup
-    /// entry's guest offset to `copied`; queues a scan if it is not there.
+    /// Sets OFLAG_COPIED of the referrer of `host` to `copied`: the first
+    /// of its referrer hints (the dedup entry's guest offset, then the
+    /// noted referrers) that still points there. Queues a scan if none
+    /// does.
     pub(crate) fn fix_copied_at_hint(
         &mut self,
         storage: &dyn Storage,
@@ -287,8 +407,10 @@ impl DedupState {
         virtual_size: u64,
     ) -> Result<()> {
         let g = self.geometry;
-        let hint = self.entry_guest(storage, host)?;
-        if let Some(guest) = hint.filter(|g| g.get() < virtual_size) {
+        for guest in self.referrer_hints(storage, host)? {
+            if guest.get() >= virtual_size {
+                continue;
+            }
             if let (
                 L2Mapping::Data {
                     offset,
@@ -432,6 +554,13 @@ impl DedupState {
     /// The index, when built.
     pub(crate) fn index(&self) -> Option<&DedupIndex> {
         self.index.as_ref()
+    }
+
+    /// Whether content `hash` is stored in more than one copy.
+    pub(crate) fn has_several_copies(&self, hash: &ContentHash) -> bool {
+        self.index
+            .as_ref()
+            .is_some_and(|i| i.has_further_copies(hash))
     }
 
     /// Rebuilds table and index from the data: every entry is cleared, then

@@ -94,20 +94,21 @@ impl Image {
         for (w, hash) in data.iter_mut().zip(hashes) {
             w.item.hash = Some(hash);
         }
+        let all_keys: Vec<ClusterItem> = items.iter().map(|w| w.item).collect();
         let mut start = 0;
         while start < items.len() {
             let rest = &items[start..];
-            let keys: Vec<ClusterItem> = rest.iter().map(|w| w.item).collect();
+            let keys = &all_keys[start..];
             let mut claims = self.claims.guard();
             let (classes, stop, stores) = {
                 let mut meta = self.meta.lock();
-                let plan = classify(&mut meta, &self.claims, &keys)?;
-                let stores = apply_plan(&mut meta, &keys, &plan.classes, &mut claims)?;
+                let plan = classify(&mut meta, &self.claims, keys)?;
+                let stores = apply_plan(&mut meta, keys, &plan.classes, &mut claims)?;
                 (plan.classes, plan.stop, stores)
             };
             let planned = &rest[..classes.len()];
             self.write_stores(planned, &stores, source)?;
-            commit_stores(&mut self.meta.lock(), &keys, &stores)?;
+            commit_stores(&mut self.meta.lock(), keys, &stores)?;
             drop(claims);
             match stop {
                 Some(Stop::Claimed(hash)) => self.claims.wait_released(&hash),
