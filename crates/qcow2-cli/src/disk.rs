@@ -70,6 +70,25 @@ pub fn backing_format_name(
     Ok(format.name())
 }
 
+/// Opens `path` read-only as a qcow2 image, saying on stderr when its
+/// refcount structure is damaged: the data still reads (as QEMU reads it),
+/// and `check -r all` repairs the image.
+pub fn open_read_only(path: &str, options: &OpenOptions) -> Result<Image, CliError> {
+    let image = Image::open(path, options).map_err(CliError::image(path))?;
+    warn_refcount_damage(&image, path);
+    Ok(image)
+}
+
+/// Says on stderr that `image`'s refcount structure is damaged, if it is.
+pub fn warn_refcount_damage(image: &Image, path: &str) {
+    if let Some(damage) = image.refcount_damage() {
+        eprintln!(
+            "qcow2: warning: {path}: {damage}; reading the data anyway, \
+             run 'qcow2 check -r all {path}' to repair the image"
+        );
+    }
+}
+
 /// Opens a qcow2 image whose aligned data requests bypass the page cache
 /// (for bulk rewrites such as `qcow2 dedup`).
 pub fn open_image(path: &str, writable: bool) -> Result<Image, CliError> {
@@ -116,10 +135,10 @@ impl Disk {
                     ),
                     None => OpenOptions::read_only(),
                 };
-                Ok(Disk::Qcow2(Box::new(
-                    Image::open_on_file(Arc::new(file), &options, p)
-                        .map_err(CliError::image(path))?,
-                )))
+                let image = Image::open_on_file(Arc::new(file), &options, p)
+                    .map_err(CliError::image(path))?;
+                warn_refcount_damage(&image, path);
+                Ok(Disk::Qcow2(Box::new(image)))
             }
             ImageFormat::Raw if snapshot.is_some() => Err(CliError::Usage(format!(
                 "{path} is a raw image: it has no snapshots (-l)"

@@ -5,6 +5,13 @@
 //! only — must be the same before repair and after `-r all`; where both
 //! repairs leave the image clean, qemu-img must find ours clean too and
 //! both repaired images must hold the same guest data.
+//!
+//! Before any repair, the same images are read side by side: `info`,
+//! `map` and `convert -O raw` must succeed exactly where qemu-img's do
+//! (a read-only open needs only the header, L1 and L2 tables, so refcount
+//! damage does not keep a user from salvaging the data), with the same
+//! guest data and the same map, and our tool must point at `check -r all`
+//! where the refcount structure is damaged.
 
 mod common;
 
@@ -320,5 +327,82 @@ fn verdicts_match_qemu_img_before_and_after_repair() {
                 case.name
             );
         }
+    }
+}
+
+/// Exit code, stdout and stderr of a command.
+fn outcome(program: &str, args: &[&str]) -> (i32, String, String) {
+    let out = run(program, args);
+    let code = out
+        .status
+        .code()
+        .unwrap_or_else(|| panic!("{program} {args:?} was killed: {}", text(&out.stderr)));
+    (code, text(&out.stdout), text(&out.stderr))
+}
+
+#[test]
+fn damaged_images_read_where_qemu_img_reads_them() {
+    if !tools(&["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for case in CASES {
+        let image = make(dir.path(), case);
+        let before = std::fs::read(&image).unwrap();
+        let name = case.name;
+
+        let (qemu_info, _, _) = outcome("qemu-img", &["info", "--output=json", p(&image)]);
+        let (ours_info, _, info_err) = outcome(bin(), &["info", "--output=json", p(&image)]);
+        assert_eq!(ours_info == 0, qemu_info == 0, "{name}: info ({info_err})");
+
+        let (qemu_map, qemu_extents, _) = outcome("qemu-img", &["map", "--output=json", p(&image)]);
+        let (ours_map, ours_extents, map_err) =
+            outcome(bin(), &["map", "--output=json", p(&image)]);
+        assert_eq!(ours_map == 0, qemu_map == 0, "{name}: map ({map_err})");
+        if qemu_map == 0 {
+            assert_eq!(
+                ours_extents.trim(),
+                qemu_extents.trim(),
+                "{name}: map --output=json"
+            );
+        }
+
+        let (theirs_raw, ours_raw) = (dir.path().join("q.raw"), dir.path().join("o.raw"));
+        let (qemu_convert, _, _) = outcome(
+            "qemu-img",
+            &["convert", "-O", "raw", p(&image), p(&theirs_raw)],
+        );
+        let (ours_convert, _, convert_err) =
+            outcome(bin(), &["convert", "-O", "raw", p(&image), p(&ours_raw)]);
+        assert_eq!(
+            ours_convert == 0,
+            qemu_convert == 0,
+            "{name}: convert ({convert_err})"
+        );
+        if qemu_convert == 0 {
+            assert!(
+                std::fs::read(&ours_raw).unwrap() == std::fs::read(&theirs_raw).unwrap(),
+                "{name}: converted data differs from qemu-img's"
+            );
+        }
+        for f in [&theirs_raw, &ours_raw] {
+            let _ = std::fs::remove_file(f);
+        }
+
+        let refcount_damage = outcome(bin(), &["check", p(&image)])
+            .1
+            .contains("refcount block")
+            || case.name.contains("refcount table")
+            || case.name.contains("refcount of the header");
+        if ours_info == 0 && refcount_damage {
+            assert!(
+                info_err.contains("check -r all"),
+                "{name}: a read through refcount damage points at the repair: {info_err:?}"
+            );
+        }
+        assert!(
+            std::fs::read(&image).unwrap() == before,
+            "{name}: reading changed the image"
+        );
     }
 }

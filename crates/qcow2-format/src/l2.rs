@@ -111,6 +111,17 @@ impl L2Entry {
         }
     }
 
+    /// Decodes the entry for reading guest data as QEMU reads it: the
+    /// reserved bits of a standard descriptor are ignored (`check`
+    /// reports them through [`L2Entry::decode`]); everything else is
+    /// validated as there.
+    pub fn decode_for_read(self, format: L2Format) -> Result<L2Mapping> {
+        if self.0 & L2_COMPRESSED == 0 {
+            return L2Entry(self.0 & !L2_STANDARD_RESERVED).decode(format);
+        }
+        self.decode(format)
+    }
+
     /// Validates the entry into a mapping.
     pub fn decode(self, format: L2Format) -> Result<L2Mapping> {
         let raw = self.0;

@@ -288,6 +288,28 @@ impl Allocator {
         out
     }
 
+    /// What is wrong with the refcount structure as loaded, in one line:
+    /// the first damage a tolerant load recorded, else a header cluster
+    /// with refcount 0; `None` when it looks sound.
+    pub(crate) fn damage_summary(&mut self, storage: &dyn Storage) -> Result<Option<String>> {
+        let damage = self.refcounts.damage();
+        if let Some(first) = damage.first() {
+            let more = match damage.len() {
+                1 => String::new(),
+                n => format!(" (and {} more)", n - 1),
+            };
+            let first = first.to_string();
+            let first = first.strip_prefix("ERROR ").unwrap_or(&first);
+            return Ok(Some(format!("{first}{more}")));
+        }
+        if self.refcount(storage, HostCluster::new(0))? == 0 {
+            return Ok(Some(
+                "the header cluster has refcount 0 (missing or zero refcount block)".into(),
+            ));
+        }
+        Ok(None)
+    }
+
     /// The refcounts themselves, for a consistency check's comparison.
     pub(crate) fn refcounts_mut(&mut self) -> &mut Refcounts {
         &mut self.refcounts

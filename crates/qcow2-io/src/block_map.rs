@@ -131,6 +131,25 @@ impl BlockMap {
         storage: &dyn Storage,
         guest: GuestOffset,
     ) -> Result<(L2Mapping, SubclusterBitmap)> {
+        self.lookup_as(storage, guest, L2Entry::decode)
+    }
+
+    /// [`BlockMap::lookup`] for reading guest data: reserved bits of the
+    /// entry are ignored, as QEMU ignores them ([`L2Entry::decode_for_read`]).
+    pub(crate) fn lookup_for_read(
+        &mut self,
+        storage: &dyn Storage,
+        guest: GuestOffset,
+    ) -> Result<(L2Mapping, SubclusterBitmap)> {
+        self.lookup_as(storage, guest, L2Entry::decode_for_read)
+    }
+
+    fn lookup_as(
+        &mut self,
+        storage: &dyn Storage,
+        guest: GuestOffset,
+        decode: fn(L2Entry, L2Format) -> qcow2_format::Result<L2Mapping>,
+    ) -> Result<(L2Mapping, SubclusterBitmap)> {
         let g = self.geometry;
         let Some((offset, _)) = self.l2_offset(g.l1_index(guest.get()) as usize)? else {
             return Ok((L2Mapping::Unallocated, SubclusterBitmap(0)));
@@ -139,11 +158,11 @@ impl BlockMap {
         let index = g.l2_index(guest.get()) as usize;
         let table = self.l2_table(storage, offset)?;
         if g.extended_l2() {
-            let mapping = L2Entry(table[2 * index]).decode(format)?;
+            let mapping = decode(L2Entry(table[2 * index]), format)?;
             let bitmap = SubclusterBitmap(table[2 * index + 1]).decode(mapping)?;
             Ok((mapping, bitmap))
         } else {
-            Ok((L2Entry(table[index]).decode(format)?, SubclusterBitmap(0)))
+            Ok((decode(L2Entry(table[index]), format)?, SubclusterBitmap(0)))
         }
     }
 

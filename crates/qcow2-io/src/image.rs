@@ -50,6 +50,8 @@ pub struct Image {
     /// resolve against, and the files already in its chain.
     pub(crate) chain: ChainContext,
     closed: AtomicBool,
+    /// Damage to the refcount structure a read-only open read through.
+    refcount_damage: Option<String>,
 }
 
 /// A persistent dirty bitmap, as `qemu-img info` lists it.
@@ -150,8 +152,14 @@ fn open_data_file(header: &Header, options: &OpenOptions) -> Result<Arc<dyn Stor
 }
 
 /// Reads the header; for a check (`tolerant`), damage to the refcount
-/// table's location is returned instead of failing.
-fn read_header(storage: &dyn Storage, tolerant: bool) -> Result<(Header, RefcountLoading)> {
+/// table's location is returned instead of failing. With
+/// `tolerant_blocks` (a read-only open), the table's location must be
+/// sound, as QEMU demands, but damaged refcount blocks are read through.
+fn read_header(
+    storage: &dyn Storage,
+    tolerant: bool,
+    tolerant_blocks: bool,
+) -> Result<(Header, RefcountLoading)> {
     let file_size = storage
         .len()
         .map_err(ImageError::io("reading the image size"))?;
@@ -160,7 +168,12 @@ fn read_header(storage: &dyn Storage, tolerant: bool) -> Result<(Header, Refcoun
         .read_at(&mut buf, 0)
         .map_err(ImageError::io("reading the header"))?;
     if !tolerant {
-        return Ok((Header::parse(&buf, file_size)?, RefcountLoading::Strict));
+        let loading = if tolerant_blocks {
+            RefcountLoading::Tolerant(None)
+        } else {
+            RefcountLoading::Strict
+        };
+        return Ok((Header::parse(&buf, file_size)?, loading));
     }
     let (header, damage) = Header::parse_for_check(&buf, file_size)?;
     Ok((
@@ -273,7 +286,10 @@ impl Image {
         options: &OpenOptions,
         context: ChainContext,
     ) -> Result<Self> {
-        let (mut header, loading) = read_header(&*storage, options.check)?;
+        // A read-only open needs only the header, L1 and L2 tables: damaged
+        // refcount blocks are recorded, not fatal, so the data can be read
+        // out (as QEMU reads it) before a repair.
+        let (mut header, loading) = read_header(&*storage, options.check, !options.write)?;
         if let Some(id_or_name) = &options.snapshot {
             if options.write {
                 return Err(ImageError::InvalidOption(
@@ -313,6 +329,9 @@ impl Image {
             loading,
         )?;
         let mut image = Self::from_parts(storage, meta, options.write);
+        if !options.write && !options.check {
+            image.refcount_damage = image.meta.get_mut().refcount_damage()?;
+        }
         image.backing = backing;
         image.chain = context;
         if let Some(data) = data_file {
@@ -341,6 +360,7 @@ impl Image {
             backing: None,
             chain: ChainContext::default(),
             closed: AtomicBool::new(false),
+            refcount_damage: None,
         }
     }
 
@@ -358,7 +378,7 @@ impl Image {
     /// (the caches get their default sizes).
     pub(crate) fn reload_metadata(&mut self) -> Result<()> {
         self.meta.get_mut().flush()?;
-        let (header, loading) = read_header(&*self.storage, false)?;
+        let (header, loading) = read_header(&*self.storage, false, false)?;
         let defaults = OpenOptions::default();
         let mut meta = Metadata::load(
             self.storage.clone(),
@@ -380,6 +400,30 @@ impl Image {
     /// The image file's canonical path, when it was opened by path.
     pub fn path(&self) -> Option<&Path> {
         self.chain.own.as_deref()
+    }
+
+    /// What is wrong with the refcount structure of an image opened
+    /// read-only, in one line; `None` when it looks sound, or when the
+    /// image was opened read-write (which refuses such damage) or for a
+    /// check (whose report lists it).
+    ///
+    /// A read-only open reads through such damage, as QEMU does: guest
+    /// data needs only the header and the L1 and L2 tables, so it can be
+    /// copied out before `check` with [`RepairMode::All`] rebuilds the
+    /// refcounts.
+    ///
+    /// ```no_run
+    /// # fn main() -> qcow2_io::Result<()> {
+    /// use qcow2_io::{Image, OpenOptions};
+    /// let image = Image::open("damaged.qcow2", &OpenOptions::read_only())?;
+    /// if let Some(damage) = image.refcount_damage() {
+    ///     eprintln!("warning: {damage}; run `qcow2 check -r all damaged.qcow2`");
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn refcount_damage(&self) -> Option<&str> {
+        self.refcount_damage.as_deref()
     }
 
     /// The backing file, if the image has one.

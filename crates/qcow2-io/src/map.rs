@@ -28,8 +28,9 @@ pub struct MapExtent {
     pub length: u64,
     /// How it is stored.
     pub kind: MapKind,
-    /// Host offset of the first byte, for data; runs of data are contiguous
-    /// on the host.
+    /// Host offset of the first byte, for data and for zero clusters that
+    /// keep a host cluster (as `qemu-img map` reports them); runs are
+    /// contiguous on the host.
     pub host_offset: Option<u64>,
 }
 
@@ -91,7 +92,7 @@ impl Image {
                     let piece = sub.min(len - i * sub);
                     let (kind, at) = match bitmap.state(i as u32) {
                         SubclusterState::Allocated => (MapKind::Data, host.map(|h| h + i * sub)),
-                        SubclusterState::Zero => (MapKind::Zero, None),
+                        SubclusterState::Zero => (MapKind::Zero, host.map(|h| h + i * sub)),
                         SubclusterState::Unallocated => (MapKind::Unallocated, None),
                     };
                     push(guest + i * sub, piece, kind, at);
@@ -102,7 +103,9 @@ impl Image {
             let (kind, host) = match mapping {
                 L2Mapping::Data { offset, .. } => (MapKind::Data, Some(offset.get())),
                 L2Mapping::Compressed(_) => (MapKind::Compressed, None),
-                L2Mapping::Zero { .. } => (MapKind::Zero, None),
+                L2Mapping::Zero { preallocated, .. } => {
+                    (MapKind::Zero, preallocated.map(|o| o.get()))
+                }
                 L2Mapping::Unallocated => (MapKind::Unallocated, None),
             };
             push(guest, len, kind, host);

@@ -197,12 +197,13 @@ impl Metadata {
     }
 
     /// [`Metadata::lookup`] for reading: a range whose L2 table lies past
-    /// the end of the file reads as unallocated, as QEMU reads it.
+    /// the end of the file reads as unallocated, and reserved bits of an
+    /// entry are ignored, as QEMU reads them.
     pub(crate) fn lookup_for_read(
         &mut self,
         guest: GuestOffset,
     ) -> Result<(L2Mapping, SubclusterBitmap)> {
-        match self.lookup(guest) {
+        match self.map.lookup_for_read(&*self.storage, guest) {
             Err(ImageError::L2TablePastEnd { .. }) => {
                 Ok((L2Mapping::Unallocated, SubclusterBitmap(0)))
             }
@@ -511,6 +512,12 @@ impl Metadata {
     pub(crate) fn live_refcount(&mut self, cluster: HostCluster) -> Result<u64> {
         let refcount = self.alloc.refcount(&*self.storage, cluster)?;
         Ok(refcount.saturating_sub(self.alloc.released_count(cluster)))
+    }
+
+    /// What is wrong with the refcount structure, in one line; `None` when
+    /// it looks sound (see `Allocator::damage_summary`).
+    pub(crate) fn refcount_damage(&mut self) -> Result<Option<String>> {
+        self.alloc.damage_summary(&*self.storage)
     }
 
     /// The largest refcount the image's width can hold.

@@ -7,7 +7,7 @@
 use std::os::unix::fs::MetadataExt;
 
 use qcow2_format::snapshot::Snapshot;
-use qcow2_io::{BitmapInfo, DedupStats, Image, ImageInfo, OpenOptions};
+use qcow2_io::{BitmapInfo, DedupStats, ImageInfo, OpenOptions};
 use serde_json::{json, Value};
 
 use crate::args::{ImageFormat, InfoArgs, OutputFormat};
@@ -86,7 +86,7 @@ fn describe(
         );
         return Ok((None, None));
     }
-    let image = Image::open(path, &OpenOptions::read_only()).map_err(CliError::image(path))?;
+    let image = crate::disk::open_read_only(path, &OpenOptions::read_only())?;
     let info = image.info().map_err(CliError::image(path))?;
     let stats = image.dedup_stats().map_err(CliError::image(path))?;
     let snapshots = image.snapshots().map_err(CliError::image(path))?;

@@ -81,7 +81,7 @@ fn walk(
         match e.kind {
             MapKind::Data => push(out, here(true, false, false, e.host_offset)),
             MapKind::Compressed => push(out, here(true, false, true, None)),
-            MapKind::Zero => push(out, here(false, true, false, None)),
+            MapKind::Zero => push(out, here(false, true, false, e.host_offset)),
             MapKind::Unallocated => {
                 let end = e.start + e.length;
                 let Some(backing) = image.backing() else {
@@ -172,8 +172,7 @@ pub fn run(args: &MapArgs) -> Result<u8, CliError> {
     let path = args.file.as_str();
     let (extents, names) = match resolve_format(path, args.format)? {
         ImageFormat::Qcow2 => {
-            let image =
-                Image::open(path, &OpenOptions::read_only()).map_err(CliError::image(path))?;
+            let image = crate::disk::open_read_only(path, &OpenOptions::read_only())?;
             let mut out = Vec::new();
             walk(&image, 0, image.size(), 0, &mut out).map_err(CliError::image(path))?;
             (out, layer_names(&image, path))
