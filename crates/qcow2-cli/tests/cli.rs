@@ -394,7 +394,11 @@ fn dedup_convert_stores_each_distinct_block_once() {
             .flat_map(|e| (0..e.length / 65536).map(move |i| e.host_offset.unwrap() + i * 65536))
             .collect();
         assert_eq!(hosts.len(), k, "exactly K data clusters are stored");
-        let table = image.dedup_table_clusters();
+        let table = image
+            .dedup_table_clusters()
+            .iter()
+            .map(|c| c.get())
+            .collect::<Vec<u64>>();
         drop(image);
 
         let out = qcow2(&["check", p(&img)]);

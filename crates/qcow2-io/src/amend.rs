@@ -70,6 +70,7 @@ impl Image {
         } = self.check_amend_target(options, false)?;
         // `&mut self`: no other reference can be reading or writing.
         self.check_writable()?;
+        let backed = self.has_backing();
         {
             let meta = self.meta.get_mut();
             meta.mark_dirty()?;
@@ -89,7 +90,7 @@ impl Image {
                 })?;
             }
             if version < header.version {
-                meta.expand_zero_clusters(self.backing.is_some())?;
+                meta.expand_zero_clusters(backed)?;
                 meta.change_header(downgrade_to_v2)?;
             }
         }

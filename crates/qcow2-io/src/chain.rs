@@ -22,14 +22,24 @@ impl Image {
     /// reads through unallocated clusters changes to what the new file
     /// holds. The new file must open (a loop, a missing file or a name
     /// over 1023 bytes is refused before anything is written).
-    pub fn set_backing_file(&mut self, backing: Option<(&str, &str)>) -> Result<()> {
+    ///
+    /// Callable through a shared reference (an `Arc<Image>`): the switch
+    /// waits for the requests in flight and holds off new ones.
+    pub fn set_backing_file(&self, backing: Option<(&str, &str)>) -> Result<()> {
         self.check_writable()?;
         let opened = match backing {
             Some((name, format)) => Some(self.open_backing(name, format)?),
             None => None,
         };
+        self.switch_backing(backing, opened)
+    }
+
+    /// Names `backing` in the header and reads through `opened` from now
+    /// on, under every range lock.
+    fn switch_backing(&self, backing: Option<(&str, &str)>, opened: Option<Backing>) -> Result<()> {
+        let _all = self.lock_for_change(0..u64::MAX)?;
         self.meta.lock().set_backing(backing)?;
-        self.backing = opened;
+        self.set_backing_handle(opened);
         Ok(())
     }
 
@@ -38,8 +48,12 @@ impl Image {
     /// no cluster of its own and the old and new backing files differ, the
     /// old content is copied into this image first; then the header names
     /// the new file. `progress` is told the bytes done and the total.
+    ///
+    /// Callable through a shared reference; writes that run at the same
+    /// time are kept (a cluster they allocate is no longer copied), but a
+    /// discard during the rebase may show the new backing file there.
     pub fn rebase(
-        &mut self,
+        &self,
         backing: Option<(&str, &str)>,
         mut progress: impl FnMut(u64, u64),
     ) -> Result<()> {
@@ -91,9 +105,7 @@ impl Image {
                 progress(done, total);
             }
         }
-        self.meta.lock().set_backing(backing)?;
-        self.backing = new;
-        Ok(())
+        self.switch_backing(backing, new)
     }
 
     /// Unmaps every cluster of this image, so it reads through to its

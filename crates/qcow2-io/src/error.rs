@@ -58,6 +58,22 @@ pub enum ImageError {
         /// File size.
         file_size: u64,
     },
+    /// A change would take a cluster's refcount past the largest value the
+    /// image's refcount width holds (with 2- or 4-bit refcounts a snapshot
+    /// is refused this way once a content is shared to the maximum). The
+    /// image is unchanged; widen the refcounts (`amend` with a larger
+    /// `refcount_bits`) to make room.
+    #[error("cluster {cluster} would need refcount {needed} but refcount_bits={bits} holds at most {max}")]
+    RefcountOverflow {
+        /// Host cluster index.
+        cluster: u64,
+        /// The refcount the change needs.
+        needed: u64,
+        /// The image's refcount width in bits.
+        bits: u32,
+        /// The largest refcount that width holds.
+        max: u64,
+    },
     /// No internal snapshot has this ID or name.
     #[error("snapshot '{0}' not found")]
     SnapshotNotFound(String),

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use qcow2_alloc::{FileStorage, Storage};
 use qcow2_format::features::{
     AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_COMPRESSION_TYPE, INCOMPAT_EXTERNAL_DATA,
@@ -44,8 +44,9 @@ pub struct Image {
     pub(crate) dedup: AtomicBool,
     /// Contents being stored right now by dedup writes.
     pub(crate) claims: InflightClaims,
-    /// The backing file unallocated clusters read through, if any.
-    pub(crate) backing: Option<Backing>,
+    /// The backing file unallocated clusters read through, if any
+    /// (replaced by a rebase under every range lock).
+    backing: RwLock<Option<Arc<Backing>>>,
     /// Where the image was opened from: what its backing file names
     /// resolve against, and the files already in its chain.
     pub(crate) chain: ChainContext,
@@ -151,6 +152,18 @@ fn open_data_file(header: &Header, options: &OpenOptions) -> Result<Arc<dyn Stor
     Ok(Arc::new(file))
 }
 
+/// The chain context of the image file at `path`: relative backing names
+/// resolve against its directory, and it counts as visited.
+fn chain_context_of(path: &Path) -> ChainContext {
+    let mut context = ChainContext::default();
+    if let Ok(canonical) = std::fs::canonicalize(path) {
+        context.base_dir = canonical.parent().map(Path::to_path_buf);
+        context.visited.insert(canonical.clone());
+        context.own = Some(canonical);
+    }
+    context
+}
+
 /// Reads the header; for a check (`tolerant`), damage to the refcount
 /// table's location is returned instead of failing. With
 /// `tolerant_blocks` (a read-only open), the table's location must be
@@ -209,10 +222,57 @@ impl Image {
         Self::open(path, &OpenOptions::read_write())
     }
 
-    /// Creates a new image on any storage and opens it read-write. A
-    /// relative backing file name is resolved against the current
-    /// directory here ([`Image::create`] resolves it against the image's).
+    /// Creates a new image on any storage and opens it read-write.
+    ///
+    /// A backing file name is resolved as QEMU resolves it, against the
+    /// image's own directory; storage without a path has none, so a
+    /// relative backing name is refused here
+    /// ([`ImageError::InvalidOption`]): use [`Image::create_on_file`] (or
+    /// [`Image::create`]), or an absolute name.
     pub fn create_on(storage: Arc<dyn Storage>, options: &CreateOptions) -> Result<Self> {
+        if let Some((name, _)) = &options.backing {
+            if Path::new(name).is_relative() {
+                return Err(ImageError::InvalidOption(format!(
+                    "the relative backing file name '{name}' resolves against the image's \
+                     directory, which storage without a path lacks: use Image::create_on_file \
+                     or an absolute name"
+                )));
+            }
+        }
+        Self::create_in_chain(storage, options, ChainContext::default())
+    }
+
+    /// Creates a new image on `storage`, which holds the file at `path`,
+    /// and opens it read-write: for callers that open the file themselves
+    /// (e.g. with direct I/O). A relative backing file name is resolved
+    /// against `path`'s directory, as [`Image::create`] and [`Image::open`]
+    /// resolve it.
+    ///
+    /// ```no_run
+    /// # fn main() -> qcow2_io::Result<()> {
+    /// use std::sync::Arc;
+    /// use qcow2_io::{CreateOptions, FileStorage, Image};
+    /// let path = std::path::Path::new("vms/overlay.qcow2");
+    /// let storage = FileStorage::create_new(path).map_err(qcow2_io::ImageError::io("creating"))?;
+    /// // The backing file is vms/base.qcow2, as QEMU resolves the name.
+    /// let options = CreateOptions::new(1 << 30).backing_file("base.qcow2", "qcow2");
+    /// let overlay = Image::create_on_file(Arc::new(storage), &options, path)?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn create_on_file(
+        storage: Arc<dyn Storage>,
+        options: &CreateOptions,
+        path: &Path,
+    ) -> Result<Self> {
+        Self::create_in_chain(storage, options, chain_context_of(path))
+    }
+
+    fn create_in_chain(
+        storage: Arc<dyn Storage>,
+        options: &CreateOptions,
+        context: ChainContext,
+    ) -> Result<Self> {
         if options.data_file.is_some() {
             return Err(ImageError::InvalidOption(
                 "an external data file is created with Image::create (it needs the image's path)"
@@ -224,12 +284,13 @@ impl Image {
                 name,
                 Some(format),
                 &OpenOptions::read_write(),
-                &ChainContext::default(),
+                &context,
             )?),
             None => None,
         };
         let mut image = Self::create_unbacked(storage, options)?;
-        image.backing = backing;
+        image.set_backing_handle(backing);
+        image.chain = context;
         Ok(image)
     }
 
@@ -255,13 +316,7 @@ impl Image {
         options: &OpenOptions,
         path: &Path,
     ) -> Result<Self> {
-        let mut context = ChainContext::default();
-        if let Ok(canonical) = std::fs::canonicalize(path) {
-            context.base_dir = canonical.parent().map(Path::to_path_buf);
-            context.visited.insert(canonical.clone());
-            context.own = Some(canonical);
-        }
-        Self::open_in_chain(storage, options, context)
+        Self::open_in_chain(storage, options, chain_context_of(path))
     }
 
     /// Opens an image on any storage.
@@ -332,7 +387,7 @@ impl Image {
         if !options.write && !options.check {
             image.refcount_damage = image.meta.get_mut().refcount_damage()?;
         }
-        image.backing = backing;
+        image.set_backing_handle(backing);
         image.chain = context;
         if let Some(data) = data_file {
             image.data = data;
@@ -357,7 +412,7 @@ impl Image {
             storage,
             writable,
             claims: InflightClaims::default(),
-            backing: None,
+            backing: RwLock::new(None),
             chain: ChainContext::default(),
             closed: AtomicBool::new(false),
             refcount_damage: None,
@@ -427,8 +482,19 @@ impl Image {
     }
 
     /// The backing file, if the image has one.
-    pub fn backing(&self) -> Option<&Backing> {
-        self.backing.as_ref()
+    pub fn backing(&self) -> Option<Arc<Backing>> {
+        self.backing.read().clone()
+    }
+
+    /// Replaces the opened backing file; the caller holds every range
+    /// lock, or the image is not shared yet.
+    pub(crate) fn set_backing_handle(&self, backing: Option<Backing>) {
+        *self.backing.write() = backing.map(Arc::new);
+    }
+
+    /// Whether the image has a backing file.
+    pub(crate) fn has_backing(&self) -> bool {
+        self.backing.read().is_some()
     }
 
     /// Whether the image was opened for writing.
@@ -546,8 +612,7 @@ impl Image {
         let old_size = self.size();
         let exposes_backing = new_size > old_size
             && self
-                .backing
-                .as_ref()
+                .backing()
                 .is_some_and(|backing| backing.size() > old_size);
         {
             let mut meta = self.meta.lock();
@@ -623,6 +688,36 @@ impl Image {
         }
         let _all = self.locks.lock(0..u64::MAX, true);
         self.meta.lock().close()
+    }
+}
+
+impl Image {
+    /// Lets the image go as if the process had died right now: nothing is
+    /// flushed and the dirty bit stays set. Every write that returned has
+    /// reached the storage (the page cache, for a file); metadata a flush
+    /// would still have written is lost, as in a crash. The next
+    /// read-write open finds the image dirty and repairs it (refcounts
+    /// rebuilt, dedup entries re-verified). For crash tests; applications
+    /// end with [`Image::close`], and dropping an image closes it.
+    ///
+    /// ```
+    /// # fn main() -> qcow2_io::Result<()> {
+    /// use std::sync::Arc;
+    /// use qcow2_io::{CreateOptions, Image, MemStorage, OpenOptions};
+    /// let storage = Arc::new(MemStorage::new());
+    /// let image = Image::create_on(storage.clone(), &CreateOptions::new(1 << 20))?;
+    /// image.write_at(&[7u8; 4096], 0)?;
+    /// image.flush()?;
+    /// image.abandon();
+    /// let reopened = Image::open_on(storage, &OpenOptions::read_write())?;
+    /// let mut back = [0u8; 4096];
+    /// reopened.read_at(&mut back, 0)?;
+    /// assert_eq!(back, [7u8; 4096], "flushed data survives");
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn abandon(self) {
+        self.closed.store(true, Ordering::Release);
     }
 }
 

@@ -366,11 +366,12 @@ impl Metadata {
         for &(cluster, n) in counts {
             let now = self.refcount(cluster)?;
             if now.checked_add(n).is_none_or(|sum| sum > max) {
-                return Err(ImageError::InvalidOption(format!(
-                    "cluster {cluster} would need refcount {} but refcount_bits={} holds at most {max}",
-                    now.saturating_add(n),
-                    self.alloc.width().bits()
-                )));
+                return Err(ImageError::RefcountOverflow {
+                    cluster: cluster.get(),
+                    needed: now.saturating_add(n),
+                    bits: self.alloc.width().bits(),
+                    max,
+                });
             }
         }
         for &(cluster, n) in counts {

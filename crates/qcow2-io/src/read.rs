@@ -142,6 +142,7 @@ impl Image {
     /// Fills `buf` (the guest bytes from `offset`) from `segments`.
     pub(crate) fn fill(&self, buf: &mut [u8], offset: u64, segments: &[Segment]) -> Result<()> {
         let mut cluster = Vec::new();
+        let backing = self.backing();
         for s in segments {
             let dst = &mut buf[s.at..s.at + s.len];
             match s.extent {
@@ -150,7 +151,7 @@ impl Image {
                     .read_at(dst, host)
                     .map_err(ImageError::io("reading guest data"))?,
                 Extent::Zero => dst.fill(0),
-                Extent::Backing => match &self.backing {
+                Extent::Backing => match &backing {
                     Some(backing) => backing.read_at(dst, offset + s.at as u64)?,
                     None => dst.fill(0),
                 },

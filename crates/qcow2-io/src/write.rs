@@ -203,14 +203,17 @@ impl Image {
                 out.copy_from_slice(&cluster);
                 Ok(())
             }
-            L2Mapping::Unallocated if self.backing.is_some() => match &self.backing {
-                Some(backing) => backing.read_at(out, guest),
-                None => Ok(()),
-            },
-            L2Mapping::Zero { .. } | L2Mapping::Unallocated => {
+            L2Mapping::Zero { .. } => {
                 out.fill(0);
                 Ok(())
             }
+            L2Mapping::Unallocated => match self.backing() {
+                Some(backing) => backing.read_at(out, guest),
+                None => {
+                    out.fill(0);
+                    Ok(())
+                }
+            },
         }
     }
 
@@ -347,7 +350,7 @@ impl Image {
             let piece_end = (g.cluster_start(pos) + g.cluster_size()).min(end);
             let (mapping, _) = self.meta.lock().lookup(GuestOffset::new(pos))?;
             let reads_zero = match mapping {
-                L2Mapping::Unallocated => self.backing.is_none(),
+                L2Mapping::Unallocated => !self.has_backing(),
                 L2Mapping::Zero { .. } => true,
                 _ => false,
             };

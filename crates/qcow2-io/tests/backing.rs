@@ -367,3 +367,52 @@ fn growing_an_overlay_over_a_longer_backing_reads_zeros_as_in_qemu() {
         assert!(image.check(RepairMode::None).unwrap().is_clean());
     }
 }
+
+/// One rule for relative backing names, QEMU's: against the image's own
+/// directory, whether the image is made by `create`, by `create_on_file`
+/// on storage the caller opened, or reopened by `open`; `create_on`, whose
+/// storage has no path, refuses a relative name instead of guessing. A
+/// rebase and a new backing name work through a shared `Arc<Image>`.
+#[test]
+fn relative_backing_names_resolve_against_the_image_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("vms");
+    std::fs::create_dir(&sub).unwrap();
+    let base_path = sub.join("base.qcow2");
+    let base = Image::create(&base_path, &CreateOptions::new(1 << 20)).unwrap();
+    base.write_at(&[0x5a; 4096], 0).unwrap();
+    base.close().unwrap();
+    let options = CreateOptions::new(1 << 20).backing_file("base.qcow2", "qcow2");
+
+    let overlay_path = sub.join("overlay.qcow2");
+    let storage = qcow2_io::FileStorage::create_new(&overlay_path).unwrap();
+    let overlay =
+        Image::create_on_file(std::sync::Arc::new(storage), &options, &overlay_path).unwrap();
+    let mut buf = [0u8; 4096];
+    overlay.read_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, [0x5a; 4096], "read through vms/base.qcow2");
+    overlay.close().unwrap();
+    drop(overlay);
+    let reopened = Image::open(&overlay_path, &OpenOptions::read_only()).unwrap();
+    reopened.read_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, [0x5a; 4096], "reopened: the same file");
+    drop(reopened);
+
+    let err =
+        Image::create_on(std::sync::Arc::new(qcow2_io::MemStorage::new()), &options).unwrap_err();
+    assert!(matches!(err, ImageError::InvalidOption(_)), "{err:?}");
+
+    let shared =
+        std::sync::Arc::new(Image::open(&overlay_path, &OpenOptions::read_write()).unwrap());
+    shared.rebase(None, |_, _| {}).unwrap();
+    shared.read_at(&mut buf, 0).unwrap();
+    assert_eq!(
+        buf, [0x5a; 4096],
+        "a rebase onto nothing keeps what the guest reads"
+    );
+    assert!(shared.backing().is_none());
+    shared
+        .set_backing_file(Some(("base.qcow2", "qcow2")))
+        .unwrap();
+    assert!(shared.backing().is_some());
+}

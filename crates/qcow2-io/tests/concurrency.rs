@@ -118,7 +118,11 @@ fn stress(dedup: bool, cluster: u64, range: u64, seed: u64) {
     }
     let report = image.check(RepairMode::None).unwrap();
     assert!(report.is_clean(), "{:?}", report.findings);
-    let table = image.dedup_table_clusters();
+    let table = image
+        .dedup_table_clusters()
+        .iter()
+        .map(|c| c.get())
+        .collect::<Vec<u64>>();
     image.close().unwrap();
     if qemu_available() {
         let out = run("qemu-img", &["check", path.to_str().unwrap()]);

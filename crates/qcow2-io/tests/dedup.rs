@@ -248,7 +248,11 @@ fn four_threads_of_heavy_duplication_stay_exact() {
     // Writers of the same new content wait for each other: never two copies.
     assert_eq!(stats.unique_clusters, distinct, "{stats:?}");
     assert_eq!(data_clusters(&image), stats.unique_clusters);
-    let table = image.dedup_table_clusters();
+    let table = image
+        .dedup_table_clusters()
+        .iter()
+        .map(|c| c.get())
+        .collect::<Vec<u64>>();
     Arc::try_unwrap(image).unwrap().close().unwrap();
 
     let image = Image::open(&path, &OpenOptions::read_only()).unwrap();
@@ -300,7 +304,7 @@ fn reopen_keeps_deduplicating_after_close_and_after_a_crash() {
         image.write_at(&block(1, cs), 21 * cs as u64).unwrap();
         let bytes = if crash {
             let b = faulty.crash_image(faulty.unflushed_writes() / 2);
-            std::mem::forget(image);
+            image.abandon();
             b
         } else {
             image.close().unwrap();
@@ -378,7 +382,11 @@ fn every_cluster_size_and_refcount_width() {
             assert_eq!(first_difference(&back, &expected), None, "{label}");
             image.flush().unwrap();
             assert_clean(&image, &label);
-            let table = image.dedup_table_clusters();
+            let table = image
+                .dedup_table_clusters()
+                .iter()
+                .map(|c| c.get())
+                .collect::<Vec<u64>>();
             image.close().unwrap();
             if qemu {
                 assert_qemu_sees_only_dedup_leaks(&path, &table);
@@ -403,7 +411,11 @@ fn a_flipped_byte_in_a_dedup_cluster_is_caught_and_data_still_reads() {
             .write_at(&block(i % 7 + 1, cs), i * cs as u64)
             .unwrap();
     }
-    let table = image.dedup_table_clusters();
+    let table = image
+        .dedup_table_clusters()
+        .iter()
+        .map(|c| c.get())
+        .collect::<Vec<u64>>();
     image.close().unwrap();
     let mut bytes = storage.to_bytes();
     let l2 = *table.last().unwrap() as usize * cs;
@@ -525,7 +537,11 @@ fn random_damage_to_the_dedup_table_never_changes_guest_data() {
         image.write_at(&data, i * cs as u64).unwrap();
         expected[(i as usize) * cs..(i as usize + 1) * cs].copy_from_slice(&data);
     }
-    let table = image.dedup_table_clusters();
+    let table = image
+        .dedup_table_clusters()
+        .iter()
+        .map(|c| c.get())
+        .collect::<Vec<u64>>();
     image.close().unwrap();
     let good = storage.to_bytes();
     let mut rng = SmallRng::seed_from_u64(5);
@@ -583,7 +599,7 @@ fn failing_writes_on_a_dedup_image_lose_nothing_flushed() {
         }
         assert!(failed, "budget {budget}: the failure surfaced");
         let crashed = faulty.crash_image(0);
-        std::mem::forget(image);
+        image.abandon();
         let storage = Arc::new(MemStorage::from_bytes(crashed));
         let image = Image::open_on(storage, &OpenOptions::read_write()).unwrap();
         for i in 0..40u64 {

@@ -348,7 +348,11 @@ fn dedup_comes_back_after_qemu_repair_stripped_it() {
     );
     let report = image.check(RepairMode::None).unwrap();
     assert!(report.is_clean(), "{:?}", report.findings);
-    let table = image.dedup_table_clusters();
+    let table = image
+        .dedup_table_clusters()
+        .iter()
+        .map(|c| c.get())
+        .collect::<Vec<u64>>();
     image.close().unwrap();
     assert_eq!(qemu_raw(&path), before, "guest data unchanged");
     let out = run("qemu-img", &["check", p]);
@@ -369,4 +373,35 @@ fn dedup_comes_back_after_qemu_repair_stripped_it() {
         table.into_iter().collect(),
         "only the dedup table: {err}"
     );
+}
+
+/// With 2-bit refcounts, a snapshot of an image whose content is shared to
+/// the maximum needs a fourth reference: it is refused with the typed
+/// error a caller can branch on, and nothing is written.
+#[test]
+fn a_snapshot_past_the_refcount_width_is_a_typed_refusal() {
+    let storage = Arc::new(MemStorage::new());
+    let options = CreateOptions::new(1 << 20)
+        .cluster_size(4096)
+        .refcount_bits(2)
+        .dedup(true);
+    let image = Image::create_on(storage.clone(), &options).unwrap();
+    let p = content(1, 4096);
+    for guest in 0..3 {
+        image.write_at(&p, guest * 4096).unwrap();
+    }
+    image.flush().unwrap();
+    let before = storage.to_bytes();
+    let err = image.snapshot_create("full").unwrap_err();
+    match err {
+        ImageError::RefcountOverflow {
+            needed, bits, max, ..
+        } => assert_eq!((needed, bits, max), (4, 2, 3)),
+        other => panic!("expected RefcountOverflow, got {other:?}"),
+    }
+    assert!(
+        storage.to_bytes() == before,
+        "a refused snapshot writes nothing"
+    );
+    assert!(image.snapshots().unwrap().is_empty());
 }

@@ -4,6 +4,7 @@
 //! (unless `-d`, or `-b`, which leaves the images between stale).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use qcow2_io::{Backing, Image, MapKind, OpenOptions};
 
@@ -19,12 +20,10 @@ struct Base {
     qcow2: bool,
 }
 
-/// The images above the base (top first) and the base.
-fn find_base<'a>(
-    top: &'a Image,
-    wanted: Option<&Path>,
-) -> Result<(Vec<&'a Image>, Base), CliError> {
-    let mut above = vec![top];
+/// The backing files between the top and the base (top's first) and the
+/// base.
+fn find_base(top: &Image, wanted: Option<&Path>) -> Result<(Vec<Arc<Backing>>, Base), CliError> {
+    let mut between = Vec::new();
     let mut current = top.backing();
     loop {
         let Some(layer) = current else {
@@ -38,16 +37,14 @@ fn find_base<'a>(
             .ok_or_else(|| CliError::Usage("a backing file without a path".into()))?
             .to_path_buf();
         if wanted.is_none_or(|w| w == path) {
-            let qcow2 = matches!(layer, Backing::Qcow2(_));
-            return Ok((above, Base { path, qcow2 }));
+            let qcow2 = matches!(*layer, Backing::Qcow2(_));
+            return Ok((between, Base { path, qcow2 }));
         }
-        match layer {
-            Backing::Qcow2(image) => {
-                above.push(image);
-                current = image.backing();
-            }
-            Backing::Raw { .. } => current = None,
-        }
+        current = match &*layer {
+            Backing::Qcow2(image) => image.backing(),
+            Backing::Raw { .. } => None,
+        };
+        between.push(layer);
     }
 }
 
@@ -87,7 +84,12 @@ pub fn run(args: &CommitArgs) -> Result<u8, CliError> {
     let Disk::Qcow2(top) = &source else {
         return Err(CliError::Usage(format!("{path} is not a qcow2 image")));
     };
-    let (above, base) = find_base(top, wanted.as_deref())?;
+    let (between, base) = find_base(top, wanted.as_deref())?;
+    let mut above: Vec<&Image> = vec![top];
+    above.extend(between.iter().filter_map(|layer| match &**layer {
+        Backing::Qcow2(image) => Some(&**image),
+        Backing::Raw { .. } => None,
+    }));
     let ranges = allocated(&above, path)?;
     let size = top.size();
     let base_path = base.path.to_string_lossy().into_owned();

@@ -90,7 +90,7 @@ fn walk(
                 };
                 let covered = end.min(backing.size()).max(e.start);
                 if covered > e.start {
-                    match backing {
+                    match &*backing {
                         Backing::Qcow2(b) => walk(b, e.start, covered - e.start, depth + 1, out)?,
                         Backing::Raw { file, .. } => {
                             raw_extents(file, e.start, covered, depth + 1, out).map_err(
@@ -156,7 +156,7 @@ fn layer_names(image: &Image, path: &str) -> Vec<String> {
                 .to_string_lossy()
                 .into_owned(),
         );
-        match b {
+        match &*b {
             Backing::Qcow2(next) => {
                 info = next.info().ok();
                 current = next.backing();

@@ -31,7 +31,7 @@ fn allocated(
         match e.kind {
             MapKind::Data | MapKind::Compressed => out.push((s, t)),
             MapKind::Zero => {}
-            MapKind::Unallocated => match image.backing() {
+            MapKind::Unallocated => match image.backing().as_deref() {
                 Some(Backing::Qcow2(b)) if s < b.size() => allocated(b, s, t.min(b.size()), out)?,
                 Some(Backing::Raw { file, size, .. }) if s < *size => {
                     out.extend(file.data_ranges(s, t.min(*size)).map_err(

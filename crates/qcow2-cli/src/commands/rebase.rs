@@ -27,7 +27,7 @@ pub fn run(args: &RebaseArgs) -> Result<u8, CliError> {
         let format = backing_format_name(path, &args.backing, args.backing_format)?;
         Some((args.backing.as_str(), format))
     };
-    let mut image = Image::open(path, &OpenOptions::read_write()).map_err(CliError::image(path))?;
+    let image = Image::open(path, &OpenOptions::read_write()).map_err(CliError::image(path))?;
     if args.unsafe_ {
         image
             .set_backing_file(backing)

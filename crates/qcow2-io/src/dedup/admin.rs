@@ -5,7 +5,7 @@ use std::borrow::Cow;
 
 use qcow2_dedup::{ContentHash, DedupStats};
 use qcow2_format::l2::L2Mapping;
-use qcow2_format::GuestOffset;
+use qcow2_format::{GuestOffset, HostCluster};
 
 use super::plan::ClusterItem;
 use super::write::ClusterWrite;
@@ -19,15 +19,12 @@ impl Image {
         self.dedup.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// Host clusters (indices) the dedup table occupies: the clusters
-    /// `qemu-img check`, which does not know the table, reports as leaked.
-    pub fn dedup_table_clusters(&self) -> Vec<u64> {
-        self.meta
-            .lock()
-            .dedup_table_clusters()
-            .into_iter()
-            .map(|c| c.get())
-            .collect()
+    /// Host clusters the dedup table occupies: the clusters
+    /// `qemu-img check`, which does not know the table, reports as leaked
+    /// (it names them by index, [`HostCluster::get`]; their byte offsets,
+    /// as [`Image::map`] gives offsets, are `index * cluster_size`).
+    pub fn dedup_table_clusters(&self) -> Vec<HostCluster> {
+        self.meta.lock().dedup_table_clusters()
     }
 
     /// Deduplication figures: unique clusters, references, bytes saved and
