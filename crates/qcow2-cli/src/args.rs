@@ -134,10 +134,10 @@ pub struct SnapshotArgs {
     /// Create a snapshot of the disk as it is now.
     #[arg(short = 'c', value_name = "NAME", group = "action")]
     pub create: Option<String>,
-    /// Revert the disk to a snapshot (by ID, or else by name).
+    /// Revert the disk to a snapshot (by ID, or else by name, as qemu-img).
     #[arg(short = 'a', value_name = "NAME", group = "action")]
     pub apply: Option<String>,
-    /// Delete a snapshot (by ID, or else by name).
+    /// Delete the snapshot with this name (by name only, as qemu-img).
     #[arg(short = 'd', value_name = "NAME", group = "action")]
     pub delete: Option<String>,
     /// The image.

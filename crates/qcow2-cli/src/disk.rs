@@ -2,10 +2,10 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use qcow2_io::{FileStorage, Image, MapKind, OpenOptions, Storage};
+use qcow2_io::{Backing, FileStorage, Image, MapKind, OpenOptions, Storage};
 
 pub use qcow2_io::is_zero;
 
@@ -70,6 +70,30 @@ pub fn backing_format_name(
     Ok(format.name())
 }
 
+/// Refuses to write `output` when it is the same file as one of `inputs`
+/// (compared by device and inode, so `a.qcow2`, `./a.qcow2` and links all
+/// match), before anything is created or truncated: writing it would
+/// destroy what is being read. QEMU refuses the same through its image
+/// locks; this holds without them.
+pub fn refuse_same_file<P: AsRef<Path>>(output: &str, inputs: &[P]) -> Result<(), CliError> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(out) = std::fs::metadata(output) else {
+        return Ok(());
+    };
+    for input in inputs {
+        let input = input.as_ref();
+        if let Ok(meta) = std::fs::metadata(input) {
+            if meta.dev() == out.dev() && meta.ino() == out.ino() {
+                return Err(CliError::Usage(format!(
+                    "{output} is the same file as the input {}: writing it would destroy what is being read",
+                    input.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Opens `path` read-only as a qcow2 image, saying on stderr when its
 /// refcount structure is damaged: the data still reads (as QEMU reads it),
 /// and `check -r all` repairs the image.
@@ -128,11 +152,7 @@ impl Disk {
         match format {
             ImageFormat::Qcow2 => {
                 let options = match snapshot {
-                    Some(s) => OpenOptions::at_snapshot(
-                        s.strip_prefix("snapshot.id=")
-                            .or_else(|| s.strip_prefix("snapshot.name="))
-                            .unwrap_or(s),
-                    ),
+                    Some(s) => OpenOptions::at_snapshot(s),
                     None => OpenOptions::read_only(),
                 };
                 let image = Image::open_on_file(Arc::new(file), &options, p)
@@ -150,6 +170,23 @@ impl Disk {
         }
     }
 
+    /// The files this disk reads: its own and every backing file below.
+    pub fn files(&self, path: &str) -> Vec<PathBuf> {
+        let mut files = vec![PathBuf::from(path)];
+        let Disk::Qcow2(image) = self else {
+            return files;
+        };
+        let mut current = image.backing();
+        while let Some(layer) = current {
+            files.extend(layer.path().map(Path::to_path_buf));
+            current = match &*layer {
+                Backing::Qcow2(next) => next.backing(),
+                Backing::Raw { .. } => None,
+            };
+        }
+        files
+    }
+
     /// Virtual size in bytes.
     pub fn size(&self) -> u64 {
         match self {
@@ -164,6 +201,32 @@ impl Disk {
             Disk::Raw { file, .. } => file.read_at(buf, offset).map_err(CliError::io(path)),
             Disk::Qcow2(image) => image.read_at(buf, offset).map_err(CliError::image(path)),
         }
+    }
+
+    /// Ranges `[start, end)` allocated anywhere in the disk's chain, merged,
+    /// in order, as qemu-img's block status reports allocation: data,
+    /// compressed and zero clusters of any layer, all of a raw file.
+    pub fn allocated_ranges(&self, path: &str) -> Result<Vec<(u64, u64)>, CliError> {
+        let mut ranges = Vec::new();
+        match self {
+            Disk::Raw { size, .. } => ranges.push((0, *size)),
+            Disk::Qcow2(image) => allocated_in_chain(image, image.size(), &mut ranges)
+                .map_err(CliError::image(path))?,
+        }
+        ranges.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::new();
+        for (s, e) in ranges.into_iter().filter(|(s, e)| s < e) {
+            match merged.last_mut() {
+                Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                _ => merged.push((s, e)),
+            }
+        }
+        Ok(merged)
+    }
+
+    /// Whether the disk reads unallocated ranges through a backing file.
+    pub fn has_backing(&self) -> bool {
+        matches!(self, Disk::Qcow2(image) if image.backing().is_some())
     }
 
     /// Ranges `[start, end)` the image itself holds (data, compressed or
@@ -210,5 +273,27 @@ impl Disk {
                 Ok(out)
             }
         }
+    }
+}
+
+/// Adds the ranges below `limit` that `image` or its backing chain
+/// allocates.
+fn allocated_in_chain(
+    image: &Image,
+    limit: u64,
+    out: &mut Vec<(u64, u64)>,
+) -> qcow2_io::Result<()> {
+    for e in image.map()? {
+        if e.kind != MapKind::Unallocated && e.start < limit {
+            out.push((e.start, (e.start + e.length).min(limit)));
+        }
+    }
+    match image.backing().as_deref() {
+        Some(Backing::Qcow2(next)) => allocated_in_chain(next, limit.min(image.size()), out),
+        Some(Backing::Raw { size, .. }) => {
+            out.push((0, (*size).min(limit)));
+            Ok(())
+        }
+        None => Ok(()),
     }
 }

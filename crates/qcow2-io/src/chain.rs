@@ -3,6 +3,9 @@
 //! while keeping what the guest reads (`qemu-img rebase`), and emptying an
 //! overlay whose data was committed to its backing (`qemu-img commit`).
 
+use qcow2_format::l2::L2Mapping;
+use qcow2_format::GuestOffset;
+
 use crate::backing::Backing;
 use crate::map::MapKind;
 use crate::{is_zero, Image, OpenOptions, Result};
@@ -93,7 +96,7 @@ impl Image {
                         let guest = at + offset as u64;
                         if is_zero(&old[range.clone()]) {
                             // A zero cluster hides the new backing's data.
-                            self.write_zeroes(guest, piece as u64)?;
+                            self.hide_backing(guest, piece as u64)?;
                         } else {
                             self.write_at(&old[range], guest)?;
                         }
@@ -106,6 +109,35 @@ impl Image {
             }
         }
         self.switch_backing(backing, new)
+    }
+
+    /// Makes `[offset, offset + len)` (within one cluster, unallocated
+    /// here) read as zeros whatever backing file the header names next:
+    /// zeroing does that where a backing file is named now; without one,
+    /// an unallocated cluster already reads as zeros and zeroing would
+    /// leave it unallocated, so a whole cluster gets a zero-flag entry and
+    /// anything else explicit zeros.
+    fn hide_backing(&self, offset: u64, len: u64) -> Result<()> {
+        if self.has_backing() {
+            return self.write_zeroes(offset, len);
+        }
+        let g = self.geometry;
+        let whole = g.cluster_start(offset) == offset && len == g.cluster_size();
+        if !whole || !self.meta.lock().l2_format().zero_flag {
+            return self.write_at(&vec![0u8; len as usize], offset);
+        }
+        let _range = self.lock_for_change(self.cluster_span(offset, len))?;
+        let mut meta = self.meta.lock();
+        meta.mark_dirty()?;
+        let guest = GuestOffset::new(offset);
+        if meta.lookup(guest)?.0 == L2Mapping::Unallocated {
+            let zero = L2Mapping::Zero {
+                preallocated: None,
+                copied: false,
+            };
+            meta.set_mapping(guest, zero)?;
+        }
+        Ok(())
     }
 
     /// Unmaps every cluster of this image, so it reads through to its

@@ -152,6 +152,17 @@ fn open_data_file(header: &Header, options: &OpenOptions) -> Result<Arc<dyn Stor
     Ok(Arc::new(file))
 }
 
+/// A compat=0.10 image keeps no virtual size per snapshot, so QEMU refuses
+/// to resize one that has snapshots (applying one afterwards would fail).
+fn refuse_v2_with_snapshots(header: &Header) -> Result<()> {
+    if header.version < 3 && header.nb_snapshots > 0 {
+        return Err(ImageError::Unsupported(
+            "can't resize a compat=0.10 image which has snapshots (as in QEMU)".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// The chain context of the image file at `path`: relative backing names
 /// resolve against its directory, and it counts as visited.
 fn chain_context_of(path: &Path) -> ChainContext {
@@ -605,7 +616,8 @@ impl Image {
     /// As in QEMU, when the backing file is longer than the disk was, the
     /// newly exposed range is zeroed, so it reads as zeros and not as the
     /// backing file's data; a compat=0.10 image (no zero clusters) is
-    /// refused then ([`ImageError::Unsupported`]) and left unchanged.
+    /// refused then ([`ImageError::Unsupported`]) and left unchanged. So is
+    /// a compat=0.10 image with snapshots, as QEMU refuses it.
     pub fn resize(&self, new_size: u64) -> Result<()> {
         let new_size = new_size.next_multiple_of(512);
         let _all = self.lock_for_change(0..u64::MAX)?;
@@ -616,6 +628,7 @@ impl Image {
                 .is_some_and(|backing| backing.size() > old_size);
         {
             let mut meta = self.meta.lock();
+            refuse_v2_with_snapshots(meta.header())?;
             if exposes_backing && !meta.l2_format().zero_flag {
                 return Err(ImageError::Unsupported(
                     "growing over a longer backing file needs zero clusters to hide it, \
@@ -635,7 +648,8 @@ impl Image {
 
     /// Shrinks the virtual disk to `new_size` bytes (rounded up to 512), as
     /// `qemu-img resize --shrink`: the data past the new end is dropped and
-    /// the clusters only it used are freed. Growing is refused here.
+    /// the clusters only it used are freed. Growing is refused here, and so
+    /// is a compat=0.10 image with snapshots, as in QEMU.
     pub fn shrink(&self, new_size: u64) -> Result<()> {
         let new_size = new_size.next_multiple_of(512);
         let _all = self.lock_for_change(0..u64::MAX)?;
@@ -646,6 +660,7 @@ impl Image {
             )));
         }
         let mut meta = self.meta.lock();
+        refuse_v2_with_snapshots(meta.header())?;
         meta.mark_dirty()?;
         meta.shrink(new_size)?;
         meta.flush_moving(MovableMappings::All)?;

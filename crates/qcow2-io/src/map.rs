@@ -28,9 +28,9 @@ pub struct MapExtent {
     pub length: u64,
     /// How it is stored.
     pub kind: MapKind,
-    /// Host offset of the first byte, for data and for zero clusters that
-    /// keep a host cluster (as `qemu-img map` reports them); runs are
-    /// contiguous on the host.
+    /// Host offset of the first byte, for data, and for zero clusters and
+    /// unallocated subclusters that keep a host cluster (as `qemu-img map`
+    /// reports them); runs are contiguous on the host.
     pub host_offset: Option<u64>,
 }
 
@@ -93,7 +93,11 @@ impl Image {
                     let (kind, at) = match bitmap.state(i as u32) {
                         SubclusterState::Allocated => (MapKind::Data, host.map(|h| h + i * sub)),
                         SubclusterState::Zero => (MapKind::Zero, host.map(|h| h + i * sub)),
-                        SubclusterState::Unallocated => (MapKind::Unallocated, None),
+                        // An unallocated subcluster of an allocated cluster
+                        // keeps its place, as qemu-img map shows it.
+                        SubclusterState::Unallocated => {
+                            (MapKind::Unallocated, host.map(|h| h + i * sub))
+                        }
                     };
                     push(guest + i * sub, piece, kind, at);
                 }
@@ -111,8 +115,15 @@ impl Image {
             push(guest, len, kind, host);
             guest += len;
         }
+        // The walk began at the cluster holding `offset`: drop what ends
+        // before it (subclusters of that cluster), then trim the first.
+        let before = out
+            .iter()
+            .take_while(|e| e.start + e.length <= offset)
+            .count();
+        out.drain(..before);
         if let Some(first) = out.first_mut() {
-            let cut = offset - first.start;
+            let cut = offset.saturating_sub(first.start);
             first.start = offset;
             first.length -= cut;
             first.host_offset = first.host_offset.map(|h| h + cut);

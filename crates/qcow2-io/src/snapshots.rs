@@ -79,11 +79,24 @@ pub(crate) fn tree_references(meta: &mut Metadata, l1: &[u64]) -> Result<Vec<(Ho
 
 /// The index of the snapshot `id_or_name` names: by ID first, then by
 /// name, as QEMU looks it up.
-fn find(snapshots: &[Snapshot], id_or_name: &str) -> Option<usize> {
-    snapshots
-        .iter()
-        .position(|s| s.id == id_or_name)
-        .or_else(|| snapshots.iter().position(|s| s.name == id_or_name))
+/// The snapshot `key` names, as qemu-img finds it for `-a` and `convert
+/// -l`: `snapshot.id=ID` by ID only, `snapshot.name=NAME` by name only,
+/// anything else by ID first, then by name.
+fn find(snapshots: &[Snapshot], key: &str) -> Option<usize> {
+    let by_id = |id: &str| snapshots.iter().position(|s| s.id == id);
+    if let Some(id) = key.strip_prefix("snapshot.id=") {
+        return by_id(id);
+    }
+    if let Some(name) = key.strip_prefix("snapshot.name=") {
+        return find_by_name(snapshots, name);
+    }
+    by_id(key).or_else(|| find_by_name(snapshots, key))
+}
+
+/// The snapshot named `name` (never matched by ID, as `qemu-img snapshot
+/// -d` finds it).
+fn find_by_name(snapshots: &[Snapshot], name: &str) -> Option<usize> {
+    snapshots.iter().position(|s| s.name == name)
 }
 
 fn not_found(id_or_name: &str) -> ImageError {
@@ -239,7 +252,8 @@ impl Image {
     }
 
     /// Makes the disk what it was when snapshot `id_or_name` (its ID, or
-    /// else its name) was taken, as `qemu-img snapshot -a` does; the virtual
+    /// else its name; `snapshot.id=` and `snapshot.name=` choose) was
+    /// taken, as `qemu-img snapshot -a` does; the virtual
     /// size follows the snapshot's. The snapshot itself stays.
     pub fn snapshot_apply(&self, id_or_name: &str) -> Result<()> {
         let _all = self.lock_for_change(0..u64::MAX)?;
@@ -273,14 +287,15 @@ impl Image {
         Ok(())
     }
 
-    /// Deletes snapshot `id_or_name` (its ID, or else its name), as
-    /// `qemu-img snapshot -d` does: clusters only it held are freed (and on
-    /// a deduplicated image their dedup entries removed).
-    pub fn snapshot_delete(&self, id_or_name: &str) -> Result<()> {
+    /// Deletes the snapshot named `name`, as `qemu-img snapshot -d` does
+    /// (by name only: `-d 2` deletes the snapshot named "2", never the one
+    /// whose ID is 2): clusters only it held are freed (and on a
+    /// deduplicated image their dedup entries removed).
+    pub fn snapshot_delete(&self, name: &str) -> Result<()> {
         let _all = self.lock_for_change(0..u64::MAX)?;
         let mut meta = self.meta.lock();
         let mut snapshots = meta.snapshots()?;
-        let index = find(&snapshots, id_or_name).ok_or_else(|| not_found(id_or_name))?;
+        let index = find_by_name(&snapshots, name).ok_or_else(|| not_found(name))?;
         let snapshot = snapshots.remove(index);
         let l1 = snapshot_l1(&meta, &snapshot)?;
         meta.mark_dirty()?;

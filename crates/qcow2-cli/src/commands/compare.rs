@@ -25,7 +25,7 @@ pub fn run(args: &CompareArgs) -> Result<u8, CliError> {
             return Ok(1);
         }
         if !quiet {
-            eprintln!("Warning: Image size mismatch!");
+            say!("Warning: Image size mismatch!");
         }
     }
     // Only ranges where either side may hold data need reading: everywhere
@@ -38,6 +38,20 @@ pub fn run(args: &CompareArgs) -> Result<u8, CliError> {
         match union.last_mut() {
             Some(last) if s <= last.1 => last.1 = last.1.max(e),
             _ => union.push((s, e)),
+        }
+    }
+    // Strict mode: allocation status counts too, as in qemu-img (a zero
+    // cluster is allocated, an unallocated cluster is not). The first
+    // place they differ is reported unless the contents differ earlier.
+    let status_mismatch = if args.strict {
+        first_difference(&a.allocated_ranges(a_path)?, &b.allocated_ranges(b_path)?)
+    } else {
+        None
+    };
+    if let Some(at) = status_mismatch {
+        union.retain(|&(s, _)| s < at);
+        if let Some(last) = union.last_mut() {
+            last.1 = last.1.min(at);
         }
     }
     let total: u64 = union.iter().map(|(s, e)| e - s).sum();
@@ -62,17 +76,40 @@ pub fn run(args: &CompareArgs) -> Result<u8, CliError> {
         }
     }
     progress.finish();
+    if let Some(at) = status_mismatch {
+        if !quiet {
+            say!("Strict mode: Offset {at} block status mismatch!");
+        }
+        return Ok(1);
+    }
     if !quiet {
         say!("Images are identical.");
     }
     Ok(0)
 }
 
+/// The first offset covered by exactly one of two sorted, merged lists of
+/// ranges.
+fn first_difference(a: &[(u64, u64)], b: &[(u64, u64)]) -> Option<u64> {
+    let edges = |r: &[(u64, u64)]| -> Vec<u64> { r.iter().flat_map(|&(s, e)| [s, e]).collect() };
+    let (ea, eb) = (edges(a), edges(b));
+    let mut i = 0;
+    while i < ea.len() && i < eb.len() {
+        if ea[i] != eb[i] {
+            return Some(ea[i].min(eb[i]));
+        }
+        i += 1;
+    }
+    ea.get(i).or(eb.get(i)).copied()
+}
+
 /// Reads `buf.len()` bytes at `offset`; what lies past the disk's end
 /// reads as zeros (the shorter image of a pair).
 fn read_padded(disk: &Disk, path: &str, buf: &mut [u8], offset: u64) -> Result<(), CliError> {
     let available = disk.size().saturating_sub(offset).min(buf.len() as u64) as usize;
-    disk.read_at(&mut buf[..available], offset, path)?;
+    if available > 0 {
+        disk.read_at(&mut buf[..available], offset, path)?;
+    }
     buf[available..].fill(0);
     Ok(())
 }

@@ -17,7 +17,7 @@ use qcow2_io::{AlignedBuf, CreateOptions, FileStorage, Image, Storage};
 
 use crate::args::{CacheMode, ConvertArgs, ImageFormat, SourceCache};
 use crate::commands::create::apply_options;
-use crate::disk::{backing_format_name, is_zero, Disk};
+use crate::disk::{backing_format_name, is_zero, refuse_same_file, Disk};
 use crate::error::CliError;
 use crate::progress::Progress;
 
@@ -284,12 +284,18 @@ pub fn run(args: &ConvertArgs) -> Result<u8, CliError> {
         args.snapshot.as_deref(),
     )?;
     let size = source.size();
+    let mut inputs = source.files(src_path);
+    inputs.extend(args.backing.as_deref().map(std::path::PathBuf::from));
+    refuse_same_file(&args.target, &inputs)?;
     let target = open_target(args, size)?;
     // A new target reads as zeros; an existing one must have every byte
     // of the source written, zeros included. An overlay (-B) gets what
     // the source's top image holds, zeros included (they hide the
-    // backing's data); the rest is assumed to be in its backing file.
-    let ranges = if args.no_create {
+    // backing's data); the rest is assumed to be in its backing file. A
+    // source without a backing file holds all of its disk: what it reads
+    // as zeros is written as zeros, so the overlay's backing file does not
+    // show through (as qemu-img does).
+    let ranges = if args.no_create || (args.backing.is_some() && !source.has_backing()) {
         vec![(0, size)]
     } else if args.backing.is_some() {
         source.top_ranges(src_path)?

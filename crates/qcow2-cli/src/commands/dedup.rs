@@ -8,7 +8,7 @@ use qcow2_io::{Image, OpenOptions};
 
 use crate::args::{CacheMode, DedupArgs};
 use crate::commands::convert::{copy, CopyMode, Qcow2Target};
-use crate::disk::{open_image, Disk};
+use crate::disk::{open_image, refuse_same_file, Disk};
 use crate::error::CliError;
 use crate::output::say;
 use crate::size::human;
@@ -19,6 +19,7 @@ pub fn run(args: &DedupArgs) -> Result<u8, CliError> {
     let result_path = match args.output.as_deref() {
         Some(out) => {
             let source = Disk::open(path, None, false)?;
+            refuse_same_file(out, &source.files(path))?;
             let cluster_size = match &source {
                 Disk::Qcow2(image) => image.cluster_size(),
                 Disk::Raw { .. } => 65536,

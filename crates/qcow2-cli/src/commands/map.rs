@@ -57,7 +57,7 @@ fn walk(
     depth: usize,
     out: &mut Vec<Extent>,
 ) -> Result<(), qcow2_io::ImageError> {
-    let unallocated = |start, length, depth| Extent {
+    let unallocated = |start, length, depth, offset| Extent {
         start,
         length,
         depth,
@@ -65,7 +65,7 @@ fn walk(
         zero: true,
         data: false,
         compressed: false,
-        offset: None,
+        offset,
     };
     for e in image.map_range(start, len)? {
         let here = |data: bool, zero: bool, compressed: bool, offset: Option<u64>| Extent {
@@ -85,7 +85,7 @@ fn walk(
             MapKind::Unallocated => {
                 let end = e.start + e.length;
                 let Some(backing) = image.backing() else {
-                    push(out, unallocated(e.start, e.length, depth));
+                    push(out, unallocated(e.start, e.length, depth, e.host_offset));
                     continue;
                 };
                 let covered = end.min(backing.size()).max(e.start);
@@ -100,7 +100,7 @@ fn walk(
                     }
                 }
                 if covered < end {
-                    push(out, unallocated(covered, end - covered, depth));
+                    push(out, unallocated(covered, end - covered, depth, None));
                 }
             }
         }
