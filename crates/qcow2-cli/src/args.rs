@@ -13,7 +13,8 @@ use crate::error::CliError;
     name = "qcow2",
     version,
     about,
-    after_help = "Sizes take the suffixes k, M, G, T, P, E (powers of 1024)."
+    after_help = "Sizes are bytes, or take a suffix of powers of 1024: k or K, M, G, T, P, E \
+                  (with an optional B or iB: 64k, 1.5G, 10GiB)."
 )]
 pub struct Cli {
     /// The subcommand.
@@ -52,7 +53,7 @@ pub enum Command {
     Commit(CommitArgs),
     /// Compute the size of an image converted from a source, or created.
     Measure(MeasureArgs),
-    /// Change an image's options in place (`-o dedup=on|off`).
+    /// Change an image's options in place (compat, lazy_refcounts, refcount_bits, dedup).
     Amend(AmendArgs),
 }
 
@@ -112,9 +113,11 @@ pub struct AmendArgs {
     /// Image format (only qcow2).
     #[arg(short = 'f', value_enum)]
     pub format: Option<Qcow2Only>,
-    /// Options to change: `dedup=on` builds the dedup table from the data,
-    /// `dedup=off` drops it (QEMU can then write the image). Other options
-    /// are refused for now.
+    /// Options to change: `compat=0.10|1.1`, `lazy_refcounts=on|off`,
+    /// `refcount_bits=N` (rebuilds the refcount structure), and `dedup=on`
+    /// (builds the dedup table from the data) or `dedup=off` (drops it, so
+    /// QEMU can write the image). The whole list is checked before the
+    /// first change; any other key is refused.
     #[arg(short = 'o', value_name = "OPTIONS", required = true)]
     pub options: String,
     /// Print nothing on success.
@@ -251,6 +254,7 @@ pub struct CreateArgs {
     /// The image file (an existing file is replaced, as qemu-img does).
     pub file: String,
     /// Virtual size (or `-o size=`; with -b, the backing file's by default).
+    #[arg(allow_hyphen_values = true)]
     pub size: Option<String>,
 }
 
@@ -368,7 +372,7 @@ pub struct MeasureArgs {
     #[arg(short = 'f', value_enum)]
     pub format: Option<ImageFormat>,
     /// Target format.
-    #[arg(short = 'O', value_enum, default_value = "qcow2")]
+    #[arg(short = 'O', value_enum, default_value = "raw")]
     pub target_format: ImageFormat,
     /// Creation options of the target (as for `create`; dedup=on measures
     /// the source's unique clusters).
@@ -545,14 +549,32 @@ pub struct ServeArgs {
     pub image: String,
 }
 
-/// Splits `-o key=value,key=value` (a bare `key` means `key=on`).
+/// Splits `-o key=value,key=value` as qemu-img does: a bare `key` means
+/// `key=on`, `,,` stands for a comma inside a value, and an empty item (a
+/// leading, trailing or doubled separator) makes the whole list invalid.
 pub fn parse_options(text: &str) -> Result<Vec<(String, String)>, CliError> {
-    text.split(',')
-        .filter(|s| !s.is_empty())
+    let invalid = || CliError::Usage(format!("Invalid option list: {text}"));
+    let mut items = Vec::new();
+    let mut item = String::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            ',' if chars.peek() == Some(&',') => {
+                chars.next();
+                item.push(',');
+            }
+            ',' => items.push(std::mem::take(&mut item)),
+            c => item.push(c),
+        }
+    }
+    items.push(item);
+    items
+        .into_iter()
         .map(|kv| match kv.split_once('=') {
+            _ if kv.is_empty() => Err(invalid()),
             Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-            Some(_) => Err(CliError::Usage(format!("invalid option {kv:?}"))),
-            None => Ok((kv.to_string(), "on".to_string())),
+            Some(_) => Err(invalid()),
+            None => Ok((kv, "on".to_string())),
         })
         .collect()
 }
@@ -571,6 +593,34 @@ pub fn parse_bool(key: &str, value: &str) -> Result<bool, CliError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn option_lists_parse_as_qemu_img_parses_them() {
+        let pairs = |t: &str| parse_options(t).map_err(|e| e.to_string());
+        assert_eq!(
+            pairs("cluster_size=4k,lazy_refcounts").unwrap(),
+            vec![
+                ("cluster_size".into(), "4k".into()),
+                ("lazy_refcounts".into(), "on".into())
+            ]
+        );
+        assert_eq!(
+            pairs("backing_file=a,,b.qcow2").unwrap(),
+            vec![("backing_file".into(), "a,b.qcow2".into())]
+        );
+        for bad in [
+            "cluster_size=4k,",
+            ",cluster_size=4k",
+            "a=1,b=2,",
+            "",
+            "=4k",
+        ] {
+            assert!(
+                pairs(bad).is_err_and(|e| e.starts_with("Invalid option list")),
+                "{bad:?}"
+            );
+        }
+    }
 
     fn parse(line: &str) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("qcow2").chain(line.split_whitespace()))

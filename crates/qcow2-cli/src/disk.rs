@@ -51,23 +51,17 @@ pub fn resolve_format(path: &str, asked: Option<ImageFormat>) -> Result<ImageFor
     }
 }
 
-/// The format name a header records for a backing file `name` of the
-/// image at `image_path`: the one asked for, else probed from the file
-/// (the name resolved against the image's directory, as QEMU resolves it).
+/// The backing file format given with `-F`. It is never probed, as
+/// qemu-img refuses to: a guest can write a header into a raw backing
+/// file that would change how the host opens it. `missing` is the error
+/// for a missing `-F`.
 pub fn backing_format_name(
-    image_path: &str,
-    name: &str,
     asked: Option<ImageFormat>,
+    missing: impl FnOnce() -> String,
 ) -> Result<&'static str, CliError> {
-    let format = match asked {
-        Some(f) => f,
-        None => {
-            let dir = Path::new(image_path).parent().map(Path::to_path_buf);
-            let resolved = qcow2_io::backing::resolve(name, dir.as_deref());
-            detect_format(&resolved.to_string_lossy())?
-        }
-    };
-    Ok(format.name())
+    asked
+        .map(ImageFormat::name)
+        .ok_or_else(|| CliError::Usage(missing()))
 }
 
 /// Refuses to write `output` when it is the same file as one of `inputs`

@@ -67,10 +67,7 @@ impl Backing {
             source: std::io::Error::new(source.kind(), format!("{}: {source}", path.display())),
         })?;
         if context.visited.contains(&canonical) {
-            return Err(ImageError::Corrupt(format!(
-                "backing chain loops back to {}",
-                canonical.display()
-            )));
+            return Err(ImageError::BackingChainLoop(canonical));
         }
         let file = FileStorage::open(&path, false).map_err(|source| ImageError::Io {
             op: "opening the backing file",

@@ -74,6 +74,11 @@ pub enum ImageError {
         /// The largest refcount that width holds.
         max: u64,
     },
+    /// The backing chain would come back to a file already in it: an
+    /// image whose chain loops, or a rebase that would make it loop
+    /// (refused before anything is written).
+    #[error("the backing chain loops back to {}", .0.display())]
+    BackingChainLoop(std::path::PathBuf),
     /// No internal snapshot has this ID or name.
     #[error("snapshot '{0}' not found")]
     SnapshotNotFound(String),

@@ -72,8 +72,6 @@ pub fn run(args: &AmendArgs) -> Result<u8, CliError> {
         image.enable_dedup().map_err(CliError::image(path))?;
     }
     image.close().map_err(CliError::image(path))?;
-    if !args.quiet {
-        crate::output::say!("Image amended.");
-    }
+    // Nothing to print on success, with or without -q, as qemu-img amend.
     Ok(0)
 }

@@ -1,13 +1,14 @@
 //! `qcow2 check [--output human|json] [-r leaks|all] FILE`
 //!
-//! Exit status as qemu-img: 0 clean, 2 corruptions, 3 leaks only, 1 when
+//! Exit status as qemu-img: 0 clean, 2 corruptions (also metadata too
+//! damaged to open), 3 leaks only, 63 for a raw image (no checks), 1 when
 //! the check could not run.
 
-use qcow2_io::{CheckReport, Image, OpenOptions, RepairMode};
+use qcow2_io::{CheckReport, Image, ImageError, OpenOptions, RepairMode};
 use serde_json::{json, Map, Value};
 
 use crate::args::{CheckArgs, ImageFormat, OutputFormat, RepairArg};
-use crate::disk::resolve_format;
+use crate::disk::{detect_format, resolve_format};
 use crate::error::CliError;
 use crate::output::say;
 use crate::qemu_json::to_qemu_json;
@@ -17,6 +18,10 @@ pub fn run(args: &CheckArgs) -> Result<u8, CliError> {
     let path = args.file.as_str();
     if args.format.is_some() {
         resolve_format(path, Some(ImageFormat::Qcow2))?;
+    } else if detect_format(path)? == ImageFormat::Raw {
+        // qemu-img's exit status for a format without checks.
+        eprintln!("qcow2: {path}: this image format (raw) does not support checks");
+        return Ok(63);
     }
     let repair = match args.repair {
         None => RepairMode::None,
@@ -28,7 +33,16 @@ pub fn run(args: &CheckArgs) -> Result<u8, CliError> {
     } else {
         OpenOptions::for_repair()
     };
-    let image = Image::open(path, &options).map_err(CliError::image(path))?;
+    let image = match Image::open(path, &options) {
+        Ok(image) => image,
+        // Metadata too damaged to open even for a check (a truncated
+        // file, tables past its end): corruption, as qemu-img reports it.
+        Err(e @ (ImageError::Format(_) | ImageError::Corrupt(_))) => {
+            eprintln!("qcow2: {path}: the image is corrupt and cannot be checked: {e}");
+            return Ok(2);
+        }
+        Err(e) => return Err(CliError::image(path)(e)),
+    };
     let report = image.check(repair).map_err(CliError::image(path))?;
     image.close().map_err(CliError::image(path))?;
     if !args.quiet {

@@ -330,7 +330,9 @@ fn open_target(args: &ConvertArgs, size: u64) -> Result<Box<dyn Target>, CliErro
                 "-B creates a qcow2 overlay: it needs -O qcow2 and no -n".into(),
             ));
         }
-        let format = backing_format_name(path, backing, args.backing_format)?;
+        let format = backing_format_name(args.backing_format, || {
+            "Use of backing file requires explicit backing format (-F)".into()
+        })?;
         return Ok(Box::new(
             Qcow2Target::create_overlay(
                 path,

@@ -5,11 +5,15 @@ use qcow2_io::{Compat, Compression, CreateOptions, Image, OpenOptions, Prealloca
 use crate::args::{parse_bool, parse_options, CreateArgs, ImageFormat, Qcow2Only};
 use crate::error::CliError;
 use crate::output::say;
-use crate::size::{human, parse_size};
+use crate::size::parse_size;
 
 /// Applies `-o key=value,...` to creation options.
 pub fn apply_options(options: &mut CreateOptions, text: Option<&str>) -> Result<(), CliError> {
-    for (key, value) in parse_options(text.unwrap_or(""))? {
+    let pairs = match text {
+        Some(text) => parse_options(text)?,
+        None => Vec::new(),
+    };
+    for (key, value) in pairs {
         match key.as_str() {
             "cluster_size" => options.cluster_size = parse_size(&value)?,
             "refcount_bits" => {
@@ -113,24 +117,70 @@ pub fn run(args: &CreateArgs) -> Result<u8, CliError> {
         options = options.backing_file(backing.clone(), format);
     }
     if size.is_none() && options.size == 0 {
-        return Err(CliError::Usage("expected FILE SIZE".into()));
+        return Err(CliError::Usage(
+            "create needs the virtual size: qcow2 create [-f qcow2] FILE SIZE, \
+             or -b BACKING -F FMT to take the backing file's size"
+                .into(),
+        ));
     }
     options.validate().map_err(CliError::image(path))?;
     let image = Image::create(path, &options).map_err(CliError::image(path))?;
     image.close().map_err(CliError::image(path))?;
     if !args.quiet {
-        say!(
-            "Formatting '{path}', fmt=qcow2 cluster_size={} compat={} refcount_bits={} lazy_refcounts={} dedup={} size={} ({})",
-            options.cluster_size,
-            if options.compat == Compat::V2 { "0.10" } else { "1.1" },
-            options.refcount_bits,
-            if options.lazy_refcounts { "on" } else { "off" },
-            if options.dedup { "on" } else { "off" },
-            options.size,
-            human(options.size)
-        );
+        let given = match args.options.as_deref() {
+            Some(text) => parse_options(text)?,
+            None => Vec::new(),
+        };
+        say!("{}", formatting_line(path, &options, &given));
     }
     Ok(0)
+}
+
+/// The line qemu-img prints for a new image, key for key in its order:
+/// the options every image has with their values, the others only when
+/// given, as given. `dedup=on` is ours, last.
+fn formatting_line(path: &str, options: &CreateOptions, given: &[(String, String)]) -> String {
+    let given = |key: &str| {
+        given
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    };
+    let on_off = |on: bool| if on { "on" } else { "off" };
+    let mut line = format!(
+        "Formatting '{path}', fmt=qcow2 cluster_size={} extended_l2={}",
+        options.cluster_size,
+        on_off(options.extended_l2)
+    );
+    if let Some(p) = given("preallocation") {
+        line.push_str(&format!(" preallocation={p}"));
+    }
+    let compression = match options.compression {
+        Compression::Zlib => "zlib",
+        Compression::Zstd => "zstd",
+    };
+    line.push_str(&format!(
+        " compression_type={compression} size={}",
+        options.size
+    ));
+    if let Some((name, format)) = &options.backing {
+        line.push_str(&format!(" backing_file={name} backing_fmt={format}"));
+    }
+    for key in ["data_file", "data_file_raw", "compat"] {
+        if let Some(v) = given(key) {
+            line.push_str(&format!(" {key}={v}"));
+        }
+    }
+    line.push_str(&format!(
+        " lazy_refcounts={} refcount_bits={}",
+        on_off(options.lazy_refcounts),
+        options.refcount_bits
+    ));
+    if options.dedup {
+        line.push_str(" dedup=on");
+    }
+    line
 }
 
 /// The virtual size of backing file `name` of the image to be created at
@@ -143,10 +193,21 @@ fn backing_size(path: &str, name: &str, format: &str) -> Result<u64, CliError> {
     let shown = resolved.to_string_lossy().into_owned();
     if format == "raw" {
         return Ok(std::fs::metadata(&resolved)
-            .map_err(CliError::io(&shown))?
+            .map_err(|e| {
+                CliError::Usage(format!(
+                    "{path}: could not open the backing file {shown}: {e}"
+                ))
+            })?
             .len());
     }
-    let image =
-        Image::open(&resolved, &OpenOptions::read_only()).map_err(CliError::image(&shown))?;
+    let image = Image::open(&resolved, &OpenOptions::read_only()).map_err(|e| {
+        let why = match e {
+            qcow2_io::ImageError::Io { source, .. } => source.to_string(),
+            other => other.to_string(),
+        };
+        CliError::Usage(format!(
+            "{path}: could not open the backing file {shown}: {why}"
+        ))
+    })?;
     Ok(image.size())
 }

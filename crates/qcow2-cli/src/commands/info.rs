@@ -156,9 +156,14 @@ fn info_json(
     stats: Option<&DedupStats>,
     snapshots: &[Snapshot],
 ) -> Value {
-    let mut data = json!({"compat": if info.version == 2 { "0.10" } else { "1.1" }});
-    data["extended-l2"] = json!(info.extended_l2);
-    data["lazy-refcounts"] = json!(info.lazy_refcounts);
+    // A compat=0.10 image has no feature bits: qemu-img gives its compat,
+    // refcount width and compression type only.
+    let v3 = info.version >= 3;
+    let mut data = json!({"compat": if v3 { "1.1" } else { "0.10" }});
+    if v3 {
+        data["extended-l2"] = json!(info.extended_l2);
+        data["lazy-refcounts"] = json!(info.lazy_refcounts);
+    }
     if !info.bitmaps.is_empty() {
         data["bitmaps"] = info
             .bitmaps
@@ -172,15 +177,15 @@ fn info_json(
             })
             .collect();
     }
-    data["corrupt"] = json!(info.corrupt);
+    if v3 {
+        data["corrupt"] = json!(info.corrupt);
+    }
     data["refcount-bits"] = json!(info.refcount_bits);
     if let Some(f) = &info.data_file {
         data["data-file"] = json!(f);
         data["data-file-raw"] = json!(info.data_file_raw);
     }
-    if info.version >= 3 {
-        data["compression-type"] = json!(info.compression_type);
-    }
+    data["compression-type"] = json!(info.compression_type);
     if info.dedup {
         data["dedup"] = json!(true);
     }
@@ -271,10 +276,11 @@ fn print_human(
         "    compat: {}",
         if info.version == 2 { "0.10" } else { "1.1" }
     );
-    if info.version >= 3 {
-        say!("    compression type: {}", info.compression_type);
+    let v3 = info.version >= 3;
+    say!("    compression type: {}", info.compression_type);
+    if v3 {
+        say!("    lazy refcounts: {}", info.lazy_refcounts);
     }
-    say!("    lazy refcounts: {}", info.lazy_refcounts);
     if !info.bitmaps.is_empty() {
         say!("    bitmaps:");
         for (i, b) in info.bitmaps.iter().enumerate() {
@@ -292,8 +298,10 @@ fn print_human(
         say!("    data file: {f}");
         say!("    data file raw: {}", info.data_file_raw);
     }
-    say!("    corrupt: {}", info.corrupt);
-    say!("    extended l2: {}", info.extended_l2);
+    if v3 {
+        say!("    corrupt: {}", info.corrupt);
+        say!("    extended l2: {}", info.extended_l2);
+    }
     if info.dedup {
         say!("    dedup: true");
     }

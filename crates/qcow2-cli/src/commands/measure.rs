@@ -134,7 +134,7 @@ pub fn run(args: &MeasureArgs) -> Result<u8, CliError> {
         }
         None => None,
     };
-    let path = args.file.as_deref().unwrap_or("");
+    let path = args.file.as_deref().unwrap_or("measure --size");
     let size = match (&source, &args.size) {
         (Some(s), _) => s.size(),
         (None, Some(text)) => parse_size(text)?,

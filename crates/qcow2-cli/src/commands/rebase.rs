@@ -24,7 +24,12 @@ pub fn run(args: &RebaseArgs) -> Result<u8, CliError> {
         }
         None
     } else {
-        let format = backing_format_name(path, &args.backing, args.backing_format)?;
+        let format = backing_format_name(args.backing_format, || {
+            format!(
+                "Could not change the backing file to '{}': backing format must be specified (-F)",
+                args.backing
+            )
+        })?;
         Some((args.backing.as_str(), format))
     };
     let image = Image::open(path, &OpenOptions::read_write()).map_err(CliError::image(path))?;

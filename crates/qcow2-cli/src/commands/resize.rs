@@ -22,6 +22,9 @@ pub fn run(args: &ResizeArgs) -> Result<u8, CliError> {
         _ => Some(parse_size(&args.size)?),
     }
     .ok_or_else(|| CliError::Usage(format!("size {} is out of range", args.size)))?;
+    if new == 0 {
+        return Err(CliError::Usage("New image size must be positive".into()));
+    }
     if new < current {
         if !args.shrink {
             return Err(CliError::Usage(
