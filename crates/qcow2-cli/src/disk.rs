@@ -218,6 +218,25 @@ impl Disk {
         Ok(merged)
     }
 
+    /// Ranges `[start, end)` stored as data (data or compressed clusters,
+    /// not zero clusters; a raw file's data), merged, in order: what a
+    /// copy that may skip zeros must read.
+    pub fn stored_data_ranges(&self, path: &str) -> Result<Vec<(u64, u64)>, CliError> {
+        let Disk::Qcow2(image) = self else {
+            return self.data_ranges(path);
+        };
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for e in image.map().map_err(CliError::image(path))? {
+            if matches!(e.kind, MapKind::Data | MapKind::Compressed) {
+                match out.last_mut() {
+                    Some(last) if last.1 == e.start => last.1 += e.length,
+                    _ => out.push((e.start, e.start + e.length)),
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Whether the disk reads unallocated ranges through a backing file.
     pub fn has_backing(&self) -> bool {
         matches!(self, Disk::Qcow2(image) if image.backing().is_some())

@@ -130,9 +130,12 @@ fn rebase_keeps_what_the_guest_reads_as_qemu_img_does() {
     assert_identical(&flat, &c.expected, "rebased onto nothing");
     assert_eq!(backing_of(&flat), None);
     assert_qemu_clean(&flat, "rebase onto nothing");
-    // -u only renames; the format is probed when -F is missing.
+    // -u only renames (-F is required: a backing format is never probed).
     let (_, _, unsafe_) = c.copy("unsafe");
-    ok(bin(), &["rebase", "-u", "-b", p(&other), p(&unsafe_)]);
+    ok(
+        bin(),
+        &["rebase", "-u", "-b", p(&other), "-F", "qcow2", p(&unsafe_)],
+    );
     assert_eq!(backing_of(&unsafe_).as_deref(), Some(p(&other)));
     let json = ok("qemu-img", &["info", "--output=json", p(&unsafe_)]);
     assert!(

@@ -80,7 +80,11 @@ fn create_then_info_in_both_formats() {
         "1G",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).contains("size=1073741824 (1 GiB)"));
+    assert!(
+        stdout(&out).contains("cluster_size=4096 ") && stdout(&out).contains(" size=1073741824 "),
+        "{}",
+        stdout(&out)
+    );
 
     let out = qcow2(&["info", "--output", "json", p(&img)]);
     assert!(out.status.success(), "{}", stderr(&out));

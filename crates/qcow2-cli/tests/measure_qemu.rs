@@ -140,7 +140,7 @@ fn compressed_and_dedup_measures_bound_the_converted_file() {
             vec!["-o", "dedup=on,cluster_size=4k"],
         ),
     ] {
-        let mut args = vec!["measure", "--output=json"];
+        let mut args = vec!["measure", "--output=json", "-O", "qcow2"];
         args.extend(measure_opts.iter().copied());
         args.push(p(&raw));
         let v: serde_json::Value = serde_json::from_str(&ok(bin(), &args)).unwrap();

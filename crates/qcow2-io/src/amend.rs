@@ -47,7 +47,7 @@ fn v2_obstacle(header: &Header, lazy: bool, refcount_order: u32) -> Option<&'sta
         Some("lazy refcounts need compat=1.1")
     } else if refcount_order != 4 {
         Some("refcount widths other than 16 bits need compat=1.1")
-    } else if header.nb_snapshots > 0 {
+    } else if header.nb_snapshots > 0 && header.version >= 3 {
         Some("downgrading an image with internal snapshots is not supported")
     } else {
         None

@@ -614,8 +614,8 @@ impl Image {
     /// Shrinking is refused (see [`Image::shrink`]).
     ///
     /// As in QEMU, when the backing file is longer than the disk was, the
-    /// newly exposed range is zeroed, so it reads as zeros and not as the
-    /// backing file's data; a compat=0.10 image (no zero clusters) is
+    /// newly exposed range is zeroed (all of it, as QEMU zeroes it), so it
+    /// reads as zeros and not as the backing file's data; a compat=0.10 image (no zero clusters) is
     /// refused then ([`ImageError::Unsupported`]) and left unchanged. So is
     /// a compat=0.10 image with snapshots, as QEMU refuses it.
     pub fn resize(&self, new_size: u64) -> Result<()> {

@@ -289,8 +289,10 @@ pub struct OpenOptions {
     /// Until then every allocation fails.
     pub check: bool,
     /// Open read-only at this internal snapshot (its ID, or else its
-    /// name): reads see the disk as it was when it was taken (QEMU's
-    /// `convert -l`). Refused for writing.
+    /// name; `snapshot.id=` or `snapshot.name=` choose): reads see the
+    /// disk's data as it was when it was taken, at the image's current
+    /// virtual size (zeros past what the snapshot covered), exactly as
+    /// `qemu-img convert -l` reads it. Refused for writing.
     pub snapshot: Option<String>,
 }
 

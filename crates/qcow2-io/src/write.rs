@@ -276,6 +276,11 @@ impl Image {
         if g.extended_l2() {
             return self.clear_extended_locked(offset, end, how == Clear::Discard);
         }
+        if zero_edges && !self.meta.lock().l2_format().zero_flag {
+            // compat=0.10 has no zero clusters: QEMU writes zero-filled
+            // data over the whole range, and so do we (same allocation).
+            return self.write_zero_data(offset, end);
+        }
         let full_start = g.align_up(offset);
         let full_end = g.cluster_start(end);
         if full_start >= full_end {
@@ -306,15 +311,19 @@ impl Image {
         } else {
             L2Mapping::Unallocated
         };
+        // Zeroing with zero clusters marks every cluster of the range, the
+        // unallocated ones too, as QEMU's zeroing does (so `map` shows the
+        // range as zeros present in this image).
+        let mark_all = zero_edges && zero_flag;
         let mut guest = GuestOffset::new(full_start);
         while guest.get() < full_end {
-            if !backed && meta.l2_unallocated(guest)? {
+            if !backed && !mark_all && meta.l2_unallocated(guest)? {
                 guest = GuestOffset::new(meta.next_l2_range(guest).get().min(full_end));
                 continue;
             }
             let (old, _) = meta.lookup(guest)?;
             let reads_zero = match old {
-                L2Mapping::Unallocated => !backed,
+                L2Mapping::Unallocated => !backed && !mark_all,
                 other => other.is_hole(),
             };
             match (how, old) {
@@ -337,6 +346,19 @@ impl Image {
                 (_, old) => meta.replace_mapping(guest, replacement, old)?,
             }
             guest = guest + g.cluster_size();
+        }
+        Ok(())
+    }
+
+    /// Writes zeros as data over `[start, end)`, a cluster at a time.
+    fn write_zero_data(&self, start: u64, end: u64) -> Result<()> {
+        let g = self.geometry;
+        let zeros = vec![0u8; g.cluster_size() as usize];
+        let mut pos = start;
+        while pos < end {
+            let piece_end = (g.cluster_start(pos) + g.cluster_size()).min(end);
+            self.write_locked(&zeros[..(piece_end - pos) as usize], pos)?;
+            pos = piece_end;
         }
         Ok(())
     }

@@ -291,14 +291,33 @@ pub fn run(args: &ConvertArgs) -> Result<u8, CliError> {
     // A new target reads as zeros; an existing one must have every byte
     // of the source written, zeros included. An overlay (-B) gets what
     // the source's top image holds, zeros included (they hide the
-    // backing's data); the rest is assumed to be in its backing file. A
-    // source without a backing file holds all of its disk: what it reads
-    // as zeros is written as zeros, so the overlay's backing file does not
-    // show through (as qemu-img does).
-    let ranges = if args.no_create || (args.backing.is_some() && !source.has_backing()) {
+    // backing's data); the rest is assumed to be in its backing file.
+    let ranges = if args.no_create {
         vec![(0, size)]
-    } else if args.backing.is_some() {
-        source.top_ranges(src_path)?
+    } else if let Some(backing) = &args.backing {
+        // Up to the backing file's end: what the source's top image holds
+        // (all of it, zeros included, for a source without a backing
+        // file). Past it the overlay reads zeros anyway: only stored data
+        // goes there. Both as qemu-img does.
+        let covered = backing_size(&args.target, backing, args.backing_format)?.min(size);
+        let mut ranges: Vec<(u64, u64)> = if source.has_backing() {
+            source
+                .top_ranges(src_path)?
+                .into_iter()
+                .filter(|&(start, _)| start < covered)
+                .map(|(start, end)| (start, end.min(covered)))
+                .collect()
+        } else {
+            vec![(0, covered)]
+        };
+        ranges.extend(
+            source
+                .stored_data_ranges(src_path)?
+                .into_iter()
+                .filter(|&(_, end)| end > covered)
+                .map(|(start, end)| (start.max(covered), end)),
+        );
+        ranges
     } else {
         source.data_ranges(src_path)?
     };
@@ -314,6 +333,15 @@ pub fn run(args: &ConvertArgs) -> Result<u8, CliError> {
         },
     )?;
     Ok(0)
+}
+
+/// The virtual size of backing file `name` of the overlay at `target` (a
+/// relative name resolves against the overlay's directory).
+fn backing_size(target: &str, name: &str, format: Option<ImageFormat>) -> Result<u64, CliError> {
+    let dir = std::path::Path::new(target).parent();
+    let resolved = qcow2_io::backing::resolve(name, dir.filter(|d| !d.as_os_str().is_empty()));
+    let shown = resolved.to_string_lossy().into_owned();
+    Ok(Disk::open(&shown, format, false)?.size())
 }
 
 fn open_target(args: &ConvertArgs, size: u64) -> Result<Box<dyn Target>, CliError> {

@@ -164,7 +164,11 @@ pub fn run(args: &MeasureArgs) -> Result<u8, CliError> {
                 m.fully_allocated += extra;
             }
             let bitmaps = match &source {
-                Some(Disk::Qcow2(image)) if options.compat == qcow2_io::Compat::V3 => {
+                // As qemu-img: only a source that can hold persistent
+                // bitmaps (compat=1.1) has a bitmaps figure.
+                Some(Disk::Qcow2(image))
+                    if options.compat == qcow2_io::Compat::V3 && image.header().version >= 3 =>
+                {
                     let info = image.info().map_err(CliError::image(path))?;
                     let list: Vec<(usize, u64)> = info
                         .bitmaps
