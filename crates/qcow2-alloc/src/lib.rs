@@ -17,12 +17,14 @@
 
 pub mod cache;
 mod error;
+pub mod lock;
 mod rebuild;
 mod refcounts;
 pub mod storage;
 
 pub use cache::WriteBackCache;
 pub use error::AllocError;
+pub use lock::{LockAccess, LockError};
 pub use rebuild::{rebuild_refcounts, RefcountMismatch, ReferenceCounts};
 pub use refcounts::{RefcountDamage, Refcounts, RefcountsConfig};
 pub use storage::{AlignedBuf, FaultyStorage, FileStorage, MemStorage, Storage, DIRECT_IO_ALIGN};

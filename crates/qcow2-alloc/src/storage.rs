@@ -8,6 +8,8 @@ use std::path::Path;
 
 use parking_lot::{Mutex, RwLock};
 
+use crate::lock::{lock_image, unlock_image, LockAccess, LockError};
+
 /// Positioned I/O on an image file.
 ///
 /// Implementations are shared between threads: every method takes `&self`.
@@ -35,6 +37,16 @@ pub trait Storage: Send + Sync {
         let _ = (offset, len);
         Ok(())
     }
+    /// Takes QEMU's image locks for `access` (see [`crate::lock`]), held
+    /// until the storage is dropped. Returns whether the storage has such
+    /// locks: storage that is no file has none and is not shared with
+    /// other processes.
+    fn lock(&self, access: LockAccess) -> Result<bool, LockError> {
+        let _ = access;
+        Ok(false)
+    }
+    /// Releases the locks [`Storage::lock`] took (the image is closed).
+    fn unlock(&self) {}
 }
 
 /// Alignment of memory, offset and length that direct I/O needs (the
@@ -149,6 +161,19 @@ impl FileStorage {
         Ok(Self { file, direct: None })
     }
 
+    /// Opens `path` for reading and writing, creating it if it is missing
+    /// and keeping what it holds: for callers that must lock the file
+    /// before they truncate it.
+    pub fn open_or_create(path: &Path) -> io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        Ok(Self { file, direct: None })
+    }
+
     /// Creates a new file for reading and writing; fails with
     /// [`io::ErrorKind::AlreadyExists`] if `path` exists.
     pub fn create_new(path: &Path) -> io::Result<Self> {
@@ -223,6 +248,14 @@ fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
 }
 
 impl Storage for FileStorage {
+    fn lock(&self, access: LockAccess) -> Result<bool, LockError> {
+        lock_image(&self.file, access)
+    }
+
+    fn unlock(&self) {
+        unlock_image(&self.file);
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         if let Some(direct) = self.direct_for(buf.as_ptr() as usize, offset, buf.len()) {
             // A short direct read at the end of the file leaves an unaligned

@@ -261,6 +261,10 @@ pub struct CreateArgs {
 /// `qcow2 info [-f FMT] [--output human|json] FILE`
 #[derive(Debug, Args)]
 pub struct InfoArgs {
+    /// Open the image even while another process writes it, as
+    /// qemu-img's -U does (what is read may be changing).
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
     /// Image format (probed from the content when not given).
     #[arg(short = 'f', value_enum)]
     pub format: Option<ImageFormat>,
@@ -280,6 +284,10 @@ pub struct InfoArgs {
 /// the check could not run.
 #[derive(Debug, Args)]
 pub struct CheckArgs {
+    /// Open the image even while another process writes it, as
+    /// qemu-img's -U does (what is read may be changing).
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
     /// Image format (checks exist for qcow2 only).
     #[arg(short = 'f', value_enum)]
     pub format: Option<Qcow2Only>,
@@ -299,6 +307,10 @@ pub struct CheckArgs {
 /// `qcow2 convert [-f FMT] [-O FMT] [-o OPTIONS] [-n] [-t CACHE] [-T CACHE] [-p] [-q] SRC DST`
 #[derive(Debug, Args)]
 pub struct ConvertArgs {
+    /// Open the image even while another process writes it, as
+    /// qemu-img's -U does (what is read may be changing).
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
     /// Source format (probed when not given).
     #[arg(short = 'f', value_enum)]
     pub source_format: Option<ImageFormat>,
@@ -365,6 +377,10 @@ pub struct DedupArgs {
 #[derive(Debug, Args)]
 #[command(group = clap::ArgGroup::new("what").required(true).multiple(false))]
 pub struct MeasureArgs {
+    /// Open the image even while another process writes it, as
+    /// qemu-img's -U does (what is read may be changing).
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
     /// Output format.
     #[arg(long, value_enum, default_value = "human")]
     pub output: OutputFormat,
@@ -396,6 +412,10 @@ pub struct MeasureArgs {
 /// `qcow2 map [-f FMT] [--output human|json] FILE`
 #[derive(Debug, Args)]
 pub struct MapArgs {
+    /// Open the image even while another process writes it, as
+    /// qemu-img's -U does (what is read may be changing).
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
     /// Image format (probed when not given).
     #[arg(short = 'f', value_enum)]
     pub format: Option<ImageFormat>,
@@ -411,6 +431,10 @@ pub struct MapArgs {
 /// Exit status as qemu-img: 0 identical, 1 different, 2 on error.
 #[derive(Debug, Args)]
 pub struct CompareArgs {
+    /// Open the image even while another process writes it, as
+    /// qemu-img's -U does (what is read may be changing).
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
     /// Format of the first image (probed when not given).
     #[arg(short = 'f', value_enum)]
     pub first_format: Option<ImageFormat>,

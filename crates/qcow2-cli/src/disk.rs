@@ -5,7 +5,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use qcow2_io::{Backing, FileStorage, Image, MapKind, OpenOptions, Storage};
+use qcow2_io::{Backing, FileStorage, Image, LockAccess, MapKind, OpenOptions, Storage};
 
 pub use qcow2_io::is_zero;
 
@@ -124,9 +124,16 @@ pub fn open_image(path: &str, writable: bool) -> Result<Image, CliError> {
 
 impl Disk {
     /// Opens `path` read-only as `format`, or as detected from its content.
-    /// With `direct`, aligned reads bypass the page cache.
-    pub fn open(path: &str, format: Option<ImageFormat>, direct: bool) -> Result<Self, CliError> {
-        Self::open_at(path, format, direct, None)
+    /// With `direct`, aligned reads bypass the page cache; with
+    /// `force_share` (qemu-img's `-U`), an image others are writing opens
+    /// too.
+    pub fn open(
+        path: &str,
+        format: Option<ImageFormat>,
+        direct: bool,
+        force_share: bool,
+    ) -> Result<Self, CliError> {
+        Self::open_at(path, format, direct, force_share, None)
     }
 
     /// [`Disk::open`] at an internal snapshot of a qcow2 image (its ID or
@@ -135,6 +142,7 @@ impl Disk {
         path: &str,
         format: Option<ImageFormat>,
         direct: bool,
+        force_share: bool,
         snapshot: Option<&str>,
     ) -> Result<Self, CliError> {
         let format = resolve_format(path, format)?;
@@ -145,10 +153,11 @@ impl Disk {
         }
         match format {
             ImageFormat::Qcow2 => {
-                let options = match snapshot {
+                let mut options = match snapshot {
                     Some(s) => OpenOptions::at_snapshot(s),
                     None => OpenOptions::read_only(),
                 };
+                options.force_share = force_share;
                 let image = Image::open_on_file(Arc::new(file), &options, p)
                     .map_err(CliError::image(path))?;
                 warn_refcount_damage(&image, path);
@@ -158,6 +167,9 @@ impl Disk {
                 "{path} is a raw image: it has no snapshots (-l)"
             ))),
             ImageFormat::Raw => {
+                // QEMU locks raw images as well.
+                file.lock(LockAccess::Read { force_share })
+                    .map_err(|e| CliError::image(path)(e.into()))?;
                 let size = file.len().map_err(CliError::io(path))?;
                 Ok(Disk::Raw { file, size })
             }

@@ -593,3 +593,97 @@ impl Client {
         error
     }
 }
+
+/// Waits until `path` exists (a server's socket), at most 10 s.
+fn wait_for(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "{} did not appear", p(path));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// QEMU's image locks seen both ways: while `qcow2 serve` writes an image,
+/// qemu-img (and our own tools) cannot open it without `-U`, and a second
+/// server refuses; while qemu-nbd or qemu-io writes it, `qcow2 serve`,
+/// `qcow2 resize` and a read-write `Image::open` fail naming the lock.
+#[test]
+fn image_locks_are_seen_both_ways_with_qemu() {
+    if !tools(&["qemu-img", "qemu-io", "qemu-nbd"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("locked.qcow2");
+    ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", p(&image), "4M"],
+    );
+
+    let server = Server::start(&image, &dir.path().join("a.sock"), &[]);
+    let out = run("qemu-img", &["info", p(&image)]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("Failed to get shared \"write\" lock"),
+        "{}",
+        text(&out.stderr)
+    );
+    ok("qemu-img", &["info", "-U", p(&image)]);
+    let out = qcow2(&["info", p(&image)]);
+    assert!(!out.status.success(), "our info also respects the lock");
+    assert!(
+        text(&out.stderr).contains("\"write\" lock"),
+        "{}",
+        text(&out.stderr)
+    );
+    ok(bin(), &["info", "-U", p(&image)]);
+    let out = qcow2(&["serve", "-k", p(&dir.path().join("b.sock")), p(&image)]);
+    assert!(!out.status.success(), "a second server refuses");
+    assert!(
+        text(&out.stderr).contains("Failed to get \"write\" lock"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(server.stop().success());
+    ok("qemu-img", &["info", p(&image)]);
+
+    let socket = dir.path().join("q.sock");
+    let mut nbd = Command::new("qemu-nbd")
+        .args(["-k", p(&socket), "-f", "qcow2", p(&image)])
+        .spawn()
+        .expect("qemu-nbd starts");
+    wait_for(&socket);
+    for args in [
+        vec!["serve", "-k", p(&dir.path().join("c.sock")), p(&image)],
+        vec!["resize", p(&image), "8M"],
+        vec!["check", p(&image)],
+    ] {
+        let out = qcow2(&args);
+        assert!(!out.status.success(), "{args:?} while qemu-nbd writes");
+        let stderr = text(&out.stderr);
+        assert!(
+            stderr.contains("lock") && stderr.lines().count() == 1,
+            "{args:?}: {stderr}"
+        );
+    }
+    let err = qcow2_io::Image::open(&image, &qcow2_io::OpenOptions::read_write()).unwrap_err();
+    assert!(matches!(err, qcow2_io::ImageError::Locked(_)), "{err:?}");
+    assert!(
+        qcow2_io::Image::open(&image, &qcow2_io::OpenOptions::read_only().sharing()).is_ok(),
+        "-U opens an image in use"
+    );
+    nbd.kill().unwrap();
+    nbd.wait().unwrap();
+
+    let mut holder = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "sleep 3000", p(&image)])
+        .spawn()
+        .expect("qemu-io starts");
+    std::thread::sleep(Duration::from_millis(500));
+    let out = qcow2(&["resize", p(&image), "8M"]);
+    assert!(
+        !out.status.success(),
+        "resize while qemu-io holds the image"
+    );
+    holder.wait().unwrap();
+    ok(bin(), &["resize", p(&image), "8M"]);
+}

@@ -12,7 +12,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use qcow2_alloc::{FileStorage, Storage};
+use qcow2_alloc::{FileStorage, LockAccess, Storage};
 
 use crate::image::Image;
 use crate::{ImageError, OpenOptions, Result};
@@ -95,6 +95,11 @@ impl Backing {
                 Ok(Backing::Qcow2(Box::new(image)))
             }
             "raw" | "file" => {
+                if options.locking {
+                    file.lock(LockAccess::Read {
+                        force_share: options.force_share,
+                    })?;
+                }
                 let size = file
                     .len()
                     .map_err(ImageError::io("reading the backing file size"))?;

@@ -79,6 +79,10 @@ pub enum ImageError {
     /// (refused before anything is written).
     #[error("the backing chain loops back to {}", .0.display())]
     BackingChainLoop(std::path::PathBuf),
+    /// The image is in use: another process holds a permission this open
+    /// would not share, or refuses one it needs (QEMU's image locks).
+    #[error("{0}")]
+    Locked(#[from] qcow2_alloc::LockError),
     /// No internal snapshot has this ID or name.
     #[error("snapshot '{0}' not found")]
     SnapshotNotFound(String),

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
-use qcow2_alloc::{FileStorage, Storage};
+use qcow2_alloc::{FileStorage, LockAccess, Storage};
 use qcow2_format::features::{
     AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_COMPRESSION_TYPE, INCOMPAT_EXTERNAL_DATA,
 };
@@ -152,6 +152,26 @@ fn open_data_file(header: &Header, options: &OpenOptions) -> Result<Arc<dyn Stor
     Ok(Arc::new(file))
 }
 
+/// Takes QEMU's image locks on `storage` for an open with `options`.
+pub(crate) fn take_locks(storage: &dyn Storage, options: &OpenOptions) -> Result<()> {
+    if options.write && options.force_share {
+        return Err(ImageError::InvalidOption(
+            "force-share (-U) is for read-only opens only".into(),
+        ));
+    }
+    if options.locking {
+        let access = if options.write {
+            LockAccess::Write
+        } else {
+            LockAccess::Read {
+                force_share: options.force_share,
+            }
+        };
+        storage.lock(access)?;
+    }
+    Ok(())
+}
+
 /// A compat=0.10 image keeps no virtual size per snapshot, so QEMU refuses
 /// to resize one that has snapshots (applying one afterwards would fail).
 fn refuse_v2_with_snapshots(header: &Header) -> Result<()> {
@@ -214,11 +234,16 @@ impl Image {
         options.validate()?;
         let path = path.as_ref();
         let storage = if options.overwrite {
-            FileStorage::create(path)
+            FileStorage::open_or_create(path)
         } else {
             FileStorage::create_new(path)
         }
         .map_err(ImageError::io("creating the image file"))?;
+        // An image in use is not overwritten: lock before truncating.
+        storage.lock(LockAccess::Write)?;
+        storage
+            .set_len(0)
+            .map_err(ImageError::io("truncating the image file"))?;
         if let Some(name) = &options.data_file {
             create_data_file(name, options)?;
         }
@@ -305,8 +330,10 @@ impl Image {
         Ok(image)
     }
 
-    /// Lays out a new image without opening its backing file.
+    /// Lays out a new image without opening its backing file, holding
+    /// the writer's locks on `storage`.
     fn create_unbacked(storage: Arc<dyn Storage>, options: &CreateOptions) -> Result<Self> {
+        storage.lock(LockAccess::Write)?;
         let meta = create::create(storage.clone(), options, &OpenOptions::read_write())?;
         Ok(Self::from_parts(storage, meta, true))
     }
@@ -352,6 +379,7 @@ impl Image {
         options: &OpenOptions,
         context: ChainContext,
     ) -> Result<Self> {
+        take_locks(&*storage, options)?;
         // A read-only open needs only the header, L1 and L2 tables: damaged
         // refcount blocks are recorded, not fatal, so the data can be read
         // out (as QEMU reads it) before a repair.
@@ -697,12 +725,25 @@ impl Image {
     /// fail with [`ImageError::ReadOnly`]. Callable through a shared
     /// reference (an `Arc<Image>`); closing twice is a no-op. If the close
     /// fails, the image stays dirty and the next read-write open repairs it.
+    ///
+    /// Closing also releases QEMU's image locks on the file and its backing
+    /// files (see [`OpenOptions::locking`]), so other processes may open
+    /// them even while this value lives on.
     pub fn close(&self) -> Result<()> {
-        if !self.writable || self.closed.swap(true, Ordering::AcqRel) {
+        if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        let _all = self.locks.lock(0..u64::MAX, true);
-        self.meta.lock().close()
+        if self.writable {
+            let _all = self.locks.lock(0..u64::MAX, true);
+            self.meta.lock().close()?;
+        }
+        self.storage.unlock();
+        match self.backing().as_deref() {
+            Some(Backing::Qcow2(image)) => image.close()?,
+            Some(Backing::Raw { file, .. }) => file.unlock(),
+            None => {}
+        }
+        Ok(())
     }
 }
 

@@ -52,7 +52,8 @@ pub use map::{MapExtent, MapKind};
 pub use measure::{measure, Measurement};
 pub use options::{Compat, Compression, CreateOptions, OpenOptions, Preallocation};
 pub use qcow2_alloc::{
-    AlignedBuf, FaultyStorage, FileStorage, MemStorage, Storage, DIRECT_IO_ALIGN,
+    AlignedBuf, FaultyStorage, FileStorage, LockAccess, LockError, MemStorage, Storage,
+    DIRECT_IO_ALIGN,
 };
 pub use qcow2_dedup::{ContentHash, DedupStats};
 /// The on-disk types this crate's API returns ([`Image::header`],

@@ -294,6 +294,18 @@ pub struct OpenOptions {
     /// virtual size (zeros past what the snapshot covered), exactly as
     /// `qemu-img convert -l` reads it. Refused for writing.
     pub snapshot: Option<String>,
+    /// Take QEMU's image locks (on by default): a read-write open refuses
+    /// an image that another process (QEMU, qemu-img, qemu-nbd, this
+    /// library) writes or reads without sharing writes, and then keeps
+    /// them out; a read-only open refuses an image being written. Backing
+    /// files are locked as read-only opens. Off is QEMU's `locking=off`:
+    /// nothing protects the image then. Where the file system has no OFD
+    /// locks the open goes on unlocked, as QEMU's `locking=auto` does.
+    pub locking: bool,
+    /// For a read-only open: share every permission, writing included, as
+    /// qemu-img's `-U` (`--force-share`) does, so an image in use can be
+    /// inspected (what is read may be changing). Refused for writing.
+    pub force_share: bool,
 }
 
 impl OpenOptions {
@@ -324,6 +336,15 @@ impl OpenOptions {
         }
     }
 
+    /// These options with QEMU's `-U`: a read-only open that shares
+    /// writing with others (see [`OpenOptions::force_share`]).
+    pub fn sharing(self) -> Self {
+        Self {
+            force_share: true,
+            ..self
+        }
+    }
+
     /// Read-only at internal snapshot `id_or_name`.
     pub fn at_snapshot(id_or_name: impl Into<String>) -> Self {
         Self {
@@ -350,6 +371,8 @@ impl Default for OpenOptions {
             repair: false,
             check: false,
             snapshot: None,
+            locking: true,
+            force_share: false,
         }
     }
 }

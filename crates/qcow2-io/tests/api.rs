@@ -58,6 +58,12 @@ fn dedup_index_memory_is_zero_until_the_index_is_built() {
     let stats = read_only.dedup_stats().unwrap().unwrap();
     assert_eq!((stats.unique_clusters, stats.references), (1, 2));
     assert_eq!(stats.index_memory, 0, "read-only opens build no index");
+    // A reader keeps writers out (QEMU's locks) until it closes.
+    assert!(matches!(
+        Image::open(&path, &OpenOptions::read_write()),
+        Err(qcow2_io::ImageError::Locked(_))
+    ));
+    read_only.close().unwrap();
     let writable = Image::open(&path, &OpenOptions::read_write()).unwrap();
     assert!(writable.dedup_stats().unwrap().unwrap().index_memory > 0);
 }

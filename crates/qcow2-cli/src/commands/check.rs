@@ -33,6 +33,10 @@ pub fn run(args: &CheckArgs) -> Result<u8, CliError> {
     } else {
         OpenOptions::for_repair()
     };
+    let options = OpenOptions {
+        force_share: args.force_share,
+        ..options
+    };
     let image = match Image::open(path, &options) {
         Ok(image) => image,
         // Metadata too damaged to open even for a check (a truncated

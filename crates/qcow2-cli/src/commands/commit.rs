@@ -80,7 +80,10 @@ pub fn run(args: &CommitArgs) -> Result<u8, CliError> {
         .as_deref()
         .map(|b| std::fs::canonicalize(b).map_err(CliError::io(b)))
         .transpose()?;
-    let source = Disk::open(path, Some(ImageFormat::Qcow2), false)?;
+    // The chain is read while this process writes the base: the source
+    // shares writing (its own base), and the base's writer lock keeps
+    // other processes out.
+    let source = Disk::open(path, Some(ImageFormat::Qcow2), false, true)?;
     let Disk::Qcow2(top) = &source else {
         return Err(CliError::Usage(format!("{path} is not a qcow2 image")));
     };

@@ -14,8 +14,8 @@ const CHUNK: u64 = 1 << 20;
 pub fn run(args: &CompareArgs) -> Result<u8, CliError> {
     let (a_path, b_path) = (args.first.as_str(), args.second.as_str());
     let quiet = args.quiet;
-    let a = Disk::open(a_path, args.first_format, false)?;
-    let b = Disk::open(b_path, args.second_format, false)?;
+    let a = Disk::open(a_path, args.first_format, false, args.force_share)?;
+    let b = Disk::open(b_path, args.second_format, false, args.force_share)?;
     let longer = a.size().max(b.size());
     if a.size() != b.size() {
         if args.strict {

@@ -281,6 +281,7 @@ pub fn run(args: &ConvertArgs) -> Result<u8, CliError> {
         src_path,
         args.source_format,
         args.source_cache == SourceCache::None,
+        args.force_share,
         args.snapshot.as_deref(),
     )?;
     let size = source.size();
@@ -341,7 +342,7 @@ fn backing_size(target: &str, name: &str, format: Option<ImageFormat>) -> Result
     let dir = std::path::Path::new(target).parent();
     let resolved = qcow2_io::backing::resolve(name, dir.filter(|d| !d.as_os_str().is_empty()));
     let shown = resolved.to_string_lossy().into_owned();
-    Ok(Disk::open(&shown, format, false)?.size())
+    Ok(Disk::open(&shown, format, false, true)?.size())
 }
 
 fn open_target(args: &ConvertArgs, size: u64) -> Result<Box<dyn Target>, CliError> {

@@ -18,7 +18,7 @@ pub fn run(args: &DedupArgs) -> Result<u8, CliError> {
     let path = args.image.as_str();
     let result_path = match args.output.as_deref() {
         Some(out) => {
-            let source = Disk::open(path, None, false)?;
+            let source = Disk::open(path, None, false, false)?;
             refuse_same_file(out, &source.files(path))?;
             let cluster_size = match &source {
                 Disk::Qcow2(image) => image.cluster_size(),

@@ -30,7 +30,7 @@ pub fn run(args: &InfoArgs) -> Result<u8, CliError> {
         if depth > 0 && !json {
             say!("");
         }
-        let (value, backing) = describe(&path, format, json)?;
+        let (value, backing) = describe(&path, format, json, args.force_share)?;
         values.extend(value);
         let Some((name, backing_format)) = backing.filter(|_| args.backing_chain) else {
             break;
@@ -63,6 +63,7 @@ fn describe(
     path: &str,
     format: ImageFormat,
     json: bool,
+    force_share: bool,
 ) -> Result<(Option<Value>, Option<BackingName>), CliError> {
     let meta = std::fs::metadata(path).map_err(CliError::io(path))?;
     let actual = meta.blocks() * 512;
@@ -86,7 +87,11 @@ fn describe(
         );
         return Ok((None, None));
     }
-    let image = crate::disk::open_read_only(path, &OpenOptions::read_only())?;
+    let options = OpenOptions {
+        force_share,
+        ..OpenOptions::read_only()
+    };
+    let image = crate::disk::open_read_only(path, &options)?;
     let info = image.info().map_err(CliError::image(path))?;
     let stats = image.dedup_stats().map_err(CliError::image(path))?;
     let snapshots = image.snapshots().map_err(CliError::image(path))?;

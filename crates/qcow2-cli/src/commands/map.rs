@@ -172,7 +172,11 @@ pub fn run(args: &MapArgs) -> Result<u8, CliError> {
     let path = args.file.as_str();
     let (extents, names) = match resolve_format(path, args.format)? {
         ImageFormat::Qcow2 => {
-            let image = crate::disk::open_read_only(path, &OpenOptions::read_only())?;
+            let options = OpenOptions {
+                force_share: args.force_share,
+                ..OpenOptions::read_only()
+            };
+            let image = crate::disk::open_read_only(path, &options)?;
             let mut out = Vec::new();
             walk(&image, 0, image.size(), 0, &mut out).map_err(CliError::image(path))?;
             (out, layer_names(&image, path))

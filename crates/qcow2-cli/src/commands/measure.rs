@@ -127,6 +127,7 @@ pub fn run(args: &MeasureArgs) -> Result<u8, CliError> {
             path,
             args.format,
             false,
+            args.force_share,
             args.snapshot.as_deref(),
         )?),
         None if args.snapshot.is_some() => {

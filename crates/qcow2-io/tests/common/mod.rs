@@ -45,10 +45,11 @@ pub fn run_ok(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// `qemu-img check` must find no error and no leak.
+/// `qemu-img check` must find no error and no leak. It runs with `-U`
+/// (force-share), as a user inspects an image that is still open.
 pub fn assert_qemu_check_clean(path: &Path) {
     let p = path.to_str().unwrap();
-    let out = run("qemu-img", &["check", "-f", "qcow2", p]);
+    let out = run("qemu-img", &["check", "-U", "-f", "qcow2", p]);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -61,13 +62,14 @@ pub fn assert_qemu_check_clean(path: &Path) {
     );
 }
 
-/// The image converted to raw by qemu-img.
+/// The image converted to raw by qemu-img (with `-U`: it may be open).
 pub fn qemu_raw(path: &Path) -> Vec<u8> {
     let raw = path.with_extension("qemu.raw");
     run_ok(
         "qemu-img",
         &[
             "convert",
+            "-U",
             "-f",
             "qcow2",
             "-O",
@@ -81,12 +83,14 @@ pub fn qemu_raw(path: &Path) -> Vec<u8> {
     data
 }
 
-/// `qemu-img compare` of a qcow2 image with a raw file must say identical.
+/// `qemu-img compare` of a qcow2 image with a raw file must say identical
+/// (with `-U`: the image may be open).
 pub fn assert_qemu_identical(image: &Path, raw: &Path) {
     let out = run(
         "qemu-img",
         &[
             "compare",
+            "-U",
             "-f",
             "qcow2",
             "-F",
