@@ -47,6 +47,13 @@ pub trait Storage: Send + Sync {
     }
     /// Releases the locks [`Storage::lock`] took (the image is closed).
     fn unlock(&self) {}
+    /// Gives the space of `[offset, offset + len)` back to the host (the
+    /// range then reads as zeros); the length stays. Storage that cannot
+    /// does nothing: it is a hint, never needed for correctness.
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
 }
 
 /// Alignment of memory, offset and length that direct I/O needs (the
@@ -297,6 +304,15 @@ impl Storage for FileStorage {
     fn flush(&self) -> io::Result<()> {
         self.file.sync_data()
     }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        use rustix::fs::{fallocate, FallocateFlags};
+        let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+        match fallocate(&self.file, flags, offset, len) {
+            Ok(()) | Err(rustix::io::Errno::OPNOTSUPP) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
 }
 
 /// A byte buffer whose start is aligned for direct I/O.
@@ -423,6 +439,15 @@ impl Storage for MemStorage {
     }
 
     fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// The range reads as zeros afterwards, as a punched hole does.
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut data = self.data.write();
+        let size = data.len() as u64;
+        let (start, end) = (offset.min(size), offset.saturating_add(len).min(size));
+        data[start as usize..end as usize].fill(0);
         Ok(())
     }
 }
@@ -602,6 +627,18 @@ impl Storage for FaultyStorage {
         self.record(len, None)?;
         self.current.write().resize(len as usize, 0);
         Ok(())
+    }
+
+    /// A punched hole is a write of zeros to the crash model: it may land
+    /// or be lost at a crash like any write since the last flush.
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        let size = self.current.read().len() as u64;
+        let end = offset.saturating_add(len).min(size);
+        if end <= offset {
+            return Ok(());
+        }
+        let zeros = vec![0u8; end.saturating_sub(offset) as usize];
+        self.write_at(&zeros, offset)
     }
 
     fn flush(&self) -> io::Result<()> {

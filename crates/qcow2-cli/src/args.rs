@@ -566,6 +566,11 @@ pub struct ServeArgs {
     /// What writes of zeros become.
     #[arg(long = "detect-zeroes", value_enum, default_value = "off")]
     pub detect_zeroes: DetectZeroesArg,
+    /// Keep freed clusters allocated in the image file instead of
+    /// punching holes for them (by default trimmed and otherwise freed
+    /// space goes back to the host).
+    #[arg(long = "no-hole-punching")]
+    pub no_hole_punching: bool,
     /// Image format (only qcow2 is served).
     #[arg(short = 'f', long, value_enum)]
     pub format: Option<Qcow2Only>,

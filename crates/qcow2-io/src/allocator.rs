@@ -39,6 +39,10 @@ pub(crate) struct Allocator {
     /// The first free byte of the host cluster compressed data is being
     /// packed into, if that cluster has room left.
     compressed_tail: Option<HostOffset>,
+    /// Clusters whose refcount fell to 0, to give back to the host once
+    /// the metadata that freed them is durable; `None` when freed space is
+    /// kept in the file.
+    freed: Option<Vec<HostCluster>>,
     /// False with an external data file: data clusters live there, at
     /// their guest offsets, and the refcounts (of this file) do not count
     /// them.
@@ -81,8 +85,31 @@ impl Allocator {
             released: Vec::new(),
             released_per_cluster: IntMap::default(),
             compressed_tail: None,
+            freed: Some(Vec::new()),
             data_refcounted: true,
         }
+    }
+
+    /// Whether freed clusters are given back to the host (holes punched).
+    pub(crate) fn punch_freed(&mut self, on: bool) {
+        self.freed = on.then(Vec::new);
+    }
+
+    /// The clusters freed since the last call that are still free.
+    pub(crate) fn take_freed(&mut self, storage: &dyn Storage) -> Result<Vec<HostCluster>> {
+        let Some(freed) = self.freed.as_mut() else {
+            return Ok(Vec::new());
+        };
+        let mut freed = std::mem::take(freed);
+        freed.sort_unstable();
+        freed.dedup();
+        let mut out = Vec::with_capacity(freed.len());
+        for cluster in freed {
+            if self.refcounts.get(storage, cluster)? == 0 {
+                out.push(cluster);
+            }
+        }
+        Ok(out)
     }
 
     /// Stops counting data clusters (an external data file holds them).
@@ -246,6 +273,11 @@ impl Allocator {
         cluster: HostCluster,
     ) -> Result<u64> {
         let left = self.refcounts.adjust(storage, cluster, -1)?;
+        if left == 0 {
+            if let Some(freed) = self.freed.as_mut() {
+                freed.push(cluster);
+            }
+        }
         // A freed cluster may be handed out for anything: no more pieces
         // of compressed data go after the old ones in it.
         if left == 0

@@ -423,6 +423,7 @@ impl Image {
             loading,
         )?;
         let mut image = Self::from_parts(storage, meta, options.write);
+        image.meta.get_mut().set_punch_freed(options.punch_holes);
         if !options.write && !options.check {
             image.refcount_damage = image.meta.get_mut().refcount_damage()?;
         }

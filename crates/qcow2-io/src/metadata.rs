@@ -918,7 +918,36 @@ impl Metadata {
         }
         self.relocate_dedup_l1()?;
         self.refcounts_durable()?;
+        self.punch_freed()?;
         self.sync("syncing the image")
+    }
+
+    /// Gives the clusters freed since the last flush back to the host file
+    /// system, in runs. Runs only once the tables that dropped their last
+    /// references are durable (synced before the decreases were applied)
+    /// and their refcounts too, and only for clusters still free, so a
+    /// crash can never find a live cluster punched: at worst a leaked one.
+    fn punch_freed(&mut self) -> Result<()> {
+        let freed = self.alloc.take_freed(&*self.storage)?;
+        let g = self.geometry;
+        let mut i = 0;
+        while i < freed.len() {
+            let mut j = i + 1;
+            while j < freed.len() && freed[j].get() == freed[j - 1].get() + 1 {
+                j += 1;
+            }
+            let count = ClusterCount::new((j - i) as u64);
+            self.storage
+                .discard(g.host_offset(freed[i]).get(), g.bytes(count))
+                .map_err(ImageError::io("giving freed clusters back to the host"))?;
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// Whether clusters whose refcount falls to 0 get holes punched.
+    pub(crate) fn set_punch_freed(&mut self, on: bool) {
+        self.alloc.punch_freed(on);
     }
 
     /// Syncs the tables, then applies the queued decreases (step 3 of the

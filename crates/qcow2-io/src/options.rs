@@ -306,6 +306,14 @@ pub struct OpenOptions {
     /// qemu-img's `-U` (`--force-share`) does, so an image in use can be
     /// inspected (what is read may be changing). Refused for writing.
     pub force_share: bool,
+    /// Give the space of freed clusters back to the host file system (on
+    /// by default), as QEMU's `pass-discard-request` and
+    /// `pass-discard-other` do: when a cluster's refcount falls to 0 (a
+    /// guest discard or trim, an overwrite of a shared or compressed
+    /// cluster, a deleted snapshot, a dedup consolidation, a shrink), a
+    /// hole is punched there, once the metadata that freed it is durable.
+    /// Off keeps freed clusters allocated in the file for reuse.
+    pub punch_holes: bool,
 }
 
 impl OpenOptions {
@@ -373,6 +381,7 @@ impl Default for OpenOptions {
             snapshot: None,
             locking: true,
             force_share: false,
+            punch_holes: true,
         }
     }
 }

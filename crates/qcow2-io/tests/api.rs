@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use qcow2_io::{CreateOptions, Image, ImageError, OpenOptions};
+use qcow2_io::{CreateOptions, Image, ImageError, OpenOptions, Storage};
 
 #[test]
 fn create_refuses_an_existing_file_unless_asked_to_overwrite() {
@@ -66,4 +66,42 @@ fn dedup_index_memory_is_zero_until_the_index_is_built() {
     read_only.close().unwrap();
     let writable = Image::open(&path, &OpenOptions::read_write()).unwrap();
     assert!(writable.dedup_stats().unwrap().unwrap().index_memory > 0);
+}
+
+/// A cluster whose last reference goes is given back to the host once the
+/// flush that freed it is durable: its bytes in the image file read as
+/// zeros (a punched hole); with `punch_holes` off they stay.
+#[test]
+fn freed_clusters_are_punched_after_the_flush_that_frees_them() {
+    for punch in [true, false] {
+        let storage = std::sync::Arc::new(qcow2_io::MemStorage::new());
+        let image = Image::create_on(
+            storage.clone(),
+            &CreateOptions::new(1 << 20).cluster_size(4096),
+        )
+        .unwrap();
+        image.write_at(&[0xab; 4096], 8192).unwrap();
+        image.flush().unwrap();
+        let host = image.map().unwrap()[1].host_offset.unwrap();
+        image.close().unwrap();
+        drop(image);
+        let options = OpenOptions {
+            punch_holes: punch,
+            ..OpenOptions::read_write()
+        };
+        let image = Image::open_on(storage.clone(), &options).unwrap();
+        let mut bytes = [0u8; 4096];
+        storage.read_at(&mut bytes, host).unwrap();
+        assert_eq!(bytes, [0xab; 4096]);
+        image.discard(8192, 4096).unwrap();
+        storage.read_at(&mut bytes, host).unwrap();
+        assert_eq!(bytes, [0xab; 4096], "nothing is punched before the flush");
+        image.flush().unwrap();
+        storage.read_at(&mut bytes, host).unwrap();
+        assert_eq!(bytes == [0u8; 4096], punch, "punch_holes {punch}");
+        let mut guest = [1u8; 4096];
+        image.read_at(&mut guest, 8192).unwrap();
+        assert_eq!(guest, [0u8; 4096]);
+        assert!(image.check(qcow2_io::RepairMode::None).unwrap().is_clean());
+    }
 }

@@ -23,10 +23,13 @@ pub fn run(args: &ServeArgs) -> Result<u8, CliError> {
     if args.format.is_some() {
         resolve_format(path, Some(ImageFormat::Qcow2))?;
     }
-    let options = if args.read_only {
-        OpenOptions::read_only()
-    } else {
-        OpenOptions::read_write()
+    let options = OpenOptions {
+        punch_holes: !args.no_hole_punching,
+        ..if args.read_only {
+            OpenOptions::read_only()
+        } else {
+            OpenOptions::read_write()
+        }
     };
     let image = Arc::new(Image::open(path, &options).map_err(CliError::image(path))?);
     let export = Export::new(
