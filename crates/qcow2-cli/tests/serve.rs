@@ -765,3 +765,76 @@ fn trimmed_space_goes_back_to_the_host_as_with_qemu_nbd() {
         "--no-hole-punching keeps the space: {kept} B"
     );
 }
+
+/// A server restarted after a crash says in one line that it repaired the
+/// image (refcounts, dropped dedup entries); after a clean stop it says
+/// nothing.
+#[test]
+fn a_restarted_server_says_it_recovered_the_image() {
+    if !tools(&["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img.qcow2");
+    ok(
+        bin(),
+        &[
+            "create",
+            "-q",
+            "-o",
+            "dedup=on,cluster_size=4k",
+            p(&img),
+            "16M",
+        ],
+    );
+    let server = Server::start(&img, &dir.path().join("s1"), &["-t"]);
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x5a 0 1M",
+            "-c",
+            "flush",
+            &server.uri(),
+        ],
+    );
+    server.kill();
+    let restart = |socket: &str| {
+        let socket = dir.path().join(socket);
+        let mut child = Command::new(bin())
+            .args(["serve", "-k", p(&socket), p(&img)])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for(&socket);
+        ok(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-r",
+                "-c",
+                "read -P 0x5a 0 1M",
+                &format!("nbd+unix:///?socket={}", p(&socket)),
+            ],
+        );
+        child.wait().unwrap();
+        let mut stderr = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
+        stderr
+    };
+    let said = restart("s2");
+    assert!(
+        said.contains("was not closed cleanly") && said.contains("dedup entries dropped"),
+        "{said:?}"
+    );
+    assert_eq!(said.lines().count(), 1, "{said:?}");
+    assert_eq!(restart("s3"), "", "a clean close leaves nothing to say");
+}

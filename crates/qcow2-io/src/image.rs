@@ -53,6 +53,26 @@ pub struct Image {
     closed: AtomicBool,
     /// Damage to the refcount structure a read-only open read through.
     refcount_damage: Option<String>,
+    /// What a read-write open repaired after an unclean shutdown.
+    recovery: Option<Recovery>,
+}
+
+/// What a read-write open repaired because the image was not closed
+/// cleanly (its dirty bit was set: the process died, or the machine lost
+/// power): the refcounts are checked and repaired as `check -r all` would,
+/// and on a dedup image every entry of the dedup table is verified
+/// against its cluster's data. Nothing written and flushed before is lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recovery {
+    /// Leaked clusters freed (a crash may leak, never corrupt).
+    pub leaks_fixed: u64,
+    /// Corruptions repaired.
+    pub corruptions_fixed: u64,
+    /// Whether the whole refcount structure was rebuilt.
+    pub refcounts_rebuilt: bool,
+    /// Dedup entries dropped: their cluster was free, or its data no
+    /// longer matched the recorded hash (space, never data).
+    pub dedup_entries_dropped: u64,
 }
 
 /// A persistent dirty bitmap, as `qemu-img info` lists it.
@@ -432,11 +452,19 @@ impl Image {
         if let Some(data) = data_file {
             image.data = data;
         }
-        if options.write && dirty {
-            image.check(RepairMode::All)?;
-        }
+        let repair = if options.write && dirty {
+            Some(image.check(RepairMode::All)?)
+        } else {
+            None
+        };
         if options.write {
-            image.meta.lock().build_dedup_index(dirty)?;
+            let dropped = image.meta.lock().build_dedup_index(dirty)?;
+            image.recovery = repair.map(|report| Recovery {
+                leaks_fixed: report.leaks_fixed,
+                corruptions_fixed: report.corruptions_fixed,
+                refcounts_rebuilt: report.refcounts_rebuilt,
+                dedup_entries_dropped: dropped,
+            });
         }
         Ok(image)
     }
@@ -456,6 +484,7 @@ impl Image {
             chain: ChainContext::default(),
             closed: AtomicBool::new(false),
             refcount_damage: None,
+            recovery: None,
         }
     }
 
@@ -519,6 +548,12 @@ impl Image {
     /// ```
     pub fn refcount_damage(&self) -> Option<&str> {
         self.refcount_damage.as_deref()
+    }
+
+    /// What this read-write open repaired because the image had not been
+    /// closed cleanly; `None` after a clean close (or a read-only open).
+    pub fn recovery(&self) -> Option<&Recovery> {
+        self.recovery.as_ref()
     }
 
     /// The backing file, if the image has one.

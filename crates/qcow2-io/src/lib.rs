@@ -47,7 +47,7 @@ pub use amend::AmendOptions;
 pub use backing::Backing;
 pub use check::{CheckReport, Finding, FindingKind, RepairMode};
 pub use error::{ImageError, Result};
-pub use image::{BitmapInfo, Image, ImageInfo};
+pub use image::{BitmapInfo, Image, ImageInfo, Recovery};
 pub use map::{MapExtent, MapKind};
 pub use measure::{measure, Measurement};
 pub use options::{Compat, Compression, CreateOptions, OpenOptions, Preallocation};

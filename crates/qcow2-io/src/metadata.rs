@@ -604,9 +604,9 @@ impl Metadata {
 
     /// Builds the in-memory index from the dedup table (re-verifying every
     /// entry against the data when `verify`).
-    pub(crate) fn build_dedup_index(&mut self, verify: bool) -> Result<()> {
+    pub(crate) fn build_dedup_index(&mut self, verify: bool) -> Result<u64> {
         let Some(d) = self.dedup.as_mut() else {
-            return Ok(());
+            return Ok(0);
         };
         d.build_index(&*self.storage, &mut self.alloc, verify)
     }

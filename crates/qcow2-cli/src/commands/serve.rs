@@ -32,6 +32,20 @@ pub fn run(args: &ServeArgs) -> Result<u8, CliError> {
         }
     };
     let image = Arc::new(Image::open(path, &options).map_err(CliError::image(path))?);
+    if let Some(r) = image.recovery() {
+        eprintln!(
+            "qcow2: {path} was not closed cleanly: refcounts {} ({} leaked clusters freed, \
+             {} corruptions fixed), {} dedup entries dropped; flushed data is intact",
+            if r.refcounts_rebuilt {
+                "rebuilt"
+            } else {
+                "checked"
+            },
+            r.leaks_fixed,
+            r.corruptions_fixed,
+            r.dedup_entries_dropped
+        );
+    }
     let export = Export::new(
         image.clone(),
         ExportOptions {

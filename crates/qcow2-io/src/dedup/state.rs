@@ -99,13 +99,14 @@ impl DedupState {
 
     /// Builds the index by one sequential scan of the table. Entries for
     /// free clusters are dropped; with `verify` (after an unclean shutdown)
-    /// every entry is checked against its cluster's data first.
+    /// every entry is checked against its cluster's data first. Returns how
+    /// many entries were dropped.
     pub(crate) fn build_index(
         &mut self,
         storage: &dyn Storage,
         alloc: &mut Allocator,
         verify: bool,
-    ) -> Result<()> {
+    ) -> Result<u64> {
         let g = self.geometry;
         let mut index = DedupIndex::new();
         let mut dropped = Vec::new();
@@ -148,7 +149,7 @@ impl DedupState {
         for (host, hash) in maybe_copies {
             self.index_entry(storage, host, &hash)?;
         }
-        Ok(())
+        Ok(dropped.len() as u64)
     }
 
     /// Indexes `host` as holding `hash`: as a further copy when a
