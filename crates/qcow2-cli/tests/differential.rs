@@ -92,17 +92,7 @@ impl Twin {
             args.extend(["-c", c]);
         }
         args.push(file);
-        self.log.push(format!("qemu-io {args:?}"));
-        for tool in [Tool::Qemu, Tool::Ours] {
-            let out = self.run_in(tool, "qemu-io", &args);
-            assert!(
-                out.status.success(),
-                "qemu-io {args:?} in {tool:?}: {}{}\n{}",
-                text(&out.stdout),
-                text(&out.stderr),
-                self.history()
-            );
-        }
+        self.setup("qemu-io", &args);
     }
 
     /// Runs `args` through both tools; returns both outputs after checking
@@ -125,6 +115,21 @@ impl Twin {
             );
         }
         (theirs, ours)
+    }
+
+    /// Runs the same setup command in both directories; it must succeed.
+    fn setup(&mut self, program: &str, args: &[&str]) {
+        self.log.push(format!("{program} {args:?} (both)"));
+        for tool in [Tool::Qemu, Tool::Ours] {
+            let out = self.run_in(tool, program, args);
+            assert!(
+                out.status.success(),
+                "{program} {args:?} in {tool:?}: {}{}\n{}",
+                text(&out.stdout),
+                text(&out.stderr),
+                self.history()
+            );
+        }
     }
 
     fn history(&self) -> String {
@@ -324,11 +329,7 @@ fn twin_with(file: &str, create: &[&str], size: &str) -> Twin {
     let mut args = vec!["create", "-q", "-f", "qcow2"];
     args.extend(create);
     args.extend([file, size]);
-    for tool in [Tool::Qemu, Tool::Ours] {
-        let out = t.run_in(tool, "qemu-img", &args);
-        assert!(out.status.success(), "{}", text(&out.stderr));
-    }
-    t.log.push(format!("qemu-img {args:?} (both)"));
+    t.setup("qemu-img", &args);
     t
 }
 
@@ -372,13 +373,10 @@ fn item_2_safe_rebase_of_an_image_without_backing_keeps_its_zeros() {
     }
     let mut t = twin_with("nb.qcow2", &[], "1M");
     t.guest("nb.qcow2", &["write -P 2 0 1M"]);
-    for tool in [Tool::Qemu, Tool::Ours] {
-        t.run_in(
-            tool,
-            "qemu-img",
-            &["create", "-q", "-f", "qcow2", "o.qcow2", "1M"],
-        );
-    }
+    t.setup(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "o.qcow2", "1M"],
+    );
     t.guest("o.qcow2", &["write -P 3 0 64k"]);
     t.both(&["rebase", "-b", "nb.qcow2", "-F", "qcow2", "o.qcow2"]);
     let out = t.run_in(
@@ -402,13 +400,10 @@ fn item_3_convert_b_of_a_full_image_writes_its_zeros() {
     }
     let mut t = twin_with("base.qcow2", &[], "1M");
     t.guest("base.qcow2", &["write -P 9 0 1M"]);
-    for tool in [Tool::Qemu, Tool::Ours] {
-        t.run_in(
-            tool,
-            "qemu-img",
-            &["create", "-q", "-f", "qcow2", "full.qcow2", "1M"],
-        );
-    }
+    t.setup(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "full.qcow2", "1M"],
+    );
     t.guest("full.qcow2", &["write -P 3 0 64k", "write -z 128k 64k"]);
     t.both(&[
         "convert",
@@ -433,24 +428,21 @@ fn item_4_a_grown_overlay_hides_its_longer_backing() {
     }
     let mut t = twin_with("base.qcow2", &[], "1M");
     t.guest("base.qcow2", &["write -P 7 0 1M"]);
-    for tool in [Tool::Qemu, Tool::Ours] {
-        t.run_in(
-            tool,
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                "base.qcow2",
-                "-F",
-                "qcow2",
-                "ov.qcow2",
-                "512k",
-            ],
-        );
-    }
+    t.setup(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "ov.qcow2",
+            "512k",
+        ],
+    );
     t.both(&["resize", "ov.qcow2", "1M"]);
     t.agree("ov.qcow2");
     t.both(&["resize", "--shrink", "ov.qcow2", "256k"]);
@@ -506,27 +498,23 @@ fn items_7_and_8_compare_sizes_and_strict_allocation() {
         return;
     }
     let mut t = twin_with("c64.qcow2", &[], "64M");
-    for tool in [Tool::Qemu, Tool::Ours] {
-        t.run_in(
-            tool,
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                "preallocation=metadata",
-                "c128.qcow2",
-                "128M",
-            ],
-        );
-        t.run_in(
-            tool,
-            "qemu-img",
-            &["create", "-q", "-f", "qcow2", "z.qcow2", "64M"],
-        );
-    }
+    t.setup(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=metadata",
+            "c128.qcow2",
+            "128M",
+        ],
+    );
+    t.setup(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "z.qcow2", "64M"],
+    );
     for pair in [["c64.qcow2", "c128.qcow2"], ["c128.qcow2", "c64.qcow2"]] {
         let (theirs, ours) = t.both(&["compare", pair[0], pair[1]]);
         assert_eq!(text(&ours.stdout), text(&theirs.stdout), "{pair:?}");
@@ -548,26 +536,23 @@ fn item_9_map_of_an_overlay_over_an_extended_l2_backing() {
     }
     let mut t = twin_with("xb.qcow2", &["-o", "extended_l2=on,cluster_size=64k"], "1M");
     t.guest("xb.qcow2", &["write -P 1 0 4k", "write -P 2 100k 8k"]);
-    for tool in [Tool::Qemu, Tool::Ours] {
-        t.run_in(
-            tool,
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                "cluster_size=4k",
-                "-b",
-                "xb.qcow2",
-                "-F",
-                "qcow2",
-                "xo.qcow2",
-                "1M",
-            ],
-        );
-    }
+    t.setup(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            "-b",
+            "xb.qcow2",
+            "-F",
+            "qcow2",
+            "xo.qcow2",
+            "1M",
+        ],
+    );
     t.guest("xo.qcow2", &["write -P 3 8k 4k"]);
     let (theirs, ours) = t.both(&["map", "--output=json", "xo.qcow2"]);
     assert_eq!(text(&ours.stdout), text(&theirs.stdout), "offsets included");
@@ -596,13 +581,10 @@ fn item_11_a_backing_format_is_never_probed() {
         return;
     }
     let mut t = twin_with("b.qcow2", &[], "1M");
-    for tool in [Tool::Qemu, Tool::Ours] {
-        t.run_in(
-            tool,
-            "qemu-img",
-            &["create", "-q", "-f", "qcow2", "o.qcow2", "1M"],
-        );
-    }
+    t.setup(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "o.qcow2", "1M"],
+    );
     let before = bytes(&t, "o.qcow2");
     for args in [
         vec!["rebase", "-u", "-b", "b.qcow2", "o.qcow2"],
