@@ -1,6 +1,7 @@
 //! Bad input, as a user types it: nonexistent files, wrong formats,
 //! invalid `-o` keys and values, bad sizes, a directory as the image, a
-//! read-only file. Every case must end with one readable error line on
+//! read-only file, an image another process has open for writing. Every
+//! case must end with one readable error line on
 //! stderr and a non-zero exit, never a panic, and leave every input file
 //! byte for byte as it was.
 
@@ -150,6 +151,24 @@ fn every_bad_input_is_one_line_a_failure_and_changes_nothing() {
         ]);
     }
     let before = snapshot(dir.path());
+    // An image in use: qemu-io holds it open for writing meanwhile.
+    let mut holder = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "sleep 20000", &img])
+        .spawn()
+        .expect("qemu-io starts");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let in_use: Vec<Vec<&str>> = vec![
+        vec!["info", &img],
+        vec!["check", &img],
+        vec!["map", &img],
+        vec!["resize", &img, "8M"],
+        vec!["snapshot", "-c", "s", &img],
+        vec!["amend", "-o", "lazy_refcounts=on", &img],
+        vec!["convert", "-O", "raw", &img, &new],
+        vec!["convert", "-O", "qcow2", &raw, &img],
+        vec!["create", "-f", "qcow2", &img, "1M"],
+    ];
+    cases.extend(in_use.iter().cloned());
     for args in &cases {
         let out = qcow2(args);
         let stderr = text(&out.stderr);
@@ -176,6 +195,14 @@ fn every_bad_input_is_one_line_a_failure_and_changes_nothing() {
             "{args:?} changed a file in the directory"
         );
     }
+    for args in &in_use {
+        assert!(
+            text(&qcow2(args).stderr).contains("lock"),
+            "{args:?}: the error names the lock"
+        );
+    }
+    holder.kill().unwrap();
+    holder.wait().unwrap();
 }
 
 /// Whether the tests run as root (permissions do not stop root).

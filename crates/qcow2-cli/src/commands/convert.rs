@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 
-use qcow2_io::{AlignedBuf, CreateOptions, FileStorage, Image, Storage};
+use qcow2_io::{AlignedBuf, CreateOptions, FileStorage, Image, LockAccess, Storage};
 
 use crate::args::{CacheMode, ConvertArgs, ImageFormat, SourceCache};
 use crate::commands::create::apply_options;
@@ -141,9 +141,16 @@ pub(crate) fn target_file(
     let file = if existing {
         FileStorage::open(p, true)
     } else {
-        FileStorage::create(p)
+        FileStorage::open_or_create(p)
     }
     .map_err(CliError::io(path))?;
+    // A target in use by another process is refused before anything of
+    // it is truncated or written.
+    file.lock(LockAccess::Write)
+        .map_err(|e| CliError::image(path)(e.into()))?;
+    if !existing {
+        file.set_len(0).map_err(CliError::io(path))?;
+    }
     Ok(match cache {
         CacheMode::None => file.with_direct_io(p, true),
         CacheMode::Writeback | CacheMode::Unsafe => file,
