@@ -13,9 +13,16 @@ struct Held {
 }
 
 /// The set of guest cluster ranges currently locked.
+///
+/// Exclusive requests are preferred: while one waits, a new shared request
+/// that overlaps it waits too, so a stream of readers and in-place writers
+/// cannot starve a flush, snapshot or close. No caller takes a second range
+/// while it holds one, so this cannot deadlock.
 #[derive(Debug, Default)]
 pub(crate) struct RangeLocks {
     held: Mutex<(u64, Vec<Held>)>,
+    /// Exclusive requests waiting for their range.
+    waiting: Mutex<Vec<Range<u64>>>,
     released: Condvar,
 }
 
@@ -29,11 +36,29 @@ impl RangeLocks {
     /// Waits until `range` does not conflict with any held range, then holds
     /// it: shared ranges conflict only with overlapping exclusive ones.
     pub(crate) fn lock(&self, range: Range<u64>, exclusive: bool) -> RangeGuard<'_> {
+        let overlaps = |r: &Range<u64>| r.start < range.end && range.start < r.end;
         let mut held = self.held.lock();
-        while held.1.iter().any(|h| {
-            (exclusive || h.exclusive) && h.range.start < range.end && range.start < h.range.end
-        }) {
+        let mut queued = false;
+        loop {
+            let busy = held
+                .1
+                .iter()
+                .any(|h| (exclusive || h.exclusive) && overlaps(&h.range));
+            let yield_to_writer = !exclusive && self.waiting.lock().iter().any(&overlaps);
+            if !busy && !yield_to_writer {
+                break;
+            }
+            if exclusive && !queued {
+                self.waiting.lock().push(range.clone());
+                queued = true;
+            }
             self.released.wait(&mut held);
+        }
+        if queued {
+            let mut waiting = self.waiting.lock();
+            if let Some(i) = waiting.iter().position(|w| *w == range) {
+                waiting.swap_remove(i);
+            }
         }
         held.0 += 1;
         let id = held.0;
@@ -150,6 +175,40 @@ mod tests {
         drop(_b);
         t.join().unwrap();
         assert!(entered.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn a_waiting_writer_is_not_starved_by_new_readers() {
+        let locks = Arc::new(RangeLocks::default());
+        let reader = locks.lock(0..4, false);
+        let writer_in = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (locks, writer_in) = (locks.clone(), writer_in.clone());
+            std::thread::spawn(move || {
+                let _g = locks.lock(0..u64::MAX, true);
+                writer_in.store(true, Ordering::SeqCst);
+            })
+        };
+        while locks.waiting.lock().is_empty() {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let late_reader_in = Arc::new(AtomicBool::new(false));
+        let late_reader = {
+            let (locks, late) = (locks.clone(), late_reader_in.clone());
+            std::thread::spawn(move || {
+                let _g = locks.lock(2..3, false);
+                late.store(true, Ordering::SeqCst);
+            })
+        };
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(
+            !late_reader_in.load(Ordering::SeqCst),
+            "a new reader waits behind the waiting writer"
+        );
+        drop(reader);
+        writer.join().unwrap();
+        late_reader.join().unwrap();
+        assert!(writer_in.load(Ordering::SeqCst) && late_reader_in.load(Ordering::SeqCst));
     }
 
     #[test]

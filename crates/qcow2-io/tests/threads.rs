@@ -99,3 +99,84 @@ fn image_is_send_and_sync() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Image>();
 }
+
+/// Writes into clusters the image owns run under a shared range lock:
+/// four threads writing their own 4 KiB blocks of the same 64 KiB clusters
+/// while a fifth takes and deletes snapshots (which make every cluster
+/// shared, so the next writes copy it, under the exclusive lock). Every
+/// thread reads back its own blocks after each write; in the end the disk
+/// is the merge of the shadows and `check` is clean.
+#[test]
+fn in_place_writes_share_clusters_while_snapshots_move_them() {
+    const BLOCK: u64 = 4096;
+    let size = 2u64 << 20;
+    let image = Arc::new(
+        Image::create_on(
+            Arc::new(qcow2_io::MemStorage::new()),
+            &CreateOptions::new(size),
+        )
+        .unwrap(),
+    );
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    let stop = Arc::new(AtomicBool::new(false));
+    let taken = Arc::new(AtomicU32::new(0));
+    let snapshots = {
+        let (image, stop, taken) = (image.clone(), stop.clone(), taken.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                image.snapshot_create(&format!("s{n}")).unwrap();
+                if n > 0 {
+                    image.snapshot_delete(&format!("s{}", n - 1)).unwrap();
+                }
+                n += 1;
+                taken.store(n, Ordering::Relaxed);
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        })
+    };
+    let writers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (image, taken) = (image.clone(), taken.clone());
+            std::thread::spawn(move || {
+                let mut rng = SmallRng::seed_from_u64(t);
+                let mut shadow = vec![0u8; size as usize];
+                let mut buf = vec![0u8; BLOCK as usize];
+                // At least 3000 writes, and on until 20 snapshots were taken.
+                for op in (0u32..).take_while(|&op| op < 3000 || taken.load(Ordering::Relaxed) < 20)
+                {
+                    // Block b of each 16-block cluster belongs to thread b % 4.
+                    let block = rng.gen_range(0..size / BLOCK / THREADS) * THREADS + t;
+                    let at = (block * BLOCK) as usize;
+                    let fill = (op % 251) as u8 + 1;
+                    let data = vec![fill; BLOCK as usize];
+                    image.write_at(&data, at as u64).unwrap();
+                    shadow[at..at + BLOCK as usize].copy_from_slice(&data);
+                    image.read_at(&mut buf, at as u64).unwrap();
+                    assert!(buf == data, "thread {t} op {op}");
+                }
+                shadow
+            })
+        })
+        .collect();
+    let shadows: Vec<Vec<u8>> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    stop.store(true, Ordering::Relaxed);
+    snapshots.join().unwrap();
+    assert!(
+        taken.load(Ordering::Relaxed) >= 20,
+        "snapshots ran meanwhile"
+    );
+    let mut back = vec![0u8; size as usize];
+    image.read_at(&mut back, 0).unwrap();
+    for (i, chunk) in back.chunks(BLOCK as usize).enumerate() {
+        let owner = i % THREADS as usize;
+        let at = i * BLOCK as usize;
+        assert!(
+            chunk == &shadows[owner][at..at + BLOCK as usize],
+            "block {i} (thread {owner})"
+        );
+    }
+    image.flush().unwrap();
+    let report = image.check(RepairMode::None).unwrap();
+    assert!(report.is_clean(), "{:?}", report.findings);
+}
