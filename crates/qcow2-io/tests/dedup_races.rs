@@ -149,3 +149,10 @@ fn two_writers_and_a_flusher_at_refcount_bits_2_lose_nothing() {
 fn two_writers_and_a_flusher_at_refcount_bits_4_lose_nothing() {
     race(4);
 }
+
+/// The same race where contents rarely outgrow a copy (16-bit refcounts):
+/// the write paths without consolidation must hold as well.
+#[test]
+fn two_writers_and_a_flusher_at_refcount_bits_16_lose_nothing() {
+    race(16);
+}
