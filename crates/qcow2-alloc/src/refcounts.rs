@@ -400,6 +400,27 @@ impl Refcounts {
         Ok(out)
     }
 
+    /// The last host cluster with a nonzero refcount, if any. Blocks are
+    /// read from the end of the table backwards and the scan stops at the
+    /// first block holding a reference, so the cost is one block for an
+    /// image whose tail is in use.
+    pub fn last_used(&mut self, storage: &dyn Storage) -> Result<Option<HostCluster>> {
+        for index in (0..self.table.len() as u64).rev() {
+            if self.table[index as usize] == 0 {
+                continue;
+            }
+            let width = self.width;
+            let epb = self.epb();
+            let block = self.cached_block(storage, index)?;
+            if let Some(i) = (0..epb).rev().find(|&i| width.get(block, i as usize) != 0) {
+                return Ok(Some(HostCluster::new(
+                    self.first_of(index).saturating_add(i),
+                )));
+            }
+        }
+        Ok(None)
+    }
+
     /// Sets the refcount of `cluster`, creating refcount blocks and growing
     /// the table as needed.
     pub fn set(&mut self, storage: &dyn Storage, cluster: HostCluster, value: u64) -> Result<()> {

@@ -112,6 +112,17 @@ impl Allocator {
         Ok(out)
     }
 
+    /// Where the file may end once holes are given back: one past the last
+    /// cluster with a reference, or `None` when freed space is kept in the
+    /// file (hole punching off) and the file must not shrink either.
+    pub(crate) fn used_end(&mut self, storage: &dyn Storage) -> Result<Option<HostOffset>> {
+        if self.freed.is_none() {
+            return Ok(None);
+        }
+        let last = self.refcounts.last_used(storage)?;
+        Ok(last.map(|c| self.geometry.host_offset(c.next())))
+    }
+
     /// Stops counting data clusters (an external data file holds them).
     pub(crate) fn data_not_refcounted(&mut self) {
         self.data_refcounted = false;

@@ -826,6 +826,7 @@ impl Metadata {
     /// Flushes and clears the dirty bit.
     pub(crate) fn close(&mut self) -> Result<()> {
         self.flush_moving(MovableMappings::All)?;
+        self.trim_free_tail()?;
         let location = self.alloc.table_location();
         self.header.mark_clean(&*self.storage, location)
     }
@@ -941,6 +942,28 @@ impl Metadata {
                 .discard(g.host_offset(freed[i]).get(), g.bytes(count))
                 .map_err(ImageError::io("giving freed clusters back to the host"))?;
             i = j;
+        }
+        Ok(())
+    }
+
+    /// Cuts the free clusters at the end of the file off it (with hole
+    /// punching on). Runs after the closing flush, so every refcount is
+    /// durable: a cluster past the last referenced one is referenced by no
+    /// table on disk, and a crash before or after the cut leaves a valid
+    /// image.
+    fn trim_free_tail(&mut self) -> Result<()> {
+        let Some(end) = self.alloc.used_end(&*self.storage)? else {
+            return Ok(());
+        };
+        let len = self
+            .storage
+            .len()
+            .map_err(ImageError::io("reading the image size"))?;
+        if end.get() < len {
+            self.storage.set_len(end.get()).map_err(ImageError::io(
+                "cutting free clusters off the end of the file",
+            ))?;
+            self.sync("syncing the shortened image")?;
         }
         Ok(())
     }

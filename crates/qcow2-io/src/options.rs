@@ -311,8 +311,10 @@ pub struct OpenOptions {
     /// `pass-discard-other` do: when a cluster's refcount falls to 0 (a
     /// guest discard or trim, an overwrite of a shared or compressed
     /// cluster, a deleted snapshot, a dedup consolidation, a shrink), a
-    /// hole is punched there, once the metadata that freed it is durable.
-    /// Off keeps freed clusters allocated in the file for reuse.
+    /// hole is punched there, once the metadata that freed it is durable;
+    /// and [`Image::close`](crate::Image::close) cuts the free clusters at
+    /// the end of the file off it. Off keeps freed clusters allocated in
+    /// the file for reuse and the file's length as it is.
     pub punch_holes: bool,
 }
 

@@ -105,3 +105,48 @@ fn freed_clusters_are_punched_after_the_flush_that_frees_them() {
         assert!(image.check(qcow2_io::RepairMode::None).unwrap().is_clean());
     }
 }
+
+/// Closing cuts the free clusters at the end of the file off it (with hole
+/// punching on; with it off the file keeps its length), and what stays
+/// reads and checks as before.
+#[test]
+fn close_cuts_free_clusters_off_the_end_of_the_file() {
+    for punch in [true, false] {
+        let storage = std::sync::Arc::new(qcow2_io::MemStorage::new());
+        let options = OpenOptions {
+            punch_holes: punch,
+            ..OpenOptions::read_write()
+        };
+        let image = Image::create_on(
+            storage.clone(),
+            &CreateOptions::new(8 << 20).cluster_size(4096),
+        )
+        .unwrap();
+        image.write_at(&[0x11; 4096], 0).unwrap();
+        image.close().unwrap();
+        drop(image);
+        let kept_len = storage.len().unwrap();
+        let image = Image::open_on(storage.clone(), &options).unwrap();
+        // Within the L2 table the first write made, so only data clusters
+        // are appended.
+        image.write_at(&[0x22; 1 << 20], 4096).unwrap();
+        image.flush().unwrap();
+        let full_len = storage.len().unwrap();
+        assert!(full_len >= kept_len + (1 << 20), "{full_len} vs {kept_len}");
+        image.discard(4096, 1 << 20).unwrap();
+        image.close().unwrap();
+        drop(image);
+        let len = storage.len().unwrap();
+        if punch {
+            assert_eq!(len, kept_len);
+        } else {
+            assert_eq!(len, full_len, "punch_holes off keeps the file's length");
+        }
+        let image = Image::open_on(storage.clone(), &OpenOptions::read_write()).unwrap();
+        let mut first = [0u8; 4096];
+        image.read_at(&mut first, 0).unwrap();
+        assert_eq!(first, [0x11; 4096]);
+        let report = image.check(qcow2_io::RepairMode::None).unwrap();
+        assert!(report.is_clean(), "{:?}", report.findings);
+    }
+}
