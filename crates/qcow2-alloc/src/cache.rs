@@ -6,7 +6,7 @@
 //! dirty ([`WriteBackCache::needs_write_back`]), and hands the dirty entries
 //! back in key order for the owner to write ([`WriteBackCache::write_back`]).
 //! Write ordering between caches is therefore decided in exactly one place,
-//! the owner that composes them (in `qcow2-io`, `Metadata::write_back`),
+//! the owner that composes them (in `qcow2-io`, `Metadata::write_tables`),
 //! never by an eviction that happens to run first.
 //!
 //! Lookup is one probe of a hash map with a multiplicative integer hash (no
@@ -44,10 +44,10 @@ impl Hasher for IntHasher {
     }
 }
 
-/// A `HashMap` keyed by integers through [`IntHasher`].
+/// A `HashMap` keyed by integers, hashed as themselves (no SipHash).
 pub type IntMap<K, V> = HashMap<K, V, BuildHasherDefault<IntHasher>>;
 
-/// A `HashSet` of integers through [`IntHasher`].
+/// A `HashSet` of integers, hashed as themselves (no SipHash).
 pub type IntSet<K> = std::collections::HashSet<K, BuildHasherDefault<IntHasher>>;
 
 #[derive(Debug)]

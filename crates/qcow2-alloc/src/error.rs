@@ -2,6 +2,7 @@ use qcow2_format::FormatError;
 use thiserror::Error;
 
 /// Errors of refcount handling and cluster allocation.
+#[non_exhaustive]
 #[derive(Debug, Error)]
 pub enum AllocError {
     /// The storage failed.

@@ -15,19 +15,23 @@
 #![deny(clippy::arithmetic_side_effects)]
 #![cfg_attr(test, allow(clippy::arithmetic_side_effects))]
 
-pub mod cache;
+mod cache;
 mod error;
+#[cfg(any(test, feature = "test-util"))]
+mod faulty;
 pub mod lock;
 mod rebuild;
 mod refcounts;
 pub mod storage;
 
-pub use cache::WriteBackCache;
+pub use cache::{IntMap, IntSet, WriteBackCache};
 pub use error::AllocError;
+#[cfg(any(test, feature = "test-util"))]
+pub use faulty::FaultyStorage;
 pub use lock::{LockAccess, LockError};
 pub use rebuild::{rebuild_refcounts, RefcountMismatch, ReferenceCounts};
-pub use refcounts::{RefcountDamage, Refcounts, RefcountsConfig};
-pub use storage::{AlignedBuf, FaultyStorage, FileStorage, MemStorage, Storage, DIRECT_IO_ALIGN};
+pub use refcounts::{RefcountDamage, RefcountTableHeader, Refcounts, RefcountsConfig};
+pub use storage::{AlignedBuf, FileStorage, MemStorage, Storage, DIRECT_IO_ALIGN};
 
 /// Result type of this crate.
 pub type Result<T, E = AllocError> = std::result::Result<T, E>;

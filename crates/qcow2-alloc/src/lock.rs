@@ -83,6 +83,7 @@ impl LockAccess {
 }
 
 /// Why an image could not be locked.
+#[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
     /// Another process holds a permission this open would not share, or

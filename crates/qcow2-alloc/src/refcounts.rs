@@ -10,9 +10,19 @@ use qcow2_format::{ClusterCount, Geometry, HostCluster, HostOffset, MAX_REFCOUNT
 use crate::cache::{IntSet, WriteBackCache};
 use crate::{AllocError, Result, Storage};
 
-/// Byte offset of `refcount_table_offset` (u64) and, right after it,
-/// `refcount_table_clusters` (u32) in every qcow2 header.
-const HEADER_REFCOUNT_TABLE_FIELDS: u64 = 48;
+/// Points the image header at a refcount table that moved, durably (synced)
+/// before it returns. The header's owner implements it (in `qcow2-io`, the
+/// header writer), so the header has one writer; [`Refcounts::flush`] calls
+/// it after the new table is durable and before the old one is freed.
+pub trait RefcountTableHeader {
+    /// Makes the header name the table at `offset` of `clusters` clusters.
+    fn point_at(
+        &mut self,
+        storage: &dyn Storage,
+        offset: HostOffset,
+        clusters: u32,
+    ) -> std::io::Result<()>;
+}
 
 /// Where a refcount table is and how its blocks are cached.
 #[derive(Debug, Clone, Copy)]
@@ -36,8 +46,8 @@ pub struct RefcountsConfig {
 /// created inside the range they describe whenever possible, so they count
 /// themselves); blocks reach the disk before the table entries that point
 /// to them, and a moved table is durable before the header's two refcount
-/// table fields (which this type owns and writes itself) point to it; the
-/// old table is freed only after that. Refcount blocks may be written at
+/// table fields point to it (through the header's owner, a
+/// [`RefcountTableHeader`]); the old table is freed only after that. Refcount blocks may be written at
 /// any time: decreases that free clusters are only made here once nothing
 /// on disk points to those clusters any more (the caller's duty).
 #[derive(Debug)]
@@ -701,7 +711,11 @@ impl Refcounts {
     /// table moved, syncs it, points the header's refcount table fields at it
     /// (synced), then frees the old table's clusters. Returns whether
     /// anything was written.
-    pub fn flush(&mut self, storage: &dyn Storage) -> Result<bool> {
+    pub fn flush(
+        &mut self,
+        storage: &dyn Storage,
+        header: &mut dyn RefcountTableHeader,
+    ) -> Result<bool> {
         let mut wrote = self.write_blocks(storage)?;
         if let Some(range) = self.dirty_entries.take() {
             // New blocks are durable before the table entries naming them.
@@ -723,17 +737,11 @@ impl Refcounts {
             storage
                 .flush()
                 .map_err(AllocError::io("syncing the new refcount table"))?;
-            let mut fields = [0u8; 12];
-            fields[..8].copy_from_slice(&self.table_offset.get().to_be_bytes());
-            fields[8..].copy_from_slice(&self.table_clusters.to_be_bytes());
-            storage
-                .write_at(&fields, HEADER_REFCOUNT_TABLE_FIELDS)
+            header
+                .point_at(storage, self.table_offset, self.table_clusters)
                 .map_err(AllocError::io(
                     "pointing the header at the new refcount table",
                 ))?;
-            storage
-                .flush()
-                .map_err(AllocError::io("syncing the header"))?;
             let g = self.geometry;
             for (offset, clusters) in std::mem::take(&mut self.retired_tables) {
                 for cluster in g
@@ -796,6 +804,22 @@ mod tests {
         }
     }
 
+    /// A header owner that keeps nothing but the twelve bytes.
+    struct FieldsOnly;
+
+    impl RefcountTableHeader for FieldsOnly {
+        fn point_at(
+            &mut self,
+            storage: &dyn Storage,
+            offset: HostOffset,
+            clusters: u32,
+        ) -> std::io::Result<()> {
+            let fields = qcow2_format::header::encode_refcount_table_fields(offset.get(), clusters);
+            storage.write_at(&fields, qcow2_format::header::REFCOUNT_TABLE_FIELDS_OFFSET)?;
+            storage.flush()
+        }
+    }
+
     #[test]
     fn table_growth_survives_flush_and_reload() {
         let (storage, mut r) = fresh(9, 6);
@@ -803,7 +827,7 @@ mod tests {
             r.allocate(&storage, ClusterCount::ONE).unwrap();
         }
         assert!(r.table_clusters() > 1);
-        r.flush(&storage).unwrap();
+        r.flush(&storage, &mut FieldsOnly).unwrap();
         let mut fields = [0u8; 12];
         storage.read_at(&mut fields, 48).unwrap();
         let offset = u64::from_be_bytes(fields[..8].try_into().unwrap());

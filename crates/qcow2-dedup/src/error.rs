@@ -3,6 +3,7 @@ use qcow2_format::FormatError;
 use thiserror::Error;
 
 /// Errors of the dedup table.
+#[non_exhaustive]
 #[derive(Debug, Error)]
 pub enum DedupError {
     /// The storage failed.

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 
-use qcow2_alloc::cache::IntSet;
+use qcow2_alloc::IntSet;
 use qcow2_alloc::{Refcounts, Storage, WriteBackCache};
 use qcow2_format::dedup::{self, DedupEntry, DedupExtension};
 use qcow2_format::table::{decode_u64s, encode_u64s, DirtyRange};

@@ -12,6 +12,9 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::{FormatError, Geometry, HostCluster, Result};
 
+/// Magic of the dedup header extension (this project's, from the seed).
+pub const EXT_DEDUP: u32 = 0xcd8e_819b;
+
 /// Bytes of one dedup entry.
 pub const DEDUP_ENTRY_SIZE: u64 = 40;
 /// Bytes of the CRC trailer of an L2 dedup cluster.
@@ -39,7 +42,7 @@ impl DedupExtension {
     pub fn parse(data: &[u8]) -> Result<Self> {
         let raw =
             RawDedupExtension::ref_from_bytes(data).map_err(|_| FormatError::InvalidExtension {
-                magic: crate::extensions::EXT_DEDUP,
+                magic: EXT_DEDUP,
                 reason: "dedup extension length is not 12",
             })?;
         Ok(Self {

@@ -4,6 +4,7 @@ use thiserror::Error;
 ///
 /// Every size and offset taken from disk is checked before use; each failed
 /// check has its own variant so callers and tests can tell them apart.
+#[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum FormatError {
     /// Fewer bytes were available than the structure needs.

@@ -16,8 +16,9 @@ pub const EXT_BITMAPS: u32 = 0x2385_2875;
 pub const EXT_ENCRYPTION: u32 = 0x0537_be77;
 /// External data file name.
 pub const EXT_DATA_FILE: u32 = 0x4441_5441;
-/// Deduplication table location (this project's extension, from the seed).
-pub const EXT_DEDUP: u32 = 0xcd8e_819b;
+/// Deduplication table location (this project's extension, from the seed);
+/// defined beside the extension's layout.
+pub use crate::dedup::EXT_DEDUP;
 
 /// One entry of the feature name table.
 #[derive(Debug, Clone, PartialEq, Eq)]

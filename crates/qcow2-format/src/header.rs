@@ -20,6 +20,20 @@ pub const V3_MIN_HEADER_LEN: u32 = 104;
 /// and its padding).
 pub const V3_HEADER_LEN: u32 = 112;
 
+/// Byte offset of `refcount_table_offset` (u64), followed by
+/// `refcount_table_clusters` (u32), in every qcow2 header: the twelve
+/// bytes rewritten alone when the refcount table moves.
+pub const REFCOUNT_TABLE_FIELDS_OFFSET: u64 = 48;
+
+/// The twelve bytes at [`REFCOUNT_TABLE_FIELDS_OFFSET`] for a refcount
+/// table at `offset` of `clusters` clusters.
+pub fn encode_refcount_table_fields(offset: u64, clusters: u32) -> [u8; 12] {
+    let mut fields = [0u8; 12];
+    fields[..8].copy_from_slice(&offset.to_be_bytes());
+    fields[8..].copy_from_slice(&clusters.to_be_bytes());
+    fields
+}
+
 /// The fields common to versions 2 and 3.
 #[repr(C)]
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Default)]

@@ -4,7 +4,7 @@
 //! offset (a byte of the image file), a host cluster and a count of clusters
 //! are all `u64` on disk; here each is its own type with a private field.
 //! Going from bytes to clusters and back takes the image's
-//! [`Geometry`](crate::Geometry) (`geometry.host_cluster(offset)`,
+//! [`Geometry`] (`geometry.host_cluster(offset)`,
 //! `geometry.host_offset(cluster)`, and the guest equivalents), so a cluster
 //! index can never be used as a byte offset by accident. The only
 //! arithmetic offered is the meaningful kind: a cluster plus a count, the

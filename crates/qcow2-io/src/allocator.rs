@@ -3,13 +3,16 @@
 //!
 //! Invariant: a reference dropped from an L1/L2 table (or any table) is only
 //! subtracted from its cluster's refcount after the tables that no longer
-//! point there are durable. [`Allocator::release`] queues the decrease;
+//! point there are durable. [`Allocator::release_mapping`] (or
+//! [`Allocator::release_run`]) queues the decrease;
 //! the owner applies the queue with [`Allocator::take_released`] once the
 //! tables are synced (see `Metadata::flush`). A crash in between leaks the
 //! cluster; it can never free a cluster that a table on disk still uses.
 
-use qcow2_alloc::cache::IntMap;
-use qcow2_alloc::{rebuild_refcounts, Refcounts, RefcountsConfig, ReferenceCounts, Storage};
+use qcow2_alloc::IntMap;
+use qcow2_alloc::{
+    rebuild_refcounts, RefcountTableHeader, Refcounts, RefcountsConfig, ReferenceCounts, Storage,
+};
 use qcow2_format::l2::L2Mapping;
 use qcow2_format::refcount::RefcountWidth;
 use qcow2_format::{ClusterCount, Geometry, HostCluster, HostOffset};
@@ -360,8 +363,12 @@ impl Allocator {
 
     /// Writes refcount blocks and the table; returns whether anything was
     /// written (the caller syncs before writing what depends on it).
-    pub(crate) fn flush(&mut self, storage: &dyn Storage) -> Result<bool> {
-        Ok(self.refcounts.flush(storage)?)
+    pub(crate) fn flush(
+        &mut self,
+        storage: &dyn Storage,
+        header: &mut dyn RefcountTableHeader,
+    ) -> Result<bool> {
+        Ok(self.refcounts.flush(storage, header)?)
     }
 }
 

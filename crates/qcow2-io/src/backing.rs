@@ -10,28 +10,30 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use qcow2_alloc::{FileStorage, LockAccess, Storage};
 
-use crate::image::Image;
 use crate::{ImageError, OpenOptions, Result};
 
 /// Longest chain opened (the image itself not counted).
 pub const MAX_CHAIN_DEPTH: usize = 64;
 
-/// An open backing file.
+/// A backing file opened as a file: a raw one is ready to read, a qcow2
+/// one still to be opened as an image (by the image module, which owns the
+/// chain's types).
 #[derive(Debug)]
-pub enum Backing {
-    /// A qcow2 image (itself possibly backed).
-    Qcow2(Box<Image>),
-    /// A raw file.
-    Raw {
-        /// The file.
+pub(crate) enum BackingFile {
+    /// A qcow2 image, with the read-only options and the chain context to
+    /// open it in.
+    Qcow2 {
         file: FileStorage,
-        /// Its length.
+        options: OpenOptions,
+        context: ChainContext,
+    },
+    /// A raw file, locked for reading when locking is on.
+    Raw {
+        file: FileStorage,
         size: u64,
-        /// Its canonical path.
         path: PathBuf,
     },
 }
@@ -47,7 +49,7 @@ pub(crate) struct ChainContext {
     pub(crate) own: Option<PathBuf>,
 }
 
-impl Backing {
+impl BackingFile {
     /// Opens the backing file `name` (format `format`, if the overlay names
     /// one) of an image opened in `context`.
     pub(crate) fn open(
@@ -91,8 +93,11 @@ impl Backing {
                     snapshot: None,
                     ..options.clone()
                 };
-                let image = Image::open_in_chain(Arc::new(file), &read_only, inner)?;
-                Ok(Backing::Qcow2(Box::new(image)))
+                Ok(BackingFile::Qcow2 {
+                    file,
+                    options: read_only,
+                    context: inner,
+                })
             }
             "raw" | "file" => {
                 if options.locking {
@@ -103,7 +108,7 @@ impl Backing {
                 let size = file
                     .len()
                     .map_err(ImageError::io("reading the backing file size"))?;
-                Ok(Backing::Raw {
+                Ok(BackingFile::Raw {
                     file,
                     size,
                     path: canonical,
@@ -112,40 +117,6 @@ impl Backing {
             other => Err(ImageError::Unsupported(format!(
                 "backing file format {other:?} (raw and qcow2 are read)"
             ))),
-        }
-    }
-
-    /// The backing file's canonical path.
-    pub fn path(&self) -> Option<&Path> {
-        match self {
-            Backing::Qcow2(image) => image.path(),
-            Backing::Raw { path, .. } => Some(path),
-        }
-    }
-
-    /// The backing file's virtual size.
-    pub fn size(&self) -> u64 {
-        match self {
-            Backing::Qcow2(image) => image.size(),
-            Backing::Raw { size, .. } => *size,
-        }
-    }
-
-    /// Reads `buf.len()` bytes from `offset`; what lies past the backing
-    /// file's end reads as zeros.
-    pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let size = self.size();
-        let available = size.saturating_sub(offset).min(buf.len() as u64) as usize;
-        let (inside, past) = buf.split_at_mut(available);
-        past.fill(0);
-        if inside.is_empty() {
-            return Ok(());
-        }
-        match self {
-            Backing::Qcow2(image) => image.read_at(inside, offset),
-            Backing::Raw { file, .. } => file
-                .read_at(inside, offset)
-                .map_err(ImageError::io("reading the backing file")),
         }
     }
 }

@@ -8,7 +8,7 @@
 //! in the cache until the owner, having made the refcounts of everything
 //! they point to durable, calls [`BlockMap::write_back`].
 
-use qcow2_alloc::cache::IntSet;
+use qcow2_alloc::IntSet;
 use qcow2_alloc::{Storage, WriteBackCache};
 use qcow2_format::l1::{L1Entry, L1Mapping};
 use qcow2_format::l2::{L2Entry, L2Format, L2Mapping, SubclusterBitmap};

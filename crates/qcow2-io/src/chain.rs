@@ -6,7 +6,7 @@
 use qcow2_format::l2::L2Mapping;
 use qcow2_format::GuestOffset;
 
-use crate::backing::Backing;
+use crate::image::Backing;
 use crate::map::MapKind;
 use crate::{is_zero, Image, OpenOptions, Result};
 

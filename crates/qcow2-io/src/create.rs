@@ -12,6 +12,7 @@ use qcow2_format::header::{V2_HEADER_LEN, V3_HEADER_LEN};
 use qcow2_format::refcount::RefcountWidth;
 use qcow2_format::{ClusterCount, Geometry, Header, HostCluster, HostOffset};
 
+use crate::header_writer::{HeaderWriter, RefcountTableLocation};
 use crate::metadata::Metadata;
 use crate::options::{Compat, Compression, CreateOptions, Preallocation};
 use crate::{ImageError, OpenOptions, Result};
@@ -109,15 +110,19 @@ pub(crate) fn create(
             l1_offset.get(),
         )
         .map_err(ImageError::io("writing the L1 table"))?;
-    refcounts.flush(&*storage)?;
-    header.refcount_table_offset = refcounts.table_offset().get();
-    header.refcount_table_clusters = refcounts.table_clusters();
-    storage
-        .write_at(&header.encode()?, 0)
-        .map_err(ImageError::io("writing the header"))?;
+    let mut writer = HeaderWriter::new(header);
+    refcounts.flush(&*storage, &mut writer)?;
+    writer.write(
+        &*storage,
+        RefcountTableLocation {
+            offset: refcounts.table_offset(),
+            clusters: refcounts.table_clusters(),
+        },
+    )?;
     storage
         .flush()
         .map_err(ImageError::io("syncing the new image"))?;
+    let header = writer.into_header();
     let mut meta = Metadata::new_image(storage, header, refcounts, open.l2_cache_bytes);
     if options.dedup {
         meta.start_dedup()?;

@@ -3,6 +3,7 @@ use qcow2_format::FormatError;
 use thiserror::Error;
 
 /// Errors of opening, creating and using an image.
+#[non_exhaustive]
 #[derive(Debug, Error)]
 pub enum ImageError {
     /// The storage failed.

@@ -1,15 +1,19 @@
 //! The header in cluster 0: the one copy in memory and every rewrite of it.
 //!
-//! Invariant: the header on disk is only ever replaced whole by
-//! [`HeaderWriter::write`], with the refcount table fields taken from the
-//! allocator (which owns them and rewrites just those twelve bytes when the
-//! table moves), so a header write can never point back at a retired table.
+//! Invariant: this is the only writer of header bytes. The header on disk
+//! is replaced whole by [`HeaderWriter::write`], with the refcount table
+//! fields taken from the allocator, or, when the refcount table moves, just
+//! those twelve bytes are rewritten ([`RefcountTableHeader::point_at`],
+//! called by the refcounts between making the new table durable and
+//! freeing the old), so a header write can never point back at a retired
+//! table.
 
-use qcow2_alloc::Storage;
+use qcow2_alloc::{RefcountTableHeader, Storage};
 use qcow2_format::dedup::DedupExtension;
 use qcow2_format::features::{
     AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_CORRUPT_OR_DEDUP, INCOMPAT_DIRTY,
 };
+use qcow2_format::header::{encode_refcount_table_fields, REFCOUNT_TABLE_FIELDS_OFFSET};
 use qcow2_format::{Header, HostOffset};
 
 use crate::{ImageError, Result};
@@ -21,6 +25,23 @@ pub(crate) struct RefcountTableLocation {
     pub(crate) clusters: u32,
 }
 
+impl RefcountTableHeader for HeaderWriter {
+    fn point_at(
+        &mut self,
+        storage: &dyn Storage,
+        offset: HostOffset,
+        clusters: u32,
+    ) -> std::io::Result<()> {
+        self.header.refcount_table_offset = offset.get();
+        self.header.refcount_table_clusters = clusters;
+        storage.write_at(
+            &encode_refcount_table_fields(offset.get(), clusters),
+            REFCOUNT_TABLE_FIELDS_OFFSET,
+        )?;
+        storage.flush()
+    }
+}
+
 /// The image header and its rewrites. See the module documentation.
 #[derive(Debug)]
 pub(crate) struct HeaderWriter {
@@ -30,6 +51,11 @@ pub(crate) struct HeaderWriter {
 impl HeaderWriter {
     pub(crate) fn new(header: Header) -> Self {
         Self { header }
+    }
+
+    /// The header, given back (for a new image's metadata).
+    pub(crate) fn into_header(self) -> Header {
+        self.header
     }
 
     /// The header as it is (or is about to be) on disk.

@@ -1,6 +1,6 @@
 //! [`Image`]: an open qcow2 image as a thread-safe block device.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -12,7 +12,7 @@ use qcow2_format::features::{
 use qcow2_format::{Geometry, Header, MAX_CLUSTER_BITS};
 
 use crate::allocator::RefcountLoading;
-use crate::backing::{Backing, ChainContext};
+use crate::backing::{BackingFile, ChainContext};
 use crate::check::{CheckReport, RepairMode};
 use crate::dedup::claims::InflightClaims;
 use crate::metadata::Metadata;
@@ -125,6 +125,80 @@ pub struct ImageInfo {
     pub data_file_raw: bool,
     /// Length of the image file in bytes.
     pub file_length: u64,
+}
+
+/// An open backing file.
+#[derive(Debug)]
+pub enum Backing {
+    /// A qcow2 image (itself possibly backed).
+    Qcow2(Box<Image>),
+    /// A raw file.
+    Raw {
+        /// The file.
+        file: FileStorage,
+        /// Its length.
+        size: u64,
+        /// Its canonical path.
+        path: PathBuf,
+    },
+}
+
+impl Backing {
+    /// Opens the backing file `name` (format `format`, if the overlay names
+    /// one) of an image opened in `context`.
+    pub(crate) fn open(
+        name: &str,
+        format: Option<&str>,
+        options: &OpenOptions,
+        context: &ChainContext,
+    ) -> Result<Self> {
+        Ok(match BackingFile::open(name, format, options, context)? {
+            BackingFile::Qcow2 {
+                file,
+                options,
+                context,
+            } => Backing::Qcow2(Box::new(Image::open_in_chain(
+                Arc::new(file),
+                &options,
+                context,
+            )?)),
+            BackingFile::Raw { file, size, path } => Backing::Raw { file, size, path },
+        })
+    }
+
+    /// The backing file's canonical path.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            Backing::Qcow2(image) => image.path(),
+            Backing::Raw { path, .. } => Some(path),
+        }
+    }
+
+    /// The backing file's virtual size.
+    pub fn size(&self) -> u64 {
+        match self {
+            Backing::Qcow2(image) => image.size(),
+            Backing::Raw { size, .. } => *size,
+        }
+    }
+
+    /// Reads `buf.len()` bytes from `offset`; what lies past the backing
+    /// file's end reads as zeros.
+    pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let size = self.size();
+        let available = size.saturating_sub(offset).min(buf.len() as u64) as usize;
+        let (inside, past) = buf.split_at_mut(available);
+        past.fill(0);
+        if inside.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Backing::Qcow2(image) => image.read_at(inside, offset),
+            Backing::Raw { file, .. } => file
+                .read_at(inside, offset)
+                .map_err(ImageError::io("reading the backing file")),
+        }
+    }
 }
 
 /// Creates (or truncates) the external data file `name` (as given: a
@@ -410,7 +484,7 @@ impl Image {
                     "an image opened at a snapshot is read-only".into(),
                 ));
             }
-            crate::snapshots::view_at(&*storage, &mut header, id_or_name)?;
+            crate::snapshot_table::view_at(&*storage, &mut header, id_or_name)?;
         }
         let data_file = if header.incompatible_features & INCOMPAT_EXTERNAL_DATA != 0 {
             Some(open_data_file(&header, options)?)

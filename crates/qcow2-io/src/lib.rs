@@ -39,21 +39,24 @@ mod options;
 mod overlap;
 mod range_lock;
 mod read;
+mod snapshot_table;
 mod snapshots;
 mod write;
 mod zeros;
 
 pub use amend::AmendOptions;
-pub use backing::Backing;
 pub use check::{CheckReport, Finding, FindingKind, RepairMode};
 pub use error::{ImageError, Result};
+pub use image::Backing;
 pub use image::{BitmapInfo, Image, ImageInfo, Recovery};
 pub use map::{MapExtent, MapKind};
 pub use measure::{measure, Measurement};
 pub use options::{Compat, Compression, CreateOptions, OpenOptions, Preallocation};
+/// The power-loss model crash tests run on (feature `test-util`).
+#[cfg(feature = "test-util")]
+pub use qcow2_alloc::FaultyStorage;
 pub use qcow2_alloc::{
-    AlignedBuf, FaultyStorage, FileStorage, LockAccess, LockError, MemStorage, Storage,
-    DIRECT_IO_ALIGN,
+    AlignedBuf, FileStorage, LockAccess, LockError, MemStorage, Storage, DIRECT_IO_ALIGN,
 };
 pub use qcow2_dedup::{ContentHash, DedupStats};
 /// The on-disk types this crate's API returns ([`Image::header`],

@@ -860,7 +860,7 @@ impl Metadata {
 
     /// Step 1 of the ordering: refcounts written and synced.
     fn refcounts_durable(&mut self) -> Result<()> {
-        if self.alloc.flush(&*self.storage)? {
+        if self.alloc.flush(&*self.storage, &mut self.header)? {
             self.sync("syncing refcounts")?;
         }
         Ok(())
@@ -877,7 +877,7 @@ impl Metadata {
         if !self.map.is_dirty() && !dedup_dirty {
             return Ok(());
         }
-        self.alloc.flush(&*self.storage)?;
+        self.alloc.flush(&*self.storage, &mut self.header)?;
         self.sync("syncing data and refcounts before the tables")?;
         self.map.write_back(&*self.storage)?;
         if let Some(d) = self.dedup.as_mut() {

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use qcow2_io::Image;
 
-use crate::negotiate::Session;
 use crate::proto::{tx, MAX_REQUEST};
+use crate::session::Session;
 
 /// What `NBD_CMD_TRIM` does (qemu-nbd's `--discard`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

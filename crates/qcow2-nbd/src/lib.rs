@@ -11,10 +11,12 @@
 //! replies nor metadata contexts (block status), so this crate writes the
 //! protocol itself, in one module per phase:
 //!
-//! - [`proto`]: constants; [`wire`]: fields and streams;
-//! - [`negotiate`]: the handshake;
-//! - [`transmission`]: requests served concurrently, replies out of order;
-//! - [`server`]: accepting clients, the shared limit, stopping cleanly.
+//! - `proto`: constants; `wire`: fields and streams;
+//! - `negotiate`: the handshake, which settles a `session`;
+//! - `transmission`: requests served concurrently, replies out of order;
+//! - `server`: accepting clients, the shared limit, stopping cleanly.
+//!
+//! Only the export, its options and the server loop are public.
 //!
 //! It depends on `qcow2-io`'s public API only.
 //!
@@ -35,11 +37,15 @@
 #![forbid(unsafe_code)]
 
 mod export;
-pub mod negotiate;
-pub mod proto;
-pub mod server;
-pub mod transmission;
-pub mod wire;
+mod negotiate;
+// The protocol's tables are kept whole, as the NBD document lists them,
+// though this server does not send every value.
+#[allow(dead_code)]
+mod proto;
+mod server;
+mod session;
+mod transmission;
+mod wire;
 
 pub use export::{DetectZeroes, DiscardMode, Export, ExportOptions};
 pub use server::{serve, Listener, ServeReport, ServerOptions, StopFlag};

@@ -11,16 +11,8 @@ use std::io::{self, Read, Write};
 
 use crate::export::Export;
 use crate::proto::*;
+use crate::session::Session;
 use crate::wire::{read_u32, read_u64, skip, Fields, Message};
-
-/// What the client chose during negotiation.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Session {
-    /// Structured replies were negotiated.
-    pub structured: bool,
-    /// `base:allocation` was selected (block status may be asked for).
-    pub base_allocation: bool,
-}
 
 /// How a negotiation ended.
 #[derive(Debug)]

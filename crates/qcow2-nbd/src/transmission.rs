@@ -16,8 +16,8 @@ use parking_lot::{Condvar, Mutex};
 use qcow2_io::{ImageError, MapKind};
 
 use crate::export::{DetectZeroes, DiscardMode, Export};
-use crate::negotiate::Session;
 use crate::proto::*;
+use crate::session::Session;
 use crate::wire::{read_u16, read_u32, read_u64, skip, Message, Stream};
 
 /// Requests served at once per connection.

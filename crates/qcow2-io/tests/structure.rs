@@ -1,0 +1,488 @@
+//! Structure checks over the workspace's sources, run in CI:
+//!
+//! - the module graph has no circles: within each crate, no file imports
+//!   (through `use`, or a `crate::`/`super::` path) from a file that
+//!   imports from it, directly or around a longer loop;
+//! - the header has one writer: only `qcow2-io`'s `header_writer.rs` writes
+//!   header bytes (`qcow2-format` defines their layout).
+//!
+//! The graph is read from the sources as text: a file is a module, its
+//! edges are the modules its `crate::`, `super::` and `self::` paths lead
+//! to, with names a module re-exports (`pub use`) followed to the module
+//! that defines them. Re-exports themselves, `mod` declarations, comments
+//! and `#[cfg(test)]` modules are not edges.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+/// A module path inside one crate (`[]` is the crate root).
+type ModPath = Vec<String>;
+
+struct Crate {
+    name: String,
+    /// Each file's module path and its source, comments and tests removed.
+    files: BTreeMap<ModPath, String>,
+    /// Names each module re-exports, and the absolute path they name.
+    reexports: BTreeMap<ModPath, BTreeMap<String, ModPath>>,
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+fn rs_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            rs_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+fn module_path(src: &Path, file: &Path) -> ModPath {
+    let relative = file.strip_prefix(src).unwrap().with_extension("");
+    let mut parts: ModPath = relative
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    if matches!(
+        parts.last().map(String::as_str),
+        Some("lib" | "main" | "mod")
+    ) {
+        parts.pop();
+    }
+    if parts.first().map(String::as_str) == Some("bin") {
+        parts.clear();
+    }
+    parts
+}
+
+/// The source without comments and without the `#[cfg(test)]` module.
+fn code_of(text: &str) -> String {
+    let text = match text.find("#[cfg(test)]\nmod tests") {
+        Some(at) => &text[..at],
+        None => text,
+    };
+    text.lines()
+        .map(|line| match line.find("//") {
+            Some(at) => &line[..at],
+            None => line,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Every path a `use` tree names (`a::{b, c::{d, e}}` gives `a::b`,
+/// `a::c::d`, `a::c::e`), each split at `::`.
+fn expand(tree: &str) -> Vec<ModPath> {
+    let tree = without_renames(tree);
+    let Some(open) = tree.find('{') else {
+        return vec![tree
+            .split("::")
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect()];
+    };
+    let prefix: ModPath = tree[..open]
+        .split("::")
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let inner = &tree[open + 1..tree.rfind('}').unwrap()];
+    let mut parts = Vec::new();
+    let (mut depth, mut start) = (0, 0);
+    for (i, ch) in inner.char_indices() {
+        match ch {
+            '{' => depth += 1,
+            '}' => depth -= 1,
+            ',' if depth == 0 => {
+                parts.push(&inner[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&inner[start..]);
+    parts
+        .into_iter()
+        .filter(|p| !p.is_empty())
+        .flat_map(|p| {
+            expand(p).into_iter().map(|mut rest| {
+                if rest.first().map(String::as_str) == Some("self") {
+                    rest.remove(0);
+                }
+                let mut full = prefix.clone();
+                full.extend(rest);
+                full
+            })
+        })
+        .collect()
+}
+
+/// A `use` tree with whitespace and renames (`as NAME`) removed.
+fn without_renames(tree: &str) -> String {
+    let mut out = String::new();
+    let mut tokens = tree.split_whitespace();
+    while let Some(token) = tokens.next() {
+        if token == "as" {
+            let alias = tokens.next().unwrap_or("");
+            out.extend(
+                alias
+                    .chars()
+                    .skip_while(|c| c.is_alphanumeric() || *c == '_'),
+            );
+        } else {
+            out.push_str(token);
+        }
+    }
+    out
+}
+
+/// `use` statements of `code`: (public re-export?, tree).
+fn use_statements(code: &str) -> Vec<(bool, String)> {
+    let mut out = Vec::new();
+    let mut rest = code;
+    while let Some(at) = rest.find("use ") {
+        let before = &rest[..at];
+        let starts_item = before
+            .chars()
+            .last()
+            .is_none_or(|c| c.is_whitespace() || c == ';' || c == '{' || c == '}');
+        let after = &rest[at + 4..];
+        let Some(end) = after.find(';') else { break };
+        if starts_item {
+            let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+            let public = before[line_start..].trim_start().starts_with("pub");
+            out.push((public, after[..end].to_owned()));
+            rest = &after[end + 1..];
+        } else {
+            rest = after;
+        }
+    }
+    out
+}
+
+/// `module`'s relative path made absolute (`crate::`, `super::`, `self::`),
+/// or `None` for another crate's path.
+fn absolute(module: &ModPath, path: &ModPath) -> Option<ModPath> {
+    let (first, rest) = path.split_first()?;
+    match first.as_str() {
+        "crate" => Some(rest.to_vec()),
+        "self" => {
+            let mut base = module.clone();
+            base.extend(rest.iter().cloned());
+            Some(base)
+        }
+        "super" => {
+            let mut base = module.clone();
+            // In `a/b.rs` and in `a/b/mod.rs` alike, `super` is `a`.
+            base.pop();
+            let mut rest = rest;
+            while rest.first().map(String::as_str) == Some("super") {
+                base.pop();
+                rest = &rest[1..];
+            }
+            base.extend(rest.iter().cloned());
+            Some(base)
+        }
+        _ => None,
+    }
+}
+
+impl Crate {
+    fn load(dir: &Path) -> Self {
+        let src = dir.join("src");
+        let mut paths = Vec::new();
+        rs_files(&src, &mut paths);
+        let mut files = BTreeMap::new();
+        for file in &paths {
+            let code = code_of(&fs::read_to_string(file).unwrap());
+            files.insert(module_path(&src, file), code);
+        }
+        let mut reexports: BTreeMap<ModPath, BTreeMap<String, ModPath>> = BTreeMap::new();
+        for (module, code) in &files {
+            for (public, tree) in use_statements(code) {
+                if !public {
+                    continue;
+                }
+                for path in expand(&tree) {
+                    let path = match path.first().map(String::as_str) {
+                        Some("crate" | "super" | "self") => path,
+                        // `pub use child::Name` is relative to the module.
+                        Some(head)
+                            if files
+                                .contains_key(&[module.clone(), vec![head.into()]].concat()) =>
+                        {
+                            [vec!["self".to_owned()], path].concat()
+                        }
+                        _ => continue,
+                    };
+                    if let (Some(target), Some(name)) = (absolute(module, &path), path.last()) {
+                        reexports
+                            .entry(module.clone())
+                            .or_default()
+                            .insert(name.clone(), target);
+                    }
+                }
+            }
+        }
+        Self {
+            name: dir.file_name().unwrap().to_string_lossy().into_owned(),
+            files,
+            reexports,
+        }
+    }
+
+    /// The file module an absolute path leads to.
+    fn resolve(&self, path: &[String], hops: usize) -> ModPath {
+        let mut module: ModPath = Vec::new();
+        for (i, segment) in path.iter().enumerate() {
+            let mut deeper = module.clone();
+            deeper.push(segment.clone());
+            if self.files.contains_key(&deeper) {
+                module = deeper;
+                continue;
+            }
+            if hops < 8 {
+                if let Some(target) = self.reexports.get(&module).and_then(|r| r.get(segment)) {
+                    let mut full = target.clone();
+                    full.extend(path[i + 1..].iter().cloned());
+                    return self.resolve(&full, hops + 1);
+                }
+            }
+            break;
+        }
+        module
+    }
+
+    /// Edges: each file module and the file modules it imports from.
+    fn edges(&self) -> BTreeMap<ModPath, BTreeSet<ModPath>> {
+        let mut edges: BTreeMap<ModPath, BTreeSet<ModPath>> = BTreeMap::new();
+        for (module, code) in &self.files {
+            let mut paths: Vec<ModPath> = Vec::new();
+            let mut body = code.clone();
+            for (public, tree) in use_statements(code) {
+                body = body.replacen(&tree, "", 1);
+                if !public {
+                    paths.extend(expand(&tree));
+                }
+            }
+            for word in body.split(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':')) {
+                if word.starts_with("crate::")
+                    || word.starts_with("super::")
+                    || word.starts_with("self::")
+                {
+                    paths.push(
+                        word.split("::")
+                            .filter(|s| !s.is_empty())
+                            .map(str::to_owned)
+                            .collect(),
+                    );
+                }
+            }
+            let targets = edges.entry(module.clone()).or_default();
+            for path in paths {
+                let Some(absolute) = absolute(module, &path) else {
+                    continue;
+                };
+                let target = self.resolve(&absolute, 0);
+                if &target != module {
+                    targets.insert(target);
+                }
+            }
+        }
+        edges
+    }
+}
+
+/// One circle of `edges`, if there is any.
+fn find_circle(edges: &BTreeMap<ModPath, BTreeSet<ModPath>>) -> Option<Vec<ModPath>> {
+    fn visit(
+        node: &ModPath,
+        edges: &BTreeMap<ModPath, BTreeSet<ModPath>>,
+        state: &mut BTreeMap<ModPath, u8>,
+        stack: &mut Vec<ModPath>,
+    ) -> Option<Vec<ModPath>> {
+        state.insert(node.clone(), 1);
+        stack.push(node.clone());
+        for next in edges.get(node).into_iter().flatten() {
+            match state.get(next) {
+                Some(1) => {
+                    let from = stack.iter().position(|m| m == next).unwrap();
+                    let mut circle = stack[from..].to_vec();
+                    circle.push(next.clone());
+                    return Some(circle);
+                }
+                Some(_) => {}
+                None => {
+                    if let Some(circle) = visit(next, edges, state, stack) {
+                        return Some(circle);
+                    }
+                }
+            }
+        }
+        stack.pop();
+        state.insert(node.clone(), 2);
+        None
+    }
+    let mut state = BTreeMap::new();
+    for node in edges.keys() {
+        if !state.contains_key(node) {
+            let mut stack = Vec::new();
+            if let Some(circle) = visit(node, edges, &mut state, &mut stack) {
+                return Some(circle);
+            }
+        }
+    }
+    None
+}
+
+fn show(path: &ModPath) -> String {
+    if path.is_empty() {
+        "crate".into()
+    } else {
+        path.join("::")
+    }
+}
+
+#[test]
+fn no_crate_has_an_import_circle() {
+    let crates = workspace().join("crates");
+    let mut checked = 0;
+    let mut total_edges = 0;
+    for entry in fs::read_dir(&crates).unwrap() {
+        let dir = entry.unwrap().path();
+        if !dir.join("src").is_dir() {
+            continue;
+        }
+        let krate = Crate::load(&dir);
+        let edges = krate.edges();
+        total_edges += edges.values().map(BTreeSet::len).sum::<usize>();
+        if let Some(circle) = find_circle(&edges) {
+            panic!(
+                "import circle in {}: {}",
+                krate.name,
+                circle.iter().map(show).collect::<Vec<_>>().join(" -> ")
+            );
+        }
+        checked += 1;
+    }
+    assert!(checked >= 6, "only {checked} crates found");
+    assert!(total_edges >= 50, "only {total_edges} import edges read");
+}
+
+/// The reader finds a planted circle, so a pass above means something.
+#[test]
+fn a_planted_circle_is_found() {
+    let mut files = BTreeMap::new();
+    files.insert(vec![], "mod a;\nmod b;\npub use a::Thing;\n".to_owned());
+    files.insert(
+        vec!["a".to_owned()],
+        "use crate::b::{Other, more::{X}};\npub struct Thing;".to_owned(),
+    );
+    files.insert(
+        vec!["b".to_owned()],
+        "use crate::Thing;\npub struct Other;".to_owned(),
+    );
+    let krate = Crate {
+        name: "planted".into(),
+        reexports: BTreeMap::from([(
+            vec![],
+            BTreeMap::from([("Thing".to_owned(), vec!["a".to_owned(), "Thing".to_owned()])]),
+        )]),
+        files,
+    };
+    let circle = find_circle(&krate.edges()).expect("the planted circle");
+    assert_eq!(circle.len(), 3, "{circle:?}");
+    assert_eq!(
+        expand("crate::{a::{B, C as D}, e}"),
+        vec![
+            vec!["crate", "a", "B"],
+            vec!["crate", "a", "C"],
+            vec!["crate", "e"]
+        ]
+        .into_iter()
+        .map(|p| p.into_iter().map(str::to_owned).collect::<ModPath>())
+        .collect::<Vec<_>>()
+    );
+}
+
+/// Non-test code of every source file in the workspace's crates, by path.
+fn all_sources() -> Vec<(PathBuf, String)> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(workspace().join("crates")).unwrap() {
+        let src = entry.unwrap().path().join("src");
+        if !src.is_dir() {
+            continue;
+        }
+        let mut files = Vec::new();
+        rs_files(&src, &mut files);
+        for file in files {
+            let code = code_of(&fs::read_to_string(&file).unwrap());
+            out.push((file, code));
+        }
+    }
+    out
+}
+
+/// Whether whitespace-free `code` calls `write_at(..., 0)`.
+fn writes_at_zero(code: &str) -> bool {
+    code.match_indices("write_at(").any(|(at, call)| {
+        let args = &code[at + call.len()..];
+        let mut depth = 0;
+        for (i, ch) in args.char_indices() {
+            match ch {
+                '(' => depth += 1,
+                ')' if depth == 0 => return args[..i].ends_with(",0"),
+                ')' => depth -= 1,
+                _ => {}
+            }
+        }
+        false
+    })
+}
+
+#[test]
+fn only_the_header_writer_writes_header_bytes() {
+    let owners = [
+        Path::new("qcow2-io/src/header_writer.rs"),
+        Path::new("qcow2-format/src/header.rs"),
+    ];
+    let forbidden = [
+        "REFCOUNT_TABLE_FIELDS_OFFSET",
+        "encode_refcount_table_fields",
+        "header.encode()",
+        "Header::encode",
+    ];
+    let mut scanned = 0;
+    for (file, code) in all_sources() {
+        scanned += 1;
+        if owners.iter().any(|o| file.ends_with(o)) {
+            continue;
+        }
+        let compact: String = code.split_whitespace().collect();
+        for token in forbidden {
+            assert!(
+                !compact.contains(token),
+                "{} uses {token}: header bytes are written by HeaderWriter only",
+                file.display()
+            );
+        }
+        assert!(
+            !writes_at_zero(&compact),
+            "{} writes at offset 0 (the header): use HeaderWriter",
+            file.display()
+        );
+    }
+    assert!(scanned > 50, "only {scanned} source files read");
+    assert!(writes_at_zero("storage.write_at(&bytes,0).map_err(x)?;"));
+    assert!(!writes_at_zero(
+        "storage.read_at(&mut m,0)?;storage.write_at(&b,f(0))?;"
+    ));
+}
