@@ -37,6 +37,20 @@ pub trait Storage: Send + Sync {
         let _ = (offset, len);
         Ok(())
     }
+    /// Extends the storage to cover `[offset, offset + len)`, a range at or
+    /// past its current end that must read as zeros, reserving the space
+    /// where the storage can (as QEMU zeroes a new cluster with
+    /// `fallocate` instead of writing its zeros). Never shrinks the
+    /// storage, so concurrent extensions cannot undo each other. The
+    /// default writes the range's last block of zeros.
+    fn extend_zeroed(&self, offset: u64, len: u64) -> io::Result<()> {
+        let block = len.min(DIRECT_IO_ALIGN as u64);
+        let zeros = AlignedBuf::new(block as usize, block as usize);
+        self.write_at(
+            zeros.as_slice(),
+            offset.saturating_add(len).saturating_sub(block),
+        )
+    }
     /// Takes QEMU's image locks for `access` (see [`crate::lock`]), held
     /// until the storage is dropped. Returns whether the storage has such
     /// locks: storage that is no file has none and is not shared with
@@ -297,6 +311,22 @@ impl Storage for FileStorage {
         match fallocate(&self.file, FallocateFlags::KEEP_SIZE, offset, len) {
             Ok(()) => Ok(()),
             Err(rustix::io::Errno::OPNOTSUPP) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn extend_zeroed(&self, offset: u64, len: u64) -> io::Result<()> {
+        use rustix::fs::{fallocate, FallocateFlags};
+        match fallocate(&self.file, FallocateFlags::empty(), offset, len) {
+            Ok(()) => Ok(()),
+            Err(rustix::io::Errno::OPNOTSUPP) => {
+                let block = len.min(DIRECT_IO_ALIGN as u64);
+                let zeros = AlignedBuf::new(block as usize, block as usize);
+                self.write_at(
+                    zeros.as_slice(),
+                    offset.saturating_add(len).saturating_sub(block),
+                )
+            }
             Err(e) => Err(e.into()),
         }
     }

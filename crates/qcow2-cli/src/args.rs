@@ -5,8 +5,6 @@
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::error::CliError;
-
 /// qcow2 images with inline deduplication, with qemu-img's habits.
 #[derive(Debug, Parser)]
 #[command(
@@ -578,78 +576,9 @@ pub struct ServeArgs {
     pub image: String,
 }
 
-/// Splits `-o key=value,key=value` as qemu-img does: a bare `key` means
-/// `key=on`, `,,` stands for a comma inside a value, and an empty item (a
-/// leading, trailing or doubled separator) makes the whole list invalid.
-pub fn parse_options(text: &str) -> Result<Vec<(String, String)>, CliError> {
-    let invalid = || CliError::Usage(format!("Invalid option list: {text}"));
-    let mut items = Vec::new();
-    let mut item = String::new();
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            ',' if chars.peek() == Some(&',') => {
-                chars.next();
-                item.push(',');
-            }
-            ',' => items.push(std::mem::take(&mut item)),
-            c => item.push(c),
-        }
-    }
-    items.push(item);
-    items
-        .into_iter()
-        .map(|kv| match kv.split_once('=') {
-            _ if kv.is_empty() => Err(invalid()),
-            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-            Some(_) => Err(invalid()),
-            None => Ok((kv, "on".to_string())),
-        })
-        .collect()
-}
-
-/// Parses `on`/`off` (and the usual synonyms).
-pub fn parse_bool(key: &str, value: &str) -> Result<bool, CliError> {
-    match value {
-        "on" | "true" | "yes" => Ok(true),
-        "off" | "false" | "no" => Ok(false),
-        _ => Err(CliError::Usage(format!(
-            "{key} must be on or off, not {value:?}"
-        ))),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn option_lists_parse_as_qemu_img_parses_them() {
-        let pairs = |t: &str| parse_options(t).map_err(|e| e.to_string());
-        assert_eq!(
-            pairs("cluster_size=4k,lazy_refcounts").unwrap(),
-            vec![
-                ("cluster_size".into(), "4k".into()),
-                ("lazy_refcounts".into(), "on".into())
-            ]
-        );
-        assert_eq!(
-            pairs("backing_file=a,,b.qcow2").unwrap(),
-            vec![("backing_file".into(), "a,b.qcow2".into())]
-        );
-        for bad in [
-            "cluster_size=4k,",
-            ",cluster_size=4k",
-            "a=1,b=2,",
-            "",
-            "=4k",
-        ] {
-            assert!(
-                pairs(bad).is_err_and(|e| e.starts_with("Invalid option list")),
-                "{bad:?}"
-            );
-        }
-    }
 
     fn parse(line: &str) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("qcow2").chain(line.split_whitespace()))
@@ -677,17 +606,5 @@ mod tests {
         assert!(e.contains("vmdk"), "{e}");
         assert!(parse("convert -t directsync a b").is_err());
         assert!(parse("map --bogus x").is_err());
-    }
-
-    #[test]
-    fn splits_option_lists() {
-        assert_eq!(
-            parse_options("cluster_size=4k,lazy_refcounts").unwrap(),
-            vec![
-                ("cluster_size".to_string(), "4k".to_string()),
-                ("lazy_refcounts".to_string(), "on".to_string())
-            ]
-        );
-        assert!(parse_options("=3").is_err());
     }
 }

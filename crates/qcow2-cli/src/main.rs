@@ -4,12 +4,15 @@
 
 mod args;
 mod commands;
+mod copy;
 mod disk;
 mod error;
+mod image_options;
 mod output;
 mod progress;
 mod qemu_json;
 mod size;
+mod snapshot_list;
 
 use std::process::ExitCode;
 

@@ -2,6 +2,7 @@
 //! so that requests on different clusters never wait for each other.
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
 
@@ -12,18 +13,66 @@ struct Held {
     exclusive: bool,
 }
 
+/// A request waiting for its range, woken only by releases that overlap it.
+#[derive(Debug)]
+struct Waiter {
+    id: u64,
+    range: Range<u64>,
+    exclusive: bool,
+    wake: Arc<Condvar>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    next_id: u64,
+    held: Vec<Held>,
+    waiting: Vec<Waiter>,
+}
+
+impl State {
+    fn take_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    /// Whether a request for `range` must wait: a held range conflicts
+    /// (shared ranges conflict only with overlapping exclusive ones), or,
+    /// for a shared request, an overlapping exclusive one waits already.
+    fn must_wait(&self, range: &Range<u64>, exclusive: bool) -> bool {
+        let overlaps = |r: &Range<u64>| r.start < range.end && range.start < r.end;
+        self.held
+            .iter()
+            .any(|h| (exclusive || h.exclusive) && overlaps(&h.range))
+            || (!exclusive
+                && self
+                    .waiting
+                    .iter()
+                    .any(|w| w.exclusive && overlaps(&w.range)))
+    }
+
+    fn hold(&mut self, range: Range<u64>, exclusive: bool) -> u64 {
+        let id = self.take_id();
+        self.held.push(Held {
+            id,
+            range,
+            exclusive,
+        });
+        id
+    }
+}
+
 /// The set of guest cluster ranges currently locked.
 ///
 /// Exclusive requests are preferred: while one waits, a new shared request
 /// that overlaps it waits too, so a stream of readers and in-place writers
-/// cannot starve a flush, snapshot or close. No caller takes a second range
+/// cannot starve a flush, snapshot or close. A release wakes only the
+/// waiters whose range overlaps it (each waits on a condition variable of
+/// its own), so requests queued on other clusters sleep on: at queue depth
+/// 32 a release used to wake every waiter. No caller takes a second range
 /// while it holds one, so this cannot deadlock.
 #[derive(Debug, Default)]
 pub(crate) struct RangeLocks {
-    held: Mutex<(u64, Vec<Held>)>,
-    /// Exclusive requests waiting for their range.
-    waiting: Mutex<Vec<Range<u64>>>,
-    released: Condvar,
+    state: Mutex<State>,
 }
 
 /// A held range lock; released on drop.
@@ -36,58 +85,47 @@ impl RangeLocks {
     /// Waits until `range` does not conflict with any held range, then holds
     /// it: shared ranges conflict only with overlapping exclusive ones.
     pub(crate) fn lock(&self, range: Range<u64>, exclusive: bool) -> RangeGuard<'_> {
-        let overlaps = |r: &Range<u64>| r.start < range.end && range.start < r.end;
-        let mut held = self.held.lock();
-        let mut queued = false;
-        loop {
-            let busy = held
-                .1
-                .iter()
-                .any(|h| (exclusive || h.exclusive) && overlaps(&h.range));
-            let yield_to_writer = !exclusive && self.waiting.lock().iter().any(&overlaps);
-            if !busy && !yield_to_writer {
-                break;
-            }
-            if exclusive && !queued {
-                self.waiting.lock().push(range.clone());
-                queued = true;
-            }
-            self.released.wait(&mut held);
+        let mut state = self.state.lock();
+        if !state.must_wait(&range, exclusive) {
+            let id = state.hold(range, exclusive);
+            return RangeGuard { locks: self, id };
         }
-        if queued {
-            let mut waiting = self.waiting.lock();
-            if let Some(i) = waiting.iter().position(|w| *w == range) {
-                waiting.swap_remove(i);
-            }
-        }
-        held.0 += 1;
-        let id = held.0;
-        held.1.push(Held {
-            id,
-            range,
+        let wake = Arc::new(Condvar::new());
+        let waiter = state.take_id();
+        state.waiting.push(Waiter {
+            id: waiter,
+            range: range.clone(),
             exclusive,
+            wake: wake.clone(),
         });
-        RangeGuard { locks: self, id }
+        loop {
+            wake.wait(&mut state);
+            // Out of the queue while deciding, so a shared request does not
+            // yield to itself; back in if it must wait on.
+            let at = state.waiting.iter().position(|w| w.id == waiter);
+            let me = at.map(|i| state.waiting.swap_remove(i));
+            if !state.must_wait(&range, exclusive) {
+                let id = state.hold(range, exclusive);
+                return RangeGuard { locks: self, id };
+            }
+            if let Some(me) = me {
+                state.waiting.push(me);
+            }
+        }
     }
 
     /// Holds `range` exclusively if nothing overlapping is held now;
     /// `None` without waiting otherwise.
     pub(crate) fn try_lock_exclusive(&self, range: Range<u64>) -> Option<RangeGuard<'_>> {
-        let mut held = self.held.lock();
-        if held
-            .1
+        let mut state = self.state.lock();
+        if state
+            .held
             .iter()
             .any(|h| h.range.start < range.end && range.start < h.range.end)
         {
             return None;
         }
-        held.0 += 1;
-        let id = held.0;
-        held.1.push(Held {
-            id,
-            range,
-            exclusive: true,
-        });
+        let id = state.hold(range, true);
         Some(RangeGuard { locks: self, id })
     }
 }
@@ -138,10 +176,16 @@ impl<'a> MovableMappings<'a> {
 
 impl Drop for RangeGuard<'_> {
     fn drop(&mut self) {
-        let mut held = self.locks.held.lock();
-        held.1.retain(|h| h.id != self.id);
-        drop(held);
-        self.locks.released.notify_all();
+        let mut state = self.locks.state.lock();
+        let Some(i) = state.held.iter().position(|h| h.id == self.id) else {
+            return;
+        };
+        let released = state.held.swap_remove(i).range;
+        for w in &state.waiting {
+            if w.range.start < released.end && released.start < w.range.end {
+                w.wake.notify_one();
+            }
+        }
     }
 }
 
@@ -189,7 +233,7 @@ mod tests {
                 writer_in.store(true, Ordering::SeqCst);
             })
         };
-        while locks.waiting.lock().is_empty() {
+        while locks.state.lock().waiting.is_empty() {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         let late_reader_in = Arc::new(AtomicBool::new(false));

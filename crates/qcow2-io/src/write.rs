@@ -202,6 +202,8 @@ impl Image {
                         self.data
                             .write_at(piece, host.get())
                             .map_err(ImageError::io("writing guest data"))?;
+                    } else if self.fresh_zero_clusters(host, &old)? {
+                        self.write_into_fresh(piece, host.get(), head, span)?;
                     } else {
                         let mut whole = vec![0u8; span as usize];
                         if head != 0 {
@@ -235,6 +237,43 @@ impl Image {
             }
         }
         Ok(())
+    }
+
+    /// Whether clusters just allocated at `host` lie past the end of the
+    /// data file (so their bytes read as zeros: nothing was ever written
+    /// there, or a cut took it away) and the guest clusters they replace
+    /// read as zeros too. Then a partial write need not fill the rest of
+    /// the clusters with zeros, as QEMU skips the copy-on-write of zeros.
+    /// Another writer extending the file writes only into clusters of its
+    /// own, so the bytes of these stay holes.
+    fn fresh_zero_clusters(&self, host: HostOffset, old: &[L2Mapping]) -> Result<bool> {
+        let reads_zero = |m: &L2Mapping| match m {
+            L2Mapping::Zero { .. } => true,
+            L2Mapping::Unallocated => self.backing().is_none(),
+            _ => false,
+        };
+        if !old.iter().all(reads_zero) {
+            return Ok(false);
+        }
+        let end = self
+            .data
+            .len()
+            .map_err(ImageError::io("reading the image size"))?;
+        Ok(host.get() >= end)
+    }
+
+    /// Writes `piece` at `head` bytes into fresh clusters at `host` of
+    /// `span` bytes: the file is first extended over the whole clusters
+    /// (reserved with `fallocate` where the file system can, so the writes
+    /// that fill the rest of them later overwrite reserved blocks), then
+    /// only the piece is written.
+    fn write_into_fresh(&self, piece: &[u8], host: u64, head: u64, span: u64) -> Result<()> {
+        self.data
+            .extend_zeroed(host, span)
+            .map_err(ImageError::io("extending the image for new clusters"))?;
+        self.data
+            .write_at(piece, host + head)
+            .map_err(ImageError::io("writing guest data"))
     }
 
     /// The current contents of guest cluster `guest`, mapped by `mapping`,

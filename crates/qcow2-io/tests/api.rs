@@ -150,3 +150,53 @@ fn close_cuts_free_clusters_off_the_end_of_the_file() {
         assert!(report.is_clean(), "{:?}", report.findings);
     }
 }
+
+/// A partial write into a cluster allocated past the end of the file
+/// writes only its bytes and a zero block at the cluster's end (the rest
+/// is a hole that reads as zeros); into a reused cluster, whose old bytes
+/// are still there, the rest is written with zeros. Either way the guest
+/// reads zeros around the write and the file covers the whole cluster.
+#[test]
+fn partial_writes_into_fresh_and_reused_clusters_read_zeros_around_them() {
+    let storage = std::sync::Arc::new(qcow2_io::MemStorage::new());
+    let cs = 65536u64;
+    let image = Image::create_on(storage.clone(), &CreateOptions::new(16 << 20)).unwrap();
+    // Fresh: past the end of the file.
+    image.write_at(&[0x5a; 4096], 8192).unwrap();
+    let host = image.map().unwrap()[0].host_offset.unwrap();
+    assert!(
+        storage.len().unwrap() >= host + cs,
+        "the file covers the cluster"
+    );
+    let mut cluster = vec![1u8; cs as usize];
+    image.read_at(&mut cluster, 0).unwrap();
+    assert!(cluster[..8192].iter().all(|&b| b == 0));
+    assert!(cluster[8192..12288].iter().all(|&b| b == 0x5a));
+    assert!(cluster[12288..].iter().all(|&b| b == 0));
+    image.close().unwrap();
+    drop(image);
+    // Reused: a freed cluster keeps its old bytes (no hole punched).
+    let options = OpenOptions {
+        punch_holes: false,
+        ..OpenOptions::read_write()
+    };
+    let image = Image::open_on(storage.clone(), &options).unwrap();
+    image.write_at(&vec![0xee; cs as usize], cs).unwrap();
+    image.flush().unwrap();
+    let reused = image.map().unwrap()[1].host_offset.unwrap();
+    image.discard(cs, cs).unwrap();
+    image.flush().unwrap();
+    image.write_at(&[0x77; 512], 5 * cs + 1024).unwrap();
+    let extents = image.map().unwrap();
+    let placed = extents
+        .iter()
+        .find(|e| e.start <= 5 * cs && 5 * cs < e.start + e.length)
+        .and_then(|e| e.host_offset)
+        .unwrap();
+    assert_eq!(placed, reused, "the freed cluster is reused");
+    image.read_at(&mut cluster, 5 * cs).unwrap();
+    assert!(cluster[..1024].iter().all(|&b| b == 0), "no stale bytes");
+    assert!(cluster[1024..1536].iter().all(|&b| b == 0x77));
+    assert!(cluster[1536..].iter().all(|&b| b == 0), "no stale bytes");
+    assert!(image.check(qcow2_io::RepairMode::None).unwrap().is_clean());
+}

@@ -7,9 +7,10 @@
 
 use qcow2_io::{AmendOptions, Compat};
 
-use crate::args::{parse_bool, parse_options, AmendArgs, ImageFormat};
+use crate::args::{AmendArgs, ImageFormat};
 use crate::disk::{open_image, resolve_format};
 use crate::error::CliError;
+use crate::image_options::parse_amend_options;
 
 /// Runs the command.
 pub fn run(args: &AmendArgs) -> Result<u8, CliError> {
@@ -17,35 +18,7 @@ pub fn run(args: &AmendArgs) -> Result<u8, CliError> {
     if args.format.is_some() {
         resolve_format(path, Some(ImageFormat::Qcow2))?;
     }
-    let mut dedup = None;
-    let mut amend = AmendOptions::default();
-    for (key, value) in parse_options(&args.options)? {
-        match key.as_str() {
-            "dedup" => dedup = Some(parse_bool(&key, &value)?),
-            "lazy_refcounts" => amend.lazy_refcounts = Some(parse_bool(&key, &value)?),
-            "compat" => {
-                amend.compat = Some(match value.as_str() {
-                    "0.10" | "v2" => Compat::V2,
-                    "1.1" | "v3" => Compat::V3,
-                    other => {
-                        return Err(CliError::Usage(format!(
-                            "compat={other}: expected 0.10 or 1.1"
-                        )))
-                    }
-                })
-            }
-            "refcount_bits" => {
-                amend.refcount_bits = Some(value.parse().map_err(|_| {
-                    CliError::Usage(format!("refcount_bits={value}: expected a number"))
-                })?)
-            }
-            other => {
-                return Err(CliError::Usage(format!(
-                    "amending {other:?} is not supported (compat, lazy_refcounts, refcount_bits, dedup); the image is unchanged"
-                )))
-            }
-        }
-    }
+    let (amend, dedup) = parse_amend_options(&args.options)?;
     let changes_format = amend != AmendOptions::default();
     if dedup.is_none() && !changes_format {
         return Err(CliError::Usage("nothing to amend".into()));

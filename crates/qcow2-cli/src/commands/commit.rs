@@ -9,7 +9,7 @@ use std::sync::Arc;
 use qcow2_io::{Backing, Image, MapKind, OpenOptions};
 
 use crate::args::{CacheMode, CommitArgs, ImageFormat};
-use crate::commands::convert::{copy, CopyMode, Qcow2Target, RawTarget, Target};
+use crate::copy::{copy, CopyMode, Qcow2Target, RawTarget, Target};
 use crate::disk::{resolve_format, Disk};
 use crate::error::CliError;
 use crate::output::say;

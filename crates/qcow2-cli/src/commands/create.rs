@@ -1,84 +1,12 @@
 //! `qcow2 create [-f qcow2] [-o OPTIONS] FILE SIZE`
 
-use qcow2_io::{Compat, Compression, CreateOptions, Image, OpenOptions, Preallocation};
+use qcow2_io::{Compression, CreateOptions, Image, OpenOptions};
 
-use crate::args::{parse_bool, parse_options, CreateArgs, ImageFormat, Qcow2Only};
+use crate::args::{CreateArgs, ImageFormat, Qcow2Only};
 use crate::error::CliError;
+use crate::image_options::{apply_create_options, parse_options};
 use crate::output::say;
 use crate::size::parse_size;
-
-/// Applies `-o key=value,...` to creation options.
-pub fn apply_options(options: &mut CreateOptions, text: Option<&str>) -> Result<(), CliError> {
-    let pairs = match text {
-        Some(text) => parse_options(text)?,
-        None => Vec::new(),
-    };
-    for (key, value) in pairs {
-        match key.as_str() {
-            "cluster_size" => options.cluster_size = parse_size(&value)?,
-            "refcount_bits" => {
-                options.refcount_bits = value
-                    .parse()
-                    .map_err(|_| CliError::Usage(format!("invalid refcount_bits {value:?}")))?
-            }
-            "compat" => {
-                options.compat = match value.as_str() {
-                    "0.10" | "v2" => Compat::V2,
-                    "1.1" | "v3" => Compat::V3,
-                    _ => {
-                        return Err(CliError::Usage(format!(
-                            "compat must be 0.10 or 1.1, not {value:?}"
-                        )))
-                    }
-                }
-            }
-            "lazy_refcounts" => options.lazy_refcounts = parse_bool(&key, &value)?,
-            "dedup" => options.dedup = parse_bool(&key, &value)?,
-            "backing_file" => {
-                let format = options.backing.take().map(|(_, f)| f).unwrap_or_default();
-                options.backing = Some((value.clone(), format));
-            }
-            "backing_fmt" => {
-                let name = options.backing.take().map(|(n, _)| n).unwrap_or_default();
-                options.backing = Some((name, value.clone()));
-            }
-            "data_file" => options.data_file = Some(value.clone()),
-            "extended_l2" => options.extended_l2 = parse_bool(&key, &value)?,
-            "data_file_raw" => options.data_file_raw = parse_bool(&key, &value)?,
-            "preallocation" => {
-                options.preallocation = match value.as_str() {
-                    "off" => Preallocation::Off,
-                    "metadata" => Preallocation::Metadata,
-                    "falloc" => Preallocation::Falloc,
-                    "full" => Preallocation::Full,
-                    _ => {
-                        return Err(CliError::Usage(format!(
-                            "preallocation must be off, metadata, falloc or full, not {value:?}"
-                        )))
-                    }
-                }
-            }
-            "compression_type" => {
-                options.compression = match value.as_str() {
-                    "zlib" => Compression::Zlib,
-                    "zstd" => Compression::Zstd,
-                    _ => {
-                        return Err(CliError::Usage(format!(
-                            "compression_type must be zlib or zstd, not {value:?}"
-                        )))
-                    }
-                }
-            }
-            "size" => options.size = parse_size(&value)?,
-            _ => {
-                return Err(CliError::Usage(format!(
-                    "unknown option {key:?} for qcow2 images"
-                )))
-            }
-        }
-    }
-    Ok(())
-}
 
 /// Runs the command.
 pub fn run(args: &CreateArgs) -> Result<u8, CliError> {
@@ -87,7 +15,7 @@ pub fn run(args: &CreateArgs) -> Result<u8, CliError> {
     let path = args.file.as_str();
     let size = args.size.as_deref().map(parse_size).transpose()?;
     let mut options = CreateOptions::new(size.unwrap_or(0)).overwrite(true);
-    apply_options(&mut options, args.options.as_deref())?;
+    apply_create_options(&mut options, args.options.as_deref())?;
     // -o backing_file=...,backing_fmt=... is -b ... -F ...
     let from_options = options.backing.take();
     let backing = args

@@ -7,7 +7,7 @@
 use qcow2_io::{Image, OpenOptions};
 
 use crate::args::{CacheMode, DedupArgs};
-use crate::commands::convert::{copy, CopyMode, Qcow2Target};
+use crate::copy::{copy, CopyMode, Qcow2Target};
 use crate::disk::{open_image, refuse_same_file, Disk};
 use crate::error::CliError;
 use crate::output::say;

@@ -11,9 +11,9 @@ use qcow2_io::{measure, Backing, ContentHash, CreateOptions, Image, MapKind};
 use serde_json::{json, Map, Value};
 
 use crate::args::{ImageFormat, MeasureArgs, OutputFormat};
-use crate::commands::create::apply_options;
 use crate::disk::{is_zero, Disk};
 use crate::error::CliError;
+use crate::image_options::apply_create_options;
 use crate::output::say;
 use crate::qemu_json::to_qemu_json;
 use crate::size::parse_size;
@@ -151,7 +151,7 @@ pub fn run(args: &MeasureArgs) -> Result<u8, CliError> {
         }
         ImageFormat::Qcow2 => {
             let mut options = CreateOptions::new(size);
-            apply_options(&mut options, args.options.as_deref())?;
+            apply_create_options(&mut options, args.options.as_deref())?;
             options.size = size;
             let data = match &source {
                 Some(s) => Some(data_bytes(s, path, &options, args.compress)?),

@@ -5,8 +5,8 @@
 use qcow2_io::{Image, OpenOptions};
 
 use crate::args::SnapshotArgs;
-use crate::commands::info::print_snapshot_table;
 use crate::error::CliError;
+use crate::snapshot_list::print_snapshot_table;
 
 /// Runs the command.
 pub fn run(args: &SnapshotArgs) -> Result<u8, CliError> {

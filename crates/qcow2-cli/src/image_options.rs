@@ -1,0 +1,197 @@
+//! `-o` option lists, parsed once for every subcommand that takes them:
+//! the list syntax as qemu-img reads it (`key=value` pairs split at commas,
+//! `,,` for a literal comma, a bare key meaning `on`), and the values of
+//! the creation options (`create`, `convert`, `measure`) and of the
+//! options `amend` changes.
+
+use qcow2_io::{AmendOptions, Compat, Compression, CreateOptions, Preallocation};
+
+use crate::error::CliError;
+use crate::size::parse_size;
+
+/// Splits `-o key=value,key=value` as qemu-img does: a bare `key` means
+/// `key=on`, `,,` stands for a comma inside a value, and an empty item (a
+/// leading, trailing or doubled separator) makes the whole list invalid.
+pub fn parse_options(text: &str) -> Result<Vec<(String, String)>, CliError> {
+    let invalid = || CliError::Usage(format!("Invalid option list: {text}"));
+    let mut items = Vec::new();
+    let mut item = String::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            ',' if chars.peek() == Some(&',') => {
+                chars.next();
+                item.push(',');
+            }
+            ',' => items.push(std::mem::take(&mut item)),
+            c => item.push(c),
+        }
+    }
+    items.push(item);
+    items
+        .into_iter()
+        .map(|kv| match kv.split_once('=') {
+            _ if kv.is_empty() => Err(invalid()),
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+            Some(_) => Err(invalid()),
+            None => Ok((kv, "on".to_string())),
+        })
+        .collect()
+}
+
+/// Parses `on`/`off` (and the usual synonyms).
+pub fn parse_bool(key: &str, value: &str) -> Result<bool, CliError> {
+    match value {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(CliError::Usage(format!(
+            "{key} must be on or off, not {value:?}"
+        ))),
+    }
+}
+
+/// Applies `-o key=value,...` to creation options.
+pub fn apply_create_options(
+    options: &mut CreateOptions,
+    text: Option<&str>,
+) -> Result<(), CliError> {
+    let pairs = match text {
+        Some(text) => parse_options(text)?,
+        None => Vec::new(),
+    };
+    for (key, value) in pairs {
+        match key.as_str() {
+            "cluster_size" => options.cluster_size = parse_size(&value)?,
+            "refcount_bits" => options.refcount_bits = parse_refcount_bits(&value)?,
+            "compat" => options.compat = parse_compat(&value)?,
+            "lazy_refcounts" => options.lazy_refcounts = parse_bool(&key, &value)?,
+            "dedup" => options.dedup = parse_bool(&key, &value)?,
+            "backing_file" => {
+                let format = options.backing.take().map(|(_, f)| f).unwrap_or_default();
+                options.backing = Some((value.clone(), format));
+            }
+            "backing_fmt" => {
+                let name = options.backing.take().map(|(n, _)| n).unwrap_or_default();
+                options.backing = Some((name, value.clone()));
+            }
+            "data_file" => options.data_file = Some(value.clone()),
+            "extended_l2" => options.extended_l2 = parse_bool(&key, &value)?,
+            "data_file_raw" => options.data_file_raw = parse_bool(&key, &value)?,
+            "preallocation" => {
+                options.preallocation = match value.as_str() {
+                    "off" => Preallocation::Off,
+                    "metadata" => Preallocation::Metadata,
+                    "falloc" => Preallocation::Falloc,
+                    "full" => Preallocation::Full,
+                    _ => {
+                        return Err(CliError::Usage(format!(
+                            "preallocation must be off, metadata, falloc or full, not {value:?}"
+                        )))
+                    }
+                }
+            }
+            "compression_type" => {
+                options.compression = match value.as_str() {
+                    "zlib" => Compression::Zlib,
+                    "zstd" => Compression::Zstd,
+                    _ => {
+                        return Err(CliError::Usage(format!(
+                            "compression_type must be zlib or zstd, not {value:?}"
+                        )))
+                    }
+                }
+            }
+            "size" => options.size = parse_size(&value)?,
+            _ => {
+                return Err(CliError::Usage(format!(
+                    "unknown option {key:?} for qcow2 images"
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `compat=`: `0.10` (or `v2`) and `1.1` (or `v3`).
+pub fn parse_compat(value: &str) -> Result<Compat, CliError> {
+    match value {
+        "0.10" | "v2" => Ok(Compat::V2),
+        "1.1" | "v3" => Ok(Compat::V3),
+        _ => Err(CliError::Usage(format!(
+            "compat must be 0.10 or 1.1, not {value:?}"
+        ))),
+    }
+}
+
+/// `refcount_bits=`: a number (its range is the library's to check).
+pub fn parse_refcount_bits(value: &str) -> Result<u32, CliError> {
+    value
+        .parse()
+        .map_err(|_| CliError::Usage(format!("invalid refcount_bits {value:?}")))
+}
+
+/// What `amend -o` asks for: the format changes, and `dedup=` apart (it
+/// is a separate operation on the image).
+pub fn parse_amend_options(text: &str) -> Result<(AmendOptions, Option<bool>), CliError> {
+    let mut dedup = None;
+    let mut amend = AmendOptions::default();
+    for (key, value) in parse_options(text)? {
+        match key.as_str() {
+            "dedup" => dedup = Some(parse_bool(&key, &value)?),
+            "lazy_refcounts" => amend.lazy_refcounts = Some(parse_bool(&key, &value)?),
+            "compat" => amend.compat = Some(parse_compat(&value)?),
+            "refcount_bits" => amend.refcount_bits = Some(parse_refcount_bits(&value)?),
+            other => {
+                return Err(CliError::Usage(format!(
+                    "amending {other:?} is not supported (compat, lazy_refcounts, refcount_bits, dedup); the image is unchanged"
+                )))
+            }
+        }
+    }
+    Ok((amend, dedup))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn option_lists_parse_as_qemu_img_parses_them() {
+        let pairs = |t: &str| parse_options(t).map_err(|e| e.to_string());
+        assert_eq!(
+            pairs("cluster_size=4k,lazy_refcounts").unwrap(),
+            vec![
+                ("cluster_size".into(), "4k".into()),
+                ("lazy_refcounts".into(), "on".into())
+            ]
+        );
+        assert_eq!(
+            pairs("backing_file=a,,b.qcow2").unwrap(),
+            vec![("backing_file".into(), "a,b.qcow2".into())]
+        );
+        for bad in [
+            "cluster_size=4k,",
+            ",cluster_size=4k",
+            "a=1,b=2,",
+            "",
+            "=4k",
+        ] {
+            assert!(
+                pairs(bad).is_err_and(|e| e.starts_with("Invalid option list")),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn splits_option_lists() {
+        assert_eq!(
+            parse_options("cluster_size=4k,lazy_refcounts").unwrap(),
+            vec![
+                ("cluster_size".to_string(), "4k".to_string()),
+                ("lazy_refcounts".to_string(), "on".to_string())
+            ]
+        );
+        assert!(parse_options("=3").is_err());
+    }
+}
