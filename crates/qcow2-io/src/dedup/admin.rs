@@ -149,6 +149,7 @@ impl Image {
                         item: ClusterItem { guest, hash: None },
                         content: Cow::Borrowed(&content[..]),
                         within: None,
+                        changed: 0..content.len(),
                     }];
                     self.write_batch(&mut items, &[])?;
                 }

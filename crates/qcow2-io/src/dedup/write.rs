@@ -30,6 +30,10 @@ pub(super) struct ClusterWrite<'a> {
     /// Where `content` starts in the caller's buffer, when it is a whole
     /// cluster of it (so neighbours can be written as one request).
     pub(super) within: Option<usize>,
+    /// The bytes of the cluster the write changes (the rest of `content`
+    /// is what the cluster holds already): a cluster rewritten in place
+    /// gets only these written.
+    pub(super) changed: std::ops::Range<usize>,
 }
 
 /// A cluster whose content is written by this batch, and where.
@@ -76,6 +80,7 @@ impl Image {
                     },
                     content,
                     within: whole_cluster.then_some((lo - offset) as usize),
+                    changed: (lo - cluster) as usize..(hi - cluster) as usize,
                 });
                 cluster += cs;
             }
@@ -147,6 +152,18 @@ impl Image {
                     .enumerate()
                     .all(|(k, s)| items[s.index].within == Some(start + k * cs))
             });
+            if run.len() == 1 && run[0].old.is_none() {
+                // Rewritten in place: the cluster holds the rest already.
+                let changed = first.changed.clone();
+                self.storage
+                    .write_at(
+                        &first.content[changed.clone()],
+                        g.host_offset(run[0].host).get() + changed.start as u64,
+                    )
+                    .map_err(ImageError::io("writing guest data"))?;
+                i = j;
+                continue;
+            }
             let data: &[u8] = match first.within {
                 _ if run.len() == 1 => &first.content[..],
                 Some(start) if in_source_order => &source[start..start + run.len() * cs],
