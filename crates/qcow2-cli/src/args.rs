@@ -5,6 +5,9 @@
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::image_options::OptionList;
+use crate::size::{parse_size, SizeChange};
+
 /// qcow2 images with inline deduplication, with qemu-img's habits.
 #[derive(Debug, Parser)]
 #[command(
@@ -75,9 +78,9 @@ pub struct RebaseArgs {
     /// Show progress.
     #[arg(short = 'p')]
     pub progress: bool,
-    /// Print nothing.
-    #[arg(short = 'q')]
-    pub quiet: bool,
+    /// `-q`.
+    #[command(flatten)]
+    pub quiet: Quiet,
     /// The overlay to rebase.
     pub file: String,
 }
@@ -98,9 +101,9 @@ pub struct CommitArgs {
     /// Show progress.
     #[arg(short = 'p')]
     pub progress: bool,
-    /// Print nothing.
-    #[arg(short = 'q')]
-    pub quiet: bool,
+    /// `-q`.
+    #[command(flatten)]
+    pub quiet: Quiet,
     /// The overlay to commit.
     pub file: String,
 }
@@ -117,10 +120,10 @@ pub struct AmendArgs {
     /// QEMU can write the image). The whole list is checked before the
     /// first change; any other key is refused.
     #[arg(short = 'o', value_name = "OPTIONS", required = true)]
-    pub options: String,
-    /// Print nothing on success.
-    #[arg(short = 'q')]
-    pub quiet: bool,
+    pub options: OptionList,
+    /// `-q`.
+    #[command(flatten)]
+    pub quiet: Quiet,
     /// The image.
     pub file: String,
 }
@@ -154,14 +157,45 @@ pub struct ResizeArgs {
     /// Allow a smaller size (asked for explicitly, as qemu-img asks).
     #[arg(long)]
     pub shrink: bool,
-    /// Print nothing on success.
-    #[arg(short = 'q')]
-    pub quiet: bool,
+    /// `-q`.
+    #[command(flatten)]
+    pub quiet: Quiet,
     /// The image.
     pub file: String,
     /// The new size, or `+SIZE` / `-SIZE` relative to the current one.
     #[arg(allow_hyphen_values = true)]
-    pub size: String,
+    pub size: SizeChange,
+}
+
+/// `-U` / `--force-share`, on every command that only reads an image.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct ForceShare {
+    /// Open the image even while another process writes it, as
+    /// qemu-img's -U does (what is read may be changing).
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+}
+
+/// `--output human|json`, on every command that reports.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct Output {
+    /// Output format.
+    #[arg(
+        id = "output",
+        long = "output",
+        value_name = "OUTPUT",
+        value_enum,
+        default_value = "human"
+    )]
+    pub format: OutputFormat,
+}
+
+/// `-q`, on every command that prints on success.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct Quiet {
+    /// Print nothing on success (errors still go to stderr).
+    #[arg(short = 'q')]
+    pub quiet: bool,
 }
 
 /// `--output human|json`.
@@ -238,10 +272,10 @@ pub struct CreateArgs {
     pub format: Qcow2Only,
     /// cluster_size=N,refcount_bits=N,compat=0.10|1.1,lazy_refcounts=on|off,dedup=on|off,size=N
     #[arg(short = 'o', value_name = "OPTIONS")]
-    pub options: Option<String>,
-    /// Print nothing on success.
-    #[arg(short = 'q')]
-    pub quiet: bool,
+    pub options: Option<OptionList>,
+    /// `-q`.
+    #[command(flatten)]
+    pub quiet: Quiet,
     /// Backing file: the new image is an overlay reading through it
     /// (a relative name is resolved against the new image's directory).
     #[arg(short = 'b', long = "backing", value_name = "BACKING")]
@@ -252,23 +286,22 @@ pub struct CreateArgs {
     /// The image file (an existing file is replaced, as qemu-img does).
     pub file: String,
     /// Virtual size (or `-o size=`; with -b, the backing file's by default).
-    #[arg(allow_hyphen_values = true)]
-    pub size: Option<String>,
+    #[arg(allow_hyphen_values = true, value_parser = parse_size)]
+    pub size: Option<u64>,
 }
 
 /// `qcow2 info [-f FMT] [--output human|json] FILE`
 #[derive(Debug, Args)]
 pub struct InfoArgs {
-    /// Open the image even while another process writes it, as
-    /// qemu-img's -U does (what is read may be changing).
-    #[arg(short = 'U', long = "force-share")]
-    pub force_share: bool,
+    /// `-U`.
+    #[command(flatten)]
+    pub share: ForceShare,
     /// Image format (probed from the content when not given).
     #[arg(short = 'f', value_enum)]
     pub format: Option<ImageFormat>,
-    /// Output format.
-    #[arg(long, value_enum, default_value = "human")]
-    pub output: OutputFormat,
+    /// `--output`.
+    #[command(flatten)]
+    pub output: Output,
     /// Show every image of the backing chain, top first.
     #[arg(long = "backing-chain")]
     pub backing_chain: bool,
@@ -282,22 +315,21 @@ pub struct InfoArgs {
 /// the check could not run.
 #[derive(Debug, Args)]
 pub struct CheckArgs {
-    /// Open the image even while another process writes it, as
-    /// qemu-img's -U does (what is read may be changing).
-    #[arg(short = 'U', long = "force-share")]
-    pub force_share: bool,
+    /// `-U`.
+    #[command(flatten)]
+    pub share: ForceShare,
     /// Image format (checks exist for qcow2 only).
     #[arg(short = 'f', value_enum)]
     pub format: Option<Qcow2Only>,
-    /// Output format.
-    #[arg(long, value_enum, default_value = "human")]
-    pub output: OutputFormat,
+    /// `--output`.
+    #[command(flatten)]
+    pub output: Output,
     /// Repair what is found.
     #[arg(short = 'r', value_enum)]
     pub repair: Option<RepairArg>,
-    /// Print nothing; the exit status tells.
-    #[arg(short = 'q')]
-    pub quiet: bool,
+    /// `-q`.
+    #[command(flatten)]
+    pub quiet: Quiet,
     /// The image.
     pub file: String,
 }
@@ -305,10 +337,9 @@ pub struct CheckArgs {
 /// `qcow2 convert [-f FMT] [-O FMT] [-o OPTIONS] [-n] [-t CACHE] [-T CACHE] [-p] [-q] SRC DST`
 #[derive(Debug, Args)]
 pub struct ConvertArgs {
-    /// Open the image even while another process writes it, as
-    /// qemu-img's -U does (what is read may be changing).
-    #[arg(short = 'U', long = "force-share")]
-    pub force_share: bool,
+    /// `-U`.
+    #[command(flatten)]
+    pub share: ForceShare,
     /// Source format (probed when not given).
     #[arg(short = 'f', value_enum)]
     pub source_format: Option<ImageFormat>,
@@ -317,7 +348,7 @@ pub struct ConvertArgs {
     pub target_format: ImageFormat,
     /// Creation options of a qcow2 target (as for `create`).
     #[arg(short = 'o', value_name = "OPTIONS")]
-    pub options: Option<String>,
+    pub options: Option<OptionList>,
     /// The target exists already: write into it instead of creating it.
     #[arg(short = 'n')]
     pub no_create: bool,
@@ -334,9 +365,9 @@ pub struct ConvertArgs {
     /// Show progress.
     #[arg(short = 'p')]
     pub progress: bool,
-    /// Print nothing (overrides -p).
-    #[arg(short = 'q')]
-    pub quiet: bool,
+    /// `-q`.
+    #[command(flatten)]
+    pub quiet: Quiet,
     /// Create the target as an overlay of this backing file, writing only
     /// what the source's top image holds (the backing file is assumed to
     /// hold what the source's backing chain holds, as qemu-img assumes).
@@ -364,9 +395,9 @@ pub struct DedupArgs {
     /// Show progress (when writing a new image).
     #[arg(short = 'p')]
     pub progress: bool,
-    /// Print nothing on success.
-    #[arg(short = 'q')]
-    pub quiet: bool,
+    /// `-q`.
+    #[command(flatten)]
+    pub quiet: Quiet,
     /// The image.
     pub image: String,
 }
@@ -375,13 +406,12 @@ pub struct DedupArgs {
 #[derive(Debug, Args)]
 #[command(group = clap::ArgGroup::new("what").required(true).multiple(false))]
 pub struct MeasureArgs {
-    /// Open the image even while another process writes it, as
-    /// qemu-img's -U does (what is read may be changing).
-    #[arg(short = 'U', long = "force-share")]
-    pub force_share: bool,
-    /// Output format.
-    #[arg(long, value_enum, default_value = "human")]
-    pub output: OutputFormat,
+    /// `-U`.
+    #[command(flatten)]
+    pub share: ForceShare,
+    /// `--output`.
+    #[command(flatten)]
+    pub output: Output,
     /// Source format (probed when not given).
     #[arg(short = 'f', value_enum)]
     pub format: Option<ImageFormat>,
@@ -391,7 +421,7 @@ pub struct MeasureArgs {
     /// Creation options of the target (as for `create`; dedup=on measures
     /// the source's unique clusters).
     #[arg(short = 'o', value_name = "OPTIONS")]
-    pub options: Option<String>,
+    pub options: Option<OptionList>,
     /// Measure a compressed target (`convert -c`): the source's clusters
     /// are compressed to count their size.
     #[arg(short = 'c')]
@@ -400,8 +430,8 @@ pub struct MeasureArgs {
     #[arg(short = 'l', value_name = "SNAPSHOT")]
     pub snapshot: Option<String>,
     /// Measure a new empty image of this size instead of a source.
-    #[arg(long, value_name = "SIZE", group = "what")]
-    pub size: Option<String>,
+    #[arg(long, value_name = "SIZE", group = "what", value_parser = parse_size)]
+    pub size: Option<u64>,
     /// The source image.
     #[arg(group = "what")]
     pub file: Option<String>,
@@ -410,16 +440,15 @@ pub struct MeasureArgs {
 /// `qcow2 map [-f FMT] [--output human|json] FILE`
 #[derive(Debug, Args)]
 pub struct MapArgs {
-    /// Open the image even while another process writes it, as
-    /// qemu-img's -U does (what is read may be changing).
-    #[arg(short = 'U', long = "force-share")]
-    pub force_share: bool,
+    /// `-U`.
+    #[command(flatten)]
+    pub share: ForceShare,
     /// Image format (probed when not given).
     #[arg(short = 'f', value_enum)]
     pub format: Option<ImageFormat>,
-    /// Output format.
-    #[arg(long, value_enum, default_value = "human")]
-    pub output: OutputFormat,
+    /// `--output`.
+    #[command(flatten)]
+    pub output: Output,
     /// The image.
     pub file: String,
 }
@@ -429,10 +458,9 @@ pub struct MapArgs {
 /// Exit status as qemu-img: 0 identical, 1 different, 2 on error.
 #[derive(Debug, Args)]
 pub struct CompareArgs {
-    /// Open the image even while another process writes it, as
-    /// qemu-img's -U does (what is read may be changing).
-    #[arg(short = 'U', long = "force-share")]
-    pub force_share: bool,
+    /// `-U`.
+    #[command(flatten)]
+    pub share: ForceShare,
     /// Format of the first image (probed when not given).
     #[arg(short = 'f', value_enum)]
     pub first_format: Option<ImageFormat>,
@@ -445,9 +473,9 @@ pub struct CompareArgs {
     /// Show progress.
     #[arg(short = 'p')]
     pub progress: bool,
-    /// Print nothing; the exit status tells.
-    #[arg(short = 'q')]
-    pub quiet: bool,
+    /// `-q`.
+    #[command(flatten)]
+    pub quiet: Quiet,
     /// The first image.
     pub first: String,
     /// The second image.
@@ -476,14 +504,14 @@ pub struct BenchArgs {
     #[arg(short = 'd', default_value_t = 64)]
     pub depth: u64,
     /// Offset of the first request.
-    #[arg(short = 'o', default_value = "0")]
-    pub offset: String,
+    #[arg(short = 'o', default_value = "0", value_parser = parse_size)]
+    pub offset: u64,
     /// Bytes per request.
-    #[arg(short = 's', default_value = "4096")]
-    pub size: String,
+    #[arg(short = 's', default_value = "4096", value_parser = parse_size)]
+    pub size: u64,
     /// Offset increment between requests (default: the request size).
-    #[arg(short = 'S')]
-    pub step: Option<String>,
+    #[arg(short = 'S', value_parser = parse_size)]
+    pub step: Option<u64>,
     /// Write instead of read.
     #[arg(short = 'w')]
     pub write: bool,
@@ -500,9 +528,9 @@ pub struct BenchArgs {
     /// Random offsets (aligned to the request size) from this seed.
     #[arg(short = 'r')]
     pub random: Option<u64>,
-    /// Print nothing but errors.
-    #[arg(short = 'q')]
-    pub quiet: bool,
+    /// `-q`.
+    #[command(flatten)]
+    pub quiet: Quiet,
     /// The image.
     pub file: String,
 }
@@ -580,6 +608,12 @@ pub struct ServeArgs {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
     fn parse(line: &str) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("qcow2").chain(line.split_whitespace()))
     }
@@ -600,7 +634,7 @@ mod tests {
         let Command::Check(c) = parse("check --output=json -r all x").unwrap().command else {
             panic!("not check")
         };
-        assert_eq!(c.output, OutputFormat::Json);
+        assert_eq!(c.output.format, OutputFormat::Json);
         assert_eq!(c.repair, Some(RepairArg::All));
         let e = parse("info -f vmdk x").unwrap_err().to_string();
         assert!(e.contains("vmdk"), "{e}");

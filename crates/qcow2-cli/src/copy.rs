@@ -17,7 +17,7 @@ use qcow2_io::{AlignedBuf, CreateOptions, FileStorage, Image, LockAccess, Storag
 use crate::args::CacheMode;
 use crate::disk::{is_zero, Disk};
 use crate::error::CliError;
-use crate::image_options::apply_create_options;
+use crate::image_options::{apply_create_options, OptionList};
 use crate::progress::Progress;
 
 /// Bytes read and written per step.
@@ -166,7 +166,7 @@ impl Qcow2Target {
     pub(crate) fn create(
         path: &str,
         size: u64,
-        options: Option<&str>,
+        options: Option<&OptionList>,
         cache: CacheMode,
     ) -> Result<Self, CliError> {
         let mut create = CreateOptions::new(size);
@@ -191,7 +191,7 @@ impl Qcow2Target {
     pub(crate) fn create_overlay(
         path: &str,
         size: u64,
-        options: Option<&str>,
+        options: Option<&OptionList>,
         backing: (&str, &str),
         cache: CacheMode,
     ) -> Result<Self, CliError> {

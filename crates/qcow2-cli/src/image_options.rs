@@ -50,22 +50,33 @@ pub fn parse_bool(key: &str, value: &str) -> Result<bool, CliError> {
     }
 }
 
-/// Applies `-o key=value,...` to creation options.
+/// A `-o` list as the parser hands it over: its `key=value` pairs, in
+/// order (parsed when the command line is, so a malformed list is refused
+/// before anything runs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OptionList(pub Vec<(String, String)>);
+
+impl std::str::FromStr for OptionList {
+    type Err = CliError;
+
+    fn from_str(text: &str) -> Result<Self, CliError> {
+        parse_options(text).map(OptionList)
+    }
+}
+
+/// Applies a `-o` list to creation options.
 pub fn apply_create_options(
     options: &mut CreateOptions,
-    text: Option<&str>,
+    list: Option<&OptionList>,
 ) -> Result<(), CliError> {
-    let pairs = match text {
-        Some(text) => parse_options(text)?,
-        None => Vec::new(),
-    };
+    let pairs = list.map(|l| l.0.as_slice()).unwrap_or_default();
     for (key, value) in pairs {
         match key.as_str() {
-            "cluster_size" => options.cluster_size = parse_size(&value)?,
-            "refcount_bits" => options.refcount_bits = parse_refcount_bits(&value)?,
-            "compat" => options.compat = parse_compat(&value)?,
-            "lazy_refcounts" => options.lazy_refcounts = parse_bool(&key, &value)?,
-            "dedup" => options.dedup = parse_bool(&key, &value)?,
+            "cluster_size" => options.cluster_size = parse_size(value)?,
+            "refcount_bits" => options.refcount_bits = parse_refcount_bits(value)?,
+            "compat" => options.compat = parse_compat(value)?,
+            "lazy_refcounts" => options.lazy_refcounts = parse_bool(key, value)?,
+            "dedup" => options.dedup = parse_bool(key, value)?,
             "backing_file" => {
                 let format = options.backing.take().map(|(_, f)| f).unwrap_or_default();
                 options.backing = Some((value.clone(), format));
@@ -75,8 +86,8 @@ pub fn apply_create_options(
                 options.backing = Some((name, value.clone()));
             }
             "data_file" => options.data_file = Some(value.clone()),
-            "extended_l2" => options.extended_l2 = parse_bool(&key, &value)?,
-            "data_file_raw" => options.data_file_raw = parse_bool(&key, &value)?,
+            "extended_l2" => options.extended_l2 = parse_bool(key, value)?,
+            "data_file_raw" => options.data_file_raw = parse_bool(key, value)?,
             "preallocation" => {
                 options.preallocation = match value.as_str() {
                     "off" => Preallocation::Off,
@@ -101,7 +112,7 @@ pub fn apply_create_options(
                     }
                 }
             }
-            "size" => options.size = parse_size(&value)?,
+            "size" => options.size = parse_size(value)?,
             _ => {
                 return Err(CliError::Usage(format!(
                     "unknown option {key:?} for qcow2 images"
@@ -132,15 +143,15 @@ pub fn parse_refcount_bits(value: &str) -> Result<u32, CliError> {
 
 /// What `amend -o` asks for: the format changes, and `dedup=` apart (it
 /// is a separate operation on the image).
-pub fn parse_amend_options(text: &str) -> Result<(AmendOptions, Option<bool>), CliError> {
+pub fn parse_amend_options(list: &OptionList) -> Result<(AmendOptions, Option<bool>), CliError> {
     let mut dedup = None;
     let mut amend = AmendOptions::default();
-    for (key, value) in parse_options(text)? {
+    for (key, value) in &list.0 {
         match key.as_str() {
-            "dedup" => dedup = Some(parse_bool(&key, &value)?),
-            "lazy_refcounts" => amend.lazy_refcounts = Some(parse_bool(&key, &value)?),
-            "compat" => amend.compat = Some(parse_compat(&value)?),
-            "refcount_bits" => amend.refcount_bits = Some(parse_refcount_bits(&value)?),
+            "dedup" => dedup = Some(parse_bool(key, value)?),
+            "lazy_refcounts" => amend.lazy_refcounts = Some(parse_bool(key, value)?),
+            "compat" => amend.compat = Some(parse_compat(value)?),
+            "refcount_bits" => amend.refcount_bits = Some(parse_refcount_bits(value)?),
             other => {
                 return Err(CliError::Usage(format!(
                     "amending {other:?} is not supported (compat, lazy_refcounts, refcount_bits, dedup); the image is unchanged"

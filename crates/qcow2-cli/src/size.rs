@@ -50,6 +50,41 @@ pub fn parse_size(text: &str) -> Result<u64, CliError> {
     Ok(bytes)
 }
 
+/// `resize`'s size: absolute, or `+SIZE` / `-SIZE` relative to the
+/// current one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SizeChange {
+    /// The new size.
+    To(u64),
+    /// Grow by this much.
+    Grow(u64),
+    /// Shrink by this much.
+    Shrink(u64),
+}
+
+impl std::str::FromStr for SizeChange {
+    type Err = CliError;
+
+    fn from_str(text: &str) -> Result<Self, CliError> {
+        Ok(match text.as_bytes().first() {
+            Some(b'+') => Self::Grow(parse_size(&text[1..])?),
+            Some(b'-') => Self::Shrink(parse_size(&text[1..])?),
+            _ => Self::To(parse_size(text)?),
+        })
+    }
+}
+
+impl SizeChange {
+    /// The size it makes of `current`, or `None` out of range.
+    pub fn apply(self, current: u64) -> Option<u64> {
+        match self {
+            Self::To(size) => Some(size),
+            Self::Grow(by) => current.checked_add(by),
+            Self::Shrink(by) => current.checked_sub(by),
+        }
+    }
+}
+
 /// Formats bytes like qemu-img: three significant digits and a binary unit.
 pub fn human(bytes: u64) -> String {
     let mut value = bytes as f64;

@@ -19,7 +19,6 @@ use crate::args::{BenchArgs, ImageFormat, SourceCache};
 use crate::disk::resolve_format;
 use crate::error::CliError;
 use crate::output::say;
-use crate::size::parse_size;
 
 /// What the requests go to.
 enum Device {
@@ -111,9 +110,9 @@ fn mix(x: u64) -> u64 {
 /// Runs the command.
 pub fn run(args: &BenchArgs) -> Result<u8, CliError> {
     let path = args.file.as_str();
-    let size = parse_size(&args.size)?;
-    let step = args.step.as_deref().map_or(Ok(size), parse_size)?;
-    let offset = parse_size(&args.offset)?;
+    let size = args.size;
+    let step = args.step.unwrap_or(size);
+    let offset = args.offset;
     if size == 0 || size > 64 << 20 || args.depth == 0 || args.depth > 1024 {
         return Err(CliError::Usage(
             "-s must be 1 byte to 64 MiB and -d 1 to 1024".into(),
@@ -140,7 +139,7 @@ pub fn run(args: &BenchArgs) -> Result<u8, CliError> {
         dup: args.dup,
         flush_interval: args.flush_interval,
     };
-    if !args.quiet {
+    if !args.quiet.quiet {
         say!(
             "Sending {} {} requests, {} bytes each, {} in parallel (starting at offset {}, step size {})",
             plan.count,
@@ -171,7 +170,7 @@ pub fn run(args: &BenchArgs) -> Result<u8, CliError> {
     if let Device::Qcow2(image) = &*device {
         image.close().map_err(CliError::image(path))?;
     }
-    if !args.quiet {
+    if !args.quiet.quiet {
         say!("Run completed in {secs:.3} seconds.");
         say!(
             "{:.0} requests/s, {:.1} MB/s; image opened in {:.3} seconds",

@@ -34,7 +34,7 @@ pub fn run(args: &CheckArgs) -> Result<u8, CliError> {
         OpenOptions::for_repair()
     };
     let options = OpenOptions {
-        force_share: args.force_share,
+        force_share: args.share.force_share,
         ..options
     };
     let image = match Image::open(path, &options) {
@@ -49,8 +49,8 @@ pub fn run(args: &CheckArgs) -> Result<u8, CliError> {
     };
     let report = image.check(repair).map_err(CliError::image(path))?;
     image.close().map_err(CliError::image(path))?;
-    if !args.quiet {
-        match args.output {
+    if !args.quiet.quiet {
+        match args.output.format {
             OutputFormat::Json => say!("{}", to_qemu_json(&report_json(path, &report))),
             OutputFormat::Human => print_human(&report, repair),
         }

@@ -115,7 +115,7 @@ pub fn run(args: &CommitArgs) -> Result<u8, CliError> {
         &ranges,
         target,
         CopyMode {
-            progress: args.progress && !args.quiet,
+            progress: args.progress && !args.quiet.quiet,
             zero_existing: true,
         },
     )?;
@@ -125,7 +125,7 @@ pub fn run(args: &CommitArgs) -> Result<u8, CliError> {
         image.make_empty().map_err(CliError::image(path))?;
         image.close().map_err(CliError::image(path))?;
     }
-    if !args.quiet {
+    if !args.quiet.quiet {
         say!("Image committed.");
     }
     Ok(0)

@@ -13,9 +13,9 @@ const CHUNK: u64 = 1 << 20;
 /// Runs the command.
 pub fn run(args: &CompareArgs) -> Result<u8, CliError> {
     let (a_path, b_path) = (args.first.as_str(), args.second.as_str());
-    let quiet = args.quiet;
-    let a = Disk::open(a_path, args.first_format, false, args.force_share)?;
-    let b = Disk::open(b_path, args.second_format, false, args.force_share)?;
+    let quiet = args.quiet.quiet;
+    let a = Disk::open(a_path, args.first_format, false, args.share.force_share)?;
+    let b = Disk::open(b_path, args.second_format, false, args.share.force_share)?;
     let longer = a.size().max(b.size());
     if a.size() != b.size() {
         if args.strict {

@@ -17,7 +17,7 @@ pub fn run(args: &ConvertArgs) -> Result<u8, CliError> {
         src_path,
         args.source_format,
         args.source_cache == SourceCache::None,
-        args.force_share,
+        args.share.force_share,
         args.snapshot.as_deref(),
     )?;
     let size = source.size();
@@ -65,7 +65,7 @@ pub fn run(args: &ConvertArgs) -> Result<u8, CliError> {
         &ranges,
         target,
         CopyMode {
-            progress: args.progress && !args.quiet,
+            progress: args.progress && !args.quiet.quiet,
             zero_existing: args.no_create || args.backing.is_some(),
         },
     )?;
@@ -102,7 +102,7 @@ fn open_target(args: &ConvertArgs, size: u64) -> Result<Box<dyn Target>, CliErro
             Qcow2Target::create_overlay(
                 path,
                 size,
-                args.options.as_deref(),
+                args.options.as_ref(),
                 (backing, format),
                 cache,
             )?
@@ -119,7 +119,7 @@ fn open_target(args: &ConvertArgs, size: u64) -> Result<Box<dyn Target>, CliErro
             Box::new(Qcow2Target::open_existing(path, cache)?.compressing(args.compress))
         }
         ImageFormat::Qcow2 => Box::new(
-            Qcow2Target::create(path, size, args.options.as_deref(), cache)?
+            Qcow2Target::create(path, size, args.options.as_ref(), cache)?
                 .compressing(args.compress),
         ),
         ImageFormat::Raw => {

@@ -4,18 +4,17 @@ use qcow2_io::{Compression, CreateOptions, Image, OpenOptions};
 
 use crate::args::{CreateArgs, ImageFormat, Qcow2Only};
 use crate::error::CliError;
-use crate::image_options::{apply_create_options, parse_options};
+use crate::image_options::apply_create_options;
 use crate::output::say;
-use crate::size::parse_size;
 
 /// Runs the command.
 pub fn run(args: &CreateArgs) -> Result<u8, CliError> {
     // The parser admits qcow2 only, the one format created here.
     let Qcow2Only::Qcow2 = args.format;
     let path = args.file.as_str();
-    let size = args.size.as_deref().map(parse_size).transpose()?;
+    let size = args.size;
     let mut options = CreateOptions::new(size.unwrap_or(0)).overwrite(true);
-    apply_create_options(&mut options, args.options.as_deref())?;
+    apply_create_options(&mut options, args.options.as_ref())?;
     // -o backing_file=...,backing_fmt=... is -b ... -F ...
     let from_options = options.backing.take();
     let backing = args
@@ -54,12 +53,12 @@ pub fn run(args: &CreateArgs) -> Result<u8, CliError> {
     options.validate().map_err(CliError::image(path))?;
     let image = Image::create(path, &options).map_err(CliError::image(path))?;
     image.close().map_err(CliError::image(path))?;
-    if !args.quiet {
-        let given = match args.options.as_deref() {
-            Some(text) => parse_options(text)?,
-            None => Vec::new(),
-        };
-        say!("{}", formatting_line(path, &options, &given));
+    if !args.quiet.quiet {
+        let given = args.options.as_ref().map(|l| l.0.as_slice());
+        say!(
+            "{}",
+            formatting_line(path, &options, given.unwrap_or_default())
+        );
     }
     Ok(0)
 }

@@ -10,6 +10,7 @@ use crate::args::{CacheMode, DedupArgs};
 use crate::copy::{copy, CopyMode, Qcow2Target};
 use crate::disk::{open_image, refuse_same_file, Disk};
 use crate::error::CliError;
+use crate::image_options::OptionList;
 use crate::output::say;
 use crate::size::human;
 
@@ -24,11 +25,14 @@ pub fn run(args: &DedupArgs) -> Result<u8, CliError> {
                 Disk::Qcow2(image) => image.cluster_size(),
                 Disk::Raw { .. } => 65536,
             };
-            let options = format!("dedup=on,cluster_size={cluster_size}");
+            let options = OptionList(vec![
+                ("dedup".into(), "on".into()),
+                ("cluster_size".into(), cluster_size.to_string()),
+            ]);
             let target = Qcow2Target::create(out, source.size(), Some(&options), CacheMode::None)?;
             let ranges = source.data_ranges(path)?;
             let mode = CopyMode {
-                progress: args.progress && !args.quiet,
+                progress: args.progress && !args.quiet.quiet,
                 zero_existing: false,
             };
             copy(&source, path, &ranges, Box::new(target), mode)?;
@@ -41,7 +45,7 @@ pub fn run(args: &DedupArgs) -> Result<u8, CliError> {
             path
         }
     };
-    if !args.quiet {
+    if !args.quiet.quiet {
         let image = Image::open(result_path, &OpenOptions::read_only())
             .map_err(CliError::image(result_path))?;
         if let Some(s) = image.dedup_stats().map_err(CliError::image(result_path))? {

@@ -20,7 +20,7 @@ use crate::snapshot_list::{icount, print_snapshot_table};
 
 /// Runs the command.
 pub fn run(args: &InfoArgs) -> Result<u8, CliError> {
-    let json = args.output == OutputFormat::Json;
+    let json = args.output.format == OutputFormat::Json;
     let mut path = args.file.clone();
     let mut format = resolve_format(&path, args.format)?;
     let mut values = Vec::new();
@@ -31,7 +31,7 @@ pub fn run(args: &InfoArgs) -> Result<u8, CliError> {
         if depth > 0 && !json {
             say!("");
         }
-        let (value, backing) = describe(&path, format, json, args.force_share)?;
+        let (value, backing) = describe(&path, format, json, args.share.force_share)?;
         values.extend(value);
         let Some((name, backing_format)) = backing.filter(|_| args.backing_chain) else {
             break;

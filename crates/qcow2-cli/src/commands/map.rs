@@ -173,7 +173,7 @@ pub fn run(args: &MapArgs) -> Result<u8, CliError> {
     let (extents, names) = match resolve_format(path, args.format)? {
         ImageFormat::Qcow2 => {
             let options = OpenOptions {
-                force_share: args.force_share,
+                force_share: args.share.force_share,
                 ..OpenOptions::read_only()
             };
             let image = crate::disk::open_read_only(path, &options)?;
@@ -190,7 +190,7 @@ pub fn run(args: &MapArgs) -> Result<u8, CliError> {
             (out, vec![path.to_string()])
         }
     };
-    match args.output {
+    match args.output.format {
         OutputFormat::Json => {
             let lines: Vec<String> = extents.iter().map(json_line).collect();
             say!("[{}]", lines.join(",\n"));

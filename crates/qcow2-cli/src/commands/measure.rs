@@ -13,10 +13,9 @@ use serde_json::{json, Map, Value};
 use crate::args::{ImageFormat, MeasureArgs, OutputFormat};
 use crate::disk::{is_zero, Disk};
 use crate::error::CliError;
-use crate::image_options::apply_create_options;
+use crate::image_options::{apply_create_options, parse_bool};
 use crate::output::say;
 use crate::qemu_json::to_qemu_json;
-use crate::size::parse_size;
 
 /// The ranges of `[start, end)` that `image` or its backing chain holds
 /// data for (zero clusters and holes left out), in order.
@@ -113,10 +112,10 @@ fn data_bytes(
 /// Runs the command.
 pub fn run(args: &MeasureArgs) -> Result<u8, CliError> {
     if args.compress
-        && args
-            .options
-            .as_deref()
-            .is_some_and(|o| o.contains("dedup=on"))
+        && args.options.as_ref().is_some_and(|l| {
+            l.0.iter()
+                .any(|(k, v)| k == "dedup" && parse_bool(k, v).unwrap_or(false))
+        })
     {
         return Err(CliError::Usage(
             "-c and dedup=on cannot be combined: dedup images take no compressed clusters".into(),
@@ -127,7 +126,7 @@ pub fn run(args: &MeasureArgs) -> Result<u8, CliError> {
             path,
             args.format,
             false,
-            args.force_share,
+            args.share.force_share,
             args.snapshot.as_deref(),
         )?),
         None if args.snapshot.is_some() => {
@@ -138,7 +137,7 @@ pub fn run(args: &MeasureArgs) -> Result<u8, CliError> {
     let path = args.file.as_deref().unwrap_or("measure --size");
     let size = match (&source, &args.size) {
         (Some(s), _) => s.size(),
-        (None, Some(text)) => parse_size(text)?,
+        (None, Some(size)) => *size,
         (None, None) => return Err(CliError::Usage("expected --size SIZE or FILE".into())),
     };
     let (required, fully, bitmaps) = match args.target_format {
@@ -151,7 +150,7 @@ pub fn run(args: &MeasureArgs) -> Result<u8, CliError> {
         }
         ImageFormat::Qcow2 => {
             let mut options = CreateOptions::new(size);
-            apply_create_options(&mut options, args.options.as_deref())?;
+            apply_create_options(&mut options, args.options.as_ref())?;
             options.size = size;
             let data = match &source {
                 Some(s) => Some(data_bytes(s, path, &options, args.compress)?),
@@ -183,7 +182,7 @@ pub fn run(args: &MeasureArgs) -> Result<u8, CliError> {
             (m.required, m.fully_allocated, bitmaps)
         }
     };
-    match args.output {
+    match args.output.format {
         OutputFormat::Human => {
             say!("required size: {required}");
             say!("fully allocated size: {fully}");

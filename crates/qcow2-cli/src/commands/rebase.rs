@@ -39,7 +39,7 @@ pub fn run(args: &RebaseArgs) -> Result<u8, CliError> {
             .map_err(CliError::image(path))?;
     } else {
         let mut progress: Option<Progress> = None;
-        let show = args.progress && !args.quiet;
+        let show = args.progress && !args.quiet.quiet;
         image
             .rebase(backing, |done, total| {
                 let p = progress.get_or_insert_with(|| Progress::new(total, show));

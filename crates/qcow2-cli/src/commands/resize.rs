@@ -6,7 +6,6 @@ use crate::args::{ImageFormat, ResizeArgs};
 use crate::disk::resolve_format;
 use crate::error::CliError;
 use crate::output::say;
-use crate::size::parse_size;
 
 /// Runs the command.
 pub fn run(args: &ResizeArgs) -> Result<u8, CliError> {
@@ -16,12 +15,10 @@ pub fn run(args: &ResizeArgs) -> Result<u8, CliError> {
     }
     let image = Image::open(path, &OpenOptions::read_write()).map_err(CliError::image(path))?;
     let current = image.size();
-    let new = match args.size.as_bytes().first() {
-        Some(b'+') => current.checked_add(parse_size(&args.size[1..])?),
-        Some(b'-') => current.checked_sub(parse_size(&args.size[1..])?),
-        _ => Some(parse_size(&args.size)?),
-    }
-    .ok_or_else(|| CliError::Usage(format!("size {} is out of range", args.size)))?;
+    let new = args
+        .size
+        .apply(current)
+        .ok_or_else(|| CliError::Usage("the new size is out of range".into()))?;
     if new == 0 {
         return Err(CliError::Usage("New image size must be positive".into()));
     }
@@ -36,7 +33,7 @@ pub fn run(args: &ResizeArgs) -> Result<u8, CliError> {
         image.resize(new).map_err(CliError::image(path))?;
     }
     image.close().map_err(CliError::image(path))?;
-    if !args.quiet {
+    if !args.quiet.quiet {
         say!("Image resized.");
     }
     Ok(0)
