@@ -288,6 +288,17 @@ impl Crate {
             }
             let targets = edges.entry(module.clone()).or_default();
             for path in paths {
+                // `use child::Item` names a child module relatively.
+                let path = match path.first() {
+                    Some(head)
+                        if self
+                            .files
+                            .contains_key(&[module.clone(), vec![head.clone()]].concat()) =>
+                    {
+                        [vec!["self".to_owned()], path].concat()
+                    }
+                    _ => path,
+                };
                 let Some(absolute) = absolute(module, &path) else {
                     continue;
                 };

@@ -1,0 +1,192 @@
+//! Changes to the image's format and header: amend's changes (refcount
+//! width, zero clusters expanded for compat=0.10), the backing file, the
+//! dirty and corrupt marks, in-use bitmaps, and a rebuilt refcount
+//! structure.
+
+use super::*;
+
+impl Metadata {
+    /// Replaces the header with what `change` makes of it, durably (after
+    /// a flush; nothing is written if the result cannot be encoded).
+    pub(crate) fn change_header(&mut self, change: impl FnOnce(&mut Header)) -> Result<()> {
+        self.flush()?;
+        let mut next = self.header().clone();
+        change(&mut next);
+        let location = self.alloc.table_location();
+        self.header.replace(&*self.storage, location, next)
+    }
+
+    /// Rewrites the refcount structure with entries of `order` (a new
+    /// `refcount_order`), holding the same refcounts, then points the header
+    /// at it. Refused before anything is written when a refcount does not
+    /// fit the new width.
+    pub(crate) fn change_refcount_order(&mut self, order: u32) -> Result<()> {
+        self.flush()?;
+        let width = RefcountWidth::new(order)?;
+        let file_size = self
+            .storage
+            .len()
+            .map_err(ImageError::io("reading the image size"))?;
+        let present = self
+            .alloc
+            .refcounts_mut()
+            .nonzero_from(&*self.storage, HostCluster::new(0))?;
+        let clusters = present
+            .last()
+            .map_or(0, |(c, _)| c.get() + 1)
+            .max(self.geometry.clusters_for(file_size));
+        let mut tally = ReferenceCounts::new(clusters);
+        for &(cluster, count) in &present {
+            if count > width.max() {
+                return Err(ImageError::InvalidOption(format!(
+                    "cluster {cluster} has refcount {count}, more than refcount_bits={} holds",
+                    width.bits()
+                )));
+            }
+            tally.set(cluster, count);
+        }
+        for (first, count) in self.alloc.metadata_clusters() {
+            first.run(count).for_each(|c| tally.remove(c));
+        }
+        let config = RefcountsConfig {
+            width,
+            ..self.alloc.refcounts_mut().config()
+        };
+        let rebuilt = qcow2_alloc::rebuild_refcounts(&*self.storage, config, &tally)?;
+        self.alloc = Allocator::new(rebuilt, self.geometry);
+        let location = self.alloc.table_location();
+        let mut next = self.header().clone();
+        next.refcount_order = order;
+        self.header.replace(&*self.storage, location, next)
+    }
+
+    /// Names a new backing file (or none) in the header, durably.
+    pub(crate) fn set_backing(&mut self, backing: Option<(&str, &str)>) -> Result<()> {
+        self.flush()?;
+        let location = self.alloc.table_location();
+        self.header.set_backing(&*self.storage, location, backing)
+    }
+
+    /// Turns every zero cluster of the active tables into what compat=0.10
+    /// can express: a preallocated one gets its cluster zeroed and becomes
+    /// data; an unallocated one becomes unallocated (reads as zeros) or,
+    /// over a backing file, a newly written cluster of zeros.
+    pub(crate) fn expand_zero_clusters(&mut self, backed: bool) -> Result<()> {
+        let g = self.geometry;
+        let cs = g.cluster_size();
+        let zeros = vec![0u8; cs as usize];
+        let l1 = self.map.l1().to_vec();
+        for (index, &raw) in l1.iter().enumerate() {
+            let L1Mapping::L2Table { offset, .. } = L1Entry(raw).decode(g)? else {
+                continue;
+            };
+            for (i, entry) in self.l2_entries(offset)?.into_iter().enumerate() {
+                let L2Mapping::Zero {
+                    preallocated,
+                    copied,
+                } = L2Entry(entry).decode(self.map.format())?
+                else {
+                    continue;
+                };
+                let guest = GuestOffset::new(index as u64 * g.l2_coverage() + i as u64 * cs);
+                let target = match (preallocated, backed) {
+                    (Some(host), _) => Some((host, copied)),
+                    (None, false) => None,
+                    (None, true) => {
+                        let (first, _) = self.allocate(ClusterCount::ONE)?;
+                        Some((g.host_offset(first), true))
+                    }
+                };
+                let mapping = match target {
+                    Some((host, copied)) => {
+                        self.guard_data_write(host, cs)?;
+                        self.storage
+                            .write_at(&zeros, host.get())
+                            .map_err(ImageError::io("zeroing a cluster"))?;
+                        L2Mapping::Data {
+                            offset: host,
+                            copied,
+                        }
+                    }
+                    None => L2Mapping::Unallocated,
+                };
+                self.set_mapping(guest, mapping)?;
+            }
+        }
+        self.flush()
+    }
+
+    /// Replaces the refcount structure with one holding exactly `tally`
+    /// (see `qcow2_alloc::rebuild_refcounts`): the new structure is durable
+    /// before the header points to it, so a crash leaves one or the other.
+    pub(crate) fn rebuild_refcounts(&mut self, tally: &ReferenceCounts) -> Result<()> {
+        self.alloc.replace(&*self.storage, tally)?;
+        let location = self.alloc.table_location();
+        self.header.rewrite(&*self.storage, location)
+    }
+
+    /// Clears QEMU's corrupt mark (after a clean repair).
+    pub(crate) fn clear_corrupt(&mut self) -> Result<()> {
+        let location = self.alloc.table_location();
+        self.header.clear_corrupt(&*self.storage, location)?;
+        self.flush()
+    }
+
+    /// Sets the dirty bit (v3), durably, before the first modification.
+    /// Persistent bitmaps, which this implementation does not update, are
+    /// first marked in use (durably), so QEMU never trusts one that missed
+    /// our writes; if their directory cannot be read, the bitmaps
+    /// autoclear bit is cleared instead, as the specification allows.
+    pub(crate) fn mark_dirty(&mut self) -> Result<()> {
+        let keep_bitmaps = match self.bitmaps_in_use {
+            Some(kept) => kept,
+            None => {
+                let kept = self.mark_bitmaps_in_use()?;
+                self.bitmaps_in_use = Some(kept);
+                kept
+            }
+        };
+        let location = self.alloc.table_location();
+        self.header
+            .mark_dirty(&*self.storage, location, keep_bitmaps)
+    }
+
+    /// Sets the in-use flag of every bitmap, in place, durably; whether the
+    /// bitmaps extension stays valid (false: there is none, it was already
+    /// invalid, or its directory is damaged).
+    pub(super) fn mark_bitmaps_in_use(&mut self) -> Result<bool> {
+        let header = self.header();
+        if header.autoclear_features & AUTOCLEAR_BITMAPS == 0 {
+            return Ok(false);
+        }
+        let Ok(Some(directory)) = read_bitmap_directory(&*self.storage, header) else {
+            return Ok(false);
+        };
+        if directory.entries.iter().all(|e| e.in_use()) {
+            return Ok(true);
+        }
+        let mut bytes = directory.bytes;
+        if mark_in_use(&mut bytes, &directory.entries).is_err() {
+            return Ok(false);
+        }
+        self.storage
+            .write_at(&bytes, directory.offset)
+            .map_err(ImageError::io("marking the bitmaps in use"))?;
+        self.sync("syncing the bitmap directory")?;
+        Ok(true)
+    }
+
+    /// The persistent bitmaps, as the bitmap directory describes them
+    /// (empty without a valid bitmaps extension).
+    pub(crate) fn bitmaps(&self) -> Vec<BitmapDirectoryEntry> {
+        let header = self.header();
+        if header.autoclear_features & AUTOCLEAR_BITMAPS == 0 {
+            return Vec::new();
+        }
+        read_bitmap_directory(&*self.storage, header)
+            .ok()
+            .flatten()
+            .map(|d| d.entries)
+            .unwrap_or_default()
+    }
+}

@@ -1,0 +1,202 @@
+//! Changes of the virtual size: growing the L1 table, shrinking (the
+//! clusters past the new end unmapped and released), emptying the image,
+//! and preallocation.
+
+use super::*;
+
+impl Metadata {
+    /// Grows the virtual disk to `new_size`, moving the L1 table if it must
+    /// grow past the clusters it occupies. Shrinking is refused.
+    pub(crate) fn grow(&mut self, new_size: u64) -> Result<()> {
+        self.grow_with_l1(new_size, 0)
+    }
+
+    /// [`Metadata::grow`] with an active L1 of at least `min_l1_entries`
+    /// entries (to take a snapshot's L1 that is larger than the size needs).
+    pub(crate) fn grow_with_l1(&mut self, new_size: u64, min_l1_entries: u64) -> Result<()> {
+        let header = self.header().clone();
+        if new_size < header.size {
+            return Err(ImageError::Unsupported("shrinking an image".into()));
+        }
+        let g = self.geometry;
+        let needed = g.l1_entries_for(new_size).max(min_l1_entries);
+        if needed > qcow2_format::MAX_L1_BYTES / 8 {
+            return Err(ImageError::InvalidOption(format!(
+                "size {new_size} needs an L1 table larger than 32 MiB"
+            )));
+        }
+        self.flush()?;
+        let old_entries = u64::from(header.l1_size);
+        let capacity = g.align_up(old_entries * 8) / 8;
+        let location = self.alloc.table_location();
+        if needed > capacity || (header.l1_table_offset == 0 && needed > 0) {
+            let clusters = g.count_for(needed * 8).max(ClusterCount::ONE);
+            let new = g.host_offset(self.alloc.allocate_contiguous(&*self.storage, clusters)?);
+            let mut table = self.map.l1().to_vec();
+            table.resize((g.bytes(clusters) / 8) as usize, 0);
+            self.refcounts_durable()?;
+            self.storage
+                .write_at(&encode_u64s(&table), new.get())
+                .map_err(ImageError::io("writing the new L1 table"))?;
+            self.sync("syncing the new L1 table")?;
+            let location = self.alloc.table_location();
+            self.header
+                .set_l1(&*self.storage, location, new, needed as u32, new_size)?;
+            self.map.replace_l1(new, needed as usize);
+            if header.l1_table_offset != 0 {
+                let old = HostOffset::new(header.l1_table_offset);
+                for cluster in g.host_cluster(old).run(g.count_for(old_entries * 8)) {
+                    self.alloc.drop_reference(&*self.storage, cluster)?;
+                }
+            }
+        } else {
+            if needed > old_entries {
+                let zeros = vec![0u8; ((needed - old_entries) * 8) as usize];
+                self.storage
+                    .write_at(&zeros, header.l1_table_offset + old_entries * 8)
+                    .map_err(ImageError::io("extending the L1 table"))?;
+                self.sync("syncing the L1 table")?;
+            }
+            let entries = needed.max(old_entries);
+            self.header.set_l1(
+                &*self.storage,
+                location,
+                HostOffset::new(header.l1_table_offset),
+                entries as u32,
+                new_size,
+            )?;
+            self.map.extend_l1(entries as usize);
+        }
+        self.flush()
+    }
+
+    /// Shrinks the virtual disk to `new_size` (as `qemu-img resize
+    /// --shrink`): every cluster wholly past the new end is unmapped and its
+    /// references dropped, whole L2 tables past it are unlinked from the L1
+    /// (which keeps its size), then the header records the size.
+    pub(crate) fn shrink(&mut self, new_size: u64) -> Result<()> {
+        let header = self.header().clone();
+        if new_size > header.size {
+            return Err(ImageError::Internal("shrink to a larger size"));
+        }
+        let g = self.geometry;
+        self.flush()?;
+        let keep_to = g.align_up(new_size);
+        let first_free_l1 = g.l1_entries_for(keep_to) as usize;
+        let mut guest = keep_to;
+        while guest < g.align_up(header.size) && (g.l1_index(guest) as usize) < first_free_l1 {
+            let at = GuestOffset::new(guest);
+            let (old, _) = self.lookup(at)?;
+            if old != L2Mapping::Unallocated {
+                self.replace_mapping(at, L2Mapping::Unallocated, old)?;
+            }
+            guest += g.cluster_size();
+        }
+        self.unlink_l2_tables(first_free_l1)?;
+        self.write_tables()?;
+        self.sync("syncing tables before the new size")?;
+        self.set_virtual_size(new_size)?;
+        self.flush()
+    }
+
+    /// Unmaps every guest cluster (`qemu-img commit` empties the committed
+    /// overlay so it reads through to its backing again).
+    pub(crate) fn unmap_all(&mut self) -> Result<()> {
+        self.flush()?;
+        self.unlink_l2_tables(0)?;
+        self.flush()
+    }
+
+    /// Clears the active L1 entries from `first` on and queues the release
+    /// of their L2 tables and of everything those reference.
+    pub(super) fn unlink_l2_tables(&mut self, first: usize) -> Result<()> {
+        let g = self.geometry;
+        let l1 = self.map.l1().to_vec();
+        for (index, &raw) in l1.iter().enumerate().skip(first) {
+            let L1Mapping::L2Table { offset, .. } = L1Entry(raw).decode(g)? else {
+                continue;
+            };
+            let stride = (g.l2_entry_size() / 8) as usize;
+            for entry in self.l2_entries(offset)?.into_iter().step_by(stride) {
+                self.alloc
+                    .release_mapping(L2Entry(entry).decode(self.map.format())?);
+            }
+            self.alloc.release_run(offset, ClusterCount::ONE);
+            self.map.set_l1_raw(index, 0);
+        }
+        Ok(())
+    }
+
+    /// Allocates and maps every data cluster of the virtual disk (new
+    /// image, as `qemu-img create -o preallocation=`): runs of contiguous
+    /// clusters, their L2 tables allocated as needed; then the file is
+    /// extended to hold them (`Metadata`), its blocks reserved (`Falloc`)
+    /// or the clusters written with zeros (`Full`), before the tables that
+    /// point to them are written.
+    pub(crate) fn preallocate(&mut self, mode: Preallocation) -> Result<()> {
+        let g = self.geometry;
+        let cs = g.cluster_size();
+        let total = g.clusters_for(self.header().size);
+        let mut guest = 0u64;
+        let mut end = 0u64;
+        let mut runs = Vec::new();
+        while guest < total {
+            let at = GuestOffset::new(guest * cs);
+            let (first, n) = self.allocate_data(at, ClusterCount::new(total - guest))?;
+            for (i, host) in first.run(n).enumerate() {
+                let at = GuestOffset::new((guest + i as u64) * cs);
+                let offset = g.host_offset(host);
+                self.set_mapping(
+                    at,
+                    L2Mapping::Data {
+                        offset,
+                        copied: true,
+                    },
+                )?;
+            }
+            let start = g.host_offset(first).get();
+            runs.push((start, g.bytes(n)));
+            end = end.max(start + g.bytes(n));
+            guest += n.get();
+        }
+        if self.external_data() {
+            // The data file was made to size (and reserved or written) by
+            // its creator; only the mappings live here.
+            return self.flush();
+        }
+        let storage = &*self.storage;
+        if storage
+            .len()
+            .map_err(ImageError::io("reading the image size"))?
+            < end
+        {
+            storage
+                .set_len(end)
+                .map_err(ImageError::io("extending the image for preallocation"))?;
+        }
+        match mode {
+            Preallocation::Off | Preallocation::Metadata => {}
+            Preallocation::Falloc => {
+                for &(start, len) in &runs {
+                    storage
+                        .allocate(start, len)
+                        .map_err(ImageError::io("reserving the preallocated clusters"))?;
+                }
+            }
+            Preallocation::Full => {
+                let zeros = vec![0u8; (4 << 20).min(cs.max(1 << 20)) as usize];
+                for &(start, len) in &runs {
+                    let mut at = 0;
+                    while at < len {
+                        let n = (len - at).min(zeros.len() as u64);
+                        storage
+                            .write_at(&zeros[..n as usize], start + at)
+                            .map_err(ImageError::io("writing the preallocated clusters"))?;
+                        at += n;
+                    }
+                }
+            }
+        }
+        self.flush()
+    }
+}
