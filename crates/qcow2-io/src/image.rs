@@ -6,15 +6,17 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 use qcow2_alloc::{FileStorage, LockAccess, Storage};
-use qcow2_format::features::{
-    AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_COMPRESSION_TYPE, INCOMPAT_EXTERNAL_DATA,
-};
-use qcow2_format::{Geometry, Header, MAX_CLUSTER_BITS};
+use qcow2_format::features::INCOMPAT_EXTERNAL_DATA;
+use qcow2_format::{Geometry, Header};
 
-use crate::allocator::RefcountLoading;
 use crate::backing::{BackingFile, ChainContext};
 use crate::check::{CheckReport, RepairMode};
 use crate::dedup::claims::InflightClaims;
+use crate::image_files::{
+    chain_context_of, create_data_file, open_data_file, read_header, refuse_v2_with_snapshots,
+    take_locks,
+};
+use crate::info::{ImageInfo, Recovery};
 use crate::metadata::Metadata;
 use crate::range_lock::{MovableMappings, RangeGuard, RangeLocks};
 use crate::{create, CreateOptions, ImageError, OpenOptions, Result};
@@ -55,76 +57,6 @@ pub struct Image {
     refcount_damage: Option<String>,
     /// What a read-write open repaired after an unclean shutdown.
     recovery: Option<Recovery>,
-}
-
-/// What a read-write open repaired because the image was not closed
-/// cleanly (its dirty bit was set: the process died, or the machine lost
-/// power): the refcounts are checked and repaired as `check -r all` would,
-/// and on a dedup image every entry of the dedup table is verified
-/// against its cluster's data. Nothing written and flushed before is lost.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Recovery {
-    /// Leaked clusters freed (a crash may leak, never corrupt).
-    pub leaks_fixed: u64,
-    /// Corruptions repaired.
-    pub corruptions_fixed: u64,
-    /// Whether the whole refcount structure was rebuilt.
-    pub refcounts_rebuilt: bool,
-    /// Dedup entries dropped: their cluster was free, or its data no
-    /// longer matched the recorded hash (space, never data).
-    pub dedup_entries_dropped: u64,
-}
-
-/// A persistent dirty bitmap, as `qemu-img info` lists it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BitmapInfo {
-    /// Its name.
-    pub name: String,
-    /// Bytes of guest data one bit covers.
-    pub granularity: u64,
-    /// The in-use flag: the bitmap may be inconsistent and is not trusted.
-    pub in_use: bool,
-    /// The auto flag: the bitmap is enabled (tracks writes).
-    pub auto: bool,
-}
-
-/// What `qcow2 info` shows about an image.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImageInfo {
-    /// Virtual disk size in bytes.
-    pub virtual_size: u64,
-    /// Cluster size in bytes.
-    pub cluster_size: u64,
-    /// Header version: 2 (compat 0.10) or 3 (compat 1.1).
-    pub version: u32,
-    /// Refcount width in bits.
-    pub refcount_bits: u32,
-    /// Lazy refcounts compatible bit.
-    pub lazy_refcounts: bool,
-    /// Dirty bit.
-    pub dirty: bool,
-    /// QEMU's corrupt bit (bit 1 without the dedup extension).
-    pub corrupt: bool,
-    /// Deduplicated image (bit 1 with the dedup extension).
-    pub dedup: bool,
-    /// Extended L2 entries.
-    pub extended_l2: bool,
-    /// `zlib` or `zstd`.
-    pub compression_type: &'static str,
-    /// Backing file name, as the header records it.
-    pub backing_file: Option<String>,
-    /// Backing file format, from the backing-format header extension.
-    pub backing_format: Option<String>,
-    /// Number of internal snapshots.
-    pub snapshots: u32,
-    /// Persistent dirty bitmaps (empty without a valid bitmaps extension).
-    pub bitmaps: Vec<BitmapInfo>,
-    /// The external data file, as the header names it.
-    pub data_file: Option<String>,
-    /// Whether the data file is kept a raw image of the disk.
-    pub data_file_raw: bool,
-    /// Length of the image file in bytes.
-    pub file_length: u64,
 }
 
 /// An open backing file.
@@ -199,125 +131,6 @@ impl Backing {
                 .map_err(ImageError::io("reading the backing file")),
         }
     }
-}
-
-/// Creates (or truncates) the external data file `name` (as given: a
-/// relative name is relative to the current directory, as in QEMU), sized
-/// to the virtual disk, its blocks reserved or written as the
-/// preallocation asks.
-fn create_data_file(name: &str, options: &CreateOptions) -> Result<()> {
-    let data =
-        FileStorage::create(Path::new(name)).map_err(ImageError::io("creating the data file"))?;
-    let size = options.size.next_multiple_of(512);
-    data.set_len(size)
-        .map_err(ImageError::io("sizing the data file"))?;
-    match options.preallocation {
-        crate::Preallocation::Falloc => data
-            .allocate(0, size)
-            .map_err(ImageError::io("reserving the data file"))?,
-        crate::Preallocation::Full => {
-            let zeros = vec![0u8; 1 << 20];
-            let mut at = 0;
-            while at < size {
-                let n = (size - at).min(zeros.len() as u64);
-                data.write_at(&zeros[..n as usize], at)
-                    .map_err(ImageError::io("writing the data file"))?;
-                at += n;
-            }
-        }
-        _ => {}
-    }
-    data.flush()
-        .map_err(ImageError::io("syncing the data file"))
-}
-
-/// Opens the external data file `header` names, writable when the image
-/// is. The name is used as it is, as QEMU uses it: a relative one is
-/// relative to the current directory (unlike a backing file name).
-fn open_data_file(header: &Header, options: &OpenOptions) -> Result<Arc<dyn Storage>> {
-    let name = header.data_file().ok_or_else(|| {
-        ImageError::Corrupt("the image has an external data file but does not name it".into())
-    })?;
-    let path = Path::new(name);
-    let file = FileStorage::open(path, options.write).map_err(|source| ImageError::Io {
-        op: "opening the external data file",
-        source: std::io::Error::new(source.kind(), format!("{}: {source}", path.display())),
-    })?;
-    Ok(Arc::new(file))
-}
-
-/// Takes QEMU's image locks on `storage` for an open with `options`.
-pub(crate) fn take_locks(storage: &dyn Storage, options: &OpenOptions) -> Result<()> {
-    if options.write && options.force_share {
-        return Err(ImageError::InvalidOption(
-            "force-share (-U) is for read-only opens only".into(),
-        ));
-    }
-    if options.locking {
-        let access = if options.write {
-            LockAccess::Write
-        } else {
-            LockAccess::Read {
-                force_share: options.force_share,
-            }
-        };
-        storage.lock(access)?;
-    }
-    Ok(())
-}
-
-/// A compat=0.10 image keeps no virtual size per snapshot, so QEMU refuses
-/// to resize one that has snapshots (applying one afterwards would fail).
-fn refuse_v2_with_snapshots(header: &Header) -> Result<()> {
-    if header.version < 3 && header.nb_snapshots > 0 {
-        return Err(ImageError::Unsupported(
-            "can't resize a compat=0.10 image which has snapshots (as in QEMU)".into(),
-        ));
-    }
-    Ok(())
-}
-
-/// The chain context of the image file at `path`: relative backing names
-/// resolve against its directory, and it counts as visited.
-fn chain_context_of(path: &Path) -> ChainContext {
-    let mut context = ChainContext::default();
-    if let Ok(canonical) = std::fs::canonicalize(path) {
-        context.base_dir = canonical.parent().map(Path::to_path_buf);
-        context.visited.insert(canonical.clone());
-        context.own = Some(canonical);
-    }
-    context
-}
-
-/// Reads the header; for a check (`tolerant`), damage to the refcount
-/// table's location is returned instead of failing. With
-/// `tolerant_blocks` (a read-only open), the table's location must be
-/// sound, as QEMU demands, but damaged refcount blocks are read through.
-fn read_header(
-    storage: &dyn Storage,
-    tolerant: bool,
-    tolerant_blocks: bool,
-) -> Result<(Header, RefcountLoading)> {
-    let file_size = storage
-        .len()
-        .map_err(ImageError::io("reading the image size"))?;
-    let mut buf = vec![0u8; file_size.min(1 << MAX_CLUSTER_BITS) as usize];
-    storage
-        .read_at(&mut buf, 0)
-        .map_err(ImageError::io("reading the header"))?;
-    if !tolerant {
-        let loading = if tolerant_blocks {
-            RefcountLoading::Tolerant(None)
-        } else {
-            RefcountLoading::Strict
-        };
-        return Ok((Header::parse(&buf, file_size)?, loading));
-    }
-    let (header, damage) = Header::parse_for_check(&buf, file_size)?;
-    Ok((
-        header,
-        RefcountLoading::Tolerant(damage.map(|e| e.to_string())),
-    ))
 }
 
 impl Image {
@@ -659,45 +472,11 @@ impl Image {
     /// Facts about the image for `qcow2 info`.
     pub fn info(&self) -> Result<ImageInfo> {
         let meta = self.meta.lock();
-        let h = meta.header();
-        Ok(ImageInfo {
-            virtual_size: h.size,
-            cluster_size: h.geometry.cluster_size(),
-            version: h.version,
-            refcount_bits: 1 << h.refcount_order,
-            lazy_refcounts: h.lazy_refcounts(),
-            dirty: h.is_dirty(),
-            corrupt: h.is_marked_corrupt(),
-            dedup: h.is_dedup(),
-            extended_l2: h.geometry.extended_l2(),
-            compression_type: if h.incompatible_features & INCOMPAT_COMPRESSION_TYPE != 0 {
-                "zstd"
-            } else {
-                "zlib"
-            },
-            backing_file: h.backing_file.clone(),
-            backing_format: h.backing_format().map(str::to_string),
-            snapshots: h.nb_snapshots,
-            data_file: h
-                .data_file()
-                .filter(|_| h.incompatible_features & INCOMPAT_EXTERNAL_DATA != 0)
-                .map(str::to_string),
-            data_file_raw: h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0,
-            bitmaps: meta
-                .bitmaps()
-                .into_iter()
-                .map(|b| BitmapInfo {
-                    granularity: 1u64.checked_shl(u32::from(b.granularity_bits)).unwrap_or(0),
-                    in_use: b.in_use(),
-                    auto: b.auto(),
-                    name: b.name,
-                })
-                .collect(),
-            file_length: self
-                .storage
-                .len()
-                .map_err(ImageError::io("reading the image size"))?,
-        })
+        let file_length = self
+            .storage
+            .len()
+            .map_err(ImageError::io("reading the image size"))?;
+        Ok(ImageInfo::of(meta.header(), meta.bitmaps(), file_length))
     }
 
     /// The internal snapshots, as the snapshot table records them.
