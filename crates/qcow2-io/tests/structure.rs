@@ -497,3 +497,107 @@ fn only_the_header_writer_writes_header_bytes() {
         "storage.read_at(&mut m,0)?;storage.write_at(&b,f(0))?;"
     ));
 }
+
+/// The public declarations of one crate, one per line: every `pub` item,
+/// field and method signature outside tests, whitespace collapsed, with
+/// the file it is in. Items `pub` inside private modules are listed too,
+/// so the list is a superset of what callers can reach.
+fn public_declarations(crate_dir: &Path) -> Vec<String> {
+    let src = crate_dir.join("src");
+    let mut files = Vec::new();
+    rs_files(&src, &mut files);
+    files.sort();
+    let mut out = Vec::new();
+    for file in files {
+        let code = code_of(&fs::read_to_string(&file).unwrap());
+        let name = file.strip_prefix(&src).unwrap().display().to_string();
+        let mut pending: Option<String> = None;
+        // Inside a public enum: the indentation of its closing brace.
+        let mut in_enum: Option<String> = None;
+        for line in code.lines() {
+            let trimmed = line.trim();
+            if let Some(close) = &in_enum {
+                if line == close {
+                    in_enum = None;
+                } else if trimmed.starts_with(|c: char| c.is_ascii_uppercase())
+                    && line.len() - line.trim_start().len() == close.len() + 3
+                {
+                    let variant: String = trimmed
+                        .chars()
+                        .take_while(|c| c.is_alphanumeric() || *c == '_')
+                        .collect();
+                    out.push(format!("{name}: variant {variant}"));
+                }
+            }
+            if let Some(sig) = pending.as_mut() {
+                sig.push(' ');
+                sig.push_str(trimmed);
+            } else if trimmed.starts_with("pub ") || trimmed.starts_with("pub(crate) use") {
+                if trimmed.starts_with("pub(crate)") {
+                    continue;
+                }
+                pending = Some(trimmed.to_owned());
+            } else {
+                continue;
+            }
+            let sig = pending.as_ref().unwrap();
+            let end = sig.find(['{', ';']).or_else(|| {
+                // A field or variant ends at its comma.
+                (sig.ends_with(',') && !sig.contains('(')).then(|| sig.len() - 1)
+            });
+            if let Some(end) = end {
+                let text: Vec<&str> = sig[..end].split_whitespace().collect();
+                if sig.starts_with("pub enum ") && sig[end..].starts_with('{') {
+                    let indent = line.len() - line.trim_start().len();
+                    in_enum = Some(format!("{}}}", " ".repeat(indent)));
+                }
+                out.push(format!("{name}: {}", text.join(" ")));
+                pending = None;
+            }
+        }
+    }
+    out
+}
+
+/// The public API of the crates we publish matches `docs/public-api/`, so
+/// every change to it is a deliberate one: run with `QCOW2_UPDATE_API=1`
+/// to rewrite the snapshot, and review the diff as the API change it is.
+#[test]
+fn public_api_matches_the_snapshot() {
+    let root = workspace();
+    let update = std::env::var_os("QCOW2_UPDATE_API").is_some();
+    let mut stale = Vec::new();
+    for name in [
+        "qcow2-format",
+        "qcow2-alloc",
+        "qcow2-dedup",
+        "qcow2-io",
+        "qcow2-nbd",
+    ] {
+        let now = public_declarations(&root.join("crates").join(name)).join("\n") + "\n";
+        assert!(
+            now.lines().count() > 10,
+            "{name}: too few declarations read"
+        );
+        let snapshot = root.join("docs/public-api").join(format!("{name}.txt"));
+        if update {
+            fs::create_dir_all(snapshot.parent().unwrap()).unwrap();
+            fs::write(&snapshot, &now).unwrap();
+            continue;
+        }
+        let recorded = fs::read_to_string(&snapshot).unwrap_or_default();
+        if recorded != now {
+            let old: BTreeSet<&str> = recorded.lines().collect();
+            let new: BTreeSet<&str> = now.lines().collect();
+            let gone: Vec<&&str> = old.difference(&new).collect();
+            let added: Vec<&&str> = new.difference(&old).collect();
+            stale.push(format!("{name}: removed {gone:#?}\nadded {added:#?}"));
+        }
+    }
+    assert!(
+        stale.is_empty(),
+        "the public API changed; if that is meant, run the tests with QCOW2_UPDATE_API=1 \
+         and commit docs/public-api/:\n{}",
+        stale.join("\n")
+    );
+}
