@@ -30,7 +30,9 @@ pub use error::AllocError;
 pub use faulty::FaultyStorage;
 pub use lock::{LockAccess, LockError};
 pub use rebuild::{rebuild_refcounts, RefcountMismatch, ReferenceCounts};
-pub use refcounts::{RefcountDamage, RefcountTableHeader, Refcounts, RefcountsConfig};
+pub use refcounts::{
+    ClusterSource, RefcountDamage, RefcountTableHeader, Refcounts, RefcountsConfig,
+};
 pub use storage::{AlignedBuf, FileStorage, MemStorage, Storage, DIRECT_IO_ALIGN};
 
 /// Result type of this crate.

@@ -10,6 +10,15 @@ use qcow2_format::{ClusterCount, Geometry, HostCluster, HostOffset, MAX_REFCOUNT
 use crate::cache::{IntSet, WriteBackCache};
 use crate::{AllocError, Result, Storage};
 
+/// Where a structure stored in the image's own clusters (the dedup table)
+/// gets new clusters: from the owner of the refcounts (in `qcow2-io`, the
+/// allocator), which keeps its invariants, never from [`Refcounts`]
+/// directly.
+pub trait ClusterSource {
+    /// Allocates exactly `count` contiguous clusters with refcount 1.
+    fn take_clusters(&mut self, storage: &dyn Storage, count: ClusterCount) -> Result<HostCluster>;
+}
+
 /// Points the image header at a refcount table that moved, durably (synced)
 /// before it returns. The header's owner implements it (in `qcow2-io`, the
 /// header writer), so the header has one writer; [`Refcounts::flush`] calls

@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 
 use qcow2_alloc::IntSet;
-use qcow2_alloc::{Refcounts, Storage, WriteBackCache};
+use qcow2_alloc::{ClusterSource, Storage, WriteBackCache};
 use qcow2_format::dedup::{self, DedupEntry, DedupExtension};
 use qcow2_format::table::{decode_u64s, encode_u64s, DirtyRange};
 use qcow2_format::{ClusterCount, Geometry, HostCluster, HostOffset};
@@ -52,7 +52,7 @@ impl DedupTable {
     /// allocating and zeroing its clusters.
     pub fn create(
         storage: &dyn Storage,
-        refcounts: &mut Refcounts,
+        clusters_from: &mut dyn ClusterSource,
         geometry: Geometry,
         host_clusters: u64,
         cache_bytes: u64,
@@ -61,7 +61,7 @@ impl DedupTable {
         let entries = geometry.align_up(entries * 8) / 8;
         let clusters = geometry.clusters_for(entries * 8);
         let offset = geometry
-            .host_offset(refcounts.allocate_contiguous(storage, ClusterCount::new(clusters))?);
+            .host_offset(clusters_from.take_clusters(storage, ClusterCount::new(clusters))?);
         storage
             .write_at(
                 &vec![0u8; (clusters * geometry.cluster_size()) as usize],
@@ -249,17 +249,17 @@ impl DedupTable {
     pub fn set(
         &mut self,
         storage: &dyn Storage,
-        refcounts: &mut Refcounts,
+        clusters_from: &mut dyn ClusterSource,
         host_cluster: HostCluster,
         entry: &DedupEntry,
     ) -> Result<()> {
         let g = self.geometry;
         let slot = dedup::slot_of(g, host_cluster);
         if slot.l1_index >= self.l1.len() as u64 {
-            self.grow_l1(storage, refcounts, slot.l1_index + 1)?;
+            self.grow_l1(storage, clusters_from, slot.l1_index + 1)?;
         }
         if self.l1[slot.l1_index as usize] == 0 {
-            let offset = g.host_offset(refcounts.allocate_contiguous(storage, ClusterCount::ONE)?);
+            let offset = g.host_offset(clusters_from.take_clusters(storage, ClusterCount::ONE)?);
             if self.clusters.needs_write_back() {
                 self.write_clusters(storage)?;
             }
@@ -309,7 +309,7 @@ impl DedupTable {
     fn grow_l1(
         &mut self,
         storage: &dyn Storage,
-        refcounts: &mut Refcounts,
+        clusters_from: &mut dyn ClusterSource,
         min_entries: u64,
     ) -> Result<()> {
         let g = self.geometry;
@@ -323,7 +323,7 @@ impl DedupTable {
         }
         let clusters = g.count_for(entries * 8);
         let offset = g
-            .host_offset(refcounts.allocate_contiguous(storage, clusters)?)
+            .host_offset(clusters_from.take_clusters(storage, clusters)?)
             .get();
         self.retired_l1.push((
             HostOffset::new(self.l1_offset),
@@ -438,7 +438,20 @@ fn misplaced() -> DedupError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use qcow2_alloc::{MemStorage, RefcountsConfig};
+    use qcow2_alloc::{MemStorage, Refcounts, RefcountsConfig};
+
+    /// Clusters straight from the refcounts, as a test's owner.
+    struct Direct<'a>(&'a mut Refcounts);
+
+    impl ClusterSource for Direct<'_> {
+        fn take_clusters(
+            &mut self,
+            storage: &dyn Storage,
+            count: ClusterCount,
+        ) -> qcow2_alloc::Result<HostCluster> {
+            self.0.allocate_contiguous(storage, count)
+        }
+    }
     use qcow2_format::refcount::RefcountWidth;
 
     fn setup(bits: u32) -> (MemStorage, Refcounts, Geometry) {
@@ -471,9 +484,10 @@ mod tests {
     #[test]
     fn entries_survive_flush_reload_and_l1_growth() {
         let (storage, mut r, g) = setup(12);
-        let mut t = DedupTable::create(&storage, &mut r, g, 10, 1 << 20).unwrap();
+        let mut t = DedupTable::create(&storage, &mut Direct(&mut r), g, 10, 1 << 20).unwrap();
         for host in [5u64, 6, 200, 5000, 60_000] {
-            t.set(&storage, &mut r, c(host), &entry(host)).unwrap();
+            t.set(&storage, &mut Direct(&mut r), c(host), &entry(host))
+                .unwrap();
         }
         assert!(t.moved(), "host cluster 40000 needs a bigger L1");
         t.flush(&storage).unwrap();
@@ -500,10 +514,12 @@ mod tests {
     #[test]
     fn a_flipped_byte_drops_that_cluster_only() {
         let (storage, mut r, g) = setup(12);
-        let mut t = DedupTable::create(&storage, &mut r, g, 1000, 1 << 20).unwrap();
+        let mut t = DedupTable::create(&storage, &mut Direct(&mut r), g, 1000, 1 << 20).unwrap();
         let n = dedup::entries_per_cluster(g);
-        t.set(&storage, &mut r, c(1), &entry(1)).unwrap();
-        t.set(&storage, &mut r, c(n + 1), &entry(n + 1)).unwrap();
+        t.set(&storage, &mut Direct(&mut r), c(1), &entry(1))
+            .unwrap();
+        t.set(&storage, &mut Direct(&mut r), c(n + 1), &entry(n + 1))
+            .unwrap();
         t.flush(&storage).unwrap();
         let first = g.host_offset(t.metadata_clusters()[1].0).get();
         let mut byte = [0u8];
@@ -520,7 +536,7 @@ mod tests {
     #[test]
     fn bad_l1_entries_are_dropped_not_followed() {
         let (storage, mut r, g) = setup(12);
-        let t = DedupTable::create(&storage, &mut r, g, 1000, 1 << 20).unwrap();
+        let t = DedupTable::create(&storage, &mut Direct(&mut r), g, 1000, 1 << 20).unwrap();
         let ext = t.extension();
         storage
             .write_at(&(1u64 << 50).to_be_bytes(), ext.l1_offset)

@@ -11,7 +11,8 @@
 
 use qcow2_alloc::IntMap;
 use qcow2_alloc::{
-    rebuild_refcounts, RefcountTableHeader, Refcounts, RefcountsConfig, ReferenceCounts, Storage,
+    rebuild_refcounts, ClusterSource, RefcountDamage, RefcountMismatch, RefcountTableHeader,
+    Refcounts, RefcountsConfig, ReferenceCounts, Storage,
 };
 use qcow2_format::l2::L2Mapping;
 use qcow2_format::refcount::RefcountWidth;
@@ -20,6 +21,17 @@ use qcow2_format::{ClusterCount, Geometry, HostCluster, HostOffset};
 use crate::header_writer::RefcountTableLocation;
 use crate::overlap::HoldsMetadata;
 use crate::{ImageError, Result};
+
+/// The dedup table takes its clusters from here.
+impl ClusterSource for Allocator {
+    fn take_clusters(
+        &mut self,
+        storage: &dyn Storage,
+        count: ClusterCount,
+    ) -> qcow2_alloc::Result<HostCluster> {
+        self.refcounts.allocate_contiguous(storage, count)
+    }
+}
 
 /// How strictly the refcount structure is loaded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +90,23 @@ impl Allocator {
         self.refcounts = rebuild_refcounts(storage, self.refcounts.config(), tally)?;
         self.compressed_tail = None;
         Ok(())
+    }
+
+    /// A new refcount structure (at the place and width `config` names,
+    /// written past the end of the file) holding exactly `tally`.
+    pub(crate) fn rebuilt(
+        storage: &dyn Storage,
+        config: RefcountsConfig,
+        tally: &ReferenceCounts,
+    ) -> Result<Self> {
+        let refcounts = rebuild_refcounts(storage, config, tally)?;
+        Ok(Self::new(refcounts, config.geometry))
+    }
+
+    /// Empty refcounts for a new image, whose table is at the place
+    /// `config` names (nothing written yet).
+    pub(crate) fn new_empty(config: RefcountsConfig) -> Self {
+        Self::new(Refcounts::new_empty(config), config.geometry)
     }
 
     /// Wraps refcounts built for a new image.
@@ -356,9 +385,32 @@ impl Allocator {
         Ok(None)
     }
 
-    /// The refcounts themselves, for a consistency check's comparison.
-    pub(crate) fn refcounts_mut(&mut self) -> &mut Refcounts {
-        &mut self.refcounts
+    /// Where the refcount table is and how it is cached.
+    pub(crate) fn config(&self) -> RefcountsConfig {
+        self.refcounts.config()
+    }
+
+    /// Damage a tolerant load found in the refcount structure.
+    pub(crate) fn damage(&self) -> &[RefcountDamage] {
+        self.refcounts.damage()
+    }
+
+    /// Every cluster at or after `start` with a nonzero refcount.
+    pub(crate) fn nonzero_from(
+        &mut self,
+        storage: &dyn Storage,
+        start: HostCluster,
+    ) -> Result<Vec<(HostCluster, u64)>> {
+        Ok(self.refcounts.nonzero_from(storage, start)?)
+    }
+
+    /// Where the refcounts differ from the references a check counted.
+    pub(crate) fn compare(
+        &mut self,
+        tally: &ReferenceCounts,
+        storage: &dyn Storage,
+    ) -> Result<Vec<RefcountMismatch>> {
+        Ok(tally.compare(&mut self.refcounts, storage)?)
     }
 
     /// Writes refcount blocks and the table; returns whether anything was

@@ -165,10 +165,8 @@ pub(crate) fn check(meta: &mut Metadata, repair: RepairMode) -> Result<CheckRepo
 fn repair_image(meta: &mut Metadata, walk_result: Walk, repair: RepairMode) -> Result<bool> {
     let rebuild = {
         let parts = meta.parts();
-        let damaged = !parts.alloc.refcounts_mut().damage().is_empty();
-        let mismatches = walk_result
-            .tally
-            .compare(parts.alloc.refcounts_mut(), parts.storage)?;
+        let damaged = !parts.alloc.damage().is_empty();
+        let mismatches = parts.alloc.compare(&walk_result.tally, parts.storage)?;
         // A referenced cluster with refcount 0 could be handed out again by
         // the very allocation that fixes it (a new refcount block), so, as
         // QEMU does, such damage rebuilds the structure from the tally.
@@ -233,7 +231,7 @@ fn walk(parts: &mut MetadataParts<'_>) -> Result<Walk> {
         copied_fixes: Vec::new(),
         data_clusters: parts.dedup.as_ref().map(|_| HashMap::new()),
     };
-    for damage in parts.alloc.refcounts_mut().damage().to_vec() {
+    for damage in parts.alloc.damage().to_vec() {
         walk.finding(FindingKind::Corruption, damage.to_string());
     }
     walk.reference(0, ClusterCount::ONE, "header");
@@ -259,7 +257,7 @@ fn walk(parts: &mut MetadataParts<'_>) -> Result<Walk> {
     walk_bitmaps(parts, &mut walk, file_size)?;
     check_dedup_table(parts, &mut walk)?;
 
-    let mismatches = walk.tally.compare(parts.alloc.refcounts_mut(), storage)?;
+    let mismatches = parts.alloc.compare(&walk.tally, storage)?;
     let mut last_used = (0..walk.tally.len())
         .rev()
         .find(|&c| walk.tally.get(HostCluster::new(c)) > 0)

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use qcow2_alloc::{Refcounts, RefcountsConfig, Storage};
+use qcow2_alloc::{RefcountsConfig, Storage};
 use qcow2_format::extensions::HeaderExtension;
 use qcow2_format::features::{
     standard_feature_names, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS,
@@ -12,7 +12,8 @@ use qcow2_format::header::{V2_HEADER_LEN, V3_HEADER_LEN};
 use qcow2_format::refcount::RefcountWidth;
 use qcow2_format::{ClusterCount, Geometry, Header, HostCluster, HostOffset};
 
-use crate::header_writer::{HeaderWriter, RefcountTableLocation};
+use crate::allocator::Allocator;
+use crate::header_writer::HeaderWriter;
 use crate::metadata::Metadata;
 use crate::options::{Compat, Compression, CreateOptions, Preallocation};
 use crate::{ImageError, OpenOptions, Result};
@@ -92,17 +93,18 @@ pub(crate) fn create(
     storage
         .set_len(0)
         .map_err(ImageError::io("truncating the new image"))?;
-    let mut refcounts = Refcounts::new_empty(RefcountsConfig {
+    let mut alloc = Allocator::new_empty(RefcountsConfig {
         geometry,
         width,
         table_offset: HostOffset::new(cs),
         table_clusters: 1,
         cache_bytes: open.refcount_cache_bytes,
     });
-    refcounts.set(&*storage, HostCluster::new(1), 1)?;
-    refcounts.set(&*storage, HostCluster::new(0), 1)?;
+    // The header cluster and the first refcount table cluster.
+    alloc.add_reference(&*storage, HostCluster::new(1))?;
+    alloc.add_reference(&*storage, HostCluster::new(0))?;
     let l1_clusters = geometry.count_for(l1_entries * 8).max(ClusterCount::ONE);
-    let l1_offset = geometry.host_offset(refcounts.allocate_contiguous(&*storage, l1_clusters)?);
+    let l1_offset = geometry.host_offset(alloc.allocate_contiguous(&*storage, l1_clusters)?);
     header.l1_table_offset = l1_offset.get();
     storage
         .write_at(
@@ -111,19 +113,13 @@ pub(crate) fn create(
         )
         .map_err(ImageError::io("writing the L1 table"))?;
     let mut writer = HeaderWriter::new(header);
-    refcounts.flush(&*storage, &mut writer)?;
-    writer.write(
-        &*storage,
-        RefcountTableLocation {
-            offset: refcounts.table_offset(),
-            clusters: refcounts.table_clusters(),
-        },
-    )?;
+    alloc.flush(&*storage, &mut writer)?;
+    writer.write(&*storage, alloc.table_location())?;
     storage
         .flush()
         .map_err(ImageError::io("syncing the new image"))?;
     let header = writer.into_header();
-    let mut meta = Metadata::new_image(storage, header, refcounts, open.l2_cache_bytes);
+    let mut meta = Metadata::new_image(storage, header, alloc, open.l2_cache_bytes);
     if options.dedup {
         meta.start_dedup()?;
         meta.publish_dedup()?;

@@ -601,3 +601,39 @@ fn public_api_matches_the_snapshot() {
         stale.join("\n")
     );
 }
+
+/// Refcounts have one owner: in `qcow2-io` only the allocator touches the
+/// `Refcounts` type (the dedup table takes clusters through the
+/// `ClusterSource` the allocator implements), and `qcow2-dedup` never
+/// names it outside its tests.
+#[test]
+fn only_the_allocator_owns_the_refcounts() {
+    let mut scanned = 0;
+    for (file, code) in all_sources() {
+        let in_io = file.components().any(|c| c.as_os_str() == "qcow2-io");
+        let in_dedup = file.components().any(|c| c.as_os_str() == "qcow2-dedup");
+        if !(in_io || in_dedup) || file.ends_with("qcow2-io/src/allocator.rs") {
+            continue;
+        }
+        scanned += 1;
+        for token in [
+            "Refcounts::",
+            "Refcounts,",
+            "Refcounts}",
+            "&mut Refcounts",
+            "qcow2_alloc::rebuild_refcounts",
+            "rebuild_refcounts,",
+            "rebuild_refcounts}",
+        ] {
+            assert!(
+                !code
+                    .split_whitespace()
+                    .collect::<String>()
+                    .contains(&token.replace(' ', "")),
+                "{} uses {token}: refcounts change through the allocator only",
+                file.display()
+            );
+        }
+    }
+    assert!(scanned > 20, "only {scanned} files read");
+}

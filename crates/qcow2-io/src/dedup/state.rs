@@ -75,13 +75,7 @@ impl DedupState {
         geometry: Geometry,
         host_clusters: u64,
     ) -> Result<Self> {
-        let table = DedupTable::create(
-            storage,
-            alloc.refcounts_mut(),
-            geometry,
-            host_clusters,
-            DEDUP_CACHE_BYTES,
-        )?;
+        let table = DedupTable::create(storage, alloc, geometry, host_clusters, DEDUP_CACHE_BYTES)?;
         Ok(Self::with_table(geometry, table, Some(DedupIndex::new())))
     }
 
@@ -389,8 +383,7 @@ impl DedupState {
             hash: hash.0,
             guest_offset: guest.get().into(),
         };
-        self.table
-            .set(storage, alloc.refcounts_mut(), host, &entry)?;
+        self.table.set(storage, alloc, host, &entry)?;
         self.index_entry(storage, host, hash)
     }
 
@@ -501,8 +494,7 @@ impl DedupState {
         for (host, guest) in referrer {
             if let Some(mut entry) = self.table.get(storage, host)? {
                 entry.guest_offset = guest.get().into();
-                self.table
-                    .set(storage, alloc.refcounts_mut(), host, &entry)?;
+                self.table.set(storage, alloc, host, &entry)?;
             }
         }
         Ok(())

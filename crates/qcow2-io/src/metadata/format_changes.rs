@@ -29,7 +29,6 @@ impl Metadata {
             .map_err(ImageError::io("reading the image size"))?;
         let present = self
             .alloc
-            .refcounts_mut()
             .nonzero_from(&*self.storage, HostCluster::new(0))?;
         let clusters = present
             .last()
@@ -50,10 +49,9 @@ impl Metadata {
         }
         let config = RefcountsConfig {
             width,
-            ..self.alloc.refcounts_mut().config()
+            ..self.alloc.config()
         };
-        let rebuilt = qcow2_alloc::rebuild_refcounts(&*self.storage, config, &tally)?;
-        self.alloc = Allocator::new(rebuilt, self.geometry);
+        self.alloc = Allocator::rebuilt(&*self.storage, config, &tally)?;
         let location = self.alloc.table_location();
         let mut next = self.header().clone();
         next.refcount_order = order;

@@ -24,7 +24,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use qcow2_alloc::{Refcounts, RefcountsConfig, ReferenceCounts, Storage};
+use qcow2_alloc::{RefcountsConfig, ReferenceCounts, Storage};
 use qcow2_dedup::{ContentHash, DedupStats};
 use qcow2_format::bitmaps::{mark_in_use, parse_bitmap_directory, BitmapDirectoryEntry};
 use qcow2_format::extensions::HeaderExtension;
@@ -116,7 +116,7 @@ impl Metadata {
     pub(crate) fn new_image(
         storage: Arc<dyn Storage>,
         header: Header,
-        refcounts: Refcounts,
+        alloc: Allocator,
         l2_cache_bytes: u64,
     ) -> Self {
         let l1 = vec![0; header.l1_size as usize];
@@ -126,7 +126,6 @@ impl Metadata {
             l1,
             l2_cache_bytes,
         );
-        let alloc = Allocator::new(refcounts, header.geometry);
         Self::assemble(storage, header, map, alloc, None)
     }
 
