@@ -637,3 +637,39 @@ fn only_the_allocator_owns_the_refcounts() {
     }
     assert!(scanned > 20, "only {scanned} files read");
 }
+
+/// Guest mappings have one owner: only the metadata module (and the block
+/// map itself) changes the block map; the dedup state returns the
+/// changes it wants instead of making them.
+#[test]
+fn only_the_metadata_changes_the_block_map() {
+    let mutators = [
+        "map.set_mapping(",
+        "map.set_entry(",
+        "map.set_l1_raw(",
+        "map.update_entries_in_place(",
+        "map.replace_l1(",
+        "map.extend_l1(",
+        "map.write_back(",
+    ];
+    let mut scanned = 0;
+    for (file, code) in all_sources() {
+        let path = file.to_string_lossy().replace('\\', "/");
+        if !path.contains("qcow2-io/src/")
+            || path.contains("qcow2-io/src/metadata/")
+            || path.ends_with("qcow2-io/src/block_map.rs")
+        {
+            continue;
+        }
+        scanned += 1;
+        let compact: String = code.split_whitespace().collect();
+        for token in mutators {
+            assert!(
+                !compact.contains(token),
+                "{} calls {token}: mapping changes go through Metadata",
+                file.display()
+            );
+        }
+    }
+    assert!(scanned > 20, "only {scanned} files read");
+}

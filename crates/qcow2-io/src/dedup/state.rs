@@ -28,6 +28,10 @@ use crate::{ImageError, Result};
 /// Bytes of L2 dedup clusters kept in memory.
 const DEDUP_CACHE_BYTES: u64 = 16 << 20;
 
+/// A guest mapping the dedup state wants changed (OFLAG_COPIED): the
+/// metadata applies it, the one owner of the block map's changes.
+pub(crate) type MappingChange = (GuestOffset, L2Mapping);
+
 /// The dedup table and, once built, the index. See the module docs.
 #[derive(Debug)]
 pub(crate) struct DedupState {
@@ -387,19 +391,19 @@ impl DedupState {
         self.index_entry(storage, host, hash)
     }
 
-    /// Sets OFLAG_COPIED of the referrer of `host` to `copied`: the first
-    /// of its referrer hints (the dedup entry's guest offset, then the
-    /// noted referrers) that still points there. Queues a scan if none
-    /// does.
+    /// The mapping change that sets OFLAG_COPIED of the referrer of `host`
+    /// to `copied`: the first of its referrer hints (the dedup entry's
+    /// guest offset, then the noted referrers) that still points there.
+    /// Queues a scan if none does. The block map is only read here; the
+    /// caller applies the change.
     pub(crate) fn fix_copied_at_hint(
         &mut self,
         storage: &dyn Storage,
         map: &mut BlockMap,
-        alloc: &mut Allocator,
         host: HostCluster,
         copied: bool,
         virtual_size: u64,
-    ) -> Result<()> {
+    ) -> Result<Option<MappingChange>> {
         let g = self.geometry;
         for guest in self.referrer_hints(storage, host)? {
             if guest.get() >= virtual_size {
@@ -414,48 +418,49 @@ impl DedupState {
             ) = map.lookup(storage, guest)?
             {
                 if g.host_cluster(offset) == host {
-                    if now != copied {
-                        map.set_mapping(storage, alloc, guest, L2Mapping::Data { offset, copied })?;
-                    }
-                    return Ok(());
+                    return Ok(
+                        (now != copied).then_some((guest, L2Mapping::Data { offset, copied }))
+                    );
                 }
             }
         }
         self.copied_unresolved.insert(host);
-        Ok(())
+        Ok(None)
     }
 
     /// Consequences of a refcount decrease to `left`: the entry goes with
-    /// the last reference; the sole referrer gets OFLAG_COPIED back.
+    /// the last reference; the sole referrer gets OFLAG_COPIED back (the
+    /// mapping change returned, for the caller to apply).
     pub(crate) fn after_decrement(
         &mut self,
         storage: &dyn Storage,
         map: &mut BlockMap,
-        alloc: &mut Allocator,
         host: HostCluster,
         left: u64,
         virtual_size: u64,
-    ) -> Result<()> {
+    ) -> Result<Option<MappingChange>> {
         if left == 0 {
             self.forget(storage, host)?;
             self.copied_unresolved.remove(&host);
         } else if left == 1 && self.entry_guest(storage, host)?.is_some() {
-            self.fix_copied_at_hint(storage, map, alloc, host, true, virtual_size)?;
+            return self.fix_copied_at_hint(storage, map, host, true, virtual_size);
         }
-        Ok(())
+        Ok(None)
     }
 
-    /// Recomputes OFLAG_COPIED of every data entry pointing at a cluster
-    /// whose referrers could not be found cheaply, by one pass over the
-    /// active L2 tables; also refreshes those clusters' guest offsets.
+    /// The OFLAG_COPIED changes of every data entry pointing at a cluster
+    /// whose referrers could not be found cheaply, found by one pass over
+    /// the active L2 tables (the caller applies them); also refreshes those
+    /// clusters' guest offsets in the dedup table.
     pub(crate) fn resolve_copied_flags(
         &mut self,
         storage: &dyn Storage,
         map: &mut BlockMap,
         alloc: &mut Allocator,
-    ) -> Result<()> {
+    ) -> Result<Vec<MappingChange>> {
+        let mut changes = Vec::new();
         if self.copied_unresolved.is_empty() {
-            return Ok(());
+            return Ok(changes);
         }
         let pending = std::mem::take(&mut self.copied_unresolved);
         let g = self.geometry;
@@ -486,7 +491,7 @@ impl DedupState {
                         offset: host,
                         copied: sole,
                     };
-                    map.set_mapping(storage, alloc, guest, fixed)?;
+                    changes.push((guest, fixed));
                 }
                 referrer.entry(cluster).or_insert(guest);
             }
@@ -497,7 +502,7 @@ impl DedupState {
                 self.table.set(storage, alloc, host, &entry)?;
             }
         }
-        Ok(())
+        Ok(changes)
     }
 
     /// Deduplication figures, given how many guest clusters reference data.

@@ -141,14 +141,12 @@ impl Metadata {
                 .dedup
                 .as_mut()
                 .ok_or(ImageError::Internal("dedup state missing"))?;
-            d.fix_copied_at_hint(
-                &*self.storage,
-                &mut self.map,
-                &mut self.alloc,
-                host,
-                false,
-                size,
-            )?;
+            if let Some((guest, mapping)) =
+                d.fix_copied_at_hint(&*self.storage, &mut self.map, host, false, size)?
+            {
+                self.map
+                    .set_mapping(&*self.storage, &mut self.alloc, guest, mapping)?;
+            }
         }
         let offset = self.geometry.host_offset(host);
         self.replace_mapping(

@@ -135,21 +135,23 @@ impl Metadata {
         for cluster in self.alloc.take_released() {
             let left = self.alloc.drop_reference(&*self.storage, cluster)?;
             if let Some(d) = self.dedup.as_mut() {
-                d.after_decrement(
-                    &*self.storage,
-                    &mut self.map,
-                    &mut self.alloc,
-                    cluster,
-                    left,
-                    size,
-                )?;
+                let change =
+                    d.after_decrement(&*self.storage, &mut self.map, cluster, left, size)?;
                 if left > 0 && left < limit {
                     self.unsettled.insert(cluster);
+                }
+                if let Some((guest, mapping)) = change {
+                    self.map
+                        .set_mapping(&*self.storage, &mut self.alloc, guest, mapping)?;
                 }
             }
         }
         if let Some(d) = self.dedup.as_mut() {
-            d.resolve_copied_flags(&*self.storage, &mut self.map, &mut self.alloc)?;
+            let changes = d.resolve_copied_flags(&*self.storage, &mut self.map, &mut self.alloc)?;
+            for (guest, mapping) in changes {
+                self.map
+                    .set_mapping(&*self.storage, &mut self.alloc, guest, mapping)?;
+            }
         }
         self.write_tables()
     }
