@@ -3,6 +3,8 @@
 //! Every option declared here is honoured by its command; anything else is
 //! refused by the parser with a message naming it.
 
+use std::path::PathBuf;
+
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::image_options::OptionList;
@@ -82,7 +84,7 @@ pub struct RebaseArgs {
     #[command(flatten)]
     pub quiet: Quiet,
     /// The overlay to rebase.
-    pub file: String,
+    pub file: PathBuf,
 }
 
 /// `qcow2 commit [-f qcow2] [-b BASE] [-d] [-p] [-q] FILE`
@@ -94,7 +96,7 @@ pub struct CommitArgs {
     /// The image of FILE's backing chain to commit into (default: its
     /// backing file). The images between are left stale, so -b implies -d.
     #[arg(short = 'b', value_name = "BASE")]
-    pub base: Option<String>,
+    pub base: Option<PathBuf>,
     /// Keep FILE's data after committing it (do not empty it).
     #[arg(short = 'd')]
     pub keep: bool,
@@ -105,7 +107,7 @@ pub struct CommitArgs {
     #[command(flatten)]
     pub quiet: Quiet,
     /// The overlay to commit.
-    pub file: String,
+    pub file: PathBuf,
 }
 
 /// `qcow2 amend [-f qcow2] [-q] -o dedup=on|off FILE`
@@ -125,7 +127,7 @@ pub struct AmendArgs {
     #[command(flatten)]
     pub quiet: Quiet,
     /// The image.
-    pub file: String,
+    pub file: PathBuf,
 }
 
 /// `qcow2 snapshot -l IMAGE`
@@ -145,7 +147,7 @@ pub struct SnapshotArgs {
     #[arg(short = 'd', value_name = "NAME", group = "action")]
     pub delete: Option<String>,
     /// The image.
-    pub image: String,
+    pub image: PathBuf,
 }
 
 /// `qcow2 resize [-f qcow2] [-q] [--shrink] FILE [+|-]SIZE`
@@ -161,7 +163,7 @@ pub struct ResizeArgs {
     #[command(flatten)]
     pub quiet: Quiet,
     /// The image.
-    pub file: String,
+    pub file: PathBuf,
     /// The new size, or `+SIZE` / `-SIZE` relative to the current one.
     #[arg(allow_hyphen_values = true)]
     pub size: SizeChange,
@@ -284,7 +286,7 @@ pub struct CreateArgs {
     #[arg(short = 'F', long = "backing-format", value_enum, requires = "backing")]
     pub backing_format: Option<ImageFormat>,
     /// The image file (an existing file is replaced, as qemu-img does).
-    pub file: String,
+    pub file: PathBuf,
     /// Virtual size (or `-o size=`; with -b, the backing file's by default).
     #[arg(allow_hyphen_values = true, value_parser = parse_size)]
     pub size: Option<u64>,
@@ -306,7 +308,7 @@ pub struct InfoArgs {
     #[arg(long = "backing-chain")]
     pub backing_chain: bool,
     /// The image.
-    pub file: String,
+    pub file: PathBuf,
 }
 
 /// `qcow2 check [-f qcow2] [-q] [--output human|json] [-r leaks|all] FILE`
@@ -331,7 +333,7 @@ pub struct CheckArgs {
     #[command(flatten)]
     pub quiet: Quiet,
     /// The image.
-    pub file: String,
+    pub file: PathBuf,
 }
 
 /// `qcow2 convert [-f FMT] [-O FMT] [-o OPTIONS] [-n] [-t CACHE] [-T CACHE] [-p] [-q] SRC DST`
@@ -381,9 +383,9 @@ pub struct ConvertArgs {
     #[arg(short = 'l', value_name = "SNAPSHOT")]
     pub snapshot: Option<String>,
     /// The source image.
-    pub source: String,
+    pub source: PathBuf,
     /// The target image.
-    pub target: String,
+    pub target: PathBuf,
 }
 
 /// `qcow2 dedup [-p] [-q] [-o OUT] IMAGE`
@@ -391,7 +393,7 @@ pub struct ConvertArgs {
 pub struct DedupArgs {
     /// Write a new deduplicated image here instead of changing IMAGE.
     #[arg(short = 'o', value_name = "OUT")]
-    pub output: Option<String>,
+    pub output: Option<PathBuf>,
     /// Show progress (when writing a new image).
     #[arg(short = 'p')]
     pub progress: bool,
@@ -399,7 +401,7 @@ pub struct DedupArgs {
     #[command(flatten)]
     pub quiet: Quiet,
     /// The image.
-    pub image: String,
+    pub image: PathBuf,
 }
 
 /// `qcow2 measure [--output human|json] [-f FMT] [-O FMT] [-o OPTIONS] [-c] [-l SNAPSHOT] (--size SIZE | FILE)`
@@ -434,7 +436,7 @@ pub struct MeasureArgs {
     pub size: Option<u64>,
     /// The source image.
     #[arg(group = "what")]
-    pub file: Option<String>,
+    pub file: Option<PathBuf>,
 }
 
 /// `qcow2 map [-f FMT] [--output human|json] FILE`
@@ -450,7 +452,7 @@ pub struct MapArgs {
     #[command(flatten)]
     pub output: Output,
     /// The image.
-    pub file: String,
+    pub file: PathBuf,
 }
 
 /// `qcow2 compare [-f FMT] [-F FMT] [-s] [-p] [-q] A B`
@@ -477,9 +479,9 @@ pub struct CompareArgs {
     #[command(flatten)]
     pub quiet: Quiet,
     /// The first image.
-    pub first: String,
+    pub first: PathBuf,
     /// The second image.
-    pub second: String,
+    pub second: PathBuf,
 }
 
 /// `qcow2 bench [-f FMT] [-t CACHE] [-c COUNT] [-d DEPTH] [-o OFFSET] [-s SIZE] [-S STEP] [-w [--pattern N] [--flush-interval N] [--dup PERCENT]] [-r SEED] [-q] FILE`
@@ -532,7 +534,7 @@ pub struct BenchArgs {
     #[command(flatten)]
     pub quiet: Quiet,
     /// The image.
-    pub file: String,
+    pub file: PathBuf,
 }
 
 /// `serve --discard`.
@@ -561,7 +563,7 @@ pub enum DetectZeroesArg {
 pub struct ServeArgs {
     /// Listen on this Unix socket instead of TCP.
     #[arg(short = 'k', long = "socket", value_name = "PATH", conflicts_with_all = ["port", "bind"])]
-    pub socket: Option<String>,
+    pub socket: Option<PathBuf>,
     /// TCP port.
     #[arg(short = 'p', long, default_value_t = 10809)]
     pub port: u16,
@@ -585,7 +587,7 @@ pub struct ServeArgs {
     pub persistent: bool,
     /// Write the server's process id here once it listens.
     #[arg(long = "pid-file", value_name = "PATH")]
-    pub pid_file: Option<String>,
+    pub pid_file: Option<PathBuf>,
     /// What trims do.
     #[arg(long, value_enum, default_value = "ignore")]
     pub discard: DiscardArg,
@@ -601,7 +603,7 @@ pub struct ServeArgs {
     #[arg(short = 'f', long, value_enum)]
     pub format: Option<Qcow2Only>,
     /// The image.
-    pub image: String,
+    pub image: PathBuf,
 }
 
 #[cfg(test)]
@@ -630,7 +632,10 @@ mod tests {
         assert_eq!(c.source_format, Some(ImageFormat::Raw));
         assert_eq!(c.target_format, ImageFormat::Qcow2);
         assert_eq!(c.target_cache, CacheMode::Writeback);
-        assert_eq!((c.source.as_str(), c.target.as_str()), ("a", "b"));
+        assert_eq!(
+            (c.source.as_path(), c.target.as_path()),
+            (std::path::Path::new("a"), std::path::Path::new("b"))
+        );
         let Command::Check(c) = parse("check --output=json -r all x").unwrap().command else {
             panic!("not check")
         };

@@ -7,7 +7,7 @@
 //! compressing, or waiting on a device with direct I/O), else one. The
 //! main thread reports progress.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -59,23 +59,27 @@ pub(crate) enum WriteCost {
 
 pub(crate) struct RawTarget {
     file: FileStorage,
-    path: String,
+    path: PathBuf,
     sync: bool,
 }
 
 impl RawTarget {
     /// A raw target on `file`, already opened at `path` and sized.
-    pub(crate) fn new(file: FileStorage, path: &str, cache: CacheMode) -> Self {
+    pub(crate) fn new(file: FileStorage, path: &Path, cache: CacheMode) -> Self {
         Self {
             file,
-            path: path.to_string(),
+            path: path.to_path_buf(),
             sync: cache != CacheMode::Unsafe,
         }
     }
 
     /// Writes into the existing raw file at `path` (grown to `size` bytes
     /// if it is shorter).
-    pub(crate) fn open_existing(path: &str, size: u64, cache: CacheMode) -> Result<Self, CliError> {
+    pub(crate) fn open_existing(
+        path: &Path,
+        size: u64,
+        cache: CacheMode,
+    ) -> Result<Self, CliError> {
         let file = target_file(path, cache, true)?;
         if file.len().map_err(CliError::io(path))? < size {
             file.set_len(size).map_err(CliError::io(path))?;
@@ -128,7 +132,7 @@ impl Target for RawTarget {
 
 pub(crate) struct Qcow2Target {
     image: Image,
-    path: String,
+    path: PathBuf,
     /// Write clusters compressed (`convert -c`).
     compress: bool,
     /// The image file bypasses the page cache.
@@ -137,7 +141,7 @@ pub(crate) struct Qcow2Target {
 
 /// Opens (`existing`) or creates a target file for the cache mode.
 pub(crate) fn target_file(
-    path: &str,
+    path: &Path,
     cache: CacheMode,
     existing: bool,
 ) -> Result<FileStorage, CliError> {
@@ -164,7 +168,7 @@ pub(crate) fn target_file(
 impl Qcow2Target {
     /// Creates a qcow2 image of `size` bytes with `-o` style `options`.
     pub(crate) fn create(
-        path: &str,
+        path: &Path,
         size: u64,
         options: Option<&OptionList>,
         cache: CacheMode,
@@ -179,7 +183,7 @@ impl Qcow2Target {
         let image = Image::create_on(Arc::new(storage), &create).map_err(CliError::image(path))?;
         Ok(Self {
             image,
-            path: path.to_string(),
+            path: path.to_path_buf(),
             compress: false,
             direct,
         })
@@ -189,7 +193,7 @@ impl Qcow2Target {
     /// format), opened with its backing file so partial clusters are
     /// completed from it.
     pub(crate) fn create_overlay(
-        path: &str,
+        path: &Path,
         size: u64,
         options: Option<&OptionList>,
         backing: (&str, &str),
@@ -217,7 +221,7 @@ impl Qcow2Target {
     }
 
     /// Opens the existing qcow2 image at `path` for writing (`-n`).
-    pub(crate) fn open_existing(path: &str, cache: CacheMode) -> Result<Self, CliError> {
+    pub(crate) fn open_existing(path: &Path, cache: CacheMode) -> Result<Self, CliError> {
         let storage = target_file(path, cache, true)?;
         let direct = storage.is_direct();
         let image = Image::open_on_file(
@@ -228,7 +232,7 @@ impl Qcow2Target {
         .map_err(CliError::image(path))?;
         Ok(Self {
             image,
-            path: path.to_string(),
+            path: path.to_path_buf(),
             compress: false,
             direct,
         })
@@ -350,7 +354,7 @@ impl<'a> Chunks<'a> {
 /// Copies the data ranges of `source` to `target` and finishes it.
 pub(crate) fn copy(
     source: &Disk,
-    src_path: &str,
+    src_path: &Path,
     ranges: &[(u64, u64)],
     target: Box<dyn Target>,
     mode: CopyMode,
@@ -424,7 +428,7 @@ pub(crate) fn copy(
 /// What every thread of one [`copy`] shares.
 struct Job<'a> {
     source: &'a Disk,
-    src_path: &'a str,
+    src_path: &'a Path,
     target: &'a dyn Target,
     mode: CopyMode,
     /// Set when the copy failed: threads stop at their next chunk.

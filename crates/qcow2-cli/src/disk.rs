@@ -27,7 +27,7 @@ pub enum Disk {
 }
 
 /// qcow2 if the file starts with the qcow2 magic, else raw.
-pub fn detect_format(path: &str) -> Result<ImageFormat, CliError> {
+pub fn detect_format(path: &Path) -> Result<ImageFormat, CliError> {
     let mut magic = [0u8; 4];
     let mut file = File::open(path).map_err(CliError::io(path))?;
     let n = file.read(&mut magic).map_err(CliError::io(path))?;
@@ -40,12 +40,13 @@ pub fn detect_format(path: &str) -> Result<ImageFormat, CliError> {
 
 /// The format to read `path` as: the one asked for (a file asked for as
 /// qcow2 must carry the qcow2 magic), or the one its content shows.
-pub fn resolve_format(path: &str, asked: Option<ImageFormat>) -> Result<ImageFormat, CliError> {
+pub fn resolve_format(path: &Path, asked: Option<ImageFormat>) -> Result<ImageFormat, CliError> {
     let found = detect_format(path)?;
     match asked {
         None => Ok(found),
         Some(ImageFormat::Qcow2) if found != ImageFormat::Qcow2 => Err(CliError::Usage(format!(
-            "{path} is not a qcow2 image (no qcow2 magic); use -f raw to read it as raw"
+            "{path} is not a qcow2 image (no qcow2 magic); use -f raw to read it as raw",
+            path = path.display()
         ))),
         Some(f) => Ok(f),
     }
@@ -69,7 +70,7 @@ pub fn backing_format_name(
 /// match), before anything is created or truncated: writing it would
 /// destroy what is being read. QEMU refuses the same through its image
 /// locks; this holds without them.
-pub fn refuse_same_file<P: AsRef<Path>>(output: &str, inputs: &[P]) -> Result<(), CliError> {
+pub fn refuse_same_file<P: AsRef<Path>>(output: &Path, inputs: &[P]) -> Result<(), CliError> {
     use std::os::unix::fs::MetadataExt;
     let Ok(out) = std::fs::metadata(output) else {
         return Ok(());
@@ -79,7 +80,8 @@ pub fn refuse_same_file<P: AsRef<Path>>(output: &str, inputs: &[P]) -> Result<()
         if let Ok(meta) = std::fs::metadata(input) {
             if meta.dev() == out.dev() && meta.ino() == out.ino() {
                 return Err(CliError::Usage(format!(
-                    "{output} is the same file as the input {}: writing it would destroy what is being read",
+                    "{} is the same file as the input {}: writing it would destroy what is being read",
+                    output.display(),
                     input.display()
                 )));
             }
@@ -91,25 +93,26 @@ pub fn refuse_same_file<P: AsRef<Path>>(output: &str, inputs: &[P]) -> Result<()
 /// Opens `path` read-only as a qcow2 image, saying on stderr when its
 /// refcount structure is damaged: the data still reads (as QEMU reads it),
 /// and `check -r all` repairs the image.
-pub fn open_read_only(path: &str, options: &OpenOptions) -> Result<Image, CliError> {
+pub fn open_read_only(path: &Path, options: &OpenOptions) -> Result<Image, CliError> {
     let image = Image::open(path, options).map_err(CliError::image(path))?;
     warn_refcount_damage(&image, path);
     Ok(image)
 }
 
 /// Says on stderr that `image`'s refcount structure is damaged, if it is.
-pub fn warn_refcount_damage(image: &Image, path: &str) {
+pub fn warn_refcount_damage(image: &Image, path: &Path) {
     if let Some(damage) = image.refcount_damage() {
         eprintln!(
             "qcow2: warning: {path}: {damage}; reading the data anyway, \
-             run 'qcow2 check -r all {path}' to repair the image"
+             run 'qcow2 check -r all {path}' to repair the image",
+            path = path.display()
         );
     }
 }
 
 /// Opens a qcow2 image whose aligned data requests bypass the page cache
 /// (for bulk rewrites such as `qcow2 dedup`).
-pub fn open_image(path: &str, writable: bool) -> Result<Image, CliError> {
+pub fn open_image(path: &Path, writable: bool) -> Result<Image, CliError> {
     let p = Path::new(path);
     let storage = FileStorage::open(p, writable)
         .map_err(CliError::io(path))?
@@ -128,7 +131,7 @@ impl Disk {
     /// `force_share` (qemu-img's `-U`), an image others are writing opens
     /// too.
     pub fn open(
-        path: &str,
+        path: &Path,
         format: Option<ImageFormat>,
         direct: bool,
         force_share: bool,
@@ -139,7 +142,7 @@ impl Disk {
     /// [`Disk::open`] at an internal snapshot of a qcow2 image (its ID or
     /// name; qemu-img's `snapshot.id=` and `snapshot.name=` forms too).
     pub fn open_at(
-        path: &str,
+        path: &Path,
         format: Option<ImageFormat>,
         direct: bool,
         force_share: bool,
@@ -164,7 +167,8 @@ impl Disk {
                 Ok(Disk::Qcow2(Box::new(image)))
             }
             ImageFormat::Raw if snapshot.is_some() => Err(CliError::Usage(format!(
-                "{path} is a raw image: it has no snapshots (-l)"
+                "{path} is a raw image: it has no snapshots (-l)",
+                path = path.display()
             ))),
             ImageFormat::Raw => {
                 // QEMU locks raw images as well.
@@ -177,7 +181,7 @@ impl Disk {
     }
 
     /// The files this disk reads: its own and every backing file below.
-    pub fn files(&self, path: &str) -> Vec<PathBuf> {
+    pub fn files(&self, path: &Path) -> Vec<PathBuf> {
         let mut files = vec![PathBuf::from(path)];
         let Disk::Qcow2(image) = self else {
             return files;
@@ -202,7 +206,7 @@ impl Disk {
     }
 
     /// Reads `buf.len()` bytes from `offset`.
-    pub fn read_at(&self, buf: &mut [u8], offset: u64, path: &str) -> Result<(), CliError> {
+    pub fn read_at(&self, buf: &mut [u8], offset: u64, path: &Path) -> Result<(), CliError> {
         match self {
             Disk::Raw { file, .. } => file.read_at(buf, offset).map_err(CliError::io(path)),
             Disk::Qcow2(image) => image.read_at(buf, offset).map_err(CliError::image(path)),
@@ -212,7 +216,7 @@ impl Disk {
     /// Ranges `[start, end)` allocated anywhere in the disk's chain, merged,
     /// in order, as qemu-img's block status reports allocation: data,
     /// compressed and zero clusters of any layer, all of a raw file.
-    pub fn allocated_ranges(&self, path: &str) -> Result<Vec<(u64, u64)>, CliError> {
+    pub fn allocated_ranges(&self, path: &Path) -> Result<Vec<(u64, u64)>, CliError> {
         let mut ranges = Vec::new();
         match self {
             Disk::Raw { size, .. } => ranges.push((0, *size)),
@@ -233,7 +237,7 @@ impl Disk {
     /// Ranges `[start, end)` stored as data (data or compressed clusters,
     /// not zero clusters; a raw file's data), merged, in order: what a
     /// copy that may skip zeros must read.
-    pub fn stored_data_ranges(&self, path: &str) -> Result<Vec<(u64, u64)>, CliError> {
+    pub fn stored_data_ranges(&self, path: &Path) -> Result<Vec<(u64, u64)>, CliError> {
         let Disk::Qcow2(image) = self else {
             return self.data_ranges(path);
         };
@@ -257,7 +261,7 @@ impl Disk {
     /// Ranges `[start, end)` the image itself holds (data, compressed or
     /// zero clusters; not what its backing chain shows), merged, in order.
     /// All of a raw file.
-    pub fn top_ranges(&self, path: &str) -> Result<Vec<(u64, u64)>, CliError> {
+    pub fn top_ranges(&self, path: &Path) -> Result<Vec<(u64, u64)>, CliError> {
         match self {
             Disk::Raw { size, .. } => Ok(vec![(0, *size)]),
             Disk::Qcow2(image) => {
@@ -277,7 +281,7 @@ impl Disk {
 
     /// Ranges `[start, end)` that may hold non-zero data, in order; what
     /// lies between them reads as zeros.
-    pub fn data_ranges(&self, path: &str) -> Result<Vec<(u64, u64)>, CliError> {
+    pub fn data_ranges(&self, path: &Path) -> Result<Vec<(u64, u64)>, CliError> {
         match self {
             // To 1 MiB: a window's holes read as zeros, which copies skip.
             Disk::Raw { file, size } => file

@@ -1,3 +1,5 @@
+use std::path::{Path, PathBuf};
+
 use qcow2_io::ImageError;
 use thiserror::Error;
 
@@ -8,19 +10,19 @@ pub enum CliError {
     #[error("{0}")]
     Usage(String),
     /// The image library failed.
-    #[error("{path}: {source}")]
+    #[error("{}: {source}", path.display())]
     Image {
         /// The file concerned.
-        path: String,
+        path: PathBuf,
         /// What went wrong.
         #[source]
         source: ImageError,
     },
     /// A plain file operation failed.
-    #[error("{path}: {source}")]
+    #[error("{}: {source}", path.display())]
     Io {
         /// The file concerned.
-        path: String,
+        path: PathBuf,
         /// What went wrong.
         #[source]
         source: std::io::Error,
@@ -29,17 +31,17 @@ pub enum CliError {
 
 impl CliError {
     /// Wraps a library error with the file it concerns.
-    pub fn image(path: &str) -> impl FnOnce(ImageError) -> Self + '_ {
+    pub fn image<P: AsRef<Path> + ?Sized>(path: &P) -> impl FnOnce(ImageError) -> Self + '_ {
         move |source| Self::Image {
-            path: path.to_string(),
+            path: path.as_ref().to_path_buf(),
             source,
         }
     }
 
     /// Wraps an I/O error with the file it concerns.
-    pub fn io(path: &str) -> impl FnOnce(std::io::Error) -> Self + '_ {
+    pub fn io<P: AsRef<Path> + ?Sized>(path: &P) -> impl FnOnce(std::io::Error) -> Self + '_ {
         move |source| Self::Io {
-            path: path.to_string(),
+            path: path.as_ref().to_path_buf(),
             source,
         }
     }

@@ -14,7 +14,7 @@ use crate::image_options::parse_amend_options;
 
 /// Runs the command.
 pub fn run(args: &AmendArgs) -> Result<u8, CliError> {
-    let path = args.file.as_str();
+    let path = args.file.as_path();
     if args.format.is_some() {
         resolve_format(path, Some(ImageFormat::Qcow2))?;
     }

@@ -27,14 +27,14 @@ enum Device {
 }
 
 impl Device {
-    fn size(&self, path: &str) -> Result<u64, CliError> {
+    fn size(&self, path: &Path) -> Result<u64, CliError> {
         match self {
             Device::Qcow2(image) => Ok(image.size()),
             Device::Raw(file) => file.len().map_err(CliError::io(path)),
         }
     }
 
-    fn io(&self, write: bool, buf: &mut [u8], offset: u64, path: &str) -> Result<(), CliError> {
+    fn io(&self, write: bool, buf: &mut [u8], offset: u64, path: &Path) -> Result<(), CliError> {
         match (self, write) {
             (Device::Qcow2(i), false) => i.read_at(buf, offset).map_err(CliError::image(path)),
             (Device::Qcow2(i), true) => i.write_at(buf, offset).map_err(CliError::image(path)),
@@ -43,7 +43,7 @@ impl Device {
         }
     }
 
-    fn flush(&self, path: &str) -> Result<(), CliError> {
+    fn flush(&self, path: &Path) -> Result<(), CliError> {
         match self {
             Device::Qcow2(i) => i.flush().map_err(CliError::image(path)),
             Device::Raw(f) => f.flush().map_err(CliError::io(path)),
@@ -109,7 +109,7 @@ fn mix(x: u64) -> u64 {
 
 /// Runs the command.
 pub fn run(args: &BenchArgs) -> Result<u8, CliError> {
-    let path = args.file.as_str();
+    let path = args.file.as_path();
     let size = args.size;
     let step = args.step.unwrap_or(size);
     let offset = args.offset;
@@ -182,7 +182,7 @@ pub fn run(args: &BenchArgs) -> Result<u8, CliError> {
     Ok(0)
 }
 
-fn open(path: &str, args: &BenchArgs) -> Result<Device, CliError> {
+fn open(path: &Path, args: &BenchArgs) -> Result<Device, CliError> {
     let p = Path::new(path);
     let mut file = FileStorage::open(p, args.write).map_err(CliError::io(path))?;
     if args.cache == SourceCache::None {
@@ -203,7 +203,7 @@ fn open(path: &str, args: &BenchArgs) -> Result<Device, CliError> {
     })
 }
 
-fn worker(device: &Device, plan: &Plan, next: &AtomicU64, path: &str) -> Result<(), CliError> {
+fn worker(device: &Device, plan: &Plan, next: &AtomicU64, path: &Path) -> Result<(), CliError> {
     let mut buf = AlignedBuf::new(plan.size as usize, plan.size as usize);
     loop {
         let i = next.fetch_add(1, Ordering::Relaxed);

@@ -4,6 +4,8 @@
 //! damaged to open), 3 leaks only, 63 for a raw image (no checks), 1 when
 //! the check could not run.
 
+use std::path::Path;
+
 use qcow2_io::{CheckReport, Image, ImageError, OpenOptions, RepairMode};
 use serde_json::{json, Map, Value};
 
@@ -15,12 +17,15 @@ use crate::qemu_json::to_qemu_json;
 
 /// Runs the command.
 pub fn run(args: &CheckArgs) -> Result<u8, CliError> {
-    let path = args.file.as_str();
+    let path = args.file.as_path();
     if args.format.is_some() {
         resolve_format(path, Some(ImageFormat::Qcow2))?;
     } else if detect_format(path)? == ImageFormat::Raw {
         // qemu-img's exit status for a format without checks.
-        eprintln!("qcow2: {path}: this image format (raw) does not support checks");
+        eprintln!(
+            "qcow2: {path}: this image format (raw) does not support checks",
+            path = path.display()
+        );
         return Ok(63);
     }
     let repair = match args.repair {
@@ -42,7 +47,10 @@ pub fn run(args: &CheckArgs) -> Result<u8, CliError> {
         // Metadata too damaged to open even for a check (a truncated
         // file, tables past its end): corruption, as qemu-img reports it.
         Err(e @ (ImageError::Format(_) | ImageError::Corrupt(_))) => {
-            eprintln!("qcow2: {path}: the image is corrupt and cannot be checked: {e}");
+            eprintln!(
+                "qcow2: {path}: the image is corrupt and cannot be checked: {e}",
+                path = path.display()
+            );
             return Ok(2);
         }
         Err(e) => return Err(CliError::image(path)(e)),
@@ -68,7 +76,7 @@ pub fn run(args: &CheckArgs) -> Result<u8, CliError> {
 
 /// qemu-img's check report: counters that are zero are left out, as
 /// qemu-img leaves them out (`check-errors` is always there).
-fn report_json(path: &str, report: &CheckReport) -> Value {
+fn report_json(path: &Path, report: &CheckReport) -> Value {
     let mut v = Map::new();
     v.insert("filename".into(), json!(path));
     v.insert("format".into(), json!("qcow2"));

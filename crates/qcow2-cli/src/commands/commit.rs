@@ -49,7 +49,7 @@ fn find_base(top: &Image, wanted: Option<&Path>) -> Result<(Vec<Arc<Backing>>, B
 }
 
 /// The ranges any of `layers` holds (data, compressed or zero), merged.
-fn allocated(layers: &[&Image], path: &str) -> Result<Vec<(u64, u64)>, CliError> {
+fn allocated(layers: &[&Image], path: &Path) -> Result<Vec<(u64, u64)>, CliError> {
     let mut ranges = Vec::new();
     for layer in layers {
         for e in layer.map().map_err(CliError::image(path))? {
@@ -71,7 +71,7 @@ fn allocated(layers: &[&Image], path: &str) -> Result<Vec<(u64, u64)>, CliError>
 
 /// Runs the command.
 pub fn run(args: &CommitArgs) -> Result<u8, CliError> {
-    let path = args.file.as_str();
+    let path = args.file.as_path();
     if args.format.is_some() {
         resolve_format(path, Some(ImageFormat::Qcow2))?;
     }
@@ -85,7 +85,10 @@ pub fn run(args: &CommitArgs) -> Result<u8, CliError> {
     // other processes out.
     let source = Disk::open(path, Some(ImageFormat::Qcow2), false, true)?;
     let Disk::Qcow2(top) = &source else {
-        return Err(CliError::Usage(format!("{path} is not a qcow2 image")));
+        return Err(CliError::Usage(format!(
+            "{path} is not a qcow2 image",
+            path = path.display()
+        )));
     };
     let (between, base) = find_base(top, wanted.as_deref())?;
     let mut above: Vec<&Image> = vec![top];
@@ -95,16 +98,16 @@ pub fn run(args: &CommitArgs) -> Result<u8, CliError> {
     }));
     let ranges = allocated(&above, path)?;
     let size = top.size();
-    let base_path = base.path.to_string_lossy().into_owned();
+    let base_path = base.path.as_path();
     let target: Box<dyn Target> = if base.qcow2 {
-        let target = Qcow2Target::open_existing(&base_path, CacheMode::Writeback)?;
+        let target = Qcow2Target::open_existing(base_path, CacheMode::Writeback)?;
         if target.size()? < size {
             target.grow(size)?;
         }
         Box::new(target)
     } else {
         Box::new(RawTarget::open_existing(
-            &base_path,
+            base_path,
             size,
             CacheMode::Writeback,
         )?)

@@ -2,6 +2,8 @@
 //!
 //! Exit status as qemu-img: 0 identical, 1 different, 2 on error.
 
+use std::path::Path;
+
 use crate::args::CompareArgs;
 use crate::disk::Disk;
 use crate::error::CliError;
@@ -12,7 +14,7 @@ const CHUNK: u64 = 1 << 20;
 
 /// Runs the command.
 pub fn run(args: &CompareArgs) -> Result<u8, CliError> {
-    let (a_path, b_path) = (args.first.as_str(), args.second.as_str());
+    let (a_path, b_path) = (args.first.as_path(), args.second.as_path());
     let quiet = args.quiet.quiet;
     let a = Disk::open(a_path, args.first_format, false, args.share.force_share)?;
     let b = Disk::open(b_path, args.second_format, false, args.share.force_share)?;
@@ -105,7 +107,7 @@ fn first_difference(a: &[(u64, u64)], b: &[(u64, u64)]) -> Option<u64> {
 
 /// Reads `buf.len()` bytes at `offset`; what lies past the disk's end
 /// reads as zeros (the shorter image of a pair).
-fn read_padded(disk: &Disk, path: &str, buf: &mut [u8], offset: u64) -> Result<(), CliError> {
+fn read_padded(disk: &Disk, path: &Path, buf: &mut [u8], offset: u64) -> Result<(), CliError> {
     let available = disk.size().saturating_sub(offset).min(buf.len() as u64) as usize;
     if available > 0 {
         disk.read_at(&mut buf[..available], offset, path)?;

@@ -3,6 +3,8 @@
 //! Opens the source and the target and hands them to the copy engine
 //! (`crate::copy`); `-n` writes into an existing target, zeros included.
 
+use std::path::Path;
+
 use qcow2_io::Storage;
 
 use crate::args::{ConvertArgs, ImageFormat, SourceCache};
@@ -12,7 +14,7 @@ use crate::error::CliError;
 
 /// Runs the command.
 pub fn run(args: &ConvertArgs) -> Result<u8, CliError> {
-    let src_path = args.source.as_str();
+    let src_path = args.source.as_path();
     let source = Disk::open_at(
         src_path,
         args.source_format,
@@ -74,15 +76,14 @@ pub fn run(args: &ConvertArgs) -> Result<u8, CliError> {
 
 /// The virtual size of backing file `name` of the overlay at `target` (a
 /// relative name resolves against the overlay's directory).
-fn backing_size(target: &str, name: &str, format: Option<ImageFormat>) -> Result<u64, CliError> {
-    let dir = std::path::Path::new(target).parent();
+fn backing_size(target: &Path, name: &str, format: Option<ImageFormat>) -> Result<u64, CliError> {
+    let dir = target.parent();
     let resolved = qcow2_io::backing::resolve(name, dir.filter(|d| !d.as_os_str().is_empty()));
-    let shown = resolved.to_string_lossy().into_owned();
-    Ok(Disk::open(&shown, format, false, true)?.size())
+    Ok(Disk::open(&resolved, format, false, true)?.size())
 }
 
 fn open_target(args: &ConvertArgs, size: u64) -> Result<Box<dyn Target>, CliError> {
-    let path = args.target.as_str();
+    let path = args.target.as_path();
     let cache = args.target_cache;
     if args.no_create && args.options.is_some() {
         return Err(CliError::Usage(
@@ -137,7 +138,8 @@ fn open_target(args: &ConvertArgs, size: u64) -> Result<Box<dyn Target>, CliErro
         let target_size = target.size()?;
         if target_size < size {
             return Err(CliError::Usage(format!(
-                "{path} ({target_size} bytes) is smaller than the source ({size} bytes)"
+                "{path} ({target_size} bytes) is smaller than the source ({size} bytes)",
+                path = path.display()
             )));
         }
     }

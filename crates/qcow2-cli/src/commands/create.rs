@@ -1,5 +1,7 @@
 //! `qcow2 create [-f qcow2] [-o OPTIONS] FILE SIZE`
 
+use std::path::Path;
+
 use qcow2_io::{Compression, CreateOptions, Image, OpenOptions};
 
 use crate::args::{CreateArgs, ImageFormat, Qcow2Only};
@@ -11,7 +13,7 @@ use crate::output::say;
 pub fn run(args: &CreateArgs) -> Result<u8, CliError> {
     // The parser admits qcow2 only, the one format created here.
     let Qcow2Only::Qcow2 = args.format;
-    let path = args.file.as_str();
+    let path = args.file.as_path();
     let size = args.size;
     let mut options = CreateOptions::new(size.unwrap_or(0)).overwrite(true);
     apply_create_options(&mut options, args.options.as_ref())?;
@@ -66,7 +68,7 @@ pub fn run(args: &CreateArgs) -> Result<u8, CliError> {
 /// The line qemu-img prints for a new image, key for key in its order:
 /// the options every image has with their values, the others only when
 /// given, as given. `dedup=on` is ours, last.
-fn formatting_line(path: &str, options: &CreateOptions, given: &[(String, String)]) -> String {
+fn formatting_line(path: &Path, options: &CreateOptions, given: &[(String, String)]) -> String {
     let given = |key: &str| {
         given
             .iter()
@@ -78,7 +80,8 @@ fn formatting_line(path: &str, options: &CreateOptions, given: &[(String, String
     let mut line = format!(
         "Formatting '{path}', fmt=qcow2 cluster_size={} extended_l2={}",
         options.cluster_size,
-        on_off(options.extended_l2)
+        on_off(options.extended_l2),
+        path = path.display()
     );
     if let Some(p) = given("preallocation") {
         line.push_str(&format!(" preallocation={p}"));
@@ -112,7 +115,7 @@ fn formatting_line(path: &str, options: &CreateOptions, given: &[(String, String
 
 /// The virtual size of backing file `name` of the image to be created at
 /// `path` (a relative name is resolved against that image's directory).
-fn backing_size(path: &str, name: &str, format: &str) -> Result<u64, CliError> {
+fn backing_size(path: &Path, name: &str, format: &str) -> Result<u64, CliError> {
     let dir = std::path::Path::new(path)
         .parent()
         .map(std::path::Path::to_path_buf);
@@ -122,7 +125,8 @@ fn backing_size(path: &str, name: &str, format: &str) -> Result<u64, CliError> {
         return Ok(std::fs::metadata(&resolved)
             .map_err(|e| {
                 CliError::Usage(format!(
-                    "{path}: could not open the backing file {shown}: {e}"
+                    "{path}: could not open the backing file {shown}: {e}",
+                    path = path.display()
                 ))
             })?
             .len());
@@ -133,7 +137,8 @@ fn backing_size(path: &str, name: &str, format: &str) -> Result<u64, CliError> {
             other => other.to_string(),
         };
         CliError::Usage(format!(
-            "{path}: could not open the backing file {shown}: {why}"
+            "{path}: could not open the backing file {shown}: {why}",
+            path = path.display()
         ))
     })?;
     Ok(image.size())

@@ -16,7 +16,7 @@ use crate::size::human;
 
 /// Runs the command.
 pub fn run(args: &DedupArgs) -> Result<u8, CliError> {
-    let path = args.image.as_str();
+    let path = args.image.as_path();
     let result_path = match args.output.as_deref() {
         Some(out) => {
             let source = Disk::open(path, None, false, false)?;
@@ -53,7 +53,8 @@ pub fn run(args: &DedupArgs) -> Result<u8, CliError> {
                 "{result_path}: {} unique clusters, {} references, {} saved",
                 s.unique_clusters,
                 s.references,
-                human(s.bytes_saved)
+                human(s.bytes_saved),
+                result_path = result_path.display()
             );
         }
     }

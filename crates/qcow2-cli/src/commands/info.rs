@@ -4,6 +4,8 @@
 //! qemu-img's order), plus `dedup` and `dedup-stats` in the qcow2-specific
 //! data of a deduplicated image.
 
+use std::path::Path;
+
 use std::os::unix::fs::MetadataExt;
 
 use qcow2_format::snapshot::Snapshot;
@@ -40,9 +42,9 @@ pub fn run(args: &InfoArgs) -> Result<u8, CliError> {
         format = match backing_format.as_deref() {
             Some("raw") => ImageFormat::Raw,
             Some(_) => ImageFormat::Qcow2,
-            None => resolve_format(&next, None)?,
+            None => resolve_format(Path::new(&next), None)?,
         };
-        path = next;
+        path = next.into();
     }
     if json {
         let out = if args.backing_chain {
@@ -61,7 +63,7 @@ type BackingName = (String, Option<String>);
 /// Shows one image: returns its JSON (when `json`; else prints it) and its
 /// backing file, if any.
 fn describe(
-    path: &str,
+    path: &Path,
     format: ImageFormat,
     json: bool,
     force_share: bool,
@@ -84,7 +86,8 @@ fn describe(
             "image: {path}\nfile format: raw\nvirtual size: {} ({} bytes)\ndisk size: {}",
             human(meta.len()),
             meta.len(),
-            human(actual)
+            human(actual),
+            path = path.display()
         );
         return Ok((None, None));
     }
@@ -103,7 +106,7 @@ fn describe(
         None
     };
     if info.corrupt {
-        eprintln!("qcow2: warning: {path} is marked corrupt; it opens read-only until repaired with `qcow2 check -r all`");
+        eprintln!("qcow2: warning: {path} is marked corrupt; it opens read-only until repaired with `qcow2 check -r all`", path = path.display());
     }
     let backing = info
         .backing_file
@@ -113,7 +116,7 @@ fn describe(
 }
 
 /// The `children` entry for the image's file node, as qemu-img 10 shows it.
-fn file_child(path: &str, length: u64, actual: u64) -> Value {
+fn file_child(path: &Path, length: u64, actual: u64) -> Value {
     json!({
         "name": "file",
         "info": {
@@ -129,7 +132,7 @@ fn file_child(path: &str, length: u64, actual: u64) -> Value {
 }
 
 /// The backing file name as QEMU resolves it from the image's path.
-fn full_backing_name(path: &str, backing: &str) -> String {
+fn full_backing_name(path: &Path, backing: &str) -> String {
     let dir = std::path::Path::new(path).parent();
     let dir = dir.filter(|d| !d.as_os_str().is_empty());
     qcow2_io::backing::resolve(backing, dir)
@@ -150,7 +153,7 @@ fn bitmap_flags(b: &BitmapInfo) -> Vec<&'static str> {
 }
 
 fn info_json(
-    path: &str,
+    path: &Path,
     actual: u64,
     info: &ImageInfo,
     stats: Option<&DedupStats>,
@@ -242,13 +245,13 @@ fn info_json(
 }
 
 fn print_human(
-    path: &str,
+    path: &Path,
     actual: u64,
     info: &ImageInfo,
     stats: Option<&DedupStats>,
     snapshots: &[Snapshot],
 ) {
-    say!("image: {path}");
+    say!("image: {path}", path = path.display());
     say!("file format: qcow2");
     say!(
         "virtual size: {} ({} bytes)",
@@ -324,7 +327,7 @@ fn print_human(
         say!("    dirty: true (not closed cleanly; refcounts are repaired on the next read-write open)");
     }
     say!("Child node '/file':");
-    say!("    filename: {path}");
+    say!("    filename: {path}", path = path.display());
     say!("    protocol type: file");
     let length = info.file_length.next_multiple_of(512);
     say!("    file length: {} ({length} bytes)", human(length));

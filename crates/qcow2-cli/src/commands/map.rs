@@ -3,6 +3,8 @@
 //! The output is qemu-img's, byte for byte: one extent per line in JSON,
 //! with the `depth` of the layer of a backing chain the bytes come from.
 
+use std::path::Path;
+
 use qcow2_io::{Backing, FileStorage, Image, MapKind, OpenOptions, Storage};
 
 use crate::args::{ImageFormat, MapArgs, OutputFormat};
@@ -142,8 +144,8 @@ fn raw_extents(
 }
 
 /// The file names of the chain, top first, as qemu-img names them.
-fn layer_names(image: &Image, path: &str) -> Vec<String> {
-    let mut names = vec![path.to_string()];
+fn layer_names(image: &Image, path: &Path) -> Vec<String> {
+    let mut names = vec![path.display().to_string()];
     let mut info = image.info().ok();
     let mut current = image.backing();
     while let (Some(i), Some(b)) = (info.take(), current) {
@@ -169,7 +171,7 @@ fn layer_names(image: &Image, path: &str) -> Vec<String> {
 
 /// Runs the command.
 pub fn run(args: &MapArgs) -> Result<u8, CliError> {
-    let path = args.file.as_str();
+    let path = args.file.as_path();
     let (extents, names) = match resolve_format(path, args.format)? {
         ImageFormat::Qcow2 => {
             let options = OpenOptions {
@@ -187,7 +189,7 @@ pub fn run(args: &MapArgs) -> Result<u8, CliError> {
             let length = file.len().map_err(CliError::io(path))?;
             let mut out = Vec::new();
             raw_extents(&file, 0, length, 0, &mut out).map_err(CliError::io(path))?;
-            (out, vec![path.to_string()])
+            (out, vec![path.display().to_string()])
         }
     };
     match args.output.format {
@@ -211,7 +213,9 @@ pub fn run(args: &MapArgs) -> Result<u8, CliError> {
                     hex(e.start),
                     hex(e.length),
                     hex(e.offset.unwrap_or(0)),
-                    names.get(e.depth).map_or(path, String::as_str)
+                    names
+                        .get(e.depth)
+                        .map_or_else(|| path.display().to_string(), String::clone)
                 );
             }
         }

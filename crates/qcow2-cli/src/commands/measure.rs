@@ -6,6 +6,8 @@
 //! deduplicated target: only the source's distinct clusters count, plus
 //! the dedup table).
 
+use std::path::Path;
+
 use qcow2_io::measure::{bitmaps_size, dedup_table_size};
 use qcow2_io::{measure, Backing, ContentHash, CreateOptions, Image, MapKind};
 use serde_json::{json, Map, Value};
@@ -63,7 +65,7 @@ fn clusters(ranges: &[(u64, u64)], cluster: u64) -> Vec<u64> {
 /// needs.
 fn data_bytes(
     source: &Disk,
-    path: &str,
+    path: &Path,
     options: &CreateOptions,
     compress: bool,
 ) -> Result<u64, CliError> {
@@ -134,7 +136,7 @@ pub fn run(args: &MeasureArgs) -> Result<u8, CliError> {
         }
         None => None,
     };
-    let path = args.file.as_deref().unwrap_or("measure --size");
+    let path = args.file.as_deref().unwrap_or(Path::new("measure --size"));
     let size = match (&source, &args.size) {
         (Some(s), _) => s.size(),
         (None, Some(size)) => *size,

@@ -9,7 +9,7 @@ use crate::output::say;
 
 /// Runs the command.
 pub fn run(args: &ResizeArgs) -> Result<u8, CliError> {
-    let path = args.file.as_str();
+    let path = args.file.as_path();
     if args.format.is_some() {
         resolve_format(path, Some(ImageFormat::Qcow2))?;
     }

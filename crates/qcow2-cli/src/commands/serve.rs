@@ -19,7 +19,7 @@ use crate::error::CliError;
 
 /// Runs the command.
 pub fn run(args: &ServeArgs) -> Result<u8, CliError> {
-    let path = args.image.as_str();
+    let path = args.image.as_path();
     if args.format.is_some() {
         resolve_format(path, Some(ImageFormat::Qcow2))?;
     }
@@ -43,7 +43,8 @@ pub fn run(args: &ServeArgs) -> Result<u8, CliError> {
             },
             r.leaks_fixed,
             r.corruptions_fixed,
-            r.dedup_entries_dropped
+            r.dedup_entries_dropped,
+            path = path.display()
         );
     }
     let export = Export::new(

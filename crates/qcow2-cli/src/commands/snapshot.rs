@@ -10,7 +10,7 @@ use crate::snapshot_list::print_snapshot_table;
 
 /// Runs the command.
 pub fn run(args: &SnapshotArgs) -> Result<u8, CliError> {
-    let path = args.image.as_str();
+    let path = args.image.as_path();
     let change = |what: &str, name: &str, op: &dyn Fn(&Image) -> qcow2_io::Result<()>| {
         let image = Image::open(path, &OpenOptions::read_write()).map_err(CliError::image(path))?;
         op(&image)
