@@ -5,21 +5,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
-use qcow2_alloc::{FileStorage, LockAccess, Storage};
-use qcow2_format::features::INCOMPAT_EXTERNAL_DATA;
+use qcow2_alloc::{FileStorage, Storage};
 use qcow2_format::{Geometry, Header};
 
 use crate::backing::{BackingFile, ChainContext};
 use crate::check::{CheckReport, RepairMode};
 use crate::dedup::claims::InflightClaims;
-use crate::image_files::{
-    chain_context_of, create_data_file, open_data_file, read_header, refuse_v2_with_snapshots,
-    take_locks,
-};
 use crate::info::{ImageInfo, Recovery};
 use crate::metadata::Metadata;
 use crate::range_lock::{MovableMappings, RangeGuard, RangeLocks};
-use crate::{create, CreateOptions, ImageError, OpenOptions, Result};
+use crate::{ImageError, OpenOptions, Result};
 
 /// An open qcow2 image.
 ///
@@ -133,230 +128,19 @@ impl Backing {
     }
 }
 
+/// A compat=0.10 image keeps no virtual size per snapshot, so QEMU refuses
+/// to resize one that has snapshots (applying one afterwards would fail).
+fn refuse_v2_with_snapshots(header: &Header) -> Result<()> {
+    if header.version < 3 && header.nb_snapshots > 0 {
+        return Err(ImageError::Unsupported(
+            "can't resize a compat=0.10 image which has snapshots (as in QEMU)".into(),
+        ));
+    }
+    Ok(())
+}
+
 impl Image {
-    /// Creates a new image file at `path` and opens it read-write. An
-    /// existing file is refused unless `options` allow overwriting it
-    /// ([`CreateOptions::overwrite`]).
-    pub fn create(path: impl AsRef<Path>, options: &CreateOptions) -> Result<Self> {
-        options.validate()?;
-        let path = path.as_ref();
-        let storage = if options.overwrite {
-            FileStorage::open_or_create(path)
-        } else {
-            FileStorage::create_new(path)
-        }
-        .map_err(ImageError::io("creating the image file"))?;
-        // An image in use is not overwritten: lock before truncating.
-        storage.lock(LockAccess::Write)?;
-        storage
-            .set_len(0)
-            .map_err(ImageError::io("truncating the image file"))?;
-        if let Some(name) = &options.data_file {
-            create_data_file(name, options)?;
-        }
-        let image = Self::create_unbacked(Arc::new(storage), options)?;
-        if options.backing.is_none() && options.data_file.is_none() {
-            return Ok(image);
-        }
-        // Reopen so the backing and data file names resolve against this
-        // image's directory.
-        image.close()?;
-        drop(image);
-        Self::open(path, &OpenOptions::read_write())
-    }
-
-    /// Creates a new image on any storage and opens it read-write.
-    ///
-    /// A backing file name is resolved as QEMU resolves it, against the
-    /// image's own directory; storage without a path has none, so a
-    /// relative backing name is refused here
-    /// ([`ImageError::InvalidOption`]): use [`Image::create_on_file`] (or
-    /// [`Image::create`]), or an absolute name.
-    pub fn create_on(storage: Arc<dyn Storage>, options: &CreateOptions) -> Result<Self> {
-        if let Some((name, _)) = &options.backing {
-            if Path::new(name).is_relative() {
-                return Err(ImageError::InvalidOption(format!(
-                    "the relative backing file name '{name}' resolves against the image's \
-                     directory, which storage without a path lacks: use Image::create_on_file \
-                     or an absolute name"
-                )));
-            }
-        }
-        Self::create_in_chain(storage, options, ChainContext::default())
-    }
-
-    /// Creates a new image on `storage`, which holds the file at `path`,
-    /// and opens it read-write: for callers that open the file themselves
-    /// (e.g. with direct I/O). A relative backing file name is resolved
-    /// against `path`'s directory, as [`Image::create`] and [`Image::open`]
-    /// resolve it.
-    ///
-    /// ```no_run
-    /// # fn main() -> qcow2_io::Result<()> {
-    /// use std::sync::Arc;
-    /// use qcow2_io::{CreateOptions, FileStorage, Image};
-    /// let path = std::path::Path::new("vms/overlay.qcow2");
-    /// let storage = FileStorage::create_new(path).map_err(qcow2_io::ImageError::io("creating"))?;
-    /// // The backing file is vms/base.qcow2, as QEMU resolves the name.
-    /// let options = CreateOptions::new(1 << 30).backing_file("base.qcow2", "qcow2");
-    /// let overlay = Image::create_on_file(Arc::new(storage), &options, path)?;
-    /// # Ok(())
-    /// # }
-    /// ```
-    pub fn create_on_file(
-        storage: Arc<dyn Storage>,
-        options: &CreateOptions,
-        path: &Path,
-    ) -> Result<Self> {
-        Self::create_in_chain(storage, options, chain_context_of(path))
-    }
-
-    fn create_in_chain(
-        storage: Arc<dyn Storage>,
-        options: &CreateOptions,
-        context: ChainContext,
-    ) -> Result<Self> {
-        if options.data_file.is_some() {
-            return Err(ImageError::InvalidOption(
-                "an external data file is created with Image::create (it needs the image's path)"
-                    .into(),
-            ));
-        }
-        let backing = match &options.backing {
-            Some((name, format)) => Some(Backing::open(
-                name,
-                Some(format),
-                &OpenOptions::read_write(),
-                &context,
-            )?),
-            None => None,
-        };
-        let mut image = Self::create_unbacked(storage, options)?;
-        image.set_backing_handle(backing);
-        image.chain = context;
-        Ok(image)
-    }
-
-    /// Lays out a new image without opening its backing file, holding
-    /// the writer's locks on `storage`.
-    fn create_unbacked(storage: Arc<dyn Storage>, options: &CreateOptions) -> Result<Self> {
-        storage.lock(LockAccess::Write)?;
-        let meta = create::create(storage.clone(), options, &OpenOptions::read_write())?;
-        Ok(Self::from_parts(storage, meta, true))
-    }
-
-    /// Opens the image file at `path`.
-    pub fn open(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Self> {
-        let path = path.as_ref();
-        let storage = FileStorage::open(path, options.write)
-            .map_err(ImageError::io("opening the image file"))?;
-        Self::open_on_file(Arc::new(storage), options, path)
-    }
-
-    /// Opens an image on `storage`, which holds the file at `path` (its
-    /// backing file name is resolved against `path`'s directory): for
-    /// callers that open the file themselves, e.g. with direct I/O.
-    pub fn open_on_file(
-        storage: Arc<dyn Storage>,
-        options: &OpenOptions,
-        path: &Path,
-    ) -> Result<Self> {
-        Self::open_in_chain(storage, options, chain_context_of(path))
-    }
-
-    /// Opens an image on any storage.
-    ///
-    /// Refuses what it cannot handle faithfully: unknown incompatible
-    /// features (named from the image's feature table) and encryption; for
-    /// writing also images QEMU marked corrupt (unless opened for repair).
-    /// A backing file
-    /// is opened read-only (see [`crate::backing`]); its relative name is
-    /// resolved against the current directory here, against the image's
-    /// own directory by [`Image::open`].
-    /// Deduplicated images open read-write with their index built from the
-    /// dedup table. After an unclean shutdown (dirty bit) a read-write open
-    /// rebuilds refcounts and re-verifies every dedup entry.
-    pub fn open_on(storage: Arc<dyn Storage>, options: &OpenOptions) -> Result<Self> {
-        Self::open_in_chain(storage, options, ChainContext::default())
-    }
-
-    /// [`Image::open_on`] for an image at a place in a backing chain.
-    pub(crate) fn open_in_chain(
-        storage: Arc<dyn Storage>,
-        options: &OpenOptions,
-        context: ChainContext,
-    ) -> Result<Self> {
-        take_locks(&*storage, options)?;
-        // A read-only open needs only the header, L1 and L2 tables: damaged
-        // refcount blocks are recorded, not fatal, so the data can be read
-        // out (as QEMU reads it) before a repair.
-        let (mut header, loading) = read_header(&*storage, options.check, !options.write)?;
-        if let Some(id_or_name) = &options.snapshot {
-            if options.write {
-                return Err(ImageError::InvalidOption(
-                    "an image opened at a snapshot is read-only".into(),
-                ));
-            }
-            crate::snapshot_table::view_at(&*storage, &mut header, id_or_name)?;
-        }
-        let data_file = if header.incompatible_features & INCOMPAT_EXTERNAL_DATA != 0 {
-            Some(open_data_file(&header, options)?)
-        } else {
-            None
-        };
-        let backing = match &header.backing_file {
-            Some(name) => Some(Backing::open(
-                name,
-                header.backing_format(),
-                options,
-                &context,
-            )?),
-            None => None,
-        };
-        if options.write && header.is_marked_corrupt() && !options.repair {
-            return Err(ImageError::MarkedCorrupt);
-        }
-        if header.is_dedup() && header.incompatible_features & INCOMPAT_EXTERNAL_DATA != 0 {
-            return Err(ImageError::Unsupported(
-                "a deduplicated image with an external data file".into(),
-            ));
-        }
-        let dirty = header.is_dirty();
-        let meta = Metadata::load(
-            storage.clone(),
-            header,
-            options.l2_cache_bytes,
-            options.refcount_cache_bytes,
-            loading,
-        )?;
-        let mut image = Self::from_parts(storage, meta, options.write);
-        image.meta.get_mut().set_punch_freed(options.punch_holes);
-        if !options.write && !options.check {
-            image.refcount_damage = image.meta.get_mut().refcount_damage()?;
-        }
-        image.set_backing_handle(backing);
-        image.chain = context;
-        if let Some(data) = data_file {
-            image.data = data;
-        }
-        let repair = if options.write && dirty {
-            Some(image.check(RepairMode::All)?)
-        } else {
-            None
-        };
-        if options.write {
-            let dropped = image.meta.lock().build_dedup_index(dirty)?;
-            image.recovery = repair.map(|report| Recovery {
-                leaks_fixed: report.leaks_fixed,
-                corruptions_fixed: report.corruptions_fixed,
-                refcounts_rebuilt: report.refcounts_rebuilt,
-                dedup_entries_dropped: dropped,
-            });
-        }
-        Ok(image)
-    }
-
-    fn from_parts(storage: Arc<dyn Storage>, meta: Metadata, writable: bool) -> Self {
+    pub(crate) fn from_parts(storage: Arc<dyn Storage>, meta: Metadata, writable: bool) -> Self {
         Self {
             geometry: meta.header().geometry,
             size: AtomicU64::new(meta.header().size),
@@ -385,27 +169,14 @@ impl Image {
         self.geometry.cluster_size()
     }
 
-    /// Reads the header and the tables again, after a change of format
-    /// (the caches get their default sizes).
-    pub(crate) fn reload_metadata(&mut self) -> Result<()> {
-        self.meta.get_mut().flush()?;
-        let (header, loading) = read_header(&*self.storage, false, false)?;
-        let defaults = OpenOptions::default();
-        let mut meta = Metadata::load(
-            self.storage.clone(),
-            header,
-            defaults.l2_cache_bytes,
-            defaults.refcount_cache_bytes,
-            loading,
-        )?;
-        if self.writable {
-            meta.build_dedup_index(false)?;
-        }
-        self.geometry = meta.header().geometry;
-        self.set_size(meta.header().size);
-        self.dedup.store(meta.is_dedup(), Ordering::Release);
-        *self.meta.get_mut() = meta;
-        Ok(())
+    /// Records the damage a read-only open read through.
+    pub(crate) fn set_refcount_damage(&mut self, damage: Option<String>) {
+        self.refcount_damage = damage;
+    }
+
+    /// Records what the open repaired after an unclean shutdown.
+    pub(crate) fn set_recovery(&mut self, recovery: Option<Recovery>) {
+        self.recovery = recovery;
     }
 
     /// The image file's canonical path, when it was opened by path.

@@ -498,25 +498,39 @@ fn only_the_header_writer_writes_header_bytes() {
     ));
 }
 
-/// The public declarations of one crate, one per line: every `pub` item,
-/// field and method signature outside tests, whitespace collapsed, with
-/// the file it is in. Items `pub` inside private modules are listed too,
-/// so the list is a superset of what callers can reach.
+/// The public declarations of one crate, one per line, sorted: every
+/// `pub` item, field, variant (`Enum::Variant`) and method signature
+/// (`Type::`-prefixed) outside tests, whitespace collapsed. Moving code
+/// between files changes nothing here. Items `pub` inside private modules
+/// are listed too, so the list is a superset of what callers can reach.
 fn public_declarations(crate_dir: &Path) -> Vec<String> {
     let src = crate_dir.join("src");
     let mut files = Vec::new();
     rs_files(&src, &mut files);
-    files.sort();
     let mut out = Vec::new();
     for file in files {
         let code = code_of(&fs::read_to_string(&file).unwrap());
-        let name = file.strip_prefix(&src).unwrap().display().to_string();
-        let mut pending: Option<String> = None;
-        // Inside a public enum: the indentation of its closing brace.
-        let mut in_enum: Option<String> = None;
+        let mut pending: Option<(String, String)> = None;
+        // Inside a public enum: its name and the line that closes it.
+        let mut in_enum: Option<(String, String)> = None;
+        // The type of the `impl` block a line is in, if any.
+        let mut impl_type = String::new();
         for line in code.lines() {
             let trimmed = line.trim();
-            if let Some(close) = &in_enum {
+            if line.starts_with("impl") {
+                let head = line.split('{').next().unwrap_or("");
+                let head = head.rsplit(" for ").next().unwrap_or(head);
+                impl_type = head
+                    .trim_start_matches("impl")
+                    .trim_start_matches(|c| c != ' ')
+                    .split(['<', ' '])
+                    .find(|w| !w.is_empty())
+                    .unwrap_or("")
+                    .to_owned();
+            } else if line.starts_with('}') {
+                impl_type.clear();
+            }
+            if let Some((name, close)) = &in_enum {
                 if line == close {
                     in_enum = None;
                 } else if trimmed.starts_with(|c: char| c.is_ascii_uppercase())
@@ -526,36 +540,46 @@ fn public_declarations(crate_dir: &Path) -> Vec<String> {
                         .chars()
                         .take_while(|c| c.is_alphanumeric() || *c == '_')
                         .collect();
-                    out.push(format!("{name}: variant {variant}"));
+                    out.push(format!("variant {name}::{variant}"));
                 }
             }
-            if let Some(sig) = pending.as_mut() {
+            if let Some((_, sig)) = pending.as_mut() {
                 sig.push(' ');
                 sig.push_str(trimmed);
-            } else if trimmed.starts_with("pub ") || trimmed.starts_with("pub(crate) use") {
-                if trimmed.starts_with("pub(crate)") {
-                    continue;
-                }
-                pending = Some(trimmed.to_owned());
+            } else if trimmed.starts_with("pub ") {
+                let owner = if line.starts_with("    pub fn ") && !impl_type.is_empty() {
+                    format!("{impl_type}::")
+                } else {
+                    String::new()
+                };
+                pending = Some((owner, trimmed.to_owned()));
             } else {
                 continue;
             }
-            let sig = pending.as_ref().unwrap();
+            let (owner, sig) = pending.as_ref().unwrap();
             let end = sig.find(['{', ';']).or_else(|| {
                 // A field or variant ends at its comma.
                 (sig.ends_with(',') && !sig.contains('(')).then(|| sig.len() - 1)
             });
             if let Some(end) = end {
                 let text: Vec<&str> = sig[..end].split_whitespace().collect();
+                let text = text.join(" ");
                 if sig.starts_with("pub enum ") && sig[end..].starts_with('{') {
                     let indent = line.len() - line.trim_start().len();
-                    in_enum = Some(format!("{}}}", " ".repeat(indent)));
+                    let name = text["pub enum ".len()..]
+                        .split(['<', ' '])
+                        .next()
+                        .unwrap_or("")
+                        .to_owned();
+                    in_enum = Some((name, format!("{}}}", " ".repeat(indent))));
                 }
-                out.push(format!("{name}: {}", text.join(" ")));
+                out.push(format!("{owner}{text}"));
                 pending = None;
             }
         }
     }
+    out.sort();
+    out.dedup();
     out
 }
 
