@@ -10,84 +10,9 @@ use qcow2_format::l1::{L1Entry, L1Mapping};
 use qcow2_format::l2::{L2Entry, L2Mapping};
 use qcow2_format::{ClusterCount, Geometry, GuestOffset, HostCluster, HostOffset};
 
+use crate::check_report::{CheckReport, Finding, FindingKind, RepairMode};
 use crate::metadata::{Metadata, MetadataParts};
 use crate::{ImageError, Result};
-
-/// What a check may fix.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RepairMode {
-    /// Report only.
-    None,
-    /// Fix refcounts that are too high (leaked clusters).
-    Leaks,
-    /// Fix leaks, refcounts that are too low and OFLAG_COPIED flags.
-    All,
-}
-
-/// The kind of a finding.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FindingKind {
-    /// Space is wasted, no data at risk.
-    Leak,
-    /// Metadata is wrong in a way that can lose or corrupt data.
-    Corruption,
-    /// Something could not be checked.
-    CheckError,
-    /// The dedup table disagrees with the data (a missing, wrong or stale
-    /// entry, or a damaged dedup cluster).
-    Dedup,
-}
-
-/// One problem found by a check, worded like `qemu-img check`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Finding {
-    /// Its kind.
-    pub kind: FindingKind,
-    /// A one-line description.
-    pub message: String,
-}
-
-/// The result of [`crate::Image::check`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CheckReport {
-    /// Corruptions remaining after any repair.
-    pub corruptions: u64,
-    /// Leaked clusters remaining after any repair.
-    pub leaks: u64,
-    /// Things that could not be checked.
-    pub check_errors: u64,
-    /// Dedup table problems remaining after any repair.
-    pub dedup_errors: u64,
-    /// Dedup table problems the repair fixed (by rebuilding the table).
-    pub dedup_fixed: u64,
-    /// Corruptions the repair fixed.
-    pub corruptions_fixed: u64,
-    /// Leaks the repair fixed.
-    pub leaks_fixed: u64,
-    /// Guest clusters with data (allocated, compressed or preallocated zero).
-    pub allocated_clusters: u64,
-    /// Guest clusters of the virtual disk.
-    pub total_clusters: u64,
-    /// Allocated guest clusters not contiguous with their predecessor.
-    pub fragmented_clusters: u64,
-    /// Compressed guest clusters.
-    pub compressed_clusters: u64,
-    /// End of the last cluster in use.
-    pub image_end_offset: u64,
-    /// Each problem found (before repair, if one ran).
-    pub findings: Vec<Finding>,
-    /// Whether the repair replaced the whole refcount structure (it could
-    /// not be trusted to allocate from: damaged, or a referenced cluster
-    /// had refcount 0), as `qemu-img check -r all` does.
-    pub refcounts_rebuilt: bool,
-}
-
-impl CheckReport {
-    /// Whether nothing at all was found.
-    pub fn is_clean(&self) -> bool {
-        self.corruptions == 0 && self.leaks == 0 && self.check_errors == 0 && self.dedup_errors == 0
-    }
-}
 
 struct Walk {
     geometry: Geometry,
@@ -284,148 +209,201 @@ fn walk(parts: &mut MetadataParts<'_>) -> Result<Walk> {
 }
 
 fn walk_l1(parts: &mut MetadataParts<'_>, walk: &mut Walk, l1: &[u64], active: bool) -> Result<()> {
-    let storage = parts.storage;
+    let cs = parts.header.geometry.cluster_size();
+    for (index, &raw) in l1.iter().enumerate() {
+        let Some(offset) = l2_table_of(parts, walk, index, raw, active)? else {
+            continue;
+        };
+        walk.reference(offset.get(), ClusterCount::ONE, "L2 table");
+        let file_size = parts
+            .storage
+            .len()
+            .map_err(ImageError::io("reading the image size"))?;
+        if offset.get().saturating_add(cs) <= file_size {
+            walk_l2_table(parts, walk, index, offset, active)?;
+        }
+    }
+    Ok(())
+}
+
+/// The L2 table L1 entry `index` (`raw`) names, checking the entry and
+/// (in the active table) its OFLAG_COPIED; `None` when it names none.
+fn l2_table_of(
+    parts: &mut MetadataParts<'_>,
+    walk: &mut Walk,
+    index: usize,
+    raw: u64,
+    active: bool,
+) -> Result<Option<HostOffset>> {
+    let g = parts.header.geometry;
+    match L1Entry(raw).decode(g) {
+        Ok(L1Mapping::Unallocated) if raw == 0 => Ok(None),
+        Ok(L1Mapping::Unallocated) => {
+            // Flags without an offset: reads see no L2 table (as QEMU's
+            // do), so the repair clears the entry to match.
+            walk.finding(
+                FindingKind::Corruption,
+                format!("ERROR L1 entry {index} ({raw:#x}) has flags but no L2 table offset"),
+            );
+            if active {
+                walk.copied_fixes.push(CopiedFix::L1 { index, raw: 0 });
+            }
+            Ok(None)
+        }
+        Ok(L1Mapping::L2Table { offset, copied }) => {
+            if active {
+                let refcount = parts
+                    .alloc
+                    .refcount(parts.storage, g.host_cluster(offset))?;
+                if copied != (refcount == 1) {
+                    walk.finding(
+                        FindingKind::Corruption,
+                        format!(
+                            "ERROR OFLAG_COPIED L2 cluster: l1_index={index} l1_entry={raw:x} refcount={refcount}"
+                        ),
+                    );
+                    walk.copied_fixes.push(CopiedFix::L1 {
+                        index,
+                        raw: L1Entry::new(offset, refcount == 1).0,
+                    });
+                }
+            }
+            Ok(Some(offset))
+        }
+        Err(e) => {
+            walk.finding(
+                FindingKind::Corruption,
+                format!("ERROR L1 entry {index}: {e}"),
+            );
+            Ok(None)
+        }
+    }
+}
+
+/// Tallies what the L2 table at `offset` (L1 entry `index`) references,
+/// and in the active table counts allocation and fragmentation (within
+/// each L2 table, as QEMU counts it) and checks OFLAG_COPIED.
+fn walk_l2_table(
+    parts: &mut MetadataParts<'_>,
+    walk: &mut Walk,
+    index: usize,
+    offset: HostOffset,
+    active: bool,
+) -> Result<()> {
     let g = parts.header.geometry;
     let cs = g.cluster_size();
     let format = parts.map.format();
-    let external =
-        parts.header.incompatible_features & qcow2_format::features::INCOMPAT_EXTERNAL_DATA != 0;
-    for (index, &raw) in l1.iter().enumerate() {
-        let offset = match L1Entry(raw).decode(g) {
-            Ok(L1Mapping::Unallocated) if raw == 0 => continue,
-            Ok(L1Mapping::Unallocated) => {
-                // Flags without an offset: reads see no L2 table (as QEMU's
-                // do), so the repair clears the entry to match.
-                walk.finding(
-                    FindingKind::Corruption,
-                    format!("ERROR L1 entry {index} ({raw:#x}) has flags but no L2 table offset"),
-                );
-                if active {
-                    walk.copied_fixes.push(CopiedFix::L1 { index, raw: 0 });
-                }
-                continue;
-            }
-            Ok(L1Mapping::L2Table { offset, copied }) => {
-                if active {
-                    let refcount = parts.alloc.refcount(storage, g.host_cluster(offset))?;
-                    if copied != (refcount == 1) {
-                        walk.finding(
-                            FindingKind::Corruption,
-                            format!(
-                                "ERROR OFLAG_COPIED L2 cluster: l1_index={index} l1_entry={raw:x} refcount={refcount}"
-                            ),
-                        );
-                        walk.copied_fixes.push(CopiedFix::L1 {
-                            index,
-                            raw: L1Entry::new(offset, refcount == 1).0,
-                        });
-                    }
-                }
-                offset
-            }
+    let table = parts.map.l2_entries(parts.storage, offset)?;
+    let mut expected_next = None;
+    let stride = (g.l2_entry_size() / 8) as usize;
+    for i in 0..g.l2_entries() {
+        let guest = GuestOffset::new(index as u64 * g.l2_coverage() + i * cs);
+        let mapping = match L2Entry(table[i as usize * stride]).decode(format) {
+            Ok(m) => m,
             Err(e) => {
                 walk.finding(
                     FindingKind::Corruption,
-                    format!("ERROR L1 entry {index}: {e}"),
+                    format!("ERROR L2 entry for guest offset {:#x}: {e}", guest.get()),
                 );
                 continue;
             }
         };
-        walk.reference(offset.get(), ClusterCount::ONE, "L2 table");
-        let file_size = storage
-            .len()
-            .map_err(ImageError::io("reading the image size"))?;
-        if offset.get().saturating_add(cs) > file_size {
-            continue;
-        }
-        let table = parts.map.l2_entries(storage, offset)?;
-        // Fragmentation is counted within each L2 table, as QEMU does.
-        let mut expected_next = None;
-        let stride = (g.l2_entry_size() / 8) as usize;
-        for i in 0..g.l2_entries() {
-            let guest = GuestOffset::new(index as u64 * g.l2_coverage() + i * cs);
-            let mapping = match L2Entry(table[i as usize * stride]).decode(format) {
-                Ok(m) => m,
-                Err(e) => {
-                    walk.finding(
-                        FindingKind::Corruption,
-                        format!("ERROR L2 entry for guest offset {:#x}: {e}", guest.get()),
-                    );
-                    continue;
-                }
-            };
-            match mapping {
-                L2Mapping::Unallocated => {}
-                L2Mapping::Compressed(d) => {
-                    if active {
-                        // Compressed clusters count as fragmented (QEMU).
-                        walk.report.allocated_clusters += 1;
-                        walk.report.compressed_clusters += 1;
-                        walk.report.fragmented_clusters += 1;
-                    }
-                    for c in d.host_clusters(g) {
-                        walk.reference_run(c, ClusterCount::ONE, "compressed cluster");
-                    }
-                }
-                L2Mapping::Zero {
-                    preallocated: None, ..
-                } => {}
-                L2Mapping::Data { offset, copied }
-                | L2Mapping::Zero {
-                    preallocated: Some(offset),
-                    copied,
-                } => {
-                    // Clusters of an external data file are not refcounted.
-                    if !external {
-                        walk.reference(offset.get(), ClusterCount::ONE, "data cluster");
-                    }
-                    let host = g.host_cluster(offset);
-                    // Snapshots' clusters hold guest data too: on a dedup
-                    // image they keep their entries (new writes share them).
-                    if let (Some(data), L2Mapping::Data { .. }) =
-                        (walk.data_clusters.as_mut(), mapping)
-                    {
-                        data.entry(host).or_insert(guest);
-                    }
-                    if !active {
-                        continue;
-                    }
+        match mapping {
+            L2Mapping::Unallocated
+            | L2Mapping::Zero {
+                preallocated: None, ..
+            } => {}
+            L2Mapping::Compressed(d) => {
+                if active {
+                    // Compressed clusters count as fragmented (QEMU).
                     walk.report.allocated_clusters += 1;
+                    walk.report.compressed_clusters += 1;
+                    walk.report.fragmented_clusters += 1;
+                }
+                for c in d.host_clusters(g) {
+                    walk.reference_run(c, ClusterCount::ONE, "compressed cluster");
+                }
+            }
+            L2Mapping::Data { offset, .. }
+            | L2Mapping::Zero {
+                preallocated: Some(offset),
+                ..
+            } => {
+                walk_data_entry(parts, walk, guest, mapping, active)?;
+                if active {
                     if expected_next.is_some_and(|e| e != offset) {
                         walk.report.fragmented_clusters += 1;
                     }
                     expected_next = Some(offset + cs);
-                    let refcount = if external {
-                        1
-                    } else {
-                        parts.alloc.refcount(storage, host)?
-                    };
-                    if copied != (refcount == 1) {
-                        walk.finding(
-                            FindingKind::Corruption,
-                            format!(
-                                "ERROR OFLAG_COPIED data cluster: l2_entry={:x} refcount={refcount}",
-                                mapping.encode(g).0
-                            ),
-                        );
-                        let fixed = match mapping {
-                            L2Mapping::Data { offset, .. } => L2Mapping::Data {
-                                offset,
-                                copied: refcount == 1,
-                            },
-                            _ => L2Mapping::Zero {
-                                preallocated: Some(offset),
-                                copied: refcount == 1,
-                            },
-                        };
-                        walk.copied_fixes.push(CopiedFix::L2 {
-                            guest,
-                            mapping: fixed,
-                        });
-                    }
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// One L2 entry pointing at a host cluster (data, or a preallocated zero
+/// cluster): its reference, its place in the dedup check's map, and in
+/// the active table its allocation count and OFLAG_COPIED.
+fn walk_data_entry(
+    parts: &mut MetadataParts<'_>,
+    walk: &mut Walk,
+    guest: GuestOffset,
+    mapping: L2Mapping,
+    active: bool,
+) -> Result<()> {
+    let g = parts.header.geometry;
+    let (L2Mapping::Data { offset, copied }
+    | L2Mapping::Zero {
+        preallocated: Some(offset),
+        copied,
+    }) = mapping
+    else {
+        return Ok(());
+    };
+    let external =
+        parts.header.incompatible_features & qcow2_format::features::INCOMPAT_EXTERNAL_DATA != 0;
+    // Clusters of an external data file are not refcounted.
+    if !external {
+        walk.reference(offset.get(), ClusterCount::ONE, "data cluster");
+    }
+    let host = g.host_cluster(offset);
+    // Snapshots' clusters hold guest data too: on a dedup image they keep
+    // their entries (new writes share them).
+    if let (Some(data), L2Mapping::Data { .. }) = (walk.data_clusters.as_mut(), mapping) {
+        data.entry(host).or_insert(guest);
+    }
+    if !active {
+        return Ok(());
+    }
+    walk.report.allocated_clusters += 1;
+    let refcount = if external {
+        1
+    } else {
+        parts.alloc.refcount(parts.storage, host)?
+    };
+    if copied != (refcount == 1) {
+        walk.finding(
+            FindingKind::Corruption,
+            format!(
+                "ERROR OFLAG_COPIED data cluster: l2_entry={:x} refcount={refcount}",
+                mapping.encode(g).0
+            ),
+        );
+        let fixed = match mapping {
+            L2Mapping::Data { offset, .. } => L2Mapping::Data {
+                offset,
+                copied: refcount == 1,
+            },
+            _ => L2Mapping::Zero {
+                preallocated: Some(offset),
+                copied: refcount == 1,
+            },
+        };
+        walk.copied_fixes.push(CopiedFix::L2 {
+            guest,
+            mapping: fixed,
+        });
     }
     Ok(())
 }

@@ -9,7 +9,7 @@ use qcow2_alloc::{FileStorage, Storage};
 use qcow2_format::{Geometry, Header};
 
 use crate::backing::{BackingFile, ChainContext};
-use crate::check::{CheckReport, RepairMode};
+use crate::check_report::{CheckReport, RepairMode};
 use crate::dedup::claims::InflightClaims;
 use crate::info::{ImageInfo, Recovery};
 use crate::metadata::Metadata;

@@ -25,6 +25,7 @@ pub mod backing;
 mod block_map;
 mod chain;
 mod check;
+mod check_report;
 mod compressed;
 mod create;
 mod dedup;
@@ -47,7 +48,7 @@ mod write;
 mod zeros;
 
 pub use amend::AmendOptions;
-pub use check::{CheckReport, Finding, FindingKind, RepairMode};
+pub use check_report::{CheckReport, Finding, FindingKind, RepairMode};
 pub use error::{ImageError, Result};
 pub use image::Backing;
 pub use image::Image;

@@ -14,7 +14,7 @@ use crate::allocator::RefcountLoading;
 use crate::backing::ChainContext;
 use qcow2_format::features::INCOMPAT_EXTERNAL_DATA;
 
-use crate::check::RepairMode;
+use crate::check_report::RepairMode;
 use crate::image::{Backing, Image};
 use crate::info::Recovery;
 use crate::metadata::Metadata;

@@ -94,7 +94,7 @@ fn expand(tree: &str) -> Vec<ModPath> {
         .filter(|s| !s.is_empty())
         .map(str::to_owned)
         .collect();
-    let inner = &tree[open + 1..tree.rfind('}').unwrap()];
+    let inner = &tree[open + 1..tree.rfind('}').unwrap_or(tree.len())];
     let mut parts = Vec::new();
     let (mut depth, mut start) = (0, 0);
     for (i, ch) in inner.char_indices() {
@@ -557,7 +557,12 @@ fn public_declarations(crate_dir: &Path) -> Vec<String> {
                 continue;
             }
             let (owner, sig) = pending.as_ref().unwrap();
-            let end = sig.find(['{', ';']).or_else(|| {
+            let end = if sig.starts_with("pub use ") {
+                sig.find(';')
+            } else {
+                sig.find(['{', ';'])
+            }
+            .or_else(|| {
                 // A field or variant ends at its comma.
                 (sig.ends_with(',') && !sig.contains('(')).then(|| sig.len() - 1)
             });
@@ -573,7 +578,17 @@ fn public_declarations(crate_dir: &Path) -> Vec<String> {
                         .to_owned();
                     in_enum = Some((name, format!("{}}}", " ".repeat(indent))));
                 }
-                out.push(format!("{owner}{text}"));
+                if let Some(tree) = text.strip_prefix("pub use ") {
+                    // Re-exports by the names they give, not the paths
+                    // they come from (internal modules may move).
+                    for path in expand(tree) {
+                        if let Some(name) = path.last() {
+                            out.push(format!("pub use {name}"));
+                        }
+                    }
+                } else {
+                    out.push(format!("{owner}{text}"));
+                }
                 pending = None;
             }
         }
