@@ -27,6 +27,60 @@ pub(crate) fn create(
     open: &OpenOptions,
 ) -> Result<Metadata> {
     options.validate()?;
+    let mut header = new_header(options)?;
+    let geometry = header.geometry;
+    let cs = geometry.cluster_size();
+    storage
+        .set_len(0)
+        .map_err(ImageError::io("truncating the new image"))?;
+    let mut alloc = Allocator::new_empty(RefcountsConfig {
+        geometry,
+        width: RefcountWidth::new(header.refcount_order)?,
+        table_offset: HostOffset::new(cs),
+        table_clusters: 1,
+        cache_bytes: open.refcount_cache_bytes,
+    });
+    // The header cluster and the first refcount table cluster.
+    alloc.add_reference(&*storage, HostCluster::new(1))?;
+    alloc.add_reference(&*storage, HostCluster::new(0))?;
+    let l1_clusters = geometry
+        .count_for(u64::from(header.l1_size) * 8)
+        .max(ClusterCount::ONE);
+    let l1_offset = geometry.host_offset(alloc.allocate_contiguous(&*storage, l1_clusters)?);
+    header.l1_table_offset = l1_offset.get();
+    storage
+        .write_at(
+            &vec![0u8; geometry.bytes(l1_clusters) as usize],
+            l1_offset.get(),
+        )
+        .map_err(ImageError::io("writing the L1 table"))?;
+    let mut writer = HeaderWriter::new(header);
+    alloc.flush(&*storage, &mut writer)?;
+    writer.write(&*storage, alloc.table_location())?;
+    storage
+        .flush()
+        .map_err(ImageError::io("syncing the new image"))?;
+    let header = writer.into_header();
+    let mut meta = Metadata::new_image(storage, header, alloc, open.l2_cache_bytes);
+    if options.dedup {
+        meta.start_dedup()?;
+        meta.publish_dedup()?;
+    }
+    // A raw data file reads as the disk only if every cluster maps to it.
+    let preallocation = if options.data_file_raw && options.preallocation == Preallocation::Off {
+        Preallocation::Metadata
+    } else {
+        options.preallocation
+    };
+    if preallocation != Preallocation::Off {
+        meta.preallocate(preallocation)?;
+    }
+    Ok(meta)
+}
+
+/// The header of a new image as `options` describe it (its L1 table not
+/// placed yet).
+fn new_header(options: &CreateOptions) -> Result<Header> {
     let size = options.size.next_multiple_of(512);
     let geometry = Geometry::new(options.cluster_size.trailing_zeros(), options.extended_l2)?;
     let cs = geometry.cluster_size();
@@ -90,48 +144,5 @@ pub(crate) fn create(
             .extensions
             .insert(0, HeaderExtension::BackingFormat(format.clone()));
     }
-    storage
-        .set_len(0)
-        .map_err(ImageError::io("truncating the new image"))?;
-    let mut alloc = Allocator::new_empty(RefcountsConfig {
-        geometry,
-        width,
-        table_offset: HostOffset::new(cs),
-        table_clusters: 1,
-        cache_bytes: open.refcount_cache_bytes,
-    });
-    // The header cluster and the first refcount table cluster.
-    alloc.add_reference(&*storage, HostCluster::new(1))?;
-    alloc.add_reference(&*storage, HostCluster::new(0))?;
-    let l1_clusters = geometry.count_for(l1_entries * 8).max(ClusterCount::ONE);
-    let l1_offset = geometry.host_offset(alloc.allocate_contiguous(&*storage, l1_clusters)?);
-    header.l1_table_offset = l1_offset.get();
-    storage
-        .write_at(
-            &vec![0u8; geometry.bytes(l1_clusters) as usize],
-            l1_offset.get(),
-        )
-        .map_err(ImageError::io("writing the L1 table"))?;
-    let mut writer = HeaderWriter::new(header);
-    alloc.flush(&*storage, &mut writer)?;
-    writer.write(&*storage, alloc.table_location())?;
-    storage
-        .flush()
-        .map_err(ImageError::io("syncing the new image"))?;
-    let header = writer.into_header();
-    let mut meta = Metadata::new_image(storage, header, alloc, open.l2_cache_bytes);
-    if options.dedup {
-        meta.start_dedup()?;
-        meta.publish_dedup()?;
-    }
-    // A raw data file reads as the disk only if every cluster maps to it.
-    let preallocation = if options.data_file_raw && options.preallocation == Preallocation::Off {
-        Preallocation::Metadata
-    } else {
-        options.preallocation
-    };
-    if preallocation != Preallocation::Off {
-        meta.preallocate(preallocation)?;
-    }
-    Ok(meta)
+    Ok(header)
 }

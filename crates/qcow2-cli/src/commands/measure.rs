@@ -150,39 +150,7 @@ pub fn run(args: &MeasureArgs) -> Result<u8, CliError> {
             let bytes = size.next_multiple_of(512);
             (bytes, bytes, None)
         }
-        ImageFormat::Qcow2 => {
-            let mut options = CreateOptions::new(size);
-            apply_create_options(&mut options, args.options.as_ref())?;
-            options.size = size;
-            let data = match &source {
-                Some(s) => Some(data_bytes(s, path, &options, args.compress)?),
-                None => None,
-            };
-            let mut m = measure(&options, data).map_err(CliError::image(path))?;
-            if options.dedup {
-                let extra =
-                    dedup_table_size(options.cluster_size, m.required / options.cluster_size);
-                m.required += extra;
-                m.fully_allocated += extra;
-            }
-            let bitmaps = match &source {
-                // As qemu-img: only a source that can hold persistent
-                // bitmaps (compat=1.1) has a bitmaps figure.
-                Some(Disk::Qcow2(image))
-                    if options.compat == qcow2_io::Compat::V3 && image.header().version >= 3 =>
-                {
-                    let info = image.info().map_err(CliError::image(path))?;
-                    let list: Vec<(usize, u64)> = info
-                        .bitmaps
-                        .iter()
-                        .map(|b| (b.name.len(), b.granularity))
-                        .collect();
-                    Some(bitmaps_size(options.cluster_size, size, &list))
-                }
-                _ => None,
-            };
-            (m.required, m.fully_allocated, bitmaps)
-        }
+        ImageFormat::Qcow2 => measure_qcow2(args, source.as_ref(), path, size)?,
     };
     match args.output.format {
         OutputFormat::Human => {
@@ -203,4 +171,45 @@ pub fn run(args: &MeasureArgs) -> Result<u8, CliError> {
         }
     }
     Ok(0)
+}
+
+/// The figures of a qcow2 target of `size` bytes (from `source`, or
+/// empty): required and fully allocated bytes, and the bitmaps' bytes
+/// where the source can hold persistent bitmaps.
+fn measure_qcow2(
+    args: &MeasureArgs,
+    source: Option<&Disk>,
+    path: &Path,
+    size: u64,
+) -> Result<(u64, u64, Option<u64>), CliError> {
+    let mut options = CreateOptions::new(size);
+    apply_create_options(&mut options, args.options.as_ref())?;
+    options.size = size;
+    let data = match source {
+        Some(s) => Some(data_bytes(s, path, &options, args.compress)?),
+        None => None,
+    };
+    let mut m = measure(&options, data).map_err(CliError::image(path))?;
+    if options.dedup {
+        let extra = dedup_table_size(options.cluster_size, m.required / options.cluster_size);
+        m.required += extra;
+        m.fully_allocated += extra;
+    }
+    let bitmaps = match source {
+        // As qemu-img: only a source that can hold persistent bitmaps
+        // (compat=1.1) has a bitmaps figure.
+        Some(Disk::Qcow2(image))
+            if options.compat == qcow2_io::Compat::V3 && image.header().version >= 3 =>
+        {
+            let info = image.info().map_err(CliError::image(path))?;
+            let list: Vec<(usize, u64)> = info
+                .bitmaps
+                .iter()
+                .map(|b| (b.name.len(), b.granularity))
+                .collect();
+            Some(bitmaps_size(options.cluster_size, size, &list))
+        }
+        _ => None,
+    };
+    Ok((m.required, m.fully_allocated, bitmaps))
 }

@@ -7,10 +7,11 @@
 
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use qcow2_io::{Image, OpenOptions};
+use qcow2_io::{Image, OpenOptions, Recovery};
 use qcow2_nbd::{DetectZeroes, DiscardMode, Export, ExportOptions, Listener, ServerOptions};
 
 use crate::args::{DetectZeroesArg, DiscardArg, ImageFormat, ServeArgs};
@@ -33,49 +34,10 @@ pub fn run(args: &ServeArgs) -> Result<u8, CliError> {
     };
     let image = Arc::new(Image::open(path, &options).map_err(CliError::image(path))?);
     if let Some(r) = image.recovery() {
-        eprintln!(
-            "qcow2: {path} was not closed cleanly: refcounts {} ({} leaked clusters freed, \
-             {} corruptions fixed), {} dedup entries dropped; flushed data is intact",
-            if r.refcounts_rebuilt {
-                "rebuilt"
-            } else {
-                "checked"
-            },
-            r.leaks_fixed,
-            r.corruptions_fixed,
-            r.dedup_entries_dropped,
-            path = path.display()
-        );
+        say_recovered(path, r);
     }
-    let export = Export::new(
-        image.clone(),
-        ExportOptions {
-            name: args.export_name.clone(),
-            description: args.description.clone(),
-            read_only: args.read_only,
-            discard: match args.discard {
-                DiscardArg::Ignore => DiscardMode::Ignore,
-                DiscardArg::Unmap => DiscardMode::Unmap,
-            },
-            detect_zeroes: match args.detect_zeroes {
-                DetectZeroesArg::Off => DetectZeroes::Off,
-                DetectZeroesArg::On => DetectZeroes::On,
-                DetectZeroesArg::Unmap => DetectZeroes::Unmap,
-            },
-        },
-    );
-    let listener = match &args.socket {
-        Some(socket) => Listener::Unix(UnixListener::bind(socket).map_err(CliError::io(socket))?),
-        None => {
-            let address = format!("{}:{}", args.bind, args.port);
-            let bound = if args.bind.contains(':') {
-                TcpListener::bind((args.bind.as_str(), args.port))
-            } else {
-                TcpListener::bind(&address)
-            };
-            Listener::Tcp(bound.map_err(CliError::io(&address))?)
-        }
-    };
+    let export = Export::new(image.clone(), export_options(args));
+    let listener = listen(args)?;
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, stop.clone())
@@ -105,4 +67,56 @@ pub fn run(args: &ServeArgs) -> Result<u8, CliError> {
     served.map_err(CliError::io(path))?;
     closed.map_err(CliError::image(path))?;
     Ok(0)
+}
+
+/// The one line a server prints when it opened an image that was not
+/// closed cleanly.
+fn say_recovered(path: &Path, r: &Recovery) {
+    eprintln!(
+        "qcow2: {} was not closed cleanly: refcounts {} ({} leaked clusters freed, \
+         {} corruptions fixed), {} dedup entries dropped; flushed data is intact",
+        path.display(),
+        if r.refcounts_rebuilt {
+            "rebuilt"
+        } else {
+            "checked"
+        },
+        r.leaks_fixed,
+        r.corruptions_fixed,
+        r.dedup_entries_dropped,
+    );
+}
+
+/// The export as the command line describes it.
+fn export_options(args: &ServeArgs) -> ExportOptions {
+    ExportOptions {
+        name: args.export_name.clone(),
+        description: args.description.clone(),
+        read_only: args.read_only,
+        discard: match args.discard {
+            DiscardArg::Ignore => DiscardMode::Ignore,
+            DiscardArg::Unmap => DiscardMode::Unmap,
+        },
+        detect_zeroes: match args.detect_zeroes {
+            DetectZeroesArg::Off => DetectZeroes::Off,
+            DetectZeroesArg::On => DetectZeroes::On,
+            DetectZeroesArg::Unmap => DetectZeroes::Unmap,
+        },
+    }
+}
+
+/// The socket the command line asks for: a Unix socket (`-k`), or TCP.
+fn listen(args: &ServeArgs) -> Result<Listener, CliError> {
+    Ok(match &args.socket {
+        Some(socket) => Listener::Unix(UnixListener::bind(socket).map_err(CliError::io(socket))?),
+        None => {
+            let address = format!("{}:{}", args.bind, args.port);
+            let bound = if args.bind.contains(':') {
+                TcpListener::bind((args.bind.as_str(), args.port))
+            } else {
+                TcpListener::bind(&address)
+            };
+            Listener::Tcp(bound.map_err(CliError::io(&address))?)
+        }
+    })
 }
