@@ -195,6 +195,13 @@ impl CreateOptions {
                 self.refcount_bits
             )));
         }
+        self.validate_compat()?;
+        self.validate_backing()?;
+        self.validate_layout()
+    }
+
+    /// What compat=0.10 cannot hold, and dedup's needs of the refcounts.
+    fn validate_compat(&self) -> Result<()> {
         if self.compat == Compat::V2 && self.refcount_bits != 16 {
             return Err(ImageError::InvalidOption(
                 "refcount widths other than 16 bits need compat=1.1".into(),
@@ -210,6 +217,22 @@ impl CreateOptions {
                 "deduplication needs compat=1.1".into(),
             ));
         }
+        if self.compat == Compat::V2 && self.compression == Compression::Zstd {
+            return Err(ImageError::InvalidOption(
+                "compression_type=zstd needs compat=1.1".into(),
+            ));
+        }
+        if self.compat == Compat::V2 && self.lazy_refcounts {
+            return Err(ImageError::InvalidOption(
+                "lazy refcounts need compat=1.1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The backing file's name and format, and what preallocation cannot
+    /// be combined with.
+    fn validate_backing(&self) -> Result<()> {
         if let Some((name, format)) = &self.backing {
             if name.len() > qcow2_format::MAX_BACKING_NAME as usize || name.is_empty() {
                 return Err(ImageError::InvalidOption(format!(
@@ -223,11 +246,6 @@ impl CreateOptions {
                 )));
             }
         }
-        if self.compat == Compat::V2 && self.compression == Compression::Zstd {
-            return Err(ImageError::InvalidOption(
-                "compression_type=zstd needs compat=1.1".into(),
-            ));
-        }
         if self.preallocation != Preallocation::Off && self.backing.is_some() {
             return Err(ImageError::InvalidOption(
                 "preallocation and a backing file cannot be combined (the backing would never show through)".into(),
@@ -238,6 +256,12 @@ impl CreateOptions {
                 "preallocation and dedup=on cannot be combined (dedup allocates by content)".into(),
             ));
         }
+        Ok(())
+    }
+
+    /// Extended L2 entries and the external data file.
+    fn validate_layout(&self) -> Result<()> {
+        let cs = self.cluster_size;
         if self.extended_l2 && (self.compat == Compat::V2 || self.dedup || cs < 16384) {
             return Err(ImageError::InvalidOption(
                 "extended_l2=on needs compat=1.1, clusters of at least 16k (subclusters of 512 bytes), and no dedup (dedup hashes whole clusters)".into(),
@@ -257,11 +281,6 @@ impl CreateOptions {
         } else if self.data_file_raw {
             return Err(ImageError::InvalidOption(
                 "data_file_raw=on needs data_file".into(),
-            ));
-        }
-        if self.compat == Compat::V2 && self.lazy_refcounts {
-            return Err(ImageError::InvalidOption(
-                "lazy refcounts need compat=1.1".into(),
             ));
         }
         Ok(())

@@ -71,32 +71,14 @@ pub fn negotiate(stream: &mut (impl Read + Write), export: &Export) -> io::Resul
                 if !export.answers_to(&data) {
                     return Ok(Outcome::Closed);
                 }
-                let mut msg = Message::default()
-                    .u64(export.size())
-                    .u16(export.transmission_flags(session));
-                if !no_zeroes {
-                    msg = msg.bytes(&[0u8; 124]);
-                }
-                stream.write_all(&msg.0)?;
+                answer_export_name(stream, export, session, no_zeroes)?;
                 return Ok(Outcome::Transmission(session));
             }
             opt::ABORT => {
                 let _ = reply(stream, option, rep::ACK, &[]);
                 return Ok(Outcome::Closed);
             }
-            opt::LIST => {
-                if len != 0 {
-                    error(stream, option, rep::ERR_INVALID, "LIST takes no data")?;
-                    continue;
-                }
-                let name = export.name().as_bytes();
-                let entry = Message::default()
-                    .u32(name.len() as u32)
-                    .bytes(name)
-                    .bytes(export.description().as_bytes());
-                reply(stream, option, rep::SERVER, &entry.0)?;
-                reply(stream, option, rep::ACK, &[])?;
-            }
+            opt::LIST => answer_list(stream, len, export)?,
             opt::INFO | opt::GO => {
                 if answer_info(stream, option, &data, export, session)? && option == opt::GO {
                     return Ok(Outcome::Transmission(session));
@@ -121,6 +103,37 @@ pub fn negotiate(stream: &mut (impl Read + Write), export: &Export) -> io::Resul
             _ => error(stream, option, rep::ERR_UNSUP, "option not supported")?,
         }
     }
+}
+
+/// Ends the old-style `NBD_OPT_EXPORT_NAME`: size and flags, padded
+/// unless the client asked for no zeroes.
+fn answer_export_name(
+    stream: &mut impl Write,
+    export: &Export,
+    session: Session,
+    no_zeroes: bool,
+) -> io::Result<()> {
+    let mut msg = Message::default()
+        .u64(export.size())
+        .u16(export.transmission_flags(session));
+    if !no_zeroes {
+        msg = msg.bytes(&[0u8; 124]);
+    }
+    stream.write_all(&msg.0)
+}
+
+/// Answers `NBD_OPT_LIST` with the one export.
+fn answer_list(stream: &mut impl Write, len: u32, export: &Export) -> io::Result<()> {
+    if len != 0 {
+        return error(stream, opt::LIST, rep::ERR_INVALID, "LIST takes no data");
+    }
+    let name = export.name().as_bytes();
+    let entry = Message::default()
+        .u32(name.len() as u32)
+        .bytes(name)
+        .bytes(export.description().as_bytes());
+    reply(stream, opt::LIST, rep::SERVER, &entry.0)?;
+    reply(stream, opt::LIST, rep::ACK, &[])
 }
 
 /// Answers `NBD_OPT_INFO`/`NBD_OPT_GO`; `true` when the export was found.

@@ -263,19 +263,7 @@ fn execute(request: &Request, export: &Export, session: Session) -> Result<Done,
             io(image.read_at(&mut data, offset))?;
             return Ok(Done::Data(data));
         }
-        cmd::WRITE => {
-            let zeros = export.options().detect_zeroes != DetectZeroes::Off
-                && qcow2_io::is_zero(&request.payload);
-            let unmap = export.options().detect_zeroes == DetectZeroes::Unmap
-                && export.options().discard == DiscardMode::Unmap;
-            if zeros && unmap {
-                io(image.write_zeroes(offset, len))?;
-            } else if zeros {
-                io(image.write_zeroes_allocated(offset, len))?;
-            } else {
-                io(image.write_at(&request.payload, offset))?;
-            }
-        }
+        cmd::WRITE => io(write(export, &request.payload, offset))?,
         cmd::FLUSH => io(image.flush())?,
         cmd::TRIM => {
             if export.options().discard == DiscardMode::Unmap {
@@ -295,33 +283,58 @@ fn execute(request: &Request, export: &Export, session: Session) -> Result<Done,
             }
         }
         cmd::CACHE => {}
-        cmd::BLOCK_STATUS => {
-            if !session.structured || !session.base_allocation || len == 0 {
-                return Err(errno::EINVAL);
-            }
-            let map = image.map_range(offset, len).map_err(|e| errno_of(&e))?;
-            let mut extents: Vec<(u32, u32)> = Vec::new();
-            for e in map {
-                let flags = match e.kind {
-                    MapKind::Data | MapKind::Compressed => 0,
-                    MapKind::Zero | MapKind::Unallocated => state::HOLE | state::ZERO,
-                };
-                match extents.last_mut() {
-                    Some(last) if last.1 == flags => last.0 += e.length as u32,
-                    _ => extents.push((e.length as u32, flags)),
-                }
-            }
-            if request.flags & cmd_flag::REQ_ONE != 0 {
-                extents.truncate(1);
-            }
-            return Ok(Done::Extents(extents));
-        }
+        cmd::BLOCK_STATUS => return block_status(request, export, session),
         _ => return Err(errno::EINVAL),
     }
     if fua && writes {
         io(image.flush())?;
     }
     Ok(Done::Nothing)
+}
+
+/// `NBD_CMD_WRITE`: writes of zeros become zero clusters as
+/// `--detect-zeroes` asks (deallocated with `--discard=unmap`).
+fn write(export: &Export, payload: &[u8], offset: u64) -> qcow2_io::Result<()> {
+    let image = export.image();
+    let len = payload.len() as u64;
+    let zeros = export.options().detect_zeroes != DetectZeroes::Off && qcow2_io::is_zero(payload);
+    let unmap = export.options().detect_zeroes == DetectZeroes::Unmap
+        && export.options().discard == DiscardMode::Unmap;
+    if zeros && unmap {
+        image.write_zeroes(offset, len)
+    } else if zeros {
+        image.write_zeroes_allocated(offset, len)
+    } else {
+        image.write_at(payload, offset)
+    }
+}
+
+/// `NBD_CMD_BLOCK_STATUS` for `base:allocation`: the extents of the range,
+/// neighbours of one kind merged (only the first with `REQ_ONE`).
+fn block_status(request: &Request, export: &Export, session: Session) -> Result<Done, u32> {
+    let len = u64::from(request.length);
+    if !session.structured || !session.base_allocation || len == 0 {
+        return Err(errno::EINVAL);
+    }
+    let map = export
+        .image()
+        .map_range(request.offset, len)
+        .map_err(|e| errno_of(&e))?;
+    let mut extents: Vec<(u32, u32)> = Vec::new();
+    for e in map {
+        let flags = match e.kind {
+            MapKind::Data | MapKind::Compressed => 0,
+            MapKind::Zero | MapKind::Unallocated => state::HOLE | state::ZERO,
+        };
+        match extents.last_mut() {
+            Some(last) if last.1 == flags => last.0 += e.length as u32,
+            _ => extents.push((e.length as u32, flags)),
+        }
+    }
+    if request.flags & cmd_flag::REQ_ONE != 0 {
+        extents.truncate(1);
+    }
+    Ok(Done::Extents(extents))
 }
 
 #[cfg(test)]

@@ -159,6 +159,37 @@ fn info_json(
     stats: Option<&DedupStats>,
     snapshots: &[Snapshot],
 ) -> Value {
+    let data = qcow2_specific_json(info, stats);
+    let mut v = json!({
+        "filename": path,
+        "format": "qcow2",
+        "dirty-flag": info.dirty,
+        "actual-size": actual,
+        "virtual-size": info.virtual_size,
+        "cluster-size": info.cluster_size,
+    });
+    if let Some(b) = &info.backing_file {
+        v["backing-filename"] = json!(b);
+        v["full-backing-filename"] = json!(full_backing_name(path, b));
+        if let Some(f) = &info.backing_format {
+            v["backing-filename-format"] = json!(f);
+        }
+    }
+    if !snapshots.is_empty() {
+        v["snapshots"] = snapshots_json(snapshots);
+    }
+    v["format-specific"] = json!({"type": "qcow2", "data": data});
+    v["children"] = json!([file_child(
+        path,
+        info.file_length.next_multiple_of(512),
+        actual
+    )]);
+    v
+}
+
+/// The `format-specific` data of a qcow2 image, in qemu-img's member
+/// order (dedup images add `dedup` and `dedup-stats`).
+fn qcow2_specific_json(info: &ImageInfo, stats: Option<&DedupStats>) -> Value {
     // A compat=0.10 image has no feature bits: qemu-img gives its compat,
     // refcount width and compression type only.
     let v3 = info.version >= 3;
@@ -200,80 +231,33 @@ fn info_json(
             "crc-failures": s.crc_failures,
         });
     }
-    let mut v = json!({
-        "filename": path,
-        "format": "qcow2",
-        "dirty-flag": info.dirty,
-        "actual-size": actual,
-        "virtual-size": info.virtual_size,
-        "cluster-size": info.cluster_size,
-    });
-    if let Some(b) = &info.backing_file {
-        v["backing-filename"] = json!(b);
-        v["full-backing-filename"] = json!(full_backing_name(path, b));
-        if let Some(f) = &info.backing_format {
-            v["backing-filename-format"] = json!(f);
-        }
-    }
-    if !snapshots.is_empty() {
-        v["snapshots"] = snapshots
-            .iter()
-            .map(|s| {
-                let mut e = json!({
-                    "id": s.id,
-                    "name": s.name,
-                    "vm-state-size": s.vm_state_size,
-                    "date-sec": s.date_sec,
-                    "date-nsec": s.date_nsec,
-                    "vm-clock-sec": s.vm_clock_nsec / 1_000_000_000,
-                    "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000,
-                });
-                if let Some(n) = icount(s) {
-                    e["icount"] = json!(n);
-                }
-                e
-            })
-            .collect();
-    }
-    v["format-specific"] = json!({"type": "qcow2", "data": data});
-    v["children"] = json!([file_child(
-        path,
-        info.file_length.next_multiple_of(512),
-        actual
-    )]);
-    v
+    data
 }
 
-fn print_human(
-    path: &Path,
-    actual: u64,
-    info: &ImageInfo,
-    stats: Option<&DedupStats>,
-    snapshots: &[Snapshot],
-) {
-    say!("image: {path}", path = path.display());
-    say!("file format: qcow2");
-    say!(
-        "virtual size: {} ({} bytes)",
-        human(info.virtual_size),
-        info.virtual_size
-    );
-    say!("disk size: {}", human(actual));
-    say!("cluster_size: {}", info.cluster_size);
-    if let Some(b) = &info.backing_file {
-        let full = full_backing_name(path, b);
-        if full == *b {
-            say!("backing file: {b}");
-        } else {
-            say!("backing file: {b} (actual path: {full})");
-        }
-        if let Some(f) = &info.backing_format {
-            say!("backing file format: {f}");
-        }
-    }
-    if !snapshots.is_empty() {
-        print_snapshot_table(snapshots);
-    }
+/// The snapshot list as qemu-img's JSON gives it.
+fn snapshots_json(snapshots: &[Snapshot]) -> Value {
+    snapshots
+        .iter()
+        .map(|s| {
+            let mut e = json!({
+                "id": s.id,
+                "name": s.name,
+                "vm-state-size": s.vm_state_size,
+                "date-sec": s.date_sec,
+                "date-nsec": s.date_nsec,
+                "vm-clock-sec": s.vm_clock_nsec / 1_000_000_000,
+                "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000,
+            });
+            if let Some(n) = icount(s) {
+                e["icount"] = json!(n);
+            }
+            e
+        })
+        .collect()
+}
+
+/// The "Format specific information" section, as qemu-img prints it.
+fn print_qcow2_specific(info: &ImageInfo, stats: Option<&DedupStats>) {
     say!("Format specific information:");
     say!(
         "    compat: {}",
@@ -326,6 +310,39 @@ fn print_human(
     if info.dirty {
         say!("    dirty: true (not closed cleanly; refcounts are repaired on the next read-write open)");
     }
+}
+
+fn print_human(
+    path: &Path,
+    actual: u64,
+    info: &ImageInfo,
+    stats: Option<&DedupStats>,
+    snapshots: &[Snapshot],
+) {
+    say!("image: {path}", path = path.display());
+    say!("file format: qcow2");
+    say!(
+        "virtual size: {} ({} bytes)",
+        human(info.virtual_size),
+        info.virtual_size
+    );
+    say!("disk size: {}", human(actual));
+    say!("cluster_size: {}", info.cluster_size);
+    if let Some(b) = &info.backing_file {
+        let full = full_backing_name(path, b);
+        if full == *b {
+            say!("backing file: {b}");
+        } else {
+            say!("backing file: {b} (actual path: {full})");
+        }
+        if let Some(f) = &info.backing_format {
+            say!("backing file format: {f}");
+        }
+    }
+    if !snapshots.is_empty() {
+        print_snapshot_table(snapshots);
+    }
+    print_qcow2_specific(info, stats);
     say!("Child node '/file':");
     say!("    filename: {path}", path = path.display());
     say!("    protocol type: file");
