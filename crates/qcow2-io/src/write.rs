@@ -392,51 +392,7 @@ impl Image {
             drop(meta);
             return self.zero_partial(full_start, full_end);
         }
-        let replacement = if zero_flag {
-            L2Mapping::Zero {
-                preallocated: None,
-                copied: false,
-            }
-        } else {
-            L2Mapping::Unallocated
-        };
-        // Zeroing with zero clusters marks every cluster of the range, the
-        // unallocated ones too, as QEMU's zeroing does (so `map` shows the
-        // range as zeros present in this image).
-        let mark_all = zero_edges && zero_flag;
-        let mut guest = GuestOffset::new(full_start);
-        while guest.get() < full_end {
-            if !backed && !mark_all && meta.l2_unallocated(guest)? {
-                guest = GuestOffset::new(meta.next_l2_range(guest).get().min(full_end));
-                continue;
-            }
-            let (old, _) = meta.lookup(guest)?;
-            let reads_zero = match old {
-                L2Mapping::Unallocated => !backed && !mark_all,
-                other => other.is_hole(),
-            };
-            match (how, old) {
-                (_, _) if reads_zero => {}
-                (_, L2Mapping::Unallocated) if replacement == L2Mapping::Unallocated => {}
-                (Clear::Zero { unmap: false }, L2Mapping::Data { offset, copied })
-                | (
-                    Clear::Zero { unmap: false },
-                    L2Mapping::Zero {
-                        preallocated: Some(offset),
-                        copied,
-                    },
-                ) => {
-                    let kept = L2Mapping::Zero {
-                        preallocated: Some(offset),
-                        copied,
-                    };
-                    meta.set_mapping(guest, kept)?;
-                }
-                (_, old) => meta.replace_mapping(guest, replacement, old)?,
-            }
-            guest = guest + g.cluster_size();
-        }
-        Ok(())
+        clear_whole_clusters(&mut meta, full_start..full_end, how, zero_flag, backed)
     }
 
     /// Writes zeros as data over `[start, end)`, a cluster at a time.
@@ -472,4 +428,64 @@ impl Image {
         }
         Ok(())
     }
+}
+
+/// Gives the whole clusters of `range` zero clusters (`zero_flag`) or no
+/// mapping, dropping what they pointed to; zeroing without unmap keeps each
+/// data cluster's allocation as a preallocated zero cluster.
+fn clear_whole_clusters(
+    meta: &mut Metadata,
+    range: std::ops::Range<u64>,
+    how: Clear,
+    zero_flag: bool,
+    backed: bool,
+) -> Result<()> {
+    let g = meta.header().geometry;
+    let zero_edges = how != Clear::Discard;
+    let (full_start, full_end) = (range.start, range.end);
+    let replacement = if zero_flag {
+        L2Mapping::Zero {
+            preallocated: None,
+            copied: false,
+        }
+    } else {
+        L2Mapping::Unallocated
+    };
+    // Zeroing with zero clusters marks every cluster of the range, the
+    // unallocated ones too, as QEMU's zeroing does (so `map` shows the
+    // range as zeros present in this image).
+    let mark_all = zero_edges && zero_flag;
+    let mut guest = GuestOffset::new(full_start);
+    while guest.get() < full_end {
+        if !backed && !mark_all && meta.l2_unallocated(guest)? {
+            guest = GuestOffset::new(meta.next_l2_range(guest).get().min(full_end));
+            continue;
+        }
+        let (old, _) = meta.lookup(guest)?;
+        let reads_zero = match old {
+            L2Mapping::Unallocated => !backed && !mark_all,
+            other => other.is_hole(),
+        };
+        match (how, old) {
+            (_, _) if reads_zero => {}
+            (_, L2Mapping::Unallocated) if replacement == L2Mapping::Unallocated => {}
+            (Clear::Zero { unmap: false }, L2Mapping::Data { offset, copied })
+            | (
+                Clear::Zero { unmap: false },
+                L2Mapping::Zero {
+                    preallocated: Some(offset),
+                    copied,
+                },
+            ) => {
+                let kept = L2Mapping::Zero {
+                    preallocated: Some(offset),
+                    copied,
+                };
+                meta.set_mapping(guest, kept)?;
+            }
+            (_, old) => meta.replace_mapping(guest, replacement, old)?,
+        }
+        guest = guest + g.cluster_size();
+    }
+    Ok(())
 }
