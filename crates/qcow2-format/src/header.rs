@@ -183,44 +183,19 @@ impl Header {
         let cluster_bits = v2.cluster_bits.get();
         let cluster_size = Geometry::new(cluster_bits, false)?.cluster_size();
 
-        let (mut incompatible, mut compatible, mut autoclear) = (0, 0, 0);
-        let (mut refcount_order, mut header_length) = (4, V2_HEADER_LEN);
-        let mut compression_type = 0u8;
-        let mut additional_fields = Vec::new();
-        if version == 3 {
-            let (v3, _) =
-                RawHeaderV3::ref_from_prefix(rest).map_err(|_| FormatError::Truncated {
-                    what: "v3 header",
-                    needed: u64::from(V3_MIN_HEADER_LEN),
-                    available: buf.len() as u64,
-                })?;
-            incompatible = v3.incompatible_features.get();
-            compatible = v3.compatible_features.get();
-            autoclear = v3.autoclear_features.get();
-            refcount_order = v3.refcount_order.get();
-            header_length = v3.header_length.get();
-            if header_length < V3_MIN_HEADER_LEN
-                || header_length % 8 != 0
-                || u64::from(header_length) > cluster_size
-            {
-                return Err(FormatError::InvalidHeaderLength {
-                    version,
-                    length: header_length,
-                });
-            }
-            if header_length as usize > buf.len() {
-                return Err(FormatError::Truncated {
-                    what: "header",
-                    needed: u64::from(header_length),
-                    available: buf.len() as u64,
-                });
-            }
-            if header_length > V3_MIN_HEADER_LEN {
-                compression_type = buf[V3_MIN_HEADER_LEN as usize];
-                additional_fields =
-                    buf[V3_MIN_HEADER_LEN as usize..header_length as usize][1..].to_vec();
-            }
-        }
+        let V3Fields {
+            incompatible,
+            compatible,
+            autoclear,
+            refcount_order,
+            header_length,
+            compression_type,
+            additional_fields,
+        } = if version == 3 {
+            V3Fields::parse(buf, rest, cluster_size)?
+        } else {
+            V3Fields::default()
+        };
         if refcount_order > 6 {
             return Err(FormatError::InvalidRefcountOrder(refcount_order));
         }
@@ -229,28 +204,7 @@ impl Header {
             incompatible & features::INCOMPAT_EXTENDED_L2 != 0,
         )?;
 
-        let backing_offset = v2.backing_file_offset.get();
-        let backing_size = v2.backing_file_size.get();
-        let first_cluster_end = (cluster_size as usize).min(buf.len());
-        let mut extensions_end = first_cluster_end;
-        let mut backing_file = None;
-        if backing_offset != 0 {
-            if backing_size > MAX_BACKING_NAME {
-                return Err(FormatError::InvalidBackingName("longer than 1023 bytes"));
-            }
-            let end = backing_offset.saturating_add(u64::from(backing_size));
-            if backing_offset < u64::from(header_length) || end > first_cluster_end as u64 {
-                return Err(FormatError::InvalidBackingName(
-                    "not inside the first cluster",
-                ));
-            }
-            let name = &buf[backing_offset as usize..end as usize];
-            backing_file = Some(
-                String::from_utf8(name.to_vec())
-                    .map_err(|_| FormatError::InvalidBackingName("not UTF-8"))?,
-            );
-            extensions_end = backing_offset as usize;
-        }
+        let (backing_file, extensions_end) = backing_name(buf, v2, header_length, cluster_size)?;
         let extensions = parse_extensions(&buf[header_length as usize..extensions_end])?;
 
         let header = Header {
@@ -555,6 +509,108 @@ impl Header {
         out.extend_from_slice(backing);
         Ok(out)
     }
+}
+
+/// The fields a version 3 header adds; a version 2 header has their
+/// defaults (refcount order 4, the v2 header length).
+struct V3Fields {
+    incompatible: u64,
+    compatible: u64,
+    autoclear: u64,
+    refcount_order: u32,
+    header_length: u32,
+    compression_type: u8,
+    additional_fields: Vec<u8>,
+}
+
+impl Default for V3Fields {
+    fn default() -> Self {
+        Self {
+            incompatible: 0,
+            compatible: 0,
+            autoclear: 0,
+            refcount_order: 4,
+            header_length: V2_HEADER_LEN,
+            compression_type: 0,
+            additional_fields: Vec::new(),
+        }
+    }
+}
+
+impl V3Fields {
+    /// Reads them from `rest` (what follows the v2 fields in `buf`),
+    /// checking the header length against the cluster and the buffer.
+    fn parse(buf: &[u8], rest: &[u8], cluster_size: u64) -> Result<Self> {
+        let (v3, _) = RawHeaderV3::ref_from_prefix(rest).map_err(|_| FormatError::Truncated {
+            what: "v3 header",
+            needed: u64::from(V3_MIN_HEADER_LEN),
+            available: buf.len() as u64,
+        })?;
+        let header_length = v3.header_length.get();
+        if header_length < V3_MIN_HEADER_LEN
+            || header_length % 8 != 0
+            || u64::from(header_length) > cluster_size
+        {
+            return Err(FormatError::InvalidHeaderLength {
+                version: 3,
+                length: header_length,
+            });
+        }
+        if header_length as usize > buf.len() {
+            return Err(FormatError::Truncated {
+                what: "header",
+                needed: u64::from(header_length),
+                available: buf.len() as u64,
+            });
+        }
+        let (compression_type, additional_fields) = if header_length > V3_MIN_HEADER_LEN {
+            (
+                buf[V3_MIN_HEADER_LEN as usize],
+                buf[V3_MIN_HEADER_LEN as usize..header_length as usize][1..].to_vec(),
+            )
+        } else {
+            (0, Vec::new())
+        };
+        Ok(Self {
+            incompatible: v3.incompatible_features.get(),
+            compatible: v3.compatible_features.get(),
+            autoclear: v3.autoclear_features.get(),
+            refcount_order: v3.refcount_order.get(),
+            header_length,
+            compression_type,
+            additional_fields,
+        })
+    }
+}
+
+/// The backing file name the v2 fields point to, checked to lie in the
+/// first cluster after the header, and where the header extensions end
+/// (at the name, or at the end of the first cluster).
+fn backing_name(
+    buf: &[u8],
+    v2: &RawHeaderV2,
+    header_length: u32,
+    cluster_size: u64,
+) -> Result<(Option<String>, usize)> {
+    let backing_offset = v2.backing_file_offset.get();
+    let backing_size = v2.backing_file_size.get();
+    let first_cluster_end = (cluster_size as usize).min(buf.len());
+    if backing_offset == 0 {
+        return Ok((None, first_cluster_end));
+    }
+    if backing_size > MAX_BACKING_NAME {
+        return Err(FormatError::InvalidBackingName("longer than 1023 bytes"));
+    }
+    let end = backing_offset.saturating_add(u64::from(backing_size));
+    if backing_offset < u64::from(header_length) || end > first_cluster_end as u64 {
+        return Err(FormatError::InvalidBackingName(
+            "not inside the first cluster",
+        ));
+    }
+    let name = &buf[backing_offset as usize..end as usize];
+    let name = String::from_utf8(name.to_vec())
+        .map_err(|_| FormatError::InvalidBackingName("not UTF-8"))?;
+    Ok((Some(name), backing_offset as usize))
 }
 
 #[cfg(test)]
