@@ -3,10 +3,10 @@
 
 use qcow2_dedup::ContentHash;
 use qcow2_format::l2::L2Mapping;
-use qcow2_format::{GuestOffset, HostCluster};
+use qcow2_format::{Geometry, GuestOffset, HostCluster};
 
 use super::claims::InflightClaims;
-use crate::metadata::Metadata;
+use crate::metadata::{Metadata, StoredCopy};
 use crate::Result;
 
 /// One whole guest cluster of a dedup write, with its content's hash
@@ -67,66 +67,26 @@ pub(super) fn classify(
     claims: &InflightClaims,
     items: &[ClusterItem],
 ) -> Result<Plan> {
-    let g = meta.header().geometry;
-    let limit = meta.max_refcount();
+    let mut planner = Planner::new(meta);
     let mut classes = Vec::with_capacity(items.len());
-    let mut storing: Vec<ContentHash> = Vec::new();
-    let mut planned_shares: Vec<(HostCluster, u64)> = Vec::new();
-    let mut reused: Vec<HostCluster> = Vec::new();
-    let backed = meta.header().backing_file.is_some();
     for item in items {
         let (old, _) = meta.lookup(item.guest)?;
         let Some(hash) = item.hash else {
-            let reads_zero = match old {
-                L2Mapping::Unallocated => !backed,
-                other => other.is_hole(),
-            };
-            classes.push(if reads_zero {
-                Class::Unchanged
-            } else {
-                Class::Zero { old }
-            });
+            classes.push(planner.zero_class(old));
             continue;
         };
-        if storing.contains(&hash) || claims.is_claimed(&hash) {
+        if planner.storing.contains(&hash) || claims.is_claimed(&hash) {
             return Ok(Plan {
                 classes,
                 stop: Some(Stop::Claimed(hash)),
             });
         }
-        // Only a data mapping reads as its cluster (a preallocated zero
-        // cluster reads as zeros whatever its cluster holds).
-        let own = match old {
-            L2Mapping::Data { offset, .. } => Some(g.host_cluster(offset)),
-            _ => None,
-        };
-        if let Some(own) = own.filter(|h| !reused.contains(h)) {
-            if meta.dedup_holds(own, &hash)? {
-                classes.push(Class::Unchanged);
-                continue;
-            }
+        if planner.holds_already(meta, old, &hash)? {
+            classes.push(Class::Unchanged);
+            continue;
         }
-        // A content in several copies offers only its open copy (the
-        // others are full); a content in one copy offers that one.
-        let open = meta.dedup_open_copy(&hash)?;
-        let several_copies = open.is_some();
-        let mut copies = match open {
-            Some(open) => vec![open],
-            None => meta.dedup_copies(&hash)?,
-        };
-        copies.retain(|c| !reused.contains(&c.host));
-        let planned = |host: HostCluster| {
-            planned_shares
-                .iter()
-                .find(|(h, _)| *h == host)
-                .map_or(0, |(_, n)| *n)
-        };
-        let fullest_with_room = copies
-            .iter()
-            .map(|c| (c.refcount + planned(c.host), c))
-            .filter(|(load, _)| *load < limit)
-            .max_by_key(|(load, _)| *load)
-            .map(|(_, c)| c.host);
+        let (several_copies, copies) = planner.copies(meta, &hash)?;
+        let fullest_with_room = planner.fullest_with_room(&copies);
         if !several_copies && copies.len() > 1 {
             // Found by a look at every copy (after a reopen, the open copy
             // is not known yet): remember it, so the next write need not.
@@ -134,43 +94,150 @@ pub(super) fn classify(
             meta.dedup_set_open_copy(&hash, open);
         }
         if let Some(host) = fullest_with_room {
-            match planned_shares.iter_mut().find(|(h, _)| *h == host) {
-                Some((_, n)) => *n += 1,
-                None => planned_shares.push((host, 1)),
-            }
+            planner.plan_share(host);
             classes.push(Class::Share { host, old });
             continue;
         }
-        // A content in one copy, full only until queued decreases land,
-        // waits for the flush that lands them rather than gaining a copy.
-        // A content in several copies gains one: the flush that lands the
-        // decreases also consolidates the copies, so nothing is kept twice
-        // past it, and a write never waits for a flush there.
-        let room_after_flush = !several_copies
-            && copies
-                .iter()
-                .any(|c| c.refcount - c.released.min(c.refcount) + planned(c.host) < limit);
-        if room_after_flush {
+        if !several_copies && planner.room_after_flush(&copies) {
             return Ok(Plan {
                 classes,
                 stop: Some(Stop::FlushFirst),
             });
         }
-        storing.push(hash);
-        let another_copy = !copies.is_empty();
-        if let L2Mapping::Data { offset, .. } = old {
-            let host = g.host_cluster(offset);
-            let shared_by_plan = planned_shares.iter().any(|(h, _)| *h == host);
-            if !shared_by_plan && meta.refcount(host)? == 1 {
-                reused.push(host);
-                classes.push(Class::Reuse { host, another_copy });
-                continue;
-            }
-        }
-        classes.push(Class::Fresh { old, another_copy });
+        planner.storing.push(hash);
+        classes.push(planner.store_class(meta, old, !copies.is_empty())?);
     }
     Ok(Plan {
         classes,
         stop: None,
     })
+}
+
+/// What the clusters classified so far in one plan hold back from the
+/// next: contents being stored, shares planned per host cluster, and
+/// clusters rewritten in place.
+struct Planner {
+    geometry: Geometry,
+    limit: u64,
+    backed: bool,
+    storing: Vec<ContentHash>,
+    planned_shares: Vec<(HostCluster, u64)>,
+    reused: Vec<HostCluster>,
+}
+
+impl Planner {
+    fn new(meta: &Metadata) -> Self {
+        Self {
+            geometry: meta.header().geometry,
+            limit: meta.max_refcount(),
+            backed: meta.header().backing_file.is_some(),
+            storing: Vec::new(),
+            planned_shares: Vec::new(),
+            reused: Vec::new(),
+        }
+    }
+
+    /// A cluster of zeros: unchanged where the guest reads zeros already.
+    fn zero_class(&self, old: L2Mapping) -> Class {
+        let reads_zero = match old {
+            L2Mapping::Unallocated => !self.backed,
+            other => other.is_hole(),
+        };
+        if reads_zero {
+            Class::Unchanged
+        } else {
+            Class::Zero { old }
+        }
+    }
+
+    /// Whether the guest cluster's own data cluster holds `hash` already.
+    /// Only a data mapping reads as its cluster (a preallocated zero
+    /// cluster reads as zeros whatever its cluster holds).
+    fn holds_already(
+        &self,
+        meta: &mut Metadata,
+        old: L2Mapping,
+        hash: &ContentHash,
+    ) -> Result<bool> {
+        let L2Mapping::Data { offset, .. } = old else {
+            return Ok(false);
+        };
+        let own = self.geometry.host_cluster(offset);
+        if self.reused.contains(&own) {
+            return Ok(false);
+        }
+        meta.dedup_holds(own, hash)
+    }
+
+    /// The copies a content offers, and whether it has several: a content
+    /// in several copies offers only its open copy (the others are full); a
+    /// content in one copy offers that one. Clusters this plan rewrites in
+    /// place are left out.
+    fn copies(&self, meta: &mut Metadata, hash: &ContentHash) -> Result<(bool, Vec<StoredCopy>)> {
+        let open = meta.dedup_open_copy(hash)?;
+        let several_copies = open.is_some();
+        let mut copies = match open {
+            Some(open) => vec![open],
+            None => meta.dedup_copies(hash)?,
+        };
+        copies.retain(|c| !self.reused.contains(&c.host));
+        Ok((several_copies, copies))
+    }
+
+    /// Shares this plan already gives `host`.
+    fn planned(&self, host: HostCluster) -> u64 {
+        self.planned_shares
+            .iter()
+            .find(|(h, _)| *h == host)
+            .map_or(0, |(_, n)| *n)
+    }
+
+    /// The fullest copy that still has room for a reference.
+    fn fullest_with_room(&self, copies: &[StoredCopy]) -> Option<HostCluster> {
+        copies
+            .iter()
+            .map(|c| (c.refcount + self.planned(c.host), c))
+            .filter(|(load, _)| *load < self.limit)
+            .max_by_key(|(load, _)| *load)
+            .map(|(_, c)| c.host)
+    }
+
+    fn plan_share(&mut self, host: HostCluster) {
+        match self.planned_shares.iter_mut().find(|(h, _)| *h == host) {
+            Some((_, n)) => *n += 1,
+            None => self.planned_shares.push((host, 1)),
+        }
+    }
+
+    /// Whether a content in one copy, full only until queued decreases
+    /// land, has room after the flush that lands them: it waits for that
+    /// flush rather than gaining a copy. (A content in several copies gains
+    /// one: the flush that lands the decreases also consolidates the
+    /// copies, so nothing is kept twice past it, and a write never waits
+    /// for a flush there.)
+    fn room_after_flush(&self, copies: &[StoredCopy]) -> bool {
+        copies
+            .iter()
+            .any(|c| c.refcount - c.released.min(c.refcount) + self.planned(c.host) < self.limit)
+    }
+
+    /// Where a content to store goes: the guest cluster's own data cluster
+    /// when it holds the only reference and no share of this plan uses it,
+    /// else a fresh cluster.
+    fn store_class(
+        &mut self,
+        meta: &mut Metadata,
+        old: L2Mapping,
+        another_copy: bool,
+    ) -> Result<Class> {
+        if let L2Mapping::Data { offset, .. } = old {
+            let host = self.geometry.host_cluster(offset);
+            let shared_by_plan = self.planned_shares.iter().any(|(h, _)| *h == host);
+            if !shared_by_plan && meta.refcount(host)? == 1 {
+                self.reused.push(host);
+                return Ok(Class::Reuse { host, another_copy });
+            }
+        }
+        Ok(Class::Fresh { old, another_copy })
+    }
 }

@@ -52,6 +52,7 @@ mod resize;
 mod tables;
 mod write_back;
 
+pub(crate) use dedup_ops::StoredCopy;
 pub(crate) use tables::{read_bitmap_directory, read_snapshot_table};
 
 /// Metadata of an open image. See the module documentation.
