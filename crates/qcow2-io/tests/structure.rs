@@ -712,3 +712,59 @@ fn only_the_metadata_changes_the_block_map() {
     }
     assert!(scanned > 20, "only {scanned} files read");
 }
+
+/// Code stays in small pieces: no function of any crate is longer than 80
+/// lines, and no file of `qcow2-io` has more than 600 lines of code
+/// (tests apart).
+#[test]
+fn functions_and_files_stay_small() {
+    let mut functions = 0;
+    for (file, code) in all_sources() {
+        let lines: Vec<&str> = code.lines().collect();
+        let path = file.to_string_lossy().replace('\\', "/");
+        if path.contains("qcow2-io/src/") {
+            assert!(
+                lines.len() <= 600,
+                "{} has {} lines of code (at most 600)",
+                file.display(),
+                lines.len()
+            );
+        }
+        for (i, line) in lines.iter().enumerate() {
+            let trimmed = line.trim_start();
+            let body = trimmed
+                .strip_prefix("pub ")
+                .or_else(|| trimmed.strip_prefix("pub(crate) "))
+                .or_else(|| trimmed.strip_prefix("pub(super) "))
+                .unwrap_or(trimmed);
+            let Some(name) = body.strip_prefix("fn ") else {
+                continue;
+            };
+            // A declaration without a body (in a trait) ends at `;`.
+            let signature_end = lines[i..]
+                .iter()
+                .position(|l| l.contains('{') || l.trim_end().ends_with(';'))
+                .map(|k| lines[i + k]);
+            if signature_end.is_some_and(|l| !l.contains('{')) {
+                continue;
+            }
+            let indent = &line[..line.len() - trimmed.len()];
+            let close = format!("{indent}}}");
+            let Some(length) = lines[i..].iter().position(|l| *l == close) else {
+                continue;
+            };
+            functions += 1;
+            let name: String = name
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect();
+            assert!(
+                length < 80,
+                "{}: fn {name} is {} lines long (at most 80)",
+                file.display(),
+                length + 1
+            );
+        }
+    }
+    assert!(functions > 500, "only {functions} functions measured");
+}

@@ -36,97 +36,111 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "| job | qemu-img wall | qcow2 wall | wall ratio | qemu-img CPU | qcow2 CPU | CPU ratio |"
     );
     println!("|---|---|---|---|---|---|---|");
-    let jobs: [(&str, Vec<String>, Vec<String>); 5] = [
-        (
-            "raw → qcow2",
-            words(&format!(
-                "convert -t writeback -f raw -O qcow2 {} {}",
-                s(&raw),
-                s(&qemu_qcow2)
-            )),
-            words(&format!(
-                "convert -f raw -O qcow2 {} {}",
-                s(&raw),
-                s(&ours_qcow2)
-            )),
-        ),
-        (
-            "qcow2 → raw",
-            words(&format!(
-                "convert -t writeback -f qcow2 -O raw {} {}",
-                s(&qemu_qcow2),
-                s(&out_raw)
-            )),
-            words(&format!(
-                "convert -f qcow2 -O raw {} {}",
-                s(&qemu_qcow2),
-                s(&out_raw)
-            )),
-        ),
-        (
-            "raw → qcow2, qemu-img with `-t none` (O_DIRECT)",
-            words(&format!(
-                "convert -t none -f raw -O qcow2 {} {}",
-                s(&raw),
-                s(&qemu_qcow2)
-            )),
-            words(&format!(
-                "convert -f raw -O qcow2 {} {}",
-                s(&raw),
-                s(&ours_qcow2)
-            )),
-        ),
-        (
-            "qcow2 → raw, qemu-img with `-t none` (O_DIRECT)",
-            words(&format!(
-                "convert -t none -f qcow2 -O raw {} {}",
-                s(&qemu_qcow2),
-                s(&out_raw)
-            )),
-            words(&format!(
-                "convert -f qcow2 -O raw {} {}",
-                s(&qemu_qcow2),
-                s(&out_raw)
-            )),
-        ),
-        (
-            "raw → qcow2, ours with `-o dedup=on` (unique data)",
-            words(&format!(
-                "convert -t writeback -f raw -O qcow2 {} {}",
-                s(&raw),
-                s(&qemu_qcow2)
-            )),
-            words(&format!(
-                "convert -f raw -O qcow2 -o dedup=on {} {}",
-                s(&raw),
-                s(&dedup_qcow2)
-            )),
-        ),
-    ];
-    for (name, qemu_args, our_args) in jobs {
-        let (mut theirs, mut ours) = (Vec::new(), Vec::new());
-        for _ in 0..runs {
-            let q: Vec<&str> = qemu_args.iter().map(String::as_str).collect();
-            let o: Vec<&str> = our_args.iter().map(String::as_str).collect();
-            start_cold(&raw);
-            theirs.push(time_command("qemu-img", &q));
-            start_cold(&raw);
-            ours.push(time_command(&qcow2, &o));
-        }
-        let wall = |v: &[benches::RunTime]| median(v.iter().map(|r| r.wall).collect());
-        let cpu = |v: &[benches::RunTime]| median(v.iter().map(|r| r.cpu).collect());
-        let (tw, ow, tc, oc) = (wall(&theirs), wall(&ours), cpu(&theirs), cpu(&ours));
-        println!(
-            "| {name} | {} | {} | {:.2} | {} | {} | {:.2} |",
-            secs(tw),
-            secs(ow),
-            ow.as_secs_f64() / tw.as_secs_f64(),
-            secs(tc),
-            secs(oc),
-            oc.as_secs_f64() / tc.as_secs_f64().max(1e-9)
-        );
+    let paths = JobPaths {
+        raw: s(&raw),
+        qemu_qcow2: s(&qemu_qcow2),
+        ours_qcow2: s(&ours_qcow2),
+        dedup_qcow2: s(&dedup_qcow2),
+        out_raw: s(&out_raw),
+    };
+    for (name, qemu_args, our_args) in convert_jobs(&paths) {
+        compare_job(name, &qemu_args, &our_args, runs, &raw, &qcow2);
     }
+    dedup_figures(&dedup_qcow2)
+}
 
+/// The files the convert jobs read and write.
+struct JobPaths {
+    raw: String,
+    qemu_qcow2: String,
+    ours_qcow2: String,
+    dedup_qcow2: String,
+    out_raw: String,
+}
+
+/// Each convert job: its name, qemu-img's arguments and ours.
+fn convert_jobs(p: &JobPaths) -> Vec<(&'static str, Vec<String>, Vec<String>)> {
+    let job = |name, theirs: String, ours: String| (name, words(&theirs), words(&ours));
+    vec![
+        job(
+            "raw → qcow2",
+            format!(
+                "convert -t writeback -f raw -O qcow2 {} {}",
+                p.raw, p.qemu_qcow2
+            ),
+            format!("convert -f raw -O qcow2 {} {}", p.raw, p.ours_qcow2),
+        ),
+        job(
+            "qcow2 → raw",
+            format!(
+                "convert -t writeback -f qcow2 -O raw {} {}",
+                p.qemu_qcow2, p.out_raw
+            ),
+            format!("convert -f qcow2 -O raw {} {}", p.qemu_qcow2, p.out_raw),
+        ),
+        job(
+            "raw → qcow2, qemu-img with `-t none` (O_DIRECT)",
+            format!("convert -t none -f raw -O qcow2 {} {}", p.raw, p.qemu_qcow2),
+            format!("convert -f raw -O qcow2 {} {}", p.raw, p.ours_qcow2),
+        ),
+        job(
+            "qcow2 → raw, qemu-img with `-t none` (O_DIRECT)",
+            format!(
+                "convert -t none -f qcow2 -O raw {} {}",
+                p.qemu_qcow2, p.out_raw
+            ),
+            format!("convert -f qcow2 -O raw {} {}", p.qemu_qcow2, p.out_raw),
+        ),
+        job(
+            "raw → qcow2, ours with `-o dedup=on` (unique data)",
+            format!(
+                "convert -t writeback -f raw -O qcow2 {} {}",
+                p.raw, p.qemu_qcow2
+            ),
+            format!(
+                "convert -f raw -O qcow2 -o dedup=on {} {}",
+                p.raw, p.dedup_qcow2
+            ),
+        ),
+    ]
+}
+
+/// Runs one job `runs` times through both tools, interleaved, each run
+/// from a cold cache, and prints its row.
+fn compare_job(
+    name: &str,
+    qemu_args: &[String],
+    our_args: &[String],
+    runs: usize,
+    raw: &Path,
+    qcow2: &str,
+) {
+    let (mut theirs, mut ours) = (Vec::new(), Vec::new());
+    let q: Vec<&str> = qemu_args.iter().map(String::as_str).collect();
+    let o: Vec<&str> = our_args.iter().map(String::as_str).collect();
+    for _ in 0..runs {
+        start_cold(raw);
+        theirs.push(time_command("qemu-img", &q));
+        start_cold(raw);
+        ours.push(time_command(qcow2, &o));
+    }
+    let wall = |v: &[benches::RunTime]| median(v.iter().map(|r| r.wall).collect());
+    let cpu = |v: &[benches::RunTime]| median(v.iter().map(|r| r.cpu).collect());
+    let (tw, ow, tc, oc) = (wall(&theirs), wall(&ours), cpu(&theirs), cpu(&ours));
+    println!(
+        "| {name} | {} | {} | {:.2} | {} | {} | {:.2} |",
+        secs(tw),
+        secs(ow),
+        ow.as_secs_f64() / tw.as_secs_f64(),
+        secs(tc),
+        secs(oc),
+        oc.as_secs_f64() / tc.as_secs_f64().max(1e-9)
+    );
+}
+
+/// The dedup rows: hashing against openssl, index memory per unique
+/// cluster of the converted image, and write throughput on 1 and 2 threads.
+fn dedup_figures(dedup_qcow2: &Path) -> Result<(), Box<dyn std::error::Error>> {
     println!("\n## dedup figures\n");
     println!("| measure | value | goal |");
     println!("|---|---|---|");
@@ -139,7 +153,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         None => println!("| SHA-256 of 64 KiB clusters (openssl not found) | {ours_rate:.0} MB/s | — |"),
     }
     // A writable open builds the index whose memory is measured.
-    let image = Image::open(&dedup_qcow2, &OpenOptions::read_write())?;
+    let image = Image::open(dedup_qcow2, &OpenOptions::read_write())?;
     if let Some(stats) = image.dedup_stats()? {
         println!(
             "| index RAM per unique cluster ({} unique clusters) | {:.1} B | ≤ 16 B |",
