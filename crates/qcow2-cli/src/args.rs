@@ -63,9 +63,9 @@ pub enum Command {
 /// `qcow2 rebase [-f qcow2] [-u] [-p] [-q] -b BACKING [-F FMT] FILE`
 #[derive(Debug, Args)]
 pub struct RebaseArgs {
-    /// Image format (only qcow2).
-    #[arg(short = 'f', value_enum)]
-    pub format: Option<Qcow2Only>,
+    /// `-f qcow2`.
+    #[command(flatten)]
+    pub format: Qcow2Format,
     /// Only change the backing file name ("unsafe"): no data is compared or
     /// copied.
     #[arg(short = 'u')]
@@ -90,9 +90,9 @@ pub struct RebaseArgs {
 /// `qcow2 commit [-f qcow2] [-b BASE] [-d] [-p] [-q] FILE`
 #[derive(Debug, Args)]
 pub struct CommitArgs {
-    /// Image format (only qcow2).
-    #[arg(short = 'f', value_enum)]
-    pub format: Option<Qcow2Only>,
+    /// `-f qcow2`.
+    #[command(flatten)]
+    pub format: Qcow2Format,
     /// The image of FILE's backing chain to commit into (default: its
     /// backing file). The images between are left stale, so -b implies -d.
     #[arg(short = 'b', value_name = "BASE")]
@@ -113,9 +113,9 @@ pub struct CommitArgs {
 /// `qcow2 amend [-f qcow2] [-q] -o dedup=on|off FILE`
 #[derive(Debug, Args)]
 pub struct AmendArgs {
-    /// Image format (only qcow2).
-    #[arg(short = 'f', value_enum)]
-    pub format: Option<Qcow2Only>,
+    /// `-f qcow2`.
+    #[command(flatten)]
+    pub format: Qcow2Format,
     /// Options to change: `compat=0.10|1.1`, `lazy_refcounts=on|off`,
     /// `refcount_bits=N` (rebuilds the refcount structure), and `dedup=on`
     /// (builds the dedup table from the data) or `dedup=off` (drops it, so
@@ -153,9 +153,9 @@ pub struct SnapshotArgs {
 /// `qcow2 resize [-f qcow2] [-q] [--shrink] FILE [+|-]SIZE`
 #[derive(Debug, Args)]
 pub struct ResizeArgs {
-    /// Image format (only qcow2 is resized here).
-    #[arg(short = 'f', value_enum)]
-    pub format: Option<Qcow2Only>,
+    /// `-f qcow2`.
+    #[command(flatten)]
+    pub format: Qcow2Format,
     /// Allow a smaller size (asked for explicitly, as qemu-img asks).
     #[arg(long)]
     pub shrink: bool,
@@ -167,6 +167,24 @@ pub struct ResizeArgs {
     /// The new size, or `+SIZE` / `-SIZE` relative to the current one.
     #[arg(allow_hyphen_values = true)]
     pub size: SizeChange,
+}
+
+/// `-f qcow2`, on the commands that handle qcow2 images only: the one
+/// value accepted, for scripts written for qemu-img.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct Qcow2Format {
+    /// Image format (only qcow2).
+    #[arg(short = 'f', id = "format", value_name = "FORMAT", value_enum)]
+    pub value: Option<Qcow2Only>,
+}
+
+/// `-f FMT`, on the commands that read raw or qcow2 images: the format,
+/// probed from the content when not given.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct SourceFormat {
+    /// Image format (probed from the content when not given).
+    #[arg(short = 'f', id = "format", value_name = "FORMAT", value_enum)]
+    pub value: Option<ImageFormat>,
 }
 
 /// `-U` / `--force-share`, on every command that only reads an image.
@@ -298,9 +316,9 @@ pub struct InfoArgs {
     /// `-U`.
     #[command(flatten)]
     pub share: ForceShare,
-    /// Image format (probed from the content when not given).
-    #[arg(short = 'f', value_enum)]
-    pub format: Option<ImageFormat>,
+    /// `-f FMT`.
+    #[command(flatten)]
+    pub format: SourceFormat,
     /// `--output`.
     #[command(flatten)]
     pub output: Output,
@@ -320,9 +338,9 @@ pub struct CheckArgs {
     /// `-U`.
     #[command(flatten)]
     pub share: ForceShare,
-    /// Image format (checks exist for qcow2 only).
-    #[arg(short = 'f', value_enum)]
-    pub format: Option<Qcow2Only>,
+    /// `-f qcow2`.
+    #[command(flatten)]
+    pub format: Qcow2Format,
     /// `--output`.
     #[command(flatten)]
     pub output: Output,
@@ -414,9 +432,9 @@ pub struct MeasureArgs {
     /// `--output`.
     #[command(flatten)]
     pub output: Output,
-    /// Source format (probed when not given).
-    #[arg(short = 'f', value_enum)]
-    pub format: Option<ImageFormat>,
+    /// `-f FMT`.
+    #[command(flatten)]
+    pub format: SourceFormat,
     /// Target format.
     #[arg(short = 'O', value_enum, default_value = "raw")]
     pub target_format: ImageFormat,
@@ -445,9 +463,9 @@ pub struct MapArgs {
     /// `-U`.
     #[command(flatten)]
     pub share: ForceShare,
-    /// Image format (probed when not given).
-    #[arg(short = 'f', value_enum)]
-    pub format: Option<ImageFormat>,
+    /// `-f FMT`.
+    #[command(flatten)]
+    pub format: SourceFormat,
     /// `--output`.
     #[command(flatten)]
     pub output: Output,
@@ -493,9 +511,9 @@ pub struct CompareArgs {
 /// content of an earlier one, the rest unique.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Image format (probed when not given).
-    #[arg(short = 'f', value_enum)]
-    pub format: Option<ImageFormat>,
+    /// `-f FMT`.
+    #[command(flatten)]
+    pub format: SourceFormat,
     /// Cache mode of the image file.
     #[arg(short = 't', value_enum, default_value = "writeback")]
     pub cache: SourceCache,

@@ -15,7 +15,7 @@ use crate::image_options::parse_amend_options;
 /// Runs the command.
 pub fn run(args: &AmendArgs) -> Result<u8, CliError> {
     let path = args.file.as_path();
-    if args.format.is_some() {
+    if args.format.value.is_some() {
         resolve_format(path, Some(ImageFormat::Qcow2))?;
     }
     let (amend, dedup) = parse_amend_options(&args.options)?;

@@ -188,7 +188,7 @@ fn open(path: &Path, args: &BenchArgs) -> Result<Device, CliError> {
     if args.cache == SourceCache::None {
         file = file.with_direct_io(p, args.write);
     }
-    Ok(match resolve_format(path, args.format)? {
+    Ok(match resolve_format(path, args.format.value)? {
         ImageFormat::Raw => Device::Raw(file),
         ImageFormat::Qcow2 => {
             let options = if args.write {

@@ -18,7 +18,7 @@ use crate::qemu_json::to_qemu_json;
 /// Runs the command.
 pub fn run(args: &CheckArgs) -> Result<u8, CliError> {
     let path = args.file.as_path();
-    if args.format.is_some() {
+    if args.format.value.is_some() {
         resolve_format(path, Some(ImageFormat::Qcow2))?;
     } else if detect_format(path)? == ImageFormat::Raw {
         // qemu-img's exit status for a format without checks.

@@ -72,7 +72,7 @@ fn allocated(layers: &[&Image], path: &Path) -> Result<Vec<(u64, u64)>, CliError
 /// Runs the command.
 pub fn run(args: &CommitArgs) -> Result<u8, CliError> {
     let path = args.file.as_path();
-    if args.format.is_some() {
+    if args.format.value.is_some() {
         resolve_format(path, Some(ImageFormat::Qcow2))?;
     }
     let wanted = args

@@ -24,7 +24,7 @@ use crate::snapshot_list::{icount, print_snapshot_table};
 pub fn run(args: &InfoArgs) -> Result<u8, CliError> {
     let json = args.output.format == OutputFormat::Json;
     let mut path = args.file.clone();
-    let mut format = resolve_format(&path, args.format)?;
+    let mut format = resolve_format(&path, args.format.value)?;
     let mut values = Vec::new();
     for depth in 0.. {
         if depth > qcow2_io::backing::MAX_CHAIN_DEPTH {

@@ -172,7 +172,7 @@ fn layer_names(image: &Image, path: &Path) -> Vec<String> {
 /// Runs the command.
 pub fn run(args: &MapArgs) -> Result<u8, CliError> {
     let path = args.file.as_path();
-    let (extents, names) = match resolve_format(path, args.format)? {
+    let (extents, names) = match resolve_format(path, args.format.value)? {
         ImageFormat::Qcow2 => {
             let options = OpenOptions {
                 force_share: args.share.force_share,

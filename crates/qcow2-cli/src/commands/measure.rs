@@ -126,7 +126,7 @@ pub fn run(args: &MeasureArgs) -> Result<u8, CliError> {
     let source = match &args.file {
         Some(path) => Some(Disk::open_at(
             path,
-            args.format,
+            args.format.value,
             false,
             args.share.force_share,
             args.snapshot.as_deref(),

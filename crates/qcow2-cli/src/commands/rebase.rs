@@ -13,7 +13,7 @@ use crate::progress::Progress;
 /// Runs the command.
 pub fn run(args: &RebaseArgs) -> Result<u8, CliError> {
     let path = args.file.as_path();
-    if args.format.is_some() {
+    if args.format.value.is_some() {
         resolve_format(path, Some(ImageFormat::Qcow2))?;
     }
     let backing = if args.backing.is_empty() {

@@ -10,7 +10,7 @@ use crate::output::say;
 /// Runs the command.
 pub fn run(args: &ResizeArgs) -> Result<u8, CliError> {
     let path = args.file.as_path();
-    if args.format.is_some() {
+    if args.format.value.is_some() {
         resolve_format(path, Some(ImageFormat::Qcow2))?;
     }
     let image = Image::open(path, &OpenOptions::read_write()).map_err(CliError::image(path))?;
