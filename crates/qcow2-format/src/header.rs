@@ -8,8 +8,8 @@ use crate::dedup::DedupExtension;
 use crate::extensions::{encode_extensions, parse_extensions, FeatureName, HeaderExtension};
 use crate::features::{self, FeatureKind};
 use crate::{
-    FormatError, Geometry, Result, MAX_BACKING_NAME, MAX_L1_BYTES, MAX_REFCOUNT_TABLE_BYTES,
-    MAX_SNAPSHOTS, QCOW2_MAGIC,
+    FormatError, Geometry, HostOffset, Result, MAX_BACKING_NAME, MAX_L1_BYTES,
+    MAX_REFCOUNT_TABLE_BYTES, MAX_SNAPSHOTS, QCOW2_MAGIC,
 };
 
 /// Length of a version 2 header.
@@ -99,15 +99,15 @@ pub struct Header {
     /// Entries of the active L1 table.
     pub l1_size: u32,
     /// Offset of the active L1 table.
-    pub l1_table_offset: u64,
+    pub l1_table_offset: HostOffset,
     /// Offset of the refcount table.
-    pub refcount_table_offset: u64,
+    pub refcount_table_offset: HostOffset,
     /// Clusters the refcount table occupies.
     pub refcount_table_clusters: u32,
     /// Number of internal snapshots.
     pub nb_snapshots: u32,
     /// Offset of the snapshot table.
-    pub snapshots_offset: u64,
+    pub snapshots_offset: HostOffset,
     /// Incompatible feature bits (v3).
     pub incompatible_features: u64,
     /// Compatible feature bits (v3).
@@ -212,11 +212,11 @@ impl Header {
             geometry,
             size: v2.size.get(),
             l1_size: v2.l1_size.get(),
-            l1_table_offset: v2.l1_table_offset.get(),
-            refcount_table_offset: v2.refcount_table_offset.get(),
+            l1_table_offset: HostOffset::new(v2.l1_table_offset.get()),
+            refcount_table_offset: HostOffset::new(v2.refcount_table_offset.get()),
             refcount_table_clusters: v2.refcount_table_clusters.get(),
             nb_snapshots: v2.nb_snapshots.get(),
-            snapshots_offset: v2.snapshots_offset.get(),
+            snapshots_offset: HostOffset::new(v2.snapshots_offset.get()),
             incompatible_features: incompatible,
             compatible_features: compatible,
             autoclear_features: autoclear,
@@ -272,8 +272,8 @@ impl Header {
             });
         }
         if self.l1_size > 0 {
-            aligned(g, "L1 table", self.l1_table_offset)?;
-            if self.l1_table_offset == 0 {
+            aligned(g, "L1 table", self.l1_table_offset.get())?;
+            if self.l1_table_offset.get() == 0 {
                 return Err(FormatError::Unaligned {
                     what: "L1 table (at the header)",
                     offset: 0,
@@ -281,7 +281,7 @@ impl Header {
             }
             past_end(
                 "L1 table",
-                self.l1_table_offset,
+                self.l1_table_offset.get(),
                 u64::from(self.l1_size) * 8,
                 file_size,
             )?;
@@ -304,8 +304,8 @@ impl Header {
             });
         }
         if self.nb_snapshots > 0 {
-            aligned(g, "snapshot table", self.snapshots_offset)?;
-            past_end("snapshot table", self.snapshots_offset, 40, file_size)?;
+            aligned(g, "snapshot table", self.snapshots_offset.get())?;
+            past_end("snapshot table", self.snapshots_offset.get(), 40, file_size)?;
         }
         if let Some(dedup) = self.dedup_extension() {
             dedup.validate(g, file_size)?;
@@ -321,8 +321,8 @@ impl Header {
         if rt_clusters == 0 {
             return Err(FormatError::NoRefcountTable);
         }
-        aligned(g, "refcount table", self.refcount_table_offset)?;
-        if self.refcount_table_offset == 0 {
+        aligned(g, "refcount table", self.refcount_table_offset.get())?;
+        if self.refcount_table_offset.get() == 0 {
             return Err(FormatError::Unaligned {
                 what: "refcount table (at the header)",
                 offset: 0,
@@ -330,7 +330,7 @@ impl Header {
         }
         past_end(
             "refcount table",
-            self.refcount_table_offset,
+            self.refcount_table_offset.get(),
             rt_clusters.saturating_mul(g.cluster_size()),
             file_size,
         )
@@ -461,11 +461,11 @@ impl Header {
             size: self.size.into(),
             crypt_method: 0.into(),
             l1_size: self.l1_size.into(),
-            l1_table_offset: self.l1_table_offset.into(),
-            refcount_table_offset: self.refcount_table_offset.into(),
+            l1_table_offset: self.l1_table_offset.get().into(),
+            refcount_table_offset: self.refcount_table_offset.get().into(),
             refcount_table_clusters: self.refcount_table_clusters.into(),
             nb_snapshots: self.nb_snapshots.into(),
-            snapshots_offset: self.snapshots_offset.into(),
+            snapshots_offset: self.snapshots_offset.get().into(),
         };
         let header_length = if self.version == 2 {
             V2_HEADER_LEN
@@ -624,11 +624,11 @@ mod tests {
             geometry: g,
             size: 1 << 30,
             l1_size: 2,
-            l1_table_offset: 0x30000,
-            refcount_table_offset: 0x10000,
+            l1_table_offset: HostOffset::new(0x30000),
+            refcount_table_offset: HostOffset::new(0x10000),
             refcount_table_clusters: 1,
             nb_snapshots: 0,
-            snapshots_offset: 0,
+            snapshots_offset: HostOffset::new(0),
             incompatible_features: 0,
             compatible_features: 0,
             autoclear_features: 0,

@@ -57,7 +57,7 @@ fn make_leaky_image() -> Result<std::path::PathBuf, Box<dyn std::error::Error>> 
         use std::io::{Read, Seek, SeekFrom};
         let mut file = std::fs::File::open(&path)?;
         let mut entry = [0u8; 8];
-        file.seek(SeekFrom::Start(header.refcount_table_offset))?;
+        file.seek(SeekFrom::Start(header.refcount_table_offset.get()))?;
         file.read_exact(&mut entry)?;
         u64::from_be_bytes(entry)
     };

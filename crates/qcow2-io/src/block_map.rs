@@ -38,11 +38,11 @@ impl BlockMap {
     pub(crate) fn load(storage: &dyn Storage, header: &Header, cache_bytes: u64) -> Result<Self> {
         let mut raw = vec![0u8; header.l1_size as usize * 8];
         storage
-            .read_at(&mut raw, header.l1_table_offset)
+            .read_at(&mut raw, header.l1_table_offset.get())
             .map_err(ImageError::io("reading the L1 table"))?;
         Ok(Self::new(
             header,
-            HostOffset::new(header.l1_table_offset),
+            header.l1_table_offset,
             decode_u64s(&raw),
             cache_bytes,
         ))

@@ -169,7 +169,11 @@ fn walk(parts: &mut MetadataParts<'_>) -> Result<Walk> {
     }
     let l1_bytes = u64::from(header.l1_size) * 8;
     if l1_bytes > 0 {
-        walk.reference(header.l1_table_offset, g.count_for(l1_bytes), "L1 table");
+        walk.reference(
+            header.l1_table_offset.get(),
+            g.count_for(l1_bytes),
+            "L1 table",
+        );
     }
     if let Some(d) = parts.dedup.as_ref() {
         for (first, n) in d.metadata_clusters() {
@@ -426,7 +430,7 @@ fn walk_snapshots(parts: &mut MetadataParts<'_>, walk: &mut Walk, file_size: u64
     };
     let table_len: u64 = snapshots.iter().map(|s| s.encoded_len() as u64).sum();
     walk.reference(
-        header.snapshots_offset,
+        header.snapshots_offset.get(),
         g.count_for(table_len),
         "snapshot table",
     );

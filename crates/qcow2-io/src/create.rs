@@ -47,7 +47,7 @@ pub(crate) fn create(
         .count_for(u64::from(header.l1_size) * 8)
         .max(ClusterCount::ONE);
     let l1_offset = geometry.host_offset(alloc.allocate_contiguous(&*storage, l1_clusters)?);
-    header.l1_table_offset = l1_offset.get();
+    header.l1_table_offset = l1_offset;
     storage
         .write_at(
             &vec![0u8; geometry.bytes(l1_clusters) as usize],
@@ -97,11 +97,11 @@ fn new_header(options: &CreateOptions) -> Result<Header> {
         geometry,
         size,
         l1_size: l1_entries as u32,
-        l1_table_offset: 0,
-        refcount_table_offset: cs,
+        l1_table_offset: HostOffset::new(0),
+        refcount_table_offset: HostOffset::new(cs),
         refcount_table_clusters: 1,
         nb_snapshots: 0,
-        snapshots_offset: 0,
+        snapshots_offset: HostOffset::new(0),
         incompatible_features: if options.compression == Compression::Zstd {
             INCOMPAT_COMPRESSION_TYPE
         } else {

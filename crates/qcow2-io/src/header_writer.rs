@@ -32,7 +32,7 @@ impl RefcountTableHeader for HeaderWriter {
         offset: HostOffset,
         clusters: u32,
     ) -> std::io::Result<()> {
-        self.header.refcount_table_offset = offset.get();
+        self.header.refcount_table_offset = offset;
         self.header.refcount_table_clusters = clusters;
         storage.write_at(
             &encode_refcount_table_fields(offset.get(), clusters),
@@ -69,7 +69,7 @@ impl HeaderWriter {
         storage: &dyn Storage,
         refcount_table: RefcountTableLocation,
     ) -> Result<()> {
-        self.header.refcount_table_offset = refcount_table.offset.get();
+        self.header.refcount_table_offset = refcount_table.offset;
         self.header.refcount_table_clusters = refcount_table.clusters;
         let bytes = self.header.encode()?;
         storage
@@ -191,7 +191,7 @@ impl HeaderWriter {
         virtual_size: u64,
     ) -> Result<()> {
         self.update(storage, at, |h| {
-            h.l1_table_offset = l1.get();
+            h.l1_table_offset = l1;
             h.l1_size = l1_entries;
             h.size = virtual_size;
             true
@@ -209,7 +209,7 @@ impl HeaderWriter {
     ) -> Result<()> {
         self.update(storage, at, |h| {
             h.nb_snapshots = count;
-            h.snapshots_offset = offset.get();
+            h.snapshots_offset = offset;
             true
         })
     }

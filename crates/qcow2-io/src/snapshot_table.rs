@@ -100,7 +100,7 @@ pub(crate) fn view_at(storage: &dyn Storage, header: &mut Header, id_or_name: &s
     check_l1_inside(storage, snapshot)?;
     // The virtual size stays the image's own, as qemu-img convert -l reads
     // a snapshot: what lies past the snapshot's L1 reads as zeros.
-    header.l1_table_offset = snapshot.l1_table_offset;
+    header.l1_table_offset = HostOffset::new(snapshot.l1_table_offset);
     header.l1_size = snapshot.l1_size;
     Ok(())
 }

@@ -279,7 +279,7 @@ fn our_repair_keeps_a_damaged_dedup_image_deduplicating() {
     let first = image.map().unwrap()[0].host_offset.unwrap() / 4096;
     drop(image);
     let mut bytes = storage.to_bytes();
-    let table = header.refcount_table_offset as usize;
+    let table = header.refcount_table_offset.get() as usize;
     let block = u64::from_be_bytes(bytes[table..table + 8].try_into().unwrap()) as usize;
     bytes[block + first as usize * 2..block + first as usize * 2 + 2]
         .copy_from_slice(&5u16.to_be_bytes());

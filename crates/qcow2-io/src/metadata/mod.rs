@@ -97,7 +97,7 @@ impl Metadata {
             RefcountsConfig {
                 geometry: header.geometry,
                 width: RefcountWidth::new(header.refcount_order)?,
-                table_offset: HostOffset::new(header.refcount_table_offset),
+                table_offset: header.refcount_table_offset,
                 table_clusters: header.refcount_table_clusters,
                 cache_bytes: refcount_cache_bytes,
             },
@@ -121,12 +121,7 @@ impl Metadata {
         l2_cache_bytes: u64,
     ) -> Self {
         let l1 = vec![0; header.l1_size as usize];
-        let map = BlockMap::new(
-            &header,
-            HostOffset::new(header.l1_table_offset),
-            l1,
-            l2_cache_bytes,
-        );
+        let map = BlockMap::new(&header, header.l1_table_offset, l1, l2_cache_bytes);
         Self::assemble(storage, header, map, alloc, None)
     }
 
@@ -395,7 +390,7 @@ impl Metadata {
         self.header.set_l1(
             &*self.storage,
             location,
-            HostOffset::new(header.l1_table_offset),
+            header.l1_table_offset,
             header.l1_size,
             size,
         )
@@ -500,7 +495,6 @@ impl HoldsMetadata for FixedMetadata<'_> {
     fn holds_metadata(&self, cluster: HostCluster) -> bool {
         let h = self.0;
         cluster.get() == 0
-            || (h.nb_snapshots > 0
-                && cluster == h.geometry.host_cluster(HostOffset::new(h.snapshots_offset)))
+            || (h.nb_snapshots > 0 && cluster == h.geometry.host_cluster(h.snapshots_offset))
     }
 }

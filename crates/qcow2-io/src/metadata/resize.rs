@@ -29,7 +29,7 @@ impl Metadata {
         let old_entries = u64::from(header.l1_size);
         let capacity = g.align_up(old_entries * 8) / 8;
         let location = self.alloc.table_location();
-        if needed > capacity || (header.l1_table_offset == 0 && needed > 0) {
+        if needed > capacity || (header.l1_table_offset == HostOffset::new(0) && needed > 0) {
             let clusters = g.count_for(needed * 8).max(ClusterCount::ONE);
             let new = g.host_offset(self.alloc.allocate_contiguous(&*self.storage, clusters)?);
             let mut table = self.map.l1().to_vec();
@@ -43,8 +43,8 @@ impl Metadata {
             self.header
                 .set_l1(&*self.storage, location, new, needed as u32, new_size)?;
             self.map.replace_l1(new, needed as usize);
-            if header.l1_table_offset != 0 {
-                let old = HostOffset::new(header.l1_table_offset);
+            if header.l1_table_offset != HostOffset::new(0) {
+                let old = header.l1_table_offset;
                 for cluster in g.host_cluster(old).run(g.count_for(old_entries * 8)) {
                     self.alloc.drop_reference(&*self.storage, cluster)?;
                 }
@@ -53,7 +53,7 @@ impl Metadata {
             if needed > old_entries {
                 let zeros = vec![0u8; ((needed - old_entries) * 8) as usize];
                 self.storage
-                    .write_at(&zeros, header.l1_table_offset + old_entries * 8)
+                    .write_at(&zeros, (header.l1_table_offset + old_entries * 8).get())
                     .map_err(ImageError::io("extending the L1 table"))?;
                 self.sync("syncing the L1 table")?;
             }
@@ -61,7 +61,7 @@ impl Metadata {
             self.header.set_l1(
                 &*self.storage,
                 location,
-                HostOffset::new(header.l1_table_offset),
+                header.l1_table_offset,
                 entries as u32,
                 new_size,
             )?;

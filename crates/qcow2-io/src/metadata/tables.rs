@@ -61,10 +61,10 @@ pub(crate) fn read_snapshot_table(storage: &dyn Storage, header: &Header) -> Res
         .len()
         .map_err(ImageError::io("reading the image size"))?;
     let max_entry = 40 + 1024 + 2 * 65535 + 8u64;
-    let len = (u64::from(n) * max_entry).min(file_size.saturating_sub(offset));
+    let len = (u64::from(n) * max_entry).min(file_size.saturating_sub(offset.get()));
     let mut table = vec![0u8; len as usize];
     storage
-        .read_at(&mut table, offset)
+        .read_at(&mut table, offset.get())
         .map_err(ImageError::io("reading the snapshot table"))?;
     Ok(parse_snapshot_table(&table, n, header.geometry)?)
 }
@@ -102,10 +102,8 @@ impl Metadata {
             let old_len: u64 = read_snapshot_table(&*self.storage, &old)
                 .map(|t| t.iter().map(|s| s.encoded_len() as u64).sum())
                 .unwrap_or(0);
-            self.alloc.release_run(
-                HostOffset::new(old.snapshots_offset),
-                self.geometry.count_for(old_len),
-            );
+            self.alloc
+                .release_run(old.snapshots_offset, self.geometry.count_for(old_len));
         }
         Ok(())
     }
