@@ -3,7 +3,7 @@
 use zerocopy::byteorder::big_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use crate::{FormatError, Geometry, Result};
+use crate::{FormatError, Geometry, HostOffset, Result};
 
 #[repr(C)]
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
@@ -27,7 +27,7 @@ pub const MAX_EXTRA_DATA: u32 = 1024;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
     /// Cluster-aligned offset of the snapshot's L1 table.
-    pub l1_table_offset: u64,
+    pub l1_table_offset: HostOffset,
     /// Entries of that L1 table.
     pub l1_size: u32,
     /// Unique ID string.
@@ -60,7 +60,7 @@ impl Snapshot {
     /// Serialises the entry, padded to a multiple of 8.
     pub fn encode(&self) -> Vec<u8> {
         let raw = RawSnapshotHeader {
-            l1_table_offset: self.l1_table_offset.into(),
+            l1_table_offset: self.l1_table_offset.get().into(),
             l1_size: self.l1_size.into(),
             id_str_size: (self.id.len() as u16).into(),
             name_size: (self.name.len() as u16).into(),
@@ -125,7 +125,7 @@ pub fn parse_snapshot_table(table: &[u8], count: u32, geometry: Geometry) -> Res
         };
         let strings = &rest[strings_start..total];
         out.push(Snapshot {
-            l1_table_offset,
+            l1_table_offset: HostOffset::new(l1_table_offset),
             l1_size: raw.l1_size.get(),
             id: String::from_utf8_lossy(&strings[..id_len]).into_owned(),
             name: String::from_utf8_lossy(&strings[id_len..]).into_owned(),
@@ -149,7 +149,7 @@ mod tests {
         let mut extra = 0u64.to_be_bytes().to_vec();
         extra.extend_from_slice(&(1u64 << 30).to_be_bytes());
         Snapshot {
-            l1_table_offset: 0x50000,
+            l1_table_offset: HostOffset::new(0x50000),
             l1_size: 2,
             id: "1".into(),
             name: "before-upgrade".into(),

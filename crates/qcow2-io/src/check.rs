@@ -436,7 +436,7 @@ fn walk_snapshots(parts: &mut MetadataParts<'_>, walk: &mut Walk, file_size: u64
     );
     for s in snapshots {
         let bytes = u64::from(s.l1_size) * 8;
-        if s.l1_table_offset.saturating_add(bytes) > file_size {
+        if s.l1_table_offset.get().saturating_add(bytes) > file_size {
             walk.finding(
                 FindingKind::Corruption,
                 format!(
@@ -446,11 +446,15 @@ fn walk_snapshots(parts: &mut MetadataParts<'_>, walk: &mut Walk, file_size: u64
             );
             continue;
         }
-        walk.reference(s.l1_table_offset, g.count_for(bytes), "snapshot L1 table");
+        walk.reference(
+            s.l1_table_offset.get(),
+            g.count_for(bytes),
+            "snapshot L1 table",
+        );
         let mut raw = vec![0u8; bytes as usize];
         parts
             .storage
-            .read_at(&mut raw, s.l1_table_offset)
+            .read_at(&mut raw, s.l1_table_offset.get())
             .map_err(ImageError::io("reading a snapshot L1 table"))?;
         let l1 = qcow2_format::table::decode_u64s(&raw);
         walk_l1(parts, walk, &l1, false)?;

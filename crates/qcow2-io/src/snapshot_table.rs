@@ -81,7 +81,7 @@ pub(crate) fn check_l1_inside(storage: &dyn Storage, snapshot: &Snapshot) -> Res
         .len()
         .map_err(ImageError::io("reading the image size"))?;
     let bytes = u64::from(snapshot.l1_size) * 8;
-    if snapshot.l1_table_offset.saturating_add(bytes) > file_size {
+    if snapshot.l1_table_offset.get().saturating_add(bytes) > file_size {
         return Err(ImageError::Corrupt(format!(
             "the L1 table of snapshot {} lies past the end of the file",
             snapshot.id
@@ -100,7 +100,7 @@ pub(crate) fn view_at(storage: &dyn Storage, header: &mut Header, id_or_name: &s
     check_l1_inside(storage, snapshot)?;
     // The virtual size stays the image's own, as qemu-img convert -l reads
     // a snapshot: what lies past the snapshot's L1 reads as zeros.
-    header.l1_table_offset = HostOffset::new(snapshot.l1_table_offset);
+    header.l1_table_offset = snapshot.l1_table_offset;
     header.l1_size = snapshot.l1_size;
     Ok(())
 }
@@ -112,7 +112,7 @@ pub(crate) fn snapshot_l1(meta: &Metadata, snapshot: &Snapshot) -> Result<Vec<u6
     let bytes = u64::from(snapshot.l1_size) * 8;
     let mut raw = vec![0u8; bytes as usize];
     storage
-        .read_at(&mut raw, snapshot.l1_table_offset)
+        .read_at(&mut raw, snapshot.l1_table_offset.get())
         .map_err(ImageError::io("reading a snapshot L1 table"))?;
     Ok(decode_u64s(&raw))
 }
@@ -144,7 +144,7 @@ pub(crate) fn new_entry(
     extra.extend_from_slice(&disk_size.to_be_bytes());
     extra.extend_from_slice(&0u64.to_be_bytes());
     Snapshot {
-        l1_table_offset: l1.get(),
+        l1_table_offset: l1,
         l1_size,
         id,
         name: name.to_string(),

@@ -103,7 +103,7 @@ impl Image {
             .collect();
         let l1_offset = meta.write_new_table(&copy)?;
         let entry = Snapshot {
-            l1_table_offset: l1_offset.get(),
+            l1_table_offset: l1_offset,
             ..entry
         };
         snapshots.push(entry.clone());
@@ -166,7 +166,7 @@ impl Image {
         let l1_clusters = g.count_for(u64::from(snapshot.l1_size) * 8);
         if snapshot.l1_size > 0 {
             references.extend(
-                g.host_cluster(HostOffset::new(snapshot.l1_table_offset))
+                g.host_cluster(snapshot.l1_table_offset)
                     .run(l1_clusters)
                     .map(|c| (c, 1)),
             );
