@@ -44,12 +44,7 @@ pub trait Storage: Send + Sync {
     /// storage, so concurrent extensions cannot undo each other. The
     /// default writes the range's last block of zeros.
     fn extend_zeroed(&self, offset: u64, len: u64) -> io::Result<()> {
-        let block = len.min(DIRECT_IO_ALIGN as u64);
-        let zeros = AlignedBuf::new(block as usize, block as usize);
-        self.write_at(
-            zeros.as_slice(),
-            offset.saturating_add(len).saturating_sub(block),
-        )
+        write_last_zero_block(self, offset, len)
     }
     /// Takes QEMU's image locks for `access` (see [`crate::lock`]), held
     /// until the storage is dropped. Returns whether the storage has such
@@ -68,6 +63,22 @@ pub trait Storage: Send + Sync {
         let _ = (offset, len);
         Ok(())
     }
+}
+
+/// Extends `storage` over `[offset, offset + len)` by writing the range's
+/// last block of zeros (aligned for direct I/O); the rest reads as zeros
+/// past the old end. [`Storage::extend_zeroed`] where nothing is reserved.
+fn write_last_zero_block<S: Storage + ?Sized>(
+    storage: &S,
+    offset: u64,
+    len: u64,
+) -> io::Result<()> {
+    let block = len.min(DIRECT_IO_ALIGN as u64);
+    let zeros = AlignedBuf::new(block as usize, block as usize);
+    storage.write_at(
+        zeros.as_slice(),
+        offset.saturating_add(len).saturating_sub(block),
+    )
 }
 
 /// Alignment of memory, offset and length that direct I/O needs (the
@@ -319,14 +330,7 @@ impl Storage for FileStorage {
         use rustix::fs::{fallocate, FallocateFlags};
         match fallocate(&self.file, FallocateFlags::empty(), offset, len) {
             Ok(()) => Ok(()),
-            Err(rustix::io::Errno::OPNOTSUPP) => {
-                let block = len.min(DIRECT_IO_ALIGN as u64);
-                let zeros = AlignedBuf::new(block as usize, block as usize);
-                self.write_at(
-                    zeros.as_slice(),
-                    offset.saturating_add(len).saturating_sub(block),
-                )
-            }
+            Err(rustix::io::Errno::OPNOTSUPP) => write_last_zero_block(self, offset, len),
             Err(e) => Err(e.into()),
         }
     }
