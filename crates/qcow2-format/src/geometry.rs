@@ -87,16 +87,6 @@ impl Geometry {
         offset & !(self.cluster_size() - 1)
     }
 
-    /// L1 index of guest offset `guest`.
-    pub const fn l1_index(self, guest: u64) -> u64 {
-        guest / self.l2_coverage()
-    }
-
-    /// L2 index of guest offset `guest` within its L2 table.
-    pub const fn l2_index(self, guest: u64) -> u64 {
-        (guest >> self.cluster_bits) % self.l2_entries()
-    }
-
     /// L1 entries needed to map a virtual disk of `size` bytes.
     pub const fn l1_entries_for(self, size: u64) -> u64 {
         size.div_ceil(self.l2_coverage())
@@ -142,8 +132,6 @@ mod tests {
         assert_eq!(g.l2_entries(), 8192);
         assert_eq!(g.l2_coverage(), 512 << 20);
         let guest = (512 << 20) + 3 * 65536 + 17;
-        assert_eq!(g.l1_index(guest), 1);
-        assert_eq!(g.l2_index(guest), 3);
         assert_eq!(g.offset_in_cluster(guest), 17);
         assert_eq!(g.l1_entries_for(1 << 30), 2);
         assert_eq!(g.l1_entries_for((1 << 30) + 1), 3);

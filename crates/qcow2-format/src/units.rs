@@ -205,6 +205,16 @@ impl Geometry {
     pub const fn count_for(self, bytes: u64) -> ClusterCount {
         ClusterCount(self.clusters_for(bytes))
     }
+
+    /// L1 index of guest offset `guest`.
+    pub const fn l1_index(self, guest: GuestOffset) -> u64 {
+        guest.0 / self.l2_coverage()
+    }
+
+    /// L2 index of guest offset `guest` within its L2 table.
+    pub const fn l2_index(self, guest: GuestOffset) -> u64 {
+        (guest.0 >> self.cluster_bits()) % self.l2_entries()
+    }
 }
 
 #[cfg(test)]
@@ -227,6 +237,9 @@ mod tests {
         assert_eq!(g.count_for(65537), ClusterCount::new(2));
         let run: Vec<u64> = c.run(ClusterCount::new(3)).map(HostCluster::get).collect();
         assert_eq!(run, [3, 4, 5]);
+        let guest = GuestOffset::new((512 << 20) + 3 * 65536 + 17);
+        assert_eq!(g.l1_index(guest), 1);
+        assert_eq!(g.l2_index(guest), 3);
     }
 
     #[test]

@@ -16,18 +16,9 @@ use qcow2_format::features::{
 use qcow2_format::header::{V2_HEADER_LEN, V3_HEADER_LEN};
 use qcow2_format::Header;
 
-use crate::{Compat, Image, ImageError, Result};
-
-/// What [`Image::amend`] changes; `None` keeps the current value.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct AmendOptions {
-    /// `compat=0.10` (version 2) or `compat=1.1` (version 3).
-    pub compat: Option<Compat>,
-    /// `lazy_refcounts=on|off` (version 3 only).
-    pub lazy_refcounts: Option<bool>,
-    /// `refcount_bits=1|2|4|8|16|32|64` (other than 16: version 3 only).
-    pub refcount_bits: Option<u32>,
-}
+use crate::amend_options::AmendOptions;
+use crate::image::Device;
+use crate::{Compat, ImageError, Result};
 
 fn refused(reason: impl Into<String>) -> ImageError {
     ImageError::InvalidOption(reason.into())
@@ -54,14 +45,8 @@ fn v2_obstacle(header: &Header, lazy: bool, refcount_order: u32) -> Option<&'sta
     }
 }
 
-impl Image {
-    /// Changes the image's format options in place (see [`AmendOptions`]).
-    /// Refused, with nothing written, where the result would not be a
-    /// valid image: version 2 with dedup, extended L2, zstd, lazy
-    /// refcounts or a refcount width other than 16; a refcount width too
-    /// narrow for a refcount the image holds (or 1 bit on a dedup image).
-    /// Downgrading turns zero clusters into what version 2 can express.
-    pub fn amend(&mut self, options: &AmendOptions) -> Result<()> {
+impl Device {
+    pub(crate) fn amend(&mut self, options: &AmendOptions) -> Result<()> {
         let header = self.header();
         let Target {
             version,
@@ -105,11 +90,8 @@ struct Target {
     order: u32,
 }
 
-impl Image {
-    /// Whether [`Image::amend`] with `options` would be accepted, checked
-    /// without writing anything; with `without_dedup`, as if deduplication
-    /// had been turned off first (`amend -o dedup=off,compat=0.10`).
-    pub fn check_amend(&self, options: &AmendOptions, without_dedup: bool) -> Result<()> {
+impl Device {
+    pub(crate) fn check_amend(&self, options: &AmendOptions, without_dedup: bool) -> Result<()> {
         self.check_amend_target(options, without_dedup).map(drop)
     }
 

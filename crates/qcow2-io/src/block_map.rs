@@ -151,11 +151,11 @@ impl BlockMap {
         decode: fn(L2Entry, L2Format) -> qcow2_format::Result<L2Mapping>,
     ) -> Result<(L2Mapping, SubclusterBitmap)> {
         let g = self.geometry;
-        let Some((offset, _)) = self.l2_offset(g.l1_index(guest.get()) as usize)? else {
+        let Some((offset, _)) = self.l2_offset(g.l1_index(guest) as usize)? else {
             return Ok((L2Mapping::Unallocated, SubclusterBitmap(0)));
         };
         let format = self.format;
-        let index = g.l2_index(guest.get()) as usize;
+        let index = g.l2_index(guest) as usize;
         let table = self.l2_table(storage, offset)?;
         if g.extended_l2() {
             let mapping = decode(L2Entry(table[2 * index]), format)?;
@@ -169,7 +169,7 @@ impl BlockMap {
     /// Whether the whole L2 range holding `guest` is unallocated in the L1.
     pub(crate) fn l2_unallocated(&self, guest: GuestOffset) -> Result<bool> {
         Ok(self
-            .l2_offset(self.geometry.l1_index(guest.get()) as usize)?
+            .l2_offset(self.geometry.l1_index(guest) as usize)?
             .is_none())
     }
 
@@ -177,7 +177,7 @@ impl BlockMap {
     /// `guest`.
     pub(crate) fn next_l2_range(&self, guest: GuestOffset) -> GuestOffset {
         let g = self.geometry;
-        GuestOffset::new((g.l1_index(guest.get()) + 1) * g.l2_coverage())
+        GuestOffset::new((g.l1_index(guest) + 1) * g.l2_coverage())
     }
 
     /// A copy of the raw entries of the L2 table at `offset`.
@@ -271,14 +271,14 @@ impl BlockMap {
         bitmap: Option<SubclusterBitmap>,
     ) -> Result<()> {
         let g = self.geometry;
-        let l1_index = usize::try_from(g.l1_index(guest.get()))
+        let l1_index = usize::try_from(g.l1_index(guest))
             .ok()
             .filter(|&i| i < self.l1.len())
             .ok_or_else(|| {
                 ImageError::Corrupt(format!("guest offset {guest} lies beyond the L1 table"))
             })?;
         let key = self.writable_l2(storage, alloc, l1_index)?;
-        let index = g.l2_index(guest.get()) as usize;
+        let index = g.l2_index(guest) as usize;
         let table = self
             .l2
             .get_mut(key)

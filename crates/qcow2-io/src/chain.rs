@@ -7,28 +7,20 @@ use qcow2_format::l2::L2Mapping;
 use qcow2_format::GuestOffset;
 
 use crate::image::Backing;
-use crate::map::MapKind;
-use crate::{is_zero, Image, OpenOptions, Result};
+use crate::map_extent::MapKind;
+use crate::{image::Device, is_zero, OpenOptions, Result};
 
 /// Clusters compared per step of a safe rebase.
 const REBASE_STEP_CLUSTERS: u64 = 32;
 
-impl Image {
+impl Device {
     /// Opens `backing` (name resolved against this image's directory, as
     /// QEMU resolves it) as this image's backing file would be opened.
     fn open_backing(&self, name: &str, format: &str) -> Result<Backing> {
         Backing::open(name, Some(format), &OpenOptions::read_only(), &self.chain)
     }
 
-    /// Names `backing` (file name and format) as the backing file, or none,
-    /// without touching any data (`qemu-img rebase -u`): what the guest
-    /// reads through unallocated clusters changes to what the new file
-    /// holds. The new file must open (a loop, a missing file or a name
-    /// over 1023 bytes is refused before anything is written).
-    ///
-    /// Callable through a shared reference (an `Arc<Image>`): the switch
-    /// waits for the requests in flight and holds off new ones.
-    pub fn set_backing_file(&self, backing: Option<(&str, &str)>) -> Result<()> {
+    pub(crate) fn set_backing_file(&self, backing: Option<(&str, &str)>) -> Result<()> {
         self.check_writable()?;
         let opened = match backing {
             Some((name, format)) => Some(self.open_backing(name, format)?),
@@ -46,16 +38,7 @@ impl Image {
         Ok(())
     }
 
-    /// Moves this overlay onto `backing` (or onto none) keeping every byte
-    /// the guest reads, as `qemu-img rebase` does: wherever this image has
-    /// no cluster of its own and the old and new backing files differ, the
-    /// old content is copied into this image first; then the header names
-    /// the new file. `progress` is told the bytes done and the total.
-    ///
-    /// Callable through a shared reference; writes that run at the same
-    /// time are kept (a cluster they allocate is no longer copied), but a
-    /// discard during the rebase may show the new backing file there.
-    pub fn rebase(
+    pub(crate) fn rebase(
         &self,
         backing: Option<(&str, &str)>,
         mut progress: impl FnMut(u64, u64),
@@ -140,10 +123,7 @@ impl Image {
         Ok(())
     }
 
-    /// Unmaps every cluster of this image, so it reads through to its
-    /// backing file again (`qemu-img commit` empties the overlay it
-    /// committed). Without a backing file the disk then reads as zeros.
-    pub fn make_empty(&self) -> Result<()> {
+    pub(crate) fn make_empty(&self) -> Result<()> {
         let _all = self.lock_for_change(0..u64::MAX)?;
         let mut meta = self.meta.lock();
         meta.mark_dirty()?;

@@ -14,7 +14,7 @@ use qcow2_alloc::Storage;
 use qcow2_format::l2::{CompressedDescriptor, L2Mapping};
 use qcow2_format::{Geometry, GuestOffset};
 
-use crate::{is_zero, Image, ImageError, Result};
+use crate::{image::Device, is_zero, ImageError, Result};
 
 /// Decompresses the cluster `descriptor` points at into `out` (resized to
 /// one cluster). The compressed size is bounded by the descriptor's sector
@@ -126,14 +126,8 @@ fn compression_failed(e: impl std::error::Error + Send + Sync + 'static) -> Imag
     }
 }
 
-impl Image {
-    /// Writes one cluster compressed, as `qemu-img convert -c` does: `buf`
-    /// is the whole cluster at the cluster-aligned `offset` (or the rest of
-    /// the disk for its last, partial cluster). Compression runs outside
-    /// every lock, so writers on several threads compress in parallel. An
-    /// all-zero cluster becomes a zero cluster; one that is allocated
-    /// already, or does not shrink, gets an ordinary write.
-    pub fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
+impl Device {
+    pub(crate) fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable()?;
         self.check_bounds(offset, buf.len() as u64)?;
         let g = self.geometry;

@@ -19,7 +19,7 @@ use qcow2_format::l2::{L2Mapping, SubclusterBitmap};
 use qcow2_format::{ClusterCount, GuestOffset};
 
 use crate::read::segments;
-use crate::{Image, ImageError, Result};
+use crate::{image::Device, ImageError, Result};
 
 /// The bits of subclusters `from..to` (of 32).
 fn mask(from: u64, to: u64) -> u64 {
@@ -35,7 +35,7 @@ fn all_zero(bitmap: SubclusterBitmap) -> bool {
     bitmap.0 == 0xffff_ffff << 32
 }
 
-impl Image {
+impl Device {
     /// What the guest reads now from `[offset, offset + out.len())` (the
     /// caller holds the exclusive range lock).
     fn read_locked(&self, out: &mut [u8], offset: u64) -> Result<()> {

@@ -1,19 +1,23 @@
 //! [`Image`]: an open qcow2 image as a thread-safe block device.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 use qcow2_alloc::{FileStorage, Storage};
-use qcow2_format::{Geometry, Header};
+use qcow2_dedup::DedupStats;
+use qcow2_format::snapshot::Snapshot;
+use qcow2_format::{Geometry, Header, HostCluster};
 
+use crate::amend_options::AmendOptions;
 use crate::backing::{BackingFile, ChainContext};
 use crate::check_report::{CheckReport, RepairMode};
 use crate::dedup::claims::InflightClaims;
 use crate::info::{ImageInfo, Recovery};
+use crate::map_extent::MapExtent;
 use crate::metadata::Metadata;
-use crate::range_lock::{MovableMappings, RangeGuard, RangeLocks};
+use crate::range_lock::RangeLocks;
 use crate::{ImageError, OpenOptions, Result};
 
 /// An open qcow2 image.
@@ -27,6 +31,14 @@ use crate::{ImageError, OpenOptions, Result};
 /// too, and reports a failure of that close on stderr, since `drop` cannot
 /// return it: call [`Image::close`] to handle the error yourself.
 pub struct Image {
+    device: Device,
+}
+
+/// The state behind an [`Image`]: the crate's operations are methods of
+/// `Device`, split by kind over `device.rs`, `read.rs`, `write.rs`,
+/// `map.rs`, `compressed.rs`, `snapshots.rs`, `chain.rs`, `extended.rs`,
+/// `amend.rs` and `dedup/`; `Image` is its public face.
+pub(crate) struct Device {
     pub(crate) storage: Arc<dyn Storage>,
     /// Where guest data lives: the image file itself, or its external data
     /// file.
@@ -43,15 +55,15 @@ pub struct Image {
     pub(crate) claims: InflightClaims,
     /// The backing file unallocated clusters read through, if any
     /// (replaced by a rebase under every range lock).
-    backing: RwLock<Option<Arc<Backing>>>,
+    pub(crate) backing: RwLock<Option<Arc<Backing>>>,
     /// Where the image was opened from: what its backing file names
     /// resolve against, and the files already in its chain.
     pub(crate) chain: ChainContext,
-    closed: AtomicBool,
+    pub(crate) closed: AtomicBool,
     /// Damage to the refcount structure a read-only open read through.
-    refcount_damage: Option<String>,
+    pub(crate) refcount_damage: Option<String>,
     /// What a read-write open repaired after an unclean shutdown.
-    recovery: Option<Recovery>,
+    pub(crate) recovery: Option<Recovery>,
 }
 
 /// An open backing file.
@@ -84,11 +96,11 @@ impl Backing {
                 file,
                 options,
                 context,
-            } => Backing::Qcow2(Box::new(Image::open_in_chain(
+            } => Backing::Qcow2(Box::new(Image::from_device(Device::open_in_chain(
                 Arc::new(file),
                 &options,
                 context,
-            )?)),
+            )?))),
             BackingFile::Raw { file, size, path } => Backing::Raw { file, size, path },
         })
     }
@@ -128,60 +140,25 @@ impl Backing {
     }
 }
 
-/// A compat=0.10 image keeps no virtual size per snapshot, so QEMU refuses
-/// to resize one that has snapshots (applying one afterwards would fail).
-fn refuse_v2_with_snapshots(header: &Header) -> Result<()> {
-    if header.version < 3 && header.nb_snapshots > 0 {
-        return Err(ImageError::Unsupported(
-            "can't resize a compat=0.10 image which has snapshots (as in QEMU)".into(),
-        ));
-    }
-    Ok(())
-}
-
 impl Image {
-    pub(crate) fn from_parts(storage: Arc<dyn Storage>, meta: Metadata, writable: bool) -> Self {
-        Self {
-            geometry: meta.header().geometry,
-            size: AtomicU64::new(meta.header().size),
-            dedup: AtomicBool::new(meta.is_dedup()),
-            meta: Mutex::new(meta),
-            locks: RangeLocks::default(),
-            data: storage.clone(),
-            storage,
-            writable,
-            claims: InflightClaims::default(),
-            backing: RwLock::new(None),
-            chain: ChainContext::default(),
-            closed: AtomicBool::new(false),
-            refcount_damage: None,
-            recovery: None,
-        }
+    /// Wraps an opened or created device.
+    pub(crate) fn from_device(device: Device) -> Self {
+        Self { device }
     }
 
     /// Virtual disk size in bytes.
     pub fn size(&self) -> u64 {
-        self.size.load(Ordering::Acquire)
+        self.device.size()
     }
 
     /// Cluster size in bytes.
     pub fn cluster_size(&self) -> u64 {
-        self.geometry.cluster_size()
-    }
-
-    /// Records the damage a read-only open read through.
-    pub(crate) fn set_refcount_damage(&mut self, damage: Option<String>) {
-        self.refcount_damage = damage;
-    }
-
-    /// Records what the open repaired after an unclean shutdown.
-    pub(crate) fn set_recovery(&mut self, recovery: Option<Recovery>) {
-        self.recovery = recovery;
+        self.device.cluster_size()
     }
 
     /// The image file's canonical path, when it was opened by path.
     pub fn path(&self) -> Option<&Path> {
-        self.chain.own.as_deref()
+        self.device.path()
     }
 
     /// What is wrong with the refcount structure of an image opened
@@ -205,97 +182,44 @@ impl Image {
     /// # }
     /// ```
     pub fn refcount_damage(&self) -> Option<&str> {
-        self.refcount_damage.as_deref()
+        self.device.refcount_damage()
     }
 
     /// What this read-write open repaired because the image had not been
     /// closed cleanly; `None` after a clean close (or a read-only open).
     pub fn recovery(&self) -> Option<&Recovery> {
-        self.recovery.as_ref()
+        self.device.recovery()
     }
 
     /// The backing file, if the image has one.
     pub fn backing(&self) -> Option<Arc<Backing>> {
-        self.backing.read().clone()
-    }
-
-    /// Replaces the opened backing file; the caller holds every range
-    /// lock, or the image is not shared yet.
-    pub(crate) fn set_backing_handle(&self, backing: Option<Backing>) {
-        *self.backing.write() = backing.map(Arc::new);
-    }
-
-    /// Whether the image has a backing file.
-    pub(crate) fn has_backing(&self) -> bool {
-        self.backing.read().is_some()
+        self.device.backing()
     }
 
     /// Whether the image was opened for writing.
     pub fn is_writable(&self) -> bool {
-        self.writable
+        self.device.is_writable()
     }
 
     /// A copy of the current header.
     pub fn header(&self) -> Header {
-        self.meta.lock().header().clone()
+        self.device.header()
     }
 
     /// Facts about the image for `qcow2 info`.
     pub fn info(&self) -> Result<ImageInfo> {
-        let meta = self.meta.lock();
-        let file_length = self
-            .storage
-            .len()
-            .map_err(ImageError::io("reading the image size"))?;
-        Ok(ImageInfo::of(meta.header(), meta.bitmaps(), file_length))
+        self.device.info()
     }
 
     /// The internal snapshots, as the snapshot table records them.
     pub fn snapshots(&self) -> Result<Vec<qcow2_format::snapshot::Snapshot>> {
-        self.meta.lock().snapshots()
-    }
-
-    /// Takes the exclusive range lock for a change of `range`, then checks
-    /// that the image is (still) writable. The check must follow the lock:
-    /// [`Image::close`] marks the image closed before it takes every range,
-    /// so a writer that gets its range after the close finished sees it
-    /// closed and cannot dirty the image again.
-    pub(crate) fn lock_for_change(&self, range: std::ops::Range<u64>) -> Result<RangeGuard<'_>> {
-        let guard = self.locks.lock(range, true);
-        self.check_writable()?;
-        Ok(guard)
-    }
-
-    pub(crate) fn check_writable(&self) -> Result<()> {
-        if !self.writable || self.closed.load(Ordering::Acquire) {
-            return Err(ImageError::ReadOnly);
-        }
-        Ok(())
-    }
-
-    pub(crate) fn check_bounds(&self, offset: u64, len: u64) -> Result<()> {
-        let size = self.size();
-        if offset.checked_add(len).is_none_or(|end| end > size) {
-            return Err(ImageError::OutOfBounds { offset, len, size });
-        }
-        Ok(())
-    }
-
-    /// Guest clusters `[first, last]` touched by a request.
-    pub(crate) fn cluster_span(&self, offset: u64, len: u64) -> std::ops::Range<u64> {
-        let g = self.geometry;
-        g.cluster_index(offset)..g.cluster_index(offset + len.max(1) - 1) + 1
+        self.device.snapshots()
     }
 
     /// Makes every completed write durable: metadata in crash-safe order,
     /// then a sync of the storage.
     pub fn flush(&self) -> Result<()> {
-        if !self.writable {
-            return Ok(());
-        }
-        self.meta
-            .lock()
-            .flush_moving(MovableMappings::Unlocked(&self.locks))
+        self.device.flush()
     }
 
     /// Grows the virtual disk to `new_size` bytes (rounded up to 512).
@@ -307,31 +231,7 @@ impl Image {
     /// refused then ([`ImageError::Unsupported`]) and left unchanged. So is
     /// a compat=0.10 image with snapshots, as QEMU refuses it.
     pub fn resize(&self, new_size: u64) -> Result<()> {
-        let new_size = new_size.next_multiple_of(512);
-        let _all = self.lock_for_change(0..u64::MAX)?;
-        let old_size = self.size();
-        let exposes_backing = new_size > old_size
-            && self
-                .backing()
-                .is_some_and(|backing| backing.size() > old_size);
-        {
-            let mut meta = self.meta.lock();
-            refuse_v2_with_snapshots(meta.header())?;
-            if exposes_backing && !meta.l2_format().zero_flag {
-                return Err(ImageError::Unsupported(
-                    "growing over a longer backing file needs zero clusters to hide it, \
-                     which a compat=0.10 image lacks (as in QEMU)"
-                        .into(),
-                ));
-            }
-            meta.mark_dirty()?;
-            meta.grow(new_size)?;
-            self.set_size(new_size);
-        }
-        if exposes_backing {
-            self.zero_locked(old_size, new_size - old_size)?;
-        }
-        Ok(())
+        self.device.resize(new_size)
     }
 
     /// Shrinks the virtual disk to `new_size` bytes (rounded up to 512), as
@@ -339,46 +239,12 @@ impl Image {
     /// the clusters only it used are freed. Growing is refused here, and so
     /// is a compat=0.10 image with snapshots, as in QEMU.
     pub fn shrink(&self, new_size: u64) -> Result<()> {
-        let new_size = new_size.next_multiple_of(512);
-        let _all = self.lock_for_change(0..u64::MAX)?;
-        if new_size > self.size() {
-            return Err(ImageError::InvalidOption(format!(
-                "shrink to {new_size} bytes, more than the current {}",
-                self.size()
-            )));
-        }
-        let mut meta = self.meta.lock();
-        refuse_v2_with_snapshots(meta.header())?;
-        meta.mark_dirty()?;
-        meta.shrink(new_size)?;
-        meta.flush_moving(MovableMappings::All)?;
-        self.set_size(new_size);
-        Ok(())
-    }
-
-    pub(crate) fn set_size(&self, size: u64) {
-        self.size.store(size, Ordering::Release);
+        self.device.shrink(new_size)
     }
 
     /// Consistency check, optionally repairing what `repair` allows.
     pub fn check(&self, repair: RepairMode) -> Result<CheckReport> {
-        let _all = if repair == RepairMode::None {
-            self.locks.lock(0..u64::MAX, true)
-        } else {
-            self.lock_for_change(0..u64::MAX)?
-        };
-        let mut meta = self.meta.lock();
-        if repair != RepairMode::None {
-            meta.mark_dirty()?;
-        }
-        if self.writable {
-            meta.flush_moving(MovableMappings::All)?;
-        }
-        let report = crate::check::check(&mut meta, repair)?;
-        if repair == RepairMode::All && report.is_clean() {
-            meta.clear_corrupt()?;
-        }
-        Ok(report)
+        self.device.check(repair)
     }
 
     /// Flushes, clears the dirty bit and closes the image; later writes
@@ -390,24 +256,9 @@ impl Image {
     /// files (see [`OpenOptions::locking`]), so other processes may open
     /// them even while this value lives on.
     pub fn close(&self) -> Result<()> {
-        if self.closed.swap(true, Ordering::AcqRel) {
-            return Ok(());
-        }
-        if self.writable {
-            let _all = self.locks.lock(0..u64::MAX, true);
-            self.meta.lock().close()?;
-        }
-        self.storage.unlock();
-        match self.backing().as_deref() {
-            Some(Backing::Qcow2(image)) => image.close()?,
-            Some(Backing::Raw { file, .. }) => file.unlock(),
-            None => {}
-        }
-        Ok(())
+        self.device.close()
     }
-}
 
-impl Image {
     /// Lets the image go as if the process had died right now: nothing is
     /// flushed and the dirty bit stays set. Every write that returned has
     /// reached the storage (the page cache, for a file); metadata a flush
@@ -433,15 +284,187 @@ impl Image {
     /// # }
     /// ```
     pub fn abandon(self) {
-        self.closed.store(true, Ordering::Release);
+        self.device.abandon()
     }
-}
 
-impl Drop for Image {
-    fn drop(&mut self) {
-        if let Err(e) = self.close() {
-            eprintln!("qcow2: closing the image on drop failed: {e}");
-        }
+    /// Fills all of `buf` with the virtual disk's bytes from `offset`, or
+    /// fails: unlike `FileExt::read_at` there are no short reads. A range
+    /// past the virtual size is [`crate::ImageError::OutOfBounds`];
+    /// unallocated and zero clusters read as zeros.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.device.read_at(buf, offset)
+    }
+
+    /// Writes all of `buf` to the virtual disk at `offset`, or fails:
+    /// unlike `FileExt::write_at` there are no short writes. The data is
+    /// durable once [`Image::flush`] (or [`Image::close`]) returns; a write
+    /// that fails part way may have changed part of the range.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.device.write_at(buf, offset)
+    }
+
+    /// Makes `len` bytes from `offset` read as zeros. Whole clusters become
+    /// zero clusters (v3) or unallocated (v2) and release their host
+    /// clusters; partial clusters are written with zeros unless they
+    /// already read as zeros.
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.device.write_zeroes(offset, len)
+    }
+
+    /// Makes `len` bytes from `offset` read as zeros while keeping their
+    /// host clusters allocated, as QEMU's write-zeroes without unmap (NBD's
+    /// `NO_HOLE`) does: whole data clusters become zero clusters that keep
+    /// their cluster (v3), or are written with zeros (v2). On a
+    /// deduplicated image zeros are never stored, so this is
+    /// [`Image::write_zeroes`].
+    pub fn write_zeroes_allocated(&self, offset: u64, len: u64) -> Result<()> {
+        self.device.write_zeroes_allocated(offset, len)
+    }
+
+    /// Tells the image that `len` bytes from `offset` are no longer needed:
+    /// whole clusters are deallocated and read as zeros afterwards; partial
+    /// clusters at the edges are left as they are.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.device.discard(offset, len)
+    }
+
+    /// Every range of the virtual disk with how it is stored, in order.
+    pub fn map(&self) -> Result<Vec<MapExtent>> {
+        self.device.map()
+    }
+
+    /// How the `len` bytes from `offset` are stored, in order: extents
+    /// covering exactly that range (the first and last clipped to it).
+    /// Costs one lookup per cluster of the range (one per L2 table for
+    /// unallocated L2 ranges), whatever the image's size.
+    pub fn map_range(&self, offset: u64, len: u64) -> Result<Vec<MapExtent>> {
+        self.device.map_range(offset, len)
+    }
+
+    /// Writes one cluster compressed, as `qemu-img convert -c` does: `buf`
+    /// is the whole cluster at the cluster-aligned `offset` (or the rest of
+    /// the disk for its last, partial cluster). Compression runs outside
+    /// every lock, so writers on several threads compress in parallel. An
+    /// all-zero cluster becomes a zero cluster; one that is allocated
+    /// already, or does not shrink, gets an ordinary write.
+    pub fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.device.write_compressed(buf, offset)
+    }
+
+    /// Takes an internal snapshot named `name` of the disk as it is now
+    /// (no VM state), as `qemu-img snapshot -c` does, and returns its table
+    /// entry. A name already in use, too many snapshots or refcounts that
+    /// would overflow are refused before anything is written.
+    pub fn snapshot_create(&self, name: &str) -> Result<Snapshot> {
+        self.device.snapshot_create(name)
+    }
+
+    /// Makes the disk what it was when snapshot `id_or_name` (its ID, or
+    /// else its name; `snapshot.id=` and `snapshot.name=` choose) was
+    /// taken, as `qemu-img snapshot -a` does; the virtual
+    /// size follows the snapshot's. The snapshot itself stays.
+    pub fn snapshot_apply(&self, id_or_name: &str) -> Result<()> {
+        self.device.snapshot_apply(id_or_name)
+    }
+
+    /// Deletes the snapshot named `name`, as `qemu-img snapshot -d` does
+    /// (by name only: `-d 2` deletes the snapshot named "2", never the one
+    /// whose ID is 2): clusters only it held are freed (and on a
+    /// deduplicated image their dedup entries removed).
+    pub fn snapshot_delete(&self, name: &str) -> Result<()> {
+        self.device.snapshot_delete(name)
+    }
+
+    /// Names `backing` (file name and format) as the backing file, or none,
+    /// without touching any data (`qemu-img rebase -u`): what the guest
+    /// reads through unallocated clusters changes to what the new file
+    /// holds. The new file must open (a loop, a missing file or a name
+    /// over 1023 bytes is refused before anything is written).
+    ///
+    /// Callable through a shared reference (an `Arc<Image>`): the switch
+    /// waits for the requests in flight and holds off new ones.
+    pub fn set_backing_file(&self, backing: Option<(&str, &str)>) -> Result<()> {
+        self.device.set_backing_file(backing)
+    }
+
+    /// Moves this overlay onto `backing` (or onto none) keeping every byte
+    /// the guest reads, as `qemu-img rebase` does: wherever this image has
+    /// no cluster of its own and the old and new backing files differ, the
+    /// old content is copied into this image first; then the header names
+    /// the new file. `progress` is told the bytes done and the total.
+    ///
+    /// Callable through a shared reference; writes that run at the same
+    /// time are kept (a cluster they allocate is no longer copied), but a
+    /// discard during the rebase may show the new backing file there.
+    pub fn rebase(
+        &self,
+        backing: Option<(&str, &str)>,
+        progress: impl FnMut(u64, u64),
+    ) -> Result<()> {
+        self.device.rebase(backing, progress)
+    }
+
+    /// Unmaps every cluster of this image, so it reads through to its
+    /// backing file again (`qemu-img commit` empties the overlay it
+    /// committed). Without a backing file the disk then reads as zeros.
+    pub fn make_empty(&self) -> Result<()> {
+        self.device.make_empty()
+    }
+
+    /// Whether this image deduplicates its writes.
+    pub fn is_dedup(&self) -> bool {
+        self.device.is_dedup()
+    }
+
+    /// Host clusters the dedup table occupies: the clusters
+    /// `qemu-img check`, which does not know the table, reports as leaked
+    /// (it names them by index, [`HostCluster::get`]; their byte offsets,
+    /// as [`Image::map`] gives offsets, are `index * cluster_size`).
+    pub fn dedup_table_clusters(&self) -> Vec<HostCluster> {
+        self.device.dedup_table_clusters()
+    }
+
+    /// Deduplication figures: unique clusters, references, bytes saved and
+    /// the memory of the index (0 when the index is not loaded, as on an
+    /// image opened read-only). `None` for an image without deduplication.
+    pub fn dedup_stats(&self) -> Result<Option<DedupStats>> {
+        self.device.dedup_stats()
+    }
+
+    /// Turns this deduplicated image into a plain one in place, one QEMU
+    /// writes like any image it made: the dedup table is dropped and
+    /// incompatible bit 1 cleared, then every guest cluster that shares its
+    /// data cluster with another gets a copy of its own (QEMU expects no
+    /// two active L2 entries to share a cluster), and OFLAG_COPIED is set
+    /// on what is left alone. The image grows by the space dedup saved.
+    pub fn disable_dedup(&self) -> Result<()> {
+        self.device.disable_dedup()
+    }
+
+    /// Turns this plain image into a deduplicated one in place: every data
+    /// cluster is hashed and recorded where it is; duplicates are shared and
+    /// their copies freed; zero clusters become zero-flag entries;
+    /// compressed clusters are stored uncompressed. Needs a v3 image without
+    /// internal snapshots.
+    pub fn enable_dedup(&self) -> Result<()> {
+        self.device.enable_dedup()
+    }
+
+    /// Changes the image's format options in place (see [`AmendOptions`]).
+    /// Refused, with nothing written, where the result would not be a
+    /// valid image: version 2 with dedup, extended L2, zstd, lazy
+    /// refcounts or a refcount width other than 16; a refcount width too
+    /// narrow for a refcount the image holds (or 1 bit on a dedup image).
+    /// Downgrading turns zero clusters into what version 2 can express.
+    pub fn amend(&mut self, options: &AmendOptions) -> Result<()> {
+        self.device.amend(options)
+    }
+
+    /// Whether [`Image::amend`] with `options` would be accepted, checked
+    /// without writing anything; with `without_dedup`, as if deduplication
+    /// had been turned off first (`amend -o dedup=off,compat=0.10`).
+    pub fn check_amend(&self, options: &AmendOptions, without_dedup: bool) -> Result<()> {
+        self.device.check_amend(options, without_dedup)
     }
 }
 
@@ -450,7 +473,7 @@ impl std::fmt::Debug for Image {
         f.debug_struct("Image")
             .field("size", &self.size())
             .field("cluster_size", &self.cluster_size())
-            .field("writable", &self.writable)
+            .field("writable", &self.is_writable())
             .finish()
     }
 }

@@ -21,6 +21,7 @@
 
 mod allocator;
 mod amend;
+mod amend_options;
 pub mod backing;
 mod block_map;
 mod chain;
@@ -29,12 +30,14 @@ mod check_report;
 mod compressed;
 mod create;
 mod dedup;
+mod device;
 mod error;
 mod extended;
 mod header_writer;
 mod image;
 mod info;
 mod map;
+mod map_extent;
 pub mod measure;
 mod metadata;
 mod open;
@@ -47,13 +50,13 @@ mod snapshots;
 mod write;
 mod zeros;
 
-pub use amend::AmendOptions;
+pub use amend_options::AmendOptions;
 pub use check_report::{CheckReport, Finding, FindingKind, RepairMode};
 pub use error::{ImageError, Result};
 pub use image::Backing;
 pub use image::Image;
 pub use info::{BitmapInfo, ImageInfo, Recovery};
-pub use map::{MapExtent, MapKind};
+pub use map_extent::{MapExtent, MapKind};
 pub use measure::{measure, Measurement};
 pub use options::{Compat, Compression, CreateOptions, OpenOptions, Preallocation};
 /// The power-loss model crash tests run on (feature `test-util`).

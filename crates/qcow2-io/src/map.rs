@@ -3,48 +3,17 @@
 use qcow2_format::l2::{L2Mapping, SubclusterBitmap, SubclusterState};
 use qcow2_format::{Geometry, GuestOffset};
 
-use crate::image::Image;
+use crate::image::Device;
 use crate::Result;
 
-/// How a range of the virtual disk is stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MapKind {
-    /// Data in the image file.
-    Data,
-    /// Compressed data in the image file.
-    Compressed,
-    /// A zero cluster.
-    Zero,
-    /// Not allocated (reads as zeros without a backing file).
-    Unallocated,
-}
+use crate::map_extent::{MapExtent, MapKind};
 
-/// A run of guest clusters stored the same way.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MapExtent {
-    /// Guest offset.
-    pub start: u64,
-    /// Length in bytes.
-    pub length: u64,
-    /// How it is stored.
-    pub kind: MapKind,
-    /// Host offset of the first byte, for data, and for zero clusters and
-    /// unallocated subclusters that keep a host cluster (as `qemu-img map`
-    /// reports them); runs are contiguous on the host.
-    pub host_offset: Option<u64>,
-}
-
-impl Image {
-    /// Every range of the virtual disk with how it is stored, in order.
-    pub fn map(&self) -> Result<Vec<MapExtent>> {
+impl Device {
+    pub(crate) fn map(&self) -> Result<Vec<MapExtent>> {
         self.map_range(0, self.size())
     }
 
-    /// How the `len` bytes from `offset` are stored, in order: extents
-    /// covering exactly that range (the first and last clipped to it).
-    /// Costs one lookup per cluster of the range (one per L2 table for
-    /// unallocated L2 ranges), whatever the image's size.
-    pub fn map_range(&self, offset: u64, len: u64) -> Result<Vec<MapExtent>> {
+    pub(crate) fn map_range(&self, offset: u64, len: u64) -> Result<Vec<MapExtent>> {
         self.check_bounds(offset, len)?;
         if len == 0 {
             return Ok(Vec::new());

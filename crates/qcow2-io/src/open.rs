@@ -15,7 +15,7 @@ use crate::backing::ChainContext;
 use qcow2_format::features::INCOMPAT_EXTERNAL_DATA;
 
 use crate::check_report::RepairMode;
-use crate::image::{Backing, Image};
+use crate::image::{Backing, Device, Image};
 use crate::info::Recovery;
 use crate::metadata::Metadata;
 use crate::{create, CreateOptions, ImageError, OpenOptions, Result};
@@ -149,9 +149,9 @@ impl Image {
         if let Some(name) = &options.data_file {
             create_data_file(name, options)?;
         }
-        let image = Self::create_unbacked(Arc::new(storage), options)?;
+        let image = Device::create_unbacked(Arc::new(storage), options)?;
         if options.backing.is_none() && options.data_file.is_none() {
-            return Ok(image);
+            return Ok(Image::from_device(image));
         }
         // Reopen so the backing and data file names resolve against this
         // image's directory.
@@ -177,7 +177,7 @@ impl Image {
                 )));
             }
         }
-        Self::create_in_chain(storage, options, ChainContext::default())
+        Device::create_in_chain(storage, options, ChainContext::default()).map(Image::from_device)
     }
 
     /// Creates a new image on `storage`, which holds the file at `path`,
@@ -203,9 +203,46 @@ impl Image {
         options: &CreateOptions,
         path: &Path,
     ) -> Result<Self> {
-        Self::create_in_chain(storage, options, chain_context_of(path))
+        Device::create_in_chain(storage, options, chain_context_of(path)).map(Image::from_device)
     }
 
+    /// Opens the image file at `path`.
+    pub fn open(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Self> {
+        let path = path.as_ref();
+        let storage = FileStorage::open(path, options.write)
+            .map_err(ImageError::io("opening the image file"))?;
+        Self::open_on_file(Arc::new(storage), options, path)
+    }
+
+    /// Opens an image on `storage`, which holds the file at `path` (its
+    /// backing file name is resolved against `path`'s directory): for
+    /// callers that open the file themselves, e.g. with direct I/O.
+    pub fn open_on_file(
+        storage: Arc<dyn Storage>,
+        options: &OpenOptions,
+        path: &Path,
+    ) -> Result<Self> {
+        Device::open_in_chain(storage, options, chain_context_of(path)).map(Image::from_device)
+    }
+
+    /// Opens an image on any storage.
+    ///
+    /// Refuses what it cannot handle faithfully: unknown incompatible
+    /// features (named from the image's feature table) and encryption; for
+    /// writing also images QEMU marked corrupt (unless opened for repair).
+    /// A backing file
+    /// is opened read-only (see [`crate::backing`]); its relative name is
+    /// resolved against the current directory here, against the image's
+    /// own directory by [`Image::open`].
+    /// Deduplicated images open read-write with their index built from the
+    /// dedup table. After an unclean shutdown (dirty bit) a read-write open
+    /// rebuilds refcounts and re-verifies every dedup entry.
+    pub fn open_on(storage: Arc<dyn Storage>, options: &OpenOptions) -> Result<Self> {
+        Device::open_in_chain(storage, options, ChainContext::default()).map(Image::from_device)
+    }
+}
+
+impl Device {
     fn create_in_chain(
         storage: Arc<dyn Storage>,
         options: &CreateOptions,
@@ -238,41 +275,6 @@ impl Image {
         storage.lock(LockAccess::Write)?;
         let meta = create::create(storage.clone(), options, &OpenOptions::read_write())?;
         Ok(Self::from_parts(storage, meta, true))
-    }
-
-    /// Opens the image file at `path`.
-    pub fn open(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Self> {
-        let path = path.as_ref();
-        let storage = FileStorage::open(path, options.write)
-            .map_err(ImageError::io("opening the image file"))?;
-        Self::open_on_file(Arc::new(storage), options, path)
-    }
-
-    /// Opens an image on `storage`, which holds the file at `path` (its
-    /// backing file name is resolved against `path`'s directory): for
-    /// callers that open the file themselves, e.g. with direct I/O.
-    pub fn open_on_file(
-        storage: Arc<dyn Storage>,
-        options: &OpenOptions,
-        path: &Path,
-    ) -> Result<Self> {
-        Self::open_in_chain(storage, options, chain_context_of(path))
-    }
-
-    /// Opens an image on any storage.
-    ///
-    /// Refuses what it cannot handle faithfully: unknown incompatible
-    /// features (named from the image's feature table) and encryption; for
-    /// writing also images QEMU marked corrupt (unless opened for repair).
-    /// A backing file
-    /// is opened read-only (see [`crate::backing`]); its relative name is
-    /// resolved against the current directory here, against the image's
-    /// own directory by [`Image::open`].
-    /// Deduplicated images open read-write with their index built from the
-    /// dedup table. After an unclean shutdown (dirty bit) a read-write open
-    /// rebuilds refcounts and re-verifies every dedup entry.
-    pub fn open_on(storage: Arc<dyn Storage>, options: &OpenOptions) -> Result<Self> {
-        Self::open_in_chain(storage, options, ChainContext::default())
     }
 
     /// [`Image::open_on`] for an image at a place in a backing chain.

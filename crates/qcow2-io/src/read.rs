@@ -5,7 +5,7 @@ use qcow2_format::l2::{CompressedDescriptor, L2Mapping, SubclusterState};
 use qcow2_format::GuestOffset;
 
 use crate::compressed::decompress_cluster;
-use crate::image::Image;
+use crate::image::Device;
 use crate::metadata::Metadata;
 use crate::{ImageError, Result};
 
@@ -122,12 +122,8 @@ fn push(out: &mut Vec<Segment>, at: usize, len: usize, extent: Extent, in_cluste
     });
 }
 
-impl Image {
-    /// Fills all of `buf` with the virtual disk's bytes from `offset`, or
-    /// fails: unlike `FileExt::read_at` there are no short reads. A range
-    /// past the virtual size is [`crate::ImageError::OutOfBounds`];
-    /// unallocated and zero clusters read as zeros.
-    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+impl Device {
+    pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check_bounds(offset, buf.len() as u64)?;
         if buf.is_empty() {
             return Ok(());

@@ -33,19 +33,15 @@ use crate::range_lock::MovableMappings;
 use crate::snapshot_table::{
     find, find_by_name, new_entry, next_id, not_found, snapshot_l1, tree_references,
 };
-use crate::{Image, ImageError, Result};
+use crate::{image::Device, ImageError, Result};
 
 /// QEMU's limit on the number of snapshots.
 const MAX_SNAPSHOTS: usize = 65536;
 /// QEMU's limit on the snapshot table's size.
 const MAX_SNAPSHOT_TABLE_BYTES: u64 = 64 << 20;
 
-impl Image {
-    /// Takes an internal snapshot named `name` of the disk as it is now
-    /// (no VM state), as `qemu-img snapshot -c` does, and returns its table
-    /// entry. A name already in use, too many snapshots or refcounts that
-    /// would overflow are refused before anything is written.
-    pub fn snapshot_create(&self, name: &str) -> Result<Snapshot> {
+impl Device {
+    pub(crate) fn snapshot_create(&self, name: &str) -> Result<Snapshot> {
         let _all = self.lock_for_change(0..u64::MAX)?;
         let mut meta = self.meta.lock();
         if meta.external_data() {
@@ -112,11 +108,7 @@ impl Image {
         Ok(entry)
     }
 
-    /// Makes the disk what it was when snapshot `id_or_name` (its ID, or
-    /// else its name; `snapshot.id=` and `snapshot.name=` choose) was
-    /// taken, as `qemu-img snapshot -a` does; the virtual
-    /// size follows the snapshot's. The snapshot itself stays.
-    pub fn snapshot_apply(&self, id_or_name: &str) -> Result<()> {
+    pub(crate) fn snapshot_apply(&self, id_or_name: &str) -> Result<()> {
         let _all = self.lock_for_change(0..u64::MAX)?;
         let mut meta = self.meta.lock();
         let snapshots = meta.snapshots()?;
@@ -148,11 +140,7 @@ impl Image {
         Ok(())
     }
 
-    /// Deletes the snapshot named `name`, as `qemu-img snapshot -d` does
-    /// (by name only: `-d 2` deletes the snapshot named "2", never the one
-    /// whose ID is 2): clusters only it held are freed (and on a
-    /// deduplicated image their dedup entries removed).
-    pub fn snapshot_delete(&self, name: &str) -> Result<()> {
+    pub(crate) fn snapshot_delete(&self, name: &str) -> Result<()> {
         let _all = self.lock_for_change(0..u64::MAX)?;
         let mut meta = self.meta.lock();
         let mut snapshots = meta.snapshots()?;

@@ -6,7 +6,7 @@ use qcow2_format::l2::L2Mapping;
 use qcow2_format::{ClusterCount, GuestOffset, HostCluster, HostOffset};
 
 use crate::compressed::decompress_cluster;
-use crate::image::Image;
+use crate::image::Device;
 use crate::metadata::Metadata;
 use crate::{ImageError, Result};
 
@@ -116,12 +116,8 @@ fn commit_allocation(
     Ok(())
 }
 
-impl Image {
-    /// Writes all of `buf` to the virtual disk at `offset`, or fails:
-    /// unlike `FileExt::write_at` there are no short writes. The data is
-    /// durable once [`Image::flush`] (or [`Image::close`]) returns; a write
-    /// that fails part way may have changed part of the range.
-    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+impl Device {
+    pub(crate) fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable()?;
         self.check_bounds(offset, buf.len() as u64)?;
         if buf.is_empty() {
@@ -306,29 +302,16 @@ impl Image {
         }
     }
 
-    /// Makes `len` bytes from `offset` read as zeros. Whole clusters become
-    /// zero clusters (v3) or unallocated (v2) and release their host
-    /// clusters; partial clusters are written with zeros unless they
-    /// already read as zeros.
-    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+    pub(crate) fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         self.clear_range(offset, len, Clear::Zero { unmap: true })
     }
 
-    /// Makes `len` bytes from `offset` read as zeros while keeping their
-    /// host clusters allocated, as QEMU's write-zeroes without unmap (NBD's
-    /// `NO_HOLE`) does: whole data clusters become zero clusters that keep
-    /// their cluster (v3), or are written with zeros (v2). On a
-    /// deduplicated image zeros are never stored, so this is
-    /// [`Image::write_zeroes`].
-    pub fn write_zeroes_allocated(&self, offset: u64, len: u64) -> Result<()> {
+    pub(crate) fn write_zeroes_allocated(&self, offset: u64, len: u64) -> Result<()> {
         let unmap = self.is_dedup();
         self.clear_range(offset, len, Clear::Zero { unmap })
     }
 
-    /// Tells the image that `len` bytes from `offset` are no longer needed:
-    /// whole clusters are deallocated and read as zeros afterwards; partial
-    /// clusters at the edges are left as they are.
-    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+    pub(crate) fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.clear_range(offset, len, Clear::Discard)
     }
 

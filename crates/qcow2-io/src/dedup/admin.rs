@@ -9,39 +9,25 @@ use qcow2_format::{GuestOffset, HostCluster};
 
 use super::plan::ClusterItem;
 use super::write::ClusterWrite;
-use crate::image::Image;
+use crate::image::Device;
 use crate::metadata::Metadata;
 use crate::{is_zero, ImageError, Result};
 
-impl Image {
-    /// Whether this image deduplicates its writes.
-    pub fn is_dedup(&self) -> bool {
+impl Device {
+    pub(crate) fn is_dedup(&self) -> bool {
         self.dedup.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// Host clusters the dedup table occupies: the clusters
-    /// `qemu-img check`, which does not know the table, reports as leaked
-    /// (it names them by index, [`HostCluster::get`]; their byte offsets,
-    /// as [`Image::map`] gives offsets, are `index * cluster_size`).
-    pub fn dedup_table_clusters(&self) -> Vec<HostCluster> {
+    pub(crate) fn dedup_table_clusters(&self) -> Vec<HostCluster> {
         self.meta.lock().dedup_table_clusters()
     }
 
-    /// Deduplication figures: unique clusters, references, bytes saved and
-    /// the memory of the index (0 when the index is not loaded, as on an
-    /// image opened read-only). `None` for an image without deduplication.
-    pub fn dedup_stats(&self) -> Result<Option<DedupStats>> {
+    pub(crate) fn dedup_stats(&self) -> Result<Option<DedupStats>> {
         let _all = self.locks.lock(0..u64::MAX, false);
         self.meta.lock().dedup_stats()
     }
 
-    /// Turns this deduplicated image into a plain one in place, one QEMU
-    /// writes like any image it made: the dedup table is dropped and
-    /// incompatible bit 1 cleared, then every guest cluster that shares its
-    /// data cluster with another gets a copy of its own (QEMU expects no
-    /// two active L2 entries to share a cluster), and OFLAG_COPIED is set
-    /// on what is left alone. The image grows by the space dedup saved.
-    pub fn disable_dedup(&self) -> Result<()> {
+    pub(crate) fn disable_dedup(&self) -> Result<()> {
         let _all = self.lock_for_change(0..u64::MAX)?;
         {
             let mut meta = self.meta.lock();
@@ -85,12 +71,7 @@ impl Image {
         Ok(())
     }
 
-    /// Turns this plain image into a deduplicated one in place: every data
-    /// cluster is hashed and recorded where it is; duplicates are shared and
-    /// their copies freed; zero clusters become zero-flag entries;
-    /// compressed clusters are stored uncompressed. Needs a v3 image without
-    /// internal snapshots.
-    pub fn enable_dedup(&self) -> Result<()> {
+    pub(crate) fn enable_dedup(&self) -> Result<()> {
         let _all = self.lock_for_change(0..u64::MAX)?;
         {
             let mut meta = self.meta.lock();

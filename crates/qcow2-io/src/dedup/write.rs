@@ -16,7 +16,7 @@ use qcow2_format::{ClusterCount, GuestOffset, HostCluster};
 
 use super::claims::ClaimGuard;
 use super::plan::{classify, Class, ClusterItem, Stop};
-use crate::image::Image;
+use crate::image::Device;
 use crate::metadata::Metadata;
 use crate::{is_zero, ImageError, Result};
 
@@ -48,7 +48,7 @@ struct Store {
     another_copy: bool,
 }
 
-impl Image {
+impl Device {
     /// The dedup write path; the caller holds the exclusive range lock.
     pub(crate) fn dedup_write_locked(&self, buf: &[u8], offset: u64) -> Result<()> {
         let g = self.geometry;

@@ -84,7 +84,9 @@ impl Metadata {
         let keep_to = g.align_up(new_size);
         let first_free_l1 = g.l1_entries_for(keep_to) as usize;
         let mut guest = keep_to;
-        while guest < g.align_up(header.size) && (g.l1_index(guest) as usize) < first_free_l1 {
+        while guest < g.align_up(header.size)
+            && (g.l1_index(GuestOffset::new(guest)) as usize) < first_free_l1
+        {
             let at = GuestOffset::new(guest);
             let (old, _) = self.lookup(at)?;
             if old != L2Mapping::Unallocated {

@@ -1,0 +1,259 @@
+//! The core of [`Image`](crate::Image): its state, bounds and range
+//! checks, and the whole-image operations (flush, resize, check, close).
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+use qcow2_alloc::Storage;
+use qcow2_format::Header;
+
+use crate::backing::ChainContext;
+use crate::check_report::{CheckReport, RepairMode};
+use crate::dedup::claims::InflightClaims;
+use crate::image::{Backing, Device};
+use crate::info::{ImageInfo, Recovery};
+use crate::metadata::Metadata;
+use crate::range_lock::{MovableMappings, RangeGuard, RangeLocks};
+use crate::{ImageError, Result};
+
+/// A compat=0.10 image keeps no virtual size per snapshot, so QEMU refuses
+/// to resize one that has snapshots (applying one afterwards would fail).
+fn refuse_v2_with_snapshots(header: &Header) -> Result<()> {
+    if header.version < 3 && header.nb_snapshots > 0 {
+        return Err(ImageError::Unsupported(
+            "can't resize a compat=0.10 image which has snapshots (as in QEMU)".into(),
+        ));
+    }
+    Ok(())
+}
+
+impl Device {
+    pub(crate) fn from_parts(storage: Arc<dyn Storage>, meta: Metadata, writable: bool) -> Self {
+        Self {
+            geometry: meta.header().geometry,
+            size: AtomicU64::new(meta.header().size),
+            dedup: AtomicBool::new(meta.is_dedup()),
+            meta: Mutex::new(meta),
+            locks: RangeLocks::default(),
+            data: storage.clone(),
+            storage,
+            writable,
+            claims: InflightClaims::default(),
+            backing: RwLock::new(None),
+            chain: ChainContext::default(),
+            closed: AtomicBool::new(false),
+            refcount_damage: None,
+            recovery: None,
+        }
+    }
+
+    pub(crate) fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn cluster_size(&self) -> u64 {
+        self.geometry.cluster_size()
+    }
+
+    /// Records the damage a read-only open read through.
+    pub(crate) fn set_refcount_damage(&mut self, damage: Option<String>) {
+        self.refcount_damage = damage;
+    }
+
+    /// Records what the open repaired after an unclean shutdown.
+    pub(crate) fn set_recovery(&mut self, recovery: Option<Recovery>) {
+        self.recovery = recovery;
+    }
+
+    pub(crate) fn path(&self) -> Option<&Path> {
+        self.chain.own.as_deref()
+    }
+
+    pub(crate) fn refcount_damage(&self) -> Option<&str> {
+        self.refcount_damage.as_deref()
+    }
+
+    pub(crate) fn recovery(&self) -> Option<&Recovery> {
+        self.recovery.as_ref()
+    }
+
+    pub(crate) fn backing(&self) -> Option<Arc<Backing>> {
+        self.backing.read().clone()
+    }
+
+    /// Replaces the opened backing file; the caller holds every range
+    /// lock, or the image is not shared yet.
+    pub(crate) fn set_backing_handle(&self, backing: Option<Backing>) {
+        *self.backing.write() = backing.map(Arc::new);
+    }
+
+    /// Whether the image has a backing file.
+    pub(crate) fn has_backing(&self) -> bool {
+        self.backing.read().is_some()
+    }
+
+    pub(crate) fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    pub(crate) fn header(&self) -> Header {
+        self.meta.lock().header().clone()
+    }
+
+    pub(crate) fn info(&self) -> Result<ImageInfo> {
+        let meta = self.meta.lock();
+        let file_length = self
+            .storage
+            .len()
+            .map_err(ImageError::io("reading the image size"))?;
+        Ok(ImageInfo::of(meta.header(), meta.bitmaps(), file_length))
+    }
+
+    pub(crate) fn snapshots(&self) -> Result<Vec<qcow2_format::snapshot::Snapshot>> {
+        self.meta.lock().snapshots()
+    }
+
+    /// Takes the exclusive range lock for a change of `range`, then checks
+    /// that the image is (still) writable. The check must follow the lock:
+    /// [`Image::close`] marks the image closed before it takes every range,
+    /// so a writer that gets its range after the close finished sees it
+    /// closed and cannot dirty the image again.
+    pub(crate) fn lock_for_change(&self, range: std::ops::Range<u64>) -> Result<RangeGuard<'_>> {
+        let guard = self.locks.lock(range, true);
+        self.check_writable()?;
+        Ok(guard)
+    }
+
+    pub(crate) fn check_writable(&self) -> Result<()> {
+        if !self.writable || self.closed.load(Ordering::Acquire) {
+            return Err(ImageError::ReadOnly);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn check_bounds(&self, offset: u64, len: u64) -> Result<()> {
+        let size = self.size();
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(ImageError::OutOfBounds { offset, len, size });
+        }
+        Ok(())
+    }
+
+    /// Guest clusters `[first, last]` touched by a request.
+    pub(crate) fn cluster_span(&self, offset: u64, len: u64) -> std::ops::Range<u64> {
+        let g = self.geometry;
+        g.cluster_index(offset)..g.cluster_index(offset + len.max(1) - 1) + 1
+    }
+
+    pub(crate) fn flush(&self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        self.meta
+            .lock()
+            .flush_moving(MovableMappings::Unlocked(&self.locks))
+    }
+
+    pub(crate) fn resize(&self, new_size: u64) -> Result<()> {
+        let new_size = new_size.next_multiple_of(512);
+        let _all = self.lock_for_change(0..u64::MAX)?;
+        let old_size = self.size();
+        let exposes_backing = new_size > old_size
+            && self
+                .backing()
+                .is_some_and(|backing| backing.size() > old_size);
+        {
+            let mut meta = self.meta.lock();
+            refuse_v2_with_snapshots(meta.header())?;
+            if exposes_backing && !meta.l2_format().zero_flag {
+                return Err(ImageError::Unsupported(
+                    "growing over a longer backing file needs zero clusters to hide it, \
+                     which a compat=0.10 image lacks (as in QEMU)"
+                        .into(),
+                ));
+            }
+            meta.mark_dirty()?;
+            meta.grow(new_size)?;
+            self.set_size(new_size);
+        }
+        if exposes_backing {
+            self.zero_locked(old_size, new_size - old_size)?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn shrink(&self, new_size: u64) -> Result<()> {
+        let new_size = new_size.next_multiple_of(512);
+        let _all = self.lock_for_change(0..u64::MAX)?;
+        if new_size > self.size() {
+            return Err(ImageError::InvalidOption(format!(
+                "shrink to {new_size} bytes, more than the current {}",
+                self.size()
+            )));
+        }
+        let mut meta = self.meta.lock();
+        refuse_v2_with_snapshots(meta.header())?;
+        meta.mark_dirty()?;
+        meta.shrink(new_size)?;
+        meta.flush_moving(MovableMappings::All)?;
+        self.set_size(new_size);
+        Ok(())
+    }
+
+    pub(crate) fn set_size(&self, size: u64) {
+        self.size.store(size, Ordering::Release);
+    }
+
+    pub(crate) fn check(&self, repair: RepairMode) -> Result<CheckReport> {
+        let _all = if repair == RepairMode::None {
+            self.locks.lock(0..u64::MAX, true)
+        } else {
+            self.lock_for_change(0..u64::MAX)?
+        };
+        let mut meta = self.meta.lock();
+        if repair != RepairMode::None {
+            meta.mark_dirty()?;
+        }
+        if self.writable {
+            meta.flush_moving(MovableMappings::All)?;
+        }
+        let report = crate::check::check(&mut meta, repair)?;
+        if repair == RepairMode::All && report.is_clean() {
+            meta.clear_corrupt()?;
+        }
+        Ok(report)
+    }
+
+    pub(crate) fn close(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        if self.writable {
+            let _all = self.locks.lock(0..u64::MAX, true);
+            self.meta.lock().close()?;
+        }
+        self.storage.unlock();
+        match self.backing().as_deref() {
+            Some(Backing::Qcow2(image)) => image.close()?,
+            Some(Backing::Raw { file, .. }) => file.unlock(),
+            None => {}
+        }
+        Ok(())
+    }
+}
+
+impl Device {
+    pub(crate) fn abandon(self) {
+        self.closed.store(true, Ordering::Release);
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            eprintln!("qcow2: closing the image on drop failed: {e}");
+        }
+    }
+}
