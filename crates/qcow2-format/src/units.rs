@@ -207,11 +207,15 @@ impl Geometry {
     }
 
     /// L1 index of guest offset `guest`.
+    // l2_coverage and l2_entries are nonzero powers of two (Geometry's
+    // invariant), so neither division can fail.
+    #[allow(clippy::arithmetic_side_effects)]
     pub const fn l1_index(self, guest: GuestOffset) -> u64 {
         guest.0 / self.l2_coverage()
     }
 
     /// L2 index of guest offset `guest` within its L2 table.
+    #[allow(clippy::arithmetic_side_effects)]
     pub const fn l2_index(self, guest: GuestOffset) -> u64 {
         (guest.0 >> self.cluster_bits()) % self.l2_entries()
     }

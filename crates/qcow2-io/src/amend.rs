@@ -1,7 +1,7 @@
 //! Changing a qcow2 image's format options in place, as `qemu-img amend`
 //! does: the compatibility level, lazy refcounts and the refcount width.
-//! (Deduplication is turned on and off by [`Image::enable_dedup`] and
-//! [`Image::disable_dedup`].)
+//! (Deduplication is turned on and off by [`Image::enable_dedup`](crate::Image::enable_dedup) and
+//! [`Image::disable_dedup`](crate::Image::disable_dedup).)
 //!
 //! Every request is checked against the image before anything is written;
 //! each change then replaces one structure and, once that is durable, the
@@ -58,15 +58,15 @@ impl Device {
         let backed = self.has_backing();
         {
             let meta = self.meta.get_mut();
-            meta.mark_dirty()?;
+            meta.format_changes().mark_dirty()?;
             if version > header.version {
-                meta.change_header(upgrade_to_v3)?;
+                meta.format_changes().change_header(upgrade_to_v3)?;
             }
             if order != header.refcount_order {
-                meta.change_refcount_order(order)?;
+                meta.format_changes().change_refcount_order(order)?;
             }
             if version == 3 && lazy != header.lazy_refcounts() {
-                meta.change_header(|h| {
+                meta.format_changes().change_header(|h| {
                     if lazy {
                         h.compatible_features |= COMPAT_LAZY_REFCOUNTS;
                     } else {
@@ -75,8 +75,8 @@ impl Device {
                 })?;
             }
             if version < header.version {
-                meta.expand_zero_clusters(backed)?;
-                meta.change_header(downgrade_to_v2)?;
+                meta.format_changes().expand_zero_clusters(backed)?;
+                meta.format_changes().change_header(downgrade_to_v2)?;
             }
         }
         self.reload_metadata()

@@ -33,7 +33,7 @@ impl Device {
     /// on, under every range lock.
     fn switch_backing(&self, backing: Option<(&str, &str)>, opened: Option<Backing>) -> Result<()> {
         let _all = self.lock_for_change(0..u64::MAX)?;
-        self.meta.lock().set_backing(backing)?;
+        self.meta.lock().format_changes().set_backing(backing)?;
         self.set_backing_handle(opened);
         Ok(())
     }
@@ -111,14 +111,14 @@ impl Device {
         }
         let _range = self.lock_for_change(self.cluster_span(offset, len))?;
         let mut meta = self.meta.lock();
-        meta.mark_dirty()?;
+        meta.format_changes().mark_dirty()?;
         let guest = GuestOffset::new(offset);
-        if meta.lookup(guest)?.0 == L2Mapping::Unallocated {
+        if meta.mappings().lookup(guest)?.0 == L2Mapping::Unallocated {
             let zero = L2Mapping::Zero {
                 preallocated: None,
                 copied: false,
             };
-            meta.set_mapping(guest, zero)?;
+            meta.mappings().set_mapping(guest, zero)?;
         }
         Ok(())
     }
@@ -126,7 +126,7 @@ impl Device {
     pub(crate) fn make_empty(&self) -> Result<()> {
         let _all = self.lock_for_change(0..u64::MAX)?;
         let mut meta = self.meta.lock();
-        meta.mark_dirty()?;
-        meta.unmap_all()
+        meta.format_changes().mark_dirty()?;
+        meta.resizing().unmap_all()
     }
 }

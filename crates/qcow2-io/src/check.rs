@@ -114,7 +114,7 @@ fn repair_image(meta: &mut Metadata, walk_result: Walk, repair: RepairMode) -> R
         for (first, count) in meta.parts().alloc.metadata_clusters() {
             first.run(count).for_each(|c| tally.remove(c));
         }
-        meta.rebuild_refcounts(&tally)?;
+        meta.format_changes().rebuild_refcounts(&tally)?;
     }
     {
         let parts = meta.parts();
@@ -130,8 +130,8 @@ fn repair_image(meta: &mut Metadata, walk_result: Walk, repair: RepairMode) -> R
         meta.flush()?;
         for fix in walk(&mut meta.parts())?.copied_fixes {
             match fix {
-                CopiedFix::L1 { index, raw } => meta.set_l1_raw(index, raw),
-                CopiedFix::L2 { guest, mapping } => meta.set_mapping(guest, mapping)?,
+                CopiedFix::L1 { index, raw } => meta.mappings().set_l1_raw(index, raw),
+                CopiedFix::L2 { guest, mapping } => meta.mappings().set_mapping(guest, mapping)?,
             }
         }
     }

@@ -168,8 +168,8 @@ impl Device {
         let guest = GuestOffset::new(offset);
         let host = {
             let mut meta = self.meta.lock();
-            meta.mark_dirty()?;
-            let (old, _) = meta.lookup(guest)?;
+            meta.format_changes().mark_dirty()?;
+            let (old, _) = meta.mappings().lookup(guest)?;
             if !matches!(
                 old,
                 L2Mapping::Unallocated
@@ -182,7 +182,7 @@ impl Device {
                 drop(_range);
                 return self.write_at(buf, offset);
             }
-            meta.allocate_bytes(compressed.len() as u64)?
+            meta.references().allocate_bytes(compressed.len() as u64)?
         };
         self.storage
             .write_at(&compressed, host.get())
@@ -190,6 +190,7 @@ impl Device {
         let descriptor = CompressedDescriptor::for_piece(host, compressed.len() as u64);
         self.meta
             .lock()
+            .mappings()
             .set_mapping(guest, L2Mapping::Compressed(descriptor))
     }
 }

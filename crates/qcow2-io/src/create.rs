@@ -63,8 +63,8 @@ pub(crate) fn create(
     let header = writer.into_header();
     let mut meta = Metadata::new_image(storage, header, alloc, open.l2_cache_bytes);
     if options.dedup {
-        meta.start_dedup()?;
-        meta.publish_dedup()?;
+        meta.dedup_ops().start_dedup()?;
+        meta.dedup_ops().publish_dedup()?;
     }
     // A raw data file reads as the disk only if every cluster maps to it.
     let preallocation = if options.data_file_raw && options.preallocation == Preallocation::Off {
@@ -73,7 +73,7 @@ pub(crate) fn create(
         options.preallocation
     };
     if preallocation != Preallocation::Off {
-        meta.preallocate(preallocation)?;
+        meta.resizing().preallocate(preallocation)?;
     }
     Ok(meta)
 }

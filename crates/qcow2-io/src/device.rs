@@ -112,12 +112,12 @@ impl Device {
     }
 
     pub(crate) fn snapshots(&self) -> Result<Vec<qcow2_format::snapshot::Snapshot>> {
-        self.meta.lock().snapshots()
+        self.meta.lock().tables().snapshots()
     }
 
     /// Takes the exclusive range lock for a change of `range`, then checks
     /// that the image is (still) writable. The check must follow the lock:
-    /// [`Image::close`] marks the image closed before it takes every range,
+    /// [`Image::close`](crate::Image::close) marks the image closed before it takes every range,
     /// so a writer that gets its range after the close finished sees it
     /// closed and cannot dirty the image again.
     pub(crate) fn lock_for_change(&self, range: std::ops::Range<u64>) -> Result<RangeGuard<'_>> {
@@ -174,8 +174,8 @@ impl Device {
                         .into(),
                 ));
             }
-            meta.mark_dirty()?;
-            meta.grow(new_size)?;
+            meta.format_changes().mark_dirty()?;
+            meta.resizing().grow(new_size)?;
             self.set_size(new_size);
         }
         if exposes_backing {
@@ -195,8 +195,8 @@ impl Device {
         }
         let mut meta = self.meta.lock();
         refuse_v2_with_snapshots(meta.header())?;
-        meta.mark_dirty()?;
-        meta.shrink(new_size)?;
+        meta.format_changes().mark_dirty()?;
+        meta.resizing().shrink(new_size)?;
         meta.flush_moving(MovableMappings::All)?;
         self.set_size(new_size);
         Ok(())
@@ -214,14 +214,14 @@ impl Device {
         };
         let mut meta = self.meta.lock();
         if repair != RepairMode::None {
-            meta.mark_dirty()?;
+            meta.format_changes().mark_dirty()?;
         }
         if self.writable {
             meta.flush_moving(MovableMappings::All)?;
         }
         let report = crate::check::check(&mut meta, repair)?;
         if repair == RepairMode::All && report.is_clean() {
-            meta.clear_corrupt()?;
+            meta.format_changes().clear_corrupt()?;
         }
         Ok(report)
     }

@@ -80,8 +80,8 @@ impl Device {
         piece[(from - lo) as usize..(to - lo) as usize].copy_from_slice(data);
         let covered = mask(first, last);
         let mut meta = self.meta.lock();
-        meta.mark_dirty()?;
-        let (old, bitmap) = meta.lookup(guest)?;
+        meta.format_changes().mark_dirty()?;
+        let (old, bitmap) = meta.mappings().lookup(guest)?;
         let new_bitmap =
             |alloc: u64, zero: u64| SubclusterBitmap((alloc | covered) | ((zero & !covered) << 32));
         let (alloc, zero) = (bitmap.0 & 0xffff_ffff, bitmap.0 >> 32);
@@ -90,7 +90,7 @@ impl Device {
             copied: true,
         } = old
         {
-            meta.guard_data_write(host + lo, hi - lo)?;
+            meta.references().guard_data_write(host + lo, hi - lo)?;
             drop(meta);
             self.data
                 .write_at(&piece, host.get() + lo)
@@ -99,13 +99,14 @@ impl Device {
             if bits != bitmap {
                 self.meta
                     .lock()
+                    .mappings()
                     .replace_mapping_ext(guest, old, bits, old)?;
             }
             return Ok(());
         }
-        let (cluster, _) = meta.allocate_data(guest, ClusterCount::ONE)?;
+        let (cluster, _) = meta.references().allocate_data(guest, ClusterCount::ONE)?;
         let host = g.host_offset(cluster);
-        meta.guard_data_write(host, cs)?;
+        meta.references().guard_data_write(host, cs)?;
         drop(meta);
         let bits = match old {
             L2Mapping::Unallocated | L2Mapping::Zero { .. } => {
@@ -134,6 +135,7 @@ impl Device {
         };
         self.meta
             .lock()
+            .mappings()
             .replace_mapping_ext(guest, mapping, bits, old)
     }
 
@@ -170,16 +172,17 @@ impl Device {
     /// releasing its host cluster when every subcluster then reads zero.
     fn zero_subclusters(&self, guest: GuestOffset, covered: u64) -> Result<()> {
         let mut meta = self.meta.lock();
-        let (old, bitmap) = meta.lookup(guest)?;
+        let (old, bitmap) = meta.mappings().lookup(guest)?;
         let (alloc, zero) = (bitmap.0 & 0xffff_ffff, bitmap.0 >> 32);
         let bits = SubclusterBitmap((alloc & !covered) | ((zero | covered) << 32));
         match old {
             _ if all_zero(bits) => {
-                meta.replace_mapping_ext(guest, L2Mapping::Unallocated, bits, old)
+                meta.mappings()
+                    .replace_mapping_ext(guest, L2Mapping::Unallocated, bits, old)
             }
             L2Mapping::Data { copied: true, .. } | L2Mapping::Unallocated => {
                 if bits != bitmap {
-                    meta.replace_mapping_ext(guest, old, bits, old)?;
+                    meta.mappings().replace_mapping_ext(guest, old, bits, old)?;
                 }
                 Ok(())
             }
@@ -192,11 +195,12 @@ impl Device {
                 let count = u64::from(covered.count_ones());
                 let zeros = vec![0u8; (count * sub) as usize];
                 self.write_subclusters(&zeros, guest.get() + first * sub)?;
-                let (mapping, now) = self.meta.lock().lookup(guest)?;
+                let (mapping, now) = self.meta.lock().mappings().lookup(guest)?;
                 let (alloc, zero) = (now.0 & 0xffff_ffff, now.0 >> 32);
                 let bits = SubclusterBitmap((alloc & !covered) | ((zero | covered) << 32));
                 self.meta
                     .lock()
+                    .mappings()
                     .replace_mapping_ext(guest, mapping, bits, mapping)
             }
         }

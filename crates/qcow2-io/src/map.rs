@@ -33,7 +33,7 @@ impl Device {
                 continue;
             }
             let len = (guest + cs).min(size) - guest;
-            let (mapping, bitmap) = meta.lookup_for_read(GuestOffset::new(guest))?;
+            let (mapping, bitmap) = meta.mappings().lookup_for_read(GuestOffset::new(guest))?;
             if g.extended_l2() && !matches!(mapping, L2Mapping::Compressed(_)) {
                 out.push_subclusters(g, guest, len, mapping, bitmap);
                 guest += len;

@@ -329,7 +329,7 @@ impl Device {
         let mut image = Self::from_parts(storage, meta, options.write);
         image.meta.get_mut().set_punch_freed(options.punch_holes);
         if !options.write && !options.check {
-            let damage = image.meta.get_mut().refcount_damage()?;
+            let damage = image.meta.get_mut().references().refcount_damage()?;
             image.set_refcount_damage(damage);
         }
         image.set_backing_handle(backing);
@@ -343,7 +343,7 @@ impl Device {
             None
         };
         if options.write {
-            let dropped = image.meta.lock().build_dedup_index(dirty)?;
+            let dropped = image.meta.lock().dedup_ops().build_dedup_index(dirty)?;
             image.set_recovery(repair.map(|report| Recovery {
                 leaks_fixed: report.leaks_fixed,
                 corruptions_fixed: report.corruptions_fixed,
@@ -368,7 +368,7 @@ impl Device {
             loading,
         )?;
         if self.writable {
-            meta.build_dedup_index(false)?;
+            meta.dedup_ops().build_dedup_index(false)?;
         }
         self.geometry = meta.header().geometry;
         self.set_size(meta.header().size);

@@ -42,7 +42,7 @@ fn extent_at(meta: &mut Metadata, guest: u64, backed: bool) -> Result<(Extent, u
     let g = meta.header().geometry;
     let in_cluster = g.offset_in_cluster(guest);
     let rest = g.cluster_size() - in_cluster;
-    let (mapping, bitmap) = meta.lookup_for_read(GuestOffset::new(guest))?;
+    let (mapping, bitmap) = meta.mappings().lookup_for_read(GuestOffset::new(guest))?;
     if g.extended_l2() && !matches!(mapping, L2Mapping::Compressed(_)) {
         let sub = g.subcluster_size();
         let first = (in_cluster / sub) as u32;

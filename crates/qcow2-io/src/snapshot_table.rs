@@ -33,7 +33,12 @@ pub(crate) fn tree_references(meta: &mut Metadata, l1: &[u64]) -> Result<Vec<(Ho
         };
         add(g.host_cluster(offset));
         let stride = (g.l2_entry_size() / 8) as usize;
-        for entry in meta.l2_entries(offset)?.into_iter().step_by(stride) {
+        for entry in meta
+            .mappings()
+            .l2_entries(offset)?
+            .into_iter()
+            .step_by(stride)
+        {
             match L2Entry(entry).decode(format)? {
                 L2Mapping::Compressed(d) => d.host_clusters(g).for_each(&mut add),
                 other => {

@@ -50,7 +50,7 @@ impl Device {
                     .into(),
             ));
         }
-        let mut snapshots = meta.snapshots()?;
+        let mut snapshots = meta.tables().snapshots()?;
         if name.is_empty() || name.len() > usize::from(u16::MAX) {
             return Err(ImageError::InvalidOption(
                 "a snapshot name must be 1 to 65535 bytes".into(),
@@ -84,11 +84,11 @@ impl Device {
                 "the snapshot table would exceed QEMU's 64 MiB limit".into(),
             ));
         }
-        meta.mark_dirty()?;
+        meta.format_changes().mark_dirty()?;
         meta.flush()?;
         let references = tree_references(&mut meta, &l1)?;
-        meta.add_references(&references)?;
-        meta.refresh_copied_flags()?;
+        meta.references().add_references(&references)?;
+        meta.mappings().refresh_copied_flags()?;
         meta.flush()?;
         let copy: Vec<u64> = l1
             .iter()
@@ -97,13 +97,13 @@ impl Device {
                 _ => raw,
             })
             .collect();
-        let l1_offset = meta.write_new_table(&copy)?;
+        let l1_offset = meta.tables().write_new_table(&copy)?;
         let entry = Snapshot {
             l1_table_offset: l1_offset,
             ..entry
         };
         snapshots.push(entry.clone());
-        meta.write_snapshot_table(&snapshots)?;
+        meta.tables().write_snapshot_table(&snapshots)?;
         meta.flush()?;
         Ok(entry)
     }
@@ -111,29 +111,30 @@ impl Device {
     pub(crate) fn snapshot_apply(&self, id_or_name: &str) -> Result<()> {
         let _all = self.lock_for_change(0..u64::MAX)?;
         let mut meta = self.meta.lock();
-        let snapshots = meta.snapshots()?;
+        let snapshots = meta.tables().snapshots()?;
         let index = find(&snapshots, id_or_name).ok_or_else(|| not_found(id_or_name))?;
         let snapshot = &snapshots[index];
         let target_l1 = snapshot_l1(&meta, snapshot)?;
         let size = snapshot.disk_size.unwrap_or_else(|| self.size());
-        meta.mark_dirty()?;
+        meta.format_changes().mark_dirty()?;
         meta.flush()?;
         let new_refs = tree_references(&mut meta, &target_l1)?;
-        meta.add_references(&new_refs)?;
+        meta.references().add_references(&new_refs)?;
         let current = self.size();
         if size > current || target_l1.len() > meta.l1().len() {
-            meta.grow_with_l1(size.max(current), target_l1.len() as u64)?;
+            meta.resizing()
+                .grow_with_l1(size.max(current), target_l1.len() as u64)?;
         }
         let old_l1 = meta.l1().to_vec();
         let old_refs = tree_references(&mut meta, &old_l1)?;
-        meta.set_active_l1(&target_l1)?;
+        meta.mappings().set_active_l1(&target_l1)?;
         meta.flush()?;
-        meta.release_references(&old_refs);
+        meta.references().release_references(&old_refs);
         meta.flush()?;
         if size < current {
             meta.set_virtual_size(size)?;
         }
-        meta.refresh_copied_flags()?;
+        meta.mappings().refresh_copied_flags()?;
         meta.flush()?;
         drop(meta);
         self.set_size(size);
@@ -143,11 +144,11 @@ impl Device {
     pub(crate) fn snapshot_delete(&self, name: &str) -> Result<()> {
         let _all = self.lock_for_change(0..u64::MAX)?;
         let mut meta = self.meta.lock();
-        let mut snapshots = meta.snapshots()?;
+        let mut snapshots = meta.tables().snapshots()?;
         let index = find_by_name(&snapshots, name).ok_or_else(|| not_found(name))?;
         let snapshot = snapshots.remove(index);
         let l1 = snapshot_l1(&meta, &snapshot)?;
-        meta.mark_dirty()?;
+        meta.format_changes().mark_dirty()?;
         meta.flush()?;
         let mut references = tree_references(&mut meta, &l1)?;
         let g = self.geometry;
@@ -159,10 +160,10 @@ impl Device {
                     .map(|c| (c, 1)),
             );
         }
-        meta.write_snapshot_table(&snapshots)?;
-        meta.release_references(&references);
+        meta.tables().write_snapshot_table(&snapshots)?;
+        meta.references().release_references(&references);
         meta.flush()?;
-        meta.refresh_copied_flags()?;
+        meta.mappings().refresh_copied_flags()?;
         meta.flush_moving(MovableMappings::All)
     }
 }

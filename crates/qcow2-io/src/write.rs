@@ -10,7 +10,7 @@ use crate::image::Device;
 use crate::metadata::Metadata;
 use crate::{ImageError, Result};
 
-/// How [`Image::clear_range`] treats the range.
+/// How [`Device::clear_range`](crate::image::Device::clear_range) treats the range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Clear {
     /// Read as zeros; `unmap` lets whole clusters give up their host cluster.
@@ -48,14 +48,14 @@ fn in_place_run(
     let g = meta.header().geometry;
     let cs = g.cluster_size();
     let cluster_start = g.guest_offset(g.guest_cluster(pos));
-    let Some(host) = meta.lookup(cluster_start)?.0.writable_in_place() else {
+    let Some(host) = meta.mappings().lookup(cluster_start)?.0.writable_in_place() else {
         return Ok(None);
     };
     let in_cluster = pos - cluster_start;
     let mut len = remaining.min(cs - in_cluster);
     let mut next_host = host + cs;
     while len < remaining {
-        match meta.lookup(pos + len)?.0.writable_in_place() {
+        match meta.mappings().lookup(pos + len)?.0.writable_in_place() {
             Some(h) if h == next_host => {
                 len = (len + cs).min(remaining);
                 next_host = next_host + cs;
@@ -63,7 +63,7 @@ fn in_place_run(
             _ => break,
         }
     }
-    meta.guard_data_write(host + in_cluster, len)?;
+    meta.references().guard_data_write(host + in_cluster, len)?;
     Ok(Some((host + in_cluster, len)))
 }
 
@@ -75,20 +75,25 @@ fn plan_write(meta: &mut Metadata, pos: GuestOffset, remaining: u64) -> Result<W
     let g = meta.header().geometry;
     let cs = g.cluster_size();
     let cluster_start = g.guest_offset(g.guest_cluster(pos));
-    let (first, _) = meta.lookup(cluster_start)?;
+    let (first, _) = meta.mappings().lookup(cluster_start)?;
     let end = pos + remaining;
     let wanted = g.clusters_for(end - cluster_start).min(MAX_RUN);
     let mut old = vec![first];
     while (old.len() as u64) < wanted {
-        let (mapping, _) = meta.lookup(cluster_start + old.len() as u64 * cs)?;
+        let (mapping, _) = meta
+            .mappings()
+            .lookup(cluster_start + old.len() as u64 * cs)?;
         if mapping.writable_in_place().is_some() {
             break;
         }
         old.push(mapping);
     }
-    let (first, got) = meta.allocate_data(cluster_start, ClusterCount::new(old.len() as u64))?;
+    let (first, got) = meta
+        .references()
+        .allocate_data(cluster_start, ClusterCount::new(old.len() as u64))?;
     old.truncate(got.as_usize());
-    meta.guard_data_write(g.host_offset(first), g.bytes(got))?;
+    meta.references()
+        .guard_data_write(g.host_offset(first), g.bytes(got))?;
     Ok(WritePlan::Allocate {
         first,
         guest_start: cluster_start,
@@ -111,7 +116,11 @@ fn commit_allocation(
             offset: g.host_offset(host),
             copied: true,
         };
-        meta.replace_mapping(guest_start + i as u64 * g.cluster_size(), mapping, previous)?;
+        meta.mappings().replace_mapping(
+            guest_start + i as u64 * g.cluster_size(),
+            mapping,
+            previous,
+        )?;
     }
     Ok(())
 }
@@ -127,7 +136,7 @@ impl Device {
             return Ok(());
         }
         let _range = self.lock_for_change(self.cluster_span(offset, buf.len() as u64))?;
-        self.meta.lock().mark_dirty()?;
+        self.meta.lock().format_changes().mark_dirty()?;
         self.write_locked(buf, offset)
     }
 
@@ -151,7 +160,7 @@ impl Device {
             let mut meta = self.meta.lock();
             match in_place_run(&mut meta, GuestOffset::new(offset), len)? {
                 Some((host, run)) if run == len => {
-                    meta.mark_dirty()?;
+                    meta.format_changes().mark_dirty()?;
                     host
                 }
                 _ => return Ok(false),
@@ -337,7 +346,7 @@ impl Device {
         let end = offset + len;
         let raw_data_file = {
             let mut meta = self.meta.lock();
-            meta.mark_dirty()?;
+            meta.format_changes().mark_dirty()?;
             meta.header().autoclear_features & qcow2_format::features::AUTOCLEAR_DATA_FILE_RAW != 0
         };
         if raw_data_file {
@@ -398,7 +407,7 @@ impl Device {
         let mut pos = start;
         while pos < end {
             let piece_end = (g.cluster_start(pos) + g.cluster_size()).min(end);
-            let (mapping, _) = self.meta.lock().lookup(GuestOffset::new(pos))?;
+            let (mapping, _) = self.meta.lock().mappings().lookup(GuestOffset::new(pos))?;
             let reads_zero = match mapping {
                 L2Mapping::Unallocated => !self.has_backing(),
                 L2Mapping::Zero { .. } => true,
@@ -444,7 +453,7 @@ fn clear_whole_clusters(
             guest = GuestOffset::new(meta.next_l2_range(guest).get().min(full_end));
             continue;
         }
-        let (old, _) = meta.lookup(guest)?;
+        let (old, _) = meta.mappings().lookup(guest)?;
         let reads_zero = match old {
             L2Mapping::Unallocated => !backed && !mark_all,
             other => other.is_hole(),
@@ -464,9 +473,9 @@ fn clear_whole_clusters(
                     preallocated: Some(offset),
                     copied,
                 };
-                meta.set_mapping(guest, kept)?;
+                meta.mappings().set_mapping(guest, kept)?;
             }
-            (_, old) => meta.replace_mapping(guest, replacement, old)?,
+            (_, old) => meta.mappings().replace_mapping(guest, replacement, old)?,
         }
         guest = guest + g.cluster_size();
     }

@@ -768,3 +768,67 @@ fn functions_and_files_stay_small() {
     }
     assert!(functions > 500, "only {functions} functions measured");
 }
+
+/// The methods an `impl TYPE {` block of `code` declares.
+fn methods_of(code: &str, type_name: &str) -> usize {
+    let opening = format!("impl {type_name} {{");
+    let mut count = 0;
+    let mut inside = false;
+    for line in code.lines() {
+        if line == opening {
+            inside = true;
+        } else if inside && line == "}" {
+            inside = false;
+        } else if inside {
+            let trimmed = line.trim_start();
+            let body = trimmed
+                .strip_prefix("pub(crate) ")
+                .or_else(|| trimmed.strip_prefix("pub(super) "))
+                .or_else(|| trimmed.strip_prefix("pub "))
+                .unwrap_or(trimmed);
+            if line.len() - trimmed.len() == 4 && body.starts_with("fn ") {
+                count += 1;
+            }
+        }
+    }
+    count
+}
+
+#[test]
+fn image_is_a_facade_and_metadata_stays_thin() {
+    let sources = all_sources();
+    let io: Vec<_> = sources
+        .iter()
+        .filter(|(file, _)| file.to_string_lossy().contains("qcow2-io/src/"))
+        .collect();
+    let image_files: Vec<_> = io
+        .iter()
+        .filter(|(_, code)| code.lines().any(|l| l == "impl Image {"))
+        .map(|(file, _)| file.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        image_files.len() <= 4,
+        "impl Image in {} files (at most 4): {image_files:?}",
+        image_files.len()
+    );
+    let (_, image) = io
+        .iter()
+        .find(|(file, _)| file.ends_with("image.rs"))
+        .expect("image.rs");
+    let start =
+        image.find("pub struct Image {").expect("Image declared") + "pub struct Image {".len();
+    let fields = &image[start..start + image[start..].find("\n}").unwrap()];
+    assert!(
+        !fields.contains("pub(crate)") && !fields.contains("pub "),
+        "Image has non-private fields: {fields}"
+    );
+    let metadata: usize = io
+        .iter()
+        .filter(|(file, _)| file.to_string_lossy().contains("/metadata/"))
+        .map(|(_, code)| methods_of(code, "Metadata"))
+        .sum();
+    assert!(
+        (10..=30).contains(&metadata),
+        "Metadata has {metadata} methods (at most 30; fewer than 10 means this count broke)"
+    );
+}

@@ -19,12 +19,12 @@ impl Device {
     }
 
     pub(crate) fn dedup_table_clusters(&self) -> Vec<HostCluster> {
-        self.meta.lock().dedup_table_clusters()
+        self.meta.lock().dedup_ops().dedup_table_clusters()
     }
 
     pub(crate) fn dedup_stats(&self) -> Result<Option<DedupStats>> {
         let _all = self.locks.lock(0..u64::MAX, false);
-        self.meta.lock().dedup_stats()
+        self.meta.lock().dedup_ops().dedup_stats()
     }
 
     pub(crate) fn disable_dedup(&self) -> Result<()> {
@@ -34,8 +34,8 @@ impl Device {
             if !meta.is_dedup() {
                 return Ok(());
             }
-            meta.mark_dirty()?;
-            meta.stop_dedup()?;
+            meta.format_changes().mark_dirty()?;
+            meta.dedup_ops().stop_dedup()?;
             self.dedup
                 .store(false, std::sync::atomic::Ordering::Release);
         }
@@ -50,9 +50,10 @@ impl Device {
                     guest = meta.next_l2_range(guest);
                     continue;
                 }
-                match meta.lookup(guest)?.0 {
+                match meta.mappings().lookup(guest)?.0 {
                     L2Mapping::Data { offset, .. } => {
-                        (meta.live_refcount(g.host_cluster(offset))? > 1).then_some(offset)
+                        (meta.references().live_refcount(g.host_cluster(offset))? > 1)
+                            .then_some(offset)
                     }
                     _ => None,
                 }
@@ -98,9 +99,9 @@ impl Device {
                     "deduplicating an image with extended L2 entries or an external data file (dedup shares whole clusters of the image file)".into(),
                 ));
             }
-            meta.mark_dirty()?;
+            meta.format_changes().mark_dirty()?;
             meta.flush()?;
-            meta.start_dedup()?;
+            meta.dedup_ops().start_dedup()?;
             self.dedup.store(true, std::sync::atomic::Ordering::Release);
         }
         let g = self.geometry;
@@ -115,7 +116,7 @@ impl Device {
                     guest = meta.next_l2_range(guest);
                     continue;
                 }
-                meta.lookup(guest)?.0
+                meta.mappings().lookup(guest)?.0
             };
             match mapping {
                 L2Mapping::Data { offset, .. } => {
@@ -138,7 +139,7 @@ impl Device {
             }
             guest = guest + cs;
         }
-        self.meta.lock().publish_dedup()
+        self.meta.lock().dedup_ops().publish_dedup()
     }
 }
 
@@ -162,10 +163,10 @@ fn adopt(
             preallocated: None,
             copied: false,
         };
-        return meta.replace_mapping(guest, zero, mapping);
+        return meta.mappings().replace_mapping(guest, zero, mapping);
     }
     let hash = ContentHash::of(content);
-    let copies = meta.dedup_copies(&hash)?;
+    let copies = meta.dedup_ops().dedup_copies(&hash)?;
     if copies.iter().any(|c| c.host == host) {
         return Ok(());
     }
@@ -175,7 +176,7 @@ fn adopt(
         .filter(|c| c.refcount < limit)
         .max_by_key(|c| c.refcount);
     match fullest_with_room {
-        Some(stored) => meta.share(guest, stored.host, mapping),
-        None => meta.dedup_record(host, &hash, guest),
+        Some(stored) => meta.dedup_ops().share(guest, stored.host, mapping),
+        None => meta.dedup_ops().dedup_record(host, &hash, guest),
     }
 }

@@ -70,7 +70,7 @@ pub(super) fn classify(
     let mut planner = Planner::new(meta);
     let mut classes = Vec::with_capacity(items.len());
     for item in items {
-        let (old, _) = meta.lookup(item.guest)?;
+        let (old, _) = meta.mappings().lookup(item.guest)?;
         let Some(hash) = item.hash else {
             classes.push(planner.zero_class(old));
             continue;
@@ -91,7 +91,7 @@ pub(super) fn classify(
             // Found by a look at every copy (after a reopen, the open copy
             // is not known yet): remember it, so the next write need not.
             let open = fullest_with_room.unwrap_or(copies[0].host);
-            meta.dedup_set_open_copy(&hash, open);
+            meta.dedup_ops().dedup_set_open_copy(&hash, open);
         }
         if let Some(host) = fullest_with_room {
             planner.plan_share(host);
@@ -166,7 +166,7 @@ impl Planner {
         if self.reused.contains(&own) {
             return Ok(false);
         }
-        meta.dedup_holds(own, hash)
+        meta.dedup_ops().dedup_holds(own, hash)
     }
 
     /// The copies a content offers, and whether it has several: a content
@@ -174,11 +174,11 @@ impl Planner {
     /// content in one copy offers that one. Clusters this plan rewrites in
     /// place are left out.
     fn copies(&self, meta: &mut Metadata, hash: &ContentHash) -> Result<(bool, Vec<StoredCopy>)> {
-        let open = meta.dedup_open_copy(hash)?;
+        let open = meta.dedup_ops().dedup_open_copy(hash)?;
         let several_copies = open.is_some();
         let mut copies = match open {
             Some(open) => vec![open],
-            None => meta.dedup_copies(hash)?,
+            None => meta.dedup_ops().dedup_copies(hash)?,
         };
         copies.retain(|c| !self.reused.contains(&c.host));
         Ok((several_copies, copies))
@@ -233,7 +233,7 @@ impl Planner {
         if let L2Mapping::Data { offset, .. } = old {
             let host = self.geometry.host_cluster(offset);
             let shared_by_plan = self.planned_shares.iter().any(|(h, _)| *h == host);
-            if !shared_by_plan && meta.refcount(host)? == 1 {
+            if !shared_by_plan && meta.references().refcount(host)? == 1 {
                 self.reused.push(host);
                 return Ok(Class::Reuse { host, another_copy });
             }

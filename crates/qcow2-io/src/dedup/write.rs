@@ -211,10 +211,11 @@ fn apply_plan(
         match *class {
             Class::Unchanged => {}
             Class::Zero { old } => apply_zero(meta, item.guest, old)?,
-            Class::Share { host, old } => meta.share(item.guest, host, old)?,
+            Class::Share { host, old } => meta.dedup_ops().share(item.guest, host, old)?,
             Class::Reuse { host, another_copy } => {
-                meta.guard_data_write(meta.header().geometry.host_offset(host), cs)?;
-                meta.dedup_forget(host)?;
+                let offset = meta.header().geometry.host_offset(host);
+                meta.references().guard_data_write(offset, cs)?;
+                meta.dedup_ops().dedup_forget(host)?;
                 claim(claims, item)?;
                 stores.push(Store {
                     index,
@@ -232,9 +233,10 @@ fn apply_plan(
     let mut next = 0;
     while next < fresh.len() {
         let wanted = ClusterCount::new((fresh.len() - next) as u64);
-        let (first, got) = meta.allocate(wanted)?;
+        let (first, got) = meta.references().allocate(wanted)?;
         let g = meta.header().geometry;
-        meta.guard_data_write(g.host_offset(first), g.bytes(got))?;
+        meta.references()
+            .guard_data_write(g.host_offset(first), g.bytes(got))?;
         for (k, host) in first.run(got).enumerate() {
             let (index, old, another_copy) = fresh[next + k];
             stores.push(Store {
@@ -265,7 +267,7 @@ fn apply_zero(meta: &mut Metadata, guest: GuestOffset, old: L2Mapping) -> Result
         preallocated: None,
         copied: false,
     };
-    meta.replace_mapping(guest, zero, old)
+    meta.mappings().replace_mapping(guest, zero, old)
 }
 
 /// Points the stored clusters' guest clusters at their data (written and
@@ -282,12 +284,13 @@ fn commit_stores(meta: &mut Metadata, items: &[ClusterItem], stores: &[Store]) -
             copied: true,
         };
         match store.old {
-            Some(old) => meta.replace_mapping(item.guest, mapping, old)?,
-            None => meta.set_mapping(item.guest, mapping)?,
+            Some(old) => meta.mappings().replace_mapping(item.guest, mapping, old)?,
+            None => meta.mappings().set_mapping(item.guest, mapping)?,
         }
-        meta.dedup_record(store.host, &hash, item.guest)?;
+        meta.dedup_ops()
+            .dedup_record(store.host, &hash, item.guest)?;
         if store.another_copy {
-            meta.dedup_set_open_copy(&hash, store.host);
+            meta.dedup_ops().dedup_set_open_copy(&hash, store.host);
         }
     }
     Ok(())

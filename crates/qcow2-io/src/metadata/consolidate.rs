@@ -12,7 +12,30 @@ pub(super) struct Move {
     left: u64,
 }
 
+/// The consolidation of dedup copies a flush runs (see the module documentation).
+pub(crate) struct Consolidation<'a>(&'a mut Metadata);
+
+impl std::ops::Deref for Consolidation<'_> {
+    type Target = Metadata;
+    fn deref(&self) -> &Metadata {
+        self.0
+    }
+}
+
+impl std::ops::DerefMut for Consolidation<'_> {
+    fn deref_mut(&mut self) -> &mut Metadata {
+        self.0
+    }
+}
+
 impl Metadata {
+    /// [`Consolidation`] of this image's metadata.
+    pub(crate) fn consolidation(&mut self) -> Consolidation<'_> {
+        Consolidation(self)
+    }
+}
+
+impl Consolidation<'_> {
     /// Keeps at most one copy of each content with room left (so stored
     /// copies = ⌈references / refcount maximum⌉): for the contents whose
     /// copies just lost references, references move from the emptiest copy
@@ -36,8 +59,8 @@ impl Metadata {
         let mut contents: Vec<(ContentHash, Vec<HostCluster>)> = Vec::new();
         let mut by_hash: HashMap<[u8; 32], usize> = HashMap::new();
         for &cluster in touched {
-            let storage = self.storage.clone();
-            let Some(hash) = self.dedup_mut()?.hash_of(&*storage, cluster)? else {
+            let storage = self.0.storage.clone();
+            let Some(hash) = self.dedup_ops().dedup_mut()?.hash_of(&*storage, cluster)? else {
                 continue;
             };
             let slot = *by_hash.entry(hash.0).or_insert_with(|| {
@@ -47,14 +70,14 @@ impl Metadata {
             contents[slot].1.push(cluster);
         }
         for (hash, copies) in &mut contents {
-            if let Some(open) = self.dedup_open_copy(hash)? {
+            if let Some(open) = self.dedup_ops().dedup_open_copy(hash)? {
                 if !copies.contains(&open.host) {
                     copies.push(open.host);
                 }
             }
             let mut open = Vec::new();
             for &host in copies.iter() {
-                let live = self.live_refcount(host)?;
+                let live = self.references().live_refcount(host)?;
                 if live > 0 && live < limit {
                     open.push((host, live));
                 }
@@ -87,7 +110,7 @@ impl Metadata {
         if !moves.is_empty() {
             moved |= self.move_scanned_referrers(&mut moves, movable, &mut busy)?;
         }
-        self.unsettled.extend(busy);
+        self.0.unsettled.extend(busy);
         for (hash, copies) in contents {
             self.reopen_copy(&hash, &copies)?;
         }
@@ -103,11 +126,14 @@ impl Metadata {
         movable: MovableMappings<'_>,
         busy: &mut BTreeSet<HostCluster>,
     ) -> Result<bool> {
-        let g = self.geometry;
+        let g = self.0.geometry;
         let mut moved = false;
         for m in moves.iter_mut() {
-            let storage = self.storage.clone();
-            let hints = self.dedup_mut()?.referrer_hints(&*storage, m.donor)?;
+            let storage = self.0.storage.clone();
+            let hints = self
+                .dedup_ops()
+                .dedup_mut()?
+                .referrer_hints(&*storage, m.donor)?;
             for guest in hints {
                 if m.left == 0 {
                     break;
@@ -115,7 +141,7 @@ impl Metadata {
                 if guest.get() >= self.header().size {
                     continue;
                 }
-                let (old, _) = self.lookup(guest)?;
+                let (old, _) = self.mappings().lookup(guest)?;
                 if !matches!(old, L2Mapping::Data { offset, .. } if g.host_cluster(offset) == m.donor)
                 {
                     continue;
@@ -124,7 +150,7 @@ impl Metadata {
                     busy.insert(m.donor);
                     continue;
                 };
-                self.share(guest, m.target, old)?;
+                self.dedup_ops().share(guest, m.target, old)?;
                 m.left -= 1;
                 moved = true;
             }
@@ -140,15 +166,15 @@ impl Metadata {
         movable: MovableMappings<'_>,
         busy: &mut BTreeSet<HostCluster>,
     ) -> Result<bool> {
-        let g = self.geometry;
-        let format = self.map.format();
+        let g = self.0.geometry;
+        let format = self.0.map.format();
         let mut moved = false;
-        let l1 = self.map.l1().to_vec();
+        let l1 = self.0.map.l1().to_vec();
         for (index, raw) in l1.into_iter().enumerate() {
             let L1Mapping::L2Table { offset, .. } = L1Entry(raw).decode(g)? else {
                 continue;
             };
-            let entries = self.map.l2_entries(&*self.storage, offset)?;
+            let entries = self.0.map.l2_entries(&*self.0.storage, offset)?;
             for (i, raw) in entries.into_iter().enumerate() {
                 let Ok(old @ L2Mapping::Data { offset: host, .. }) = L2Entry(raw).decode(format)
                 else {
@@ -166,7 +192,7 @@ impl Metadata {
                 };
                 m.left -= 1;
                 let target = m.target;
-                self.share(guest, target, old)?;
+                self.dedup_ops().share(guest, target, old)?;
                 moved = true;
             }
         }
@@ -182,24 +208,25 @@ impl Metadata {
     pub(super) fn reopen_copy(&mut self, hash: &ContentHash, copies: &[HostCluster]) -> Result<()> {
         let limit = self.max_refcount();
         let several = self
+            .0
             .dedup
             .as_ref()
             .is_some_and(|d| d.has_several_copies(hash));
         let mut fullest_with_room = None;
         for &host in copies {
-            let live = self.live_refcount(host)?;
+            let live = self.references().live_refcount(host)?;
             if live > 0 && live < limit && fullest_with_room.is_none_or(|(l, _)| live > l) {
                 fullest_with_room = Some((live, host));
             }
         }
-        let current = self.dedup_open_copy(hash)?.map(|c| c.host);
+        let current = self.dedup_ops().dedup_open_copy(hash)?.map(|c| c.host);
         let open = match fullest_with_room {
             Some((_, host)) if several => Some(host),
             Some(_) => None,
             None if several => current,
             None => None,
         };
-        if let Some(d) = self.dedup.as_mut() {
+        if let Some(d) = self.0.dedup.as_mut() {
             d.set_open_copy(hash, open);
         }
         Ok(())
@@ -208,19 +235,19 @@ impl Metadata {
     /// After the dedup L1 grew: point the header at the new table (once it
     /// is durable), then free the old one.
     pub(super) fn relocate_dedup_l1(&mut self) -> Result<()> {
-        let Some(d) = self.dedup.as_mut().filter(|d| d.l1_moved()) else {
+        let Some(d) = self.0.dedup.as_mut().filter(|d| d.l1_moved()) else {
             return Ok(());
         };
         let retired = d.take_retired();
-        self.write_tables()?;
-        self.refcounts_durable()?;
-        self.sync("syncing the new dedup L1 table")?;
-        let ext = self.dedup_mut()?.extension();
-        let location = self.alloc.table_location();
-        self.header.set_dedup(&*self.storage, location, ext)?;
+        self.write_back().write_tables()?;
+        self.write_back().refcounts_durable()?;
+        self.write_back().sync("syncing the new dedup L1 table")?;
+        let ext = self.dedup_ops().dedup_mut()?.extension();
+        let location = self.0.alloc.table_location();
+        self.0.header.set_dedup(&*self.0.storage, location, ext)?;
         for (offset, clusters) in retired {
-            for cluster in self.geometry.host_cluster(offset).run(clusters) {
-                self.alloc.drop_reference(&*self.storage, cluster)?;
+            for cluster in self.0.geometry.host_cluster(offset).run(clusters) {
+                self.0.alloc.drop_reference(&*self.0.storage, cluster)?;
             }
         }
         Ok(())

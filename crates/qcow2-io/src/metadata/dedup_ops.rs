@@ -15,27 +15,52 @@ pub(crate) struct StoredCopy {
     pub(crate) released: u64,
 }
 
+/// The dedup state's operations that touch other parts (see the module documentation).
+pub(crate) struct DedupOps<'a>(&'a mut Metadata);
+
+impl std::ops::Deref for DedupOps<'_> {
+    type Target = Metadata;
+    fn deref(&self) -> &Metadata {
+        self.0
+    }
+}
+
+impl std::ops::DerefMut for DedupOps<'_> {
+    fn deref_mut(&mut self) -> &mut Metadata {
+        self.0
+    }
+}
+
 impl Metadata {
+    /// [`DedupOps`] of this image's metadata.
+    pub(crate) fn dedup_ops(&mut self) -> DedupOps<'_> {
+        DedupOps(self)
+    }
+}
+
+impl DedupOps<'_> {
     pub(super) fn dedup_mut(&mut self) -> Result<&mut DedupState> {
-        self.dedup
+        self.0
+            .dedup
             .as_mut()
             .ok_or(ImageError::Internal("dedup state missing"))
     }
 
     /// Gives the image an empty dedup table and index (not yet named by
-    /// the header: [`Metadata::publish_dedup`] does that), with an L1 sized
+    /// the header: [`DedupOps::publish_dedup`] does that), with an L1 sized
     /// for the file the virtual disk can grow to.
     pub(crate) fn start_dedup(&mut self) -> Result<()> {
-        let g = self.geometry;
+        let g = self.0.geometry;
         let file_clusters = g.clusters_for(
-            self.storage
+            self.0
+                .storage
                 .len()
                 .map_err(ImageError::io("reading the image size"))?,
         );
         let host_clusters = g.clusters_for(self.header().size) * 9 / 8 + file_clusters + 64;
-        self.dedup = Some(DedupState::create(
-            &*self.storage,
-            &mut self.alloc,
+        self.0.dedup = Some(DedupState::create(
+            &*self.0.storage,
+            &mut self.0.alloc,
             g,
             host_clusters,
         )?);
@@ -46,8 +71,8 @@ impl Metadata {
     pub(crate) fn publish_dedup(&mut self) -> Result<()> {
         self.flush()?;
         let ext = self.dedup_mut()?.extension();
-        let location = self.alloc.table_location();
-        self.header.set_dedup(&*self.storage, location, ext)?;
+        let location = self.0.alloc.table_location();
+        self.0.header.set_dedup(&*self.0.storage, location, ext)?;
         self.flush()
     }
 
@@ -56,14 +81,14 @@ impl Metadata {
     /// between leaks them, never leaves a header pointing at free clusters.
     pub(crate) fn stop_dedup(&mut self) -> Result<()> {
         self.flush()?;
-        let Some(d) = self.dedup.take() else {
+        let Some(d) = self.0.dedup.take() else {
             return Ok(());
         };
-        let location = self.alloc.table_location();
-        self.header.clear_dedup(&*self.storage, location)?;
-        let g = self.geometry;
+        let location = self.0.alloc.table_location();
+        self.0.header.clear_dedup(&*self.0.storage, location)?;
+        let g = self.0.geometry;
         for (first, count) in d.metadata_clusters() {
-            self.alloc.release_run(g.host_offset(first), count);
+            self.0.alloc.release_run(g.host_offset(first), count);
         }
         self.flush()
     }
@@ -71,25 +96,25 @@ impl Metadata {
     /// Builds the in-memory index from the dedup table (re-verifying every
     /// entry against the data when `verify`).
     pub(crate) fn build_dedup_index(&mut self, verify: bool) -> Result<u64> {
-        let Some(d) = self.dedup.as_mut() else {
+        let Some(d) = self.0.dedup.as_mut() else {
             return Ok(0);
         };
-        d.build_index(&*self.storage, &mut self.alloc, verify)
+        d.build_index(&*self.0.storage, &mut self.0.alloc, verify)
     }
 
     /// Every stored copy of content `hash`, with its refcount and the
     /// decreases queued for it.
     pub(crate) fn dedup_copies(&mut self, hash: &ContentHash) -> Result<Vec<StoredCopy>> {
-        let Some(d) = self.dedup.as_mut() else {
+        let Some(d) = self.0.dedup.as_mut() else {
             return Ok(Vec::new());
         };
-        let copies = d.copies(&*self.storage, &mut self.alloc, hash)?;
+        let copies = d.copies(&*self.0.storage, &mut self.0.alloc, hash)?;
         Ok(copies
             .into_iter()
             .map(|(host, refcount)| StoredCopy {
                 host,
                 refcount,
-                released: self.alloc.released_count(host),
+                released: self.0.alloc.released_count(host),
             })
             .collect())
     }
@@ -98,28 +123,28 @@ impl Metadata {
     /// references (every other is full); `None` when the content has at
     /// most one copy, whose lookup through the index is O(1) anyway.
     pub(crate) fn dedup_open_copy(&mut self, hash: &ContentHash) -> Result<Option<StoredCopy>> {
-        let Some(d) = self.dedup.as_mut() else {
+        let Some(d) = self.0.dedup.as_mut() else {
             return Ok(None);
         };
-        Ok(d.open_copy(&*self.storage, &mut self.alloc, hash)?
+        Ok(d.open_copy(&*self.0.storage, &mut self.0.alloc, hash)?
             .map(|(host, refcount)| StoredCopy {
                 host,
                 refcount,
-                released: self.alloc.released_count(host),
+                released: self.0.alloc.released_count(host),
             }))
     }
 
     /// Makes `host` the copy of `hash` that takes new references.
     pub(crate) fn dedup_set_open_copy(&mut self, hash: &ContentHash, host: HostCluster) {
-        if let Some(d) = self.dedup.as_mut() {
+        if let Some(d) = self.0.dedup.as_mut() {
             d.set_open_copy(hash, Some(host));
         }
     }
 
     /// Whether host cluster `host` is recorded as holding content `hash`.
     pub(crate) fn dedup_holds(&mut self, host: HostCluster, hash: &ContentHash) -> Result<bool> {
-        let storage = self.storage.clone();
-        let Some(d) = self.dedup.as_mut() else {
+        let storage = self.0.storage.clone();
+        let Some(d) = self.0.dedup.as_mut() else {
             return Ok(false);
         };
         Ok(d.hash_of(&*storage, host)? == Some(*hash))
@@ -134,22 +159,24 @@ impl Metadata {
         host: HostCluster,
         old: L2Mapping,
     ) -> Result<()> {
-        let refcount = self.alloc.add_reference(&*self.storage, host)?;
+        let refcount = self.0.alloc.add_reference(&*self.0.storage, host)?;
         if refcount == 2 {
             let size = self.header().size;
             let d = self
+                .0
                 .dedup
                 .as_mut()
                 .ok_or(ImageError::Internal("dedup state missing"))?;
             if let Some((guest, mapping)) =
-                d.fix_copied_at_hint(&*self.storage, &mut self.map, host, false, size)?
+                d.fix_copied_at_hint(&*self.0.storage, &mut self.0.map, host, false, size)?
             {
-                self.map
-                    .set_mapping(&*self.storage, &mut self.alloc, guest, mapping)?;
+                self.0
+                    .map
+                    .set_mapping(&*self.0.storage, &mut self.0.alloc, guest, mapping)?;
             }
         }
-        let offset = self.geometry.host_offset(host);
-        self.replace_mapping(
+        let offset = self.0.geometry.host_offset(host);
+        self.mappings().replace_mapping(
             guest,
             L2Mapping::Data {
                 offset,
@@ -158,8 +185,8 @@ impl Metadata {
             old,
         )?;
         let limit = self.max_refcount();
-        let storage = self.storage.clone();
-        let Self { map, dedup, .. } = self;
+        let storage = self.0.storage.clone();
+        let Metadata { map, dedup, .. } = &mut *self.0;
         if let Some(d) = dedup.as_mut() {
             d.note_referrer(host, guest, limit, |g| {
                 let (mapping, _) = map.lookup(&*storage, g)?;
@@ -171,7 +198,7 @@ impl Metadata {
 
     /// Removes the dedup entry of `host` (its content is about to change).
     pub(crate) fn dedup_forget(&mut self, host: HostCluster) -> Result<()> {
-        let storage = self.storage.clone();
+        let storage = self.0.storage.clone();
         self.dedup_mut()?.forget(&*storage, host)
     }
 
@@ -183,40 +210,42 @@ impl Metadata {
         guest: GuestOffset,
     ) -> Result<()> {
         let d = self
+            .0
             .dedup
             .as_mut()
             .ok_or(ImageError::Internal("dedup state missing"))?;
-        d.record(&*self.storage, &mut self.alloc, host, hash, guest)
+        d.record(&*self.0.storage, &mut self.0.alloc, host, hash, guest)
     }
 
     /// Deduplication figures; `None` for a plain image.
     pub(crate) fn dedup_stats(&mut self) -> Result<Option<DedupStats>> {
-        if self.dedup.is_none() {
+        if self.0.dedup.is_none() {
             return Ok(None);
         }
         let mut references = 0u64;
-        let g = self.geometry;
-        let l1 = self.map.l1().to_vec();
+        let g = self.0.geometry;
+        let l1 = self.0.map.l1().to_vec();
         for raw in l1 {
             let qcow2_format::l1::L1Mapping::L2Table { offset, .. } =
                 qcow2_format::l1::L1Entry(raw).decode(g)?
             else {
                 continue;
             };
-            let format = self.map.format();
-            for raw in self.map.l2_entries(&*self.storage, offset)? {
+            let format = self.0.map.format();
+            for raw in self.0.map.l2_entries(&*self.0.storage, offset)? {
                 if let Ok(L2Mapping::Data { .. }) = qcow2_format::l2::L2Entry(raw).decode(format) {
                     references += 1;
                 }
             }
         }
-        let storage = self.storage.clone();
+        let storage = self.0.storage.clone();
         self.dedup_mut()?.stats(&*storage, references).map(Some)
     }
 
     /// Host clusters of the dedup table.
     pub(crate) fn dedup_table_clusters(&self) -> Vec<HostCluster> {
-        self.dedup
+        self.0
+            .dedup
             .as_ref()
             .map(|d| {
                 d.metadata_clusters()

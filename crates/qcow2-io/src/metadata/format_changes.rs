@@ -5,15 +5,38 @@
 
 use super::*;
 
+/// Changes to the format and the header (see the module documentation).
+pub(crate) struct FormatChanges<'a>(&'a mut Metadata);
+
+impl std::ops::Deref for FormatChanges<'_> {
+    type Target = Metadata;
+    fn deref(&self) -> &Metadata {
+        self.0
+    }
+}
+
+impl std::ops::DerefMut for FormatChanges<'_> {
+    fn deref_mut(&mut self) -> &mut Metadata {
+        self.0
+    }
+}
+
 impl Metadata {
+    /// [`FormatChanges`] of this image's metadata.
+    pub(crate) fn format_changes(&mut self) -> FormatChanges<'_> {
+        FormatChanges(self)
+    }
+}
+
+impl FormatChanges<'_> {
     /// Replaces the header with what `change` makes of it, durably (after
     /// a flush; nothing is written if the result cannot be encoded).
     pub(crate) fn change_header(&mut self, change: impl FnOnce(&mut Header)) -> Result<()> {
         self.flush()?;
         let mut next = self.header().clone();
         change(&mut next);
-        let location = self.alloc.table_location();
-        self.header.replace(&*self.storage, location, next)
+        let location = self.0.alloc.table_location();
+        self.0.header.replace(&*self.0.storage, location, next)
     }
 
     /// Rewrites the refcount structure with entries of `order` (a new
@@ -24,16 +47,18 @@ impl Metadata {
         self.flush()?;
         let width = RefcountWidth::new(order)?;
         let file_size = self
+            .0
             .storage
             .len()
             .map_err(ImageError::io("reading the image size"))?;
         let present = self
+            .0
             .alloc
-            .nonzero_from(&*self.storage, HostCluster::new(0))?;
+            .nonzero_from(&*self.0.storage, HostCluster::new(0))?;
         let clusters = present
             .last()
             .map_or(0, |(c, _)| c.get() + 1)
-            .max(self.geometry.clusters_for(file_size));
+            .max(self.0.geometry.clusters_for(file_size));
         let mut tally = ReferenceCounts::new(clusters);
         for &(cluster, count) in &present {
             if count > width.max() {
@@ -44,25 +69,27 @@ impl Metadata {
             }
             tally.set(cluster, count);
         }
-        for (first, count) in self.alloc.metadata_clusters() {
+        for (first, count) in self.0.alloc.metadata_clusters() {
             first.run(count).for_each(|c| tally.remove(c));
         }
         let config = RefcountsConfig {
             width,
-            ..self.alloc.config()
+            ..self.0.alloc.config()
         };
-        self.alloc = Allocator::rebuilt(&*self.storage, config, &tally)?;
-        let location = self.alloc.table_location();
+        self.0.alloc = Allocator::rebuilt(&*self.0.storage, config, &tally)?;
+        let location = self.0.alloc.table_location();
         let mut next = self.header().clone();
         next.refcount_order = order;
-        self.header.replace(&*self.storage, location, next)
+        self.0.header.replace(&*self.0.storage, location, next)
     }
 
     /// Names a new backing file (or none) in the header, durably.
     pub(crate) fn set_backing(&mut self, backing: Option<(&str, &str)>) -> Result<()> {
         self.flush()?;
-        let location = self.alloc.table_location();
-        self.header.set_backing(&*self.storage, location, backing)
+        let location = self.0.alloc.table_location();
+        self.0
+            .header
+            .set_backing(&*self.0.storage, location, backing)
     }
 
     /// Turns every zero cluster of the active tables into what compat=0.10
@@ -70,19 +97,19 @@ impl Metadata {
     /// data; an unallocated one becomes unallocated (reads as zeros) or,
     /// over a backing file, a newly written cluster of zeros.
     pub(crate) fn expand_zero_clusters(&mut self, backed: bool) -> Result<()> {
-        let g = self.geometry;
+        let g = self.0.geometry;
         let cs = g.cluster_size();
         let zeros = vec![0u8; cs as usize];
-        let l1 = self.map.l1().to_vec();
+        let l1 = self.0.map.l1().to_vec();
         for (index, &raw) in l1.iter().enumerate() {
             let L1Mapping::L2Table { offset, .. } = L1Entry(raw).decode(g)? else {
                 continue;
             };
-            for (i, entry) in self.l2_entries(offset)?.into_iter().enumerate() {
+            for (i, entry) in self.mappings().l2_entries(offset)?.into_iter().enumerate() {
                 let L2Mapping::Zero {
                     preallocated,
                     copied,
-                } = L2Entry(entry).decode(self.map.format())?
+                } = L2Entry(entry).decode(self.0.map.format())?
                 else {
                     continue;
                 };
@@ -91,14 +118,15 @@ impl Metadata {
                     (Some(host), _) => Some((host, copied)),
                     (None, false) => None,
                     (None, true) => {
-                        let (first, _) = self.allocate(ClusterCount::ONE)?;
+                        let (first, _) = self.references().allocate(ClusterCount::ONE)?;
                         Some((g.host_offset(first), true))
                     }
                 };
                 let mapping = match target {
                     Some((host, copied)) => {
-                        self.guard_data_write(host, cs)?;
-                        self.storage
+                        self.references().guard_data_write(host, cs)?;
+                        self.0
+                            .storage
                             .write_at(&zeros, host.get())
                             .map_err(ImageError::io("zeroing a cluster"))?;
                         L2Mapping::Data {
@@ -108,7 +136,7 @@ impl Metadata {
                     }
                     None => L2Mapping::Unallocated,
                 };
-                self.set_mapping(guest, mapping)?;
+                self.mappings().set_mapping(guest, mapping)?;
             }
         }
         self.flush()
@@ -118,15 +146,15 @@ impl Metadata {
     /// (see `qcow2_alloc::rebuild_refcounts`): the new structure is durable
     /// before the header points to it, so a crash leaves one or the other.
     pub(crate) fn rebuild_refcounts(&mut self, tally: &ReferenceCounts) -> Result<()> {
-        self.alloc.replace(&*self.storage, tally)?;
-        let location = self.alloc.table_location();
-        self.header.rewrite(&*self.storage, location)
+        self.0.alloc.replace(&*self.0.storage, tally)?;
+        let location = self.0.alloc.table_location();
+        self.0.header.rewrite(&*self.0.storage, location)
     }
 
     /// Clears QEMU's corrupt mark (after a clean repair).
     pub(crate) fn clear_corrupt(&mut self) -> Result<()> {
-        let location = self.alloc.table_location();
-        self.header.clear_corrupt(&*self.storage, location)?;
+        let location = self.0.alloc.table_location();
+        self.0.header.clear_corrupt(&*self.0.storage, location)?;
         self.flush()
     }
 
@@ -136,17 +164,18 @@ impl Metadata {
     /// our writes; if their directory cannot be read, the bitmaps
     /// autoclear bit is cleared instead, as the specification allows.
     pub(crate) fn mark_dirty(&mut self) -> Result<()> {
-        let keep_bitmaps = match self.bitmaps_in_use {
+        let keep_bitmaps = match self.0.bitmaps_in_use {
             Some(kept) => kept,
             None => {
                 let kept = self.mark_bitmaps_in_use()?;
-                self.bitmaps_in_use = Some(kept);
+                self.0.bitmaps_in_use = Some(kept);
                 kept
             }
         };
-        let location = self.alloc.table_location();
-        self.header
-            .mark_dirty(&*self.storage, location, keep_bitmaps)
+        let location = self.0.alloc.table_location();
+        self.0
+            .header
+            .mark_dirty(&*self.0.storage, location, keep_bitmaps)
     }
 
     /// Sets the in-use flag of every bitmap, in place, durably; whether the
@@ -157,7 +186,7 @@ impl Metadata {
         if header.autoclear_features & AUTOCLEAR_BITMAPS == 0 {
             return Ok(false);
         }
-        let Ok(Some(directory)) = read_bitmap_directory(&*self.storage, header) else {
+        let Ok(Some(directory)) = read_bitmap_directory(&*self.0.storage, header) else {
             return Ok(false);
         };
         if directory.entries.iter().all(|e| e.in_use()) {
@@ -167,13 +196,16 @@ impl Metadata {
         if mark_in_use(&mut bytes, &directory.entries).is_err() {
             return Ok(false);
         }
-        self.storage
+        self.0
+            .storage
             .write_at(&bytes, directory.offset)
             .map_err(ImageError::io("marking the bitmaps in use"))?;
-        self.sync("syncing the bitmap directory")?;
+        self.write_back().sync("syncing the bitmap directory")?;
         Ok(true)
     }
+}
 
+impl Metadata {
     /// The persistent bitmaps, as the bitmap directory describes them
     /// (empty without a valid bitmaps extension).
     pub(crate) fn bitmaps(&self) -> Vec<BitmapDirectoryEntry> {

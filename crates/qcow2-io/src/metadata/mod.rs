@@ -19,7 +19,7 @@
 //!
 //! A crash anywhere in between leaks clusters, never corrupts. No part
 //! writes on its own: caches that fill up with dirty entries ask for a
-//! write-back, and [`Metadata::write_tables`] runs it in the order above.
+//! write-back, and [`WriteBack::write_tables`](write_back::WriteBack::write_tables) runs it in the order above.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -48,6 +48,8 @@ use crate::{ImageError, Result};
 mod consolidate;
 mod dedup_ops;
 mod format_changes;
+mod mapping;
+mod references;
 mod resize;
 mod tables;
 mod write_back;
@@ -173,28 +175,6 @@ impl Metadata {
         }
     }
 
-    // --- the block map ---
-
-    /// The mapping of the guest cluster holding `guest`.
-    pub(crate) fn lookup(&mut self, guest: GuestOffset) -> Result<(L2Mapping, SubclusterBitmap)> {
-        self.map.lookup(&*self.storage, guest)
-    }
-
-    /// [`Metadata::lookup`] for reading: a range whose L2 table lies past
-    /// the end of the file reads as unallocated, and reserved bits of an
-    /// entry are ignored, as QEMU reads them.
-    pub(crate) fn lookup_for_read(
-        &mut self,
-        guest: GuestOffset,
-    ) -> Result<(L2Mapping, SubclusterBitmap)> {
-        match self.map.lookup_for_read(&*self.storage, guest) {
-            Err(ImageError::L2TablePastEnd { .. }) => {
-                Ok((L2Mapping::Unallocated, SubclusterBitmap(0)))
-            }
-            other => other,
-        }
-    }
-
     /// Whether the whole L2 range holding `guest` is unallocated.
     pub(crate) fn l2_unallocated(&self, guest: GuestOffset) -> Result<bool> {
         self.map.l2_unallocated(guest)
@@ -205,176 +185,9 @@ impl Metadata {
         self.map.next_l2_range(guest)
     }
 
-    /// Points the guest cluster holding `guest` at `mapping`, leaving the
-    /// reference of what was there to the caller.
-    pub(crate) fn set_mapping(&mut self, guest: GuestOffset, mapping: L2Mapping) -> Result<()> {
-        self.map
-            .set_mapping(&*self.storage, &mut self.alloc, guest, mapping)?;
-        if self.map.needs_write_back() {
-            self.write_tables()?;
-        }
-        Ok(())
-    }
-
-    /// Points the guest cluster holding `guest` at `mapping` with subcluster
-    /// `bitmap` (extended L2 entries) and drops the reference `old` (what
-    /// it pointed to, if anything else) once the tables are durable.
-    pub(crate) fn replace_mapping_ext(
-        &mut self,
-        guest: GuestOffset,
-        mapping: L2Mapping,
-        bitmap: SubclusterBitmap,
-        old: L2Mapping,
-    ) -> Result<()> {
-        self.map.set_entry(
-            &*self.storage,
-            &mut self.alloc,
-            guest,
-            mapping,
-            Some(bitmap),
-        )?;
-        if old != mapping {
-            self.alloc.release_mapping(old);
-        }
-        if self.map.needs_write_back() {
-            self.write_tables()?;
-        }
-        Ok(())
-    }
-
-    /// Points the guest cluster at `mapping` and drops the reference `old`
-    /// (what it pointed to) once the tables are durable.
-    pub(crate) fn replace_mapping(
-        &mut self,
-        guest: GuestOffset,
-        mapping: L2Mapping,
-        old: L2Mapping,
-    ) -> Result<()> {
-        self.set_mapping(guest, mapping)?;
-        self.alloc.release_mapping(old);
-        Ok(())
-    }
-
-    /// A copy of the raw entries of the L2 table at `offset` (any table,
-    /// active or a snapshot's).
-    pub(crate) fn l2_entries(&mut self, offset: HostOffset) -> Result<Vec<u64>> {
-        self.map.l2_entries(&*self.storage, offset)
-    }
-
     /// The raw active L1 entries.
     pub(crate) fn l1(&self) -> &[u64] {
         self.map.l1()
-    }
-
-    /// Replaces the whole active L1 with `entries` (zero-padded to its
-    /// length, which must be at least theirs). References are the caller's.
-    pub(crate) fn set_active_l1(&mut self, entries: &[u64]) -> Result<()> {
-        let len = self.map.l1().len();
-        if entries.len() > len {
-            return Err(ImageError::Internal("new L1 entries exceed the L1 table"));
-        }
-        for index in 0..len {
-            let raw = entries.get(index).copied().unwrap_or(0);
-            if self.map.l1()[index] != raw {
-                self.map.set_l1_raw(index, raw);
-            }
-        }
-        Ok(())
-    }
-
-    /// Sets OFLAG_COPIED on every active L1 and L2 entry exactly where the
-    /// cluster it names has (once queued decreases land) refcount 1, as
-    /// QEMU does after a snapshot operation. L2 tables are changed in
-    /// place even when shared: only the flag changes, which is right for
-    /// every L1 that points there.
-    pub(crate) fn refresh_copied_flags(&mut self) -> Result<()> {
-        let g = self.geometry;
-        let format = self.map.format();
-        for index in 0..self.map.l1().len() {
-            let raw = self.map.l1()[index];
-            let L1Mapping::L2Table { offset, copied } = L1Entry(raw).decode(g)? else {
-                continue;
-            };
-            let exclusive = self.live_refcount(g.host_cluster(offset))? == 1;
-            if exclusive != copied {
-                self.map
-                    .set_l1_raw(index, L1Entry::new(offset, exclusive).0);
-            }
-            let entries = self.map.l2_entries(&*self.storage, offset)?;
-            let stride = (g.l2_entry_size() / 8) as usize;
-            let mut changed = Vec::new();
-            for (i, &entry) in entries.iter().step_by(stride).enumerate() {
-                let mapping = L2Entry(entry).decode(format)?;
-                let fixed = match mapping {
-                    L2Mapping::Data {
-                        offset: host,
-                        copied,
-                    } => {
-                        let want = self.live_refcount(g.host_cluster(host))? == 1;
-                        (want != copied).then_some(L2Mapping::Data {
-                            offset: host,
-                            copied: want,
-                        })
-                    }
-                    L2Mapping::Zero {
-                        preallocated: Some(host),
-                        copied,
-                    } => {
-                        let want = self.live_refcount(g.host_cluster(host))? == 1;
-                        (want != copied).then_some(L2Mapping::Zero {
-                            preallocated: Some(host),
-                            copied: want,
-                        })
-                    }
-                    _ => None,
-                };
-                if let Some(m) = fixed {
-                    changed.push((i, m.encode(g).0));
-                }
-            }
-            if !changed.is_empty() {
-                self.map
-                    .update_entries_in_place(&*self.storage, offset, &changed)?;
-            }
-        }
-        if self.map.needs_write_back() {
-            self.write_tables()?;
-        }
-        Ok(())
-    }
-
-    /// Adds `n` references to each cluster of `counts`, all or none: every
-    /// sum is checked against the refcount width first. Durable on return.
-    pub(crate) fn add_references(&mut self, counts: &[(HostCluster, u64)]) -> Result<()> {
-        let max = self.max_refcount();
-        for &(cluster, n) in counts {
-            let now = self.refcount(cluster)?;
-            if now.checked_add(n).is_none_or(|sum| sum > max) {
-                return Err(ImageError::RefcountOverflow {
-                    cluster: cluster.get(),
-                    needed: now.saturating_add(n),
-                    bits: self.alloc.width().bits(),
-                    max,
-                });
-            }
-        }
-        for &(cluster, n) in counts {
-            for _ in 0..n {
-                self.alloc.add_reference(&*self.storage, cluster)?;
-            }
-        }
-        self.refcounts_durable()
-    }
-
-    /// Queues the decrease of `n` references to each cluster of `counts`,
-    /// applied at the next flush once nothing durable points there.
-    pub(crate) fn release_references(&mut self, counts: &[(HostCluster, u64)]) {
-        for &(cluster, n) in counts {
-            for _ in 0..n {
-                self.alloc
-                    .release_run(self.geometry.host_offset(cluster), ClusterCount::ONE);
-            }
-        }
     }
 
     /// The image file.
@@ -396,94 +209,14 @@ impl Metadata {
         )
     }
 
-    /// Replaces a raw L1 entry (repair of OFLAG_COPIED).
-    pub(crate) fn set_l1_raw(&mut self, index: usize, raw: u64) {
-        self.map.set_l1_raw(index, raw);
-    }
-
-    // --- the allocator ---
-
-    /// Host clusters for up to `max` guest clusters from `guest`: with an
-    /// external data file, the guest clusters' own offsets in it (not
-    /// refcounted); otherwise [`Metadata::allocate`].
-    pub(crate) fn allocate_data(
-        &mut self,
-        guest: GuestOffset,
-        max: ClusterCount,
-    ) -> Result<(HostCluster, ClusterCount)> {
-        if self.external_data() {
-            let g = self.geometry;
-            return Ok((HostCluster::new(g.guest_cluster(guest).get()), max));
-        }
-        self.allocate(max)
-    }
-
     /// Whether guest data lives in an external data file.
     pub(crate) fn external_data(&self) -> bool {
         self.header().incompatible_features & INCOMPAT_EXTERNAL_DATA != 0
     }
 
-    /// Allocates up to `max` contiguous clusters with refcount 1.
-    pub(crate) fn allocate(&mut self, max: ClusterCount) -> Result<(HostCluster, ClusterCount)> {
-        self.alloc.allocate(&*self.storage, max)
-    }
-
-    /// Room for `len` bytes of compressed data (see
-    /// `Allocator::allocate_bytes`), checked against the metadata.
-    pub(crate) fn allocate_bytes(&mut self, len: u64) -> Result<HostOffset> {
-        let at = self.alloc.allocate_bytes(&*self.storage, len)?;
-        self.guard_data_write(at, len)?;
-        Ok(at)
-    }
-
-    /// The refcount of `cluster` (released references not yet subtracted).
-    pub(crate) fn refcount(&mut self, cluster: HostCluster) -> Result<u64> {
-        self.alloc.refcount(&*self.storage, cluster)
-    }
-
-    /// The refcount of `cluster` once queued decreases land.
-    pub(crate) fn live_refcount(&mut self, cluster: HostCluster) -> Result<u64> {
-        let refcount = self.alloc.refcount(&*self.storage, cluster)?;
-        Ok(refcount.saturating_sub(self.alloc.released_count(cluster)))
-    }
-
-    /// What is wrong with the refcount structure, in one line; `None` when
-    /// it looks sound (see `Allocator::damage_summary`).
-    pub(crate) fn refcount_damage(&mut self) -> Result<Option<String>> {
-        self.alloc.damage_summary(&*self.storage)
-    }
-
     /// The largest refcount the image's width can hold.
     pub(crate) fn max_refcount(&self) -> u64 {
         self.alloc.width().max()
-    }
-
-    // --- the overlap guard ---
-
-    /// Fails (and marks a plain image corrupt) if guest data written to
-    /// `len` bytes at `host` would land on metadata.
-    pub(crate) fn guard_data_write(&mut self, host: HostOffset, len: u64) -> Result<()> {
-        if self.external_data() {
-            // Guest data goes to the data file, which holds no metadata.
-            return Ok(());
-        }
-        let g = self.geometry;
-        let fixed = FixedMetadata(self.header.header());
-        let mut parts: Vec<&dyn HoldsMetadata> = vec![&fixed, &self.map, &self.alloc];
-        if let Some(d) = self.dedup.as_ref() {
-            parts.push(d);
-        }
-        let hit = first_overlap(g, host, len, &parts);
-        let Some(hit) = hit else {
-            return Ok(());
-        };
-        let location = self.alloc.table_location();
-        self.header.mark_corrupt(&*self.storage, location)?;
-        Err(ImageError::Corrupt(format!(
-            "refusing to write guest data over metadata in host cluster {hit} (offset {:#x}); \
-             the image has been marked corrupt, repair it with `qcow2 check -r all`",
-            g.host_offset(hit).get()
-        )))
     }
 }
 

@@ -4,21 +4,44 @@
 
 use super::*;
 
+/// Changes of the virtual size (see the module documentation).
+pub(crate) struct Resizing<'a>(&'a mut Metadata);
+
+impl std::ops::Deref for Resizing<'_> {
+    type Target = Metadata;
+    fn deref(&self) -> &Metadata {
+        self.0
+    }
+}
+
+impl std::ops::DerefMut for Resizing<'_> {
+    fn deref_mut(&mut self) -> &mut Metadata {
+        self.0
+    }
+}
+
 impl Metadata {
+    /// [`Resizing`] of this image's metadata.
+    pub(crate) fn resizing(&mut self) -> Resizing<'_> {
+        Resizing(self)
+    }
+}
+
+impl Resizing<'_> {
     /// Grows the virtual disk to `new_size`, moving the L1 table if it must
     /// grow past the clusters it occupies. Shrinking is refused.
     pub(crate) fn grow(&mut self, new_size: u64) -> Result<()> {
         self.grow_with_l1(new_size, 0)
     }
 
-    /// [`Metadata::grow`] with an active L1 of at least `min_l1_entries`
+    /// [`Resizing::grow`] with an active L1 of at least `min_l1_entries`
     /// entries (to take a snapshot's L1 that is larger than the size needs).
     pub(crate) fn grow_with_l1(&mut self, new_size: u64, min_l1_entries: u64) -> Result<()> {
         let header = self.header().clone();
         if new_size < header.size {
             return Err(ImageError::Unsupported("shrinking an image".into()));
         }
-        let g = self.geometry;
+        let g = self.0.geometry;
         let needed = g.l1_entries_for(new_size).max(min_l1_entries);
         if needed > qcow2_format::MAX_L1_BYTES / 8 {
             return Err(ImageError::InvalidOption(format!(
@@ -28,44 +51,51 @@ impl Metadata {
         self.flush()?;
         let old_entries = u64::from(header.l1_size);
         let capacity = g.align_up(old_entries * 8) / 8;
-        let location = self.alloc.table_location();
+        let location = self.0.alloc.table_location();
         if needed > capacity || (header.l1_table_offset == HostOffset::new(0) && needed > 0) {
             let clusters = g.count_for(needed * 8).max(ClusterCount::ONE);
-            let new = g.host_offset(self.alloc.allocate_contiguous(&*self.storage, clusters)?);
-            let mut table = self.map.l1().to_vec();
+            let new = g.host_offset(
+                self.0
+                    .alloc
+                    .allocate_contiguous(&*self.0.storage, clusters)?,
+            );
+            let mut table = self.0.map.l1().to_vec();
             table.resize((g.bytes(clusters) / 8) as usize, 0);
-            self.refcounts_durable()?;
-            self.storage
+            self.write_back().refcounts_durable()?;
+            self.0
+                .storage
                 .write_at(&encode_u64s(&table), new.get())
                 .map_err(ImageError::io("writing the new L1 table"))?;
-            self.sync("syncing the new L1 table")?;
-            let location = self.alloc.table_location();
-            self.header
-                .set_l1(&*self.storage, location, new, needed as u32, new_size)?;
-            self.map.replace_l1(new, needed as usize);
+            self.write_back().sync("syncing the new L1 table")?;
+            let location = self.0.alloc.table_location();
+            self.0
+                .header
+                .set_l1(&*self.0.storage, location, new, needed as u32, new_size)?;
+            self.0.map.replace_l1(new, needed as usize);
             if header.l1_table_offset != HostOffset::new(0) {
                 let old = header.l1_table_offset;
                 for cluster in g.host_cluster(old).run(g.count_for(old_entries * 8)) {
-                    self.alloc.drop_reference(&*self.storage, cluster)?;
+                    self.0.alloc.drop_reference(&*self.0.storage, cluster)?;
                 }
             }
         } else {
             if needed > old_entries {
                 let zeros = vec![0u8; ((needed - old_entries) * 8) as usize];
-                self.storage
+                self.0
+                    .storage
                     .write_at(&zeros, (header.l1_table_offset + old_entries * 8).get())
                     .map_err(ImageError::io("extending the L1 table"))?;
-                self.sync("syncing the L1 table")?;
+                self.write_back().sync("syncing the L1 table")?;
             }
             let entries = needed.max(old_entries);
-            self.header.set_l1(
-                &*self.storage,
+            self.0.header.set_l1(
+                &*self.0.storage,
                 location,
                 header.l1_table_offset,
                 entries as u32,
                 new_size,
             )?;
-            self.map.extend_l1(entries as usize);
+            self.0.map.extend_l1(entries as usize);
         }
         self.flush()
     }
@@ -79,7 +109,7 @@ impl Metadata {
         if new_size > header.size {
             return Err(ImageError::Internal("shrink to a larger size"));
         }
-        let g = self.geometry;
+        let g = self.0.geometry;
         self.flush()?;
         let keep_to = g.align_up(new_size);
         let first_free_l1 = g.l1_entries_for(keep_to) as usize;
@@ -88,15 +118,17 @@ impl Metadata {
             && (g.l1_index(GuestOffset::new(guest)) as usize) < first_free_l1
         {
             let at = GuestOffset::new(guest);
-            let (old, _) = self.lookup(at)?;
+            let (old, _) = self.mappings().lookup(at)?;
             if old != L2Mapping::Unallocated {
-                self.replace_mapping(at, L2Mapping::Unallocated, old)?;
+                self.mappings()
+                    .replace_mapping(at, L2Mapping::Unallocated, old)?;
             }
             guest += g.cluster_size();
         }
         self.unlink_l2_tables(first_free_l1)?;
-        self.write_tables()?;
-        self.sync("syncing tables before the new size")?;
+        self.write_back().write_tables()?;
+        self.write_back()
+            .sync("syncing tables before the new size")?;
         self.set_virtual_size(new_size)?;
         self.flush()
     }
@@ -112,19 +144,25 @@ impl Metadata {
     /// Clears the active L1 entries from `first` on and queues the release
     /// of their L2 tables and of everything those reference.
     pub(super) fn unlink_l2_tables(&mut self, first: usize) -> Result<()> {
-        let g = self.geometry;
-        let l1 = self.map.l1().to_vec();
+        let g = self.0.geometry;
+        let l1 = self.0.map.l1().to_vec();
         for (index, &raw) in l1.iter().enumerate().skip(first) {
             let L1Mapping::L2Table { offset, .. } = L1Entry(raw).decode(g)? else {
                 continue;
             };
             let stride = (g.l2_entry_size() / 8) as usize;
-            for entry in self.l2_entries(offset)?.into_iter().step_by(stride) {
-                self.alloc
-                    .release_mapping(L2Entry(entry).decode(self.map.format())?);
+            for entry in self
+                .mappings()
+                .l2_entries(offset)?
+                .into_iter()
+                .step_by(stride)
+            {
+                self.0
+                    .alloc
+                    .release_mapping(L2Entry(entry).decode(self.0.map.format())?);
             }
-            self.alloc.release_run(offset, ClusterCount::ONE);
-            self.map.set_l1_raw(index, 0);
+            self.0.alloc.release_run(offset, ClusterCount::ONE);
+            self.0.map.set_l1_raw(index, 0);
         }
         Ok(())
     }
@@ -136,7 +174,7 @@ impl Metadata {
     /// or the clusters written with zeros (`Full`), before the tables that
     /// point to them are written.
     pub(crate) fn preallocate(&mut self, mode: Preallocation) -> Result<()> {
-        let g = self.geometry;
+        let g = self.0.geometry;
         let cs = g.cluster_size();
         let total = g.clusters_for(self.header().size);
         let mut guest = 0u64;
@@ -144,11 +182,13 @@ impl Metadata {
         let mut runs = Vec::new();
         while guest < total {
             let at = GuestOffset::new(guest * cs);
-            let (first, n) = self.allocate_data(at, ClusterCount::new(total - guest))?;
+            let (first, n) = self
+                .references()
+                .allocate_data(at, ClusterCount::new(total - guest))?;
             for (i, host) in first.run(n).enumerate() {
                 let at = GuestOffset::new((guest + i as u64) * cs);
                 let offset = g.host_offset(host);
-                self.set_mapping(
+                self.mappings().set_mapping(
                     at,
                     L2Mapping::Data {
                         offset,
@@ -166,7 +206,7 @@ impl Metadata {
             // its creator; only the mappings live here.
             return self.flush();
         }
-        let storage = &*self.storage;
+        let storage = &*self.0.storage;
         if storage
             .len()
             .map_err(ImageError::io("reading the image size"))?

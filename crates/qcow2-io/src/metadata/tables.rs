@@ -69,10 +69,33 @@ pub(crate) fn read_snapshot_table(storage: &dyn Storage, header: &Header) -> Res
     Ok(parse_snapshot_table(&table, n, header.geometry)?)
 }
 
+/// Tables read and written whole (see the module documentation).
+pub(crate) struct Tables<'a>(&'a mut Metadata);
+
+impl std::ops::Deref for Tables<'_> {
+    type Target = Metadata;
+    fn deref(&self) -> &Metadata {
+        self.0
+    }
+}
+
+impl std::ops::DerefMut for Tables<'_> {
+    fn deref_mut(&mut self) -> &mut Metadata {
+        self.0
+    }
+}
+
 impl Metadata {
+    /// [`Tables`] of this image's metadata.
+    pub(crate) fn tables(&mut self) -> Tables<'_> {
+        Tables(self)
+    }
+}
+
+impl Tables<'_> {
     /// Reads and validates the snapshot table (bounded by the file size).
     pub(crate) fn snapshots(&self) -> Result<Vec<Snapshot>> {
-        read_snapshot_table(&*self.storage, self.header())
+        read_snapshot_table(&*self.0.storage, self.header())
     }
 
     /// Writes `snapshots` as the new snapshot table in fresh clusters, then
@@ -83,27 +106,33 @@ impl Metadata {
         let offset = if bytes.is_empty() {
             HostOffset::new(0)
         } else {
-            let clusters = self.geometry.count_for(bytes.len() as u64);
-            let first = self.alloc.allocate_contiguous(&*self.storage, clusters)?;
-            let offset = self.geometry.host_offset(first);
-            self.refcounts_durable()?;
-            self.storage
+            let clusters = self.0.geometry.count_for(bytes.len() as u64);
+            let first = self
+                .0
+                .alloc
+                .allocate_contiguous(&*self.0.storage, clusters)?;
+            let offset = self.0.geometry.host_offset(first);
+            self.write_back().refcounts_durable()?;
+            self.0
+                .storage
                 .write_at(&bytes, offset.get())
                 .map_err(ImageError::io("writing the snapshot table"))?;
-            self.sync("syncing the snapshot table")?;
+            self.write_back().sync("syncing the snapshot table")?;
             offset
         };
         let count = u32::try_from(snapshots.len())
             .map_err(|_| ImageError::InvalidOption("too many snapshots".into()))?;
-        let location = self.alloc.table_location();
-        self.header
-            .set_snapshots(&*self.storage, location, count, offset)?;
+        let location = self.0.alloc.table_location();
+        self.0
+            .header
+            .set_snapshots(&*self.0.storage, location, count, offset)?;
         if old.nb_snapshots > 0 {
-            let old_len: u64 = read_snapshot_table(&*self.storage, &old)
+            let old_len: u64 = read_snapshot_table(&*self.0.storage, &old)
                 .map(|t| t.iter().map(|s| s.encoded_len() as u64).sum())
                 .unwrap_or(0);
-            self.alloc
-                .release_run(old.snapshots_offset, self.geometry.count_for(old_len));
+            self.0
+                .alloc
+                .release_run(old.snapshots_offset, self.0.geometry.count_for(old_len));
         }
         Ok(())
     }
@@ -114,14 +143,18 @@ impl Metadata {
         if entries.is_empty() {
             return Ok(HostOffset::new(0));
         }
-        let clusters = self.geometry.count_for(entries.len() as u64 * 8);
-        let first = self.alloc.allocate_contiguous(&*self.storage, clusters)?;
-        let offset = self.geometry.host_offset(first);
-        self.refcounts_durable()?;
-        self.storage
+        let clusters = self.0.geometry.count_for(entries.len() as u64 * 8);
+        let first = self
+            .0
+            .alloc
+            .allocate_contiguous(&*self.0.storage, clusters)?;
+        let offset = self.0.geometry.host_offset(first);
+        self.write_back().refcounts_durable()?;
+        self.0
+            .storage
             .write_at(&encode_u64s(entries), offset.get())
             .map_err(ImageError::io("writing a new table"))?;
-        self.sync("syncing a new table")?;
+        self.write_back().sync("syncing a new table")?;
         Ok(offset)
     }
 }
