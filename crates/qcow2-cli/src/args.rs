@@ -50,6 +50,8 @@ pub enum Command {
     Resize(ResizeArgs),
     /// List, create, apply and delete internal snapshots.
     Snapshot(SnapshotArgs),
+    /// Add, remove, clear, enable, disable and merge persistent dirty bitmaps.
+    Bitmap(BitmapArgs),
     /// Move an overlay onto another backing file.
     Rebase(RebaseArgs),
     /// Write an overlay's data into its backing file.
@@ -148,6 +150,137 @@ pub struct SnapshotArgs {
     pub delete: Option<String>,
     /// The image.
     pub image: PathBuf,
+}
+
+/// `qcow2 bitmap (--merge SOURCE | --add | --remove | --clear | --enable |
+/// --disable)... [-b SOURCE_FILE [-F SOURCE_FMT]] [-g GRANULARITY] [-f
+/// qcow2] FILE BITMAP`: the operations run in the order given, as in
+/// qemu-img.
+#[derive(Debug, Args)]
+pub struct BitmapArgs {
+    /// The operations, in command-line order.
+    #[command(flatten)]
+    pub operations: BitmapOperations,
+    /// Bytes one bit covers, for --add (a power of two, 512 to 2G; by
+    /// default the cluster size within 4k..64k).
+    #[arg(short = 'g', value_name = "GRANULARITY", value_parser = parse_size)]
+    pub granularity: Option<u64>,
+    /// The image holding the --merge source bitmaps (by default FILE).
+    #[arg(short = 'b', value_name = "SOURCE_FILE")]
+    pub source_file: Option<PathBuf>,
+    /// Format of SOURCE_FILE (only qcow2 holds bitmaps).
+    #[arg(
+        short = 'F',
+        value_name = "SOURCE_FMT",
+        value_enum,
+        requires = "source_file"
+    )]
+    pub source_format: Option<Qcow2Only>,
+    /// `-f qcow2`.
+    #[command(flatten)]
+    pub format: Qcow2Format,
+    /// The image.
+    pub file: PathBuf,
+    /// The bitmap the operations change.
+    pub bitmap: String,
+}
+
+/// One `qcow2 bitmap` operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BitmapOperation {
+    /// `--add`: a new, enabled, empty bitmap.
+    Add,
+    /// `--remove`.
+    Remove,
+    /// `--clear`: every bit cleared.
+    Clear,
+    /// `--enable`.
+    Enable,
+    /// `--disable`.
+    Disable,
+    /// `--merge SOURCE`: the bits of bitmap SOURCE set in this one.
+    Merge(String),
+}
+
+/// The operations of `qcow2 bitmap` in command-line order (clap's derive
+/// keeps each flag's values apart; this puts them back in order by their
+/// positions on the command line).
+#[derive(Debug, Clone, Default)]
+pub struct BitmapOperations(pub Vec<BitmapOperation>);
+
+const BITMAP_FLAGS: [(&str, &str); 5] = [
+    ("add", "Create BITMAP, enabled to record later writes"),
+    ("remove", "Remove BITMAP"),
+    ("clear", "Clear every bit of BITMAP"),
+    ("enable", "Enable BITMAP: later writes set its bits"),
+    ("disable", "Disable BITMAP: its bits stay as they are"),
+];
+
+impl clap::FromArgMatches for BitmapOperations {
+    fn from_arg_matches(matches: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let mut ops: Vec<(usize, BitmapOperation)> = Vec::new();
+        for (id, _) in BITMAP_FLAGS {
+            let op = match id {
+                "add" => BitmapOperation::Add,
+                "remove" => BitmapOperation::Remove,
+                "clear" => BitmapOperation::Clear,
+                "enable" => BitmapOperation::Enable,
+                _ => BitmapOperation::Disable,
+            };
+            for index in matches.indices_of(id).into_iter().flatten() {
+                ops.push((index, op.clone()));
+            }
+        }
+        if let (Some(indices), Some(values)) = (
+            matches.indices_of("merge"),
+            matches.get_many::<String>("merge"),
+        ) {
+            for (index, source) in indices.zip(values) {
+                ops.push((index, BitmapOperation::Merge(source.clone())));
+            }
+        }
+        ops.sort_by_key(|(index, _)| *index);
+        Ok(Self(ops.into_iter().map(|(_, op)| op).collect()))
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &clap::ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(matches)?;
+        Ok(())
+    }
+}
+
+impl Args for BitmapOperations {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        let mut cmd = cmd.group(
+            clap::ArgGroup::new("operation")
+                .multiple(true)
+                .required(true),
+        );
+        for (id, help) in BITMAP_FLAGS {
+            cmd = cmd.arg(
+                clap::Arg::new(id)
+                    .long(id)
+                    .help(help)
+                    .action(clap::ArgAction::Append)
+                    .num_args(0)
+                    .value_parser(clap::value_parser!(bool))
+                    .default_missing_value("true")
+                    .group("operation"),
+            );
+        }
+        cmd.arg(
+            clap::Arg::new("merge")
+                .long("merge")
+                .value_name("SOURCE")
+                .help("Set in BITMAP every bit set in bitmap SOURCE (of -b SOURCE_FILE, or FILE)")
+                .action(clap::ArgAction::Append)
+                .group("operation"),
+        )
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
 }
 
 /// `qcow2 resize [-f qcow2] [-q] [--shrink] FILE [+|-]SIZE`

@@ -55,6 +55,7 @@ fn run(command: Command) -> Result<u8, CliError> {
         Command::Serve(a) => commands::serve::run(&a),
         Command::Resize(a) => commands::resize::run(&a),
         Command::Snapshot(a) => commands::snapshot::run(&a),
+        Command::Bitmap(a) => commands::bitmap::run(&a),
         Command::Amend(a) => commands::amend::run(&a),
         Command::Rebase(a) => commands::rebase::run(&a),
         Command::Commit(a) => commands::commit::run(&a),

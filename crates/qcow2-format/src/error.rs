@@ -17,6 +17,17 @@ pub enum FormatError {
         /// Bytes there were.
         available: u64,
     },
+    /// A bitmap directory entry breaks the format's constraints.
+    #[error("bitmap '{name}' doesn't satisfy the constraints: {why}")]
+    InvalidBitmap {
+        /// The bitmap's name.
+        name: String,
+        /// Which constraint.
+        why: &'static str,
+    },
+    /// A bitmap table entry has reserved bits set or a bad offset.
+    #[error("invalid bitmap table entry {0:#018x}")]
+    InvalidBitmapTableEntry(u64),
     /// The file does not start with `QFI\xfb`.
     #[error("not a qcow2 image (magic {0:#010x})")]
     BadMagic(u32),

@@ -380,6 +380,25 @@ impl Header {
         }
     }
 
+    /// Replaces (or with `None` removes) the bitmaps extension, setting or
+    /// clearing the bitmaps autoclear bit with it: `(nb_bitmaps,
+    /// directory_size, directory_offset)`.
+    pub fn set_bitmaps_extension(&mut self, bitmaps: Option<(u32, u64, u64)>) {
+        self.extensions
+            .retain(|e| !matches!(e, HeaderExtension::Bitmaps { .. }));
+        match bitmaps {
+            Some((nb_bitmaps, directory_size, directory_offset)) => {
+                self.extensions.push(HeaderExtension::Bitmaps {
+                    nb_bitmaps,
+                    directory_size,
+                    directory_offset,
+                });
+                self.autoclear_features |= crate::features::AUTOCLEAR_BITMAPS;
+            }
+            None => self.autoclear_features &= !crate::features::AUTOCLEAR_BITMAPS,
+        }
+    }
+
     /// Replaces (or with `None` removes) the backing file name and its
     /// format extension. The name must be 1 to 1023 bytes.
     pub fn set_backing(&mut self, backing: Option<(&str, &str)>) -> Result<()> {

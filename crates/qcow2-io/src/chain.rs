@@ -127,6 +127,7 @@ impl Device {
         let _all = self.lock_for_change(0..u64::MAX)?;
         let mut meta = self.meta.lock();
         meta.format_changes().mark_dirty()?;
+        meta.bitmap_ops().note_change(0, self.size())?;
         meta.resizing().unmap_all()
     }
 }

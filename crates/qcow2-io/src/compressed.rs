@@ -168,7 +168,8 @@ impl Device {
         let guest = GuestOffset::new(offset);
         let host = {
             let mut meta = self.meta.lock();
-            meta.format_changes().mark_dirty()?;
+            meta.format_changes()
+                .note_guest_change(offset, buf.len() as u64)?;
             let (old, _) = meta.mappings().lookup(guest)?;
             if !matches!(
                 old,

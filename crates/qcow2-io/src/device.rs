@@ -174,8 +174,10 @@ impl Device {
                         .into(),
                 ));
             }
+            meta.bitmap_ops().resize(new_size, true)?;
             meta.format_changes().mark_dirty()?;
             meta.resizing().grow(new_size)?;
+            meta.bitmap_ops().store()?;
             self.set_size(new_size);
         }
         if exposes_backing {
@@ -195,9 +197,11 @@ impl Device {
         }
         let mut meta = self.meta.lock();
         refuse_v2_with_snapshots(meta.header())?;
+        meta.bitmap_ops().resize(new_size, true)?;
         meta.format_changes().mark_dirty()?;
         meta.resizing().shrink(new_size)?;
         meta.flush_moving(MovableMappings::All)?;
+        meta.bitmap_ops().store()?;
         self.set_size(new_size);
         Ok(())
     }

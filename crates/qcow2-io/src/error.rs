@@ -90,6 +90,17 @@ pub enum ImageError {
     /// An internal snapshot with this name exists already.
     #[error("a snapshot named '{0}' already exists")]
     SnapshotExists(String),
+    /// No persistent bitmap has this name.
+    #[error("Dirty bitmap '{0}' not found")]
+    BitmapNotFound(String),
+    /// A persistent bitmap with this name exists already.
+    #[error("Bitmap already exists: {0}")]
+    BitmapExists(String),
+    /// The bitmap was in use when the image was opened (a program that
+    /// kept it did not close the image): it may miss writes, so it is not
+    /// used. Remove it, as QEMU asks.
+    #[error("Bitmap '{0}' is inconsistent and cannot be used (remove it: qcow2 bitmap --remove)")]
+    BitmapInconsistent(String),
     /// A broken invariant of this library (a bug, not damage to the image).
     #[error("internal error: {0}")]
     Internal(&'static str),

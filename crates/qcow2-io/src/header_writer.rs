@@ -259,6 +259,20 @@ impl HeaderWriter {
     }
 
     /// Records the dedup table and sets incompatible bit 1 (dedup), durably.
+    /// Points the header at a new bitmap directory (`None`: no bitmaps
+    /// any more), durably: `(nb_bitmaps, directory_size, directory_offset)`.
+    pub(crate) fn set_bitmaps(
+        &mut self,
+        storage: &dyn Storage,
+        at: RefcountTableLocation,
+        bitmaps: Option<(u32, u64, u64)>,
+    ) -> Result<()> {
+        self.update(storage, at, |h| {
+            h.set_bitmaps_extension(bitmaps);
+            true
+        })
+    }
+
     pub(crate) fn set_dedup(
         &mut self,
         storage: &dyn Storage,

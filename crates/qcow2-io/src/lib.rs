@@ -23,6 +23,7 @@ mod allocator;
 mod amend;
 mod amend_options;
 pub mod backing;
+mod bitmaps;
 mod block_map;
 mod chain;
 mod check;
@@ -56,7 +57,7 @@ pub use error::{ImageError, Result};
 pub use image::Backing;
 pub use image::Image;
 pub use info::{BitmapInfo, ImageInfo, Recovery};
-pub use map_extent::{MapExtent, MapKind};
+pub use map_extent::{DirtyExtent, MapExtent, MapKind};
 pub use measure::{measure, Measurement};
 pub use options::{Compat, Compression, CreateOptions, OpenOptions, Preallocation};
 /// The power-loss model crash tests run on (feature `test-util`).

@@ -117,10 +117,14 @@ impl Device {
         let target_l1 = snapshot_l1(&meta, snapshot)?;
         let size = snapshot.disk_size.unwrap_or_else(|| self.size());
         meta.format_changes().mark_dirty()?;
+        let current = self.size();
+        if size != current {
+            meta.bitmap_ops().resize(size, false)?;
+        }
+        meta.bitmap_ops().note_change(0, size)?;
         meta.flush()?;
         let new_refs = tree_references(&mut meta, &target_l1)?;
         meta.references().add_references(&new_refs)?;
-        let current = self.size();
         if size > current || target_l1.len() > meta.l1().len() {
             meta.resizing()
                 .grow_with_l1(size.max(current), target_l1.len() as u64)?;
@@ -133,6 +137,9 @@ impl Device {
         meta.flush()?;
         if size < current {
             meta.set_virtual_size(size)?;
+        }
+        if size != current {
+            meta.bitmap_ops().store()?;
         }
         meta.mappings().refresh_copied_flags()?;
         meta.flush()?;

@@ -136,7 +136,10 @@ impl Device {
             return Ok(());
         }
         let _range = self.lock_for_change(self.cluster_span(offset, buf.len() as u64))?;
-        self.meta.lock().format_changes().mark_dirty()?;
+        self.meta
+            .lock()
+            .format_changes()
+            .note_guest_change(offset, buf.len() as u64)?;
         self.write_locked(buf, offset)
     }
 
@@ -160,7 +163,7 @@ impl Device {
             let mut meta = self.meta.lock();
             match in_place_run(&mut meta, GuestOffset::new(offset), len)? {
                 Some((host, run)) if run == len => {
-                    meta.format_changes().mark_dirty()?;
+                    meta.format_changes().note_guest_change(offset, len)?;
                     host
                 }
                 _ => return Ok(false),
@@ -346,7 +349,7 @@ impl Device {
         let end = offset + len;
         let raw_data_file = {
             let mut meta = self.meta.lock();
-            meta.format_changes().mark_dirty()?;
+            meta.format_changes().note_guest_change(offset, len)?;
             meta.header().autoclear_features & qcow2_format::features::AUTOCLEAR_DATA_FILE_RAW != 0
         };
         if raw_data_file {

@@ -158,50 +158,25 @@ impl FormatChanges<'_> {
         self.flush()
     }
 
-    /// Sets the dirty bit (v3), durably, before the first modification.
-    /// Persistent bitmaps, which this implementation does not update, are
-    /// first marked in use (durably), so QEMU never trusts one that missed
-    /// our writes; if their directory cannot be read, the bitmaps
+    /// Sets the dirty bit (v3), durably, before the first modification,
+    /// and readies the persistent bitmaps for writes (marked in use before
+    /// their first change); if their directory cannot be read, the bitmaps
     /// autoclear bit is cleared instead, as the specification allows.
     pub(crate) fn mark_dirty(&mut self) -> Result<()> {
-        let keep_bitmaps = match self.0.bitmaps_in_use {
-            Some(kept) => kept,
-            None => {
-                let kept = self.mark_bitmaps_in_use()?;
-                self.0.bitmaps_in_use = Some(kept);
-                kept
-            }
-        };
+        let keep_bitmaps = self.bitmap_ops().prepare_for_writes()?;
         let location = self.0.alloc.table_location();
         self.0
             .header
             .mark_dirty(&*self.0.storage, location, keep_bitmaps)
     }
 
-    /// Sets the in-use flag of every bitmap, in place, durably; whether the
-    /// bitmaps extension stays valid (false: there is none, it was already
-    /// invalid, or its directory is damaged).
-    pub(super) fn mark_bitmaps_in_use(&mut self) -> Result<bool> {
-        let header = self.header();
-        if header.autoclear_features & AUTOCLEAR_BITMAPS == 0 {
-            return Ok(false);
-        }
-        let Ok(Some(directory)) = read_bitmap_directory(&*self.0.storage, header) else {
-            return Ok(false);
-        };
-        if directory.entries.iter().all(|e| e.in_use()) {
-            return Ok(true);
-        }
-        let mut bytes = directory.bytes;
-        if mark_in_use(&mut bytes, &directory.entries).is_err() {
-            return Ok(false);
-        }
-        self.0
-            .storage
-            .write_at(&bytes, directory.offset)
-            .map_err(ImageError::io("marking the bitmaps in use"))?;
-        self.write_back().sync("syncing the bitmap directory")?;
-        Ok(true)
+    /// [`FormatChanges::mark_dirty`] before a write of guest bytes
+    /// `[offset, offset + len)`, whose bits it sets in every bitmap that
+    /// tracks writes (before the data is written).
+    pub(crate) fn note_guest_change(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.mark_dirty()?;
+        self.0.bitmaps.note_write(offset, len);
+        Ok(())
     }
 }
 

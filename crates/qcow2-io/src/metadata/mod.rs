@@ -37,6 +37,7 @@ use qcow2_format::table::encode_u64s;
 use qcow2_format::{ClusterCount, Geometry, GuestOffset, Header, HostCluster, HostOffset};
 
 use crate::allocator::{Allocator, RefcountLoading};
+use crate::bitmaps::PersistentBitmaps;
 use crate::block_map::BlockMap;
 use crate::dedup::DedupState;
 use crate::header_writer::HeaderWriter;
@@ -45,6 +46,7 @@ use crate::overlap::{first_overlap, HoldsMetadata};
 use crate::range_lock::MovableMappings;
 use crate::{ImageError, Result};
 
+mod bitmap_ops;
 mod consolidate;
 mod dedup_ops;
 mod format_changes;
@@ -65,9 +67,8 @@ pub(crate) struct Metadata {
     map: BlockMap,
     alloc: Allocator,
     dedup: Option<DedupState>,
-    /// Whether the bitmaps were marked in use this session (and so their
-    /// extension stays valid); `None` until the first modification.
-    bitmaps_in_use: Option<bool>,
+    /// The persistent bitmaps, kept true by every write.
+    bitmaps: PersistentBitmaps,
     /// Dedup clusters that lost references and are shared below the
     /// refcount maximum: their contents' copies wait to be consolidated by
     /// [`Metadata::flush_moving`].
@@ -144,7 +145,7 @@ impl Metadata {
             map,
             alloc,
             dedup,
-            bitmaps_in_use: None,
+            bitmaps: PersistentBitmaps::default(),
             unsettled: BTreeSet::new(),
         }
     }

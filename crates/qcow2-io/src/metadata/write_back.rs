@@ -187,6 +187,7 @@ impl Metadata {
 
     /// Flushes and clears the dirty bit.
     pub(crate) fn close(&mut self) -> Result<()> {
+        self.bitmap_ops().store()?;
         self.flush_moving(MovableMappings::All)?;
         self.write_back().trim_free_tail()?;
         let location = self.alloc.table_location();
