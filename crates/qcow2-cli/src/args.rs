@@ -533,6 +533,14 @@ pub struct ConvertArgs {
     /// `snapshot.id=ID` and `snapshot.name=NAME` as qemu-img takes them).
     #[arg(short = 'l', value_name = "SNAPSHOT")]
     pub snapshot: Option<String>,
+    /// Also copy the source's persistent bitmaps (qcow2 to qcow2), each
+    /// with its name, granularity, enabled state and bits.
+    #[arg(long)]
+    pub bitmaps: bool,
+    /// With --bitmaps: skip inconsistent bitmaps (with a warning) instead
+    /// of refusing to convert.
+    #[arg(long = "skip-broken-bitmaps")]
+    pub skip_broken_bitmaps: bool,
     /// The source image.
     pub source: PathBuf,
     /// The target image.
@@ -745,6 +753,14 @@ pub struct ServeArgs {
     /// What writes of zeros become.
     #[arg(long = "detect-zeroes", value_enum, default_value = "off")]
     pub detect_zeroes: DetectZeroesArg,
+    /// Export this persistent bitmap as the `qemu:dirty-bitmap:NAME`
+    /// metadata context, as qemu-nbd -B does (repeatable).
+    #[arg(short = 'B', long = "bitmap", value_name = "NAME")]
+    pub bitmaps: Vec<String>,
+    /// Export the `qemu:allocation-depth` metadata context, as qemu-nbd -A
+    /// does.
+    #[arg(short = 'A', long = "allocation-depth")]
+    pub allocation_depth: bool,
     /// Keep freed clusters allocated in the image file instead of
     /// punching holes for them (by default trimmed and otherwise freed
     /// space goes back to the host).

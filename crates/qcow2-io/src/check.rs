@@ -6,6 +6,7 @@ use std::collections::HashMap;
 
 use qcow2_alloc::ReferenceCounts;
 use qcow2_dedup::ContentHash;
+use qcow2_format::bitmaps::BitmapTableEntry;
 use qcow2_format::l1::{L1Entry, L1Mapping};
 use qcow2_format::l2::{L2Entry, L2Mapping};
 use qcow2_format::{ClusterCount, Geometry, GuestOffset, HostCluster, HostOffset};
@@ -503,10 +504,17 @@ fn walk_bitmaps(parts: &mut MetadataParts<'_>, walk: &mut Walk, file_size: u64) 
             .storage
             .read_at(&mut table, entry.table_offset)
             .map_err(ImageError::io("reading a bitmap table"))?;
+        let cs = g.cluster_size();
         for raw in qcow2_format::table::decode_u64s(&table) {
-            let offset = raw & qcow2_format::OFFSET_MASK;
-            if offset != 0 {
-                walk.reference(offset, ClusterCount::ONE, "bitmap data");
+            match BitmapTableEntry::decode(raw, cs) {
+                Ok(BitmapTableEntry::Data(offset)) => {
+                    walk.reference(offset, ClusterCount::ONE, "bitmap data")
+                }
+                Ok(_) => {}
+                Err(e) => walk.finding(
+                    FindingKind::Corruption,
+                    format!("ERROR bitmap '{}': {e}", entry.name),
+                ),
             }
         }
     }

@@ -44,6 +44,11 @@ pub struct ExportOptions {
     pub discard: DiscardMode,
     /// Zero-detection policy.
     pub detect_zeroes: DetectZeroes,
+    /// Persistent bitmaps offered as `qemu:dirty-bitmap:NAME` contexts
+    /// (qemu-nbd's `-B NAME`).
+    pub bitmaps: Vec<String>,
+    /// Offer the `qemu:allocation-depth` context (qemu-nbd's `-A`).
+    pub allocation_depth: bool,
 }
 
 /// The image and its offer. Cheap to clone (the image is shared).
@@ -65,6 +70,15 @@ impl Export {
             options,
             zero_flag,
         }
+    }
+
+    /// Checks that every bitmap the options name can be exported: it
+    /// exists and is consistent (as qemu-nbd refuses to start otherwise).
+    pub fn check_bitmaps(&self) -> qcow2_io::Result<()> {
+        for name in &self.options.bitmaps {
+            self.image.dirty_extents(name, 0, 0)?;
+        }
+        Ok(())
     }
 
     /// The image.
@@ -110,7 +124,7 @@ impl Export {
     }
 
     /// The transmission flags for a session.
-    pub fn transmission_flags(&self, session: Session) -> u16 {
+    pub fn transmission_flags(&self, session: &Session) -> u16 {
         let mut flags = tx::HAS_FLAGS
             | tx::SEND_FLUSH
             | tx::SEND_FUA

@@ -4,7 +4,8 @@
 //! The protocol is written from the NBD protocol document (fixed newstyle
 //! negotiation; `NBD_OPT_GO`, `INFO`, `LIST`, `ABORT`, `EXPORT_NAME`,
 //! `STRUCTURED_REPLY`, `LIST_META_CONTEXT`/`SET_META_CONTEXT` with
-//! `base:allocation`; commands `READ`, `WRITE` with `FUA`, `FLUSH`,
+//! `base:allocation`, `qemu:allocation-depth` and
+//! `qemu:dirty-bitmap:NAME` (several per request, as the protocol allows); commands `READ`, `WRITE` with `FUA`, `FLUSH`,
 //! `TRIM`, `WRITE_ZEROES` with `NO_HOLE` and `FAST_ZERO`, `BLOCK_STATUS`,
 //! `CACHE`, `DISC`). The `nbd` crate (0.3) was judged first: it serves
 //! simple replies one request at a time and offers neither structured
@@ -13,6 +14,7 @@
 //!
 //! - `proto`: constants; `wire`: fields and streams;
 //! - `negotiate`: the handshake, which settles a `session`;
+//! - `contexts`: the metadata contexts offered and their extents;
 //! - `transmission`: requests served concurrently, replies out of order;
 //! - `server`: accepting clients, the shared limit, stopping cleanly.
 //!
@@ -36,6 +38,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod contexts;
 mod export;
 mod negotiate;
 // The protocol's tables are kept whole, as the NBD document lists them,

@@ -11,6 +11,7 @@ use std::io::{self, Read, Write};
 
 use crate::export::Export;
 use crate::proto::*;
+use crate::contexts::{self, MetaContext};
 use crate::session::Session;
 use crate::wire::{read_u32, read_u64, skip, Fields, Message};
 
@@ -71,7 +72,7 @@ pub fn negotiate(stream: &mut (impl Read + Write), export: &Export) -> io::Resul
                 if !export.answers_to(&data) {
                     return Ok(Outcome::Closed);
                 }
-                answer_export_name(stream, export, session, no_zeroes)?;
+                answer_export_name(stream, export, &session, no_zeroes)?;
                 return Ok(Outcome::Transmission(session));
             }
             opt::ABORT => {
@@ -80,7 +81,7 @@ pub fn negotiate(stream: &mut (impl Read + Write), export: &Export) -> io::Resul
             }
             opt::LIST => answer_list(stream, len, export)?,
             opt::INFO | opt::GO => {
-                if answer_info(stream, option, &data, export, session)? && option == opt::GO {
+                if answer_info(stream, option, &data, export, &session)? && option == opt::GO {
                     return Ok(Outcome::Transmission(session));
                 }
             }
@@ -110,7 +111,7 @@ pub fn negotiate(stream: &mut (impl Read + Write), export: &Export) -> io::Resul
 fn answer_export_name(
     stream: &mut impl Write,
     export: &Export,
-    session: Session,
+    session: &Session,
     no_zeroes: bool,
 ) -> io::Result<()> {
     let mut msg = Message::default()
@@ -142,7 +143,7 @@ fn answer_info(
     option: u32,
     data: &[u8],
     export: &Export,
-    session: Session,
+    session: &Session,
 ) -> io::Result<bool> {
     let mut fields = Fields::new(data);
     let parsed = (|| {
@@ -198,7 +199,7 @@ fn answer_info(
 }
 
 /// Answers `NBD_OPT_LIST_META_CONTEXT` and `NBD_OPT_SET_META_CONTEXT`:
-/// `base:allocation` is the one context served.
+/// the contexts the export offers (see `contexts`).
 fn answer_meta_context(
     stream: &mut impl Write,
     option: u32,
@@ -237,15 +238,24 @@ fn answer_meta_context(
         return error(stream, option, rep::ERR_UNKNOWN, "no such export");
     }
     let listing = option == opt::LIST_META_CONTEXT;
-    let matches = |q: &str| q == BASE_ALLOCATION || (listing && q == "base:");
-    let selected = (listing && queries.is_empty()) || queries.iter().any(|q| matches(q));
-    if !listing {
-        session.base_allocation = selected;
-    }
-    if selected {
-        let id = if listing { 0 } else { BASE_ALLOCATION_ID };
-        let msg = Message::default().u32(id).bytes(BASE_ALLOCATION.as_bytes());
+    let offered = contexts::offered(export);
+    let mut selected: Vec<(u32, MetaContext)> = if listing && queries.is_empty() {
+        offered.clone()
+    } else {
+        queries
+            .iter()
+            .flat_map(|q| contexts::matching(&offered, q, listing))
+            .collect()
+    };
+    selected.sort_by_key(|(id, _)| *id);
+    selected.dedup();
+    for (id, context) in &selected {
+        let id = if listing { 0 } else { *id };
+        let msg = Message::default().u32(id).bytes(context.name().as_bytes());
         reply(stream, option, rep::META_CONTEXT, &msg.0)?;
+    }
+    if !listing {
+        session.contexts = selected;
     }
     reply(stream, option, rep::ACK, &[])
 }

@@ -156,18 +156,6 @@ pub mod chunk {
     pub const ERROR: u16 = (1 << 15) + 1;
 }
 
-/// `base:allocation` status flags.
-pub mod state {
-    /// Not allocated.
-    pub const HOLE: u32 = 1 << 0;
-    /// Reads as zeros.
-    pub const ZERO: u32 = 1 << 1;
-}
-
-/// The only metadata context served.
-pub const BASE_ALLOCATION: &str = "base:allocation";
-/// Its id on the wire.
-pub const BASE_ALLOCATION_ID: u32 = 1;
 
 /// Error numbers as NBD sends them (Linux values).
 pub mod errno {

@@ -145,7 +145,7 @@ pub fn serve(
 fn connection(mut stream: Stream, export: &Export) -> io::Result<()> {
     match negotiate(&mut stream, export)? {
         Outcome::Closed => Ok(()),
-        Outcome::Transmission(session) => transmission::serve(stream, export, session),
+        Outcome::Transmission(session) => transmission::serve(stream, export, &session),
     }
 }
 

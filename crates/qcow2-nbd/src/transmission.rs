@@ -13,10 +13,11 @@ use std::io::{self, Read, Write};
 use std::sync::mpsc::{sync_channel, Receiver};
 
 use parking_lot::{Condvar, Mutex};
-use qcow2_io::{ImageError, MapKind};
+use qcow2_io::ImageError;
 
 use crate::export::{DetectZeroes, DiscardMode, Export};
 use crate::proto::*;
+use crate::contexts;
 use crate::session::Session;
 use crate::wire::{read_u16, read_u32, read_u64, skip, Message, Stream};
 
@@ -64,7 +65,7 @@ impl Budget {
 /// Serves requests on `stream` until the client disconnects (or sends
 /// `NBD_CMD_DISC`, or breaks the protocol). Every request read is answered
 /// before this returns, if the client is still there to read the answer.
-pub fn serve(stream: Stream, export: &Export, session: Session) -> io::Result<()> {
+pub fn serve(stream: Stream, export: &Export, session: &Session) -> io::Result<()> {
     let writer = Mutex::new(stream.try_clone()?);
     let budget = Budget::default();
     let (tx, rx) = sync_channel::<Request>(WORKERS * 2);
@@ -132,7 +133,7 @@ fn read_requests(
 fn work(
     rx: &Mutex<Receiver<Request>>,
     export: &Export,
-    session: Session,
+    session: &Session,
     writer: &Mutex<Stream>,
     budget: &Budget,
 ) {
@@ -156,7 +157,7 @@ fn work(
 }
 
 /// Serves one request and returns the bytes of its reply.
-fn answer(request: &Request, export: &Export, session: Session) -> Vec<u8> {
+fn answer(request: &Request, export: &Export, session: &Session) -> Vec<u8> {
     let structured_kind = request.kind == cmd::READ || request.kind == cmd::BLOCK_STATUS;
     let result = match request.refused {
         Some(errno) => Err(errno),
@@ -172,12 +173,18 @@ fn answer(request: &Request, export: &Export, session: Session) -> Vec<u8> {
                 .0,
         ),
         (Ok(Done::Data(data)), false) => simple(request.cookie, 0, &data),
-        (Ok(Done::Extents(extents)), _) => {
-            let mut payload = Message::with_capacity(4 + 8 * extents.len()).u32(BASE_ALLOCATION_ID);
-            for (len, flags) in extents {
-                payload = payload.u32(len).u32(flags);
+        (Ok(Done::Status(contexts)), _) => {
+            let mut reply = Vec::new();
+            let last = contexts.len().saturating_sub(1);
+            for (i, (id, extents)) in contexts.into_iter().enumerate() {
+                let mut payload = Message::with_capacity(4 + 8 * extents.len()).u32(id);
+                for (len, flags) in extents {
+                    payload = payload.u32(len).u32(flags);
+                }
+                let done = if i == last { chunk::FLAG_DONE } else { 0 };
+                reply.extend(chunk_of(request.cookie, done, chunk::BLOCK_STATUS, &payload.0));
             }
-            structured(request.cookie, chunk::BLOCK_STATUS, &payload.0)
+            reply
         }
         (Ok(Done::Nothing), _) => simple(request.cookie, 0, &[]),
         (Err(errno), true) => {
@@ -202,9 +209,14 @@ fn simple(cookie: u64, errno: u32, data: &[u8]) -> Vec<u8> {
 }
 
 fn structured(cookie: u64, kind: u16, payload: &[u8]) -> Vec<u8> {
+    chunk_of(cookie, chunk::FLAG_DONE, kind, payload)
+}
+
+/// One structured reply chunk with `flags` (`FLAG_DONE` on the last).
+fn chunk_of(cookie: u64, flags: u16, kind: u16, payload: &[u8]) -> Vec<u8> {
     Message::with_capacity(20 + payload.len())
         .u32(STRUCTURED_REPLY_MAGIC)
-        .u16(chunk::FLAG_DONE)
+        .u16(flags)
         .u16(kind)
         .u64(cookie)
         .u32(payload.len() as u32)
@@ -216,7 +228,8 @@ fn structured(cookie: u64, kind: u16, payload: &[u8]) -> Vec<u8> {
 enum Done {
     Nothing,
     Data(Vec<u8>),
-    Extents(Vec<(u32, u32)>),
+    /// Block status: the extents of each selected context, by id.
+    Status(Vec<(u32, Vec<(u32, u32)>)>),
 }
 
 fn errno_of(e: &ImageError) -> u32 {
@@ -228,7 +241,7 @@ fn errno_of(e: &ImageError) -> u32 {
     }
 }
 
-fn execute(request: &Request, export: &Export, session: Session) -> Result<Done, u32> {
+fn execute(request: &Request, export: &Export, session: &Session) -> Result<Done, u32> {
     let image = export.image();
     let (offset, len) = (request.offset, u64::from(request.length));
     let writes = matches!(request.kind, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES);
@@ -309,32 +322,23 @@ fn write(export: &Export, payload: &[u8], offset: u64) -> qcow2_io::Result<()> {
     }
 }
 
-/// `NBD_CMD_BLOCK_STATUS` for `base:allocation`: the extents of the range,
-/// neighbours of one kind merged (only the first with `REQ_ONE`).
-fn block_status(request: &Request, export: &Export, session: Session) -> Result<Done, u32> {
+/// `NBD_CMD_BLOCK_STATUS`: the extents of every selected context over the
+/// range (only the first of each with `REQ_ONE`).
+fn block_status(request: &Request, export: &Export, session: &Session) -> Result<Done, u32> {
     let len = u64::from(request.length);
-    if !session.structured || !session.base_allocation || len == 0 {
+    if !session.structured || session.contexts.is_empty() || len == 0 {
         return Err(errno::EINVAL);
     }
-    let map = export
-        .image()
-        .map_range(request.offset, len)
-        .map_err(|e| errno_of(&e))?;
-    let mut extents: Vec<(u32, u32)> = Vec::new();
-    for e in map {
-        let flags = match e.kind {
-            MapKind::Data | MapKind::Compressed => 0,
-            MapKind::Zero | MapKind::Unallocated => state::HOLE | state::ZERO,
-        };
-        match extents.last_mut() {
-            Some(last) if last.1 == flags => last.0 += e.length as u32,
-            _ => extents.push((e.length as u32, flags)),
+    let mut out = Vec::with_capacity(session.contexts.len());
+    for (id, context) in &session.contexts {
+        let mut extents = contexts::extents(export.image(), context, request.offset, len)
+            .map_err(|e| errno_of(&e))?;
+        if request.flags & cmd_flag::REQ_ONE != 0 {
+            extents.truncate(1);
         }
+        out.push((*id, extents));
     }
-    if request.flags & cmd_flag::REQ_ONE != 0 {
-        extents.truncate(1);
-    }
-    Ok(Done::Extents(extents))
+    Ok(Done::Status(out))
 }
 
 #[cfg(test)]

@@ -1,11 +1,11 @@
-//! `qcow2 convert [-f FMT] [-O raw|qcow2] [-o OPTIONS] [-n] [-t CACHE] [-T CACHE] [-p] [-q] SRC DST`
+//! `qcow2 convert [-f FMT] [-O raw|qcow2] [-o OPTIONS] [-n] [-t CACHE] [-T CACHE] [-p] [-q] [--bitmaps [--skip-broken-bitmaps]] SRC DST`
 //!
 //! Opens the source and the target and hands them to the copy engine
 //! (`crate::copy`); `-n` writes into an existing target, zeros included.
 
 use std::path::Path;
 
-use qcow2_io::Storage;
+use qcow2_io::{BitmapInfo, Image, OpenOptions, Storage};
 
 use crate::args::{ConvertArgs, ImageFormat, SourceCache};
 use crate::copy::{align_ranges, copy, target_file, CopyMode, Qcow2Target, RawTarget, Target};
@@ -23,6 +23,7 @@ pub fn run(args: &ConvertArgs) -> Result<u8, CliError> {
         args.snapshot.as_deref(),
     )?;
     let size = source.size();
+    let bitmaps = bitmaps_to_copy(args, &source)?;
     let mut inputs = source.files(src_path);
     inputs.extend(args.backing.as_deref().map(std::path::PathBuf::from));
     refuse_same_file(&args.target, &inputs)?;
@@ -71,7 +72,63 @@ pub fn run(args: &ConvertArgs) -> Result<u8, CliError> {
             zero_existing: args.no_create || args.backing.is_some(),
         },
     )?;
+    if let (Disk::Qcow2(image), false) = (&source, bitmaps.is_empty()) {
+        copy_bitmaps(image, &bitmaps, &args.target)?;
+    }
     Ok(0)
+}
+
+/// The source's bitmaps `--bitmaps` copies, checked before anything is
+/// written, with qemu-img's refusals: a source or target that cannot hold
+/// bitmaps, and (without `--skip-broken-bitmaps`, which warns and skips
+/// them) an inconsistent bitmap.
+fn bitmaps_to_copy(args: &ConvertArgs, source: &Disk) -> Result<Vec<BitmapInfo>, CliError> {
+    if args.skip_broken_bitmaps && !args.bitmaps {
+        return Err(CliError::Usage(
+            "Use of --skip-broken-bitmaps requires --bitmaps".into(),
+        ));
+    }
+    if !args.bitmaps {
+        return Ok(Vec::new());
+    }
+    if args.target_format != ImageFormat::Qcow2 {
+        return Err(CliError::Usage(format!(
+            "Format driver '{}' does not support bitmaps",
+            args.target_format.name()
+        )));
+    }
+    let Disk::Qcow2(image) = source else {
+        return Err(CliError::Usage("Source lacks bitmap support".into()));
+    };
+    let info = image.info().map_err(CliError::image(&args.source))?;
+    let mut out = Vec::new();
+    for bitmap in info.bitmaps {
+        if !bitmap.in_use {
+            out.push(bitmap);
+        } else if args.skip_broken_bitmaps {
+            eprintln!("qcow2: warning: Skipping inconsistent bitmap '{}'", bitmap.name);
+        } else {
+            return Err(CliError::Usage(format!(
+                "Cannot copy inconsistent bitmap '{}'; try --skip-broken-bitmaps, or use \
+                 'qcow2 bitmap --remove' to delete it",
+                bitmap.name
+            )));
+        }
+    }
+    Ok(out)
+}
+
+/// Adds each of `bitmaps` to the converted image at `target` and sets the
+/// bits the source's copy has.
+fn copy_bitmaps(source: &Image, bitmaps: &[BitmapInfo], target: &Path) -> Result<(), CliError> {
+    let image = Image::open(target, &OpenOptions::read_write()).map_err(CliError::image(target))?;
+    for b in bitmaps {
+        image
+            .add_bitmap(&b.name, Some(b.granularity), b.auto)
+            .and_then(|()| image.merge_bitmap(&b.name, source, &b.name))
+            .map_err(CliError::image(target))?;
+    }
+    image.close().map_err(CliError::image(target))
 }
 
 /// The virtual size of backing file `name` of the overlay at `target` (a

@@ -37,6 +37,7 @@ pub fn run(args: &ServeArgs) -> Result<u8, CliError> {
         say_recovered(path, r);
     }
     let export = Export::new(image.clone(), export_options(args));
+    export.check_bitmaps().map_err(CliError::image(path))?;
     let listener = listen(args)?;
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -102,6 +103,8 @@ fn export_options(args: &ServeArgs) -> ExportOptions {
             DetectZeroesArg::On => DetectZeroes::On,
             DetectZeroesArg::Unmap => DetectZeroes::Unmap,
         },
+        bitmaps: args.bitmaps.clone(),
+        allocation_depth: args.allocation_depth,
     }
 }
 
