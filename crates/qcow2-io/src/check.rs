@@ -504,11 +504,10 @@ fn walk_bitmaps(parts: &mut MetadataParts<'_>, walk: &mut Walk, file_size: u64) 
             .storage
             .read_at(&mut table, entry.table_offset)
             .map_err(ImageError::io("reading a bitmap table"))?;
-        let cs = g.cluster_size();
         for raw in qcow2_format::table::decode_u64s(&table) {
-            match BitmapTableEntry::decode(raw, cs) {
-                Ok(BitmapTableEntry::Data(offset)) => {
-                    walk.reference(offset, ClusterCount::ONE, "bitmap data")
+            match BitmapTableEntry::decode(raw, g.cluster_size()) {
+                Ok(BitmapTableEntry::Data(at)) => {
+                    walk.reference(at, ClusterCount::ONE, "bitmap data")
                 }
                 Ok(_) => {}
                 Err(e) => walk.finding(

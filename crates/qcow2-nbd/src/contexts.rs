@@ -7,13 +7,10 @@
 use qcow2_io::{Backing, Image, MapKind};
 
 use crate::export::Export;
+pub(crate) use crate::session::MetaContext;
 
-/// `base:allocation`.
-pub const BASE_ALLOCATION: &str = "base:allocation";
-/// `qemu:allocation-depth`.
-pub const ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
 /// The prefix of a dirty bitmap context.
-pub const DIRTY_BITMAP: &str = "qemu:dirty-bitmap:";
+pub(crate) const DIRTY_BITMAP: &str = "qemu:dirty-bitmap:";
 
 /// `base:allocation` flags.
 const HOLE: u32 = 1 << 0;
@@ -21,31 +18,9 @@ const ZERO: u32 = 1 << 1;
 /// `qemu:dirty-bitmap:` flag.
 const DIRTY: u32 = 1 << 0;
 
-/// One metadata context.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MetaContext {
-    /// Holes and zeros.
-    BaseAllocation,
-    /// Which layer of the backing chain holds each range (0: none).
-    AllocationDepth,
-    /// The granules a persistent bitmap marks dirty.
-    DirtyBitmap(String),
-}
-
-impl MetaContext {
-    /// Its name on the wire.
-    pub fn name(&self) -> String {
-        match self {
-            Self::BaseAllocation => BASE_ALLOCATION.into(),
-            Self::AllocationDepth => ALLOCATION_DEPTH.into(),
-            Self::DirtyBitmap(name) => format!("{DIRTY_BITMAP}{name}"),
-        }
-    }
-}
-
 /// The contexts `export` offers with their ids (fixed for the export, so a
 /// client's selection is a list of ids).
-pub fn offered(export: &Export) -> Vec<(u32, MetaContext)> {
+pub(crate) fn offered(export: &Export) -> Vec<(u32, MetaContext)> {
     let mut out = vec![(1, MetaContext::BaseAllocation)];
     if export.options().allocation_depth {
         out.push((2, MetaContext::AllocationDepth));
@@ -58,7 +33,11 @@ pub fn offered(export: &Export) -> Vec<(u32, MetaContext)> {
 
 /// The offered contexts `query` names: exactly, or (when listing) every
 /// context of a namespace (`base:`, `qemu:`, `qemu:dirty-bitmap:`).
-pub fn matching(offered: &[(u32, MetaContext)], query: &str, listing: bool) -> Vec<(u32, MetaContext)> {
+pub(crate) fn matching(
+    offered: &[(u32, MetaContext)],
+    query: &str,
+    listing: bool,
+) -> Vec<(u32, MetaContext)> {
     offered
         .iter()
         .filter(|(_, c)| {
@@ -74,7 +53,7 @@ pub fn matching(offered: &[(u32, MetaContext)], query: &str, listing: bool) -> V
 
 /// The extents of `context` over `[offset, offset + len)`: `(length,
 /// flags)`, neighbours of one state merged.
-pub fn extents(
+pub(crate) fn extents(
     image: &Image,
     context: &MetaContext,
     offset: u64,
@@ -88,7 +67,9 @@ pub fn extents(
                 runs.push((e.length, if e.dirty { DIRTY } else { 0 }));
             }
         }
-        MetaContext::AllocationDepth => chain_runs(image, offset, len, &|layer, _| layer, &mut runs)?,
+        MetaContext::AllocationDepth => {
+            chain_runs(image, offset, len, &|layer, _| layer, &mut runs)?
+        }
     }
     let mut merged: Vec<(u32, u32)> = Vec::new();
     for (length, flags) in runs {

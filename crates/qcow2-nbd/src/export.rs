@@ -124,7 +124,7 @@ impl Export {
     }
 
     /// The transmission flags for a session.
-    pub fn transmission_flags(&self, session: &Session) -> u16 {
+    pub(crate) fn transmission_flags(&self, session: &Session) -> u16 {
         let mut flags = tx::HAS_FLAGS
             | tx::SEND_FLUSH
             | tx::SEND_FUA

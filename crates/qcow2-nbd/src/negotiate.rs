@@ -9,9 +9,9 @@
 
 use std::io::{self, Read, Write};
 
+use crate::contexts::{self, MetaContext};
 use crate::export::Export;
 use crate::proto::*;
-use crate::contexts::{self, MetaContext};
 use crate::session::Session;
 use crate::wire::{read_u32, read_u64, skip, Fields, Message};
 

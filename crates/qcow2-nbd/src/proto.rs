@@ -156,7 +156,6 @@ pub mod chunk {
     pub const ERROR: u16 = (1 << 15) + 1;
 }
 
-
 /// Error numbers as NBD sends them (Linux values).
 pub mod errno {
     /// Not permitted (write to a read-only export).

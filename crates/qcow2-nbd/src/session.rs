@@ -1,14 +1,34 @@
 //! What one client's negotiation settled, which the transmission phase
 //! and the export's flags then follow.
 
-use crate::contexts::MetaContext;
-
 /// What the client chose during negotiation.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Session {
+pub(crate) struct Session {
     /// Structured replies were negotiated.
-    pub structured: bool,
+    pub(crate) structured: bool,
     /// The metadata contexts selected, by id (block status may be asked
     /// for when there is one), in id order.
-    pub contexts: Vec<(u32, MetaContext)>,
+    pub(crate) contexts: Vec<(u32, MetaContext)>,
+}
+
+/// One metadata context.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum MetaContext {
+    /// Holes and zeros.
+    BaseAllocation,
+    /// Which layer of the backing chain holds each range (0: none).
+    AllocationDepth,
+    /// The granules a persistent bitmap marks dirty.
+    DirtyBitmap(String),
+}
+
+impl MetaContext {
+    /// Its name on the wire.
+    pub(crate) fn name(&self) -> String {
+        match self {
+            Self::BaseAllocation => "base:allocation".into(),
+            Self::AllocationDepth => "qemu:allocation-depth".into(),
+            Self::DirtyBitmap(name) => format!("qemu:dirty-bitmap:{name}"),
+        }
+    }
 }

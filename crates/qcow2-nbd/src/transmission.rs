@@ -15,9 +15,9 @@ use std::sync::mpsc::{sync_channel, Receiver};
 use parking_lot::{Condvar, Mutex};
 use qcow2_io::ImageError;
 
+use crate::contexts;
 use crate::export::{DetectZeroes, DiscardMode, Export};
 use crate::proto::*;
-use crate::contexts;
 use crate::session::Session;
 use crate::wire::{read_u16, read_u32, read_u64, skip, Message, Stream};
 
@@ -182,7 +182,12 @@ fn answer(request: &Request, export: &Export, session: &Session) -> Vec<u8> {
                     payload = payload.u32(len).u32(flags);
                 }
                 let done = if i == last { chunk::FLAG_DONE } else { 0 };
-                reply.extend(chunk_of(request.cookie, done, chunk::BLOCK_STATUS, &payload.0));
+                reply.extend(chunk_of(
+                    request.cookie,
+                    done,
+                    chunk::BLOCK_STATUS,
+                    &payload.0,
+                ));
             }
             reply
         }

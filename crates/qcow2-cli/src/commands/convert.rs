@@ -106,7 +106,10 @@ fn bitmaps_to_copy(args: &ConvertArgs, source: &Disk) -> Result<Vec<BitmapInfo>,
         if !bitmap.in_use {
             out.push(bitmap);
         } else if args.skip_broken_bitmaps {
-            eprintln!("qcow2: warning: Skipping inconsistent bitmap '{}'", bitmap.name);
+            eprintln!(
+                "qcow2: warning: Skipping inconsistent bitmap '{}'",
+                bitmap.name
+            );
         } else {
             return Err(CliError::Usage(format!(
                 "Cannot copy inconsistent bitmap '{}'; try --skip-broken-bitmaps, or use \
