@@ -3,77 +3,14 @@
 
 mod common;
 
+use common::server::Server;
 use common::*;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// A running `qcow2 serve` on a Unix socket.
-struct Server {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Server {
-    fn start(image: &Path, socket: &Path, extra: &[&str]) -> Self {
-        let mut args = vec!["serve", "-k", p(socket)];
-        args.extend_from_slice(extra);
-        args.push(p(image));
-        let child = Command::new(bin())
-            .args(&args)
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("qcow2 serve starts");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            assert!(Instant::now() < deadline, "the server did not start");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Self {
-            child,
-            socket: socket.to_path_buf(),
-        }
-    }
-
-    fn uri(&self) -> String {
-        format!("nbd+unix:///?socket={}", p(&self.socket))
-    }
-
-    /// SIGTERM, then the exit status.
-    fn stop(mut self) -> std::process::ExitStatus {
-        ok("kill", &["-TERM", &self.child.id().to_string()]);
-        self.wait()
-    }
-
-    fn wait(&mut self) -> std::process::ExitStatus {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "the server did not stop");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn kill(mut self) {
-        ok("kill", &["-KILL", &self.child.id().to_string()]);
-        self.wait();
-    }
-}
-
-impl Drop for Server {
-    /// A failed test leaves no server behind.
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
 
 fn pattern(len: usize, seed: u64) -> Vec<u8> {
     let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;

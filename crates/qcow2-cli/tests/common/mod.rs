@@ -2,6 +2,8 @@
 //! binary and the real tools used as the oracle.
 #![allow(dead_code)]
 
+pub mod server;
+
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 

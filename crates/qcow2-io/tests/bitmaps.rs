@@ -1,0 +1,373 @@
+//! Persistent dirty bitmaps kept true by the library's writes: after
+//! writes of every kind (data, zeroes, discards, compressed clusters,
+//! shares on a deduplicated image), a resize and a snapshot applied, QEMU
+//! reads each enabled bitmap as consistent and marking exactly the written
+//! granules (`qemu-nbd -B` and `nbdinfo --map`), at granularities finer and
+//! coarser than the cluster; disabled bitmaps keep their bits; a crash
+//! leaves the bitmaps in use (inconsistent), never silently wrong.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use common::*;
+use qcow2_io::{CreateOptions, Image, ImageError, MemStorage, OpenOptions};
+
+/// Whether qemu-nbd and nbdinfo (besides qemu-img and qemu-io) are here.
+fn nbd_tools() -> bool {
+    if !qemu_available() {
+        return false;
+    }
+    let ok = ["qemu-nbd", "nbdinfo"].iter().all(|t| {
+        Command::new(t)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    if !ok {
+        if std::env::var_os("QCOW2_REQUIRE_QEMU").is_some() {
+            panic!("qemu-nbd/nbdinfo required (QCOW2_REQUIRE_QEMU is set) but not installed");
+        }
+        eprintln!("\n*** SKIPPED: qemu-nbd/nbdinfo not installed; bitmap test did not run ***\n");
+    }
+    ok
+}
+
+/// The dirty runs QEMU reads in bitmap `name` of the image at `path`
+/// (`qemu-nbd -r -B name`, `nbdinfo --map=qemu:dirty-bitmap:name`).
+fn qemu_dirty(path: &Path, name: &str) -> Vec<(u64, u64)> {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("s.sock");
+    let mut server = Command::new("qemu-nbd")
+        .args(["-r", "-f", "qcow2", "-B", name, "-k"])
+        .arg(&socket)
+        .arg(path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    for _ in 0..200 {
+        if socket.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let uri = format!("nbd+unix:///?socket={}", socket.display());
+    let context = format!("--map=qemu:dirty-bitmap:{name}");
+    let out = run("nbdinfo", &[&context, &uri]);
+    let _ = server.kill();
+    let status = server.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "nbdinfo: {}{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&status.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            (f.get(2) == Some(&"1")).then(|| (f[0].parse().unwrap(), f[1].parse().unwrap()))
+        })
+        .collect()
+}
+
+/// The runs of granules `writes` touch, at `granularity`, clipped to
+/// `size`: what a true bitmap marks.
+fn expected(writes: &[(u64, u64)], granularity: u64, size: u64) -> Vec<(u64, u64)> {
+    let granules: BTreeSet<u64> = writes
+        .iter()
+        .flat_map(|&(offset, len)| offset / granularity..(offset + len).div_ceil(granularity))
+        .collect();
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for g in granules {
+        let start = g * granularity;
+        let len = granularity.min(size - start);
+        match runs.last_mut() {
+            Some(last) if last.0 + last.1 == start => last.1 += len,
+            _ => runs.push((start, len)),
+        }
+    }
+    runs
+}
+
+/// The dirty runs the library reads.
+fn ours(image: &Image, name: &str) -> Vec<(u64, u64)> {
+    image
+        .dirty_extents(name, 0, image.size())
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.dirty)
+        .map(|e| (e.start, e.length))
+        .collect()
+}
+
+/// Bitmap flags as `qemu-img info` lists them, by name.
+fn qemu_flags(path: &Path) -> Vec<(String, Vec<String>)> {
+    let json = run_ok(
+        "qemu-img",
+        &["info", "-U", "--output=json", path.to_str().unwrap()],
+    );
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    v["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|b| {
+            let flags = b["flags"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| f.as_str().unwrap().to_string())
+                .collect();
+            (b["name"].as_str().unwrap().to_string(), flags)
+        })
+        .collect()
+}
+
+fn flags(list: &[(&str, &[&str])]) -> Vec<(String, Vec<String>)> {
+    list.iter()
+        .map(|(n, f)| (n.to_string(), f.iter().map(|s| s.to_string()).collect()))
+        .collect()
+}
+
+/// Writes of every kind (a compressed one where the image takes it); the
+/// ranges written.
+fn write_everything(image: &Image, cluster: u64, compressed: bool) -> Vec<(u64, u64)> {
+    let writes = vec![
+        (1 << 20 | 512, 4096),
+        (5 << 20, 100 << 10),
+        (8 << 20, 64 << 10),
+        (12 << 20, 1 << 20),
+        (20 << 20, cluster),
+        (30 << 20, 3),
+    ];
+    image.write_at(&[1; 4096], writes[0].0).unwrap();
+    image.write_at(&vec![2; 100 << 10], writes[1].0).unwrap();
+    image.write_zeroes(writes[2].0, writes[2].1).unwrap();
+    image.discard(writes[3].0, writes[3].1).unwrap();
+    if compressed {
+        image
+            .write_compressed(&vec![3; cluster as usize], writes[4].0)
+            .unwrap();
+    } else {
+        image
+            .write_at(&vec![3; cluster as usize], writes[4].0)
+            .unwrap();
+    }
+    image.write_at(&[4; 3], writes[5].0).unwrap();
+    writes
+}
+
+#[test]
+fn library_writes_keep_qemus_bitmaps_true_at_every_granularity() {
+    if !nbd_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("b.qcow2");
+    let p = path.to_str().unwrap();
+    run_ok("qemu-img", &["create", "-q", "-f", "qcow2", p, "64M"]);
+    run_ok("qemu-io", &["-c", "write -P 9 40M 64k", p]);
+    run_ok("qemu-img", &["bitmap", "--add", p, "coarse"]);
+    run_ok("qemu-img", &["bitmap", "--add", "-g", "4096", p, "fine"]);
+    run_ok("qemu-img", &["bitmap", "--add", "-g", "1M", p, "frozen"]);
+    run_ok("qemu-io", &["-c", "write -P 8 60M 4k", p]);
+    run_ok("qemu-img", &["bitmap", "--disable", p, "frozen"]);
+    let image = Image::open(&path, &OpenOptions::read_write()).unwrap();
+    let mut writes = write_everything(&image, image.cluster_size(), true);
+    writes.push((60 << 20, 4096));
+    // While the image is open the enabled bitmaps are in use, as QEMU
+    // keeps them; the disabled one is not changed at all.
+    assert_eq!(
+        qemu_flags(&path),
+        flags(&[
+            ("coarse", &["in-use", "auto"]),
+            ("fine", &["in-use", "auto"]),
+            ("frozen", &[]),
+        ])
+    );
+    let size = image.size();
+    assert_eq!(ours(&image, "fine"), expected(&writes, 4096, size));
+    image.close().unwrap();
+    assert_eq!(
+        qemu_flags(&path),
+        flags(&[("coarse", &["auto"]), ("fine", &["auto"]), ("frozen", &[])])
+    );
+    assert_qemu_check_clean(&path);
+    assert_eq!(qemu_dirty(&path, "coarse"), expected(&writes, 65536, size));
+    assert_eq!(qemu_dirty(&path, "fine"), expected(&writes, 4096, size));
+    assert_eq!(
+        qemu_dirty(&path, "frozen"),
+        expected(&[(60 << 20, 1)], 1 << 20, size)
+    );
+    // QEMU goes on keeping them after us.
+    run_ok("qemu-io", &["-c", "write -P 7 50M 512", p]);
+    writes.push((50 << 20, 512));
+    assert_eq!(qemu_dirty(&path, "fine"), expected(&writes, 4096, size));
+    assert_qemu_check_clean(&path);
+}
+
+#[test]
+fn dedup_writes_and_shares_keep_bitmaps_true() {
+    if !nbd_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.qcow2");
+    let options = CreateOptions {
+        dedup: true,
+        cluster_size: 65536,
+        ..CreateOptions::new(64 << 20)
+    };
+    let image = Image::create(&path, &options).unwrap();
+    image.add_bitmap("b512", Some(512), true).unwrap();
+    image.add_bitmap("b1m", Some(1 << 20), true).unwrap();
+    let mut writes = write_everything(&image, 65536, false);
+    // The same content twice: the second write shares the first's cluster.
+    let block = vec![0x5a; 65536];
+    image.write_at(&block, 33 << 20).unwrap();
+    image.write_at(&block, 34 << 20).unwrap();
+    writes.extend([(33 << 20, 65536), (34 << 20, 65536)]);
+    image.flush().unwrap();
+    let size = image.size();
+    assert_eq!(ours(&image, "b512"), expected(&writes, 512, size));
+    image.close().unwrap();
+    assert_eq!(qemu_dirty(&path, "b512"), expected(&writes, 512, size));
+    assert_eq!(qemu_dirty(&path, "b1m"), expected(&writes, 1 << 20, size));
+    let reopened = Image::open(&path, &OpenOptions::read_write()).unwrap();
+    assert_eq!(ours(&reopened, "b1m"), expected(&writes, 1 << 20, size));
+    assert!(reopened
+        .check(qcow2_io::RepairMode::None)
+        .unwrap()
+        .is_clean());
+}
+
+#[test]
+fn a_crash_leaves_the_bitmaps_in_use_and_remove_cleans_up() {
+    if !qemu_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.qcow2");
+    let p = path.to_str().unwrap();
+    run_ok("qemu-img", &["create", "-q", "-f", "qcow2", p, "16M"]);
+    run_ok("qemu-img", &["bitmap", "--add", p, "b0"]);
+    let image = Image::open(&path, &OpenOptions::read_write()).unwrap();
+    image.write_at(&[1; 512], 0).unwrap();
+    image.flush().unwrap();
+    image.abandon();
+    assert_eq!(qemu_flags(&path), flags(&[("b0", &["in-use", "auto"])]));
+    let image = Image::open(&path, &OpenOptions::read_write()).unwrap();
+    assert!(matches!(
+        image.dirty_extents("b0", 0, 4096),
+        Err(ImageError::BitmapInconsistent(_))
+    ));
+    assert!(matches!(
+        image.clear_bitmap("b0"),
+        Err(ImageError::BitmapInconsistent(_))
+    ));
+    // Writes leave an inconsistent bitmap as it is.
+    image.write_at(&[2; 512], 4096).unwrap();
+    image.close().unwrap();
+    assert_eq!(qemu_flags(&path), flags(&[("b0", &["in-use", "auto"])]));
+    let image = Image::open(&path, &OpenOptions::read_write()).unwrap();
+    image.remove_bitmap("b0").unwrap();
+    image.close().unwrap();
+    assert_eq!(qemu_flags(&path), flags(&[]));
+    assert_qemu_check_clean(&path);
+}
+
+#[test]
+fn resize_and_snapshot_apply_keep_bitmaps_valid_for_qemu() {
+    if !nbd_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r.qcow2");
+    let image = Image::create(&path, &CreateOptions::new(8 << 20)).unwrap();
+    image.add_bitmap("b", Some(4096), true).unwrap();
+    image.add_bitmap("off", Some(4096), false).unwrap();
+    image.write_at(&[1; 4096], 4 << 20).unwrap();
+    image.resize(2 << 30).unwrap();
+    image.write_at(&[2; 4096], (2 << 30) - 4096).unwrap();
+    image.close().unwrap();
+    assert_qemu_check_clean(&path);
+    let size = 2 << 30;
+    let writes = [(4 << 20, 4096), (size - 4096, 4096)];
+    assert_eq!(qemu_dirty(&path, "b"), expected(&writes, 4096, size));
+    assert_eq!(qemu_dirty(&path, "off"), []);
+    let image = Image::open(&path, &OpenOptions::read_write()).unwrap();
+    image.snapshot_create("s").unwrap();
+    image.clear_bitmap("b").unwrap();
+    image.shrink(1 << 20).unwrap();
+    assert_eq!(ours(&image, "b"), []);
+    image.snapshot_apply("s").unwrap();
+    assert_eq!(image.size(), size);
+    image.close().unwrap();
+    assert_qemu_check_clean(&path);
+    // Applying a snapshot changes what the whole disk reads.
+    assert_eq!(qemu_dirty(&path, "b"), [(0, size)]);
+    assert_eq!(qemu_dirty(&path, "off"), []);
+}
+
+#[test]
+fn bitmap_operations_refuse_what_qemu_refuses() {
+    let storage = Arc::new(MemStorage::new());
+    let image = Image::create_on(storage.clone(), &CreateOptions::new(1 << 30)).unwrap();
+    image.add_bitmap("a", None, true).unwrap();
+    assert!(matches!(
+        image.add_bitmap("a", None, true),
+        Err(ImageError::BitmapExists(_))
+    ));
+    assert!(matches!(
+        image.remove_bitmap("b"),
+        Err(ImageError::BitmapNotFound(_))
+    ));
+    for bad in [0, 256, 1000, 1 << 32] {
+        assert!(
+            image.add_bitmap("g", Some(bad), true).is_err(),
+            "granularity {bad}"
+        );
+    }
+    assert!(image.add_bitmap(&"n".repeat(1024), None, true).is_err());
+    // 512-byte granules over 4 TiB would need 1 GiB of bits: past QEMU's
+    // limit (512 MiB), so refused as QEMU refuses it.
+    image.resize(4 << 40).unwrap();
+    assert!(image.add_bitmap("huge", Some(512), true).is_err());
+    image.add_bitmap("other", Some(1 << 16), false).unwrap();
+    image.write_at(&[1; 10], 3 << 20).unwrap();
+    image.merge_bitmap("other", &image, "a").unwrap();
+    assert_eq!(ours(&image, "other"), [(3 << 20, 65536)]);
+    image.disable_bitmap("a").unwrap();
+    image.write_at(&[1; 10], 9 << 20).unwrap();
+    assert_eq!(
+        ours(&image, "a"),
+        [(3 << 20, 65536)],
+        "a disabled bitmap stays"
+    );
+    image.enable_bitmap("a").unwrap();
+    image.write_at(&[1; 10], 9 << 20).unwrap();
+    assert_eq!(ours(&image, "a"), [(3 << 20, 65536), (9 << 20, 65536)]);
+    image.close().unwrap();
+    let v2 = Image::create_on(
+        Arc::new(MemStorage::new()),
+        &CreateOptions {
+            compat: qcow2_io::Compat::V2,
+            ..CreateOptions::new(1 << 20)
+        },
+    )
+    .unwrap();
+    assert!(matches!(
+        v2.add_bitmap("a", None, true),
+        Err(ImageError::Unsupported(_))
+    ));
+    let back = Image::open_on(storage, &OpenOptions::read_only()).unwrap();
+    assert_eq!(ours(&back, "a"), [(3 << 20, 65536), (9 << 20, 65536)]);
+    assert!(back.add_bitmap("x", None, true).is_err(), "read-only");
+}
