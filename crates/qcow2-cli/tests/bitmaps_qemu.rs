@@ -388,7 +388,7 @@ fn an_incremental_backup_over_the_server_restores_the_disk() {
     }
     let marked: u64 = dirty.iter().map(|(_, l)| l).sum();
     assert!(
-        marked <= 5 * 128 << 10,
+        marked <= (5 * 128) << 10,
         "{marked} bytes marked for ~300 KiB written"
     );
     // Copy only those extents onto the backup, as a backup tool does.
