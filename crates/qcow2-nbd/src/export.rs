@@ -131,8 +131,10 @@ impl Export {
             | tx::SEND_TRIM
             | tx::SEND_WRITE_ZEROES
             | tx::SEND_FAST_ZERO
-            | tx::SEND_CACHE
-            | tx::CAN_MULTI_CONN;
+            | tx::SEND_CACHE;
+        if session.multi_conn {
+            flags |= tx::CAN_MULTI_CONN;
+        }
         if self.options.read_only {
             flags |= tx::READ_ONLY;
         }

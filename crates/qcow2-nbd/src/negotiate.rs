@@ -39,7 +39,11 @@ fn error(w: &mut impl Write, option: u32, kind: u32, message: &str) -> io::Resul
 }
 
 /// Runs the negotiation on `stream` for `export`.
-pub fn negotiate(stream: &mut (impl Read + Write), export: &Export) -> io::Result<Outcome> {
+pub fn negotiate(
+    stream: &mut (impl Read + Write),
+    export: &Export,
+    multi_conn: bool,
+) -> io::Result<Outcome> {
     let greeting = Message::default()
         .u64(NBD_MAGIC)
         .u64(IHAVEOPT)
@@ -50,7 +54,10 @@ pub fn negotiate(stream: &mut (impl Read + Write), export: &Export) -> io::Resul
         return Ok(Outcome::Closed);
     }
     let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
-    let mut session = Session::default();
+    let mut session = Session {
+        multi_conn,
+        ..Session::default()
+    };
     loop {
         if read_u64(stream)? != IHAVEOPT {
             return Ok(Outcome::Closed);

@@ -122,7 +122,7 @@ pub fn serve(
             active.fetch_add(1, Ordering::AcqRel);
             let (active, open) = (&active, &open);
             scope.spawn(move || {
-                let _ = connection(stream, export);
+                let _ = connection(stream, export, options.shared > 1);
                 open.lock().retain(|(i, _)| *i != id);
                 active.fetch_sub(1, Ordering::AcqRel);
             });
@@ -142,8 +142,8 @@ pub fn serve(
 }
 
 /// One client, from the greeting to the disconnect.
-fn connection(mut stream: Stream, export: &Export) -> io::Result<()> {
-    match negotiate(&mut stream, export)? {
+fn connection(mut stream: Stream, export: &Export, multi_conn: bool) -> io::Result<()> {
+    match negotiate(&mut stream, export, multi_conn)? {
         Outcome::Closed => Ok(()),
         Outcome::Transmission(session) => transmission::serve(stream, export, &session),
     }

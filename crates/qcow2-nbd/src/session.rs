@@ -4,6 +4,11 @@
 /// What the client chose during negotiation.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Session {
+    /// The server lets several clients share the export (`-e` above 1),
+    /// so it offers `NBD_FLAG_CAN_MULTI_CONN` as qemu-nbd does: a client
+    /// such as nbdcopy then opens several connections, which a server
+    /// taking one at a time would leave waiting.
+    pub(crate) multi_conn: bool,
     /// Structured replies were negotiated.
     pub(crate) structured: bool,
     /// The metadata contexts selected, by id (block status may be asked

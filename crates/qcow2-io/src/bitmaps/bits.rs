@@ -29,7 +29,12 @@ impl DirtyBits {
         }
     }
 
-    /// log2 of [`DirtyBits::granularity`].
+    /// Bytes of memory the bits take.
+    pub(crate) fn memory(&self) -> u64 {
+        self.words.len() as u64 * 8
+    }
+
+    /// log2 of the bytes one bit covers.
     pub(crate) fn granularity_bits(&self) -> u8 {
         self.granularity_bits
     }

@@ -177,6 +177,18 @@ impl PersistentBitmaps {
         }
     }
 
+    /// Bytes of bits loaded in memory.
+    pub(crate) fn loaded_bytes(&self) -> u64 {
+        match &self.directory {
+            Directory::Loaded { bitmaps, .. } => bitmaps
+                .iter()
+                .filter_map(|b| b.bits.as_ref())
+                .map(DirtyBits::memory)
+                .sum(),
+            _ => 0,
+        }
+    }
+
     /// The bitmap named `name`, usable (not inconsistent).
     pub(crate) fn usable(&mut self, name: &str) -> Result<&mut Bitmap> {
         let bitmap = self

@@ -38,6 +38,11 @@ impl Metadata {
     }
 }
 
+/// Most memory the loaded bitmaps of one image take: a hostile image
+/// naming thousands of large bitmaps gets an error (the ones past it are
+/// treated as inconsistent), not an allocation of its choosing.
+const MAX_LOADED_BITMAP_BYTES: u64 = 1 << 30;
+
 /// A bitmap's table as a store wrote it: `(offset, entries, data
 /// clusters)`.
 type NewTable = (u64, u32, Vec<u64>);
@@ -156,6 +161,7 @@ impl BitmapOps<'_> {
             .storage
             .len()
             .map_err(ImageError::io("reading the image size"))?;
+        let loaded = self.0.bitmaps.loaded_bytes();
         let b = &self.0.bitmaps.bitmaps_mut()?[index];
         if b.bits.is_some() {
             return Ok(());
@@ -164,6 +170,13 @@ impl BitmapOps<'_> {
             return Err(ImageError::Internal("a stored bitmap without a table"));
         };
         let name = b.name.clone();
+        let needed = bitmap_table_size(size, b.granularity_bits, cs).saturating_mul(cs);
+        if loaded.saturating_add(needed) > MAX_LOADED_BITMAP_BYTES {
+            return Err(ImageError::Unsupported(format!(
+                "bitmap '{name}': the bitmaps would need more than {} MiB of memory",
+                MAX_LOADED_BITMAP_BYTES >> 20
+            )));
+        }
         let mut bits = DirtyBits::new(b.granularity_bits, size);
         let damaged = |why: &str| ImageError::Corrupt(format!("bitmap '{name}': {why}"));
         if u64::from(table_size) != bitmap_table_size(size, b.granularity_bits, cs) {
