@@ -371,3 +371,61 @@ fn bitmap_operations_refuse_what_qemu_refuses() {
     assert_eq!(ours(&back, "a"), [(3 << 20, 65536), (9 << 20, 65536)]);
     assert!(back.add_bitmap("x", None, true).is_err(), "read-only");
 }
+
+#[test]
+fn concurrent_writers_and_flushes_lose_no_bit() {
+    for dedup in [false, true] {
+        let storage = Arc::new(MemStorage::new());
+        let options = CreateOptions {
+            dedup,
+            cluster_size: 65536,
+            refcount_bits: if dedup { 4 } else { 16 },
+            ..CreateOptions::new(256 << 20)
+        };
+        let image = Arc::new(Image::create_on(storage.clone(), &options).unwrap());
+        image.add_bitmap("b", Some(4096), true).unwrap();
+        let threads: Vec<_> = (0..4u64)
+            .map(|t| {
+                let image = image.clone();
+                std::thread::spawn(move || {
+                    let mut state = t.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+                    let mut written = Vec::new();
+                    for i in 0..300u64 {
+                        state ^= state << 13;
+                        state ^= state >> 7;
+                        state ^= state << 17;
+                        let offset = (state % ((256 << 20) / 4096)) * 4096;
+                        // A few contents only, so a dedup image shares.
+                        let data = vec![(state % 5) as u8 + 1; 4096];
+                        match i % 10 {
+                            0 => image.write_zeroes(offset, 4096).unwrap(),
+                            1 => image.flush().unwrap(),
+                            _ => image.write_at(&data, offset).unwrap(),
+                        }
+                        if i % 10 != 1 {
+                            written.push((offset, 4096));
+                        }
+                    }
+                    written
+                })
+            })
+            .collect();
+        let writes: Vec<(u64, u64)> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        let size = image.size();
+        assert_eq!(
+            ours(&image, "b"),
+            expected(&writes, 4096, size),
+            "dedup {dedup}"
+        );
+        image.close().unwrap();
+        let back = Image::open_on(storage, &OpenOptions::read_only()).unwrap();
+        assert_eq!(
+            ours(&back, "b"),
+            expected(&writes, 4096, size),
+            "dedup {dedup}"
+        );
+    }
+}
