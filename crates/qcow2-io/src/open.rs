@@ -357,6 +357,9 @@ impl Device {
     /// Reads the header and the tables again, after a change of format
     /// (the caches get their default sizes).
     pub(crate) fn reload_metadata(&mut self) -> Result<()> {
+        // The bitmaps marked in use are stored first: the new metadata
+        // starts from what is on disk.
+        self.meta.get_mut().bitmap_ops().store()?;
         self.meta.get_mut().flush()?;
         let (header, loading) = read_header(&*self.storage, false, false)?;
         let defaults = OpenOptions::default();

@@ -429,3 +429,87 @@ fn concurrent_writers_and_flushes_lose_no_bit() {
         );
     }
 }
+
+#[test]
+fn amend_keeps_the_bits_of_earlier_writes() {
+    if !nbd_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.qcow2");
+    let mut image = Image::create(&path, &CreateOptions::new(16 << 20)).unwrap();
+    image.add_bitmap("b", Some(4096), true).unwrap();
+    image.write_at(&[1; 4096], 3 << 20).unwrap();
+    image
+        .amend(&qcow2_io::AmendOptions {
+            refcount_bits: Some(4),
+            ..Default::default()
+        })
+        .unwrap();
+    image.write_at(&[2; 4096], 5 << 20).unwrap();
+    image.close().unwrap();
+    assert_qemu_check_clean(&path);
+    let writes = [(3 << 20, 4096), (5 << 20, 4096)];
+    assert_eq!(qemu_dirty(&path, "b"), expected(&writes, 4096, 16 << 20));
+    assert_eq!(qemu_flags(&path), flags(&[("b", &["auto"])]));
+}
+
+/// Offset of the bitmap directory `header` names, and of its extension.
+fn directory_offset(path: &Path) -> u64 {
+    let image = Image::open(path, &OpenOptions::read_only()).unwrap();
+    image
+        .header()
+        .extensions
+        .iter()
+        .find_map(|e| match e {
+            qcow2_format::extensions::HeaderExtension::Bitmaps {
+                directory_offset, ..
+            } => Some(*directory_offset),
+            _ => None,
+        })
+        .expect("a bitmaps extension")
+}
+
+#[test]
+fn damaged_bitmap_directories_give_errors_never_panics() {
+    if !qemu_available() {
+        return;
+    }
+    use std::os::unix::fs::FileExt;
+    // (what, byte offset within the first entry, bytes written)
+    let damage: [(&str, u64, Vec<u8>); 6] = [
+        ("table past the end", 0, (1u64 << 40).to_be_bytes().to_vec()),
+        ("huge table", 8, u32::MAX.to_be_bytes().to_vec()),
+        ("reserved flag", 12, 0x8000_0002u32.to_be_bytes().to_vec()),
+        ("bad type", 16, vec![7]),
+        ("granularity 63", 17, vec![63]),
+        ("name past the end", 18, 0xffffu16.to_be_bytes().to_vec()),
+    ];
+    for (what, at, bytes) in damage {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.qcow2");
+        let p = path.to_str().unwrap();
+        run_ok("qemu-img", &["create", "-q", "-f", "qcow2", p, "16M"]);
+        run_ok("qemu-img", &["bitmap", "--add", p, "b"]);
+        run_ok("qemu-io", &["-c", "write -P 1 0 64k", p]);
+        let offset = directory_offset(&path);
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&bytes, offset + at).unwrap();
+        drop(f);
+        let image = Image::open(&path, &OpenOptions::read_write()).unwrap();
+        assert!(image.dirty_extents("b", 0, 4096).is_err(), "{what}");
+        assert!(image.clear_bitmap("b").is_err(), "{what}");
+        image.write_at(&[2; 512], 1 << 20).unwrap();
+        image.close().unwrap();
+        let image = Image::open(&path, &OpenOptions::read_only()).unwrap();
+        let mut back = [0u8; 512];
+        image.read_at(&mut back, 1 << 20).unwrap();
+        assert_eq!(back, [2; 512], "{what}");
+        assert!(image.dirty_extents("b", 0, 4096).is_err(), "{what}");
+        let info = image.info().unwrap();
+        assert!(
+            info.bitmaps.iter().all(|b| b.in_use),
+            "{what}: never trusted"
+        );
+    }
+}

@@ -1,5 +1,7 @@
-//! The bitmap operations of an open image (`qemu-img bitmap`'s): each
-//! takes the metadata lock, and each change is stored before it returns.
+//! The bitmap operations of an open image (`qemu-img bitmap`'s). A change
+//! holds every range lock, so no write is between setting its bit and
+//! writing its data while a bitmap is cleared or copied; each change is
+//! stored before it returns.
 
 use crate::image::Device;
 use crate::map_extent::DirtyExtent;
@@ -12,7 +14,7 @@ impl Device {
         granularity: Option<u64>,
         enabled: bool,
     ) -> Result<()> {
-        self.check_writable()?;
+        let _all = self.lock_for_change(0..u64::MAX)?;
         self.meta
             .lock()
             .bitmap_ops()
@@ -20,17 +22,17 @@ impl Device {
     }
 
     pub(crate) fn remove_bitmap(&self, name: &str) -> Result<()> {
-        self.check_writable()?;
+        let _all = self.lock_for_change(0..u64::MAX)?;
         self.meta.lock().bitmap_ops().remove(name)
     }
 
     pub(crate) fn clear_bitmap(&self, name: &str) -> Result<()> {
-        self.check_writable()?;
+        let _all = self.lock_for_change(0..u64::MAX)?;
         self.meta.lock().bitmap_ops().clear(name)
     }
 
     pub(crate) fn set_bitmap_enabled(&self, name: &str, enabled: bool) -> Result<()> {
-        self.check_writable()?;
+        let _all = self.lock_for_change(0..u64::MAX)?;
         self.meta.lock().bitmap_ops().set_enabled(name, enabled)
     }
 
@@ -42,6 +44,7 @@ impl Device {
     ) -> Result<()> {
         self.check_writable()?;
         let bits = source.meta.lock().bitmap_ops().bits(source_name)?;
+        let _all = self.lock_for_change(0..u64::MAX)?;
         self.meta.lock().bitmap_ops().merge(target, &bits)
     }
 
