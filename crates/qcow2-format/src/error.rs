@@ -91,6 +91,9 @@ pub enum FormatError {
     /// Incompatible feature bits this implementation does not know.
     #[error("unsupported incompatible features: {0}")]
     UnknownIncompatibleFeatures(String),
+    /// The LUKS header of an encrypted image is malformed.
+    #[error("invalid LUKS header: {0}")]
+    InvalidLuks(&'static str),
     /// The image is encrypted.
     #[error("encrypted images are not supported (crypt_method {0})")]
     Encrypted(u32),

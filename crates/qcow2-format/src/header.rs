@@ -82,6 +82,9 @@ pub struct RawHeaderV3 {
     pub header_length: U32,
 }
 
+/// `crypt_method` of a LUKS-encrypted image.
+pub const CRYPT_LUKS: u32 = 2;
+
 /// A validated header with its extensions and backing file name.
 ///
 /// Invariants after [`Header::parse`]: the geometry is legal, every table
@@ -126,6 +129,9 @@ pub struct Header {
     pub extensions: Vec<HeaderExtension>,
     /// Backing file name, if any.
     pub backing_file: Option<String>,
+    /// 0 none, 2 LUKS (the full-disk-encryption extension says where its
+    /// header is); 1, the legacy AES, is refused by [`Header::parse`].
+    pub crypt_method: u32,
 }
 
 fn past_end(what: &'static str, offset: u64, len: u64, file_size: u64) -> Result<()> {
@@ -207,7 +213,9 @@ impl Header {
         let (backing_file, extensions_end) = backing_name(buf, v2, header_length, cluster_size)?;
         let extensions = parse_extensions(&buf[header_length as usize..extensions_end])?;
 
+        let crypt_method = v2.crypt_method.get();
         let header = Header {
+            crypt_method,
             version,
             geometry,
             size: v2.size.get(),
@@ -227,8 +235,11 @@ impl Header {
             extensions,
             backing_file,
         };
-        let crypt_method = v2.crypt_method.get();
-        if crypt_method != 0 {
+        let has_fde = header
+            .extensions
+            .iter()
+            .any(|e| matches!(e, HeaderExtension::Encryption { .. }));
+        if crypt_method != 0 && !(crypt_method == CRYPT_LUKS && has_fde) {
             return Err(FormatError::Encrypted(crypt_method));
         }
         header.validate(file_size)?;
@@ -478,7 +489,7 @@ impl Header {
             backing_file_size: 0.into(),
             cluster_bits: self.geometry.cluster_bits().into(),
             size: self.size.into(),
-            crypt_method: 0.into(),
+            crypt_method: self.crypt_method.into(),
             l1_size: self.l1_size.into(),
             l1_table_offset: self.l1_table_offset.get().into(),
             refcount_table_offset: self.refcount_table_offset.get().into(),
@@ -639,6 +650,7 @@ mod tests {
     fn sample(version: u32) -> Header {
         let g = Geometry::new(16, false).unwrap();
         Header {
+            crypt_method: 0,
             version,
             geometry: g,
             size: 1 << 30,

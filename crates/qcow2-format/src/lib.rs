@@ -22,6 +22,7 @@ pub mod geometry;
 pub mod header;
 pub mod l1;
 pub mod l2;
+pub mod luks;
 pub mod refcount;
 pub mod snapshot;
 pub mod table;

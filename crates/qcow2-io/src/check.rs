@@ -168,18 +168,18 @@ fn walk(parts: &mut MetadataParts<'_>) -> Result<Walk> {
     for (block, n) in runs {
         walk.reference_run(block, n, "refcount block");
     }
-    let l1_bytes = u64::from(header.l1_size) * 8;
-    if l1_bytes > 0 {
-        walk.reference(
-            header.l1_table_offset.get(),
-            g.count_for(l1_bytes),
-            "L1 table",
-        );
+    let l1 = (header.l1_table_offset.get(), u64::from(header.l1_size) * 8);
+    if l1.1 > 0 {
+        walk.reference(l1.0, g.count_for(l1.1), "L1 table");
     }
     if let Some(d) = parts.dedup.as_ref() {
         for (first, n) in d.metadata_clusters() {
             walk.reference_run(first, n, "dedup table");
         }
+    }
+    if header.crypt_method != 0 {
+        let (offset, length) = crate::crypto::luks_area(parts.storage, header)?;
+        walk.reference(offset, g.count_for(length), "LUKS header");
     }
     let active = parts.map.l1().to_vec();
     walk_l1(parts, &mut walk, &active, true)?;

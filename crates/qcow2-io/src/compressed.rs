@@ -129,6 +129,11 @@ fn compression_failed(e: impl std::error::Error + Send + Sync + 'static) -> Imag
 impl Device {
     pub(crate) fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable()?;
+        if self.encrypted {
+            return Err(ImageError::Unsupported(
+                "compressed writes to an encrypted image (as in QEMU)".into(),
+            ));
+        }
         self.check_bounds(offset, buf.len() as u64)?;
         let g = self.geometry;
         let cs = g.cluster_size();

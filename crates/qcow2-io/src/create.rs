@@ -8,11 +8,12 @@ use qcow2_format::features::{
     standard_feature_names, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS,
     INCOMPAT_COMPRESSION_TYPE, INCOMPAT_EXTENDED_L2, INCOMPAT_EXTERNAL_DATA,
 };
-use qcow2_format::header::{V2_HEADER_LEN, V3_HEADER_LEN};
+use qcow2_format::header::{CRYPT_LUKS, V2_HEADER_LEN, V3_HEADER_LEN};
 use qcow2_format::refcount::RefcountWidth;
 use qcow2_format::{ClusterCount, Geometry, Header, HostCluster, HostOffset};
 
 use crate::allocator::Allocator;
+use crate::crypto::cipher::SectorCipher;
 use crate::header_writer::HeaderWriter;
 use crate::metadata::Metadata;
 use crate::options::{Compat, Compression, CreateOptions, Preallocation};
@@ -21,11 +22,17 @@ use crate::{ImageError, OpenOptions, Result};
 /// Writes an empty image onto `storage`: header in cluster 0, a one-cluster
 /// refcount table in cluster 1, its first refcount block in cluster 2, then
 /// a zeroed L1 table. Everything is synced before this returns.
+/// A new image's metadata, and the sector cipher of an encrypted one.
+pub(crate) struct Created {
+    pub(crate) meta: Metadata,
+    pub(crate) cipher: Option<SectorCipher>,
+}
+
 pub(crate) fn create(
     storage: Arc<dyn Storage>,
     options: &CreateOptions,
     open: &OpenOptions,
-) -> Result<Metadata> {
+) -> Result<Created> {
     options.validate()?;
     let mut header = new_header(options)?;
     let geometry = header.geometry;
@@ -54,6 +61,15 @@ pub(crate) fn create(
             l1_offset.get(),
         )
         .map_err(ImageError::io("writing the L1 table"))?;
+    let cipher = match &options.encryption {
+        Some(encryption) => Some(lay_out_luks(
+            &*storage,
+            &mut alloc,
+            &mut header,
+            encryption,
+        )?),
+        None => None,
+    };
     let mut writer = HeaderWriter::new(header);
     alloc.flush(&*storage, &mut writer)?;
     writer.write(&*storage, alloc.table_location())?;
@@ -75,7 +91,39 @@ pub(crate) fn create(
     if preallocation != Preallocation::Off {
         meta.resizing().preallocate(preallocation)?;
     }
-    Ok(meta)
+    Ok(Created { meta, cipher })
+}
+
+/// Writes the LUKS area of a new encrypted image into clusters of its own
+/// and names it in `header` (crypt_method and the full-disk-encryption
+/// extension, before the feature names, where QEMU puts it).
+fn lay_out_luks(
+    storage: &dyn Storage,
+    alloc: &mut Allocator,
+    header: &mut Header,
+    encryption: &crate::options::Encryption,
+) -> Result<SectorCipher> {
+    let geometry = header.geometry;
+    let (area, cipher) = crate::crypto::new_volume(encryption)?;
+    let clusters = geometry.count_for(area.len() as u64);
+    let at = geometry.host_offset(alloc.allocate_contiguous(storage, clusters)?);
+    storage
+        .write_at(&area, at.get())
+        .map_err(ImageError::io("writing the LUKS header"))?;
+    header.crypt_method = CRYPT_LUKS;
+    let position = header
+        .extensions
+        .iter()
+        .position(|e| matches!(e, HeaderExtension::FeatureNames(_)))
+        .unwrap_or(header.extensions.len());
+    header.extensions.insert(
+        position,
+        HeaderExtension::Encryption {
+            offset: at.get(),
+            length: area.len() as u64,
+        },
+    );
+    Ok(cipher)
 }
 
 /// The header of a new image as `options` describe it (its L1 table not
@@ -93,6 +141,7 @@ fn new_header(options: &CreateOptions) -> Result<Header> {
     }
     let v3 = options.compat == Compat::V3;
     let mut header = Header {
+        crypt_method: 0,
         version: if v3 { 3 } else { 2 },
         geometry,
         size,

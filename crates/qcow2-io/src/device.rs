@@ -41,6 +41,7 @@ impl Device {
             storage,
             writable,
             claims: InflightClaims::default(),
+            encrypted: false,
             backing: RwLock::new(None),
             chain: ChainContext::default(),
             closed: AtomicBool::new(false),

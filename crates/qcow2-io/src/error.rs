@@ -90,6 +90,12 @@ pub enum ImageError {
     /// An internal snapshot with this name exists already.
     #[error("a snapshot named '{0}' already exists")]
     SnapshotExists(String),
+    /// No key slot of the encrypted image opens with the passphrase given.
+    #[error("Invalid password, cannot unlock any keyslot")]
+    WrongPassphrase,
+    /// The image is encrypted and no passphrase was given.
+    #[error("the image is encrypted: give its passphrase (OpenOptions::key_secret; qcow2 --object secret,id=ID,data=... and encrypt.key-secret=ID)")]
+    NeedsPassphrase,
     /// No persistent bitmap has this name.
     #[error("Dirty bitmap '{0}' not found")]
     BitmapNotFound(String),

@@ -51,6 +51,9 @@ pub(crate) struct Device {
     /// Whether writes go through the dedup path (set once the dedup table
     /// exists: at open, creation, or [`Image::enable_dedup`]).
     pub(crate) dedup: AtomicBool,
+    /// LUKS-encrypted: guest data goes through the sector cipher (partial
+    /// sectors read-modify-write, so writes take the exclusive path).
+    pub(crate) encrypted: bool,
     /// Contents being stored right now by dedup writes.
     pub(crate) claims: InflightClaims,
     /// The backing file unallocated clusters read through, if any

@@ -30,6 +30,7 @@ mod check;
 mod check_report;
 mod compressed;
 mod create;
+mod crypto;
 mod dedup;
 mod device;
 mod error;
@@ -59,7 +60,9 @@ pub use image::Image;
 pub use info::{BitmapInfo, ImageInfo, Recovery};
 pub use map_extent::{DirtyExtent, MapExtent, MapKind};
 pub use measure::{measure, Measurement};
-pub use options::{Compat, Compression, CreateOptions, OpenOptions, Preallocation};
+pub use options::{
+    Compat, Compression, CreateOptions, Encryption, OpenOptions, Preallocation, Secret,
+};
 /// The power-loss model crash tests run on (feature `test-util`).
 #[cfg(feature = "test-util")]
 pub use qcow2_alloc::FaultyStorage;

@@ -157,7 +157,11 @@ impl Image {
         // image's directory.
         image.close()?;
         drop(image);
-        Self::open(path, &OpenOptions::read_write())
+        let reopen = OpenOptions {
+            key_secret: options.encryption.as_ref().map(|e| e.secret.clone()),
+            ..OpenOptions::read_write()
+        };
+        Self::open(path, &reopen)
     }
 
     /// Creates a new image on any storage and opens it read-write.
@@ -242,6 +246,28 @@ impl Image {
     }
 }
 
+/// Unlocks an encrypted image's data path (see [`crate::crypto`]); a
+/// writable open needs the passphrase.
+fn open_encrypted(image: &mut Device, options: &OpenOptions) -> Result<()> {
+    if options.key_secret.is_none() && options.write && !options.check {
+        return Err(ImageError::NeedsPassphrase);
+    }
+    let header = image.meta.get_mut().header().clone();
+    if header.incompatible_features & INCOMPAT_EXTERNAL_DATA != 0 || header.is_dedup() {
+        return Err(ImageError::Unsupported(
+            "an encrypted image with an external data file or deduplication".into(),
+        ));
+    }
+    image.data = crate::crypto::data_path(
+        &*image.storage,
+        &header,
+        image.data.clone(),
+        options.key_secret.as_ref(),
+    )?;
+    image.encrypted = true;
+    Ok(())
+}
+
 impl Device {
     fn create_in_chain(
         storage: Arc<dyn Storage>,
@@ -273,8 +299,13 @@ impl Device {
     /// the writer's locks on `storage`.
     fn create_unbacked(storage: Arc<dyn Storage>, options: &CreateOptions) -> Result<Self> {
         storage.lock(LockAccess::Write)?;
-        let meta = create::create(storage.clone(), options, &OpenOptions::read_write())?;
-        Ok(Self::from_parts(storage, meta, true))
+        let created = create::create(storage.clone(), options, &OpenOptions::read_write())?;
+        let mut device = Self::from_parts(storage, created.meta, true);
+        if let Some(cipher) = created.cipher {
+            device.data = crate::crypto::encrypted(device.data.clone(), cipher);
+            device.encrypted = true;
+        }
+        Ok(device)
     }
 
     /// [`Image::open_on`] for an image at a place in a backing chain.
@@ -336,6 +367,9 @@ impl Device {
         image.chain = context;
         if let Some(data) = data_file {
             image.data = data;
+        }
+        if image.meta.get_mut().header().crypt_method != 0 {
+            open_encrypted(&mut image, options)?;
         }
         let repair = if options.write && dirty {
             Some(image.check(RepairMode::All)?)

@@ -91,6 +91,8 @@ pub struct CreateOptions {
     /// against the new image's directory) and its format (`qcow2` or `raw`,
     /// recorded in the backing-format extension).
     pub backing: Option<(String, String)>,
+    /// Encrypt the image with LUKS, as `encrypt.format=luks` does.
+    pub encryption: Option<Encryption>,
 }
 
 impl CreateOptions {
@@ -110,6 +112,7 @@ impl CreateOptions {
             data_file_raw: false,
             extended_l2: false,
             backing: None,
+            encryption: None,
         }
     }
 
@@ -202,6 +205,22 @@ impl CreateOptions {
 
     /// What compat=0.10 cannot hold, and dedup's needs of the refcounts.
     fn validate_compat(&self) -> Result<()> {
+        if self.encryption.is_some() {
+            let refused = if self.compat == Compat::V2 {
+                Some("LUKS encryption needs compat=1.1")
+            } else if self.dedup {
+                Some("deduplication of encrypted images is not supported yet")
+            } else if self.data_file.is_some() {
+                Some("encryption with an external data file is not supported")
+            } else if self.preallocation != Preallocation::Off {
+                Some("preallocation of encrypted images is not supported")
+            } else {
+                None
+            };
+            if let Some(why) = refused {
+                return Err(ImageError::InvalidOption(why.into()));
+            }
+        }
         if self.compat == Compat::V2 && self.refcount_bits != 16 {
             return Err(ImageError::InvalidOption(
                 "refcount widths other than 16 bits need compat=1.1".into(),
@@ -287,6 +306,38 @@ impl CreateOptions {
     }
 }
 
+/// LUKS encryption of a new image (qemu-img's `encrypt.*` options).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encryption {
+    /// The passphrase of key slot 0 (`encrypt.key-secret`).
+    pub secret: Secret,
+    /// Mode and IV generator: `xts-plain64` (QEMU's default), `xts-plain`,
+    /// `cbc-plain64`, `cbc-plain` or `cbc-essiv:sha256`.
+    pub cipher_mode: String,
+    /// AES key bits: 128 or 256 (`encrypt.cipher-alg=aes-N`; aes-192 is
+    /// refused, as QEMU cannot open such a volume).
+    pub key_bits: u32,
+    /// Hash of PBKDF2 and the anti-forensic split: `sha1`, `sha256`
+    /// (QEMU's default) or `sha512`.
+    pub hash: String,
+    /// Milliseconds PBKDF2 should take to unlock the key slot
+    /// (`encrypt.iter-time`, 2000 by default in QEMU).
+    pub iter_time_ms: u64,
+}
+
+impl Encryption {
+    /// QEMU's defaults (aes-256-xts-plain64, sha256, 2 s) with `secret`.
+    pub fn luks(secret: Secret) -> Self {
+        Self {
+            secret,
+            cipher_mode: "xts-plain64".into(),
+            key_bits: 256,
+            hash: "sha256".into(),
+            iter_time_ms: 2000,
+        }
+    }
+}
+
 /// How to open an existing image.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OpenOptions {
@@ -335,6 +386,33 @@ pub struct OpenOptions {
     /// the end of the file off it. Off keeps freed clusters allocated in
     /// the file for reuse and the file's length as it is.
     pub punch_holes: bool,
+    /// The passphrase of a LUKS-encrypted image (QEMU's
+    /// `encrypt.key-secret`); an encrypted image opens without it only to
+    /// fail with [`ImageError::NeedsPassphrase`](crate::ImageError).
+    pub key_secret: Option<Secret>,
+}
+
+/// A passphrase: zeroed when dropped, never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(zeroize::Zeroizing<Vec<u8>>);
+
+impl Secret {
+    /// The passphrase `bytes` (as QEMU's `--object secret` takes them:
+    /// raw bytes, no trailing newline).
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Self {
+        Self(zeroize::Zeroizing::new(bytes.into()))
+    }
+
+    /// The passphrase's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
 }
 
 impl OpenOptions {
@@ -403,6 +481,7 @@ impl Default for OpenOptions {
             locking: true,
             force_share: false,
             punch_holes: true,
+            key_secret: None,
         }
     }
 }

@@ -153,7 +153,7 @@ impl Device {
     /// parallel instead of one at a time. Returns false, having written
     /// nothing, when the write needs the full path.
     fn write_in_place(&self, buf: &[u8], offset: u64) -> Result<bool> {
-        if self.is_dedup() || self.geometry.extended_l2() {
+        if self.is_dedup() || self.geometry.extended_l2() || self.encrypted {
             return Ok(false);
         }
         let len = buf.len() as u64;

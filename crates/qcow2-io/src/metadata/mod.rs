@@ -46,6 +46,7 @@ use crate::overlap::{first_overlap, HoldsMetadata};
 use crate::range_lock::MovableMappings;
 use crate::{ImageError, Result};
 
+mod bitmap_commands;
 mod bitmap_ops;
 mod consolidate;
 mod dedup_ops;
