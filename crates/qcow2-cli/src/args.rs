@@ -20,9 +20,25 @@ use crate::size::{parse_size, SizeChange};
                   (with an optional B or iB: 64k, 1.5G, 10GiB)."
 )]
 pub struct Cli {
+    /// Secrets and image option lists, on every subcommand.
+    #[command(flatten)]
+    pub secrets: SecretArgs,
     /// The subcommand.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// `--object secret,...` and `--image-opts`, as qemu-img takes them.
+#[derive(Debug, Clone, Args)]
+pub struct SecretArgs {
+    /// Define a secret: `secret,id=ID,data=PASSPHRASE` or
+    /// `secret,id=ID,file=PATH` (repeatable).
+    #[arg(long = "object", value_name = "OBJECTDEF", global = true)]
+    pub objects: Vec<String>,
+    /// Image arguments are option lists:
+    /// `driver=qcow2,file.filename=PATH,encrypt.key-secret=ID`.
+    #[arg(long = "image-opts", global = true)]
+    pub image_opts: bool,
 }
 
 /// The subcommands.

@@ -94,7 +94,11 @@ pub fn refuse_same_file<P: AsRef<Path>>(output: &Path, inputs: &[P]) -> Result<(
 /// refcount structure is damaged: the data still reads (as QEMU reads it),
 /// and `check -r all` repairs the image.
 pub fn open_read_only(path: &Path, options: &OpenOptions) -> Result<Image, CliError> {
-    let image = Image::open(path, options).map_err(CliError::image(path))?;
+    let image = Image::open(
+        path,
+        &crate::secrets::with_key(path.as_ref(), options.clone()),
+    )
+    .map_err(CliError::image(path))?;
     warn_refcount_damage(&image, path);
     Ok(image)
 }
@@ -122,7 +126,12 @@ pub fn open_image(path: &Path, writable: bool) -> Result<Image, CliError> {
     } else {
         OpenOptions::read_only()
     };
-    Image::open_on_file(Arc::new(storage), &options, p).map_err(CliError::image(path))
+    Image::open_on_file(
+        Arc::new(storage),
+        &crate::secrets::with_key(p, options.clone()),
+        p,
+    )
+    .map_err(CliError::image(path))
 }
 
 impl Disk {
@@ -161,8 +170,12 @@ impl Disk {
                     None => OpenOptions::read_only(),
                 };
                 options.force_share = force_share;
-                let image = Image::open_on_file(Arc::new(file), &options, p)
-                    .map_err(CliError::image(path))?;
+                let image = Image::open_on_file(
+                    Arc::new(file),
+                    &crate::secrets::with_key(p, options.clone()),
+                    p,
+                )
+                .map_err(CliError::image(path))?;
                 warn_refcount_damage(&image, path);
                 Ok(Disk::Qcow2(Box::new(image)))
             }

@@ -4,7 +4,9 @@
 //! the creation options (`create`, `convert`, `measure`) and of the
 //! options `amend` changes.
 
-use qcow2_io::{AmendOptions, Compat, Compression, CreateOptions, Preallocation};
+use qcow2_io::{
+    AmendOptions, Compat, Compression, CreateOptions, Encryption, Preallocation, Secret,
+};
 
 use crate::error::CliError;
 use crate::size::parse_size;
@@ -113,12 +115,53 @@ pub fn apply_create_options(
                 }
             }
             "size" => options.size = parse_size(value)?,
+            key if key.starts_with("encrypt.") => apply_encryption(options, key, value)?,
             _ => {
                 return Err(CliError::Usage(format!(
                     "unknown option {key:?} for qcow2 images"
                 )))
             }
         }
+    }
+    Ok(())
+}
+
+/// One `encrypt.*` option of `create`/`convert`: `format=luks`,
+/// `key-secret=ID` (an `--object secret`), `cipher-alg=aes-128|aes-256`,
+/// `cipher-mode=xts|cbc`, `ivgen-alg=plain|plain64|essiv`,
+/// `ivgen-hash-alg=sha256`, `hash-alg=sha1|sha256|sha512`, `iter-time=MS`.
+fn apply_encryption(options: &mut CreateOptions, key: &str, value: &str) -> Result<(), CliError> {
+    let e = options
+        .encryption
+        .get_or_insert_with(|| Encryption::luks(Secret::new(Vec::new())));
+    let (mode, ivgen) = e.cipher_mode.split_once('-').unwrap_or(("xts", "plain64"));
+    let (mode, ivgen) = (mode.to_string(), ivgen.to_string());
+    match key {
+        "encrypt.format" if value == "luks" => {}
+        "encrypt.format" => {
+            return Err(CliError::Usage(format!(
+                "encrypt.format={value}: only luks can be created (the legacy aes is refused, as in QEMU)"
+            )))
+        }
+        "encrypt.key-secret" => e.secret = crate::secrets::secret(value)?,
+        "encrypt.cipher-alg" => {
+            e.key_bits = match value {
+                "aes-128" => 128,
+                "aes-256" => 256,
+                _ => return Err(CliError::Usage(format!("encrypt.cipher-alg={value}: aes-128 or aes-256"))),
+            }
+        }
+        "encrypt.cipher-mode" => e.cipher_mode = format!("{value}-{ivgen}"),
+        "encrypt.ivgen-alg" if value == "essiv" => e.cipher_mode = format!("{mode}-essiv:sha256"),
+        "encrypt.ivgen-alg" => e.cipher_mode = format!("{mode}-{value}"),
+        "encrypt.ivgen-hash-alg" if value == "sha256" => {}
+        "encrypt.hash-alg" => e.hash = value.to_string(),
+        "encrypt.iter-time" => {
+            e.iter_time_ms = value
+                .parse()
+                .map_err(|_| CliError::Usage(format!("encrypt.iter-time={value}: milliseconds")))?
+        }
+        _ => return Err(CliError::Usage(format!("unsupported option {key}={value}"))),
     }
     Ok(())
 }

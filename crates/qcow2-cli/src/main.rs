@@ -11,6 +11,7 @@ mod image_options;
 mod output;
 mod progress;
 mod qemu_json;
+mod secrets;
 mod size;
 mod snapshot_list;
 
@@ -33,13 +34,52 @@ fn main() -> ExitCode {
         Command::Compare(_) => 2,
         _ => 1,
     };
-    match run(cli.command) {
+    if let Err(e) = secrets::install(&cli.secrets.objects, cli.secrets.image_opts) {
+        eprintln!("qcow2: {e}");
+        return ExitCode::from(failure_code);
+    }
+    let mut command = cli.command;
+    if let Err(e) = resolve_image_arguments(&mut command) {
+        eprintln!("qcow2: {e}");
+        return ExitCode::from(failure_code);
+    }
+    match run(command) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("qcow2: {e}");
             ExitCode::from(failure_code)
         }
     }
+}
+
+/// With `--image-opts`, the image arguments (not new targets) are option
+/// lists: each becomes the path it names, its passphrase remembered.
+fn resolve_image_arguments(command: &mut Command) -> Result<(), CliError> {
+    let image = match command {
+        Command::Info(a) => &mut a.file,
+        Command::Check(a) => &mut a.file,
+        Command::Convert(a) => &mut a.source,
+        Command::Map(a) => &mut a.file,
+        Command::Compare(a) => {
+            secrets::resolve_argument(&mut a.first)?;
+            &mut a.second
+        }
+        Command::Serve(a) => &mut a.image,
+        Command::Resize(a) => &mut a.file,
+        Command::Snapshot(a) => &mut a.image,
+        Command::Bitmap(a) => &mut a.file,
+        Command::Rebase(a) => &mut a.file,
+        Command::Commit(a) => &mut a.file,
+        Command::Amend(a) => &mut a.file,
+        Command::Dedup(a) => &mut a.image,
+        Command::Bench(a) => &mut a.file,
+        Command::Measure(a) => match &mut a.file {
+            Some(file) => file,
+            None => return Ok(()),
+        },
+        Command::Create(_) => return Ok(()),
+    };
+    secrets::resolve_argument(image)
 }
 
 fn run(command: Command) -> Result<u8, CliError> {

@@ -197,7 +197,12 @@ fn open(path: &Path, args: &BenchArgs) -> Result<Device, CliError> {
                 OpenOptions::read_only()
             };
             Device::Qcow2(Box::new(
-                Image::open_on_file(Arc::new(file), &options, p).map_err(CliError::image(path))?,
+                Image::open_on_file(
+                    Arc::new(file),
+                    &crate::secrets::with_key(p, options.clone()),
+                    p,
+                )
+                .map_err(CliError::image(path))?,
             ))
         }
     })

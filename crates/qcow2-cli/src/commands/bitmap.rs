@@ -27,12 +27,22 @@ pub fn run(args: &BitmapArgs) -> Result<u8, CliError> {
     if args.format.value.is_some() {
         resolve_format(path, Some(ImageFormat::Qcow2))?;
     }
-    let image = Image::open(path, &OpenOptions::read_write()).map_err(CliError::image(path))?;
+    let image = Image::open(
+        path,
+        &crate::secrets::with_key(path.as_ref(), OpenOptions::read_write()),
+    )
+    .map_err(CliError::image(path))?;
     let source = match &args.source_file {
         Some(file) => {
             resolve_format(file, Some(ImageFormat::Qcow2))?;
             let options = OpenOptions::read_only();
-            Some(Image::open(file, &options).map_err(CliError::image(file))?)
+            Some(
+                Image::open(
+                    file,
+                    &crate::secrets::with_key(file.as_ref(), options.clone()),
+                )
+                .map_err(CliError::image(file))?,
+            )
         }
         None => None,
     };

@@ -124,7 +124,11 @@ pub fn run(args: &CommitArgs) -> Result<u8, CliError> {
     )?;
     drop(source);
     if !args.keep && args.base.is_none() {
-        let image = Image::open(path, &OpenOptions::read_write()).map_err(CliError::image(path))?;
+        let image = Image::open(
+            path,
+            &crate::secrets::with_key(path.as_ref(), OpenOptions::read_write()),
+        )
+        .map_err(CliError::image(path))?;
         image.make_empty().map_err(CliError::image(path))?;
         image.close().map_err(CliError::image(path))?;
     }

@@ -32,7 +32,11 @@ pub fn run(args: &RebaseArgs) -> Result<u8, CliError> {
         })?;
         Some((args.backing.as_str(), format))
     };
-    let image = Image::open(path, &OpenOptions::read_write()).map_err(CliError::image(path))?;
+    let image = Image::open(
+        path,
+        &crate::secrets::with_key(path.as_ref(), OpenOptions::read_write()),
+    )
+    .map_err(CliError::image(path))?;
     if args.unsafe_ {
         image
             .set_backing_file(backing)

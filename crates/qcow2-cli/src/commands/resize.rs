@@ -13,7 +13,11 @@ pub fn run(args: &ResizeArgs) -> Result<u8, CliError> {
     if args.format.value.is_some() {
         resolve_format(path, Some(ImageFormat::Qcow2))?;
     }
-    let image = Image::open(path, &OpenOptions::read_write()).map_err(CliError::image(path))?;
+    let image = Image::open(
+        path,
+        &crate::secrets::with_key(path.as_ref(), OpenOptions::read_write()),
+    )
+    .map_err(CliError::image(path))?;
     let current = image.size();
     let new = args
         .size

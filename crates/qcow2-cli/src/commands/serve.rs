@@ -32,7 +32,13 @@ pub fn run(args: &ServeArgs) -> Result<u8, CliError> {
             OpenOptions::read_write()
         }
     };
-    let image = Arc::new(Image::open(path, &options).map_err(CliError::image(path))?);
+    let image = Arc::new(
+        Image::open(
+            path,
+            &crate::secrets::with_key(path.as_ref(), options.clone()),
+        )
+        .map_err(CliError::image(path))?,
+    );
     if let Some(r) = image.recovery() {
         say_recovered(path, r);
     }

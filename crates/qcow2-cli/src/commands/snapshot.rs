@@ -12,7 +12,11 @@ use crate::snapshot_list::print_snapshot_table;
 pub fn run(args: &SnapshotArgs) -> Result<u8, CliError> {
     let path = args.image.as_path();
     let change = |what: &str, name: &str, op: &dyn Fn(&Image) -> qcow2_io::Result<()>| {
-        let image = Image::open(path, &OpenOptions::read_write()).map_err(CliError::image(path))?;
+        let image = Image::open(
+            path,
+            &crate::secrets::with_key(path.as_ref(), OpenOptions::read_write()),
+        )
+        .map_err(CliError::image(path))?;
         op(&image)
             .map_err(|e| CliError::Usage(format!("Could not {what} snapshot '{name}': {e}")))?;
         image.close().map_err(CliError::image(path))?;
@@ -29,7 +33,11 @@ pub fn run(args: &SnapshotArgs) -> Result<u8, CliError> {
     if let Some(name) = &args.delete {
         return change("delete", name, &|image| image.snapshot_delete(name));
     }
-    let image = Image::open(path, &OpenOptions::read_only()).map_err(CliError::image(path))?;
+    let image = Image::open(
+        path,
+        &crate::secrets::with_key(path.as_ref(), OpenOptions::read_only()),
+    )
+    .map_err(CliError::image(path))?;
     let snapshots = image.snapshots().map_err(CliError::image(path))?;
     if !snapshots.is_empty() {
         print_snapshot_table(&snapshots);
