@@ -94,11 +94,8 @@ pub fn refuse_same_file<P: AsRef<Path>>(output: &Path, inputs: &[P]) -> Result<(
 /// refcount structure is damaged: the data still reads (as QEMU reads it),
 /// and `check -r all` repairs the image.
 pub fn open_read_only(path: &Path, options: &OpenOptions) -> Result<Image, CliError> {
-    let image = Image::open(
-        path,
-        &crate::secrets::with_key(path.as_ref(), options.clone()),
-    )
-    .map_err(CliError::image(path))?;
+    let image = Image::open(path, &crate::secrets::with_key(path, options.clone()))
+        .map_err(CliError::image(path))?;
     warn_refcount_damage(&image, path);
     Ok(image)
 }

@@ -29,7 +29,7 @@ pub fn run(args: &BitmapArgs) -> Result<u8, CliError> {
     }
     let image = Image::open(
         path,
-        &crate::secrets::with_key(path.as_ref(), OpenOptions::read_write()),
+        &crate::secrets::with_key(path, OpenOptions::read_write()),
     )
     .map_err(CliError::image(path))?;
     let source = match &args.source_file {
@@ -37,11 +37,8 @@ pub fn run(args: &BitmapArgs) -> Result<u8, CliError> {
             resolve_format(file, Some(ImageFormat::Qcow2))?;
             let options = OpenOptions::read_only();
             Some(
-                Image::open(
-                    file,
-                    &crate::secrets::with_key(file.as_ref(), options.clone()),
-                )
-                .map_err(CliError::image(file))?,
+                Image::open(file, &crate::secrets::with_key(file, options.clone()))
+                    .map_err(CliError::image(file))?,
             )
         }
         None => None,

@@ -42,10 +42,7 @@ pub fn run(args: &CheckArgs) -> Result<u8, CliError> {
         force_share: args.share.force_share,
         ..options
     };
-    let image = match Image::open(
-        path,
-        &crate::secrets::with_key(path.as_ref(), options.clone()),
-    ) {
+    let image = match Image::open(path, &crate::secrets::with_key(path, options.clone())) {
         Ok(image) => image,
         // Metadata too damaged to open even for a check (a truncated
         // file, tables past its end): corruption, as qemu-img reports it.

@@ -126,7 +126,7 @@ pub fn run(args: &CommitArgs) -> Result<u8, CliError> {
     if !args.keep && args.base.is_none() {
         let image = Image::open(
             path,
-            &crate::secrets::with_key(path.as_ref(), OpenOptions::read_write()),
+            &crate::secrets::with_key(path, OpenOptions::read_write()),
         )
         .map_err(CliError::image(path))?;
         image.make_empty().map_err(CliError::image(path))?;

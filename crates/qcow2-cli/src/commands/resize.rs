@@ -15,7 +15,7 @@ pub fn run(args: &ResizeArgs) -> Result<u8, CliError> {
     }
     let image = Image::open(
         path,
-        &crate::secrets::with_key(path.as_ref(), OpenOptions::read_write()),
+        &crate::secrets::with_key(path, OpenOptions::read_write()),
     )
     .map_err(CliError::image(path))?;
     let current = image.size();

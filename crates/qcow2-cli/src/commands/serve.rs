@@ -33,11 +33,8 @@ pub fn run(args: &ServeArgs) -> Result<u8, CliError> {
         }
     };
     let image = Arc::new(
-        Image::open(
-            path,
-            &crate::secrets::with_key(path.as_ref(), options.clone()),
-        )
-        .map_err(CliError::image(path))?,
+        Image::open(path, &crate::secrets::with_key(path, options.clone()))
+            .map_err(CliError::image(path))?,
     );
     if let Some(r) = image.recovery() {
         say_recovered(path, r);

@@ -14,7 +14,7 @@ pub fn run(args: &SnapshotArgs) -> Result<u8, CliError> {
     let change = |what: &str, name: &str, op: &dyn Fn(&Image) -> qcow2_io::Result<()>| {
         let image = Image::open(
             path,
-            &crate::secrets::with_key(path.as_ref(), OpenOptions::read_write()),
+            &crate::secrets::with_key(path, OpenOptions::read_write()),
         )
         .map_err(CliError::image(path))?;
         op(&image)
@@ -35,7 +35,7 @@ pub fn run(args: &SnapshotArgs) -> Result<u8, CliError> {
     }
     let image = Image::open(
         path,
-        &crate::secrets::with_key(path.as_ref(), OpenOptions::read_only()),
+        &crate::secrets::with_key(path, OpenOptions::read_only()),
     )
     .map_err(CliError::image(path))?;
     let snapshots = image.snapshots().map_err(CliError::image(path))?;
