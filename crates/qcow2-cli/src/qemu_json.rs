@@ -13,6 +13,8 @@ use std::fmt::Write;
 
 use serde_json::Value;
 
+use crate::output::say;
+
 const QDICT_BUCKETS: u32 = 512;
 
 /// QEMU's `tdb_hash` (qobject/qdict.c).
@@ -30,6 +32,53 @@ pub fn to_qemu_json(value: &Value) -> String {
     let mut out = String::new();
     write_value(&mut out, value, 0);
     out
+}
+
+/// The members of `map` in the order qemu-img prints them.
+fn qemu_order(map: &serde_json::Map<String, Value>) -> Vec<(&String, &Value)> {
+    let mut members: Vec<(usize, &String, &Value)> = map
+        .iter()
+        .enumerate()
+        .map(|(i, (k, v))| (i, k, v))
+        .collect();
+    // Bucket order; inside a bucket the later insertion first.
+    members.sort_by_key(|&(i, k, _)| (tdb_hash(k) % QDICT_BUCKETS, std::cmp::Reverse(i)));
+    members.into_iter().map(|(_, k, v)| (k, v)).collect()
+}
+
+/// Prints the members of the object `value` as qemu-img's human output
+/// prints format-specific data: `key with spaces: value`, nested objects
+/// and lists indented by four spaces a level, list items as `[i]:`.
+pub fn print_human(value: &Value, depth: usize) {
+    let indent = " ".repeat(4 * depth);
+    match value {
+        Value::Object(map) => {
+            for (key, item) in qemu_order(map) {
+                let key = key.replace('-', " ");
+                match item {
+                    Value::Object(_) | Value::Array(_) => {
+                        say!("{indent}{key}:");
+                        print_human(item, depth + 1);
+                    }
+                    other => say!("{indent}{key}: {}", scalar(other)),
+                }
+            }
+        }
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                say!("{indent}[{i}]:");
+                print_human(item, depth + 1);
+            }
+        }
+        other => say!("{indent}{}", scalar(other)),
+    }
+}
+
+fn scalar(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
 }
 
 fn newline(out: &mut String, depth: usize) {
@@ -58,15 +107,8 @@ fn write_value(out: &mut String, value: &Value, depth: usize) {
             out.push(']');
         }
         Value::Object(map) => {
-            let mut members: Vec<(usize, &String, &Value)> = map
-                .iter()
-                .enumerate()
-                .map(|(i, (k, v))| (i, k, v))
-                .collect();
-            // Bucket order; inside a bucket the later insertion first.
-            members.sort_by_key(|&(i, k, _)| (tdb_hash(k) % QDICT_BUCKETS, std::cmp::Reverse(i)));
             out.push('{');
-            for (n, (_, key, item)) in members.into_iter().enumerate() {
+            for (n, (key, item)) in qemu_order(map).into_iter().enumerate() {
                 if n > 0 {
                     out.push(',');
                 }

@@ -109,7 +109,11 @@ impl Device {
             .storage
             .len()
             .map_err(ImageError::io("reading the image size"))?;
-        Ok(ImageInfo::of(meta.header(), meta.bitmaps(), file_length))
+        let mut info = ImageInfo::of(meta.header(), meta.bitmaps(), file_length);
+        if meta.header().crypt_method != 0 {
+            info.encryption = Some(crate::crypto::describe(&*self.storage, meta.header())?);
+        }
+        Ok(info)
     }
 
     pub(crate) fn snapshots(&self) -> Result<Vec<qcow2_format::snapshot::Snapshot>> {

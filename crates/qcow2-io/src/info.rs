@@ -39,6 +39,42 @@ pub struct BitmapInfo {
     pub auto: bool,
 }
 
+/// A LUKS-encrypted image's encryption, as `qemu-img info` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LuksInfo {
+    /// `aes-128` or `aes-256`.
+    pub cipher_alg: String,
+    /// `xts` or `cbc`.
+    pub cipher_mode: String,
+    /// `plain`, `plain64` or `essiv`.
+    pub ivgen_alg: String,
+    /// The IV generator's hash (`essiv:sha256`), if the header names one.
+    pub ivgen_hash_alg: Option<String>,
+    /// PBKDF2's hash.
+    pub hash_alg: String,
+    /// The volume's UUID.
+    pub uuid: String,
+    /// Bytes from the LUKS header to the (unused) payload.
+    pub payload_offset: u64,
+    /// PBKDF2 iterations of the volume key's digest.
+    pub master_key_iters: u32,
+    /// The eight key slots.
+    pub slots: Vec<LuksSlotInfo>,
+}
+
+/// One LUKS key slot, as `qemu-img info` lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LuksSlotInfo {
+    /// Whether it holds a key.
+    pub active: bool,
+    /// PBKDF2 iterations (active slots).
+    pub iters: Option<u32>,
+    /// Stripes of the split key (active slots).
+    pub stripes: Option<u32>,
+    /// Bytes from the LUKS header to its key material.
+    pub key_offset: u64,
+}
+
 /// What `qcow2 info` shows about an image.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageInfo {
@@ -76,6 +112,8 @@ pub struct ImageInfo {
     pub data_file_raw: bool,
     /// Length of the image file in bytes.
     pub file_length: u64,
+    /// The LUKS encryption, for an encrypted image.
+    pub encryption: Option<LuksInfo>,
 }
 
 impl ImageInfo {
@@ -114,6 +152,7 @@ impl ImageInfo {
                 })
                 .collect(),
             file_length,
+            encryption: None,
         }
     }
 }

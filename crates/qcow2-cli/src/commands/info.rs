@@ -9,7 +9,7 @@ use std::path::Path;
 use std::os::unix::fs::MetadataExt;
 
 use qcow2_format::snapshot::Snapshot;
-use qcow2_io::{BitmapInfo, DedupStats, ImageInfo, OpenOptions};
+use qcow2_io::{BitmapInfo, DedupStats, ImageInfo, LuksInfo, OpenOptions};
 use serde_json::{json, Value};
 
 use crate::args::{ImageFormat, InfoArgs, OutputFormat};
@@ -179,6 +179,9 @@ fn info_json(
         v["snapshots"] = snapshots_json(snapshots);
     }
     v["format-specific"] = json!({"type": "qcow2", "data": data});
+    if info.encryption.is_some() {
+        v["encrypted"] = json!(true);
+    }
     v["children"] = json!([file_child(
         path,
         info.file_length.next_multiple_of(512),
@@ -220,6 +223,9 @@ fn qcow2_specific_json(info: &ImageInfo, stats: Option<&DedupStats>) -> Value {
         data["data-file-raw"] = json!(info.data_file_raw);
     }
     data["compression-type"] = json!(info.compression_type);
+    if let Some(e) = &info.encryption {
+        data["encrypt"] = luks_json(e);
+    }
     if info.dedup {
         data["dedup"] = json!(true);
     }
@@ -232,6 +238,41 @@ fn qcow2_specific_json(info: &ImageInfo, stats: Option<&DedupStats>) -> Value {
         });
     }
     data
+}
+
+/// A LUKS image's `encrypt` member, in QAPI's field order (the union's
+/// `format` first).
+fn luks_json(e: &LuksInfo) -> Value {
+    let mut v = json!({
+        "format": "luks",
+        "cipher-alg": e.cipher_alg,
+        "cipher-mode": e.cipher_mode,
+        "ivgen-alg": e.ivgen_alg,
+    });
+    if let Some(h) = &e.ivgen_hash_alg {
+        v["ivgen-hash-alg"] = json!(h);
+    }
+    v["hash-alg"] = json!(e.hash_alg);
+    v["detached-header"] = json!(false);
+    v["payload-offset"] = json!(e.payload_offset);
+    v["master-key-iters"] = json!(e.master_key_iters);
+    v["uuid"] = json!(e.uuid);
+    v["slots"] = e
+        .slots
+        .iter()
+        .map(|s| {
+            let mut slot = json!({"active": s.active});
+            if let Some(i) = s.iters {
+                slot["iters"] = json!(i);
+            }
+            if let Some(n) = s.stripes {
+                slot["stripes"] = json!(n);
+            }
+            slot["key-offset"] = json!(s.key_offset);
+            slot
+        })
+        .collect();
+    v
 }
 
 /// The snapshot list as qemu-img's JSON gives it.
@@ -281,6 +322,10 @@ fn print_qcow2_specific(info: &ImageInfo, stats: Option<&DedupStats>) {
         }
     }
     say!("    refcount bits: {}", info.refcount_bits);
+    if let Some(e) = &info.encryption {
+        say!("    encrypt:");
+        crate::qemu_json::print_human(&luks_json(e), 2);
+    }
     if let Some(f) = &info.data_file {
         say!("    data file: {f}");
         say!("    data file raw: {}", info.data_file_raw);
@@ -327,6 +372,9 @@ fn print_human(
         info.virtual_size
     );
     say!("disk size: {}", human(actual));
+    if info.encryption.is_some() {
+        say!("encrypted: yes");
+    }
     say!("cluster_size: {}", info.cluster_size);
     if let Some(b) = &info.backing_file {
         let full = full_backing_name(path, b);

@@ -127,3 +127,42 @@ pub(crate) fn new_volume(
 pub(crate) fn encrypted(data: Arc<dyn Storage>, cipher: SectorCipher) -> Arc<dyn Storage> {
     Arc::new(EncryptedStorage::new(data, cipher))
 }
+
+/// The encryption of an image as `qemu-img info` lists it.
+pub(crate) fn describe(storage: &dyn Storage, header: &Header) -> Result<crate::info::LuksInfo> {
+    let (offset, _) = luks_area(storage, header)?;
+    let mut bytes = vec![0u8; LUKS_HEADER_LEN];
+    storage
+        .read_at(&mut bytes, offset)
+        .map_err(ImageError::io("reading the LUKS header"))?;
+    let luks = LuksHeader::parse(&bytes)?;
+    let (mode, ivgen) = luks
+        .cipher_mode
+        .split_once('-')
+        .unwrap_or((luks.cipher_mode.as_str(), ""));
+    let (ivgen, ivgen_hash) = match ivgen.split_once(':') {
+        Some((g, h)) => (g, Some(h.to_string())),
+        None => (ivgen, None),
+    };
+    let key_bits = luks.key_bytes * 8 / if mode == "xts" { 2 } else { 1 };
+    Ok(crate::info::LuksInfo {
+        cipher_alg: format!("{}-{key_bits}", luks.cipher_name),
+        cipher_mode: mode.to_string(),
+        ivgen_alg: ivgen.to_string(),
+        ivgen_hash_alg: ivgen_hash,
+        hash_alg: luks.hash_spec.clone(),
+        uuid: luks.uuid.clone(),
+        payload_offset: u64::from(luks.payload_offset) * SECTOR as u64,
+        master_key_iters: luks.mk_digest_iterations,
+        slots: luks
+            .slots
+            .iter()
+            .map(|s| crate::info::LuksSlotInfo {
+                active: s.active,
+                iters: s.active.then_some(s.iterations),
+                stripes: s.active.then_some(s.stripes),
+                key_offset: u64::from(s.key_offset) * SECTOR as u64,
+            })
+            .collect(),
+    })
+}
