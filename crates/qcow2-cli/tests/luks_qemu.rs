@@ -1,0 +1,271 @@
+//! LUKS-encrypted images through the CLI, side by side with qemu-img:
+//! `info` of encrypted images byte for byte; `create` and `convert` to
+//! encrypted images that qemu-img reads identically; `--image-opts` with
+//! `--object secret` on the commands that read; a wrong secret refused by
+//! both tools.
+
+mod common;
+
+use common::*;
+
+use std::path::Path;
+
+const SECRET: &str = "secret,id=sec0,data=correct horse";
+
+fn opts(path: &Path) -> String {
+    format!(
+        "driver=qcow2,file.filename={},encrypt.key-secret=sec0",
+        p(path)
+    )
+}
+
+/// The image's JSON info without what differs between two volumes made
+/// with the same options (their random UUIDs and the PBKDF2 iterations
+/// that each tool measured for `iter-time`).
+fn stable_info(path: &Path) -> serde_json::Value {
+    let json = ok("qemu-img", &["info", "--output=json", p(path)]);
+    let mut v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let e = &mut v["format-specific"]["data"]["encrypt"];
+    for key in ["uuid", "master-key-iters"] {
+        e.as_object_mut().unwrap().remove(key);
+    }
+    for slot in e["slots"].as_array_mut().unwrap() {
+        slot.as_object_mut().unwrap().remove("iters");
+    }
+    for key in ["filename", "actual-size", "children"] {
+        v.as_object_mut().unwrap().remove(key);
+    }
+    v
+}
+
+#[test]
+fn info_of_encrypted_images_is_qemu_imgs() {
+    if !qemu_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for (i, extra) in [
+        "",
+        ",encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv",
+        ",encrypt.hash-alg=sha1,encrypt.ivgen-alg=plain",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let image = dir.path().join(format!("q{i}.qcow2"));
+        let o = format!("encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10{extra}");
+        ok(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "--object",
+                SECRET,
+                "-f",
+                "qcow2",
+                "-o",
+                &o,
+                p(&image),
+                "4M",
+            ],
+        );
+        for args in [&["info"][..], &["info", "--output=json"]] {
+            let mut full = args.to_vec();
+            full.push(p(&image));
+            assert_eq!(ok(bin(), &full), ok("qemu-img", &full), "{extra} {args:?}");
+        }
+    }
+}
+
+#[test]
+fn create_and_convert_make_images_qemu_reads_identically() {
+    if !qemu_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("in.raw");
+    let mut data = vec![0u8; 6 << 20];
+    for (i, b) in data.iter_mut().enumerate().skip(1 << 20).take(3 << 20) {
+        *b = (i * 7 % 251) as u8;
+    }
+    std::fs::write(&raw, &data).unwrap();
+    for extra in [
+        "",
+        ",encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv",
+    ] {
+        let o = format!("encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10{extra}");
+        // create: the same layout as qemu-img's, but for the random parts.
+        let ours = dir.path().join("ours.qcow2");
+        let theirs = dir.path().join("theirs.qcow2");
+        let _ = std::fs::remove_file(&ours);
+        let _ = std::fs::remove_file(&theirs);
+        ok(
+            bin(),
+            &[
+                "create",
+                "-q",
+                "--object",
+                SECRET,
+                "-f",
+                "qcow2",
+                "-o",
+                &o,
+                p(&ours),
+                "6M",
+            ],
+        );
+        ok(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "--object",
+                SECRET,
+                "-f",
+                "qcow2",
+                "-o",
+                &o,
+                p(&theirs),
+                "6M",
+            ],
+        );
+        assert_eq!(stable_info(&ours), stable_info(&theirs), "{extra}");
+        // convert to an encrypted image: QEMU reads the data back.
+        let converted = dir.path().join("converted.qcow2");
+        let _ = std::fs::remove_file(&converted);
+        ok(
+            bin(),
+            &[
+                "convert",
+                "--object",
+                SECRET,
+                "-O",
+                "qcow2",
+                "-o",
+                &o,
+                p(&raw),
+                p(&converted),
+            ],
+        );
+        ok(
+            "qemu-img",
+            &[
+                "compare",
+                "--object",
+                SECRET,
+                "--image-opts",
+                &opts(&converted),
+                &format!("driver=raw,file.filename={}", p(&raw)),
+            ],
+        );
+        let check = ok(
+            "qemu-img",
+            &[
+                "check",
+                "--object",
+                SECRET,
+                "--image-opts",
+                &opts(&converted),
+            ],
+        );
+        assert!(check.contains("No errors were found"), "{check}");
+        // and out of it, with --image-opts, as qemu-img converts it.
+        for tool in [bin(), "qemu-img"] {
+            let out = dir.path().join("out.raw");
+            let _ = std::fs::remove_file(&out);
+            ok(
+                tool,
+                &[
+                    "convert",
+                    "--object",
+                    SECRET,
+                    "--image-opts",
+                    &opts(&converted),
+                    "-O",
+                    "raw",
+                    p(&out),
+                ],
+            );
+            assert!(std::fs::read(&out).unwrap() == data, "{tool} {extra}");
+        }
+        for tool in [bin(), "qemu-img"] {
+            let same = run(
+                tool,
+                &[
+                    "compare",
+                    "--object",
+                    SECRET,
+                    "--image-opts",
+                    &opts(&converted),
+                    &opts(&converted),
+                ],
+            );
+            assert_eq!(
+                same.status.code(),
+                Some(0),
+                "{tool}: {}",
+                text(&same.stderr)
+            );
+        }
+    }
+}
+
+#[test]
+fn a_wrong_secret_is_refused_by_both_tools_in_one_line() {
+    if !qemu_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("q.qcow2");
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "--object",
+            SECRET,
+            "-f",
+            "qcow2",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+            p(&image),
+            "4M",
+        ],
+    );
+    let before = std::fs::read(&image).unwrap();
+    let wrong = "secret,id=sec0,data=wrong";
+    let out = dir.path().join("out.raw");
+    let mut codes = Vec::new();
+    for tool in [bin(), "qemu-img"] {
+        let r = run(
+            tool,
+            &[
+                "convert",
+                "--object",
+                wrong,
+                "--image-opts",
+                &opts(&image),
+                "-O",
+                "raw",
+                p(&out),
+            ],
+        );
+        codes.push(r.status.code());
+        assert!(
+            text(&r.stderr).contains("Invalid password, cannot unlock any keyslot"),
+            "{tool}: {}",
+            text(&r.stderr)
+        );
+        if tool == bin() {
+            assert_eq!(text(&r.stderr).lines().count(), 1, "{}", text(&r.stderr));
+        }
+    }
+    assert_eq!(codes[0], codes[1]);
+    // A write without the secret is refused before anything is written.
+    let resize = qcow2(&["resize", p(&image), "8M"]);
+    assert!(!resize.status.success());
+    assert!(
+        std::fs::read(&image).unwrap() == before,
+        "a refused command wrote"
+    );
+}
