@@ -52,6 +52,59 @@ impl ContentHash {
     }
 }
 
+/// How a content's hash is computed: SHA-256, or on an encrypted image
+/// HMAC-SHA-256 under a key derived from the volume key, so that the
+/// dedup table, stored in the clear, is no fingerprint of the plaintext
+/// (equal contents still have equal hashes: which clusters are equal
+/// stays visible, as deduplication itself shows it).
+#[derive(Clone, Default)]
+pub enum ContentHasher {
+    /// SHA-256.
+    #[default]
+    Sha256,
+    /// HMAC-SHA-256 keyed with the 32 bytes kept (zeroed when dropped).
+    Keyed(zeroize::Zeroizing<[u8; 32]>),
+}
+
+impl std::fmt::Debug for ContentHasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Sha256 => "ContentHasher::Sha256",
+            Self::Keyed(_) => "ContentHasher::Keyed(..)",
+        })
+    }
+}
+
+impl ContentHasher {
+    /// The keyed hasher of `key`.
+    pub fn keyed(key: [u8; 32]) -> Self {
+        Self::Keyed(zeroize::Zeroizing::new(key))
+    }
+
+    /// The hash of `data`.
+    pub fn hash(&self, data: &[u8]) -> ContentHash {
+        match self {
+            Self::Sha256 => ContentHash::of(data),
+            Self::Keyed(key) => {
+                use hmac::Mac;
+                let mut mac =
+                    hmac::Hmac::<Sha256>::new_from_slice(&key[..]).expect("any key length");
+                mac.update(data);
+                ContentHash(mac.finalize().into_bytes().into())
+            }
+        }
+    }
+
+    /// The hashes of `clusters` (side by side for SHA-256, see
+    /// [`ContentHash::of_many`]).
+    pub fn hash_many(&self, clusters: &[&[u8]]) -> Vec<ContentHash> {
+        match self {
+            Self::Sha256 => ContentHash::of_many(clusters),
+            Self::Keyed(_) => clusters.iter().map(|c| self.hash(c)).collect(),
+        }
+    }
+}
+
 /// Figures for `qcow2 info`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DedupStats {
@@ -70,6 +123,18 @@ pub struct DedupStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keyed_hashes_depend_on_the_key_and_match_one_by_one() {
+        let a = ContentHasher::keyed([1; 32]);
+        let b = ContentHasher::keyed([2; 32]);
+        let data: &[u8] = b"some cluster";
+        assert_ne!(a.hash(data), b.hash(data));
+        assert_ne!(a.hash(data), ContentHash::of(data));
+        assert_eq!(a.hash(data), a.hash(data));
+        assert_eq!(a.hash_many(&[data, b"x"]), vec![a.hash(data), a.hash(b"x")]);
+        assert_eq!(ContentHasher::default().hash(data), ContentHash::of(data));
+    }
 
     #[test]
     fn hashes_side_by_side_equal_hashes_one_by_one() {

@@ -543,10 +543,10 @@ fn check_dedup_table(parts: &mut MetadataParts<'_>, walk: &mut Walk) -> Result<(
                 ),
             ),
             Some(entry) => {
-                storage
-                    .read_at(&mut content, g.host_offset(host).get())
-                    .map_err(ImageError::io("reading a data cluster to verify its hash"))?;
-                if ContentHash::of(&content).0 != entry.hash {
+                if !d
+                    .content
+                    .holds(storage, g, host, &entry.hash, &mut content)?
+                {
                     walk.finding(
                         FindingKind::Dedup,
                         format!(

@@ -18,6 +18,7 @@ use crate::header_writer::HeaderWriter;
 use crate::metadata::Metadata;
 use crate::options::{Compat, Compression, CreateOptions, Preallocation};
 use crate::{ImageError, OpenOptions, Result};
+use qcow2_dedup::ContentHasher;
 
 /// Writes an empty image onto `storage`: header in cluster 0, a one-cluster
 /// refcount table in cluster 1, its first refcount block in cluster 2, then
@@ -25,7 +26,7 @@ use crate::{ImageError, OpenOptions, Result};
 /// A new image's metadata, and the sector cipher of an encrypted one.
 pub(crate) struct Created {
     pub(crate) meta: Metadata,
-    pub(crate) cipher: Option<SectorCipher>,
+    pub(crate) cipher: Option<(SectorCipher, ContentHasher)>,
 }
 
 pub(crate) fn create(
@@ -102,9 +103,9 @@ fn lay_out_luks(
     alloc: &mut Allocator,
     header: &mut Header,
     encryption: &crate::options::Encryption,
-) -> Result<SectorCipher> {
+) -> Result<(SectorCipher, ContentHasher)> {
     let geometry = header.geometry;
-    let (area, cipher) = crate::crypto::new_volume(encryption)?;
+    let (area, cipher, hasher) = crate::crypto::new_volume(encryption)?;
     let clusters = geometry.count_for(area.len() as u64);
     let at = geometry.host_offset(alloc.allocate_contiguous(storage, clusters)?);
     storage
@@ -123,7 +124,7 @@ fn lay_out_luks(
             length: area.len() as u64,
         },
     );
-    Ok(cipher)
+    Ok((cipher, hasher))
 }
 
 /// The header of a new image as `options` describe it (its L1 table not

@@ -42,6 +42,7 @@ impl Device {
             writable,
             claims: InflightClaims::default(),
             encrypted: false,
+            content_hasher: qcow2_dedup::ContentHasher::default(),
             backing: RwLock::new(None),
             chain: ChainContext::default(),
             closed: AtomicBool::new(false),

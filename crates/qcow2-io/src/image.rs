@@ -54,6 +54,8 @@ pub(crate) struct Device {
     /// LUKS-encrypted: guest data goes through the sector cipher (partial
     /// sectors read-modify-write, so writes take the exclusive path).
     pub(crate) encrypted: bool,
+    /// How dedup writes hash contents (keyed on an encrypted image).
+    pub(crate) content_hasher: qcow2_dedup::ContentHasher,
     /// Contents being stored right now by dedup writes.
     pub(crate) claims: InflightClaims,
     /// The backing file unallocated clusters read through, if any

@@ -253,18 +253,23 @@ fn open_encrypted(image: &mut Device, options: &OpenOptions) -> Result<()> {
         return Err(ImageError::NeedsPassphrase);
     }
     let header = image.meta.get_mut().header().clone();
-    if header.incompatible_features & INCOMPAT_EXTERNAL_DATA != 0 || header.is_dedup() {
+    if header.incompatible_features & INCOMPAT_EXTERNAL_DATA != 0 {
         return Err(ImageError::Unsupported(
-            "an encrypted image with an external data file or deduplication".into(),
+            "an encrypted image with an external data file".into(),
         ));
     }
-    image.data = crate::crypto::data_path(
+    let (data, hasher) = crate::crypto::data_path(
         &*image.storage,
         &header,
         image.data.clone(),
         options.key_secret.as_ref(),
     )?;
+    image.data = data;
     image.encrypted = true;
+    if let Some(hasher) = hasher {
+        image.content_hasher = hasher;
+        image.attach_content(&mut image.meta.lock())?;
+    }
     Ok(())
 }
 
@@ -301,9 +306,11 @@ impl Device {
         storage.lock(LockAccess::Write)?;
         let created = create::create(storage.clone(), options, &OpenOptions::read_write())?;
         let mut device = Self::from_parts(storage, created.meta, true);
-        if let Some(cipher) = created.cipher {
+        if let Some((cipher, hasher)) = created.cipher {
             device.data = crate::crypto::encrypted(device.data.clone(), cipher);
             device.encrypted = true;
+            device.content_hasher = hasher;
+            device.attach_content(&mut device.meta.lock())?;
         }
         Ok(device)
     }
@@ -411,6 +418,6 @@ impl Device {
         self.set_size(meta.header().size);
         self.dedup.store(meta.is_dedup(), Ordering::Release);
         *self.meta.get_mut() = meta;
-        Ok(())
+        self.attach_content(&mut self.meta.lock())
     }
 }

@@ -208,8 +208,6 @@ impl CreateOptions {
         if self.encryption.is_some() {
             let refused = if self.compat == Compat::V2 {
                 Some("LUKS encryption needs compat=1.1")
-            } else if self.dedup {
-                Some("deduplication of encrypted images is not supported yet")
             } else if self.data_file.is_some() {
                 Some("encryption with an external data file is not supported")
             } else if self.preallocation != Preallocation::Off {

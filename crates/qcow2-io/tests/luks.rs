@@ -302,3 +302,57 @@ fn images_we_encrypt_are_read_written_and_checked_by_qemu() {
         assert!(info.contains("encrypted: yes"), "{info}");
     }
 }
+
+#[test]
+fn deduplicated_encrypted_images_share_clusters_and_keep_hashes_keyed() {
+    if !qemu_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dd.qcow2");
+    let options = CreateOptions {
+        dedup: true,
+        cluster_size: 4096,
+        encryption: Some(Encryption {
+            iter_time_ms: 10,
+            ..Encryption::luks(Secret::new(PASS))
+        }),
+        ..CreateOptions::new(8 << 20)
+    };
+    let image = Image::create(&path, &options).unwrap();
+    let block: Vec<u8> = (0..4096u32).map(|i| (i * 13 % 251) as u8).collect();
+    for i in 0..64u64 {
+        image.write_at(&block, i * 65536).unwrap();
+    }
+    image.flush().unwrap();
+    let stats = image.dedup_stats().unwrap().unwrap();
+    assert_eq!(stats.unique_clusters, 1, "64 equal clusters stored once");
+    image.abandon();
+    // The dedup table holds no plain SHA-256 of the data, and the data
+    // is not in the file in the clear.
+    let file = std::fs::read(&path).unwrap();
+    let plain_hash = qcow2_dedup::ContentHash::of(&block).0;
+    assert!(
+        !file.windows(32).any(|w| w == plain_hash),
+        "a bare hash is stored"
+    );
+    assert!(
+        !file.windows(64).any(|w| w == &block[..64]),
+        "plaintext is stored"
+    );
+    // After the crash: the keyed entries verify (none dropped), data reads.
+    let image = Image::open(&path, &with_key()).unwrap();
+    let recovery = image.recovery().cloned().unwrap();
+    assert_eq!(recovery.dedup_entries_dropped, 0);
+    let mut back = vec![0u8; 4096];
+    image.read_at(&mut back, 63 * 65536).unwrap();
+    assert_eq!(back, block);
+    assert!(image.check(qcow2_io::RepairMode::None).unwrap().is_clean());
+    image.close().unwrap();
+    // QEMU reads it (read-only: the dedup bit is QEMU's corrupt bit).
+    let data = qemu_read(&path);
+    for i in 0..128usize {
+        let expected: &[u8] = if i % 16 == 0 { &block } else { &[0u8; 4096] };
+        assert!(&data[i * 4096..(i + 1) * 4096] == expected, "cluster {i}");
+    }
+}

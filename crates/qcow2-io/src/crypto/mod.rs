@@ -11,6 +11,7 @@ pub(crate) mod storage;
 use std::sync::Arc;
 
 use qcow2_alloc::Storage;
+use qcow2_dedup::ContentHasher;
 use qcow2_format::extensions::HeaderExtension;
 use qcow2_format::luks::{LuksHeader, LUKS_HEADER_LEN};
 use qcow2_format::Header;
@@ -51,7 +52,7 @@ pub(crate) fn data_path(
     header: &Header,
     data: Arc<dyn Storage>,
     secret: Option<&Secret>,
-) -> Result<Arc<dyn Storage>> {
+) -> Result<(Arc<dyn Storage>, Option<ContentHasher>)> {
     let (offset, length) = luks_area(storage, header)?;
     let mut bytes = vec![0u8; LUKS_HEADER_LEN];
     storage
@@ -59,7 +60,7 @@ pub(crate) fn data_path(
         .map_err(ImageError::io("reading the LUKS header"))?;
     let luks = LuksHeader::parse(&bytes)?;
     let Some(secret) = secret else {
-        return Ok(Arc::new(LockedStorage::new(data)));
+        return Ok((Arc::new(LockedStorage::new(data)), None));
     };
     let key = keys::unlock(&luks, secret.bytes(), |slot| {
         let start = u64::from(slot.key_offset) * SECTOR as u64;
@@ -76,7 +77,22 @@ pub(crate) fn data_path(
         Ok(material)
     })?;
     let cipher = SectorCipher::new(&luks.cipher_name, &luks.cipher_mode, &key)?;
-    Ok(Arc::new(EncryptedStorage::new(data, cipher)))
+    Ok((
+        Arc::new(EncryptedStorage::new(data, cipher)),
+        Some(dedup_hasher(&key)),
+    ))
+}
+
+/// The dedup table's hasher of a volume: HMAC-SHA-256 keyed with
+/// HMAC-SHA-256(volume key, a fixed label), so the table's hashes are no
+/// plaintext fingerprint and no other volume's.
+pub(crate) fn dedup_hasher(volume_key: &[u8]) -> ContentHasher {
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(volume_key).expect("any key length");
+    mac.update(b"qcow2 dedup content hash key, v1");
+    let mut key = zeroize::Zeroizing::new([0u8; 32]);
+    key.copy_from_slice(&mac.finalize().into_bytes());
+    ContentHasher::keyed(*key)
 }
 
 /// The LUKS area of a new encrypted image, laid out by
@@ -85,7 +101,7 @@ pub(crate) fn data_path(
 /// volume key it holds.
 pub(crate) fn new_volume(
     encryption: &crate::options::Encryption,
-) -> Result<(Vec<u8>, SectorCipher)> {
+) -> Result<(Vec<u8>, SectorCipher, ContentHasher)> {
     let hash = keys::Hash::named(&encryption.hash)?;
     let key_bytes = match (
         encryption.cipher_mode.split('-').next(),
@@ -120,7 +136,7 @@ pub(crate) fn new_volume(
     let at = luks.slots[0].key_offset as usize * SECTOR;
     bytes[at..at + material.len()].copy_from_slice(&material);
     let cipher = SectorCipher::new("aes", &volume.cipher_mode, &key)?;
-    Ok((bytes, cipher))
+    Ok((bytes, cipher, dedup_hasher(&key)))
 }
 
 /// Wraps `data` in the encrypting path of `cipher`.

@@ -3,10 +3,11 @@
 
 use std::borrow::Cow;
 
-use qcow2_dedup::{ContentHash, DedupStats};
+use qcow2_dedup::DedupStats;
 use qcow2_format::l2::L2Mapping;
 use qcow2_format::{GuestOffset, HostCluster};
 
+use super::content::ContentAccess;
 use super::plan::ClusterItem;
 use super::write::ClusterWrite;
 use crate::image::Device;
@@ -14,6 +15,16 @@ use crate::metadata::Metadata;
 use crate::{is_zero, ImageError, Result};
 
 impl Device {
+    /// Gives the dedup state of an encrypted image its decrypting data
+    /// path and keyed hasher (after open, creation, a turn-on or a reload).
+    pub(crate) fn attach_content(&self, meta: &mut Metadata) -> Result<()> {
+        if self.encrypted && meta.is_dedup() {
+            let content = ContentAccess::encrypted(self.content_hasher.clone(), self.data.clone());
+            meta.dedup_ops().set_content(content)?;
+        }
+        Ok(())
+    }
+
     pub(crate) fn is_dedup(&self) -> bool {
         self.dedup.load(std::sync::atomic::Ordering::Acquire)
     }
@@ -59,7 +70,7 @@ impl Device {
                 }
             };
             if let Some(offset) = shared {
-                self.storage
+                self.data
                     .read_at(&mut content, offset.get())
                     .map_err(ImageError::io("reading a shared cluster to copy"))?;
                 self.write_locked(&content, guest.get())?;
@@ -102,6 +113,7 @@ impl Device {
             meta.format_changes().mark_dirty()?;
             meta.flush()?;
             meta.dedup_ops().start_dedup()?;
+            self.attach_content(&mut meta)?;
             self.dedup.store(true, std::sync::atomic::Ordering::Release);
         }
         let g = self.geometry;
@@ -120,7 +132,7 @@ impl Device {
             };
             match mapping {
                 L2Mapping::Data { offset, .. } => {
-                    self.storage
+                    self.data
                         .read_at(&mut content, offset.get())
                         .map_err(ImageError::io("reading a cluster to hash it"))?;
                     adopt(&mut self.meta.lock(), guest, mapping, &content)?;
@@ -165,7 +177,7 @@ fn adopt(
         };
         return meta.mappings().replace_mapping(guest, zero, mapping);
     }
-    let hash = ContentHash::of(content);
+    let hash = meta.dedup_ops().content_hash(content)?;
     let copies = meta.dedup_ops().dedup_copies(&hash)?;
     if copies.iter().any(|c| c.host == host) {
         return Ok(());

@@ -10,6 +10,7 @@
 
 mod admin;
 pub(crate) mod claims;
+pub(crate) mod content;
 mod plan;
 mod state;
 mod write;

@@ -20,6 +20,7 @@ use qcow2_format::l1::{L1Entry, L1Mapping};
 use qcow2_format::l2::{L2Entry, L2Mapping};
 use qcow2_format::{ClusterCount, Geometry, GuestOffset, Header, HostCluster, HostOffset};
 
+use super::content::ContentAccess;
 use crate::allocator::Allocator;
 use crate::block_map::BlockMap;
 use crate::overlap::HoldsMetadata;
@@ -54,6 +55,8 @@ pub(crate) struct DedupState {
     /// most [`MAX_REFERRER_HINTS`] are kept.
     referrers: HashMap<HostCluster, Vec<GuestOffset>>,
     referrer_hints: usize,
+    /// How clusters are read and hashed (keyed on an encrypted image).
+    pub(crate) content: ContentAccess,
 }
 
 /// Most referrer hints kept (8 bytes each, plus the map's slots).
@@ -92,6 +95,7 @@ impl DedupState {
             open_copy: HashMap::new(),
             referrers: HashMap::new(),
             referrer_hints: 0,
+            content: ContentAccess::default(),
         }
     }
 
@@ -112,21 +116,21 @@ impl DedupState {
         // content, or a different content; told apart after the scan.
         let mut maybe_copies = Vec::new();
         let mut data = vec![0u8; g.cluster_size() as usize];
-        let mut failure = None;
+        let mut failure: Option<ImageError> = None;
+        let content = &self.content;
         self.table.scan(storage, |host, entry| {
-            let mut keep = match alloc.refcount(storage, host) {
-                Ok(refcount) => refcount > 0,
+            let keep = alloc.refcount(storage, host);
+            let keep = keep.and_then(|refcount| {
+                Ok(refcount > 0
+                    && (!verify || content.holds(storage, g, host, &entry.hash, &mut data)?))
+            });
+            let keep = match keep {
+                Ok(keep) => keep,
                 Err(e) => {
                     failure.get_or_insert(e);
                     return Ok(());
                 }
             };
-            if keep && verify {
-                storage
-                    .read_at(&mut data, g.host_offset(host).get())
-                    .map_err(qcow2_dedup::DedupError::io("re-verifying a dedup entry"))?;
-                keep = ContentHash::of(&data).0 == entry.hash;
-            }
             let hash = ContentHash(entry.hash);
             if !keep {
                 dropped.push(host);
@@ -579,10 +583,10 @@ impl DedupState {
         let mut hosts: Vec<(&HostCluster, &GuestOffset)> = data.iter().collect();
         hosts.sort_unstable();
         for (&host, &guest) in hosts {
-            storage
-                .read_at(&mut content, self.geometry.host_offset(host).get())
-                .map_err(ImageError::io("reading a data cluster to hash it"))?;
-            self.record(storage, alloc, host, &ContentHash::of(&content), guest)?;
+            self.content
+                .read_cluster(storage, self.geometry, host, &mut content)?;
+            let hash = self.content.hash(&content);
+            self.record(storage, alloc, host, &hash, guest)?;
         }
         Ok(())
     }

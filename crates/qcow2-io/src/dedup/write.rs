@@ -10,7 +10,6 @@
 use std::borrow::Cow;
 
 use qcow2_alloc::AlignedBuf;
-use qcow2_dedup::ContentHash;
 use qcow2_format::l2::L2Mapping;
 use qcow2_format::{ClusterCount, GuestOffset, HostCluster};
 
@@ -95,7 +94,7 @@ impl Device {
         let mut data: Vec<&mut ClusterWrite<'_>> =
             items.iter_mut().filter(|w| !is_zero(&w.content)).collect();
         let contents: Vec<&[u8]> = data.iter().map(|w| &*w.content).collect();
-        let hashes = ContentHash::of_many(&contents);
+        let hashes = self.content_hasher.hash_many(&contents);
         for (w, hash) in data.iter_mut().zip(hashes) {
             w.item.hash = Some(hash);
         }
@@ -155,7 +154,7 @@ impl Device {
             if run.len() == 1 && run[0].old.is_none() {
                 // Rewritten in place: the cluster holds the rest already.
                 let changed = first.changed.clone();
-                self.storage
+                self.data
                     .write_at(
                         &first.content[changed.clone()],
                         g.host_offset(run[0].host).get() + changed.start as u64,
@@ -179,7 +178,7 @@ impl Device {
                     buf.as_slice()
                 }
             };
-            self.storage
+            self.data
                 .write_at(data, g.host_offset(run[0].host).get())
                 .map_err(ImageError::io("writing guest data"))?;
             i = j;

@@ -39,6 +39,20 @@ impl Metadata {
 }
 
 impl DedupOps<'_> {
+    /// How the dedup state reads and hashes contents from now on.
+    pub(crate) fn set_content(
+        &mut self,
+        content: crate::dedup::content::ContentAccess,
+    ) -> Result<()> {
+        self.dedup_mut()?.content = content;
+        Ok(())
+    }
+
+    /// The hash of `content` as the dedup table records it.
+    pub(crate) fn content_hash(&mut self, content: &[u8]) -> Result<ContentHash> {
+        Ok(self.dedup_mut()?.content.hash(content))
+    }
+
     pub(super) fn dedup_mut(&mut self) -> Result<&mut DedupState> {
         self.0
             .dedup
