@@ -269,3 +269,93 @@ fn a_wrong_secret_is_refused_by_both_tools_in_one_line() {
         "a refused command wrote"
     );
 }
+
+#[test]
+fn legacy_aes_images_read_and_migrate_to_luks_but_take_no_writes() {
+    if !qemu_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("old.qcow2");
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "--object",
+            SECRET,
+            "-f",
+            "qcow2",
+            "-o",
+            "encrypt.format=aes,encrypt.key-secret=sec0",
+            p(&old),
+            "4M",
+        ],
+    );
+    ok(
+        "qemu-io",
+        &[
+            "--object",
+            SECRET,
+            "--image-opts",
+            &opts(&old),
+            "-c",
+            "write -P 0x3c 70k 5000",
+            "-c",
+            "write -P 0x11 3M 512",
+        ],
+    );
+    for args in [&["info"][..], &["info", "--output=json"]] {
+        let mut full = args.to_vec();
+        full.push(p(&old));
+        assert_eq!(ok(bin(), &full), ok("qemu-img", &full), "{args:?}");
+    }
+    // Migrating out: convert into a LUKS image, which QEMU finds identical.
+    let new = dir.path().join("new.qcow2");
+    ok(
+        bin(),
+        &["convert", "--object", SECRET, "--image-opts", &opts(&old), "-O", "qcow2", "-o",
+          "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,dedup=on,cluster_size=4k",
+          p(&new)],
+    );
+    ok(
+        "qemu-img",
+        &[
+            "compare",
+            "--object",
+            SECRET,
+            "--image-opts",
+            &opts(&old),
+            &opts(&new),
+        ],
+    );
+    // No writes, and no new legacy images.
+    let before = std::fs::read(&old).unwrap();
+    let resize = qcow2(&[
+        "resize",
+        "--object",
+        SECRET,
+        "--image-opts",
+        &opts(&old),
+        "8M",
+    ]);
+    assert_eq!(resize.status.code(), Some(1));
+    assert!(
+        text(&resize.stderr).contains("read-only"),
+        "{}",
+        text(&resize.stderr)
+    );
+    assert!(std::fs::read(&old).unwrap() == before);
+    let refused = qcow2(&[
+        "create",
+        "--object",
+        SECRET,
+        "-f",
+        "qcow2",
+        "-o",
+        "encrypt.format=aes,encrypt.key-secret=sec0",
+        p(&dir.path().join("x.qcow2")),
+        "1M",
+    ]);
+    assert_eq!(refused.status.code(), Some(1));
+}

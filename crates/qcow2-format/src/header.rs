@@ -82,6 +82,9 @@ pub struct RawHeaderV3 {
     pub header_length: U32,
 }
 
+/// `crypt_method` of an image encrypted with the legacy AES-CBC scheme
+/// (read-only here, for migrating old images out).
+pub const CRYPT_AES: u32 = 1;
 /// `crypt_method` of a LUKS-encrypted image.
 pub const CRYPT_LUKS: u32 = 2;
 
@@ -129,8 +132,8 @@ pub struct Header {
     pub extensions: Vec<HeaderExtension>,
     /// Backing file name, if any.
     pub backing_file: Option<String>,
-    /// 0 none, 2 LUKS (the full-disk-encryption extension says where its
-    /// header is); 1, the legacy AES, is refused by [`Header::parse`].
+    /// 0 none, 1 the legacy AES-CBC, 2 LUKS (the full-disk-encryption
+    /// extension says where its header is).
     pub crypt_method: u32,
 }
 
@@ -239,7 +242,10 @@ impl Header {
             .extensions
             .iter()
             .any(|e| matches!(e, HeaderExtension::Encryption { .. }));
-        if crypt_method != 0 && !(crypt_method == CRYPT_LUKS && has_fde) {
+        if crypt_method != 0
+            && crypt_method != CRYPT_AES
+            && !(crypt_method == CRYPT_LUKS && has_fde)
+        {
             return Err(FormatError::Encrypted(crypt_method));
         }
         header.validate(file_size)?;

@@ -177,7 +177,7 @@ fn walk(parts: &mut MetadataParts<'_>) -> Result<Walk> {
             walk.reference_run(first, n, "dedup table");
         }
     }
-    if header.crypt_method != 0 {
+    if header.crypt_method == qcow2_format::header::CRYPT_LUKS {
         let (offset, length) = crate::crypto::luks_area(parts.storage, header)?;
         walk.reference(offset, g.count_for(length), "LUKS header");
     }

@@ -13,10 +13,11 @@ use crate::backing::ChainContext;
 use crate::check_report::{CheckReport, RepairMode};
 use crate::dedup::claims::InflightClaims;
 use crate::image::{Backing, Device};
-use crate::info::{ImageInfo, Recovery};
+use crate::info::{EncryptionInfo, ImageInfo, Recovery};
 use crate::metadata::Metadata;
 use crate::range_lock::{MovableMappings, RangeGuard, RangeLocks};
 use crate::{ImageError, Result};
+use qcow2_format::header::CRYPT_LUKS;
 
 /// A compat=0.10 image keeps no virtual size per snapshot, so QEMU refuses
 /// to resize one that has snapshots (applying one afterwards would fail).
@@ -42,6 +43,7 @@ impl Device {
             writable,
             claims: InflightClaims::default(),
             encrypted: false,
+            legacy_aes: None,
             content_hasher: qcow2_dedup::ContentHasher::default(),
             backing: RwLock::new(None),
             chain: ChainContext::default(),
@@ -112,7 +114,12 @@ impl Device {
             .map_err(ImageError::io("reading the image size"))?;
         let mut info = ImageInfo::of(meta.header(), meta.bitmaps(), file_length);
         if meta.header().crypt_method != 0 {
-            info.encryption = Some(crate::crypto::describe(&*self.storage, meta.header())?);
+            info.encryption = Some(match meta.header().crypt_method {
+                CRYPT_LUKS => {
+                    EncryptionInfo::Luks(crate::crypto::describe(&*self.storage, meta.header())?)
+                }
+                _ => EncryptionInfo::LegacyAes,
+            });
         }
         Ok(info)
     }

@@ -54,6 +54,9 @@ pub(crate) struct Device {
     /// LUKS-encrypted: guest data goes through the sector cipher (partial
     /// sectors read-modify-write, so writes take the exclusive path).
     pub(crate) encrypted: bool,
+    /// The cipher of a legacy AES image (read-only): its sectors' IVs
+    /// are their guest offsets, so reads decrypt after mapping.
+    pub(crate) legacy_aes: Option<std::sync::Arc<crate::crypto::cipher::SectorCipher>>,
     /// How dedup writes hash contents (keyed on an encrypted image).
     pub(crate) content_hasher: qcow2_dedup::ContentHasher,
     /// Contents being stored right now by dedup writes.

@@ -39,6 +39,16 @@ pub struct BitmapInfo {
     pub auto: bool,
 }
 
+/// How an image is encrypted, as `qemu-img info` lists it.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EncryptionInfo {
+    /// LUKS.
+    Luks(LuksInfo),
+    /// The legacy AES-CBC (read-only here).
+    LegacyAes,
+}
+
 /// A LUKS-encrypted image's encryption, as `qemu-img info` lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LuksInfo {
@@ -112,8 +122,8 @@ pub struct ImageInfo {
     pub data_file_raw: bool,
     /// Length of the image file in bytes.
     pub file_length: u64,
-    /// The LUKS encryption, for an encrypted image.
-    pub encryption: Option<LuksInfo>,
+    /// The encryption, for an encrypted image.
+    pub encryption: Option<EncryptionInfo>,
 }
 
 impl ImageInfo {

@@ -57,7 +57,7 @@ pub use check_report::{CheckReport, Finding, FindingKind, RepairMode};
 pub use error::{ImageError, Result};
 pub use image::Backing;
 pub use image::Image;
-pub use info::{BitmapInfo, ImageInfo, LuksInfo, LuksSlotInfo, Recovery};
+pub use info::{BitmapInfo, EncryptionInfo, ImageInfo, LuksInfo, LuksSlotInfo, Recovery};
 pub use map_extent::{DirtyExtent, MapExtent, MapKind};
 pub use measure::{measure, Measurement};
 pub use options::{

@@ -253,6 +253,9 @@ fn open_encrypted(image: &mut Device, options: &OpenOptions) -> Result<()> {
         return Err(ImageError::NeedsPassphrase);
     }
     let header = image.meta.get_mut().header().clone();
+    if header.crypt_method == qcow2_format::header::CRYPT_AES {
+        return open_legacy_aes(image, options);
+    }
     if header.incompatible_features & INCOMPAT_EXTERNAL_DATA != 0 {
         return Err(ImageError::Unsupported(
             "an encrypted image with an external data file".into(),
@@ -269,6 +272,25 @@ fn open_encrypted(image: &mut Device, options: &OpenOptions) -> Result<()> {
     if let Some(hasher) = hasher {
         image.content_hasher = hasher;
         image.attach_content(&mut image.meta.lock())?;
+    }
+    Ok(())
+}
+
+/// The legacy AES-CBC scheme is opened read-only (QEMU's own emulators
+/// refuse it; it is here for converting old images out): with the
+/// passphrase, reads decrypt; without, they fail.
+fn open_legacy_aes(image: &mut Device, options: &OpenOptions) -> Result<()> {
+    if options.write && !options.check {
+        return Err(ImageError::Unsupported(
+            "images encrypted with the legacy AES scheme are read-only: convert them to LUKS \
+             (qcow2 convert ... -o encrypt.format=luks,encrypt.key-secret=ID)"
+                .into(),
+        ));
+    }
+    image.encrypted = true;
+    match &options.key_secret {
+        Some(secret) => image.legacy_aes = Some(crate::crypto::legacy_aes(secret)?),
+        None => image.data = crate::crypto::locked(image.data.clone()),
     }
     Ok(())
 }

@@ -142,10 +142,17 @@ impl Device {
         for s in segments {
             let dst = &mut buf[s.at..s.at + s.len];
             match s.extent {
-                Extent::Data(host) => self
-                    .data
-                    .read_at(dst, host)
-                    .map_err(ImageError::io("reading guest data"))?,
+                Extent::Data(host) => match &self.legacy_aes {
+                    Some(cipher) => crate::crypto::read_legacy(
+                        &*self.data,
+                        cipher,
+                        dst,
+                        host,
+                        offset + s.at as u64,
+                    ),
+                    None => self.data.read_at(dst, host),
+                }
+                .map_err(ImageError::io("reading guest data"))?,
                 Extent::Zero => dst.fill(0),
                 Extent::Backing => match &backing {
                     Some(backing) => backing.read_at(dst, offset + s.at as u64)?,

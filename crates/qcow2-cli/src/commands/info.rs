@@ -9,7 +9,7 @@ use std::path::Path;
 use std::os::unix::fs::MetadataExt;
 
 use qcow2_format::snapshot::Snapshot;
-use qcow2_io::{BitmapInfo, DedupStats, ImageInfo, LuksInfo, OpenOptions};
+use qcow2_io::{BitmapInfo, DedupStats, EncryptionInfo, ImageInfo, LuksInfo, OpenOptions};
 use serde_json::{json, Value};
 
 use crate::args::{ImageFormat, InfoArgs, OutputFormat};
@@ -224,7 +224,7 @@ fn qcow2_specific_json(info: &ImageInfo, stats: Option<&DedupStats>) -> Value {
     }
     data["compression-type"] = json!(info.compression_type);
     if let Some(e) = &info.encryption {
-        data["encrypt"] = luks_json(e);
+        data["encrypt"] = encrypt_json(e);
     }
     if info.dedup {
         data["dedup"] = json!(true);
@@ -238,6 +238,15 @@ fn qcow2_specific_json(info: &ImageInfo, stats: Option<&DedupStats>) -> Value {
         });
     }
     data
+}
+
+/// The `encrypt` member of an encrypted image.
+fn encrypt_json(e: &EncryptionInfo) -> Value {
+    match e {
+        EncryptionInfo::Luks(luks) => luks_json(luks),
+        EncryptionInfo::LegacyAes => json!({"format": "aes"}),
+        _ => json!({}),
+    }
 }
 
 /// A LUKS image's `encrypt` member, in QAPI's field order (the union's
@@ -324,7 +333,7 @@ fn print_qcow2_specific(info: &ImageInfo, stats: Option<&DedupStats>) {
     say!("    refcount bits: {}", info.refcount_bits);
     if let Some(e) = &info.encryption {
         say!("    encrypt:");
-        crate::qemu_json::print_human(&luks_json(e), 2);
+        crate::qemu_json::print_human(&encrypt_json(e), 2);
     }
     if let Some(f) = &info.data_file {
         say!("    data file: {f}");

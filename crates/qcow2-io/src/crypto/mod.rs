@@ -139,6 +139,41 @@ pub(crate) fn new_volume(
     Ok((bytes, cipher, dedup_hasher(&key)))
 }
 
+/// The cipher of the legacy AES scheme: AES-128-CBC keyed with the
+/// passphrase's first 16 bytes (zero-padded), plain64 IVs, as QEMU's
+/// `qcow` cipher.
+pub(crate) fn legacy_aes(secret: &Secret) -> Result<Arc<SectorCipher>> {
+    let mut key = zeroize::Zeroizing::new([0u8; 16]);
+    let n = secret.bytes().len().min(16);
+    key[..n].copy_from_slice(&secret.bytes()[..n]);
+    Ok(Arc::new(SectorCipher::new("aes", "cbc-plain64", &key[..])?))
+}
+
+/// Storage that refuses guest reads and writes (an encrypted image opened
+/// without its passphrase).
+pub(crate) fn locked(data: Arc<dyn Storage>) -> Arc<dyn Storage> {
+    Arc::new(LockedStorage::new(data))
+}
+
+/// Reads guest bytes `[guest, guest + dst.len())` stored at `host` of a
+/// legacy AES image: the sectors around them are read and decrypted with
+/// their guest sector numbers.
+pub(crate) fn read_legacy(
+    data: &dyn Storage,
+    cipher: &SectorCipher,
+    dst: &mut [u8],
+    host: u64,
+    guest: u64,
+) -> std::io::Result<()> {
+    let head = guest % SECTOR as u64;
+    let len = (head + dst.len() as u64).next_multiple_of(SECTOR as u64) as usize;
+    let mut sectors = vec![0u8; len];
+    data.read_at(&mut sectors, host - head)?;
+    cipher.decrypt(&mut sectors, (guest - head) / SECTOR as u64);
+    dst.copy_from_slice(&sectors[head as usize..head as usize + dst.len()]);
+    Ok(())
+}
+
 /// Wraps `data` in the encrypting path of `cipher`.
 pub(crate) fn encrypted(data: Arc<dyn Storage>, cipher: SectorCipher) -> Arc<dyn Storage> {
     Arc::new(EncryptedStorage::new(data, cipher))
