@@ -137,10 +137,17 @@ pub struct AmendArgs {
     /// Options to change: `compat=0.10|1.1`, `lazy_refcounts=on|off`,
     /// `refcount_bits=N` (rebuilds the refcount structure), and `dedup=on`
     /// (builds the dedup table from the data) or `dedup=off` (drops it, so
-    /// QEMU can write the image). The whole list is checked before the
-    /// first change; any other key is refused.
+    /// QEMU can write the image); or, alone, LUKS key slots:
+    /// `encrypt.state=active,encrypt.new-secret=ID[,encrypt.keyslot=N]
+    /// [,encrypt.iter-time=MS]` or `encrypt.state=inactive` with
+    /// `encrypt.keyslot=N` or `encrypt.old-secret=ID`. The whole list is
+    /// checked before the first change; any other key is refused.
     #[arg(short = 'o', value_name = "OPTIONS", required = true)]
     pub options: OptionList,
+    /// Allow erasing every active LUKS key slot (the data becomes
+    /// unreadable for ever), as qemu-img's --force.
+    #[arg(long)]
+    pub force: bool,
     /// `-q`.
     #[command(flatten)]
     pub quiet: Quiet,

@@ -186,11 +186,63 @@ pub fn parse_refcount_bits(value: &str) -> Result<u32, CliError> {
 
 /// What `amend -o` asks for: the format changes, and `dedup=` apart (it
 /// is a separate operation on the image).
-pub fn parse_amend_options(list: &OptionList) -> Result<(AmendOptions, Option<bool>), CliError> {
+/// A change of LUKS key slots (`encrypt.*` options of `amend`).
+#[derive(Debug, Default)]
+pub struct KeyChange {
+    /// `encrypt.state`: true adds a key, false erases.
+    pub activate: Option<bool>,
+    /// `encrypt.new-secret`: the passphrase to add.
+    pub new_secret: Option<Secret>,
+    /// `encrypt.old-secret`: erase the slots it opens.
+    pub old_secret: Option<Secret>,
+    /// `encrypt.keyslot`.
+    pub slot: Option<usize>,
+    /// `encrypt.iter-time` in milliseconds (2000 by default, as QEMU).
+    pub iter_time_ms: Option<u64>,
+}
+
+impl KeyChange {
+    fn set(&mut self, key: &str, value: &str) -> Result<(), CliError> {
+        let number = |what: &str| {
+            value
+                .parse::<u64>()
+                .map_err(|_| CliError::Usage(format!("{what}={value}: a number")))
+        };
+        match key {
+            "encrypt.state" => {
+                self.activate = Some(match value {
+                    "active" => true,
+                    "inactive" => false,
+                    _ => {
+                        return Err(CliError::Usage(format!(
+                            "encrypt.state={value}: active or inactive"
+                        )))
+                    }
+                })
+            }
+            "encrypt.new-secret" => self.new_secret = Some(crate::secrets::secret(value)?),
+            "encrypt.old-secret" => self.old_secret = Some(crate::secrets::secret(value)?),
+            "encrypt.keyslot" => self.slot = Some(number(key)? as usize),
+            "encrypt.iter-time" => self.iter_time_ms = Some(number(key)?),
+            _ => {
+                return Err(CliError::Usage(format!(
+                    "amending {key:?} is not supported"
+                )))
+            }
+        }
+        Ok(())
+    }
+}
+
+pub fn parse_amend_options(
+    list: &OptionList,
+) -> Result<(AmendOptions, Option<bool>, Option<KeyChange>), CliError> {
     let mut dedup = None;
     let mut amend = AmendOptions::default();
+    let mut keys: Option<KeyChange> = None;
     for (key, value) in &list.0 {
         match key.as_str() {
+            k if k.starts_with("encrypt.") => keys.get_or_insert_with(KeyChange::default).set(k, value)?,
             "dedup" => dedup = Some(parse_bool(key, value)?),
             "lazy_refcounts" => amend.lazy_refcounts = Some(parse_bool(key, value)?),
             "compat" => amend.compat = Some(parse_compat(value)?),
@@ -202,7 +254,7 @@ pub fn parse_amend_options(list: &OptionList) -> Result<(AmendOptions, Option<bo
             }
         }
     }
-    Ok((amend, dedup))
+    Ok((amend, dedup, keys))
 }
 
 #[cfg(test)]

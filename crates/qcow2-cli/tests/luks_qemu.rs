@@ -359,3 +359,107 @@ fn legacy_aes_images_read_and_migrate_to_luks_but_take_no_writes() {
     ]);
     assert_eq!(refused.status.code(), Some(1));
 }
+
+#[test]
+fn key_slots_are_amended_as_qemu_img_amends_them() {
+    if !qemu_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let one = "secret,id=s0,data=one";
+    let two = "secret,id=s1,data=two";
+    let with = |path: &Path, id: &str| {
+        format!(
+            "driver=qcow2,file.filename={},encrypt.key-secret={id}",
+            p(path)
+        )
+    };
+    let opens = |path: &Path, secret: &str, id: &str| {
+        run(
+            "qemu-io",
+            &[
+                "--object",
+                secret,
+                "--image-opts",
+                &with(path, id),
+                "-c",
+                "read 0 512",
+            ],
+        )
+        .status
+        .success()
+    };
+    let mut codes = Vec::new();
+    for (tool, name) in [(bin(), "ours"), ("qemu-img", "theirs")] {
+        let image = dir.path().join(format!("{name}.qcow2"));
+        ok(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "--object",
+                one,
+                "-f",
+                "qcow2",
+                "-o",
+                "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+                p(&image),
+                "1M",
+            ],
+        );
+        let amend = |options: &str, key: &str| {
+            run(
+                tool,
+                &[
+                    "amend",
+                    "--object",
+                    one,
+                    "--object",
+                    two,
+                    "--image-opts",
+                    &with(&image, key),
+                    "-o",
+                    options,
+                ],
+            )
+            .status
+            .code()
+        };
+        let mut steps = vec![amend(
+            "encrypt.state=active,encrypt.new-secret=s1,encrypt.iter-time=10",
+            "s0",
+        )];
+        assert!(
+            opens(&image, two, "s1") && opens(&image, one, "s0"),
+            "{tool}: both keys open"
+        );
+        steps.push(amend("encrypt.state=inactive,encrypt.old-secret=s0", "s1"));
+        assert!(
+            !opens(&image, one, "s0") && opens(&image, two, "s1"),
+            "{tool}: the old key is gone"
+        );
+        steps.push(amend("encrypt.state=inactive,encrypt.keyslot=1", "s1"));
+        assert!(opens(&image, two, "s1"), "{tool}: the last key is kept");
+        steps.push(amend(
+            "encrypt.state=active,encrypt.new-secret=s0,encrypt.keyslot=5,encrypt.iter-time=10",
+            "s1",
+        ));
+        assert!(opens(&image, one, "s0"), "{tool}: a key in slot 5");
+        let info = ok("qemu-img", &["info", "--output=json", p(&image)]);
+        let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+        let active: Vec<bool> = v["format-specific"]["data"]["encrypt"]["slots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["active"].as_bool().unwrap())
+            .collect();
+        assert_eq!(
+            active,
+            [false, true, false, false, false, true, false, false],
+            "{tool}"
+        );
+        codes.push(steps);
+    }
+    assert_eq!(codes[0], codes[1]);
+    assert_eq!(codes[0], [Some(0), Some(0), Some(1), Some(0)]);
+}

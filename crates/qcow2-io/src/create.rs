@@ -14,11 +14,11 @@ use qcow2_format::{ClusterCount, Geometry, Header, HostCluster, HostOffset};
 
 use crate::allocator::Allocator;
 use crate::crypto::cipher::SectorCipher;
+use crate::crypto::Unlocked;
 use crate::header_writer::HeaderWriter;
 use crate::metadata::Metadata;
 use crate::options::{Compat, Compression, CreateOptions, Preallocation};
 use crate::{ImageError, OpenOptions, Result};
-use qcow2_dedup::ContentHasher;
 
 /// Writes an empty image onto `storage`: header in cluster 0, a one-cluster
 /// refcount table in cluster 1, its first refcount block in cluster 2, then
@@ -26,7 +26,7 @@ use qcow2_dedup::ContentHasher;
 /// A new image's metadata, and the sector cipher of an encrypted one.
 pub(crate) struct Created {
     pub(crate) meta: Metadata,
-    pub(crate) cipher: Option<(SectorCipher, ContentHasher)>,
+    pub(crate) cipher: Option<(SectorCipher, Unlocked)>,
 }
 
 pub(crate) fn create(
@@ -103,7 +103,7 @@ fn lay_out_luks(
     alloc: &mut Allocator,
     header: &mut Header,
     encryption: &crate::options::Encryption,
-) -> Result<(SectorCipher, ContentHasher)> {
+) -> Result<(SectorCipher, Unlocked)> {
     let geometry = header.geometry;
     let (area, cipher, hasher) = crate::crypto::new_volume(encryption)?;
     let clusters = geometry.count_for(area.len() as u64);

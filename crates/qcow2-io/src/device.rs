@@ -44,6 +44,7 @@ impl Device {
             claims: InflightClaims::default(),
             encrypted: false,
             legacy_aes: None,
+            volume_key: None,
             content_hasher: qcow2_dedup::ContentHasher::default(),
             backing: RwLock::new(None),
             chain: ChainContext::default(),

@@ -17,6 +17,7 @@ use crate::dedup::claims::InflightClaims;
 use crate::info::{ImageInfo, Recovery};
 use crate::map_extent::{DirtyExtent, MapExtent};
 use crate::metadata::Metadata;
+use crate::options::Secret;
 use crate::range_lock::RangeLocks;
 use crate::{ImageError, OpenOptions, Result};
 
@@ -57,6 +58,8 @@ pub(crate) struct Device {
     /// The cipher of a legacy AES image (read-only): its sectors' IVs
     /// are their guest offsets, so reads decrypt after mapping.
     pub(crate) legacy_aes: Option<std::sync::Arc<crate::crypto::cipher::SectorCipher>>,
+    /// The volume key of an unlocked LUKS image (for adding key slots).
+    pub(crate) volume_key: Option<zeroize::Zeroizing<Vec<u8>>>,
     /// How dedup writes hash contents (keyed on an encrypted image).
     pub(crate) content_hasher: qcow2_dedup::ContentHasher,
     /// Contents being stored right now by dedup writes.
@@ -473,6 +476,33 @@ impl Image {
     /// had been turned off first (`amend -o dedup=off,compat=0.10`).
     pub fn check_amend(&self, options: &AmendOptions, without_dedup: bool) -> Result<()> {
         self.device.check_amend(options, without_dedup)
+    }
+
+    /// Puts `secret` into a LUKS key slot of this (unlocked) image: slot
+    /// `slot`, or the first free one; PBKDF2 tuned to take `iter_time_ms`
+    /// (`qemu-img amend -o encrypt.state=active,encrypt.new-secret=`).
+    /// The slot's material is durable before the header names it. Returns
+    /// the slot.
+    pub fn add_key(
+        &self,
+        secret: &Secret,
+        slot: Option<usize>,
+        iter_time_ms: u64,
+    ) -> Result<usize> {
+        self.device.add_key(secret, slot, iter_time_ms)
+    }
+
+    /// Erases LUKS key slot `slot`, or every slot `secret` opens
+    /// (`encrypt.state=inactive` with `encrypt.keyslot=` or
+    /// `encrypt.old-secret=`); erasing every active slot needs `force`
+    /// (the data would be unreadable for ever). Returns the slots erased.
+    pub fn remove_keys(
+        &self,
+        slot: Option<usize>,
+        secret: Option<&Secret>,
+        force: bool,
+    ) -> Result<Vec<usize>> {
+        self.device.remove_keys(slot, secret, force)
     }
 
     /// Adds an empty persistent dirty bitmap `name` (`qemu-img bitmap

@@ -38,6 +38,7 @@ mod extended;
 mod header_writer;
 mod image;
 mod info;
+mod key_slots;
 mod map;
 mod map_extent;
 pub mod measure;

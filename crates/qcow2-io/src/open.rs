@@ -269,8 +269,9 @@ fn open_encrypted(image: &mut Device, options: &OpenOptions) -> Result<()> {
     )?;
     image.data = data;
     image.encrypted = true;
-    if let Some(hasher) = hasher {
-        image.content_hasher = hasher;
+    if let Some(unlocked) = hasher {
+        image.content_hasher = unlocked.hasher;
+        image.volume_key = Some(unlocked.key);
         image.attach_content(&mut image.meta.lock())?;
     }
     Ok(())
@@ -328,10 +329,11 @@ impl Device {
         storage.lock(LockAccess::Write)?;
         let created = create::create(storage.clone(), options, &OpenOptions::read_write())?;
         let mut device = Self::from_parts(storage, created.meta, true);
-        if let Some((cipher, hasher)) = created.cipher {
+        if let Some((cipher, unlocked)) = created.cipher {
             device.data = crate::crypto::encrypted(device.data.clone(), cipher);
             device.encrypted = true;
-            device.content_hasher = hasher;
+            device.content_hasher = unlocked.hasher;
+            device.volume_key = Some(unlocked.key);
             device.attach_content(&mut device.meta.lock())?;
         }
         Ok(device)

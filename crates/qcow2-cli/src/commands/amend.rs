@@ -10,7 +10,7 @@ use qcow2_io::{AmendOptions, Compat};
 use crate::args::{AmendArgs, ImageFormat};
 use crate::disk::{open_image, resolve_format};
 use crate::error::CliError;
-use crate::image_options::parse_amend_options;
+use crate::image_options::{parse_amend_options, KeyChange};
 
 /// Runs the command.
 pub fn run(args: &AmendArgs) -> Result<u8, CliError> {
@@ -18,8 +18,16 @@ pub fn run(args: &AmendArgs) -> Result<u8, CliError> {
     if args.format.value.is_some() {
         resolve_format(path, Some(ImageFormat::Qcow2))?;
     }
-    let (amend, dedup) = parse_amend_options(&args.options)?;
+    let (amend, dedup, keys) = parse_amend_options(&args.options)?;
     let changes_format = amend != AmendOptions::default();
+    if let Some(keys) = keys {
+        if dedup.is_some() || changes_format {
+            return Err(CliError::Usage(
+                "encrypt.* options are amended alone; the image is unchanged".into(),
+            ));
+        }
+        return change_keys(path, &keys, args.force);
+    }
     if dedup.is_none() && !changes_format {
         return Err(CliError::Usage("nothing to amend".into()));
     }
@@ -46,5 +54,27 @@ pub fn run(args: &AmendArgs) -> Result<u8, CliError> {
     }
     image.close().map_err(CliError::image(path))?;
     // Nothing to print on success, with or without -q, as qemu-img amend.
+    Ok(0)
+}
+
+/// `-o encrypt.state=active,encrypt.new-secret=ID[,encrypt.keyslot=N]` adds
+/// a key; `-o encrypt.state=inactive,encrypt.keyslot=N` or
+/// `encrypt.old-secret=ID` erases (every active slot only with `--force`).
+fn change_keys(path: &std::path::Path, keys: &KeyChange, force: bool) -> Result<u8, CliError> {
+    let image = open_image(path, true)?;
+    let activate = keys.activate.unwrap_or(keys.new_secret.is_some());
+    if activate {
+        let secret = keys.new_secret.as_ref().ok_or_else(|| {
+            CliError::Usage("encrypt.state=active needs encrypt.new-secret".into())
+        })?;
+        image
+            .add_key(secret, keys.slot, keys.iter_time_ms.unwrap_or(2000))
+            .map_err(CliError::image(path))?;
+    } else {
+        image
+            .remove_keys(keys.slot, keys.old_secret.as_ref(), force)
+            .map_err(CliError::image(path))?;
+    }
+    image.close().map_err(CliError::image(path))?;
     Ok(0)
 }

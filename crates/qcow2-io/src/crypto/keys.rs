@@ -110,7 +110,7 @@ fn af_merge(material: &[u8], key_len: usize, stripes: usize, hash: Hash) -> Zero
 }
 
 /// Splits `key` into `stripes` stripes, all but the last random.
-fn af_split(key: &[u8], stripes: usize, hash: Hash) -> Result<Zeroizing<Vec<u8>>> {
+pub(crate) fn af_split(key: &[u8], stripes: usize, hash: Hash) -> Result<Zeroizing<Vec<u8>>> {
     let n = key.len();
     let mut out = Zeroizing::new(vec![0u8; n * stripes]);
     random(&mut out[..n * (stripes - 1)])?;

@@ -6,6 +6,7 @@
 
 pub(crate) mod cipher;
 pub(crate) mod keys;
+pub(crate) mod keyslots;
 pub(crate) mod storage;
 
 use std::sync::Arc;
@@ -52,7 +53,7 @@ pub(crate) fn data_path(
     header: &Header,
     data: Arc<dyn Storage>,
     secret: Option<&Secret>,
-) -> Result<(Arc<dyn Storage>, Option<ContentHasher>)> {
+) -> Result<(Arc<dyn Storage>, Option<Unlocked>)> {
     let (offset, length) = luks_area(storage, header)?;
     let mut bytes = vec![0u8; LUKS_HEADER_LEN];
     storage
@@ -77,10 +78,22 @@ pub(crate) fn data_path(
         Ok(material)
     })?;
     let cipher = SectorCipher::new(&luks.cipher_name, &luks.cipher_mode, &key)?;
+    let unlocked = Unlocked {
+        hasher: dedup_hasher(&key),
+        key,
+    };
     Ok((
         Arc::new(EncryptedStorage::new(data, cipher)),
-        Some(dedup_hasher(&key)),
+        Some(unlocked),
     ))
+}
+
+/// What unlocking a volume gives besides its data path.
+pub(crate) struct Unlocked {
+    /// The dedup table's keyed hasher.
+    pub(crate) hasher: ContentHasher,
+    /// The volume key (zeroed when dropped), for adding key slots.
+    pub(crate) key: zeroize::Zeroizing<Vec<u8>>,
 }
 
 /// The dedup table's hasher of a volume: HMAC-SHA-256 keyed with
@@ -101,7 +114,7 @@ pub(crate) fn dedup_hasher(volume_key: &[u8]) -> ContentHasher {
 /// volume key it holds.
 pub(crate) fn new_volume(
     encryption: &crate::options::Encryption,
-) -> Result<(Vec<u8>, SectorCipher, ContentHasher)> {
+) -> Result<(Vec<u8>, SectorCipher, Unlocked)> {
     let hash = keys::Hash::named(&encryption.hash)?;
     let key_bytes = match (
         encryption.cipher_mode.split('-').next(),
@@ -136,7 +149,11 @@ pub(crate) fn new_volume(
     let at = luks.slots[0].key_offset as usize * SECTOR;
     bytes[at..at + material.len()].copy_from_slice(&material);
     let cipher = SectorCipher::new("aes", &volume.cipher_mode, &key)?;
-    Ok((bytes, cipher, dedup_hasher(&key)))
+    let unlocked = Unlocked {
+        hasher: dedup_hasher(&key),
+        key,
+    };
+    Ok((bytes, cipher, unlocked))
 }
 
 /// The cipher of the legacy AES scheme: AES-128-CBC keyed with the
