@@ -589,6 +589,13 @@ fn image_locks_are_seen_both_ways_with_qemu() {
         .spawn()
         .expect("qemu-nbd starts");
     wait_for(&socket);
+    // qemu-nbd may make its socket before it opens (and locks) the image:
+    // wait until the lock is seen, or a loaded machine races the checks.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while run("qemu-img", &["info", p(&image)]).status.success() {
+        assert!(Instant::now() < deadline, "qemu-nbd never locked the image");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     for args in [
         vec!["serve", "-k", p(&dir.path().join("c.sock")), p(&image)],
         vec!["resize", p(&image), "8M"],
