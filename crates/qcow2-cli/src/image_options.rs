@@ -127,7 +127,7 @@ pub fn apply_create_options(
 }
 
 /// One `encrypt.*` option of `create`/`convert`: `format=luks`,
-/// `key-secret=ID` (an `--object secret`), `cipher-alg=aes-128|aes-256`,
+/// `key-secret=ID` (an `--object secret`), `cipher-alg=aes-256|serpent-128|...`,
 /// `cipher-mode=xts|cbc`, `ivgen-alg=plain|plain64|essiv`,
 /// `ivgen-hash-alg=sha256`, `hash-alg=sha1|sha256|sha512`, `iter-time=MS`.
 fn apply_encryption(options: &mut CreateOptions, key: &str, value: &str) -> Result<(), CliError> {
@@ -145,11 +145,13 @@ fn apply_encryption(options: &mut CreateOptions, key: &str, value: &str) -> Resu
         }
         "encrypt.key-secret" => e.secret = crate::secrets::secret(value)?,
         "encrypt.cipher-alg" => {
-            e.key_bits = match value {
-                "aes-128" => 128,
-                "aes-256" => 256,
-                _ => return Err(CliError::Usage(format!("encrypt.cipher-alg={value}: aes-128 or aes-256"))),
-            }
+            let (cipher, bits) = value.rsplit_once('-').unwrap_or((value, ""));
+            e.cipher = cipher.to_string();
+            e.key_bits = bits.parse().map_err(|_| {
+                CliError::Usage(format!(
+                    "encrypt.cipher-alg={value}: aes-128|192|256, serpent-N, twofish-N or cast5-128"
+                ))
+            })?;
         }
         "encrypt.cipher-mode" => e.cipher_mode = format!("{value}-{ivgen}"),
         "encrypt.ivgen-alg" if value == "essiv" => e.cipher_mode = format!("{mode}-essiv:sha256"),

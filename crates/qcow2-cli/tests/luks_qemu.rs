@@ -48,6 +48,9 @@ fn info_of_encrypted_images_is_qemu_imgs() {
         "",
         ",encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv",
         ",encrypt.hash-alg=sha1,encrypt.ivgen-alg=plain",
+        ",encrypt.cipher-alg=serpent-192",
+        ",encrypt.cipher-alg=twofish-256,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv",
+        ",encrypt.cipher-alg=cast5-128,encrypt.cipher-mode=cbc",
     ]
     .iter()
     .enumerate()

@@ -309,11 +309,16 @@ impl CreateOptions {
 pub struct Encryption {
     /// The passphrase of key slot 0 (`encrypt.key-secret`).
     pub secret: Secret,
+    /// The block cipher: `aes` (QEMU's default), `serpent`, `twofish` or
+    /// `cast5` (CBC only).
+    pub cipher: String,
     /// Mode and IV generator: `xts-plain64` (QEMU's default), `xts-plain`,
     /// `cbc-plain64`, `cbc-plain` or `cbc-essiv:sha256`.
     pub cipher_mode: String,
-    /// AES key bits: 128 or 256 (`encrypt.cipher-alg=aes-N`; aes-192 is
-    /// refused, as QEMU cannot open such a volume).
+    /// Key bits of the cipher (`encrypt.cipher-alg=aes-256` is `aes`, 256):
+    /// 128, 192 or 256 (cast5: 128). A 192-bit key in CBC mode is refused,
+    /// as QEMU cannot open such a volume (its key split in 4000 stripes
+    /// fills no whole sector).
     pub key_bits: u32,
     /// Hash of PBKDF2 and the anti-forensic split: `sha1`, `sha256`
     /// (QEMU's default) or `sha512`.
@@ -328,6 +333,7 @@ impl Encryption {
     pub fn luks(secret: Secret) -> Self {
         Self {
             secret,
+            cipher: "aes".into(),
             cipher_mode: "xts-plain64".into(),
             key_bits: 256,
             hash: "sha256".into(),

@@ -1,14 +1,24 @@
 //! [`SectorCipher`]: a LUKS volume's cipher, mode and IV generator over
-//! 512-byte sectors, as QEMU's `crypto/block.c` applies them: AES-128,
-//! -192 or -256 in XTS or CBC mode, with the `plain` (32-bit), `plain64`
-//! or `essiv:HASH` IV of each sector's number. RustCrypto does the
-//! cryptography; this module only chooses and sequences it.
+//! 512-byte sectors, as QEMU's `crypto/block.c` applies them: AES,
+//! Serpent or Twofish in XTS or CBC mode, CAST5 in CBC, with the `plain`
+//! (32-bit), `plain64` or `essiv:sha256` IV of each sector's number.
+//! RustCrypto does the cryptography (`aes`, `serpent`, `twofish`, `cast5`,
+//! `xts-mode`, `cbc`); this module only chooses and sequences it.
+
+use std::marker::PhantomData;
 
 use aes::cipher::block_padding::NoPadding;
 use aes::cipher::generic_array::GenericArray;
-use aes::cipher::{BlockDecryptMut, BlockEncrypt, BlockEncryptMut, KeyInit, KeyIvInit};
+use aes::cipher::typenum::U16;
+use aes::cipher::{
+    BlockCipher, BlockDecrypt, BlockDecryptMut, BlockEncrypt, BlockEncryptMut, BlockSizeUser,
+    KeyInit, KeyIvInit,
+};
 use aes::{Aes128, Aes192, Aes256};
+use cast5::Cast5;
+use serpent::Serpent;
 use sha2::Digest;
+use twofish::Twofish;
 use xts_mode::Xts128;
 use zeroize::Zeroizing;
 
@@ -17,15 +27,28 @@ use crate::{ImageError, Result};
 /// Bytes of an encryption sector.
 pub(crate) const SECTOR: usize = 512;
 
+/// A 16-byte block cipher that encrypts one block (the ESSIV generator).
+trait BlockEncrypt16: Send + Sync {
+    fn encrypt16(&self, block: &mut [u8; 16]);
+}
+
+impl<C: BlockEncrypt + BlockSizeUser<BlockSize = U16> + Send + Sync> BlockEncrypt16 for C {
+    fn encrypt16(&self, block: &mut [u8; 16]) {
+        let mut b = GenericArray::from(*block);
+        self.encrypt_block(&mut b);
+        block.copy_from_slice(&b);
+    }
+}
+
 /// How a sector's IV follows from its number.
-#[derive(Clone)]
 enum IvGen {
     /// The low 32 bits, little-endian.
     Plain,
     /// The 64 bits, little-endian.
     Plain64,
-    /// The number encrypted with AES keyed by a hash of the volume key.
-    Essiv(Box<Aes256>),
+    /// The number encrypted by the volume's cipher family keyed with the
+    /// SHA-256 of the volume key.
+    Essiv(Box<dyn BlockEncrypt16>),
 }
 
 impl IvGen {
@@ -36,26 +59,63 @@ impl IvGen {
             Self::Plain64 => iv[..8].copy_from_slice(&sector.to_le_bytes()),
             Self::Essiv(cipher) => {
                 iv[..8].copy_from_slice(&sector.to_le_bytes());
-                let mut block = GenericArray::from(iv);
-                cipher.encrypt_block(&mut block);
-                iv.copy_from_slice(&block);
+                cipher.encrypt16(&mut iv);
             }
         }
         iv
     }
 }
 
-/// The mode.
-enum Mode {
-    Xts128(Box<Xts128<Aes128>>),
-    Xts256(Box<Xts128<Aes256>>),
-    /// CBC with the AES key (16, 24 or 32 bytes).
-    Cbc(Zeroizing<Vec<u8>>),
+/// A mode of one cipher applied to one sector.
+trait SectorMode: Send + Sync {
+    fn apply(&self, sector: &mut [u8], iv: &[u8; 16], encrypt: bool);
+}
+
+/// XTS of a 16-byte block cipher.
+struct Xts<C: BlockEncrypt + BlockDecrypt + BlockCipher>(Xts128<C>);
+
+impl<C> SectorMode for Xts<C>
+where
+    C: BlockEncrypt + BlockDecrypt + BlockCipher + BlockSizeUser<BlockSize = U16> + Send + Sync,
+{
+    fn apply(&self, sector: &mut [u8], iv: &[u8; 16], encrypt: bool) {
+        if encrypt {
+            self.0.encrypt_sector(sector, *iv);
+        } else {
+            self.0.decrypt_sector(sector, *iv);
+        }
+    }
+}
+
+/// CBC of a block cipher (its block's bytes of the IV), no padding.
+struct Cbc<C> {
+    key: Zeroizing<Vec<u8>>,
+    cipher: PhantomData<fn() -> C>,
+}
+
+impl<C> SectorMode for Cbc<C>
+where
+    C: BlockEncryptMut + BlockDecryptMut + BlockCipher + KeyInit,
+{
+    fn apply(&self, sector: &mut [u8], iv: &[u8; 16], encrypt: bool) {
+        let iv = &iv[..C::block_size()];
+        if encrypt {
+            cbc::Encryptor::<C>::new_from_slices(&self.key, iv)
+                .expect("checked key size")
+                .encrypt_padded_mut::<NoPadding>(sector, SECTOR)
+                .expect("whole blocks");
+        } else {
+            cbc::Decryptor::<C>::new_from_slices(&self.key, iv)
+                .expect("checked key size")
+                .decrypt_padded_mut::<NoPadding>(sector)
+                .expect("whole blocks");
+        }
+    }
 }
 
 /// A volume's sector cipher, keyed (the key is zeroed when dropped).
 pub(crate) struct SectorCipher {
-    mode: Mode,
+    mode: Box<dyn SectorMode>,
     ivgen: IvGen,
 }
 
@@ -69,50 +129,90 @@ fn unsupported(what: String) -> ImageError {
     ImageError::Unsupported(format!("LUKS {what}"))
 }
 
+/// XTS keyed with the two halves of `key`.
+fn xts<C>(key: &[u8]) -> Option<Box<dyn SectorMode>>
+where
+    C: KeyInit + BlockEncrypt + BlockDecrypt + BlockCipher + BlockSizeUser<BlockSize = U16>,
+    C: Send + Sync + 'static,
+{
+    let (a, b) = key.split_at(key.len() / 2);
+    let xts = Xts128::new(C::new_from_slice(a).ok()?, C::new_from_slice(b).ok()?);
+    Some(Box::new(Xts(xts)))
+}
+
+/// CBC keyed with `key`, checked first.
+fn cbc<C>(key: &[u8]) -> Option<Box<dyn SectorMode>>
+where
+    C: KeyInit + BlockEncryptMut + BlockDecryptMut + BlockCipher + 'static,
+{
+    C::new_from_slice(key).ok()?;
+    Some(Box::new(Cbc::<C> {
+        key: Zeroizing::new(key.to_vec()),
+        cipher: PhantomData,
+    }))
+}
+
 impl SectorCipher {
-    /// The cipher `cipher_name` in `cipher_mode` (`xts-plain64`,
-    /// `cbc-essiv:sha256`...) keyed with `key`, as a LUKS header names
-    /// them.
+    /// The cipher `cipher_name` (`aes`, `serpent`, `twofish`, `cast5`) in
+    /// `cipher_mode` (`xts-plain64`, `cbc-essiv:sha256`...) keyed with
+    /// `key`, as a LUKS header names them.
     pub(crate) fn new(cipher_name: &str, cipher_mode: &str, key: &[u8]) -> Result<Self> {
-        if cipher_name != "aes" {
-            return Err(unsupported(format!("cipher '{cipher_name}'")));
-        }
         let (mode, ivgen) = cipher_mode
             .split_once('-')
             .ok_or_else(|| unsupported(format!("cipher mode '{cipher_mode}'")))?;
-        // A hash after plain or plain64 (QEMU writes `plain64:sha256` when
-        // asked for one) changes nothing.
         let ivgen = match ivgen {
             "plain" => IvGen::Plain,
             "plain64" => IvGen::Plain64,
+            // A hash after plain or plain64 (QEMU writes `plain64:sha256`
+            // when asked for one) changes nothing.
             g if g.starts_with("plain:") => IvGen::Plain,
             g if g.starts_with("plain64:") => IvGen::Plain64,
             "essiv:sha256" => {
                 let salt = sha2::Sha256::digest(key);
-                IvGen::Essiv(Box::new(Aes256::new(&salt)))
+                let cipher: Box<dyn BlockEncrypt16> = match cipher_name {
+                    "aes" => Box::new(Aes256::new(&salt)),
+                    "serpent" => Box::new(Serpent::new_from_slice(&salt).expect("32 bytes")),
+                    "twofish" => Box::new(Twofish::new_from_slice(&salt).expect("32 bytes")),
+                    other => return Err(unsupported(format!("ESSIV with cipher '{other}'"))),
+                };
+                IvGen::Essiv(cipher)
             }
             other => return Err(unsupported(format!("IV generator '{other}'"))),
         };
-        let wrong_size = || unsupported(format!("{cipher_mode} key of {} bytes", key.len()));
-        let mode = match (mode, key.len()) {
-            ("xts", 32) => {
-                let (a, b) = key.split_at(16);
-                Mode::Xts128(Box::new(Xts128::new(
-                    Aes128::new(GenericArray::from_slice(a)),
-                    Aes128::new(GenericArray::from_slice(b)),
-                )))
+        let half = key.len() / 2;
+        let chosen = match (cipher_name, mode) {
+            ("aes", "xts") if key.len().is_multiple_of(2) => match half {
+                16 => xts::<Aes128>(key),
+                24 => xts::<Aes192>(key),
+                32 => xts::<Aes256>(key),
+                _ => None,
+            },
+            ("aes", "cbc") => match key.len() {
+                16 => cbc::<Aes128>(key),
+                24 => cbc::<Aes192>(key),
+                32 => cbc::<Aes256>(key),
+                _ => None,
+            },
+            ("serpent", "xts") if matches!(half, 16 | 24 | 32) && key.len().is_multiple_of(2) => {
+                xts::<Serpent>(key)
             }
-            ("xts", 64) => {
-                let (a, b) = key.split_at(32);
-                Mode::Xts256(Box::new(Xts128::new(
-                    Aes256::new(GenericArray::from_slice(a)),
-                    Aes256::new(GenericArray::from_slice(b)),
-                )))
+            ("serpent", "cbc") if matches!(key.len(), 16 | 24 | 32) => cbc::<Serpent>(key),
+            ("twofish", "xts") if matches!(half, 16 | 24 | 32) && key.len().is_multiple_of(2) => {
+                xts::<Twofish>(key)
             }
-            ("cbc", 16 | 24 | 32) => Mode::Cbc(Zeroizing::new(key.to_vec())),
-            ("xts" | "cbc", _) => return Err(wrong_size()),
-            _ => return Err(unsupported(format!("cipher mode '{cipher_mode}'"))),
+            ("twofish", "cbc") if matches!(key.len(), 16 | 24 | 32) => cbc::<Twofish>(key),
+            ("cast5", "cbc") if key.len() == 16 => cbc::<Cast5>(key),
+            ("aes" | "serpent" | "twofish" | "cast5", "xts" | "cbc") => None,
+            (name, mode) => {
+                return Err(unsupported(format!("cipher '{name}' in mode '{mode}'")));
+            }
         };
+        let mode = chosen.ok_or_else(|| {
+            unsupported(format!(
+                "{cipher_name}-{cipher_mode} with a {}-byte key",
+                key.len()
+            ))
+        })?;
         Ok(Self { mode, ivgen })
     }
 
@@ -129,38 +229,9 @@ impl SectorCipher {
     fn apply(&self, buf: &mut [u8], first: u64, encrypt: bool) {
         debug_assert!(buf.len().is_multiple_of(SECTOR));
         for (i, sector) in buf.chunks_exact_mut(SECTOR).enumerate() {
-            let number = first.wrapping_add(i as u64);
-            let iv = self.ivgen.iv(number);
-            match &self.mode {
-                Mode::Xts128(x) if encrypt => x.encrypt_sector(sector, iv),
-                Mode::Xts128(x) => x.decrypt_sector(sector, iv),
-                Mode::Xts256(x) if encrypt => x.encrypt_sector(sector, iv),
-                Mode::Xts256(x) => x.decrypt_sector(sector, iv),
-                Mode::Cbc(key) => cbc_sector(key, &iv, sector, encrypt),
-            }
+            let iv = self.ivgen.iv(first.wrapping_add(i as u64));
+            self.mode.apply(sector, &iv, encrypt);
         }
-    }
-}
-
-/// CBC over one sector (32 blocks, no padding).
-fn cbc_sector(key: &[u8], iv: &[u8; 16], sector: &mut [u8], encrypt: bool) {
-    macro_rules! run {
-        ($cipher:ty) => {
-            if encrypt {
-                let e = cbc::Encryptor::<$cipher>::new_from_slices(key, iv).expect("key size");
-                e.encrypt_padded_mut::<NoPadding>(sector, SECTOR)
-                    .expect("whole blocks");
-            } else {
-                let d = cbc::Decryptor::<$cipher>::new_from_slices(key, iv).expect("key size");
-                d.decrypt_padded_mut::<NoPadding>(sector)
-                    .expect("whole blocks");
-            }
-        };
-    }
-    match key.len() {
-        16 => run!(Aes128),
-        24 => run!(Aes192),
-        _ => run!(Aes256),
     }
 }
 
@@ -199,7 +270,21 @@ mod tests {
             c.decrypt(&mut a, 7);
             assert_eq!(a, plain, "{mode}");
         }
-        assert!(SectorCipher::new("serpent", "xts-plain64", &[0; 64]).is_err());
+        for (name, mode, len) in [
+            ("serpent", "xts-plain64", 64),
+            ("twofish", "cbc-essiv:sha256", 16),
+            ("cast5", "cbc-plain64", 16),
+            ("aes", "xts-plain64", 48),
+        ] {
+            let c = SectorCipher::new(name, mode, &vec![3u8; len]).unwrap();
+            let mut a = vec![9u8; 1024];
+            c.encrypt(&mut a, 1);
+            assert_ne!(a, vec![9u8; 1024]);
+            c.decrypt(&mut a, 1);
+            assert_eq!(a, vec![9u8; 1024], "{name}-{mode}");
+        }
+        assert!(SectorCipher::new("cast5", "xts-plain64", &[0; 32]).is_err());
+        assert!(SectorCipher::new("sm4", "xts-plain64", &[0; 32]).is_err());
         assert!(SectorCipher::new("aes", "xts-plain64", &[0; 24]).is_err());
         assert!(SectorCipher::new("aes", "ecb", &[0; 32]).is_err());
     }

@@ -177,6 +177,7 @@ pub(crate) fn unlock(
 /// What a new LUKS volume is made of.
 #[derive(Debug, Clone)]
 pub(crate) struct NewVolume {
+    pub(crate) cipher_name: String,
     pub(crate) cipher_mode: String,
     pub(crate) key_bytes: usize,
     pub(crate) hash: Hash,
@@ -230,7 +231,7 @@ pub(crate) fn create(
         });
     }
     let header = LuksHeader {
-        cipher_name: "aes".into(),
+        cipher_name: volume.cipher_name.clone(),
         cipher_mode: volume.cipher_mode.clone(),
         hash_spec: volume.hash.name().into(),
         payload_offset: ((4096 + LUKS_KEY_SLOTS as u64 * material_bytes) / SECTOR as u64) as u32,
@@ -251,7 +252,8 @@ pub(crate) fn create(
     let mut material = af_split(&key, LUKS_STRIPES as usize, volume.hash)?;
     let sectors = material_sectors(&header, &header.slots[0]) as usize;
     material.resize(sectors * SECTOR, 0);
-    SectorCipher::new("aes", &volume.cipher_mode, &slot_key)?.encrypt(&mut material, 0);
+    SectorCipher::new(&volume.cipher_name, &volume.cipher_mode, &slot_key)?
+        .encrypt(&mut material, 0);
     Ok((header, material.to_vec(), key))
 }
 
@@ -266,6 +268,7 @@ mod tests {
             ("cbc-essiv:sha256", 32, Hash::Sha1),
         ] {
             let volume = NewVolume {
+                cipher_name: "aes".into(),
                 cipher_mode: mode.into(),
                 key_bytes: bytes,
                 hash,

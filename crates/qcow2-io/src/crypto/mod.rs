@@ -116,17 +116,20 @@ pub(crate) fn new_volume(
     encryption: &crate::options::Encryption,
 ) -> Result<(Vec<u8>, SectorCipher, Unlocked)> {
     let hash = keys::Hash::named(&encryption.hash)?;
-    let key_bytes = match (
-        encryption.cipher_mode.split('-').next(),
-        encryption.key_bits,
-    ) {
-        (Some("xts"), 128 | 256) => encryption.key_bits as usize / 4,
-        // aes-192 is refused: QEMU cannot open such a volume (its 24-byte
-        // key split in 4000 stripes fills no whole sector).
-        (Some("cbc"), 128 | 256) => encryption.key_bits as usize / 8,
+    let cipher = encryption.cipher.as_str();
+    let mode = encryption.cipher_mode.split('-').next();
+    let key_bytes = match (cipher, mode, encryption.key_bits) {
+        ("aes" | "serpent" | "twofish", Some("xts"), 128 | 192 | 256) => {
+            encryption.key_bits as usize / 4
+        }
+        // 192-bit keys in CBC are refused: QEMU cannot open such a volume
+        // (a 24-byte key split in 4000 stripes fills no whole sector).
+        ("aes" | "serpent" | "twofish", Some("cbc"), 128 | 256) | ("cast5", Some("cbc"), 128) => {
+            encryption.key_bits as usize / 8
+        }
         _ => {
             return Err(ImageError::InvalidOption(format!(
-                "aes-{} in mode {} is not supported",
+                "{cipher}-{} in mode {} is not supported",
                 encryption.key_bits, encryption.cipher_mode
             )))
         }
@@ -135,6 +138,7 @@ pub(crate) fn new_volume(
     let slot_iterations = (per_second.saturating_mul(encryption.iter_time_ms) / 1000)
         .clamp(1000, u64::from(u32::MAX)) as u32;
     let volume = keys::NewVolume {
+        cipher_name: cipher.to_string(),
         cipher_mode: encryption.cipher_mode.clone(),
         key_bytes,
         hash,
@@ -148,7 +152,7 @@ pub(crate) fn new_volume(
     bytes[..encoded.len()].copy_from_slice(&encoded);
     let at = luks.slots[0].key_offset as usize * SECTOR;
     bytes[at..at + material.len()].copy_from_slice(&material);
-    let cipher = SectorCipher::new("aes", &volume.cipher_mode, &key)?;
+    let cipher = SectorCipher::new(&volume.cipher_name, &volume.cipher_mode, &key)?;
     let unlocked = Unlocked {
         hasher: dedup_hasher(&key),
         key,
