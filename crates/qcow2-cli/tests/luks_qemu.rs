@@ -191,6 +191,57 @@ fn create_and_convert_make_images_qemu_reads_identically() {
             );
             assert!(std::fs::read(&out).unwrap() == data, "{tool} {extra}");
         }
+        // On to a deduplicated encrypted image, and back to a plain one:
+        // every step identical to the raw disk for qemu-img.
+        let dedup = dir.path().join("dedup.qcow2");
+        let plain = dir.path().join("plain.qcow2");
+        let _ = std::fs::remove_file(&dedup);
+        let _ = std::fs::remove_file(&plain);
+        let dedup_opts = format!("{o},dedup=on,cluster_size=4k");
+        ok(
+            bin(),
+            &[
+                "convert",
+                "--object",
+                SECRET,
+                "--image-opts",
+                &opts(&converted),
+                "-O",
+                "qcow2",
+                "-o",
+                &dedup_opts,
+                p(&dedup),
+            ],
+        );
+        ok(
+            bin(),
+            &[
+                "convert",
+                "--object",
+                SECRET,
+                "--image-opts",
+                &opts(&dedup),
+                "-O",
+                "qcow2",
+                p(&plain),
+            ],
+        );
+        for image in [
+            &opts(&dedup),
+            &format!("driver=qcow2,file.filename={}", p(&plain)),
+        ] {
+            ok(
+                "qemu-img",
+                &[
+                    "compare",
+                    "--object",
+                    SECRET,
+                    "--image-opts",
+                    image,
+                    &format!("driver=raw,file.filename={}", p(&raw)),
+                ],
+            );
+        }
         for tool in [bin(), "qemu-img"] {
             let same = run(
                 tool,
