@@ -10,7 +10,7 @@ use qcow2_format::features::{
 };
 use qcow2_format::header::{CRYPT_LUKS, V2_HEADER_LEN, V3_HEADER_LEN};
 use qcow2_format::refcount::RefcountWidth;
-use qcow2_format::{ClusterCount, Geometry, Header, HostCluster, HostOffset};
+use qcow2_format::{ClusterCount, Geometry, GuestOffset, Header, HostCluster, HostOffset};
 
 use crate::allocator::Allocator;
 use crate::crypto::cipher::SectorCipher;
@@ -23,10 +23,11 @@ use crate::{ImageError, OpenOptions, Result};
 /// Writes an empty image onto `storage`: header in cluster 0, a one-cluster
 /// refcount table in cluster 1, its first refcount block in cluster 2, then
 /// a zeroed L1 table. Everything is synced before this returns.
-/// A new image's metadata, and the sector cipher of an encrypted one.
+/// A new image's metadata, and the encrypting data path of an encrypted
+/// one with what unlocking it gives.
 pub(crate) struct Created {
     pub(crate) meta: Metadata,
-    pub(crate) cipher: Option<(SectorCipher, Unlocked)>,
+    pub(crate) cipher: Option<(Arc<dyn Storage>, Unlocked)>,
 }
 
 pub(crate) fn create(
@@ -78,7 +79,7 @@ pub(crate) fn create(
         .flush()
         .map_err(ImageError::io("syncing the new image"))?;
     let header = writer.into_header();
-    let mut meta = Metadata::new_image(storage, header, alloc, open.l2_cache_bytes);
+    let mut meta = Metadata::new_image(storage.clone(), header, alloc, open.l2_cache_bytes);
     if options.dedup {
         meta.dedup_ops().start_dedup()?;
         meta.dedup_ops().publish_dedup()?;
@@ -92,7 +93,38 @@ pub(crate) fn create(
     if preallocation != Preallocation::Off {
         meta.resizing().preallocate(preallocation)?;
     }
+    let cipher = match cipher {
+        Some((cipher, unlocked)) => {
+            let data = crate::crypto::encrypted(storage.clone(), cipher);
+            if preallocation != Preallocation::Off {
+                zero_preallocated(&mut meta, &*data)?;
+            }
+            Some((data, unlocked))
+        }
+        None => None,
+    };
     Ok(Created { meta, cipher })
+}
+
+/// Writes encrypted zeros over every preallocated cluster of a new
+/// encrypted image (the file's own zeros would decrypt to noise; QEMU's
+/// preallocated clusters read as zeros too).
+fn zero_preallocated(meta: &mut Metadata, data: &dyn Storage) -> Result<()> {
+    let g = meta.header().geometry;
+    let size = meta.header().size;
+    let zeros = vec![0u8; g.cluster_size() as usize];
+    let mut guest = 0;
+    while guest < size {
+        if let (qcow2_format::l2::L2Mapping::Data { offset, .. }, _) =
+            meta.mappings().lookup(GuestOffset::new(guest))?
+        {
+            data.write_at(&zeros, offset.get())
+                .map_err(ImageError::io("writing the preallocated clusters"))?;
+        }
+        guest += g.cluster_size();
+    }
+    data.flush()
+        .map_err(ImageError::io("syncing the preallocated clusters"))
 }
 
 /// Writes the LUKS area of a new encrypted image into clusters of its own

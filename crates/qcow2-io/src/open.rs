@@ -329,8 +329,8 @@ impl Device {
         storage.lock(LockAccess::Write)?;
         let created = create::create(storage.clone(), options, &OpenOptions::read_write())?;
         let mut device = Self::from_parts(storage, created.meta, true);
-        if let Some((cipher, unlocked)) = created.cipher {
-            device.data = crate::crypto::encrypted(device.data.clone(), cipher);
+        if let Some((data, unlocked)) = created.cipher {
+            device.data = data;
             device.encrypted = true;
             device.content_hasher = unlocked.hasher;
             device.volume_key = Some(unlocked.key);

@@ -210,8 +210,6 @@ impl CreateOptions {
                 Some("LUKS encryption needs compat=1.1")
             } else if self.data_file.is_some() {
                 Some("encryption with an external data file is not supported")
-            } else if self.preallocation != Preallocation::Off {
-                Some("preallocation of encrypted images is not supported")
             } else {
                 None
             };

@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 
 use common::*;
-use qcow2_io::{CreateOptions, Encryption, Image, ImageError, OpenOptions, Secret};
+use qcow2_io::{CreateOptions, Encryption, Image, ImageError, OpenOptions, Preallocation, Secret};
 
 const PASS: &str = "hunter2 \u{1f511}";
 
@@ -367,5 +367,35 @@ fn deduplicated_encrypted_images_share_clusters_and_keep_hashes_keyed() {
     for i in 0..128usize {
         let expected: &[u8] = if i % 16 == 0 { &block } else { &[0u8; 4096] };
         assert!(&data[i * 4096..(i + 1) * 4096] == expected, "cluster {i}");
+    }
+}
+
+#[test]
+fn preallocated_encrypted_images_read_as_zeros_for_both() {
+    if !qemu_available() {
+        return;
+    }
+    for mode in [Preallocation::Metadata, Preallocation::Full] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.qcow2");
+        let options = CreateOptions {
+            preallocation: mode,
+            encryption: Some(Encryption {
+                iter_time_ms: 10,
+                ..Encryption::luks(Secret::new(PASS))
+            }),
+            ..CreateOptions::new(2 << 20)
+        };
+        let image = Image::create(&path, &options).unwrap();
+        assert!(read_all(&image).iter().all(|&b| b == 0), "{mode:?}: ours");
+        image.write_at(&[5; 100], 70_000).unwrap();
+        image.close().unwrap();
+        let mut expected = vec![0u8; 2 << 20];
+        expected[70_000..70_100].fill(5);
+        assert!(
+            qemu_read(&path) == expected,
+            "{mode:?}: QEMU reads zeros and our write"
+        );
+        qemu_check(&path);
     }
 }
