@@ -94,8 +94,9 @@ pub enum FormatError {
     /// The LUKS header of an encrypted image is malformed.
     #[error("invalid LUKS header: {0}")]
     InvalidLuks(&'static str),
-    /// The image is encrypted.
-    #[error("encrypted images are not supported (crypt_method {0})")]
+    /// An encryption method this implementation does not read: not the
+    /// legacy AES (1), nor LUKS (2) with its header extension.
+    #[error("unsupported encryption (crypt_method {0}): LUKS (2, with its header extension) and the legacy AES (1) are read")]
     Encrypted(u32),
     /// A compression type other than deflate (0) and zstd (1), or one that
     /// disagrees with the compression-type feature bit.

@@ -176,9 +176,14 @@ fn malformed_headers_are_typed_errors() {
             Box::new(|b| b[72] |= 0x40),
             |e| matches!(e, ImageError::Format(FormatError::UnknownIncompatibleFeatures(s)) if s.contains("bit 62")),
         ),
-        ("encrypted", Box::new(|b| put32(b, 32, 1)), |e| {
-            matches!(e, ImageError::Format(FormatError::Encrypted(1)))
+        ("unknown encryption", Box::new(|b| put32(b, 32, 3)), |e| {
+            matches!(e, ImageError::Format(FormatError::Encrypted(3)))
         }),
+        (
+            "LUKS without its header extension",
+            Box::new(|b| put32(b, 32, 2)),
+            |e| matches!(e, ImageError::Format(FormatError::Encrypted(2))),
+        ),
         (
             "refcount block at offset 0",
             Box::new(|b| {
