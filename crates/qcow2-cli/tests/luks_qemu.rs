@@ -12,6 +12,26 @@ use std::path::Path;
 
 const SECRET: &str = "secret,id=sec0,data=correct horse";
 
+/// `qemu-img create` of an encrypted qcow2 image with `secret` defined
+/// and `options`.
+fn qemu_create(secret: &str, options: &str, path: &Path, size: &str) {
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "--object",
+            secret,
+            "-f",
+            "qcow2",
+            "-o",
+            options,
+            p(path),
+            size,
+        ],
+    );
+}
+
 fn opts(path: &Path) -> String {
     format!(
         "driver=qcow2,file.filename={},encrypt.key-secret=sec0",
@@ -57,21 +77,7 @@ fn info_of_encrypted_images_is_qemu_imgs() {
     {
         let image = dir.path().join(format!("q{i}.qcow2"));
         let o = format!("encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10{extra}");
-        ok(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "--object",
-                SECRET,
-                "-f",
-                "qcow2",
-                "-o",
-                &o,
-                p(&image),
-                "4M",
-            ],
-        );
+        qemu_create(SECRET, &o, &image, "4M");
         for args in [&["info"][..], &["info", "--output=json"]] {
             let mut full = args.to_vec();
             full.push(p(&image));
@@ -117,21 +123,7 @@ fn create_and_convert_make_images_qemu_reads_identically() {
                 "6M",
             ],
         );
-        ok(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "--object",
-                SECRET,
-                "-f",
-                "qcow2",
-                "-o",
-                &o,
-                p(&theirs),
-                "6M",
-            ],
-        );
+        qemu_create(SECRET, &o, &theirs, "6M");
         assert_eq!(stable_info(&ours), stable_info(&theirs), "{extra}");
         // convert to an encrypted image: QEMU reads the data back.
         let converted = dir.path().join("converted.qcow2");
@@ -271,20 +263,11 @@ fn a_wrong_secret_is_refused_by_both_tools_in_one_line() {
     }
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("q.qcow2");
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "--object",
-            SECRET,
-            "-f",
-            "qcow2",
-            "-o",
-            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
-            p(&image),
-            "4M",
-        ],
+    qemu_create(
+        SECRET,
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+        &image,
+        "4M",
     );
     let before = std::fs::read(&image).unwrap();
     let wrong = "secret,id=sec0,data=wrong";
@@ -331,20 +314,11 @@ fn legacy_aes_images_read_and_migrate_to_luks_but_take_no_writes() {
     }
     let dir = tempfile::tempdir().unwrap();
     let old = dir.path().join("old.qcow2");
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "--object",
-            SECRET,
-            "-f",
-            "qcow2",
-            "-o",
-            "encrypt.format=aes,encrypt.key-secret=sec0",
-            p(&old),
-            "4M",
-        ],
+    qemu_create(
+        SECRET,
+        "encrypt.format=aes,encrypt.key-secret=sec0",
+        &old,
+        "4M",
     );
     ok(
         "qemu-io",
@@ -446,20 +420,11 @@ fn key_slots_are_amended_as_qemu_img_amends_them() {
     let mut codes = Vec::new();
     for (tool, name) in [(bin(), "ours"), ("qemu-img", "theirs")] {
         let image = dir.path().join(format!("{name}.qcow2"));
-        ok(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "--object",
-                one,
-                "-f",
-                "qcow2",
-                "-o",
-                "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
-                p(&image),
-                "1M",
-            ],
+        qemu_create(
+            one,
+            "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+            &image,
+            "1M",
         );
         let amend = |options: &str, key: &str| {
             run(

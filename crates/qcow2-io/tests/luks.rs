@@ -26,6 +26,27 @@ fn qemu_args(path: &Path) -> [String; 4] {
     ]
 }
 
+/// `qemu-img create` of an encrypted image at `path` with the passphrase
+/// defined as `sec0` and `options`.
+fn qemu_create(options: &str, path: &Path, size: &str) {
+    let secret = format!("secret,id=sec0,data={PASS}");
+    run_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "--object",
+            &secret,
+            "-f",
+            "qcow2",
+            "-o",
+            options,
+            path.to_str().unwrap(),
+            size,
+        ],
+    );
+}
+
 fn qemu_io(path: &Path, commands: &[&str]) {
     let base = qemu_args(path);
     let mut args: Vec<&str> = base.iter().map(String::as_str).collect();
@@ -103,22 +124,7 @@ fn images_qemu_encrypted_read_and_write_both_ways() {
              encrypt.cipher-alg={alg},encrypt.cipher-mode={mode},encrypt.ivgen-alg={ivgen},\
              encrypt.ivgen-hash-alg={ivhash},encrypt.hash-alg={hash}"
         );
-        let secret = format!("secret,id=sec0,data={PASS}");
-        run_ok(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "--object",
-                &secret,
-                "-f",
-                "qcow2",
-                "-o",
-                &opts,
-                path.to_str().unwrap(),
-                "8M",
-            ],
-        );
+        qemu_create(&opts, &path, "8M");
         qemu_io(
             &path,
             &[
@@ -155,21 +161,10 @@ fn a_wrong_or_missing_passphrase_is_a_clear_error_and_writes_nothing() {
     }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("q.qcow2");
-    let secret = format!("secret,id=sec0,data={PASS}");
-    run_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "--object",
-            &secret,
-            "-f",
-            "qcow2",
-            "-o",
-            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
-            path.to_str().unwrap(),
-            "8M",
-        ],
+    qemu_create(
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+        &path,
+        "8M",
     );
     let before = std::fs::read(&path).unwrap();
     let wrong = OpenOptions {
@@ -217,21 +212,10 @@ fn damaged_luks_headers_are_errors_not_panics() {
     use std::os::unix::fs::FileExt;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("q.qcow2");
-    let secret = format!("secret,id=sec0,data={PASS}");
-    run_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "--object",
-            &secret,
-            "-f",
-            "qcow2",
-            "-o",
-            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
-            path.to_str().unwrap(),
-            "8M",
-        ],
+    qemu_create(
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+        &path,
+        "8M",
     );
     let pristine = std::fs::read(&path).unwrap();
     let luks = Image::open(&path, &OpenOptions::read_only())
