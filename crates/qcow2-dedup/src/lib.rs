@@ -86,9 +86,13 @@ impl ContentHasher {
         match self {
             Self::Sha256 => ContentHash::of(data),
             Self::Keyed(key) => {
+                use hmac::digest::KeyInit;
                 use hmac::Mac;
-                let mut mac =
-                    hmac::Hmac::<Sha256>::new_from_slice(&key[..]).expect("any key length");
+                // HMAC pads a key shorter than the hash's 64-byte block
+                // with zeros: the padded key is the same key.
+                let mut block = zeroize::Zeroizing::new([0u8; 64]);
+                block[..32].copy_from_slice(&key[..]);
+                let mut mac = <hmac::Hmac<Sha256> as KeyInit>::new(&(*block).into());
                 mac.update(data);
                 ContentHash(mac.finalize().into_bytes().into())
             }
@@ -134,6 +138,14 @@ mod tests {
         assert_eq!(a.hash(data), a.hash(data));
         assert_eq!(a.hash_many(&[data, b"x"]), vec![a.hash(data), a.hash(b"x")]);
         assert_eq!(ContentHasher::default().hash(data), ContentHash::of(data));
+        // The same as HMAC keyed with the 32 bytes as they are.
+        use hmac::Mac;
+        let mut mac = hmac::Hmac::<Sha256>::new_from_slice(&[1; 32]).unwrap();
+        mac.update(data);
+        assert_eq!(
+            a.hash(data).0,
+            <[u8; 32]>::from(mac.finalize().into_bytes())
+        );
     }
 
     #[test]

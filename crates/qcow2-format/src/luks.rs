@@ -64,6 +64,14 @@ pub struct LuksHeader {
     pub slots: Vec<KeySlot>,
 }
 
+/// The `N` bytes of `buf` from `at` (a constant offset inside the header).
+#[allow(clippy::arithmetic_side_effects)]
+fn bytes<const N: usize>(buf: &[u8], at: usize) -> [u8; N] {
+    let mut out = [0u8; N];
+    out.copy_from_slice(&buf[at..at + N]);
+    out
+}
+
 fn text(field: &[u8]) -> Result<String> {
     let end = field.iter().position(|&b| b == 0).unwrap_or(field.len());
     std::str::from_utf8(&field[..end])
@@ -118,7 +126,7 @@ impl LuksHeader {
             let slot = KeySlot {
                 active: state == SLOT_ACTIVE,
                 iterations: be32(at + 4),
-                salt: buf[at + 8..at + 40].try_into().expect("32 bytes"),
+                salt: bytes(buf, at + 8),
                 key_offset: be32(at + 40),
                 stripes: be32(at + 44),
             };
@@ -137,8 +145,8 @@ impl LuksHeader {
             hash_spec: text(&buf[72..104])?,
             payload_offset: be32(104),
             key_bytes,
-            mk_digest: buf[112..132].try_into().expect("20 bytes"),
-            mk_digest_salt: buf[132..164].try_into().expect("32 bytes"),
+            mk_digest: bytes(buf, 112),
+            mk_digest_salt: bytes(buf, 132),
             mk_digest_iterations: be32(164),
             uuid: text(&buf[168..208])?,
             slots,

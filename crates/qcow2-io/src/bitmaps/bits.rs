@@ -173,7 +173,9 @@ impl DirtyBits {
         let first = index as usize * per;
         for (i, chunk) in data.chunks_exact(8).take(per).enumerate() {
             if let Some(word) = self.words.get_mut(first + i) {
-                *word = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+                let mut le = [0u8; 8];
+                le.copy_from_slice(chunk);
+                *word = u64::from_le_bytes(le);
             }
         }
         self.resize(self.covered());

@@ -5,14 +5,11 @@
 //! RustCrypto does the cryptography (`aes`, `serpent`, `twofish`, `cast5`,
 //! `xts-mode`, `cbc`); this module only chooses and sequences it.
 
-use std::marker::PhantomData;
-
-use aes::cipher::block_padding::NoPadding;
 use aes::cipher::generic_array::GenericArray;
 use aes::cipher::typenum::U16;
 use aes::cipher::{
     BlockCipher, BlockDecrypt, BlockDecryptMut, BlockEncrypt, BlockEncryptMut, BlockSizeUser,
-    KeyInit, KeyIvInit,
+    InnerIvInit, KeyInit,
 };
 use aes::{Aes128, Aes192, Aes256};
 use cast5::Cast5;
@@ -20,7 +17,6 @@ use serpent::Serpent;
 use sha2::Digest;
 use twofish::Twofish;
 use xts_mode::Xts128;
-use zeroize::Zeroizing;
 
 use crate::{ImageError, Result};
 
@@ -87,28 +83,28 @@ where
     }
 }
 
-/// CBC of a block cipher (its block's bytes of the IV), no padding.
-struct Cbc<C> {
-    key: Zeroizing<Vec<u8>>,
-    cipher: PhantomData<fn() -> C>,
-}
+/// CBC of a block cipher (its block's bytes of the IV), no padding; the
+/// keyed cipher is cloned for each sector's chain.
+struct Cbc<C>(C);
 
 impl<C> SectorMode for Cbc<C>
 where
-    C: BlockEncryptMut + BlockDecryptMut + BlockCipher + KeyInit,
+    C: BlockEncryptMut + BlockDecryptMut + BlockCipher + Clone + Send + Sync,
 {
     fn apply(&self, sector: &mut [u8], iv: &[u8; 16], encrypt: bool) {
-        let iv = &iv[..C::block_size()];
+        // A sector is a whole number of blocks of every cipher here.
+        let iv = GenericArray::from_slice(&iv[..C::block_size()]);
+        let blocks = sector.chunks_exact_mut(C::block_size());
         if encrypt {
-            cbc::Encryptor::<C>::new_from_slices(&self.key, iv)
-                .expect("checked key size")
-                .encrypt_padded_mut::<NoPadding>(sector, SECTOR)
-                .expect("whole blocks");
+            let mut e = cbc::Encryptor::<C>::inner_iv_init(self.0.clone(), iv);
+            for block in blocks {
+                e.encrypt_block_mut(GenericArray::from_mut_slice(block));
+            }
         } else {
-            cbc::Decryptor::<C>::new_from_slices(&self.key, iv)
-                .expect("checked key size")
-                .decrypt_padded_mut::<NoPadding>(sector)
-                .expect("whole blocks");
+            let mut d = cbc::Decryptor::<C>::inner_iv_init(self.0.clone(), iv);
+            for block in blocks {
+                d.decrypt_block_mut(GenericArray::from_mut_slice(block));
+            }
         }
     }
 }
@@ -140,16 +136,12 @@ where
     Some(Box::new(Xts(xts)))
 }
 
-/// CBC keyed with `key`, checked first.
+/// CBC keyed with `key`.
 fn cbc<C>(key: &[u8]) -> Option<Box<dyn SectorMode>>
 where
-    C: KeyInit + BlockEncryptMut + BlockDecryptMut + BlockCipher + 'static,
+    C: KeyInit + BlockEncryptMut + BlockDecryptMut + BlockCipher + Clone + Send + Sync + 'static,
 {
-    C::new_from_slice(key).ok()?;
-    Some(Box::new(Cbc::<C> {
-        key: Zeroizing::new(key.to_vec()),
-        cipher: PhantomData,
-    }))
+    Some(Box::new(Cbc(C::new_from_slice(key).ok()?)))
 }
 
 impl SectorCipher {
@@ -169,11 +161,12 @@ impl SectorCipher {
             g if g.starts_with("plain64:") => IvGen::Plain64,
             "essiv:sha256" => {
                 let salt = sha2::Sha256::digest(key);
+                let essiv = || unsupported(format!("ESSIV with cipher '{cipher_name}'"));
                 let cipher: Box<dyn BlockEncrypt16> = match cipher_name {
                     "aes" => Box::new(Aes256::new(&salt)),
-                    "serpent" => Box::new(Serpent::new_from_slice(&salt).expect("32 bytes")),
-                    "twofish" => Box::new(Twofish::new_from_slice(&salt).expect("32 bytes")),
-                    other => return Err(unsupported(format!("ESSIV with cipher '{other}'"))),
+                    "serpent" => Box::new(Serpent::new_from_slice(&salt).map_err(|_| essiv())?),
+                    "twofish" => Box::new(Twofish::new_from_slice(&salt).map_err(|_| essiv())?),
+                    _ => return Err(essiv()),
                 };
                 IvGen::Essiv(cipher)
             }

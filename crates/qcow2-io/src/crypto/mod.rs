@@ -79,7 +79,7 @@ pub(crate) fn data_path(
     })?;
     let cipher = SectorCipher::new(&luks.cipher_name, &luks.cipher_mode, &key)?;
     let unlocked = Unlocked {
-        hasher: dedup_hasher(&key),
+        hasher: dedup_hasher(&key)?,
         key,
     };
     Ok((
@@ -99,13 +99,14 @@ pub(crate) struct Unlocked {
 /// The dedup table's hasher of a volume: HMAC-SHA-256 keyed with
 /// HMAC-SHA-256(volume key, a fixed label), so the table's hashes are no
 /// plaintext fingerprint and no other volume's.
-pub(crate) fn dedup_hasher(volume_key: &[u8]) -> ContentHasher {
+pub(crate) fn dedup_hasher(volume_key: &[u8]) -> Result<ContentHasher> {
     use hmac::Mac;
-    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(volume_key).expect("any key length");
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(volume_key)
+        .map_err(|_| ImageError::Internal("HMAC refused the volume key"))?;
     mac.update(b"qcow2 dedup content hash key, v1");
     let mut key = zeroize::Zeroizing::new([0u8; 32]);
     key.copy_from_slice(&mac.finalize().into_bytes());
-    ContentHasher::keyed(*key)
+    Ok(ContentHasher::keyed(*key))
 }
 
 /// The LUKS area of a new encrypted image, laid out by
@@ -154,7 +155,7 @@ pub(crate) fn new_volume(
     bytes[at..at + material.len()].copy_from_slice(&material);
     let cipher = SectorCipher::new(&volume.cipher_name, &volume.cipher_mode, &key)?;
     let unlocked = Unlocked {
-        hasher: dedup_hasher(&key),
+        hasher: dedup_hasher(&key)?,
         key,
     };
     Ok((bytes, cipher, unlocked))
