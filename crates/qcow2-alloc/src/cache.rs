@@ -276,6 +276,27 @@ impl<T> WriteBackCache<T> {
         Ok(!keys.is_empty())
     }
 
+    /// Hands the entry `key` to `write` if it is dirty, and marks it clean
+    /// once written: for an owner that must put one entry on disk ahead of
+    /// the others. Returns whether anything was written.
+    pub fn write_back_one<E>(
+        &mut self,
+        key: u64,
+        write: impl FnOnce(u64, &mut T) -> Result<(), E>,
+    ) -> Result<bool, E> {
+        let Some(&i) = self.index.get(&key) else {
+            return Ok(false);
+        };
+        let slot = &mut self.slots[i];
+        if !slot.dirty {
+            return Ok(false);
+        }
+        write(key, &mut slot.value)?;
+        slot.dirty = false;
+        self.dirty -= 1;
+        Ok(true)
+    }
+
     /// Every held entry, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = (u64, &T)> {
         self.slots.iter().map(|s| (s.key, &s.value))

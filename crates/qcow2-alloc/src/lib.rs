@@ -31,7 +31,7 @@ pub use faulty::FaultyStorage;
 pub use lock::{LockAccess, LockError};
 pub use rebuild::{rebuild_refcounts, RefcountMismatch, ReferenceCounts};
 pub use refcounts::{
-    ClusterSource, RefcountDamage, RefcountTableHeader, Refcounts, RefcountsConfig,
+    ClusterSource, RefcountDamage, RefcountTableHeader, Refcounts, RefcountsConfig, WordPatch,
 };
 pub use storage::{AlignedBuf, FileStorage, MemStorage, Storage, DIRECT_IO_ALIGN};
 

@@ -48,6 +48,36 @@ pub struct RefcountsConfig {
     pub cache_bytes: u64,
 }
 
+/// A conditional change of one big-endian 64-bit word of the file: at
+/// `offset`, `expected` becomes `replacement`; any other value found there
+/// is left alone (the structure holding it moved or was rewritten since).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WordPatch {
+    /// Byte offset of the word in the file.
+    pub offset: u64,
+    /// The value the word must hold for the patch to apply.
+    pub expected: u64,
+    /// The value written in its place.
+    pub replacement: u64,
+}
+
+impl WordPatch {
+    /// Applies the patch; returns whether the file changed.
+    fn apply(self, storage: &dyn Storage) -> Result<bool> {
+        let mut raw = [0u8; 8];
+        storage
+            .read_at(&mut raw, self.offset)
+            .map_err(AllocError::io("reading a word to patch"))?;
+        if u64::from_be_bytes(raw) != self.expected {
+            return Ok(false);
+        }
+        storage
+            .write_at(&self.replacement.to_be_bytes(), self.offset)
+            .map_err(AllocError::io("patching a word before the refcounts"))?;
+        Ok(true)
+    }
+}
+
 /// Refcounts of an image, read and updated through a write-back cache.
 ///
 /// Invariants: every table entry is a cluster-aligned block offset inside
@@ -74,6 +104,9 @@ pub struct Refcounts {
     block_clusters: IntSet<u64>,
     free_hint: HostCluster,
     cache_bytes: u64,
+    /// Changes to other metadata that must be durable before the next
+    /// refcount block is written ([`Refcounts::write_first`]).
+    write_first: Vec<WordPatch>,
     /// Damage tolerated by [`Refcounts::load_for_check`]; while any is
     /// recorded, every refcount change is refused.
     damage: Vec<RefcountDamage>,
@@ -254,6 +287,7 @@ impl Refcounts {
             block_clusters,
             free_hint: HostCluster::new(1),
             cache_bytes: config.cache_bytes,
+            write_first: Vec::new(),
             damage: Vec::new(),
         }
     }
@@ -705,9 +739,38 @@ impl Refcounts {
         self.dirty_entries.is_dirty() || !self.retired_tables.is_empty() || self.blocks.is_dirty()
     }
 
-    /// Writes every dirty refcount block (not the table). Always safe: see
+    /// Queues `patch` to be applied and made durable before the next
+    /// refcount block is written, wherever that write comes from (a
+    /// flush, or a full cache making room). For a change to other metadata
+    /// that must reach the disk before a refcount change does, such as an
+    /// L2 entry losing OFLAG_COPIED before its cluster's refcount reaches
+    /// 2 on disk. Until then the file is left as it is, so a copy taken
+    /// before either write sees the old refcount and the old entry.
+    pub fn write_first(&mut self, patch: WordPatch) {
+        self.write_first.push(patch);
+    }
+
+    /// Applies the queued [`WordPatch`]es and syncs if any changed the file.
+    fn apply_write_first(&mut self, storage: &dyn Storage) -> Result<()> {
+        let mut wrote = false;
+        for patch in std::mem::take(&mut self.write_first) {
+            wrote |= patch.apply(storage)?;
+        }
+        if wrote {
+            storage
+                .flush()
+                .map_err(AllocError::io("syncing before writing refcount blocks"))?;
+        }
+        Ok(())
+    }
+
+    /// Writes every dirty refcount block (not the table), after the
+    /// patches queued by [`Refcounts::write_first`]. Always safe: see
     /// the type's invariants. Returns whether anything was written.
     pub fn write_blocks(&mut self, storage: &dyn Storage) -> Result<bool> {
+        if !self.write_first.is_empty() && self.blocks.is_dirty() {
+            self.apply_write_first(storage)?;
+        }
         let table = &self.table;
         self.blocks.write_back(|index, data| {
             storage

@@ -294,6 +294,34 @@ impl DedupTable {
         Ok(())
     }
 
+    /// Removes the entry of `host_cluster` and, if it had one, writes its
+    /// dedup cluster at once: for a cluster about to be rewritten in place,
+    /// whose old entry must reach the disk cleared before the new data
+    /// does (a crash copy must never name it with its old hash).
+    pub fn clear_now(&mut self, storage: &dyn Storage, host_cluster: HostCluster) -> Result<()> {
+        let slot = dedup::slot_of(self.geometry, host_cluster);
+        if !self.load_cluster(storage, slot.l1_index)? {
+            return Ok(());
+        }
+        let present = self
+            .clusters
+            .peek(slot.l1_index)
+            .and_then(|c| dedup::entry(c, slot.entry))
+            .is_some_and(|e| !e.is_empty());
+        if !present {
+            return Ok(());
+        }
+        self.clear(storage, host_cluster)?;
+        let l1 = &self.l1;
+        self.clusters.write_back_one(slot.l1_index, |index, data| {
+            dedup::seal(data);
+            storage
+                .write_at(data, l1[index as usize])
+                .map_err(DedupError::io("writing a dedup cluster"))
+        })?;
+        Ok(())
+    }
+
     fn set_l1(&mut self, index: usize, value: u64) {
         let cluster_bits = self.geometry.cluster_bits();
         if self.l1[index] != 0 {

@@ -188,6 +188,12 @@ impl Allocator {
         Ok(self.refcounts.adjust(storage, cluster, 1)?)
     }
 
+    /// Applies `patch` (durably) before the next refcount block is
+    /// written (see `Refcounts::write_first`).
+    pub(crate) fn write_first(&mut self, patch: qcow2_alloc::WordPatch) {
+        self.refcounts.write_first(patch);
+    }
+
     /// Allocates up to `max` contiguous clusters with refcount 1.
     pub(crate) fn allocate(
         &mut self,

@@ -11,7 +11,7 @@
 use qcow2_alloc::IntSet;
 use qcow2_alloc::{Storage, WriteBackCache};
 use qcow2_format::l1::{L1Entry, L1Mapping};
-use qcow2_format::l2::{L2Entry, L2Format, L2Mapping, SubclusterBitmap};
+use qcow2_format::l2::{L2Entry, L2Format, L2Mapping, SubclusterBitmap, L2_COPIED};
 use qcow2_format::table::{decode_u64s, encode_u64s, DirtyRange};
 use qcow2_format::{ClusterCount, Geometry, GuestOffset, Header, HostCluster, HostOffset};
 
@@ -232,6 +232,34 @@ impl BlockMap {
         self.l2.insert(new.get(), entries, true);
         self.set_l1_raw(l1_index, L1Entry::new(g.host_offset(new), true).0);
         Ok(new.get())
+    }
+
+    /// The change that clears OFLAG_COPIED of `guest`'s entry in the file,
+    /// if the L2 table there still maps it to `host` with the flag when the
+    /// patch is applied: for a cluster whose refcount is about to reach 2
+    /// on disk (the cached table gets the change through
+    /// [`BlockMap::set_mapping`]). A table not yet written, or a cluster
+    /// that no longer holds it, does not match and is left alone.
+    pub(crate) fn copied_clear_patch(
+        &self,
+        guest: GuestOffset,
+        host: HostOffset,
+    ) -> Result<Option<qcow2_alloc::WordPatch>> {
+        let g = self.geometry;
+        let Some((table, _)) = self.l2_offset(g.l1_index(guest) as usize)? else {
+            return Ok(None);
+        };
+        let flagged = L2Mapping::Data {
+            offset: host,
+            copied: true,
+        }
+        .encode(g)
+        .0;
+        Ok(Some(qcow2_alloc::WordPatch {
+            offset: table.get() + g.l2_index(guest) * g.l2_entry_size(),
+            expected: flagged,
+            replacement: flagged & !L2_COPIED,
+        }))
     }
 
     /// Points the guest cluster holding `guest` at `mapping`. The reference

@@ -274,6 +274,22 @@ impl DedupState {
 
     /// Removes the entry of `host`, from the index and the table.
     pub(crate) fn forget(&mut self, storage: &dyn Storage, host: HostCluster) -> Result<()> {
+        self.forget_entry(storage, host, false)
+    }
+
+    /// [`DedupState::forget`] for a cluster about to be rewritten in
+    /// place: the cleared entry is written to the file before the caller
+    /// writes the new data, so no copy of the file taken in between names
+    /// the cluster with its old hash.
+    pub(crate) fn forget_before_rewrite(
+        &mut self,
+        storage: &dyn Storage,
+        host: HostCluster,
+    ) -> Result<()> {
+        self.forget_entry(storage, host, true)
+    }
+
+    fn forget_entry(&mut self, storage: &dyn Storage, host: HostCluster, now: bool) -> Result<()> {
         if let Some(entry) = self.table.get(storage, host)? {
             if let Some(index) = self.index.as_mut() {
                 index.remove(&ContentHash(entry.hash), host);
@@ -284,7 +300,11 @@ impl DedupState {
             if let Some(hints) = self.referrers.remove(&host) {
                 self.referrer_hints -= hints.len();
             }
-            self.table.clear(storage, host)?;
+            if now {
+                self.table.clear_now(storage, host)?;
+            } else {
+                self.table.clear(storage, host)?;
+            }
         }
         Ok(())
     }

@@ -175,18 +175,20 @@ impl DedupOps<'_> {
     ) -> Result<()> {
         let refcount = self.0.alloc.add_reference(&*self.0.storage, host)?;
         if refcount == 2 {
+            // The first referrer loses OFLAG_COPIED, in the file too, before
+            // any refcount block carrying the 2 is written.
             let size = self.header().size;
             let d = self
                 .0
                 .dedup
                 .as_mut()
                 .ok_or(ImageError::Internal("dedup state missing"))?;
-            if let Some((guest, mapping)) =
-                d.fix_copied_at_hint(&*self.0.storage, &mut self.0.map, host, false, size)?
-            {
-                self.0
-                    .map
-                    .set_mapping(&*self.0.storage, &mut self.0.alloc, guest, mapping)?;
+            match d.fix_copied_at_hint(&*self.0.storage, &mut self.0.map, host, false, size)? {
+                Some((guest, mapping)) => self.0.set_copied_flag(guest, mapping)?,
+                // Not where the hints lead: found by a pass over the L2
+                // tables now, not at the next write-back, since a full
+                // refcount cache may write the 2 before then.
+                None => self.0.write_back().resolve_copied_flags()?,
             }
         }
         let offset = self.0.geometry.host_offset(host);
@@ -210,10 +212,12 @@ impl DedupOps<'_> {
         Ok(())
     }
 
-    /// Removes the dedup entry of `host` (its content is about to change).
+    /// Removes the dedup entry of `host`, whose content is about to be
+    /// rewritten in place: the cleared entry is in the file before the
+    /// caller writes the data.
     pub(crate) fn dedup_forget(&mut self, host: HostCluster) -> Result<()> {
         let storage = self.0.storage.clone();
-        self.dedup_mut()?.forget(&*storage, host)
+        self.dedup_mut()?.forget_before_rewrite(&*storage, host)
     }
 
     /// Records that `host` now holds content `hash`, first written at `guest`.

@@ -216,6 +216,26 @@ impl Metadata {
         self.header().incompatible_features & INCOMPAT_EXTERNAL_DATA != 0
     }
 
+    /// Sets OFLAG_COPIED of `guest`'s data mapping as `mapping` says. A
+    /// cleared flag is also cleared in the file's L2 table, durably, before
+    /// the next refcount block is written: the flag goes because the
+    /// cluster's refcount rises past 1, and no table on disk may carry it
+    /// once the refcount on disk does. (A flag set goes the ordinary way:
+    /// the refcount that fell to 1 is written first, then the table.)
+    pub(crate) fn set_copied_flag(&mut self, guest: GuestOffset, mapping: L2Mapping) -> Result<()> {
+        if let L2Mapping::Data {
+            offset,
+            copied: false,
+        } = mapping
+        {
+            if let Some(patch) = self.map.copied_clear_patch(guest, offset)? {
+                self.alloc.write_first(patch);
+            }
+        }
+        self.map
+            .set_mapping(&*self.storage, &mut self.alloc, guest, mapping)
+    }
+
     /// The largest refcount the image's width can hold.
     pub(crate) fn max_refcount(&self) -> u64 {
         self.alloc.width().max()

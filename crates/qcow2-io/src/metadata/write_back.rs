@@ -48,6 +48,7 @@ impl WriteBack<'_> {
     /// it a power loss could land the entry and lose the data, and the
     /// guest would read whatever the cluster held before.
     pub(super) fn write_tables(&mut self) -> Result<()> {
+        self.resolve_copied_flags()?;
         let dedup_dirty = self.0.dedup.as_ref().is_some_and(DedupState::is_dirty);
         if !self.0.map.is_dirty() && !dedup_dirty {
             return Ok(());
@@ -130,16 +131,23 @@ impl WriteBack<'_> {
                 }
             }
         }
-        if let Some(d) = self.0.dedup.as_mut() {
-            let changes =
-                d.resolve_copied_flags(&*self.0.storage, &mut self.0.map, &mut self.0.alloc)?;
-            for (guest, mapping) in changes {
-                self.0
-                    .map
-                    .set_mapping(&*self.0.storage, &mut self.0.alloc, guest, mapping)?;
-            }
-        }
         self.write_tables()
+    }
+
+    /// Recomputes OFLAG_COPIED on the referrers of the shared clusters
+    /// whose hints did not lead to them, by one pass over the active L2
+    /// tables. Runs before any L2 table is written, so no table on disk
+    /// carries OFLAG_COPIED for a cluster whose refcount is above 1.
+    pub(super) fn resolve_copied_flags(&mut self) -> Result<()> {
+        let Some(d) = self.0.dedup.as_mut() else {
+            return Ok(());
+        };
+        let changes =
+            d.resolve_copied_flags(&*self.0.storage, &mut self.0.map, &mut self.0.alloc)?;
+        for (guest, mapping) in changes {
+            self.0.set_copied_flag(guest, mapping)?;
+        }
+        Ok(())
     }
 }
 impl Metadata {
