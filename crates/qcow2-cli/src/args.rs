@@ -142,8 +142,8 @@ pub struct AmendArgs {
     /// [,encrypt.iter-time=MS]` or `encrypt.state=inactive` with
     /// `encrypt.keyslot=N` or `encrypt.old-secret=ID`. The whole list is
     /// checked before the first change; any other key is refused.
-    #[arg(short = 'o', value_name = "OPTIONS", required = true)]
-    pub options: OptionList,
+    #[arg(short = 'o', action = clap::ArgAction::Append, value_name = "OPTIONS", required = true)]
+    pub option_lists: Vec<OptionList>,
     /// Allow erasing every active LUKS key slot (the data becomes
     /// unreadable for ever), as qemu-img's --force.
     #[arg(long)]
@@ -447,8 +447,8 @@ pub struct CreateArgs {
     #[arg(short = 'f', value_enum, default_value = "qcow2")]
     pub format: Qcow2Only,
     /// cluster_size=N,refcount_bits=N,compat=0.10|1.1,lazy_refcounts=on|off,dedup=on|off,size=N
-    #[arg(short = 'o', value_name = "OPTIONS")]
-    pub options: Option<OptionList>,
+    #[arg(short = 'o', action = clap::ArgAction::Append, value_name = "OPTIONS")]
+    pub option_lists: Vec<OptionList>,
     /// `-q`.
     #[command(flatten)]
     pub quiet: Quiet,
@@ -523,8 +523,8 @@ pub struct ConvertArgs {
     #[arg(short = 'O', value_enum, default_value = "raw")]
     pub target_format: ImageFormat,
     /// Creation options of a qcow2 target (as for `create`).
-    #[arg(short = 'o', value_name = "OPTIONS")]
-    pub options: Option<OptionList>,
+    #[arg(short = 'o', action = clap::ArgAction::Append, value_name = "OPTIONS")]
+    pub option_lists: Vec<OptionList>,
     /// The target exists already: write into it instead of creating it.
     #[arg(short = 'n')]
     pub no_create: bool,
@@ -604,8 +604,8 @@ pub struct MeasureArgs {
     pub target_format: ImageFormat,
     /// Creation options of the target (as for `create`; dedup=on measures
     /// the source's unique clusters).
-    #[arg(short = 'o', value_name = "OPTIONS")]
-    pub options: Option<OptionList>,
+    #[arg(short = 'o', action = clap::ArgAction::Append, value_name = "OPTIONS")]
+    pub option_lists: Vec<OptionList>,
     /// Measure a compressed target (`convert -c`): the source's clusters
     /// are compressed to count their size.
     #[arg(short = 'c')]
@@ -794,6 +794,38 @@ pub struct ServeArgs {
     pub format: Option<Qcow2Only>,
     /// The image.
     pub image: PathBuf,
+}
+
+impl AmendArgs {
+    /// The `-o` lists merged in command-line order, as qemu-img merges a
+    /// repeated `-o` (clap requires at least one).
+    pub fn options(&self) -> OptionList {
+        OptionList::merged(&self.option_lists).unwrap_or(OptionList(Vec::new()))
+    }
+}
+
+impl CreateArgs {
+    /// The `-o` lists merged in command-line order, as qemu-img merges a
+    /// repeated `-o`; `None` when none was given.
+    pub fn options(&self) -> Option<OptionList> {
+        OptionList::merged(&self.option_lists)
+    }
+}
+
+impl ConvertArgs {
+    /// The `-o` lists merged in command-line order, as qemu-img merges a
+    /// repeated `-o`; `None` when none was given.
+    pub fn options(&self) -> Option<OptionList> {
+        OptionList::merged(&self.option_lists)
+    }
+}
+
+impl MeasureArgs {
+    /// The `-o` lists merged in command-line order, as qemu-img merges a
+    /// repeated `-o`; `None` when none was given.
+    pub fn options(&self) -> Option<OptionList> {
+        OptionList::merged(&self.option_lists)
+    }
 }
 
 #[cfg(test)]

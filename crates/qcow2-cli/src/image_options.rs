@@ -66,6 +66,20 @@ impl std::str::FromStr for OptionList {
     }
 }
 
+impl OptionList {
+    /// Several `-o` lists as one, in order (a later key overrides an
+    /// earlier one where the options are applied in order); `None` for
+    /// no list.
+    pub fn merged(lists: &[OptionList]) -> Option<OptionList> {
+        if lists.is_empty() {
+            return None;
+        }
+        Some(OptionList(
+            lists.iter().flat_map(|l| l.0.iter().cloned()).collect(),
+        ))
+    }
+}
+
 /// Applies a `-o` list to creation options.
 pub fn apply_create_options(
     options: &mut CreateOptions,

@@ -634,6 +634,49 @@ fn item_12_bad_sizes_option_lists_and_check_exit_codes() {
     assert_eq!(ours.status.code(), Some(2));
 }
 
+#[test]
+fn a_repeated_o_is_merged_as_qemu_img_merges_it() {
+    if !tools(&["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let mut t = twin_with("a.qcow2", &[], "1M");
+    t.guest("a.qcow2", &["write -P 7 0 192k"]);
+    let (theirs, ours) = t.both(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "refcount_bits=32",
+        "-o",
+        "compat=v3",
+        "r.qcow2",
+        "1M",
+    ]);
+    assert!(theirs.status.success(), "{}", text(&theirs.stderr));
+    assert_eq!(text(&theirs.stdout), text(&ours.stdout));
+    let (theirs, ours) = t.both(&[
+        "convert",
+        "-O",
+        "qcow2",
+        "-o",
+        "cluster_size=64k",
+        "-o",
+        "lazy_refcounts=on",
+        "a.qcow2",
+        "c.qcow2",
+    ]);
+    assert!(theirs.status.success(), "{}", text(&theirs.stderr));
+    assert!(ours.status.success(), "{}", text(&ours.stderr));
+    for file in ["r.qcow2", "c.qcow2"] {
+        let (theirs, ours) = t.both(&["info", "--output=json", file]);
+        assert_eq!(
+            normalize("info", &theirs),
+            normalize("info", &ours),
+            "{file}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------
 // Random workflows.
 // ---------------------------------------------------------------------

@@ -18,7 +18,7 @@ pub fn run(args: &AmendArgs) -> Result<u8, CliError> {
     if args.format.value.is_some() {
         resolve_format(path, Some(ImageFormat::Qcow2))?;
     }
-    let (amend, dedup, keys) = parse_amend_options(&args.options)?;
+    let (amend, dedup, keys) = parse_amend_options(&args.options())?;
     let changes_format = amend != AmendOptions::default();
     if let Some(keys) = keys {
         if dedup.is_some() || changes_format {

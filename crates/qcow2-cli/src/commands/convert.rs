@@ -145,7 +145,7 @@ fn backing_size(target: &Path, name: &str, format: Option<ImageFormat>) -> Resul
 fn open_target(args: &ConvertArgs, size: u64) -> Result<Box<dyn Target>, CliError> {
     let path = args.target.as_path();
     let cache = args.target_cache;
-    if args.no_create && args.options.is_some() {
+    if args.no_create && args.options().is_some() {
         return Err(CliError::Usage(
             "-o has no effect with -n (the target is not created)".into(),
         ));
@@ -163,7 +163,7 @@ fn open_target(args: &ConvertArgs, size: u64) -> Result<Box<dyn Target>, CliErro
             Qcow2Target::create_overlay(
                 path,
                 size,
-                args.options.as_ref(),
+                args.options().as_ref(),
                 (backing, format),
                 cache,
             )?
@@ -180,11 +180,11 @@ fn open_target(args: &ConvertArgs, size: u64) -> Result<Box<dyn Target>, CliErro
             Box::new(Qcow2Target::open_existing(path, cache)?.compressing(args.compress))
         }
         ImageFormat::Qcow2 => Box::new(
-            Qcow2Target::create(path, size, args.options.as_ref(), cache)?
+            Qcow2Target::create(path, size, args.options().as_ref(), cache)?
                 .compressing(args.compress),
         ),
         ImageFormat::Raw => {
-            if args.options.is_some() {
+            if args.options().is_some() {
                 return Err(CliError::Usage("raw targets take no -o options".into()));
             }
             let file = target_file(path, cache, args.no_create)?;

@@ -16,7 +16,7 @@ pub fn run(args: &CreateArgs) -> Result<u8, CliError> {
     let path = args.file.as_path();
     let size = args.size;
     let mut options = CreateOptions::new(size.unwrap_or(0)).overwrite(true);
-    apply_create_options(&mut options, args.options.as_ref())?;
+    apply_create_options(&mut options, args.options().as_ref())?;
     // -o backing_file=...,backing_fmt=... is -b ... -F ...
     let from_options = options.backing.take();
     let backing = args
@@ -56,7 +56,8 @@ pub fn run(args: &CreateArgs) -> Result<u8, CliError> {
     let image = Image::create(path, &options).map_err(CliError::image(path))?;
     image.close().map_err(CliError::image(path))?;
     if !args.quiet.quiet {
-        let given = args.options.as_ref().map(|l| l.0.as_slice());
+        let list = args.options();
+        let given = list.as_ref().map(|l| l.0.as_slice());
         say!(
             "{}",
             formatting_line(path, &options, given.unwrap_or_default())

@@ -114,7 +114,7 @@ fn data_bytes(
 /// Runs the command.
 pub fn run(args: &MeasureArgs) -> Result<u8, CliError> {
     if args.compress
-        && args.options.as_ref().is_some_and(|l| {
+        && args.options().as_ref().is_some_and(|l| {
             l.0.iter()
                 .any(|(k, v)| k == "dedup" && parse_bool(k, v).unwrap_or(false))
         })
@@ -144,7 +144,7 @@ pub fn run(args: &MeasureArgs) -> Result<u8, CliError> {
     };
     let (required, fully, bitmaps) = match args.target_format {
         ImageFormat::Raw => {
-            if args.options.is_some() || args.compress {
+            if args.options().is_some() || args.compress {
                 return Err(CliError::Usage("raw targets take no -o or -c".into()));
             }
             let bytes = size.next_multiple_of(512);
@@ -183,7 +183,7 @@ fn measure_qcow2(
     size: u64,
 ) -> Result<(u64, u64, Option<u64>), CliError> {
     let mut options = CreateOptions::new(size);
-    apply_create_options(&mut options, args.options.as_ref())?;
+    apply_create_options(&mut options, args.options().as_ref())?;
     options.size = size;
     let data = match source {
         Some(s) => Some(data_bytes(s, path, &options, args.compress)?),

@@ -172,16 +172,18 @@ impl Planner {
     /// The copies a content offers, and whether it has several: a content
     /// in several copies offers only its open copy (the others are full); a
     /// content in one copy offers that one. Clusters this plan rewrites in
-    /// place are left out.
+    /// place are left out: when that is the open copy, every copy is
+    /// looked at (another may have room, and the new copy must know it is
+    /// one of several).
     fn copies(&self, meta: &mut Metadata, hash: &ContentHash) -> Result<(bool, Vec<StoredCopy>)> {
-        let open = meta.dedup_ops().dedup_open_copy(hash)?;
-        let several_copies = open.is_some();
-        let mut copies = match open {
-            Some(open) => vec![open],
-            None => meta.dedup_ops().dedup_copies(hash)?,
-        };
+        if let Some(open) = meta.dedup_ops().dedup_open_copy(hash)? {
+            if !self.reused.contains(&open.host) {
+                return Ok((true, vec![open]));
+            }
+        }
+        let mut copies = meta.dedup_ops().dedup_copies(hash)?;
         copies.retain(|c| !self.reused.contains(&c.host));
-        Ok((several_copies, copies))
+        Ok((false, copies))
     }
 
     /// Shares this plan already gives `host`.
@@ -192,10 +194,15 @@ impl Planner {
             .map_or(0, |(_, n)| *n)
     }
 
-    /// The fullest copy that still has room for a reference.
+    /// The fullest copy that still has room for a reference. A dying copy
+    /// (every reference it has is a queued decrease) is never shared: its
+    /// old referrer may still point there in a table on disk, with
+    /// OFLAG_COPIED, until the table is written, and the new reference
+    /// would raise its refcount on disk to 2 before that.
     fn fullest_with_room(&self, copies: &[StoredCopy]) -> Option<HostCluster> {
         copies
             .iter()
+            .filter(|c| c.refcount > c.released)
             .map(|c| (c.refcount + self.planned(c.host), c))
             .filter(|(load, _)| *load < self.limit)
             .max_by_key(|(load, _)| *load)
@@ -216,9 +223,10 @@ impl Planner {
     /// copies, so nothing is kept twice past it, and a write never waits
     /// for a flush there.)
     fn room_after_flush(&self, copies: &[StoredCopy]) -> bool {
-        copies
-            .iter()
-            .any(|c| c.refcount - c.released.min(c.refcount) + self.planned(c.host) < self.limit)
+        copies.iter().any(|c| {
+            let live = c.refcount - c.released.min(c.refcount);
+            live > 0 && live + self.planned(c.host) < self.limit
+        })
     }
 
     /// Where a content to store goes: the guest cluster's own data cluster

@@ -109,10 +109,15 @@ impl WriteBack<'_> {
         Ok(())
     }
 
-    /// Syncs the tables, then applies the queued decreases (step 3 of the
-    /// ordering) and writes back what they changed. The dedup clusters
-    /// left shared below the refcount maximum join `unsettled`.
+    /// Writes the tables (refcounts first) and syncs them, then applies
+    /// the queued decreases (step 3 of the ordering) and writes back what
+    /// they changed. The tables go first even when the flush wrote them
+    /// already: a consolidation round moves pointers in the cache after
+    /// that, and a donor's decrease must not reach the file while a table
+    /// there still points at the donor. The dedup clusters left shared
+    /// below the refcount maximum join `unsettled`.
     pub(super) fn apply_released(&mut self) -> Result<()> {
+        self.write_tables()?;
         self.sync("syncing tables before freeing")?;
         let size = self.header().size;
         let limit = self.max_refcount();
