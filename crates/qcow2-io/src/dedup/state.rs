@@ -14,7 +14,7 @@
 use std::collections::{HashMap, HashSet};
 
 use qcow2_alloc::Storage;
-use qcow2_dedup::{ContentHash, DedupIndex, DedupStats, DedupTable, ScanReport};
+use qcow2_dedup::{ContentHash, DedupIndex, DedupTable, ScanReport};
 use qcow2_format::dedup::{DedupEntry, DedupExtension};
 use qcow2_format::l1::{L1Entry, L1Mapping};
 use qcow2_format::l2::{L2Entry, L2Mapping};
@@ -25,6 +25,8 @@ use crate::allocator::Allocator;
 use crate::block_map::BlockMap;
 use crate::overlap::HoldsMetadata;
 use crate::{ImageError, Result};
+
+mod stats;
 
 /// Bytes of L2 dedup clusters kept in memory.
 const DEDUP_CACHE_BYTES: u64 = 16 << 20;
@@ -272,24 +274,15 @@ impl DedupState {
             .map(|e| GuestOffset::new(e.guest_offset.get())))
     }
 
-    /// Removes the entry of `host`, from the index and the table.
-    pub(crate) fn forget(&mut self, storage: &dyn Storage, host: HostCluster) -> Result<()> {
-        self.forget_entry(storage, host, false)
-    }
-
-    /// [`DedupState::forget`] for a cluster about to be rewritten in
-    /// place: the cleared entry is written to the file before the caller
-    /// writes the new data, so no copy of the file taken in between names
-    /// the cluster with its old hash.
-    pub(crate) fn forget_before_rewrite(
+    /// Removes the entry of `host`, from the index and the table; with
+    /// `before_rewrite` (its content is about to change in place) the
+    /// cleared entry is written to the file at once, before the new data.
+    pub(crate) fn forget(
         &mut self,
         storage: &dyn Storage,
         host: HostCluster,
+        before_rewrite: bool,
     ) -> Result<()> {
-        self.forget_entry(storage, host, true)
-    }
-
-    fn forget_entry(&mut self, storage: &dyn Storage, host: HostCluster, now: bool) -> Result<()> {
         if let Some(entry) = self.table.get(storage, host)? {
             if let Some(index) = self.index.as_mut() {
                 index.remove(&ContentHash(entry.hash), host);
@@ -300,7 +293,7 @@ impl DedupState {
             if let Some(hints) = self.referrers.remove(&host) {
                 self.referrer_hints -= hints.len();
             }
-            if now {
+            if before_rewrite {
                 self.table.clear_now(storage, host)?;
             } else {
                 self.table.clear(storage, host)?;
@@ -464,7 +457,7 @@ impl DedupState {
         virtual_size: u64,
     ) -> Result<Option<MappingChange>> {
         if left == 0 {
-            self.forget(storage, host)?;
+            self.forget(storage, host, false)?;
             self.copied_unresolved.remove(&host);
         } else if left == 1 && self.entry_guest(storage, host)?.is_some() {
             return self.fix_copied_at_hint(storage, map, host, true, virtual_size);
@@ -527,28 +520,6 @@ impl DedupState {
             }
         }
         Ok(changes)
-    }
-
-    /// Deduplication figures, given how many guest clusters reference data.
-    pub(crate) fn stats(&mut self, storage: &dyn Storage, references: u64) -> Result<DedupStats> {
-        let (unique, memory, report) = match self.index.as_ref() {
-            Some(index) => (
-                index.len() as u64,
-                index.memory_bytes() as u64,
-                self.table.report(),
-            ),
-            None => {
-                let report = self.table.scan(storage, |_, _| Ok(()))?;
-                (report.entries, 0, report)
-            }
-        };
-        Ok(DedupStats {
-            unique_clusters: unique,
-            references,
-            bytes_saved: references.saturating_sub(unique) * self.geometry.cluster_size(),
-            index_memory: memory,
-            crc_failures: report.crc_failures,
-        })
     }
 
     /// Every recorded entry, and what the scan found.

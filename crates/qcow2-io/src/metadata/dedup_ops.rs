@@ -217,7 +217,7 @@ impl DedupOps<'_> {
     /// caller writes the data.
     pub(crate) fn dedup_forget(&mut self, host: HostCluster) -> Result<()> {
         let storage = self.0.storage.clone();
-        self.dedup_mut()?.forget_before_rewrite(&*storage, host)
+        self.dedup_mut()?.forget(&*storage, host, true)
     }
 
     /// Records that `host` now holds content `hash`, first written at `guest`.
