@@ -219,12 +219,8 @@ impl DedupTable {
     /// Writes every dirty dedup cluster, sealed with its CRC.
     fn write_clusters(&mut self, storage: &dyn Storage) -> Result<bool> {
         let l1 = &self.l1;
-        self.clusters.write_back(|index, data| {
-            dedup::seal(data);
-            storage
-                .write_at(data, l1[index as usize])
-                .map_err(DedupError::io("writing a dedup cluster"))
-        })
+        self.clusters
+            .write_back(|index, data| write_cluster(storage, l1, index, data))
     }
 
     /// The entry of host cluster `host_cluster`, if one is recorded.
@@ -277,21 +273,7 @@ impl DedupTable {
 
     /// Removes the entry of `host_cluster`, if any.
     pub fn clear(&mut self, storage: &dyn Storage, host_cluster: HostCluster) -> Result<()> {
-        let slot = dedup::slot_of(self.geometry, host_cluster);
-        if !self.load_cluster(storage, slot.l1_index)? {
-            return Ok(());
-        }
-        let present = self
-            .clusters
-            .peek(slot.l1_index)
-            .and_then(|c| dedup::entry(c, slot.entry))
-            .is_some_and(|e| !e.is_empty());
-        if present {
-            if let Some(cluster) = self.clusters.get_mut(slot.l1_index) {
-                dedup::set_entry(cluster, slot.entry, &zero_entry()).ok_or_else(misplaced)?;
-            }
-        }
-        Ok(())
+        self.clear_entry(storage, host_cluster).map(|_| ())
     }
 
     /// Removes the entry of `host_cluster` and, if it had one, writes its
@@ -299,9 +281,25 @@ impl DedupTable {
     /// whose old entry must reach the disk cleared before the new data
     /// does (a crash copy must never name it with its old hash).
     pub fn clear_now(&mut self, storage: &dyn Storage, host_cluster: HostCluster) -> Result<()> {
+        let Some(index) = self.clear_entry(storage, host_cluster)? else {
+            return Ok(());
+        };
+        let l1 = &self.l1;
+        self.clusters
+            .write_back_one(index, |index, data| write_cluster(storage, l1, index, data))?;
+        Ok(())
+    }
+
+    /// Removes the entry of `host_cluster`; returns the L1 index of its
+    /// dedup cluster if there was an entry to remove.
+    fn clear_entry(
+        &mut self,
+        storage: &dyn Storage,
+        host_cluster: HostCluster,
+    ) -> Result<Option<u64>> {
         let slot = dedup::slot_of(self.geometry, host_cluster);
         if !self.load_cluster(storage, slot.l1_index)? {
-            return Ok(());
+            return Ok(None);
         }
         let present = self
             .clusters
@@ -309,17 +307,12 @@ impl DedupTable {
             .and_then(|c| dedup::entry(c, slot.entry))
             .is_some_and(|e| !e.is_empty());
         if !present {
-            return Ok(());
+            return Ok(None);
         }
-        self.clear(storage, host_cluster)?;
-        let l1 = &self.l1;
-        self.clusters.write_back_one(slot.l1_index, |index, data| {
-            dedup::seal(data);
-            storage
-                .write_at(data, l1[index as usize])
-                .map_err(DedupError::io("writing a dedup cluster"))
-        })?;
-        Ok(())
+        if let Some(cluster) = self.clusters.get_mut(slot.l1_index) {
+            dedup::set_entry(cluster, slot.entry, &zero_entry()).ok_or_else(misplaced)?;
+        }
+        Ok(Some(slot.l1_index))
     }
 
     fn set_l1(&mut self, index: usize, value: u64) {
@@ -459,6 +452,14 @@ fn zero_entry() -> DedupEntry {
 
 /// An entry index that does not fit its dedup cluster: a bug of
 /// `slot_of`, never damage (the index is computed, not read).
+/// Writes the dedup cluster at L1 `index`, sealed with its CRC.
+fn write_cluster(storage: &dyn Storage, l1: &[u64], index: u64, data: &mut [u8]) -> Result<()> {
+    dedup::seal(data);
+    storage
+        .write_at(data, l1[index as usize])
+        .map_err(DedupError::io("writing a dedup cluster"))
+}
+
 fn misplaced() -> DedupError {
     DedupError::Internal("dedup entry index outside its cluster")
 }

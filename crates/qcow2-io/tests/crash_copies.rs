@@ -13,15 +13,13 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use common::*;
 use qcow2_io::{
-    CreateOptions, FindingKind, Image, ImageError, MapKind, MemStorage, OpenOptions, RepairMode,
-    Storage,
+    CreateOptions, FindingKind, Image, ImageError, MemStorage, OpenOptions, RepairMode, Storage,
 };
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -57,39 +55,6 @@ fn scratch_dir() -> tempfile::TempDir {
         tempfile::tempdir_in(shm).unwrap()
     } else {
         tempfile::tempdir().unwrap()
-    }
-}
-
-/// Guest contents as of the last flush, and what changed since.
-struct Model {
-    flushed: Vec<u8>,
-    current: Vec<u8>,
-    touched: Vec<bool>,
-}
-
-impl Model {
-    fn new(size: usize) -> Self {
-        Self {
-            flushed: vec![0; size],
-            current: vec![0; size],
-            touched: vec![false; size],
-        }
-    }
-    fn flushed_now(&mut self) {
-        self.flushed.clone_from(&self.current);
-        self.touched.fill(false);
-    }
-    fn set(&mut self, offset: u64, data: &[u8]) {
-        let r = offset as usize..offset as usize + data.len();
-        self.current[r.clone()].copy_from_slice(data);
-        self.touched[r].fill(true);
-    }
-    fn resize(&mut self, size: usize) {
-        let keep = size.min(self.current.len());
-        self.touched[..keep].fill(true);
-        self.current.resize(size, 0);
-        self.touched.resize(size, true);
-        self.flushed.resize(size, 0);
     }
 }
 
@@ -224,29 +189,11 @@ fn verify_copy(
     image.close().unwrap();
 }
 
-/// Host clusters holding each content: content → host offsets.
-fn copies_by_content(image: &Image) -> BTreeMap<Vec<u8>, (BTreeSet<u64>, u64)> {
-    let cs = image.cluster_size();
-    let mut out: BTreeMap<Vec<u8>, (BTreeSet<u64>, u64)> = BTreeMap::new();
-    let mut buf = vec![0u8; cs as usize];
-    for e in image.map().unwrap() {
-        if e.kind != MapKind::Data {
-            continue;
-        }
-        for i in 0..e.length / cs {
-            image.read_at(&mut buf, e.start + i * cs).unwrap();
-            let slot = out.entry(buf.clone()).or_default();
-            slot.0.insert(e.host_offset.unwrap() + i * cs);
-            slot.1 += 1;
-        }
-    }
-    out
-}
-
 /// Counts the contents stored in more (or fewer) copies than
 /// ⌈references / `max`⌉, printing each; the caller asserts the total.
 fn count_extra_copies(image: &Image, max: u64, label: &str, counts: &mut Counts) {
-    for (content, (hosts, references)) in copies_by_content(image) {
+    for (content, stored) in copies_by_content(image) {
+        let (hosts, references) = (stored.hosts, stored.references);
         if hosts.len() as u64 != references.div_ceil(max) {
             eprintln!(
                 "{label}: a content ({:02x}..) with {references} references is stored in {} copies",

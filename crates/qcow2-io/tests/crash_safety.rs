@@ -13,30 +13,6 @@ use qcow2_io::{CreateOptions, FaultyStorage, Image, MemStorage, OpenOptions, Rep
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-struct Model {
-    /// Contents as of the last successful flush.
-    flushed: Vec<u8>,
-    /// Contents now.
-    current: Vec<u8>,
-    /// Bytes changed (or possibly changed) since the last flush.
-    touched: Vec<bool>,
-}
-
-impl Model {
-    fn new(size: usize) -> Self {
-        Self {
-            flushed: vec![0; size],
-            current: vec![0; size],
-            touched: vec![false; size],
-        }
-    }
-
-    fn flushed_now(&mut self) {
-        self.flushed.clone_from(&self.current);
-        self.touched.fill(false);
-    }
-}
-
 fn small_cache_rw() -> OpenOptions {
     OpenOptions {
         write: true,

@@ -4,13 +4,11 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use common::*;
-use qcow2_io::{
-    Compat, CreateOptions, Image, ImageError, MapKind, MemStorage, OpenOptions, RepairMode,
-};
+use qcow2_io::{Compat, CreateOptions, Image, ImageError, MemStorage, OpenOptions, RepairMode};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -29,29 +27,11 @@ fn content(id: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// Host clusters holding each content, by reading every mapped guest
-/// cluster: content bytes → set of host offsets.
-fn copies_by_content(image: &Image) -> BTreeMap<Vec<u8>, BTreeSet<u64>> {
-    let cs = image.cluster_size();
-    let mut out: BTreeMap<Vec<u8>, BTreeSet<u64>> = BTreeMap::new();
-    let mut buf = vec![0u8; cs as usize];
-    for e in image.map().unwrap() {
-        if e.kind != MapKind::Data {
-            continue;
-        }
-        for i in 0..e.length / cs {
-            image.read_at(&mut buf, e.start + i * cs).unwrap();
-            out.entry(buf.clone())
-                .or_default()
-                .insert(e.host_offset.unwrap() + i * cs);
-        }
-    }
-    out
-}
-
 fn stored_copies(image: &Image, id: u64) -> usize {
     let c = content(id, image.cluster_size() as usize);
-    copies_by_content(image).get(&c).map_or(0, BTreeSet::len)
+    copies_by_content(image)
+        .get(&c)
+        .map_or(0, |s| s.hosts.len())
 }
 
 #[test]
@@ -106,7 +86,9 @@ fn assert_copies_follow_references(image: &Image, model: &[Option<u64>], max: u6
     let copies = copies_by_content(image);
     for id in 1..=4u64 {
         let live = model.iter().filter(|&&m| m == Some(id)).count() as u64;
-        let stored = copies.get(&content(id, cluster)).map_or(0, BTreeSet::len) as u64;
+        let stored = copies
+            .get(&content(id, cluster))
+            .map_or(0, |s| s.hosts.len()) as u64;
         assert_eq!(
             stored,
             live.div_ceil(max),

@@ -2,6 +2,7 @@
 //! oracle), and a seeded random generator.
 #![allow(dead_code)]
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -130,4 +131,77 @@ pub fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
         return Some(a.len().min(b.len()));
     }
     a.iter().zip(b).position(|(x, y)| x != y)
+}
+
+/// Guest contents as a crash model sees them: as of the last completed
+/// flush, now, and which bytes changed (or may have) since that flush.
+pub struct Model {
+    /// Contents as of the last successful flush.
+    pub flushed: Vec<u8>,
+    /// Contents now.
+    pub current: Vec<u8>,
+    /// Bytes changed (or possibly changed) since the last flush.
+    pub touched: Vec<bool>,
+}
+
+impl Model {
+    /// A disk of `size` zero bytes, all flushed.
+    pub fn new(size: usize) -> Self {
+        Self {
+            flushed: vec![0; size],
+            current: vec![0; size],
+            touched: vec![false; size],
+        }
+    }
+
+    /// A flush completed: what the guest reads now is what survives.
+    pub fn flushed_now(&mut self) {
+        self.flushed.clone_from(&self.current);
+        self.touched.fill(false);
+    }
+
+    /// The guest wrote `data` at `offset`.
+    pub fn set(&mut self, offset: u64, data: &[u8]) {
+        let r = offset as usize..offset as usize + data.len();
+        self.current[r.clone()].copy_from_slice(data);
+        self.touched[r].fill(true);
+    }
+
+    /// The disk was resized to `size` bytes: every byte may have changed
+    /// until the next flush (a shrink drops data, a grow reads zeros).
+    pub fn resize(&mut self, size: usize) {
+        let keep = size.min(self.current.len());
+        self.touched[..keep].fill(true);
+        self.current.resize(size, 0);
+        self.touched.resize(size, true);
+        self.flushed.resize(size, 0);
+    }
+}
+
+/// Where one content of a deduplicated image is stored.
+#[derive(Default)]
+pub struct StoredContent {
+    /// Host offsets of its copies.
+    pub hosts: BTreeSet<u64>,
+    /// Guest clusters referring to it (in the active L1).
+    pub references: u64,
+}
+
+/// Every content of `image`'s mapped guest clusters, by reading them.
+pub fn copies_by_content(image: &qcow2_io::Image) -> BTreeMap<Vec<u8>, StoredContent> {
+    let cs = image.cluster_size();
+    let mut out: BTreeMap<Vec<u8>, StoredContent> = BTreeMap::new();
+    let mut buf = vec![0u8; cs as usize];
+    for e in image.map().unwrap() {
+        if e.kind != qcow2_io::MapKind::Data {
+            continue;
+        }
+        for i in 0..e.length / cs {
+            image.read_at(&mut buf, e.start + i * cs).unwrap();
+            let stored = out.entry(buf.clone()).or_default();
+            stored.hosts.insert(e.host_offset.unwrap() + i * cs);
+            stored.references += 1;
+        }
+    }
+    out
 }
