@@ -627,11 +627,19 @@ fn item_12_bad_sizes_option_lists_and_check_exit_codes() {
         let whole = std::fs::read(t.dir(tool).join("a.qcow2")).unwrap();
         // Cut inside the refcount block: the L1 and L2 tables are gone.
         std::fs::write(t.dir(tool).join("cut.qcow2"), &whole[..100_000]).unwrap();
+        // A header no tool can open (cluster_bits 40).
+        let mut bad = whole.clone();
+        bad[20..24].copy_from_slice(&40u32.to_be_bytes());
+        std::fs::write(t.dir(tool).join("header.qcow2"), &bad).unwrap();
     }
     let (_, ours) = t.both(&["check", "r.raw"]);
     assert_eq!(ours.status.code(), Some(63));
     let (_, ours) = t.both(&["check", "cut.qcow2"]);
     assert_eq!(ours.status.code(), Some(2));
+    // Not checked at all: "check not completed".
+    let (theirs, ours) = t.both(&["check", "header.qcow2"]);
+    assert_eq!(theirs.status.code(), Some(1));
+    assert_eq!(ours.status.code(), Some(1));
 }
 
 #[test]
@@ -667,7 +675,41 @@ fn a_repeated_o_is_merged_as_qemu_img_merges_it() {
     ]);
     assert!(theirs.status.success(), "{}", text(&theirs.stderr));
     assert!(ours.status.success(), "{}", text(&ours.stderr));
-    for file in ["r.qcow2", "c.qcow2"] {
+    let (theirs, ours) = t.both(&[
+        "measure",
+        "--output=json",
+        "-O",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        "-o",
+        "refcount_bits=1",
+        "a.qcow2",
+    ]);
+    assert!(theirs.status.success(), "{}", text(&theirs.stderr));
+    assert_eq!(normalize("measure", &theirs), normalize("measure", &ours));
+    t.setup(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            "v2.qcow2",
+            "1M",
+        ],
+    );
+    let (theirs, _) = t.both(&[
+        "amend",
+        "-o",
+        "compat=v3",
+        "-o",
+        "lazy_refcounts=on",
+        "v2.qcow2",
+    ]);
+    assert!(theirs.status.success(), "{}", text(&theirs.stderr));
+    for file in ["r.qcow2", "c.qcow2", "v2.qcow2"] {
         let (theirs, ours) = t.both(&["info", "--output=json", file]);
         assert_eq!(
             normalize("info", &theirs),

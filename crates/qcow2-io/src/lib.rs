@@ -72,9 +72,11 @@ pub use qcow2_alloc::{
 };
 pub use qcow2_dedup::{ContentHash, DedupStats};
 /// The on-disk types this crate's API returns ([`Image::header`],
-/// [`Image::snapshots`], [`Image::dedup_table_clusters`]), so callers need
-/// no direct dependency on `qcow2-format`.
+/// [`Image::snapshots`], [`Image::dedup_table_clusters`], the
+/// [`ImageError::Format`] cause), so callers need no direct dependency on
+/// `qcow2-format`.
 pub use qcow2_format::{
-    snapshot::Snapshot, ClusterCount, Geometry, GuestOffset, Header, HostCluster, HostOffset,
+    snapshot::Snapshot, ClusterCount, FormatError, Geometry, GuestOffset, Header, HostCluster,
+    HostOffset,
 };
 pub use zeros::is_zero;

@@ -55,15 +55,15 @@ struct Totals {
 }
 
 impl Totals {
-    /// Prints the figures RELIABILITY.md quotes and asserts enough crash
-    /// points were tried.
-    fn report(&self, what: &str) {
+    /// Prints the figures RELIABILITY.md quotes and asserts that at least
+    /// `least` crash points were tried.
+    fn report(&self, what: &str, least: u64) {
         eprintln!(
             "power loss{what}: {} crash points x {PATTERNS} landing patterns = {} crash images; 0 corruptions, 0 flushed writes lost; {} leaks left after the open's repair; {} images also passed qemu-img check",
             self.crash_points, self.images, self.repaired_leaks, self.qemu_checked
         );
         assert!(
-            self.crash_points >= 1000,
+            self.crash_points >= least,
             "{} crash points",
             self.crash_points
         );
@@ -139,6 +139,9 @@ struct Paths {
     compressed: bool,
     /// Internal snapshots are taken and deleted between writes.
     snapshots: bool,
+    /// Refcount width in bits (0: the default, 16). At 2 and 4 bits the
+    /// pool's contents outgrow their copies, so flushes consolidate.
+    refcount_bits: u32,
 }
 
 fn workload(paths: Paths, cluster: u64, seed: u64, totals: &mut Totals, qemu: bool) {
@@ -148,7 +151,12 @@ fn workload(paths: Paths, cluster: u64, seed: u64, totals: &mut Totals, qemu: bo
     let options = CreateOptions::new(size)
         .cluster_size(cluster)
         .dedup(dedup)
-        .extended_l2(paths.extended);
+        .extended_l2(paths.extended)
+        .refcount_bits(if paths.refcount_bits == 0 {
+            16
+        } else {
+            paths.refcount_bits
+        });
     Image::create_on(faulty.clone(), &options)
         .unwrap()
         .close()
@@ -282,8 +290,28 @@ fn workload(paths: Paths, cluster: u64, seed: u64, totals: &mut Totals, qemu: bo
             since.clear();
         }
     }
-    faulty.hold_log(false);
+    // Crash points inside the close: its consolidating flush, the holes
+    // punched, the free tail cut off and the dirty bit cleared.
+    let before = faulty.unflushed_writes();
     image.close().unwrap();
+    let after = faulty.unflushed_writes();
+    for k in (before..=after).step_by(((after - before) / 8).max(1)) {
+        totals.crash_points += 1;
+        for pattern in 0..PATTERNS {
+            let label = format!(
+                "{paths:?} cluster {cluster} seed {seed} close write {k} pattern {pattern}"
+            );
+            verify(
+                faulty.power_loss_image(k, seed ^ (k as u64) << 8 ^ pattern),
+                &flushed,
+                &since,
+                &label,
+                totals,
+                qemu && pattern == 0,
+            );
+        }
+    }
+    faulty.hold_log(false);
 }
 
 #[test]
@@ -301,7 +329,27 @@ fn power_loss_at_every_step_never_corrupts_or_loses_flushed_data() {
             }
         }
     }
-    totals.report("");
+    totals.report("", 1000);
+}
+
+/// Dedup images at refcount widths 2 and 4, where contents outgrow their
+/// copies and every flush and the close consolidate them (pointer moves,
+/// target increases, donor decreases, punches), crashed inside each.
+#[test]
+fn power_loss_at_narrow_refcount_widths() {
+    let qemu = qemu_available();
+    let mut totals = Totals::default();
+    for refcount_bits in [2, 4] {
+        for cluster in [512u64, 4096, 65536] {
+            let paths = Paths {
+                dedup: true,
+                refcount_bits,
+                ..Paths::default()
+            };
+            workload(paths, cluster, u64::from(refcount_bits), &mut totals, qemu);
+        }
+    }
+    totals.report(" (dedup at refcount widths 2 and 4)", 900);
 }
 
 #[test]
@@ -327,5 +375,5 @@ fn power_loss_on_subclusters_compression_and_snapshots() {
             workload(paths, cluster, seed, &mut totals, qemu && !paths.dedup);
         }
     }
-    totals.report(" (subclusters, compression, snapshots)");
+    totals.report(" (subclusters, compression, snapshots)", 1000);
 }

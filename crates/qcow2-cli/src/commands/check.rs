@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use qcow2_io::{CheckReport, Image, ImageError, OpenOptions, RepairMode};
+use qcow2_io::{CheckReport, FormatError, Image, ImageError, OpenOptions, RepairMode};
 use serde_json::{json, Map, Value};
 
 use crate::args::{CheckArgs, ImageFormat, OutputFormat, RepairArg};
@@ -44,6 +44,19 @@ pub fn run(args: &CheckArgs) -> Result<u8, CliError> {
     };
     let image = match Image::open(path, &crate::secrets::with_key(path, options.clone())) {
         Ok(image) => image,
+        // A header that cannot be parsed: the check could not run, which
+        // qemu-img reports as exit 1 ("check not completed"). A table
+        // past the end of the file is damage QEMU opens and counts (below).
+        Err(e)
+            if matches!(&e, ImageError::Format(f)
+                if !matches!(f, FormatError::PastEnd { .. } | FormatError::Truncated { .. })) =>
+        {
+            eprintln!(
+                "qcow2: {path}: the image cannot be opened, so it was not checked: {e}",
+                path = path.display()
+            );
+            return Ok(1);
+        }
         // Metadata too damaged to open even for a check (a truncated
         // file, tables past its end): corruption, as qemu-img reports it.
         Err(e @ (ImageError::Format(_) | ImageError::Corrupt(_))) => {

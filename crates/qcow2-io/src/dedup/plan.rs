@@ -89,9 +89,10 @@ pub(super) fn classify(
         let fullest_with_room = planner.fullest_with_room(&copies);
         if !several_copies && copies.len() > 1 {
             // Found by a look at every copy (after a reopen, the open copy
-            // is not known yet): remember it, so the next write need not.
+            // is not known yet): remember it, so the next write need not,
+            // and have the next flush merge the other copies with room.
             let open = fullest_with_room.unwrap_or(copies[0].host);
-            meta.dedup_ops().dedup_set_open_copy(&hash, open);
+            meta.dedup_ops().dedup_adopt_copies(&hash, open, &copies);
         }
         if let Some(host) = fullest_with_room {
             planner.plan_share(host);

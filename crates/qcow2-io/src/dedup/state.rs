@@ -384,11 +384,16 @@ impl DedupState {
 
     /// Makes `host` the copy of `hash` that takes new references; `None`
     /// when every copy is full.
-    pub(crate) fn set_open_copy(&mut self, hash: &ContentHash, host: Option<HostCluster>) {
+    /// Returns the copy that was the open one before, if any.
+    pub(crate) fn set_open_copy(
+        &mut self,
+        hash: &ContentHash,
+        host: Option<HostCluster>,
+    ) -> Option<HostCluster> {
         match host {
             Some(host) => self.open_copy.insert(hash.0, host),
             None => self.open_copy.remove(&hash.0),
-        };
+        }
     }
 
     /// Records that `host` holds content `hash`, first written at `guest`.

@@ -39,7 +39,8 @@ impl Consolidation<'_> {
     /// Keeps at most one copy of each content with room left (so stored
     /// copies = ⌈references / refcount maximum⌉): for the contents whose
     /// copies just lost references, references move from the emptiest copy
-    /// to the fullest one with room. A donor's referrers are found through
+    /// to the fullest one with room (the open copy is among them; after a
+    /// reopen, before one is known, every copy is). A donor's referrers are found through
     /// its dedup entry's guest offset, else by one pass over the active L2
     /// tables. Moved references are ordinary shares: the target's refcount
     /// rises before the pointer, the donor's falls at the next round.
@@ -70,9 +71,16 @@ impl Consolidation<'_> {
             contents[slot].1.push(cluster);
         }
         for (hash, copies) in &mut contents {
-            if let Some(open) = self.dedup_ops().dedup_open_copy(hash)? {
-                if !copies.contains(&open.host) {
-                    copies.push(open.host);
+            let others = match self.dedup_ops().dedup_open_copy(hash)? {
+                Some(open) => vec![open],
+                // No open copy known (the image was reopened since the
+                // content last took a reference): every copy is looked at,
+                // once; `reopen_copy` then remembers the open one.
+                None => self.dedup_ops().dedup_copies(hash)?,
+            };
+            for other in others {
+                if !copies.contains(&other.host) {
+                    copies.push(other.host);
                 }
             }
             let mut open = Vec::new();

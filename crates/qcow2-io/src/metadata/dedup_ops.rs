@@ -148,11 +148,36 @@ impl DedupOps<'_> {
             }))
     }
 
-    /// Makes `host` the copy of `hash` that takes new references.
+    /// Makes `host` the copy of `hash` that takes new references. The copy
+    /// that was the open one is queued for the next consolidating flush:
+    /// it may still have room (a flush can have made room in it while a
+    /// writer planned this new copy), and only the open copy may.
     pub(crate) fn dedup_set_open_copy(&mut self, hash: &ContentHash, host: HostCluster) {
-        if let Some(d) = self.0.dedup.as_mut() {
-            d.set_open_copy(hash, Some(host));
+        let Some(d) = self.0.dedup.as_mut() else {
+            return;
+        };
+        if let Some(before) = d.set_open_copy(hash, Some(host)).filter(|&b| b != host) {
+            self.0.unsettled.insert(before);
         }
+    }
+
+    /// Makes `open` the copy of `hash` that takes new references, after a
+    /// look at all of its `copies` (a reopen forgets the open copies): the
+    /// others that still have room are queued for the next consolidating
+    /// flush, which keeps "every copy but the open one is full" true.
+    pub(crate) fn dedup_adopt_copies(
+        &mut self,
+        hash: &ContentHash,
+        open: HostCluster,
+        copies: &[StoredCopy],
+    ) {
+        self.dedup_set_open_copy(hash, open);
+        let limit = self.max_refcount();
+        let with_room = copies.iter().filter(|c| {
+            let live = c.refcount.saturating_sub(c.released);
+            c.host != open && live > 0 && live < limit
+        });
+        self.0.unsettled.extend(with_room.map(|c| c.host));
     }
 
     /// Whether host cluster `host` is recorded as holding content `hash`.
