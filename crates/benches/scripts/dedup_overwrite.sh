@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Overwrites in place on a dedup image (every cluster owned alone, each
-# write new unique content: the path that drops a cluster's dedup entry
+# write new unique content, the second pass shifted by one request so every
+# write changes its cluster: the path that drops a cluster's dedup entry
 # before rewriting it), timed for two qcow2 builds against qemu-img bench
 # overwriting a plain image, interleaved, with a noise row (qemu-img
 # against itself). Each row runs at COUNT and at 4 x COUNT requests.
@@ -27,9 +28,10 @@ row() { # LABEL CLUSTER COUNT
         qemu-img bench -q "${args[@]}" --pattern 1 q.qcow2 >/dev/null
         "$old" bench -q "${args[@]}" --dup 0 a.qcow2 >/dev/null
         "$new" bench -q "${args[@]}" --dup 0 b.qcow2 >/dev/null
-        q+=("$(seconds qemu-img bench "${args[@]}" --pattern 2 q.qcow2)")
-        a+=("$(seconds "$old" bench "${args[@]}" --dup 0 a.qcow2)")
-        b+=("$(seconds "$new" bench "${args[@]}" --dup 0 b.qcow2)")
+        # Shifted by one request: every write changes what its cluster holds.
+        q+=("$(seconds qemu-img bench "${args[@]}" -o 4096 --pattern 2 q.qcow2)")
+        a+=("$(seconds "$old" bench "${args[@]}" -o 4096 --dup 0 a.qcow2)")
+        b+=("$(seconds "$new" bench "${args[@]}" -o 4096 --dup 0 b.qcow2)")
     done
     local mq ma mb odd even
     mq=$(printf '%s\n' "${q[@]}" | median); ma=$(printf '%s\n' "${a[@]}" | median); mb=$(printf '%s\n' "${b[@]}" | median)

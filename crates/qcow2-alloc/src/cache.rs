@@ -173,7 +173,8 @@ impl<T> WriteBackCache<T> {
         }
     }
 
-    fn is_dirty_key(&self, key: u64) -> bool {
+    /// Whether the entry `key` is held and waits to be written.
+    pub fn is_dirty_key(&self, key: u64) -> bool {
         self.index.get(&key).is_some_and(|&i| self.slots[i].dirty)
     }
 

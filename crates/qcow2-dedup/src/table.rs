@@ -2,8 +2,8 @@
 
 use std::collections::BTreeSet;
 
-use qcow2_alloc::IntSet;
 use qcow2_alloc::{ClusterSource, Storage, WriteBackCache};
+use qcow2_alloc::{IntMap, IntSet};
 use qcow2_format::dedup::{self, DedupEntry, DedupExtension};
 use qcow2_format::table::{decode_u64s, encode_u64s, DirtyRange};
 use qcow2_format::{ClusterCount, Geometry, HostCluster, HostOffset};
@@ -45,6 +45,11 @@ pub struct DedupTable {
     damaged: BTreeSet<u64>,
     /// Host clusters of every L2 dedup cluster the L1 points to.
     l2_clusters: IntSet<u64>,
+    /// By L1 index: host clusters whose entry was recorded while the file
+    /// held none for them, in a dedup cluster not written since. Their
+    /// entry in the file is known to be empty, so [`DedupTable::clear_now`]
+    /// need not write it again.
+    empty_on_disk: IntMap<u64, IntSet<u64>>,
 }
 
 impl DedupTable {
@@ -87,6 +92,7 @@ impl DedupTable {
             report: ScanReport::default(),
             damaged: BTreeSet::new(),
             l2_clusters: IntSet::default(),
+            empty_on_disk: IntMap::default(),
         }
     }
 
@@ -211,6 +217,7 @@ impl DedupTable {
     /// be what is damaged, aiming at other metadata). Its entries are lost
     /// hints; the cluster, if it was one, is a leak for `check -r leaks`.
     fn forget_damaged(&mut self, index: u64) {
+        self.empty_on_disk.remove(&index);
         self.damaged.insert(index);
         self.clusters.remove(index);
         self.set_l1(index as usize, 0);
@@ -218,6 +225,7 @@ impl DedupTable {
 
     /// Writes every dirty dedup cluster, sealed with its CRC.
     fn write_clusters(&mut self, storage: &dyn Storage) -> Result<bool> {
+        self.empty_on_disk.clear();
         let l1 = &self.l1;
         self.clusters
             .write_back(|index, data| write_cluster(storage, l1, index, data))
@@ -264,11 +272,35 @@ impl DedupTable {
             self.set_l1(slot.l1_index as usize, offset.get());
         }
         if self.load_cluster(storage, slot.l1_index)? {
+            let empty_on_disk = self.is_empty_on_disk(host_cluster, slot);
             if let Some(cluster) = self.clusters.get_mut(slot.l1_index) {
                 dedup::set_entry(cluster, slot.entry, entry).ok_or_else(misplaced)?;
             }
+            let known = self.empty_on_disk.entry(slot.l1_index).or_default();
+            if empty_on_disk {
+                known.insert(host_cluster.get());
+            } else {
+                known.remove(&host_cluster.get());
+            }
         }
         Ok(())
+    }
+
+    /// Whether the file holds no entry for `host_cluster` (its dedup
+    /// cluster loaded): known when the cached cluster is clean, so the same
+    /// as the file's, and its entry is empty, or from an earlier record.
+    fn is_empty_on_disk(&self, host_cluster: HostCluster, slot: dedup::DedupSlot) -> bool {
+        let known = self
+            .empty_on_disk
+            .get(&slot.l1_index)
+            .is_some_and(|hosts| hosts.contains(&host_cluster.get()));
+        known
+            || (!self.clusters.is_dirty_key(slot.l1_index)
+                && self
+                    .clusters
+                    .peek(slot.l1_index)
+                    .and_then(|c| dedup::entry(c, slot.entry))
+                    .is_some_and(|e| e.is_empty()))
     }
 
     /// Removes the entry of `host_cluster`, if any.
@@ -281,9 +313,18 @@ impl DedupTable {
     /// whose old entry must reach the disk cleared before the new data
     /// does (a crash copy must never name it with its old hash).
     pub fn clear_now(&mut self, storage: &dyn Storage, host_cluster: HostCluster) -> Result<()> {
+        let slot = dedup::slot_of(self.geometry, host_cluster);
+        let known_empty = self
+            .empty_on_disk
+            .get_mut(&slot.l1_index)
+            .is_some_and(|hosts| hosts.remove(&host_cluster.get()));
         let Some(index) = self.clear_entry(storage, host_cluster)? else {
             return Ok(());
         };
+        if known_empty {
+            return Ok(());
+        }
+        self.empty_on_disk.remove(&index);
         let l1 = &self.l1;
         self.clusters
             .write_back_one(index, |index, data| write_cluster(storage, l1, index, data))?;
