@@ -9,7 +9,8 @@
 //!
 //! `QCOW2_CRASH_COPIES` sets how many crash points each width runs (the
 //! release-build soak in RELIABILITY.md uses 10 000); the default keeps the
-//! suite quick.
+//! suite quick. `NOTHREADS=1` leaves the threaded phases out, so a finding
+//! replays exactly.
 
 mod common;
 
