@@ -564,6 +564,34 @@ pub struct ConvertArgs {
     /// of refusing to convert.
     #[arg(long = "skip-broken-bitmaps")]
     pub skip_broken_bitmaps: bool,
+    /// Allow out-of-order writes (`-W`): accepted as qemu-img takes it;
+    /// our writer threads already write in whatever order they finish.
+    #[arg(short = 'W')]
+    pub out_of_order: bool,
+    /// Most requests in flight at once (`-m`, 1 to 16, as qemu-img's
+    /// coroutines): the copy uses at most this many threads.
+    #[arg(short = 'm', value_name = "COROUTINES")]
+    pub parallel: Option<u64>,
+    /// With -n: the target reads as zeros already, so runs of zeros in the
+    /// source are skipped rather than written.
+    #[arg(long = "target-is-zero")]
+    pub target_is_zero: bool,
+    /// qemu-img's sparse-detection size (`-S`): refused (zeros are found
+    /// per cluster of the target).
+    #[arg(short = 'S', value_name = "SIZE", hide = true)]
+    pub sparse_size: Option<String>,
+    /// qemu-img's rate limit (`-r`): refused.
+    #[arg(short = 'r', value_name = "RATE", hide = true)]
+    pub rate_limit: Option<String>,
+    /// qemu-img's copy offloading (`-C`): refused.
+    #[arg(short = 'C', hide = true)]
+    pub copy_offload: bool,
+    /// qemu-img's `--salvage` (go on past read errors): refused.
+    #[arg(long, hide = true)]
+    pub salvage: bool,
+    /// qemu-img's `--target-image-opts`: refused.
+    #[arg(long = "target-image-opts", hide = true)]
+    pub target_image_opts: bool,
     /// The source image.
     pub source: PathBuf,
     /// The target image.

@@ -312,6 +312,8 @@ pub(crate) struct CopyMode {
     pub(crate) progress: bool,
     /// The target existed: runs of zeros are written as zeros, not skipped.
     pub(crate) zero_existing: bool,
+    /// Most threads the copy runs (`convert -m`); `None`: one per core.
+    pub(crate) parallel: Option<usize>,
 }
 
 type Chunk = (u64, AlignedBuf);
@@ -362,6 +364,7 @@ pub(crate) fn copy(
     let total: u64 = ranges.iter().map(|(s, e)| e - s).sum();
     let cores = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
+        .min(mode.parallel.unwrap_or(16))
         .clamp(1, 16);
     let cost = target.write_cost();
     let mut progress = Progress::new(total, mode.progress);

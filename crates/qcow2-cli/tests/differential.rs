@@ -719,6 +719,93 @@ fn a_repeated_o_is_merged_as_qemu_img_merges_it() {
     }
 }
 
+#[test]
+fn convert_takes_w_m_and_target_is_zero_and_refuses_the_rest_in_one_line() {
+    if !tools(&["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let mut t = twin_with("a.qcow2", &[], "4M");
+    t.guest("a.qcow2", &["write -P 7 0 192k", "write -P 9 1M 64k"]);
+    for args in [
+        &[
+            "convert", "-W", "-m", "2", "-O", "qcow2", "a.qcow2", "w.qcow2",
+        ][..],
+        &["convert", "-m", "17", "-O", "qcow2", "a.qcow2", "m.qcow2"],
+        &[
+            "convert",
+            "--target-is-zero",
+            "-O",
+            "qcow2",
+            "a.qcow2",
+            "z.qcow2",
+        ],
+    ] {
+        t.both(args);
+    }
+    // -n --target-is-zero into a new, empty target: the same disk.
+    t.setup(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "n.qcow2", "4M"],
+    );
+    let (theirs, ours) = t.both(&[
+        "convert",
+        "-n",
+        "--target-is-zero",
+        "-O",
+        "qcow2",
+        "a.qcow2",
+        "n.qcow2",
+    ]);
+    assert!(
+        theirs.status.success() && ours.status.success(),
+        "{}",
+        text(&ours.stderr)
+    );
+    for tool in [Tool::Qemu, Tool::Ours] {
+        for copy in ["w.qcow2", "n.qcow2"] {
+            let out = t.run_in(tool, "qemu-img", &["compare", "a.qcow2", copy]);
+            assert!(out.status.success(), "{copy}: {}", text(&out.stdout));
+        }
+    }
+    // Honoured: zeros of the source are skipped, so what the target held
+    // there stays (qemu-img does the same; the caller vouched for zeros).
+    t.setup(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "d.qcow2", "4M"],
+    );
+    t.guest("d.qcow2", &["write -P 5 2M 64k"]);
+    t.both(&[
+        "convert",
+        "-n",
+        "--target-is-zero",
+        "-O",
+        "qcow2",
+        "a.qcow2",
+        "d.qcow2",
+    ]);
+    for tool in [Tool::Qemu, Tool::Ours] {
+        let out = t.run_in(tool, "qemu-io", &["-c", "read -P 5 2M 64k", "d.qcow2"]);
+        assert!(!text(&out.stdout).contains("Pattern verification failed"));
+    }
+    // What we refuse, qemu-img runs: one line each, exit 1, nothing made.
+    for (flag, value) in [
+        ("-S", Some("4k")),
+        ("-r", Some("1M")),
+        ("-C", None),
+        ("--salvage", None),
+    ] {
+        let mut args = vec!["convert", flag];
+        args.extend(value);
+        args.extend(["-O", "qcow2", "a.qcow2", "refused.qcow2"]);
+        let out = t.run_in(Tool::Ours, bin(), &args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{flag}: {err}");
+        assert_eq!(err.lines().count(), 1, "{flag}: {err}");
+        assert!(err.contains(flag) && err.contains("not supported"), "{err}");
+        assert!(!t.dir(Tool::Ours).join("refused.qcow2").exists());
+    }
+}
+
 // ---------------------------------------------------------------------
 // Random workflows.
 // ---------------------------------------------------------------------

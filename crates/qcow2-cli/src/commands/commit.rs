@@ -120,6 +120,7 @@ pub fn run(args: &CommitArgs) -> Result<u8, CliError> {
         CopyMode {
             progress: args.progress && !args.quiet.quiet,
             zero_existing: true,
+            parallel: None,
         },
     )?;
     drop(source);

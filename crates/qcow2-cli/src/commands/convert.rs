@@ -1,4 +1,4 @@
-//! `qcow2 convert [-f FMT] [-O raw|qcow2] [-o OPTIONS] [-n] [-t CACHE] [-T CACHE] [-p] [-q] [--bitmaps [--skip-broken-bitmaps]] SRC DST`
+//! `qcow2 convert [-f FMT] [-O raw|qcow2] [-o OPTIONS] [-n [--target-is-zero]] [-W] [-m N] [-t CACHE] [-T CACHE] [-p] [-q] [--bitmaps [--skip-broken-bitmaps]] SRC DST`
 //!
 //! Opens the source and the target and hands them to the copy engine
 //! (`crate::copy`); `-n` writes into an existing target, zeros included.
@@ -12,8 +12,49 @@ use crate::copy::{align_ranges, copy, target_file, CopyMode, Qcow2Target, RawTar
 use crate::disk::{backing_format_name, refuse_same_file, Disk};
 use crate::error::CliError;
 
+/// qemu-img convert's options this tool refuses, each with its reason.
+fn refuse_unsupported(args: &ConvertArgs) -> Result<(), CliError> {
+    let refused = [
+        (
+            args.sparse_size.is_some(),
+            "-S is not supported: zeros are found and skipped per cluster of the target",
+        ),
+        (
+            args.rate_limit.is_some(),
+            "-r (a rate limit) is not supported",
+        ),
+        (
+            args.copy_offload,
+            "-C (copy offloading) is not supported: the data goes through this process",
+        ),
+        (
+            args.salvage,
+            "--salvage is not supported: a read error ends the conversion",
+        ),
+        (
+            args.target_image_opts,
+            "--target-image-opts is not supported: name the target by its file name",
+        ),
+    ];
+    match refused.iter().find(|(given, _)| *given) {
+        Some((_, why)) => Err(CliError::Usage((*why).into())),
+        None => Ok(()),
+    }
+}
+
 /// Runs the command.
 pub fn run(args: &ConvertArgs) -> Result<u8, CliError> {
+    refuse_unsupported(args)?;
+    if args.parallel.is_some_and(|n| !(1..=16).contains(&n)) {
+        return Err(CliError::Usage(
+            "Invalid number of coroutines specified. Must be between 1 and 16.".into(),
+        ));
+    }
+    if args.target_is_zero && !args.no_create {
+        return Err(CliError::Usage(
+            "--target-is-zero requires use of -n flag".into(),
+        ));
+    }
     let src_path = args.source.as_path();
     let source = Disk::open_at(
         src_path,
@@ -32,7 +73,7 @@ pub fn run(args: &ConvertArgs) -> Result<u8, CliError> {
     // of the source written, zeros included. An overlay (-B) gets what
     // the source's top image holds, zeros included (they hide the
     // backing's data); the rest is assumed to be in its backing file.
-    let ranges = if args.no_create {
+    let ranges = if args.no_create && !args.target_is_zero {
         vec![(0, size)]
     } else if let Some(backing) = &args.backing {
         // Up to the backing file's end: what the source's top image holds
@@ -69,7 +110,8 @@ pub fn run(args: &ConvertArgs) -> Result<u8, CliError> {
         target,
         CopyMode {
             progress: args.progress && !args.quiet.quiet,
-            zero_existing: args.no_create || args.backing.is_some(),
+            zero_existing: (args.no_create && !args.target_is_zero) || args.backing.is_some(),
+            parallel: args.parallel.map(|n| n as usize),
         },
     )?;
     if let (Disk::Qcow2(image), false) = (&source, bitmaps.is_empty()) {

@@ -34,6 +34,7 @@ pub fn run(args: &DedupArgs) -> Result<u8, CliError> {
             let mode = CopyMode {
                 progress: args.progress && !args.quiet.quiet,
                 zero_existing: false,
+                parallel: None,
             };
             copy(&source, path, &ranges, Box::new(target), mode)?;
             out
