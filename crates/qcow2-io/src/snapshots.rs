@@ -85,9 +85,22 @@ impl Device {
             ));
         }
         meta.format_changes().mark_dirty()?;
+        // Queued decreases land first: one that leaves a cluster with a
+        // single reference would set its OFLAG_COPIED again.
         meta.flush()?;
         let references = tree_references(&mut meta, &l1)?;
-        meta.references().add_references(&references)?;
+        // Every cluster the active tables name gains the snapshot's
+        // reference: their OFLAG_COPIED goes first, durably, so no table
+        // on disk carries it once a refcount there exceeds 1.
+        meta.mappings().clear_copied_flags()?;
+        meta.flush()?;
+        if let Err(e) = meta.references().add_references(&references) {
+            // Refused (a refcount would overflow), nothing added: the
+            // flags come back as they were.
+            meta.mappings().refresh_copied_flags()?;
+            meta.flush()?;
+            return Err(e);
+        }
         meta.mappings().refresh_copied_flags()?;
         meta.flush()?;
         let copy: Vec<u64> = l1

@@ -128,6 +128,20 @@ impl Mappings<'_> {
     /// place even when shared: only the flag changes, which is right for
     /// every L1 that points there.
     pub(crate) fn refresh_copied_flags(&mut self) -> Result<()> {
+        self.write_copied_flags(false)
+    }
+
+    /// Clears OFLAG_COPIED on every active L1 and L2 entry: before a
+    /// snapshot adds a reference to every cluster the active tables name,
+    /// so the flags can be off on disk before any of those refcounts
+    /// rises past 1 there.
+    pub(crate) fn clear_copied_flags(&mut self) -> Result<()> {
+        self.write_copied_flags(true)
+    }
+
+    /// [`Mappings::refresh_copied_flags`], or with `all_shared` every
+    /// flag cleared.
+    fn write_copied_flags(&mut self, all_shared: bool) -> Result<()> {
         let g = self.0.geometry;
         let format = self.0.map.format();
         for index in 0..self.0.map.l1().len() {
@@ -135,7 +149,8 @@ impl Mappings<'_> {
             let L1Mapping::L2Table { offset, copied } = L1Entry(raw).decode(g)? else {
                 continue;
             };
-            let exclusive = self.references().live_refcount(g.host_cluster(offset))? == 1;
+            let exclusive =
+                !all_shared && self.references().live_refcount(g.host_cluster(offset))? == 1;
             if exclusive != copied {
                 self.0
                     .map
@@ -151,7 +166,8 @@ impl Mappings<'_> {
                         offset: host,
                         copied,
                     } => {
-                        let want = self.references().live_refcount(g.host_cluster(host))? == 1;
+                        let want = !all_shared
+                            && self.references().live_refcount(g.host_cluster(host))? == 1;
                         (want != copied).then_some(L2Mapping::Data {
                             offset: host,
                             copied: want,
@@ -161,7 +177,8 @@ impl Mappings<'_> {
                         preallocated: Some(host),
                         copied,
                     } => {
-                        let want = self.references().live_refcount(g.host_cluster(host))? == 1;
+                        let want = !all_shared
+                            && self.references().live_refcount(g.host_cluster(host))? == 1;
                         (want != copied).then_some(L2Mapping::Zero {
                             preallocated: Some(host),
                             copied: want,
