@@ -306,7 +306,7 @@ impl Args for BitmapOperations {
     }
 }
 
-/// `qcow2 resize [-f qcow2] [-q] [--shrink] FILE [+|-]SIZE`
+/// `qcow2 resize [-f qcow2] [-q] [--shrink] [--preallocation=MODE] FILE [+|-]SIZE`
 #[derive(Debug, Args)]
 pub struct ResizeArgs {
     /// `-f qcow2`.
@@ -315,6 +315,11 @@ pub struct ResizeArgs {
     /// Allow a smaller size (asked for explicitly, as qemu-img asks).
     #[arg(long)]
     pub shrink: bool,
+    /// Allocate the new part of the disk: `off` (default), `metadata`
+    /// (clusters mapped, file sparse), `falloc` (blocks reserved) or
+    /// `full` (zeros written); growing only, as in qemu-img.
+    #[arg(long, value_name = "MODE", value_parser = crate::image_options::parse_preallocation)]
+    pub preallocation: Option<qcow2_io::Preallocation>,
     /// `-q`.
     #[command(flatten)]
     pub quiet: Quiet,

@@ -105,17 +105,7 @@ pub fn apply_create_options(
             "extended_l2" => options.extended_l2 = parse_bool(key, value)?,
             "data_file_raw" => options.data_file_raw = parse_bool(key, value)?,
             "preallocation" => {
-                options.preallocation = match value.as_str() {
-                    "off" => Preallocation::Off,
-                    "metadata" => Preallocation::Metadata,
-                    "falloc" => Preallocation::Falloc,
-                    "full" => Preallocation::Full,
-                    _ => {
-                        return Err(CliError::Usage(format!(
-                            "preallocation must be off, metadata, falloc or full, not {value:?}"
-                        )))
-                    }
-                }
+                options.preallocation = parse_preallocation(value).map_err(CliError::Usage)?
             }
             "compression_type" => {
                 options.compression = match value.as_str() {
@@ -271,6 +261,19 @@ pub fn parse_amend_options(
         }
     }
     Ok((amend, dedup, keys))
+}
+
+/// A `preallocation=` / `--preallocation=` mode, by qemu-img's names.
+pub fn parse_preallocation(value: &str) -> Result<Preallocation, String> {
+    match value {
+        "off" => Ok(Preallocation::Off),
+        "metadata" => Ok(Preallocation::Metadata),
+        "falloc" => Ok(Preallocation::Falloc),
+        "full" => Ok(Preallocation::Full),
+        _ => Err(format!(
+            "preallocation must be off, metadata, falloc or full, not {value:?}"
+        )),
+    }
 }
 
 #[cfg(test)]

@@ -451,6 +451,65 @@ fn item_4_a_grown_overlay_hides_its_longer_backing() {
 }
 
 #[test]
+fn resize_preallocates_the_new_part_as_qemu_img_does() {
+    if !tools(&["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let mut t = twin_with("base.qcow2", &[], "4M");
+    t.guest("base.qcow2", &["write -P 9 0 4M"]);
+    for mode in ["off", "metadata", "falloc", "full"] {
+        let plain = format!("{mode}.qcow2");
+        t.setup("qemu-img", &["create", "-q", "-f", "qcow2", &plain, "1M"]);
+        // Freed clusters inside the file are reused: they must read as
+        // zeros once preallocated.
+        t.guest(&plain, &["write -P 7 0 512k", "discard 64k 448k"]);
+        let arg = format!("--preallocation={mode}");
+        let (theirs, ours) = t.both(&["resize", &arg, &plain, "3M"]);
+        assert!(theirs.status.success(), "{}", text(&theirs.stderr));
+        assert_eq!(text(&theirs.stdout), text(&ours.stdout));
+        t.agree(&plain);
+        let allocated = |tool: Tool| {
+            let out = t.run_in(tool, "qemu-img", &["check", "--output=json", &plain]);
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+            v["allocated-clusters"].as_u64().unwrap()
+        };
+        assert_eq!(allocated(Tool::Qemu), allocated(Tool::Ours), "{mode}");
+        // Over a longer backing file the new part reads as zeros.
+        let overlay = format!("ov-{mode}.qcow2");
+        t.setup(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                &overlay,
+                "1M",
+            ],
+        );
+        t.both(&["resize", &arg, &overlay, "4M"]);
+        t.agree(&overlay);
+        // Preallocation only grows; a shrink with it is refused by both
+        // (`off` is no preallocation, and both shrink then).
+        let before = bytes(&t, &plain);
+        let (theirs, ours) = t.both(&["resize", "--shrink", &arg, &plain, "1M"]);
+        if mode == "off" {
+            assert!(theirs.status.success() && ours.status.success());
+            t.agree(&plain);
+        } else {
+            assert!(!theirs.status.success() && !ours.status.success());
+            assert!(unchanged(&t, &plain, &before));
+        }
+    }
+    let (theirs, ours) = t.both(&["resize", "--preallocation=bogus", "off.qcow2", "5M"]);
+    assert!(!theirs.status.success() && !ours.status.success());
+}
+
+#[test]
 fn item_5_snapshot_lookups_follow_qemu_img_per_subcommand() {
     if !tools(&["qemu-img", "qemu-io"]) {
         return;
@@ -939,7 +998,14 @@ fn workflow(seed: u64, steps: usize) {
             }
             8 => {
                 let size = pick(&mut rng, &["+1M", "5M", "4M"]);
-                t.both(&["resize", "top.qcow2", size]);
+                let mode = pick(&mut rng, &["", "", "off", "metadata", "falloc", "full"]);
+                let preallocation = format!("--preallocation={mode}");
+                let mut args = vec!["resize"];
+                if !mode.is_empty() {
+                    args.push(&preallocation);
+                }
+                args.extend(["top.qcow2", size]);
+                t.both(&args);
             }
             9 => {
                 t.both(&[

@@ -10,7 +10,7 @@ use qcow2_format::features::{
 };
 use qcow2_format::header::{CRYPT_LUKS, V2_HEADER_LEN, V3_HEADER_LEN};
 use qcow2_format::refcount::RefcountWidth;
-use qcow2_format::{ClusterCount, Geometry, GuestOffset, Header, HostCluster, HostOffset};
+use qcow2_format::{ClusterCount, Geometry, Header, HostCluster, HostOffset};
 
 use crate::allocator::Allocator;
 use crate::crypto::cipher::SectorCipher;
@@ -90,41 +90,13 @@ pub(crate) fn create(
     } else {
         options.preallocation
     };
+    let cipher = cipher
+        .map(|(cipher, unlocked)| (crate::crypto::encrypted(storage.clone(), cipher), unlocked));
     if preallocation != Preallocation::Off {
-        meta.resizing().preallocate(preallocation)?;
+        let encrypted = cipher.as_ref().map(|(data, _)| &**data);
+        meta.resizing().preallocate(preallocation, 0, encrypted)?;
     }
-    let cipher = match cipher {
-        Some((cipher, unlocked)) => {
-            let data = crate::crypto::encrypted(storage.clone(), cipher);
-            if preallocation != Preallocation::Off {
-                zero_preallocated(&mut meta, &*data)?;
-            }
-            Some((data, unlocked))
-        }
-        None => None,
-    };
     Ok(Created { meta, cipher })
-}
-
-/// Writes encrypted zeros over every preallocated cluster of a new
-/// encrypted image (the file's own zeros would decrypt to noise; QEMU's
-/// preallocated clusters read as zeros too).
-fn zero_preallocated(meta: &mut Metadata, data: &dyn Storage) -> Result<()> {
-    let g = meta.header().geometry;
-    let size = meta.header().size;
-    let zeros = vec![0u8; g.cluster_size() as usize];
-    let mut guest = 0;
-    while guest < size {
-        if let (qcow2_format::l2::L2Mapping::Data { offset, .. }, _) =
-            meta.mappings().lookup(GuestOffset::new(guest))?
-        {
-            data.write_at(&zeros, offset.get())
-                .map_err(ImageError::io("writing the preallocated clusters"))?;
-        }
-        guest += g.cluster_size();
-    }
-    data.flush()
-        .map_err(ImageError::io("syncing the preallocated clusters"))
 }
 
 /// Writes the LUKS area of a new encrypted image into clusters of its own

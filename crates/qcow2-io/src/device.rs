@@ -15,6 +15,7 @@ use crate::dedup::claims::InflightClaims;
 use crate::image::{Backing, Device};
 use crate::info::{EncryptionInfo, ImageInfo, Recovery};
 use crate::metadata::Metadata;
+use crate::options::Preallocation;
 use crate::range_lock::{MovableMappings, RangeGuard, RangeLocks};
 use crate::{ImageError, Result};
 use qcow2_format::header::CRYPT_LUKS;
@@ -170,7 +171,7 @@ impl Device {
             .flush_moving(MovableMappings::Unlocked(&self.locks))
     }
 
-    pub(crate) fn resize(&self, new_size: u64) -> Result<()> {
+    pub(crate) fn resize(&self, new_size: u64, preallocation: Preallocation) -> Result<()> {
         let new_size = new_size.next_multiple_of(512);
         let _all = self.lock_for_change(0..u64::MAX)?;
         let old_size = self.size();
@@ -191,11 +192,19 @@ impl Device {
             meta.bitmap_ops().resize(new_size, true)?;
             meta.format_changes().mark_dirty()?;
             meta.resizing().grow(new_size)?;
+            if preallocation != Preallocation::Off && new_size > old_size {
+                let encrypted = self.encrypted.then_some(&*self.data);
+                meta.resizing()
+                    .preallocate(preallocation, old_size, encrypted)?;
+            }
             meta.bitmap_ops().store()?;
             self.set_size(new_size);
         }
         if exposes_backing {
-            self.zero_locked(old_size, new_size - old_size)?;
+            // Preallocated clusters stay allocated, as zero clusters (QEMU
+            // keeps them too).
+            let unmap = preallocation == Preallocation::Off;
+            self.zero_locked(old_size, new_size - old_size, unmap)?;
         }
         Ok(())
     }

@@ -17,7 +17,7 @@ use crate::dedup::claims::InflightClaims;
 use crate::info::{ImageInfo, Recovery};
 use crate::map_extent::{DirtyExtent, MapExtent};
 use crate::metadata::Metadata;
-use crate::options::Secret;
+use crate::options::{Preallocation, Secret};
 use crate::range_lock::RangeLocks;
 use crate::{ImageError, OpenOptions, Result};
 
@@ -242,7 +242,19 @@ impl Image {
     /// refused then ([`ImageError::Unsupported`]) and left unchanged. So is
     /// a compat=0.10 image with snapshots, as QEMU refuses it.
     pub fn resize(&self, new_size: u64) -> Result<()> {
-        self.device.resize(new_size)
+        self.device.resize(new_size, Preallocation::Off)
+    }
+
+    /// [`Image::resize`], allocating the new part of the disk as `qemu-img
+    /// resize --preallocation=` does: every unmapped cluster from the old
+    /// end to the new one is mapped to a host cluster (`Metadata`), with
+    /// its blocks reserved (`Falloc`) or written with zeros (`Full`). The
+    /// new range reads as zeros in every mode, also where a host cluster
+    /// is reused from inside the file or the image is encrypted; over a
+    /// longer backing file the preallocated clusters become zero clusters
+    /// that keep their allocation, as in QEMU.
+    pub fn resize_preallocated(&self, new_size: u64, preallocation: Preallocation) -> Result<()> {
+        self.device.resize(new_size, preallocation)
     }
 
     /// Shrinks the virtual disk to `new_size` bytes (rounded up to 512), as

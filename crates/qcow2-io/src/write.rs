@@ -338,9 +338,10 @@ impl Device {
     }
 
     /// Makes `[offset, offset + len)` read as zeros, letting whole clusters
-    /// give up their host clusters; the caller holds the range's lock.
-    pub(crate) fn zero_locked(&self, offset: u64, len: u64) -> Result<()> {
-        self.clear_range_locked(offset, len, Clear::Zero { unmap: true })
+    /// give up their host clusters if `unmap` (else they keep them as
+    /// preallocated zero clusters); the caller holds the range's lock.
+    pub(crate) fn zero_locked(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        self.clear_range_locked(offset, len, Clear::Zero { unmap })
     }
 
     fn clear_range_locked(&self, offset: u64, len: u64, how: Clear) -> Result<()> {

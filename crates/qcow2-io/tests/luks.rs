@@ -373,8 +373,19 @@ fn preallocated_encrypted_images_read_as_zeros_for_both() {
         let image = Image::create(&path, &options).unwrap();
         assert!(read_all(&image).iter().all(|&b| b == 0), "{mode:?}: ours");
         image.write_at(&[5; 100], 70_000).unwrap();
+        // Grown with preallocation: the new part reads as zeros, also
+        // where a freed cluster of old data is reused.
+        image.write_at(&vec![6; 1 << 20], 1 << 20).unwrap();
+        image.flush().unwrap();
+        image.discard(1 << 20, 1 << 20).unwrap();
+        image.flush().unwrap();
+        image.resize_preallocated(3 << 20, mode).unwrap();
+        assert!(
+            read_all(&image)[1 << 20..].iter().all(|&b| b == 0),
+            "{mode:?}: the grown part, ours"
+        );
         image.close().unwrap();
-        let mut expected = vec![0u8; 2 << 20];
+        let mut expected = vec![0u8; 3 << 20];
         expected[70_000..70_100].fill(5);
         assert!(
             qemu_read(&path) == expected,

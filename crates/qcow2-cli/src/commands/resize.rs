@@ -1,6 +1,6 @@
-//! `qcow2 resize [-f qcow2] [-q] [--shrink] FILE [+|-]SIZE`
+//! `qcow2 resize [-f qcow2] [-q] [--shrink] [--preallocation=MODE] FILE [+|-]SIZE`
 
-use qcow2_io::{Image, OpenOptions};
+use qcow2_io::{Image, OpenOptions, Preallocation};
 
 use crate::args::{ImageFormat, ResizeArgs};
 use crate::disk::resolve_format;
@@ -27,6 +27,11 @@ pub fn run(args: &ResizeArgs) -> Result<u8, CliError> {
         return Err(CliError::Usage("New image size must be positive".into()));
     }
     if new < current {
+        if args.preallocation.is_some_and(|p| p != Preallocation::Off) {
+            return Err(CliError::Usage(
+                "Preallocation can only be used for growing images".into(),
+            ));
+        }
         if !args.shrink {
             return Err(CliError::Usage(
                 "use the --shrink option to perform a shrink operation".into(),
@@ -34,7 +39,10 @@ pub fn run(args: &ResizeArgs) -> Result<u8, CliError> {
         }
         image.shrink(new).map_err(CliError::image(path))?;
     } else {
-        image.resize(new).map_err(CliError::image(path))?;
+        let preallocation = args.preallocation.unwrap_or_default();
+        image
+            .resize_preallocated(new, preallocation)
+            .map_err(CliError::image(path))?;
     }
     image.close().map_err(CliError::image(path))?;
     if !args.quiet.quiet {

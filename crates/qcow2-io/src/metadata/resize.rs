@@ -167,17 +167,36 @@ impl Resizing<'_> {
         Ok(())
     }
 
-    /// Allocates and maps every data cluster of the virtual disk (new
-    /// image, as `qemu-img create -o preallocation=`): runs of contiguous
+    /// Allocates and maps every unmapped data cluster from the guest
+    /// cluster holding byte `from` to the end of the virtual disk, as
+    /// `qemu-img create -o preallocation=` (from 0) and `qemu-img resize
+    /// --preallocation=` (from the old size) do: runs of contiguous
     /// clusters, their L2 tables allocated as needed; then the file is
     /// extended to hold them (`Metadata`), its blocks reserved (`Falloc`)
     /// or the clusters written with zeros (`Full`), before the tables that
-    /// point to them are written.
-    pub(crate) fn preallocate(&mut self, mode: Preallocation) -> Result<()> {
+    /// point to them are written. Clusters reused from inside the file are
+    /// written with zeros in every mode, so the new range reads as zeros;
+    /// on an encrypted image every cluster is written with zeros through
+    /// `encrypted` (the file's own zeros would decrypt to noise), as QEMU's
+    /// preallocated clusters read as zeros too.
+    pub(crate) fn preallocate(
+        &mut self,
+        mode: Preallocation,
+        from: u64,
+        encrypted: Option<&dyn qcow2_alloc::Storage>,
+    ) -> Result<()> {
         let g = self.0.geometry;
         let cs = g.cluster_size();
         let total = g.clusters_for(self.header().size);
-        let mut guest = 0u64;
+        let mut guest = from / cs;
+        if guest < total
+            && !matches!(
+                self.mappings().lookup(GuestOffset::new(guest * cs))?.0,
+                L2Mapping::Unallocated
+            )
+        {
+            guest += 1;
+        }
         let mut end = 0u64;
         let mut runs = Vec::new();
         while guest < total {
@@ -207,38 +226,50 @@ impl Resizing<'_> {
             return self.flush();
         }
         let storage = &*self.0.storage;
-        if storage
+        let old_len = storage
             .len()
-            .map_err(ImageError::io("reading the image size"))?
-            < end
-        {
+            .map_err(ImageError::io("reading the image size"))?;
+        if old_len < end {
             storage
                 .set_len(end)
                 .map_err(ImageError::io("extending the image for preallocation"))?;
         }
-        match mode {
-            Preallocation::Off | Preallocation::Metadata => {}
-            Preallocation::Falloc => {
-                for &(start, len) in &runs {
-                    storage
-                        .allocate(start, len)
-                        .map_err(ImageError::io("reserving the preallocated clusters"))?;
-                }
+        for &(start, len) in &runs {
+            if mode == Preallocation::Falloc {
+                storage
+                    .allocate(start, len)
+                    .map_err(ImageError::io("reserving the preallocated clusters"))?;
             }
-            Preallocation::Full => {
-                let zeros = vec![0u8; (4 << 20).min(cs.max(1 << 20)) as usize];
-                for &(start, len) in &runs {
-                    let mut at = 0;
-                    while at < len {
-                        let n = (len - at).min(zeros.len() as u64);
-                        storage
-                            .write_at(&zeros[..n as usize], start + at)
-                            .map_err(ImageError::io("writing the preallocated clusters"))?;
-                        at += n;
-                    }
-                }
+            let zero_to = if mode == Preallocation::Full {
+                start + len
+            } else {
+                old_len.clamp(start, start + len)
+            };
+            write_zeros(storage, start, zero_to - start)?;
+            if let Some(data) = encrypted {
+                write_zeros(data, start, len)?;
             }
+        }
+        if encrypted.is_some() {
+            storage
+                .flush()
+                .map_err(ImageError::io("syncing the preallocated clusters"))?;
         }
         self.flush()
     }
+}
+
+/// Writes zeros over `[start, start + len)` of `storage`, a few MiB at a
+/// time.
+fn write_zeros(storage: &dyn qcow2_alloc::Storage, start: u64, len: u64) -> Result<()> {
+    let zeros = vec![0u8; len.min(4 << 20) as usize];
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(zeros.len() as u64);
+        storage
+            .write_at(&zeros[..n as usize], start + at)
+            .map_err(ImageError::io("writing the preallocated clusters"))?;
+        at += n;
+    }
+    Ok(())
 }
