@@ -128,14 +128,16 @@ pub struct CommitArgs {
     pub file: PathBuf,
 }
 
-/// `qcow2 amend [-f qcow2] [-q] -o dedup=on|off FILE`
+/// `qcow2 amend [-f qcow2] [-q] -o OPTIONS FILE`
 #[derive(Debug, Args)]
 pub struct AmendArgs {
     /// `-f qcow2`.
     #[command(flatten)]
     pub format: Qcow2Format,
     /// Options to change: `compat=0.10|1.1`, `lazy_refcounts=on|off`,
-    /// `refcount_bits=N` (rebuilds the refcount structure), and `dedup=on`
+    /// `refcount_bits=N` (rebuilds the refcount structure), `size=SIZE`
+    /// (grows or shrinks), `data_file=NAME` (renames an external data
+    /// file), `data_file_raw=off`, and `dedup=on`
     /// (builds the dedup table from the data) or `dedup=off` (drops it, so
     /// QEMU can write the image); or, alone, LUKS key slots:
     /// `encrypt.state=active,encrypt.new-secret=ID[,encrypt.keyslot=N]

@@ -248,14 +248,26 @@ pub fn parse_amend_options(
     let mut keys: Option<KeyChange> = None;
     for (key, value) in &list.0 {
         match key.as_str() {
-            k if k.starts_with("encrypt.") => keys.get_or_insert_with(KeyChange::default).set(k, value)?,
+            k if k.starts_with("encrypt.") => {
+                keys.get_or_insert_with(KeyChange::default).set(k, value)?
+            }
             "dedup" => dedup = Some(parse_bool(key, value)?),
             "lazy_refcounts" => amend.lazy_refcounts = Some(parse_bool(key, value)?),
             "compat" => amend.compat = Some(parse_compat(value)?),
             "refcount_bits" => amend.refcount_bits = Some(parse_refcount_bits(value)?),
+            "size" => amend.size = Some(parse_size(value)?),
+            "data_file" => amend.data_file = Some(value.clone()),
+            "data_file_raw" => amend.data_file_raw = Some(parse_bool(key, value)?),
+            "backing_file" | "backing_fmt" => {
+                return Err(CliError::Usage(
+                    "Cannot amend the backing file; use `qcow2 rebase` instead (as qemu-img)"
+                        .into(),
+                ))
+            }
             other => {
                 return Err(CliError::Usage(format!(
-                    "amending {other:?} is not supported (compat, lazy_refcounts, refcount_bits, dedup); the image is unchanged"
+                    "amending {other:?} is not supported (compat, lazy_refcounts, refcount_bits, \
+                     size, data_file, data_file_raw, dedup); the image is unchanged"
                 )))
             }
         }

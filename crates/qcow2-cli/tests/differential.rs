@@ -510,6 +510,79 @@ fn resize_preallocates_the_new_part_as_qemu_img_does() {
 }
 
 #[test]
+fn amend_changes_size_and_data_file_and_refuses_the_backing_file_as_qemu_img() {
+    if !tools(&["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let mut t = twin_with("a.qcow2", &[], "1M");
+    t.guest("a.qcow2", &["write -P 3 0 1M"]);
+    // amend's size= grows and shrinks (no --shrink), 0 keeps the size.
+    for size in ["2M", "512k", "1536k", "0"] {
+        let o = format!("size={size}");
+        let (theirs, ours) = t.both(&["amend", "-o", &o, "a.qcow2"]);
+        assert!(theirs.status.success(), "{o}: {}", text(&theirs.stderr));
+        assert_eq!(text(&theirs.stdout), text(&ours.stdout), "{o}");
+        t.agree("a.qcow2");
+    }
+    assert_eq!(virtual_size(&t, "a.qcow2"), 1536 << 10);
+    // The backing file is changed by rebase, never by amend; nor is a
+    // data file added to an image without one, or made raw afterwards.
+    t.setup(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "base.qcow2", "4M"],
+    );
+    let before = bytes(&t, "a.qcow2");
+    for o in [
+        "backing_file=base.qcow2",
+        "backing_fmt=qcow2",
+        "backing_file=base.qcow2,backing_fmt=qcow2",
+        "data_file=x.raw",
+        "data_file_raw=on",
+    ] {
+        let (theirs, ours) = t.both(&["amend", "-o", o, "a.qcow2"]);
+        assert!(!theirs.status.success() && !ours.status.success(), "{o}");
+    }
+    assert!(unchanged(&t, "a.qcow2", &before));
+    // A compat=0.10 image with snapshots is not resized, unless amend
+    // upgrades it first.
+    let mut v2 = twin_with("v2.qcow2", &["-o", "compat=0.10"], "1M");
+    v2.both(&["snapshot", "-c", "s", "v2.qcow2"]);
+    let (theirs, ours) = v2.both(&["amend", "-o", "size=2M", "v2.qcow2"]);
+    assert!(!theirs.status.success() && !ours.status.success());
+    let (theirs, _) = v2.both(&["amend", "-o", "compat=1.1,size=2M", "v2.qcow2"]);
+    assert!(theirs.status.success(), "{}", text(&theirs.stderr));
+    v2.agree("v2.qcow2");
+    // An image with an external data file: renamed by data_file=, the
+    // raw flag dropped by data_file_raw=off and never set again.
+    let mut d = twin_with("d.qcow2", &["-o", "data_file=d.raw,data_file_raw=on"], "1M");
+    d.guest("d.qcow2", &["write -P 5 0 256k"]);
+    let (theirs, _) = d.both(&["amend", "-o", "data_file_raw=on", "d.qcow2"]);
+    assert!(
+        theirs.status.success(),
+        "already raw: {}",
+        text(&theirs.stderr)
+    );
+    let (theirs, _) = d.both(&["amend", "-o", "data_file_raw=off", "d.qcow2"]);
+    assert!(theirs.status.success(), "{}", text(&theirs.stderr));
+    let (theirs, ours) = d.both(&["amend", "-o", "data_file_raw=on", "d.qcow2"]);
+    assert!(!theirs.status.success() && !ours.status.success());
+    let (theirs, _) = d.both(&["amend", "-o", "data_file=e.raw", "d.qcow2"]);
+    assert!(theirs.status.success(), "{}", text(&theirs.stderr));
+    for dir in [&d.qemu, &d.ours] {
+        std::fs::rename(dir.join("d.raw"), dir.join("e.raw")).unwrap();
+    }
+    // Both resolve the data file's name from the working directory, so
+    // the images are read from inside their directories.
+    let (theirs, ours) = d.both(&["info", "--output=json", "d.qcow2"]);
+    assert_eq!(normalize("info", &theirs), normalize("info", &ours));
+    d.both(&["convert", "-O", "raw", "d.qcow2", "out.raw"]);
+    let (q, o) = bytes(&d, "out.raw");
+    let mut expected = vec![0u8; 1 << 20];
+    expected[..256 << 10].fill(5);
+    assert!(q == expected && o == expected, "the guest data, read back");
+}
+
+#[test]
 fn item_5_snapshot_lookups_follow_qemu_img_per_subcommand() {
     if !tools(&["qemu-img", "qemu-io"]) {
         return;
@@ -1045,6 +1118,8 @@ fn workflow(seed: u64, steps: usize) {
                         "lazy_refcounts=off",
                         "compat=1.1",
                         "refcount_bits=8",
+                        "size=5M",
+                        "size=3M",
                     ],
                 );
                 t.both(&["amend", "-o", o, "top.qcow2"]);

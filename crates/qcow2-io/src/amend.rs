@@ -1,5 +1,6 @@
 //! Changing a qcow2 image's format options in place, as `qemu-img amend`
-//! does: the compatibility level, lazy refcounts and the refcount width.
+//! does: the compatibility level, lazy refcounts, the refcount width, the
+//! external data file's name and raw flag, and the virtual size.
 //! (Deduplication is turned on and off by [`Image::enable_dedup`](crate::Image::enable_dedup) and
 //! [`Image::disable_dedup`](crate::Image::disable_dedup).)
 //!
@@ -10,8 +11,8 @@
 
 use qcow2_format::extensions::HeaderExtension;
 use qcow2_format::features::{
-    standard_feature_names, COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION_TYPE,
-    INCOMPAT_CORRUPT_OR_DEDUP,
+    standard_feature_names, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS,
+    INCOMPAT_COMPRESSION_TYPE, INCOMPAT_CORRUPT_OR_DEDUP, INCOMPAT_EXTERNAL_DATA,
 };
 use qcow2_format::header::{V2_HEADER_LEN, V3_HEADER_LEN};
 use qcow2_format::Header;
@@ -74,12 +75,32 @@ impl Device {
                     }
                 })?;
             }
+            if options.data_file.is_some() || options.data_file_raw == Some(false) {
+                meta.format_changes().change_header(|h| {
+                    if let Some(name) = &options.data_file {
+                        h.extensions
+                            .retain(|e| !matches!(e, HeaderExtension::DataFile(_)));
+                        h.extensions.push(HeaderExtension::DataFile(name.clone()));
+                    }
+                    if options.data_file_raw == Some(false) {
+                        h.autoclear_features &= !AUTOCLEAR_DATA_FILE_RAW;
+                    }
+                })?;
+            }
             if version < header.version {
                 meta.format_changes().expand_zero_clusters(backed)?;
                 meta.format_changes().change_header(downgrade_to_v2)?;
             }
         }
-        self.reload_metadata()
+        self.reload_metadata()?;
+        // The size changes last, as in QEMU (after an upgrade, so a
+        // version 2 image with snapshots can be upgraded and resized).
+        match options.size.map(|s| s.next_multiple_of(512)) {
+            Some(0) | None => Ok(()),
+            Some(size) if size > self.size() => self.resize(size, crate::Preallocation::Off),
+            Some(size) if size < self.size() => self.shrink(size),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -128,11 +149,66 @@ impl Device {
                 "refcount_bits=1 cannot share a cluster, which deduplication needs",
             ));
         }
+        self.check_amend_data_file(&header, options)?;
+        self.check_amend_size(version, options)?;
         Ok(Target {
             version,
             lazy,
             order,
         })
+    }
+}
+
+impl Device {
+    fn check_amend_data_file(&self, header: &Header, options: &AmendOptions) -> Result<()> {
+        let external = header.incompatible_features & INCOMPAT_EXTERNAL_DATA != 0;
+        if let Some(name) = &options.data_file {
+            if !external {
+                return Err(refused(
+                    "data_file can only be set for images that use an external data file",
+                ));
+            }
+            if name.is_empty() {
+                return Err(refused(
+                    "data_file must name the external data file (an image cannot forget it)",
+                ));
+            }
+        }
+        let raw = header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0;
+        if options.data_file_raw == Some(true) && !raw {
+            return Err(refused(
+                "data_file_raw cannot be set on an existing image (its data file may not \
+                 read as the disk)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The resize of `size=` would be refused after the other changes:
+    /// refuse it before them.
+    fn check_amend_size(&self, version: u32, options: &AmendOptions) -> Result<()> {
+        let Some(size) = options.size.map(|s| s.next_multiple_of(512)) else {
+            return Ok(());
+        };
+        let old = self.size();
+        if size == 0 || size == old {
+            return Ok(());
+        }
+        if version < 3 && self.header().nb_snapshots > 0 {
+            return Err(ImageError::Unsupported(
+                "can't resize a compat=0.10 image which has snapshots (as in QEMU)".into(),
+            ));
+        }
+        let exposes_backing =
+            size > old && self.backing().is_some_and(|backing| backing.size() > old);
+        if exposes_backing && version < 3 {
+            return Err(ImageError::Unsupported(
+                "growing over a longer backing file needs zero clusters to hide it, \
+                 which a compat=0.10 image lacks (as in QEMU)"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 }
 

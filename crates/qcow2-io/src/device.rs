@@ -179,10 +179,15 @@ impl Device {
             && self
                 .backing()
                 .is_some_and(|backing| backing.size() > old_size);
-        {
+        let preallocates = preallocation != Preallocation::Off && new_size > old_size;
+        let zero_flag = {
             let mut meta = self.meta.lock();
             refuse_v2_with_snapshots(meta.header())?;
-            if exposes_backing && !meta.l2_format().zero_flag {
+            let zero_flag = meta.l2_format().zero_flag;
+            // Clusters preallocated with their blocks (falloc, full) read
+            // as zeros by themselves; metadata preallocation still needs
+            // zero clusters here, as in QEMU.
+            if exposes_backing && !zero_flag && !preallocation.writes_every_cluster() {
                 return Err(ImageError::Unsupported(
                     "growing over a longer backing file needs zero clusters to hide it, \
                      which a compat=0.10 image lacks (as in QEMU)"
@@ -192,19 +197,27 @@ impl Device {
             meta.bitmap_ops().resize(new_size, true)?;
             meta.format_changes().mark_dirty()?;
             meta.resizing().grow(new_size)?;
-            if preallocation != Preallocation::Off && new_size > old_size {
+            if preallocates {
                 let encrypted = self.encrypted.then_some(&*self.data);
                 meta.resizing()
                     .preallocate(preallocation, old_size, encrypted)?;
             }
             meta.bitmap_ops().store()?;
             self.set_size(new_size);
-        }
+            zero_flag
+        };
         if exposes_backing {
-            // Preallocated clusters stay allocated, as zero clusters (QEMU
-            // keeps them too).
-            let unmap = preallocation == Preallocation::Off;
-            self.zero_locked(old_size, new_size - old_size, unmap)?;
+            if !zero_flag {
+                // The preallocated clusters hide the backing file and read
+                // as zeros; only the head of a partial cluster is left,
+                // written with zeros.
+                let end = self.geometry.align_up(old_size).min(new_size);
+                self.zero_locked(old_size, end - old_size, true)?;
+            } else {
+                // Preallocated clusters stay allocated, as zero clusters
+                // (QEMU keeps them too).
+                self.zero_locked(old_size, new_size - old_size, !preallocates)?;
+            }
         }
         Ok(())
     }

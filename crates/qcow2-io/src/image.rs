@@ -252,7 +252,9 @@ impl Image {
     /// new range reads as zeros in every mode, also where a host cluster
     /// is reused from inside the file or the image is encrypted; over a
     /// longer backing file the preallocated clusters become zero clusters
-    /// that keep their allocation, as in QEMU.
+    /// that keep their allocation, as in QEMU. A compat=0.10 image has no
+    /// zero clusters: there only `Falloc` and `Full` may grow it over a
+    /// longer backing file (their clusters hide it), as in QEMU.
     pub fn resize_preallocated(&self, new_size: u64, preallocation: Preallocation) -> Result<()> {
         self.device.resize(new_size, preallocation)
     }
@@ -473,11 +475,14 @@ impl Image {
         self.device.enable_dedup()
     }
 
-    /// Changes the image's format options in place (see [`AmendOptions`]).
-    /// Refused, with nothing written, where the result would not be a
-    /// valid image: version 2 with dedup, extended L2, zstd, lazy
-    /// refcounts or a refcount width other than 16; a refcount width too
-    /// narrow for a refcount the image holds (or 1 bit on a dedup image).
+    /// Changes the image's format options in place (see [`AmendOptions`]),
+    /// in this order: version upgrade, refcount width, lazy refcounts,
+    /// data file, downgrade, size. Refused, with nothing written, where
+    /// the result would not be a valid image: version 2 with dedup,
+    /// extended L2, zstd, lazy refcounts or a refcount width other than
+    /// 16; a refcount width too narrow for a refcount the image holds (or
+    /// 1 bit on a dedup image); a data file name on an image without one;
+    /// a size change [`Image::resize`] or [`Image::shrink`] would refuse.
     /// Downgrading turns zero clusters into what version 2 can express.
     pub fn amend(&mut self, options: &AmendOptions) -> Result<()> {
         self.device.amend(options)

@@ -1,11 +1,12 @@
 //! `qcow2 amend -o OPTIONS FILE`: change an image's options in place, as
 //! `qemu-img amend` does: `compat=0.10|1.1`, `lazy_refcounts=on|off`,
-//! `refcount_bits=N`, and `dedup=on|off` (the dedup table built from the
+//! `refcount_bits=N`, `size=` (grow or shrink), `data_file=NAME` and
+//! `data_file_raw=off`, and `dedup=on|off` (the dedup table built from the
 //! data, duplicates shared; or dropped, so QEMU writes the image again).
 //! Every option is checked before anything changes; unknown ones are
 //! refused.
 
-use qcow2_io::{AmendOptions, Compat};
+use qcow2_io::Compat;
 
 use crate::args::{AmendArgs, ImageFormat};
 use crate::disk::{open_image, resolve_format};
@@ -19,7 +20,7 @@ pub fn run(args: &AmendArgs) -> Result<u8, CliError> {
         resolve_format(path, Some(ImageFormat::Qcow2))?;
     }
     let (amend, dedup, keys) = parse_amend_options(&args.options())?;
-    let changes_format = amend != AmendOptions::default();
+    let changes_format = !amend.is_empty();
     if let Some(keys) = keys {
         if dedup.is_some() || changes_format {
             return Err(CliError::Usage(

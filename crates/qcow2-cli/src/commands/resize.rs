@@ -26,12 +26,12 @@ pub fn run(args: &ResizeArgs) -> Result<u8, CliError> {
     if new == 0 {
         return Err(CliError::Usage("New image size must be positive".into()));
     }
+    if new <= current && args.preallocation.is_some_and(|p| p != Preallocation::Off) {
+        return Err(CliError::Usage(
+            "Preallocation can only be used for growing images".into(),
+        ));
+    }
     if new < current {
-        if args.preallocation.is_some_and(|p| p != Preallocation::Off) {
-            return Err(CliError::Usage(
-                "Preallocation can only be used for growing images".into(),
-            ));
-        }
         if !args.shrink {
             return Err(CliError::Usage(
                 "use the --shrink option to perform a shrink operation".into(),

@@ -189,11 +189,15 @@ impl Resizing<'_> {
         let cs = g.cluster_size();
         let total = g.clusters_for(self.header().size);
         let mut guest = from / cs;
+        // A partial cluster at `from` whose head reads from a backing file
+        // is left to the caller: preallocating it would hide that head.
+        let backed_head = from % cs != 0 && self.header().backing_file.is_some();
         if guest < total
-            && !matches!(
-                self.mappings().lookup(GuestOffset::new(guest * cs))?.0,
-                L2Mapping::Unallocated
-            )
+            && (backed_head
+                || !matches!(
+                    self.mappings().lookup(GuestOffset::new(guest * cs))?.0,
+                    L2Mapping::Unallocated
+                ))
         {
             guest += 1;
         }
