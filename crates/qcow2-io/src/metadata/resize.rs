@@ -191,7 +191,7 @@ impl Resizing<'_> {
         let mut guest = from / cs;
         // A partial cluster at `from` whose head reads from a backing file
         // is left to the caller: preallocating it would hide that head.
-        let backed_head = from % cs != 0 && self.header().backing_file.is_some();
+        let backed_head = !from.is_multiple_of(cs) && self.header().backing_file.is_some();
         if guest < total
             && (backed_head
                 || !matches!(
