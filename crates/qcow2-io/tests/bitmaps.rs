@@ -440,12 +440,9 @@ fn amend_keeps_the_bits_of_earlier_writes() {
     let mut image = Image::create(&path, &CreateOptions::new(16 << 20)).unwrap();
     image.add_bitmap("b", Some(4096), true).unwrap();
     image.write_at(&[1; 4096], 3 << 20).unwrap();
-    image
-        .amend(&qcow2_io::AmendOptions {
-            refcount_bits: Some(4),
-            ..Default::default()
-        })
-        .unwrap();
+    let mut narrower = qcow2_io::AmendOptions::default();
+    narrower.refcount_bits = Some(4);
+    image.amend(&narrower).unwrap();
     image.write_at(&[2; 4096], 5 << 20).unwrap();
     image.close().unwrap();
     assert_qemu_check_clean(&path);
