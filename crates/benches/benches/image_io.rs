@@ -79,7 +79,7 @@ fn filled_memory_image() -> Image {
 fn overwrite_with_bitmap(c: &mut Criterion) {
     let plain = filled_memory_image();
     let tracked = filled_memory_image();
-    tracked.add_bitmap("bm0", None, true).unwrap();
+    tracked.bitmaps().add("bm0", None, true).unwrap();
     let mut rng = SmallRng::seed_from_u64(2);
     let data = vec![0xa5u8; 4096];
     let mut group = c.benchmark_group("overwrite_4k_memory");

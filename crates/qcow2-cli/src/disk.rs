@@ -96,12 +96,19 @@ pub fn refuse_same_file<P: AsRef<Path>>(output: &Path, inputs: &[P]) -> Result<(
 pub fn open_read_only(path: &Path, options: &OpenOptions) -> Result<Image, CliError> {
     let image = Image::open(path, &crate::secrets::with_key(path, options.clone()))
         .map_err(CliError::image(path))?;
-    warn_refcount_damage(&image, path);
+    warn_damage(&image, path);
     Ok(image)
 }
 
-/// Says on stderr that `image`'s refcount structure is damaged, if it is.
-pub fn warn_refcount_damage(image: &Image, path: &Path) {
+/// Says on stderr that `image`'s file is truncated, or that its refcount
+/// structure is damaged, if it is.
+pub fn warn_damage(image: &Image, path: &Path) {
+    if let Some(truncation) = image.truncation() {
+        eprintln!(
+            "qcow2: warning: {path} is truncated: {truncation}; the missing part reads as zeros",
+            path = path.display()
+        );
+    }
     if let Some(damage) = image.refcount_damage() {
         eprintln!(
             "qcow2: warning: {path}: {damage}; reading the data anyway, \
@@ -173,7 +180,7 @@ impl Disk {
                     p,
                 )
                 .map_err(CliError::image(path))?;
-                warn_refcount_damage(&image, path);
+                warn_damage(&image, path);
                 Ok(Disk::Qcow2(Box::new(image)))
             }
             ImageFormat::Raw if snapshot.is_some() => Err(CliError::Usage(format!(

@@ -176,6 +176,37 @@ impl Header {
         Ok((header, damage))
     }
 
+    /// [`Header::parse`] for what a truncated file (an interrupted copy)
+    /// still holds, read as QEMU reads it: the L1 table, refcount table
+    /// and snapshot table may reach past the end of the file, whose
+    /// missing bytes read as zeros. The first structure that does is
+    /// returned as the second value. Every limit, alignment and overflow
+    /// is still checked, so nothing read is larger than the format allows.
+    pub fn parse_truncated(buf: &[u8], file_size: u64) -> Result<(Self, Option<FormatError>)> {
+        // The largest file an entry can point into.
+        let largest = crate::OFFSET_MASK + 1;
+        let header = Self::parse_unchecked_refcount_table(buf, largest)?;
+        header.validate_refcount_table_location(largest)?;
+        let truncation = header.first_past_end(file_size).err();
+        Ok((header, truncation))
+    }
+
+    /// The first of the L1, refcount and snapshot tables that reaches past
+    /// `file_size`, as an error.
+    fn first_past_end(&self, file_size: u64) -> Result<()> {
+        past_end(
+            "L1 table",
+            self.l1_table_offset.get(),
+            u64::from(self.l1_size) * 8,
+            file_size,
+        )?;
+        self.validate_refcount_table_location(file_size)?;
+        if self.nb_snapshots > 0 {
+            past_end("snapshot table", self.snapshots_offset.get(), 40, file_size)?;
+        }
+        Ok(())
+    }
+
     fn parse_unchecked_refcount_table(buf: &[u8], file_size: u64) -> Result<Self> {
         let (v2, rest) = RawHeaderV2::ref_from_prefix(buf).map_err(|_| FormatError::Truncated {
             what: "header",
@@ -894,6 +925,31 @@ mod tests {
             let err = Header::parse(&buf, 0x40000).expect_err(name);
             assert!(expect(&err), "{name}: got {err:?}");
         }
+    }
+
+    #[test]
+    fn a_truncated_parse_reports_the_first_table_past_the_end() {
+        let good = encoded(&sample(3));
+        let (header, truncation) = Header::parse_truncated(&good, 0x40000).unwrap();
+        assert!(truncation.is_none());
+        assert_eq!(header, Header::parse(&good, 0x40000).unwrap());
+        let (_, truncation) = Header::parse_truncated(&good, 0x100).unwrap();
+        assert!(
+            matches!(
+                truncation,
+                Some(FormatError::PastEnd {
+                    what: "L1 table",
+                    ..
+                })
+            ),
+            "{truncation:?}"
+        );
+        let mut far = good.clone();
+        far[40..48].copy_from_slice(&(u64::MAX - 0xffff).to_be_bytes());
+        assert!(
+            Header::parse_truncated(&far, 0x40000).is_err(),
+            "an offset whose end overflows is still refused"
+        );
     }
 
     #[test]

@@ -51,6 +51,7 @@ impl Device {
             chain: ChainContext::default(),
             closed: AtomicBool::new(false),
             refcount_damage: None,
+            truncation: None,
             recovery: None,
         }
     }

@@ -15,7 +15,7 @@ use crate::backing::{BackingFile, ChainContext};
 use crate::check_report::{CheckReport, RepairMode};
 use crate::dedup::claims::InflightClaims;
 use crate::info::{ImageInfo, Recovery};
-use crate::map_extent::{DirtyExtent, MapExtent};
+use crate::map_extent::MapExtent;
 use crate::metadata::Metadata;
 use crate::options::{Preallocation, Secret};
 use crate::range_lock::RangeLocks;
@@ -73,6 +73,8 @@ pub(crate) struct Device {
     pub(crate) closed: AtomicBool,
     /// Damage to the refcount structure a read-only open read through.
     pub(crate) refcount_damage: Option<String>,
+    /// The first table the open found reaching past the end of the file.
+    pub(crate) truncation: Option<String>,
     /// What a read-write open repaired after an unclean shutdown.
     pub(crate) recovery: Option<Recovery>,
 }
@@ -194,6 +196,19 @@ impl Image {
     /// ```
     pub fn refcount_damage(&self) -> Option<&str> {
         self.device.refcount_damage()
+    }
+
+    /// The first table (L1, refcount or snapshot table) that reaches past
+    /// the end of a truncated file, such as an interrupted copy, in one
+    /// line; `None` when the file is long enough.
+    ///
+    /// The missing bytes read as zeros, as QEMU reads them, so what the
+    /// file still holds can be read or converted. A read-write open takes
+    /// only a snapshot table past the end (its missing entries read as
+    /// empty snapshots); a truncated L1 or refcount table is refused for
+    /// writing with [`ImageError::Format`](crate::ImageError::Format).
+    pub fn truncation(&self) -> Option<&str> {
+        self.device.truncation.as_deref()
     }
 
     /// What this read-write open repaired because the image had not been
@@ -521,71 +536,32 @@ impl Image {
     ) -> Result<Vec<usize>> {
         self.device.remove_keys(slot, secret, force)
     }
+}
 
-    /// Adds an empty persistent dirty bitmap `name` (`qemu-img bitmap
-    /// --add`), stored at once: with `enabled`, every later write sets its
-    /// bits. `granularity` (bytes per bit, a power of two from 512 to 2
-    /// GiB) defaults as in QEMU: the cluster size within 4 KiB..=64 KiB.
-    /// Refused on a compat=0.10 image, for a name in use, and where the
-    /// bitmap would exceed QEMU's limits.
-    ///
-    /// ```
-    /// # fn main() -> qcow2_io::Result<()> {
-    /// use std::sync::Arc;
-    /// use qcow2_io::{CreateOptions, Image, MemStorage};
-    /// let image = Image::create_on(Arc::new(MemStorage::new()), &CreateOptions::new(1 << 30))?;
-    /// image.add_bitmap("backup-0", None, true)?;
-    /// image.write_at(&[1; 4096], 1 << 20)?;
-    /// let dirty: Vec<_> = image
-    ///     .dirty_extents("backup-0", 0, image.size())?
-    ///     .into_iter()
-    ///     .filter(|e| e.dirty)
-    ///     .map(|e| (e.start, e.length))
-    ///     .collect();
-    /// assert_eq!(dirty, [(1 << 20, 65536)], "one 64 KiB granule");
-    /// # Ok(())
-    /// # }
-    /// ```
-    pub fn add_bitmap(&self, name: &str, granularity: Option<u64>, enabled: bool) -> Result<()> {
-        self.device.add_bitmap(name, granularity, enabled)
+/// The persistent dirty bitmaps of an open [`Image`] (from
+/// [`Image::bitmaps`]). Every change is stored at once, copy-on-write, so
+/// a crash leaves the old directory or the new one; an enabled bitmap is
+/// marked in use before the first write it has not stored, so it never
+/// silently misses a write.
+#[derive(Clone, Copy)]
+pub struct Bitmaps<'a> {
+    pub(crate) device: &'a Device,
+}
+
+impl std::fmt::Debug for Bitmaps<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bitmaps").finish_non_exhaustive()
     }
+}
 
-    /// Removes persistent bitmap `name` and frees its clusters (an
-    /// inconsistent one too: this is how one is cleaned up, as in QEMU).
-    pub fn remove_bitmap(&self, name: &str) -> Result<()> {
-        self.device.remove_bitmap(name)
-    }
-
-    /// Clears every bit of bitmap `name` (after a backup copied what it
-    /// marked).
-    pub fn clear_bitmap(&self, name: &str) -> Result<()> {
-        self.device.clear_bitmap(name)
-    }
-
-    /// Enables bitmap `name`: later writes set its bits.
-    pub fn enable_bitmap(&self, name: &str) -> Result<()> {
-        self.device.set_bitmap_enabled(name, true)
-    }
-
-    /// Disables bitmap `name`: its bits stay as they are.
-    pub fn disable_bitmap(&self, name: &str) -> Result<()> {
-        self.device.set_bitmap_enabled(name, false)
-    }
-
-    /// Sets in bitmap `target` every bit set in bitmap `source_name` of
-    /// `source` (this image or another; granularities may differ: a
-    /// granule of `target` is set if any byte of it is dirty in the source).
-    pub fn merge_bitmap(&self, target: &str, source: &Image, source_name: &str) -> Result<()> {
-        self.device
-            .merge_bitmap(target, &source.device, source_name)
-    }
-
-    /// The clean and dirty runs of bitmap `name` over the `len` bytes from
-    /// `offset`, at the bitmap's granularity: what changed since the bitmap
-    /// was added or cleared, including writes still in memory. An
-    /// inconsistent bitmap is refused ([`ImageError::BitmapInconsistent`]).
-    pub fn dirty_extents(&self, name: &str, offset: u64, len: u64) -> Result<Vec<DirtyExtent>> {
-        self.device.dirty_extents(name, offset, len)
+impl Image {
+    /// The persistent dirty bitmaps of this image: add, remove, clear,
+    /// enable, disable, merge, and the dirty extents an incremental backup
+    /// copies.
+    pub fn bitmaps(&self) -> Bitmaps<'_> {
+        Bitmaps {
+            device: &self.device,
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 //! How [`Image::map`](crate::Image::map) describes the virtual disk (runs
 //! of guest clusters stored the same way), and how
-//! [`Image::dirty_extents`](crate::Image::dirty_extents) describes a
+//! [`Bitmaps::dirty_extents`](crate::Bitmaps::dirty_extents) describes a
 //! persistent bitmap (runs of granules changed or not).
 
 /// How a range of the virtual disk is stored.

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use qcow2_alloc::{FileStorage, LockAccess, Storage};
-use qcow2_format::{Header, MAX_CLUSTER_BITS};
+use qcow2_format::{FormatError, Header, MAX_CLUSTER_BITS};
 
 use crate::allocator::RefcountLoading;
 use crate::backing::ChainContext;
@@ -105,7 +105,7 @@ pub(crate) fn read_header(
     storage: &dyn Storage,
     tolerant: bool,
     tolerant_blocks: bool,
-) -> Result<(Header, RefcountLoading)> {
+) -> Result<(Header, RefcountLoading, Option<String>)> {
     let file_size = storage
         .len()
         .map_err(ImageError::io("reading the image size"))?;
@@ -113,19 +113,33 @@ pub(crate) fn read_header(
     storage
         .read_at(&mut buf, 0)
         .map_err(ImageError::io("reading the header"))?;
-    if !tolerant {
-        let loading = if tolerant_blocks {
-            RefcountLoading::Tolerant(None)
-        } else {
-            RefcountLoading::Strict
-        };
-        return Ok((Header::parse(&buf, file_size)?, loading));
+    if tolerant {
+        let (header, damage) = Header::parse_for_check(&buf, file_size)?;
+        let loading = RefcountLoading::Tolerant(damage.map(|e| e.to_string()));
+        return Ok((header, loading, None));
     }
-    let (header, damage) = Header::parse_for_check(&buf, file_size)?;
-    Ok((
-        header,
-        RefcountLoading::Tolerant(damage.map(|e| e.to_string())),
-    ))
+    let loading = if tolerant_blocks {
+        RefcountLoading::Tolerant(None)
+    } else {
+        RefcountLoading::Strict
+    };
+    // A truncated file (an interrupted copy) is read as QEMU reads it, the
+    // missing bytes as zeros. Writing needs the refcount and L1 tables
+    // whole; only a snapshot table past the end is taken then.
+    let (header, truncation) = Header::parse_truncated(&buf, file_size)?;
+    if let Some(truncation) = &truncation {
+        let only_snapshots = matches!(
+            truncation,
+            FormatError::PastEnd {
+                what: "snapshot table",
+                ..
+            }
+        );
+        if !tolerant_blocks && !only_snapshots {
+            return Err(truncation.clone().into());
+        }
+    }
+    Ok((header, loading, truncation.map(|t| t.to_string())))
 }
 
 impl Image {
@@ -349,7 +363,8 @@ impl Device {
         // A read-only open needs only the header, L1 and L2 tables: damaged
         // refcount blocks are recorded, not fatal, so the data can be read
         // out (as QEMU reads it) before a repair.
-        let (mut header, loading) = read_header(&*storage, options.check, !options.write)?;
+        let (mut header, loading, truncation) =
+            read_header(&*storage, options.check, !options.write)?;
         if let Some(id_or_name) = &options.snapshot {
             if options.write {
                 return Err(ImageError::InvalidOption(
@@ -389,6 +404,7 @@ impl Device {
             loading,
         )?;
         let mut image = Self::from_parts(storage, meta, options.write);
+        image.truncation = truncation;
         image.meta.get_mut().set_punch_freed(options.punch_holes);
         if !options.write && !options.check {
             let damage = image.meta.get_mut().references().refcount_damage()?;
@@ -426,7 +442,7 @@ impl Device {
         // starts from what is on disk.
         self.meta.get_mut().bitmap_ops().store()?;
         self.meta.get_mut().flush()?;
-        let (header, loading) = read_header(&*self.storage, false, false)?;
+        let (header, loading, _) = read_header(&*self.storage, false, false)?;
         let defaults = OpenOptions::default();
         let mut meta = Metadata::load(
             self.storage.clone(),

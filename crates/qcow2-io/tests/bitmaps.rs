@@ -98,6 +98,7 @@ fn expected(writes: &[(u64, u64)], granularity: u64, size: u64) -> Vec<(u64, u64
 /// The dirty runs the library reads.
 fn ours(image: &Image, name: &str) -> Vec<(u64, u64)> {
     image
+        .bitmaps()
         .dirty_extents(name, 0, image.size())
         .unwrap()
         .into_iter()
@@ -226,8 +227,8 @@ fn dedup_writes_and_shares_keep_bitmaps_true() {
         ..CreateOptions::new(64 << 20)
     };
     let image = Image::create(&path, &options).unwrap();
-    image.add_bitmap("b512", Some(512), true).unwrap();
-    image.add_bitmap("b1m", Some(1 << 20), true).unwrap();
+    image.bitmaps().add("b512", Some(512), true).unwrap();
+    image.bitmaps().add("b1m", Some(1 << 20), true).unwrap();
     let mut writes = write_everything(&image, 65536, false);
     // The same content twice: the second write shares the first's cluster.
     let block = vec![0x5a; 65536];
@@ -265,11 +266,11 @@ fn a_crash_leaves_the_bitmaps_in_use_and_remove_cleans_up() {
     assert_eq!(qemu_flags(&path), flags(&[("b0", &["in-use", "auto"])]));
     let image = Image::open(&path, &OpenOptions::read_write()).unwrap();
     assert!(matches!(
-        image.dirty_extents("b0", 0, 4096),
+        image.bitmaps().dirty_extents("b0", 0, 4096),
         Err(ImageError::BitmapInconsistent(_))
     ));
     assert!(matches!(
-        image.clear_bitmap("b0"),
+        image.bitmaps().clear("b0"),
         Err(ImageError::BitmapInconsistent(_))
     ));
     // Writes leave an inconsistent bitmap as it is.
@@ -277,7 +278,7 @@ fn a_crash_leaves_the_bitmaps_in_use_and_remove_cleans_up() {
     image.close().unwrap();
     assert_eq!(qemu_flags(&path), flags(&[("b0", &["in-use", "auto"])]));
     let image = Image::open(&path, &OpenOptions::read_write()).unwrap();
-    image.remove_bitmap("b0").unwrap();
+    image.bitmaps().remove("b0").unwrap();
     image.close().unwrap();
     assert_eq!(qemu_flags(&path), flags(&[]));
     assert_qemu_check_clean(&path);
@@ -291,8 +292,8 @@ fn resize_and_snapshot_apply_keep_bitmaps_valid_for_qemu() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("r.qcow2");
     let image = Image::create(&path, &CreateOptions::new(8 << 20)).unwrap();
-    image.add_bitmap("b", Some(4096), true).unwrap();
-    image.add_bitmap("off", Some(4096), false).unwrap();
+    image.bitmaps().add("b", Some(4096), true).unwrap();
+    image.bitmaps().add("off", Some(4096), false).unwrap();
     image.write_at(&[1; 4096], 4 << 20).unwrap();
     image.resize(2 << 30).unwrap();
     image.write_at(&[2; 4096], (2 << 30) - 4096).unwrap();
@@ -304,7 +305,7 @@ fn resize_and_snapshot_apply_keep_bitmaps_valid_for_qemu() {
     assert_eq!(qemu_dirty(&path, "off"), []);
     let image = Image::open(&path, &OpenOptions::read_write()).unwrap();
     image.snapshot_create("s").unwrap();
-    image.clear_bitmap("b").unwrap();
+    image.bitmaps().clear("b").unwrap();
     image.shrink(1 << 20).unwrap();
     assert_eq!(ours(&image, "b"), []);
     image.snapshot_apply("s").unwrap();
@@ -320,38 +321,38 @@ fn resize_and_snapshot_apply_keep_bitmaps_valid_for_qemu() {
 fn bitmap_operations_refuse_what_qemu_refuses() {
     let storage = Arc::new(MemStorage::new());
     let image = Image::create_on(storage.clone(), &CreateOptions::new(1 << 30)).unwrap();
-    image.add_bitmap("a", None, true).unwrap();
+    image.bitmaps().add("a", None, true).unwrap();
     assert!(matches!(
-        image.add_bitmap("a", None, true),
+        image.bitmaps().add("a", None, true),
         Err(ImageError::BitmapExists(_))
     ));
     assert!(matches!(
-        image.remove_bitmap("b"),
+        image.bitmaps().remove("b"),
         Err(ImageError::BitmapNotFound(_))
     ));
     for bad in [0, 256, 1000, 1 << 32] {
         assert!(
-            image.add_bitmap("g", Some(bad), true).is_err(),
+            image.bitmaps().add("g", Some(bad), true).is_err(),
             "granularity {bad}"
         );
     }
-    assert!(image.add_bitmap(&"n".repeat(1024), None, true).is_err());
+    assert!(image.bitmaps().add(&"n".repeat(1024), None, true).is_err());
     // 512-byte granules over 4 TiB would need 1 GiB of bits: past QEMU's
     // limit (512 MiB), so refused as QEMU refuses it.
     image.resize(4 << 40).unwrap();
-    assert!(image.add_bitmap("huge", Some(512), true).is_err());
-    image.add_bitmap("other", Some(1 << 16), false).unwrap();
+    assert!(image.bitmaps().add("huge", Some(512), true).is_err());
+    image.bitmaps().add("other", Some(1 << 16), false).unwrap();
     image.write_at(&[1; 10], 3 << 20).unwrap();
-    image.merge_bitmap("other", &image, "a").unwrap();
+    image.bitmaps().merge("other", &image, "a").unwrap();
     assert_eq!(ours(&image, "other"), [(3 << 20, 65536)]);
-    image.disable_bitmap("a").unwrap();
+    image.bitmaps().disable("a").unwrap();
     image.write_at(&[1; 10], 9 << 20).unwrap();
     assert_eq!(
         ours(&image, "a"),
         [(3 << 20, 65536)],
         "a disabled bitmap stays"
     );
-    image.enable_bitmap("a").unwrap();
+    image.bitmaps().enable("a").unwrap();
     image.write_at(&[1; 10], 9 << 20).unwrap();
     assert_eq!(ours(&image, "a"), [(3 << 20, 65536), (9 << 20, 65536)]);
     image.close().unwrap();
@@ -364,12 +365,12 @@ fn bitmap_operations_refuse_what_qemu_refuses() {
     )
     .unwrap();
     assert!(matches!(
-        v2.add_bitmap("a", None, true),
+        v2.bitmaps().add("a", None, true),
         Err(ImageError::Unsupported(_))
     ));
     let back = Image::open_on(storage, &OpenOptions::read_only()).unwrap();
     assert_eq!(ours(&back, "a"), [(3 << 20, 65536), (9 << 20, 65536)]);
-    assert!(back.add_bitmap("x", None, true).is_err(), "read-only");
+    assert!(back.bitmaps().add("x", None, true).is_err(), "read-only");
 }
 
 #[test]
@@ -383,7 +384,7 @@ fn concurrent_writers_and_flushes_lose_no_bit() {
             ..CreateOptions::new(256 << 20)
         };
         let image = Arc::new(Image::create_on(storage.clone(), &options).unwrap());
-        image.add_bitmap("b", Some(4096), true).unwrap();
+        image.bitmaps().add("b", Some(4096), true).unwrap();
         let threads: Vec<_> = (0..4u64)
             .map(|t| {
                 let image = image.clone();
@@ -438,7 +439,7 @@ fn amend_keeps_the_bits_of_earlier_writes() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("a.qcow2");
     let mut image = Image::create(&path, &CreateOptions::new(16 << 20)).unwrap();
-    image.add_bitmap("b", Some(4096), true).unwrap();
+    image.bitmaps().add("b", Some(4096), true).unwrap();
     image.write_at(&[1; 4096], 3 << 20).unwrap();
     let mut narrower = qcow2_io::AmendOptions::default();
     narrower.refcount_bits = Some(4);
@@ -494,15 +495,21 @@ fn damaged_bitmap_directories_give_errors_never_panics() {
         f.write_all_at(&bytes, offset + at).unwrap();
         drop(f);
         let image = Image::open(&path, &OpenOptions::read_write()).unwrap();
-        assert!(image.dirty_extents("b", 0, 4096).is_err(), "{what}");
-        assert!(image.clear_bitmap("b").is_err(), "{what}");
+        assert!(
+            image.bitmaps().dirty_extents("b", 0, 4096).is_err(),
+            "{what}"
+        );
+        assert!(image.bitmaps().clear("b").is_err(), "{what}");
         image.write_at(&[2; 512], 1 << 20).unwrap();
         image.close().unwrap();
         let image = Image::open(&path, &OpenOptions::read_only()).unwrap();
         let mut back = [0u8; 512];
         image.read_at(&mut back, 1 << 20).unwrap();
         assert_eq!(back, [2; 512], "{what}");
-        assert!(image.dirty_extents("b", 0, 4096).is_err(), "{what}");
+        assert!(
+            image.bitmaps().dirty_extents("b", 0, 4096).is_err(),
+            "{what}"
+        );
         let info = image.info().unwrap();
         assert!(
             info.bitmaps.iter().all(|b| b.in_use),

@@ -63,7 +63,7 @@ pub(crate) fn extents(
     match context {
         MetaContext::BaseAllocation => chain_runs(image, offset, len, &base_allocation, &mut runs)?,
         MetaContext::DirtyBitmap(name) => {
-            for e in image.dirty_extents(name, offset, len)? {
+            for e in image.bitmaps().dirty_extents(name, offset, len)? {
                 runs.push((e.length, if e.dirty { DIRTY } else { 0 }));
             }
         }

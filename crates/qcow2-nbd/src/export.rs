@@ -76,7 +76,7 @@ impl Export {
     /// exists and is consistent (as qemu-nbd refuses to start otherwise).
     pub fn check_bitmaps(&self) -> qcow2_io::Result<()> {
         for name in &self.options.bitmaps {
-            self.image.dirty_extents(name, 0, 0)?;
+            self.image.bitmaps().dirty_extents(name, 0, 0)?;
         }
         Ok(())
     }

@@ -46,14 +46,16 @@ pub fn run(args: &BitmapArgs) -> Result<u8, CliError> {
     let name = args.bitmap.as_str();
     for op in ops {
         let (what, result) = match op {
-            BitmapOperation::Add => ("add", image.add_bitmap(name, args.granularity, true)),
-            BitmapOperation::Remove => ("remove", image.remove_bitmap(name)),
-            BitmapOperation::Clear => ("clear", image.clear_bitmap(name)),
-            BitmapOperation::Enable => ("enable", image.enable_bitmap(name)),
-            BitmapOperation::Disable => ("disable", image.disable_bitmap(name)),
+            BitmapOperation::Add => ("add", image.bitmaps().add(name, args.granularity, true)),
+            BitmapOperation::Remove => ("remove", image.bitmaps().remove(name)),
+            BitmapOperation::Clear => ("clear", image.bitmaps().clear(name)),
+            BitmapOperation::Enable => ("enable", image.bitmaps().enable(name)),
+            BitmapOperation::Disable => ("disable", image.bitmaps().disable(name)),
             BitmapOperation::Merge(from) => (
                 "merge",
-                image.merge_bitmap(name, source.as_ref().unwrap_or(&image), from),
+                image
+                    .bitmaps()
+                    .merge(name, source.as_ref().unwrap_or(&image), from),
             ),
         };
         result.map_err(|e| {

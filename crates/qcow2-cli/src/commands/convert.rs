@@ -169,8 +169,9 @@ fn copy_bitmaps(source: &Image, bitmaps: &[BitmapInfo], target: &Path) -> Result
     let image = Image::open(target, &OpenOptions::read_write()).map_err(CliError::image(target))?;
     for b in bitmaps {
         image
-            .add_bitmap(&b.name, Some(b.granularity), b.auto)
-            .and_then(|()| image.merge_bitmap(&b.name, source, &b.name))
+            .bitmaps()
+            .add(&b.name, Some(b.granularity), b.auto)
+            .and_then(|()| image.bitmaps().merge(&b.name, source, &b.name))
             .map_err(CliError::image(target))?;
     }
     image.close().map_err(CliError::image(target))

@@ -18,6 +18,7 @@ pub fn run(args: &ResizeArgs) -> Result<u8, CliError> {
         &crate::secrets::with_key(path, OpenOptions::read_write()),
     )
     .map_err(CliError::image(path))?;
+    crate::disk::warn_damage(&image, path);
     let current = image.size();
     let new = args
         .size

@@ -185,12 +185,25 @@ impl Resizing<'_> {
         from: u64,
         encrypted: Option<&dyn qcow2_alloc::Storage>,
     ) -> Result<()> {
+        let runs = self.map_unmapped_clusters(from)?;
+        if !self.external_data() {
+            // An external data file was made to size (and reserved or
+            // written) by its creator; only the mappings live here.
+            fill_preallocated(&*self.0.storage, mode, &runs, encrypted)?;
+        }
+        self.flush()
+    }
+
+    /// Maps every unmapped guest cluster from the one holding `from` to
+    /// the end of the disk to newly allocated host clusters, in runs;
+    /// returns the host runs `(offset, length)`. A partial cluster at
+    /// `from` whose head reads from a backing file is left to the caller:
+    /// preallocating it would hide that head.
+    fn map_unmapped_clusters(&mut self, from: u64) -> Result<Vec<(u64, u64)>> {
         let g = self.0.geometry;
         let cs = g.cluster_size();
         let total = g.clusters_for(self.header().size);
         let mut guest = from / cs;
-        // A partial cluster at `from` whose head reads from a backing file
-        // is left to the caller: preallocating it would hide that head.
         let backed_head = !from.is_multiple_of(cs) && self.header().backing_file.is_some();
         if guest < total
             && (backed_head
@@ -201,7 +214,6 @@ impl Resizing<'_> {
         {
             guest += 1;
         }
-        let mut end = 0u64;
         let mut runs = Vec::new();
         while guest < total {
             let at = GuestOffset::new(guest * cs);
@@ -219,48 +231,60 @@ impl Resizing<'_> {
                     },
                 )?;
             }
-            let start = g.host_offset(first).get();
-            runs.push((start, g.bytes(n)));
-            end = end.max(start + g.bytes(n));
+            runs.push((g.host_offset(first).get(), g.bytes(n)));
             guest += n.get();
         }
-        if self.external_data() {
-            // The data file was made to size (and reserved or written) by
-            // its creator; only the mappings live here.
-            return self.flush();
-        }
-        let storage = &*self.0.storage;
-        let old_len = storage
-            .len()
-            .map_err(ImageError::io("reading the image size"))?;
-        if old_len < end {
-            storage
-                .set_len(end)
-                .map_err(ImageError::io("extending the image for preallocation"))?;
-        }
-        for &(start, len) in &runs {
-            if mode == Preallocation::Falloc {
-                storage
-                    .allocate(start, len)
-                    .map_err(ImageError::io("reserving the preallocated clusters"))?;
-            }
-            let zero_to = if mode == Preallocation::Full {
-                start + len
-            } else {
-                old_len.clamp(start, start + len)
-            };
-            write_zeros(storage, start, zero_to - start)?;
-            if let Some(data) = encrypted {
-                write_zeros(data, start, len)?;
-            }
-        }
-        if encrypted.is_some() {
-            storage
-                .flush()
-                .map_err(ImageError::io("syncing the preallocated clusters"))?;
-        }
-        self.flush()
+        Ok(runs)
     }
+}
+
+/// Gives the preallocated host `runs` their space in `storage` as `mode`
+/// asks, before any table points to them: the file extended over them,
+/// their blocks reserved (`Falloc`) or written with zeros (`Full`). Runs
+/// reused from inside the file are written with zeros in every mode, and
+/// on an encrypted image every run gets encrypted zeros through
+/// `encrypted`, so each reads as zeros.
+fn fill_preallocated(
+    storage: &dyn qcow2_alloc::Storage,
+    mode: Preallocation,
+    runs: &[(u64, u64)],
+    encrypted: Option<&dyn qcow2_alloc::Storage>,
+) -> Result<()> {
+    let end = runs
+        .iter()
+        .map(|&(start, len)| start + len)
+        .max()
+        .unwrap_or(0);
+    let old_len = storage
+        .len()
+        .map_err(ImageError::io("reading the image size"))?;
+    if old_len < end {
+        storage
+            .set_len(end)
+            .map_err(ImageError::io("extending the image for preallocation"))?;
+    }
+    for &(start, len) in runs {
+        if mode == Preallocation::Falloc {
+            storage
+                .allocate(start, len)
+                .map_err(ImageError::io("reserving the preallocated clusters"))?;
+        }
+        let zero_to = if mode == Preallocation::Full {
+            start + len
+        } else {
+            old_len.clamp(start, start + len)
+        };
+        write_zeros(storage, start, zero_to - start)?;
+        if let Some(data) = encrypted {
+            write_zeros(data, start, len)?;
+        }
+    }
+    if encrypted.is_some() {
+        storage
+            .flush()
+            .map_err(ImageError::io("syncing the preallocated clusters"))?;
+    }
+    Ok(())
 }
 
 /// Writes zeros over `[start, start + len)` of `storage`, a few MiB at a

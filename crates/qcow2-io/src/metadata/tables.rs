@@ -61,7 +61,11 @@ pub(crate) fn read_snapshot_table(storage: &dyn Storage, header: &Header) -> Res
         .len()
         .map_err(ImageError::io("reading the image size"))?;
     let max_entry = 40 + 1024 + 2 * 65535 + 8u64;
-    let len = (u64::from(n) * max_entry).min(file_size.saturating_sub(offset.get()));
+    // Past the end of a truncated file the table reads as zeros: at most
+    // one entry straddles the end, and every later one is a 40-byte
+    // empty entry.
+    let present = file_size.saturating_sub(offset.get());
+    let len = (u64::from(n) * max_entry).min(present + max_entry + u64::from(n) * 40);
     let mut table = vec![0u8; len as usize];
     storage
         .read_at(&mut table, offset.get())
