@@ -8,7 +8,9 @@
 
 use std::path::Path;
 
+use qcow2_format::features::INCOMPAT_EXTERNAL_DATA;
 use qcow2_io::measure::{bitmaps_size, dedup_table_size};
+use qcow2_io::FileStorage;
 use qcow2_io::{measure, Backing, ContentHash, CreateOptions, Image, MapKind};
 use serde_json::{json, Map, Value};
 
@@ -27,10 +29,27 @@ fn allocated(
     end: u64,
     out: &mut Vec<(u64, u64)>,
 ) -> qcow2_io::Result<()> {
+    let holes = file_with_holes(image);
     for e in image.map_range(start, end - start)? {
         let (s, t) = (e.start, e.start + e.length);
         match e.kind {
-            MapKind::Data | MapKind::Compressed => out.push((s, t)),
+            MapKind::Data => match (&holes, e.host_offset) {
+                // As qemu-img: data clusters that are holes in the file
+                // (preallocated, never written) read as zeros, and a
+                // convert copies nothing of them.
+                (Some(file), Some(host)) => {
+                    let ranges = file.data_ranges(host, host + e.length).map_err(
+                        qcow2_io::ImageError::io("finding the data of the image file"),
+                    )?;
+                    out.extend(
+                        ranges
+                            .iter()
+                            .map(|&(a, b)| (s + (a - host), s + (b - host))),
+                    );
+                }
+                _ => out.push((s, t)),
+            },
+            MapKind::Compressed => out.push((s, t)),
             MapKind::Zero => {}
             MapKind::Unallocated => match image.backing().as_deref() {
                 Some(Backing::Qcow2(b)) if s < b.size() => allocated(b, s, t.min(b.size()), out)?,
@@ -44,6 +63,17 @@ fn allocated(
         }
     }
     Ok(())
+}
+
+/// `image`'s own file, where its holes read as zeros: guest data in the
+/// file itself, not encrypted (a hole would decrypt to noise).
+fn file_with_holes(image: &Image) -> Option<FileStorage> {
+    let header = image.header();
+    let external = header.incompatible_features & INCOMPAT_EXTERNAL_DATA != 0;
+    if header.crypt_method != 0 || external {
+        return None;
+    }
+    FileStorage::open(image.path()?, false).ok()
 }
 
 /// The first byte of each `cluster`-sized cluster the ranges touch.

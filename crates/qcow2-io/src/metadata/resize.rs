@@ -264,17 +264,17 @@ fn fill_preallocated(
             .map_err(ImageError::io("extending the image for preallocation"))?;
     }
     for &(start, len) in runs {
+        if mode == Preallocation::Full {
+            write_zeros(storage, start, len)?;
+        } else {
+            let reused_end = old_len.clamp(start, start + len);
+            punch_zeros(storage, start, reused_end - start)?;
+        }
         if mode == Preallocation::Falloc {
             storage
                 .allocate(start, len)
                 .map_err(ImageError::io("reserving the preallocated clusters"))?;
         }
-        let zero_to = if mode == Preallocation::Full {
-            start + len
-        } else {
-            old_len.clamp(start, start + len)
-        };
-        write_zeros(storage, start, zero_to - start)?;
         if let Some(data) = encrypted {
             write_zeros(data, start, len)?;
         }
@@ -283,6 +283,32 @@ fn fill_preallocated(
         storage
             .flush()
             .map_err(ImageError::io("syncing the preallocated clusters"))?;
+    }
+    Ok(())
+}
+
+/// Makes `[start, start + len)` of `storage` read as zeros, as a hole of
+/// the file where the storage can punch one (so the clusters stay sparse,
+/// as QEMU's preallocated clusters are), else by writing zeros.
+fn punch_zeros(storage: &dyn qcow2_alloc::Storage, start: u64, len: u64) -> Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    storage
+        .discard(start, len)
+        .map_err(ImageError::io("punching the reused clusters"))?;
+    let mut buf = vec![0u8; len.min(4 << 20) as usize];
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(buf.len() as u64);
+        let chunk = &mut buf[..n as usize];
+        storage
+            .read_at(chunk, start + at)
+            .map_err(ImageError::io("reading the reused clusters"))?;
+        if !crate::is_zero(chunk) {
+            write_zeros(storage, start + at, n)?;
+        }
+        at += n;
     }
     Ok(())
 }
