@@ -635,6 +635,45 @@ fn a_truncated_image_is_read_and_resized_as_qemu_img_does() {
 }
 
 #[test]
+fn an_l2_table_linked_onto_the_l1_table_reads_as_qemu_img_reads_it() {
+    if !tools(&["qemu-img", "qemu-io"]) {
+        return;
+    }
+    // iotest 060: the first L1 entry names the L1 table's own cluster (the
+    // file's last, so the "L2 table" runs past the end of the file).
+    let mut t = twin_with("l1.qcow2", &["-o", "compat=1.1"], "64M");
+    for dir in [&t.qemu, &t.ours] {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("l1.qcow2"))
+            .unwrap();
+        file.write_all_at(&0x8000_0000_0003_0000u64.to_be_bytes(), 0x30000)
+            .unwrap();
+    }
+    let (theirs, ours) = t.both(&["map", "--output=json", "l1.qcow2"]);
+    assert!(theirs.status.success(), "{}", text(&theirs.stderr));
+    assert_eq!(normalize("map", &theirs), normalize("map", &ours));
+    let (theirs, ours) = t.both(&["check", "--output=json", "l1.qcow2"]);
+    assert_eq!(theirs.status.code(), Some(2));
+    let full = |out: &Output| serde_json::from_slice::<Value>(&out.stdout).unwrap();
+    let (mut a, mut b) = (full(&theirs), full(&ours));
+    for v in [&mut a, &mut b] {
+        v.as_object_mut().unwrap().remove("filename");
+    }
+    assert_eq!(a, b, "check figures, allocated clusters included");
+    assert_eq!(text(&theirs.stderr), text(&ours.stderr), "the same finding");
+    t.both(&["convert", "-O", "raw", "l1.qcow2", "l1.raw"]);
+    let (q, o) = bytes(&t, "l1.raw");
+    assert!(q == o, "the same guest data");
+    assert_eq!(
+        q[..8],
+        0x8000_0000_0003_0000u64.to_be_bytes(),
+        "the L1 entry"
+    );
+}
+
+#[test]
 fn item_5_snapshot_lookups_follow_qemu_img_per_subcommand() {
     if !tools(&["qemu-img", "qemu-io"]) {
         return;

@@ -91,7 +91,10 @@ impl BlockMap {
         let file_size = storage
             .len()
             .map_err(ImageError::io("reading the image size"))?;
-        if offset.get().saturating_add(cs) > file_size {
+        // A table that starts inside the file is read as QEMU reads it,
+        // its missing end as zeros (iotest 060 links an L2 entry onto the
+        // L1 table, the last cluster of a short file).
+        if offset.get() >= file_size {
             return Err(ImageError::L2TablePastEnd {
                 offset: offset.get(),
                 file_size,

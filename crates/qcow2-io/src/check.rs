@@ -214,7 +214,6 @@ fn walk(parts: &mut MetadataParts<'_>) -> Result<Walk> {
 }
 
 fn walk_l1(parts: &mut MetadataParts<'_>, walk: &mut Walk, l1: &[u64], active: bool) -> Result<()> {
-    let cs = parts.header.geometry.cluster_size();
     for (index, &raw) in l1.iter().enumerate() {
         let Some(offset) = l2_table_of(parts, walk, index, raw, active)? else {
             continue;
@@ -224,7 +223,9 @@ fn walk_l1(parts: &mut MetadataParts<'_>, walk: &mut Walk, l1: &[u64], active: b
             .storage
             .len()
             .map_err(ImageError::io("reading the image size"))?;
-        if offset.get().saturating_add(cs) <= file_size {
+        // A table that starts inside the file is walked as reads see it,
+        // its missing end as zeros.
+        if offset.get() < file_size {
             walk_l2_table(parts, walk, index, offset, active)?;
         }
     }

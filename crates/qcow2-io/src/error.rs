@@ -52,7 +52,7 @@ pub enum ImageError {
     /// An L1 entry names an L2 table past the end of the file. Reads treat
     /// its range as unallocated (QEMU reads such a table as zeroes); writes
     /// there fail with this error.
-    #[error("image is corrupt: L2 table at {offset:#x} lies past the end of the file ({file_size} bytes); repair it with `qcow2 check -r all`")]
+    #[error("image is corrupt: L2 table at {offset:#x} starts past the end of the file ({file_size} bytes); repair it with `qcow2 check -r all`")]
     L2TablePastEnd {
         /// Offset the L1 entry names.
         offset: u64,

@@ -487,3 +487,34 @@ fn extreme_field_values_never_panic() {
         }
     }
 }
+
+/// iotest 060: an L1 entry naming the L1 table's own cluster. Reads see
+/// the L1 table as the L2 table, as QEMU's do; a write that would land on
+/// the L1 table is refused and leaves it as it was.
+#[test]
+fn an_l2_table_linked_onto_the_l1_table_is_read_but_never_written() {
+    let storage = Arc::new(MemStorage::new());
+    let image = Image::create_on(storage.clone(), &CreateOptions::new(64 << 20)).unwrap();
+    image.close().unwrap();
+    let mut bytes = storage.to_bytes();
+    let l1 = get64(&bytes, 40);
+    put64(&mut bytes, l1 as usize, (1 << 63) | l1);
+    let poked = bytes.clone();
+    let storage = Arc::new(MemStorage::from_bytes(bytes));
+    let image = Image::open_on(storage.clone(), &OpenOptions::read_write()).unwrap();
+    let mut head = [0u8; 16];
+    image.read_at(&mut head, 0).unwrap();
+    assert_eq!(head[..8], ((1u64 << 63) | l1).to_be_bytes(), "the L1 entry");
+    let refused = image.write_at(&[0x2a; 512], 0).unwrap_err();
+    assert!(
+        refused.to_string().contains("over metadata"),
+        "refused as QEMU refuses it (and marked corrupt): {refused}"
+    );
+    let _ = image.close();
+    let after = storage.to_bytes();
+    assert_eq!(
+        after[l1 as usize..l1 as usize + 8],
+        poked[l1 as usize..l1 as usize + 8],
+        "the L1 table is untouched"
+    );
+}

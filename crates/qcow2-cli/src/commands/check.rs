@@ -70,6 +70,14 @@ pub fn run(args: &CheckArgs) -> Result<u8, CliError> {
     };
     let report = image.check(repair).map_err(CliError::image(path))?;
     image.close().map_err(CliError::image(path))?;
+    // Findings go to stderr in every output format, even with -q, as
+    // qemu-img's block driver prints them.
+    for f in &report.findings {
+        eprintln!("{}", f.message);
+    }
+    if report.refcounts_rebuilt {
+        eprintln!("Rebuilding refcount structure");
+    }
     if !args.quiet.quiet {
         match args.output.format {
             OutputFormat::Json => say!("{}", to_qemu_json(&report_json(path, &report))),
@@ -114,12 +122,6 @@ fn report_json(path: &Path, report: &CheckReport) -> Value {
 }
 
 fn print_human(report: &CheckReport, repair: RepairMode) {
-    for f in &report.findings {
-        eprintln!("{}", f.message);
-    }
-    if report.refcounts_rebuilt {
-        eprintln!("Rebuilding refcount structure");
-    }
     if repair != RepairMode::None
         && (report.leaks_fixed > 0 || report.corruptions_fixed > 0 || report.dedup_fixed > 0)
     {
