@@ -130,12 +130,14 @@ pub fn open_image(path: &Path, writable: bool) -> Result<Image, CliError> {
     } else {
         OpenOptions::read_only()
     };
-    Image::open_on_file(
+    let image = Image::open_on_file(
         Arc::new(storage),
         &crate::secrets::with_key(p, options.clone()),
         p,
     )
-    .map_err(CliError::image(path))
+    .map_err(CliError::image(path))?;
+    warn_damage(&image, path);
+    Ok(image)
 }
 
 impl Disk {

@@ -177,8 +177,8 @@ impl Header {
     }
 
     /// [`Header::parse`] for what a truncated file (an interrupted copy)
-    /// still holds, read as QEMU reads it: the L1 table, refcount table
-    /// and snapshot table may reach past the end of the file, whose
+    /// still holds, read as QEMU reads it: the L1 table, refcount table,
+    /// snapshot table and dedup table may reach past the end of the file, whose
     /// missing bytes read as zeros. The first structure that does is
     /// returned as the second value. Every limit, alignment and overflow
     /// is still checked, so nothing read is larger than the format allows.
@@ -203,6 +203,9 @@ impl Header {
         self.validate_refcount_table_location(file_size)?;
         if self.nb_snapshots > 0 {
             past_end("snapshot table", self.snapshots_offset.get(), 40, file_size)?;
+        }
+        if let Some(dedup) = self.dedup_extension() {
+            dedup.validate(self.geometry, file_size)?;
         }
         Ok(())
     }

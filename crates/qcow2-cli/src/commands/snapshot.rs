@@ -17,6 +17,7 @@ pub fn run(args: &SnapshotArgs) -> Result<u8, CliError> {
             &crate::secrets::with_key(path, OpenOptions::read_write()),
         )
         .map_err(CliError::image(path))?;
+        crate::disk::warn_damage(&image, path);
         op(&image)
             .map_err(|e| CliError::Usage(format!("Could not {what} snapshot '{name}': {e}")))?;
         image.close().map_err(CliError::image(path))?;
@@ -33,11 +34,7 @@ pub fn run(args: &SnapshotArgs) -> Result<u8, CliError> {
     if let Some(name) = &args.delete {
         return change("delete", name, &|image| image.snapshot_delete(name));
     }
-    let image = Image::open(
-        path,
-        &crate::secrets::with_key(path, OpenOptions::read_only()),
-    )
-    .map_err(CliError::image(path))?;
+    let image = crate::disk::open_read_only(path, &OpenOptions::read_only())?;
     let snapshots = image.snapshots().map_err(CliError::image(path))?;
     if !snapshots.is_empty() {
         print_snapshot_table(&snapshots);
