@@ -42,6 +42,10 @@ struct Twin {
     ours: PathBuf,
     /// What ran, for failure messages.
     log: Vec<String>,
+    /// Set once the copies may hold the same guest data in different
+    /// allocations, for a reason the README lists: `check`'s
+    /// `allocated-clusters` is no longer compared.
+    allocation_may_differ: bool,
 }
 
 /// Exit code class as qemu-img documents it for the command: the exact
@@ -67,6 +71,7 @@ impl Twin {
             qemu,
             ours,
             log: Vec::new(),
+            allocation_may_differ: false,
         }
     }
 
@@ -167,7 +172,12 @@ impl Twin {
             if !theirs.status.success() || !ours.status.success() {
                 continue;
             }
-            let (a, b) = (normalize(cmd[0], &theirs), normalize(cmd[0], &ours));
+            let (mut a, mut b) = (normalize(cmd[0], &theirs), normalize(cmd[0], &ours));
+            if cmd[0] == "check" && self.allocation_may_differ {
+                for v in [&mut a, &mut b] {
+                    v.as_object_mut().map(|o| o.remove("allocated-clusters"));
+                }
+            }
             if a != b && cmd[0] == "map" && self.only_zero_data_differs(file, &a, &b) {
                 continue;
             }
@@ -268,14 +278,7 @@ fn normalize(command: &str, out: &Output) -> Value {
             strip(&mut v, &["offset"]);
             v = merge_preallocation_holes(v);
         }
-        "check" => strip(
-            &mut v,
-            &[
-                "image-end-offset",
-                "allocated-clusters",
-                "fragmented-clusters",
-            ],
-        ),
+        "check" => strip(&mut v, &["image-end-offset", "fragmented-clusters"]),
         _ => {}
     }
     v
@@ -1139,6 +1142,7 @@ fn workflow(seed: u64, steps: usize) {
     }
     let mut snapshots = 0u32;
     let mut blocks_preallocated = false;
+    let mut preallocated = false;
     for _ in 0..steps {
         let size = virtual_size(&t, "top.qcow2");
         let len = rng.gen_range(1..4u64) * 16 * 1024;
@@ -1168,12 +1172,17 @@ fn workflow(seed: u64, steps: usize) {
                 // Where falloc/full clusters count as data for measure
                 // depends on the layout and the file system's extents.
                 blocks_preallocated |= matches!(mode, "falloc" | "full");
+                preallocated |= matches!(mode, "metadata" | "falloc" | "full");
                 let mut args = vec!["resize"];
                 if !mode.is_empty() {
                     args.push(&preallocation);
                 }
                 args.extend(["top.qcow2", size]);
-                t.both(&args);
+                let (theirs, _) = t.both(&args);
+                // qemu-img can fail a preallocating resize after it has
+                // preallocated (compat=0.10 over a longer backing file);
+                // we refuse before changing anything.
+                t.allocation_may_differ |= !theirs.status.success() && !mode.is_empty();
             }
             9 => {
                 t.both(&[
@@ -1202,6 +1211,9 @@ fn workflow(seed: u64, steps: usize) {
                 }
             }
             11 => {
+                // qemu-img commits preallocated zero data as data; we
+                // commit zeros as zero clusters or nothing.
+                t.allocation_may_differ |= preallocated;
                 t.both(&["commit", "-d", "top.qcow2"]);
                 t.agree("base.qcow2");
             }
