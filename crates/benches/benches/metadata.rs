@@ -12,15 +12,17 @@ use qcow2_format::{ClusterCount, Geometry, HostCluster, HostOffset};
 fn refcounts(bits: u32) -> (MemStorage, Refcounts) {
     let g = Geometry::new(bits, false).unwrap();
     let storage = MemStorage::new();
-    let mut r = Refcounts::new_empty(RefcountsConfig {
-        geometry: g,
-        width: RefcountWidth::new(4).unwrap(),
-        table_offset: HostOffset::new(g.cluster_size()),
-        table_clusters: 1,
-        cache_bytes: 4 << 20,
-    });
-    r.set(&storage, HostCluster::new(1), 1).unwrap();
-    r.set(&storage, HostCluster::new(0), 1).unwrap();
+    let r = Refcounts::new_empty(
+        &storage,
+        RefcountsConfig {
+            geometry: g,
+            width: RefcountWidth::new(4).unwrap(),
+            table_offset: HostOffset::new(g.cluster_size()),
+            table_clusters: 1,
+            cache_bytes: 4 << 20,
+        },
+    )
+    .unwrap();
     (storage, r)
 }
 

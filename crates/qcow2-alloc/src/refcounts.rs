@@ -257,13 +257,26 @@ impl Refcounts {
         &self.damage
     }
 
-    /// Builds the refcount structures of a new image in memory: a table of
-    /// `table_clusters` clusters at `table_offset`, no blocks yet.
-    pub fn new_empty(config: RefcountsConfig) -> Self {
+    /// Builds the refcount structure of a new image: a table of
+    /// `table_clusters` clusters at `table_offset`, in which the header
+    /// cluster (0) and the table's own clusters are already counted once,
+    /// with the refcount block that describes them. No later call can
+    /// place a block or data on them, whatever the order of calls. Nothing
+    /// is written until [`Refcounts::flush`]; `storage` is where blocks
+    /// will go when the cache writes them back.
+    pub fn new_empty(storage: &dyn Storage, config: RefcountsConfig) -> Result<Self> {
         let entries = (u64::from(config.table_clusters)
             .saturating_mul(config.geometry.cluster_size())
             / 8) as usize;
-        Self::with_table(config, vec![0; entries], DirtyRange::all(0..entries))
+        let mut refcounts = Self::with_table(config, vec![0; entries], DirtyRange::all(0..entries));
+        let first = config.geometry.host_cluster(config.table_offset).get();
+        let table = first..first.saturating_add(u64::from(config.table_clusters));
+        let mut reserved = vec![0..1, table.clone()];
+        refcounts.set_reserving(storage, 0, 1, &mut reserved)?;
+        for cluster in table {
+            refcounts.set_reserving(storage, cluster, 1, &mut reserved)?;
+        }
+        Ok(refcounts)
     }
 
     fn with_table(config: RefcountsConfig, table: Vec<u64>, dirty_entries: DirtyRange) -> Self {
@@ -837,15 +850,17 @@ mod tests {
     fn fresh(bits: u32, order: u32) -> (MemStorage, Refcounts) {
         let g = Geometry::new(bits, false).unwrap();
         let storage = MemStorage::new();
-        let mut r = Refcounts::new_empty(RefcountsConfig {
-            geometry: g,
-            width: RefcountWidth::new(order).unwrap(),
-            table_offset: HostOffset::new(g.cluster_size()),
-            table_clusters: 1,
-            cache_bytes: 4 * g.cluster_size(),
-        });
-        r.set(&storage, HostCluster::new(1), 1).unwrap();
-        r.set(&storage, HostCluster::new(0), 1).unwrap();
+        let r = Refcounts::new_empty(
+            &storage,
+            RefcountsConfig {
+                geometry: g,
+                width: RefcountWidth::new(order).unwrap(),
+                table_offset: HostOffset::new(g.cluster_size()),
+                table_clusters: 1,
+                cache_bytes: 4 * g.cluster_size(),
+            },
+        )
+        .unwrap();
         (storage, r)
     }
 
@@ -889,6 +904,47 @@ mod tests {
             let fields = qcow2_format::header::encode_refcount_table_fields(offset.get(), clusters);
             storage.write_at(&fields, qcow2_format::header::REFCOUNT_TABLE_FIELDS_OFFSET)?;
             storage.flush()
+        }
+    }
+
+    #[test]
+    fn a_new_structure_counts_its_header_and_table_whatever_comes_first() {
+        for (bits, order, table_at) in [(16, 4, 1u64), (9, 0, 3), (12, 6, 7)] {
+            let g = Geometry::new(bits, false).unwrap();
+            let storage = MemStorage::new();
+            let config = RefcountsConfig {
+                geometry: g,
+                width: RefcountWidth::new(order).unwrap(),
+                table_offset: g.host_offset(HostCluster::new(table_at)),
+                table_clusters: 1,
+                cache_bytes: 4 * g.cluster_size(),
+            };
+            let mut r = Refcounts::new_empty(&storage, config).unwrap();
+            // The call order that once put the first block on the table.
+            r.set(&storage, HostCluster::new(0), 1).unwrap();
+            let block = g.host_cluster(r.block_offsets().next().unwrap());
+            assert!(
+                block != HostCluster::new(0) && block != HostCluster::new(table_at),
+                "the block at {block} is not on the header or the table"
+            );
+            for c in [0, table_at, block.get()] {
+                assert_eq!(
+                    r.get(&storage, HostCluster::new(c)).unwrap(),
+                    1,
+                    "cluster {c}"
+                );
+            }
+            let (data, _) = r.allocate(&storage, ClusterCount::ONE).unwrap();
+            assert!(![0, table_at, block.get()].contains(&data.get()));
+            r.flush(&storage, &mut FieldsOnly).unwrap();
+            let mut again = Refcounts::load(&storage, config).unwrap();
+            for c in [0, table_at, block.get(), data.get()] {
+                assert_eq!(
+                    again.get(&storage, HostCluster::new(c)).unwrap(),
+                    1,
+                    "cluster {c}"
+                );
+            }
         }
     }
 

@@ -527,15 +527,17 @@ mod tests {
     fn setup(bits: u32) -> (MemStorage, Refcounts, Geometry) {
         let g = Geometry::new(bits, false).unwrap();
         let storage = MemStorage::new();
-        let mut r = Refcounts::new_empty(RefcountsConfig {
-            geometry: g,
-            width: RefcountWidth::new(4).unwrap(),
-            table_offset: HostOffset::new(g.cluster_size()),
-            table_clusters: 1,
-            cache_bytes: 1 << 20,
-        });
-        r.set(&storage, HostCluster::new(1), 1).unwrap();
-        r.set(&storage, HostCluster::new(0), 1).unwrap();
+        let r = Refcounts::new_empty(
+            &storage,
+            RefcountsConfig {
+                geometry: g,
+                width: RefcountWidth::new(4).unwrap(),
+                table_offset: HostOffset::new(g.cluster_size()),
+                table_clusters: 1,
+                cache_bytes: 1 << 20,
+            },
+        )
+        .unwrap();
         storage.write_at(&[1], 0).unwrap();
         (storage, r, g)
     }

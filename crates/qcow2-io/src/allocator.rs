@@ -103,10 +103,14 @@ impl Allocator {
         Ok(Self::new(refcounts, config.geometry))
     }
 
-    /// Empty refcounts for a new image, whose table is at the place
-    /// `config` names (nothing written yet).
-    pub(crate) fn new_empty(config: RefcountsConfig) -> Self {
-        Self::new(Refcounts::new_empty(config), config.geometry)
+    /// Refcounts for a new image, whose table is at the place `config`
+    /// names, with the header and table clusters counted (nothing written
+    /// yet).
+    pub(crate) fn new_empty(storage: &dyn Storage, config: RefcountsConfig) -> Result<Self> {
+        Ok(Self::new(
+            Refcounts::new_empty(storage, config)?,
+            config.geometry,
+        ))
     }
 
     /// Wraps refcounts built for a new image.

@@ -10,7 +10,7 @@ use qcow2_format::features::{
 };
 use qcow2_format::header::{CRYPT_LUKS, V2_HEADER_LEN, V3_HEADER_LEN};
 use qcow2_format::refcount::RefcountWidth;
-use qcow2_format::{ClusterCount, Geometry, Header, HostCluster, HostOffset};
+use qcow2_format::{ClusterCount, Geometry, Header, HostOffset};
 
 use crate::allocator::Allocator;
 use crate::crypto::cipher::SectorCipher;
@@ -42,16 +42,16 @@ pub(crate) fn create(
     storage
         .set_len(0)
         .map_err(ImageError::io("truncating the new image"))?;
-    let mut alloc = Allocator::new_empty(RefcountsConfig {
-        geometry,
-        width: RefcountWidth::new(header.refcount_order)?,
-        table_offset: HostOffset::new(cs),
-        table_clusters: 1,
-        cache_bytes: open.refcount_cache_bytes,
-    });
-    // The header cluster and the first refcount table cluster.
-    alloc.add_reference(&*storage, HostCluster::new(1))?;
-    alloc.add_reference(&*storage, HostCluster::new(0))?;
+    let mut alloc = Allocator::new_empty(
+        &*storage,
+        RefcountsConfig {
+            geometry,
+            width: RefcountWidth::new(header.refcount_order)?,
+            table_offset: HostOffset::new(cs),
+            table_clusters: 1,
+            cache_bytes: open.refcount_cache_bytes,
+        },
+    )?;
     let l1_clusters = geometry
         .count_for(u64::from(header.l1_size) * 8)
         .max(ClusterCount::ONE);
