@@ -117,6 +117,41 @@ impl ImageError {
     pub fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> Self {
         move |source| Self::Io { op, source }
     }
+
+    /// The [`std::io::ErrorKind`] a block-device user would expect for this
+    /// error (the storage's own kind for [`ImageError::Io`], so a full disk
+    /// stays `StorageFull`): how `From<ImageError> for std::io::Error`
+    /// classifies it, and how an NBD server picks its errno.
+    pub fn kind(&self) -> std::io::ErrorKind {
+        use std::io::ErrorKind;
+        match self {
+            Self::Io { source, .. } => source.kind(),
+            Self::OutOfBounds { .. } | Self::InvalidOption(_) => ErrorKind::InvalidInput,
+            Self::ReadOnly | Self::WrongPassphrase | Self::NeedsPassphrase => {
+                ErrorKind::PermissionDenied
+            }
+            Self::Unsupported(_) => ErrorKind::Unsupported,
+            Self::Locked(_) => ErrorKind::WouldBlock,
+            Self::SnapshotNotFound(_) | Self::BitmapNotFound(_) => ErrorKind::NotFound,
+            Self::SnapshotExists(_) | Self::BitmapExists(_) => ErrorKind::AlreadyExists,
+            Self::Format(_)
+            | Self::MarkedCorrupt
+            | Self::Corrupt(_)
+            | Self::L2TablePastEnd { .. }
+            | Self::BitmapInconsistent(_) => ErrorKind::InvalidData,
+            _ => ErrorKind::Other,
+        }
+    }
+}
+
+/// An [`ImageError`] as an I/O error of kind [`ImageError::kind`], the
+/// image error kept as its inner error (reachable through
+/// `std::io::Error::get_ref` and `source`), for `Read`/`Write` adapters
+/// and servers that speak errno.
+impl From<ImageError> for std::io::Error {
+    fn from(e: ImageError) -> Self {
+        std::io::Error::new(e.kind(), e)
+    }
 }
 
 /// Result type of this crate.

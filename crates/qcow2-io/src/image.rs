@@ -29,8 +29,9 @@ use crate::{ImageError, OpenOptions, Result};
 /// from the storage. Metadata is cached and written back by
 /// [`Image::flush`] in crash-safe order; [`Image::close`] flushes and
 /// clears the dirty bit. Dropping an image that was not closed closes it
-/// too, and reports a failure of that close on stderr, since `drop` cannot
-/// return it: call [`Image::close`] to handle the error yourself.
+/// too, but a failure of that close is lost (as `std::fs::File` loses
+/// its): call [`Image::close`] to handle the error yourself. Nothing is
+/// printed by this library.
 pub struct Image {
     device: Device,
 }

@@ -200,3 +200,28 @@ fn partial_writes_into_fresh_and_reused_clusters_read_zeros_around_them() {
     assert!(cluster[1536..].iter().all(|&b| b == 0), "no stale bytes");
     assert!(image.check(qcow2_io::RepairMode::None).unwrap().is_clean());
 }
+
+#[test]
+fn image_errors_become_io_errors_of_the_kind_a_block_device_user_expects() {
+    use std::io::ErrorKind;
+    let storage = Arc::new(qcow2_io::MemStorage::new());
+    let image = Image::create_on(storage.clone(), &CreateOptions::new(1 << 20)).unwrap();
+    let past_end = image.write_at(&[1; 512], 1 << 20).unwrap_err();
+    image.close().unwrap();
+    let read_only = Image::open_on(storage, &OpenOptions::read_only()).unwrap();
+    let refused = read_only.write_at(&[1; 512], 0).unwrap_err();
+    let full = ImageError::io("writing")(std::io::Error::from_raw_os_error(28));
+    for (e, kind) in [
+        (past_end, ErrorKind::InvalidInput),
+        (refused, ErrorKind::PermissionDenied),
+        (full, ErrorKind::StorageFull),
+        (ImageError::Corrupt("x".into()), ErrorKind::InvalidData),
+    ] {
+        assert_eq!(e.kind(), kind, "{e}");
+        let message = e.to_string();
+        let io: std::io::Error = e.into();
+        assert_eq!(io.kind(), kind);
+        assert_eq!(io.to_string(), message, "the image error is kept inside");
+        assert!(io.get_ref().unwrap().is::<ImageError>());
+    }
+}

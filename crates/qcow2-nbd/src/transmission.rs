@@ -237,11 +237,13 @@ enum Done {
     Status(Vec<(u32, Vec<(u32, u32)>)>),
 }
 
+/// The NBD errno of an image error, by its [`ImageError::kind`], as
+/// qemu-nbd answers.
 fn errno_of(e: &ImageError) -> u32 {
-    match e {
-        ImageError::OutOfBounds { .. } | ImageError::InvalidOption(_) => errno::EINVAL,
-        ImageError::ReadOnly => errno::EPERM,
-        ImageError::Io { source, .. } if source.raw_os_error() == Some(28) => errno::ENOSPC,
+    match e.kind() {
+        std::io::ErrorKind::InvalidInput => errno::EINVAL,
+        std::io::ErrorKind::PermissionDenied => errno::EPERM,
+        std::io::ErrorKind::StorageFull => errno::ENOSPC,
         _ => errno::EIO,
     }
 }
