@@ -157,10 +157,48 @@ fn aligned(geometry: Geometry, what: &'static str, offset: u64) -> Result<()> {
 }
 
 impl Header {
-    /// Parses and validates a header from `buf`, the first bytes of the image
-    /// (at least its first cluster, or the whole file if shorter), for an
-    /// image file of `file_size` bytes.
+    /// How many bytes from the start of a file of `file_size` bytes
+    /// [`Header::parse`] needs: its first cluster (the header, its
+    /// extensions and the backing file name live there), or the whole file
+    /// if it is shorter. `prefix` is the first bytes of the file, at least
+    /// [`Header::PREFIX_LEN`] (the cluster size is read from them).
+    ///
+    /// ```
+    /// use qcow2_format::Header;
+    /// # fn read_at(buf: &mut [u8], offset: u64) {}
+    /// # fn run(file_size: u64) -> qcow2_format::Result<Header> {
+    /// let mut prefix = [0u8; Header::PREFIX_LEN];
+    /// read_at(&mut prefix, 0);
+    /// let mut first = vec![0u8; Header::bytes_needed(&prefix, file_size)? as usize];
+    /// read_at(&mut first, 0);
+    /// Header::parse(&first, file_size)
+    /// # }
+    /// ```
+    pub fn bytes_needed(prefix: &[u8], file_size: u64) -> Result<u64> {
+        let (v2, _) = RawHeaderV2::ref_from_prefix(prefix).map_err(|_| FormatError::Truncated {
+            what: "header",
+            needed: u64::from(V2_HEADER_LEN),
+            available: prefix.len() as u64,
+        })?;
+        if v2.magic.get() != QCOW2_MAGIC {
+            return Err(FormatError::BadMagic(v2.magic.get()));
+        }
+        let cluster_size = Geometry::new(v2.cluster_bits.get(), false)?.cluster_size();
+        Ok(cluster_size.min(file_size))
+    }
+
+    /// Bytes [`Header::bytes_needed`] reads the cluster size from: the
+    /// version 2 header.
+    pub const PREFIX_LEN: usize = V2_HEADER_LEN as usize;
+
+    /// Parses and validates a header from `buf`, the first bytes of the
+    /// image, for an image file of `file_size` bytes. `buf` must hold
+    /// [`Header::bytes_needed`] bytes (the first cluster, or the whole file
+    /// if shorter): a shorter one is refused with
+    /// [`FormatError::Truncated`] naming how many bytes are needed, never
+    /// parsed with its extensions cut off.
     pub fn parse(buf: &[u8], file_size: u64) -> Result<Self> {
+        Self::check_whole(buf, file_size)?;
         let header = Self::parse_unchecked_refcount_table(buf, file_size)?;
         header.validate_refcount_table_location(file_size)?;
         Ok(header)
@@ -171,6 +209,7 @@ impl Header {
     /// check rebuilds it, as `qemu-img check` does); it is returned as the
     /// second value. A table larger than the format allows still fails.
     pub fn parse_for_check(buf: &[u8], file_size: u64) -> Result<(Self, Option<FormatError>)> {
+        Self::check_whole(buf, file_size)?;
         let header = Self::parse_unchecked_refcount_table(buf, file_size)?;
         let damage = header.validate_refcount_table_location(file_size).err();
         Ok((header, damage))
@@ -183,6 +222,7 @@ impl Header {
     /// returned as the second value. Every limit, alignment and overflow
     /// is still checked, so nothing read is larger than the format allows.
     pub fn parse_truncated(buf: &[u8], file_size: u64) -> Result<(Self, Option<FormatError>)> {
+        Self::check_whole(buf, file_size)?;
         // The largest file an entry can point into.
         let largest = crate::OFFSET_MASK + 1;
         let header = Self::parse_unchecked_refcount_table(buf, largest)?;
@@ -206,6 +246,19 @@ impl Header {
         }
         if let Some(dedup) = self.dedup_extension() {
             dedup.validate(self.geometry, file_size)?;
+        }
+        Ok(())
+    }
+
+    /// Refuses a `buf` shorter than [`Header::bytes_needed`].
+    fn check_whole(buf: &[u8], file_size: u64) -> Result<()> {
+        let needed = Self::bytes_needed(buf, file_size)?;
+        if (buf.len() as u64) < needed {
+            return Err(FormatError::Truncated {
+                what: "first cluster (header, extensions and backing file name)",
+                needed,
+                available: buf.len() as u64,
+            });
         }
         Ok(())
     }
@@ -928,6 +981,33 @@ mod tests {
             let err = Header::parse(&buf, 0x40000).expect_err(name);
             assert!(expect(&err), "{name}: got {err:?}");
         }
+    }
+
+    #[test]
+    fn a_buffer_shorter_than_the_first_cluster_is_refused_with_what_it_needs() {
+        let good = encoded(&sample(3));
+        let needed = Header::bytes_needed(&good[..Header::PREFIX_LEN], 1 << 30).unwrap();
+        assert_eq!(needed, 65536, "the first cluster");
+        assert_eq!(
+            Header::bytes_needed(&good[..Header::PREFIX_LEN], 5000).unwrap(),
+            5000,
+            "or the whole file, if shorter"
+        );
+        let err = Header::parse(&good[..4096], 1 << 30).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                FormatError::Truncated {
+                    needed: 65536,
+                    available: 4096,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let mut whole = good.clone();
+        whole.resize(65536, 0);
+        Header::parse(&whole, 1 << 30).unwrap();
     }
 
     #[test]
