@@ -93,7 +93,8 @@ pub const CRYPT_LUKS: u32 = 2;
 /// Invariants after [`Header::parse`]: the geometry is legal, every table
 /// offset is cluster aligned and its table lies inside the file, table sizes
 /// are within QEMU's limits, the L1 table covers the virtual size, no unknown
-/// incompatible feature bit is set and the image is not encrypted.
+/// incompatible feature bit is set, and `crypt_method` is none, the legacy
+/// AES scheme, or LUKS with its full-disk-encryption extension present.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
     /// 2 or 3.

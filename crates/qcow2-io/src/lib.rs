@@ -72,12 +72,13 @@ pub use qcow2_alloc::{
     AlignedBuf, FileStorage, LockAccess, LockError, MemStorage, Storage, DIRECT_IO_ALIGN,
 };
 pub use qcow2_dedup::{ContentHash, DedupStats};
-/// The on-disk types this crate's API returns ([`Image::header`],
-/// [`Image::snapshots`], [`Image::dedup_table_clusters`], the
+/// The on-disk types this crate's API returns ([`Image::header`] and its
+/// extensions, [`Image::snapshots`], [`Image::dedup_table_clusters`], the
 /// [`ImageError::Format`] cause), so callers need no direct dependency on
 /// `qcow2-format`.
 pub use qcow2_format::{
-    snapshot::Snapshot, ClusterCount, FormatError, Geometry, GuestOffset, Header, HostCluster,
-    HostOffset,
+    extensions::{FeatureName, HeaderExtension},
+    snapshot::Snapshot,
+    ClusterCount, FormatError, Geometry, GuestOffset, Header, HostCluster, HostOffset,
 };
 pub use zeros::is_zero;

@@ -246,8 +246,10 @@ impl Image {
     /// Opens an image on any storage.
     ///
     /// Refuses what it cannot handle faithfully: unknown incompatible
-    /// features (named from the image's feature table) and encryption; for
-    /// writing also images QEMU marked corrupt (unless opened for repair).
+    /// features (named from the image's feature table); for writing also
+    /// images QEMU marked corrupt (unless opened for repair), legacy
+    /// AES-encrypted images, and encrypted images without
+    /// [`OpenOptions::key_secret`].
     /// A backing file
     /// is opened read-only (see [`crate::backing`]); its relative name is
     /// resolved against the current directory here, against the image's

@@ -44,8 +44,8 @@ impl Preallocation {
     }
 }
 
-/// How to create a new image. `Default` gives what `qemu-img create` does:
-/// 64 KiB clusters, 16-bit refcounts, compat 1.1.
+/// How to create a new image. [`CreateOptions::new`] gives what `qemu-img
+/// create` does: 64 KiB clusters, 16-bit refcounts, compat 1.1.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CreateOptions {
     /// Virtual size in bytes (rounded up to a multiple of 512).
@@ -389,8 +389,10 @@ pub struct OpenOptions {
     /// the file for reuse and the file's length as it is.
     pub punch_holes: bool,
     /// The passphrase of a LUKS-encrypted image (QEMU's
-    /// `encrypt.key-secret`); an encrypted image opens without it only to
-    /// fail with [`ImageError::NeedsPassphrase`](crate::ImageError).
+    /// `encrypt.key-secret`). Without it an encrypted image still opens
+    /// read-only, for what needs no key (`info`, `map`, `check`); reading
+    /// guest data then fails, and a read-write open fails with
+    /// [`ImageError::NeedsPassphrase`](crate::ImageError::NeedsPassphrase).
     pub key_secret: Option<Secret>,
 }
 
