@@ -115,10 +115,7 @@ fn sequential_1m(c: &mut Criterion) {
             BatchSize::LargeInput,
         )
     });
-    let dedup = CreateOptions {
-        dedup: true,
-        ..CreateOptions::new(SIZE)
-    };
+    let dedup = CreateOptions::new(SIZE).dedup(true);
     let mut rng = SmallRng::seed_from_u64(2);
     let unique: Vec<u8> = (0..64 << 20).map(|_| rng.gen()).collect();
     group.bench_function("write_64m_memory_dedup_unique", |b| {

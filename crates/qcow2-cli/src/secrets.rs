@@ -135,8 +135,6 @@ pub fn with_key(path: &Path, options: OpenOptions) -> OpenOptions {
         .unwrap_or_else(|e| e.into_inner())
         .get(path)
         .cloned();
-    OpenOptions {
-        key_secret: key_secret.or(options.key_secret.clone()),
-        ..options
-    }
+    let fallback = options.key_secret.clone();
+    options.key_secret(key_secret.or(fallback))
 }

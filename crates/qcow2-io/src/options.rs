@@ -45,8 +45,11 @@ impl Preallocation {
 }
 
 /// How to create a new image. [`CreateOptions::new`] gives what `qemu-img
-/// create` does: 64 KiB clusters, 16-bit refcounts, compat 1.1.
+/// create` does: 64 KiB clusters, 16-bit refcounts, compat 1.1; chain the
+/// setters (or set the public fields) for the rest: new options can be
+/// added without a breaking change.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CreateOptions {
     /// Virtual size in bytes (rounded up to a multiple of 512).
     pub size: u64,
@@ -181,6 +184,12 @@ impl CreateOptions {
     /// Allowing [`crate::Image::create`] to replace an existing file.
     pub fn overwrite(mut self, on: bool) -> Self {
         self.overwrite = on;
+        self
+    }
+
+    /// Sets [`CreateOptions::encryption`].
+    pub fn encryption(mut self, encryption: Option<Encryption>) -> Self {
+        self.encryption = encryption;
         self
     }
 
@@ -340,8 +349,12 @@ impl Encryption {
     }
 }
 
-/// How to open an existing image.
+/// How to open an existing image. Start from [`OpenOptions::read_only`],
+/// [`OpenOptions::read_write`] or another constructor and chain the
+/// setters (or set the public fields): new options can be added without a
+/// breaking change.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct OpenOptions {
     /// Open for writing.
     pub write: bool,
@@ -470,6 +483,48 @@ impl OpenOptions {
             write: true,
             ..Self::default()
         }
+    }
+
+    /// Sets [`OpenOptions::write`].
+    pub fn write(mut self, on: bool) -> Self {
+        self.write = on;
+        self
+    }
+
+    /// Sets [`OpenOptions::l2_cache_bytes`].
+    pub fn l2_cache_bytes(mut self, bytes: u64) -> Self {
+        self.l2_cache_bytes = bytes;
+        self
+    }
+
+    /// Sets [`OpenOptions::refcount_cache_bytes`].
+    pub fn refcount_cache_bytes(mut self, bytes: u64) -> Self {
+        self.refcount_cache_bytes = bytes;
+        self
+    }
+
+    /// Sets [`OpenOptions::force_share`].
+    pub fn force_share(mut self, on: bool) -> Self {
+        self.force_share = on;
+        self
+    }
+
+    /// Sets [`OpenOptions::punch_holes`].
+    pub fn punch_holes(mut self, on: bool) -> Self {
+        self.punch_holes = on;
+        self
+    }
+
+    /// Sets [`OpenOptions::locking`].
+    pub fn locking(mut self, on: bool) -> Self {
+        self.locking = on;
+        self
+    }
+
+    /// Sets [`OpenOptions::key_secret`].
+    pub fn key_secret(mut self, secret: Option<Secret>) -> Self {
+        self.key_secret = secret;
+        self
     }
 }
 

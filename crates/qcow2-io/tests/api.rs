@@ -85,10 +85,7 @@ fn freed_clusters_are_punched_after_the_flush_that_frees_them() {
         let host = image.map().unwrap()[1].host_offset.unwrap();
         image.close().unwrap();
         drop(image);
-        let options = OpenOptions {
-            punch_holes: punch,
-            ..OpenOptions::read_write()
-        };
+        let options = OpenOptions::read_write().punch_holes(punch);
         let image = Image::open_on(storage.clone(), &options).unwrap();
         let mut bytes = [0u8; 4096];
         storage.read_at(&mut bytes, host).unwrap();
@@ -113,10 +110,7 @@ fn freed_clusters_are_punched_after_the_flush_that_frees_them() {
 fn close_cuts_free_clusters_off_the_end_of_the_file() {
     for punch in [true, false] {
         let storage = std::sync::Arc::new(qcow2_io::MemStorage::new());
-        let options = OpenOptions {
-            punch_holes: punch,
-            ..OpenOptions::read_write()
-        };
+        let options = OpenOptions::read_write().punch_holes(punch);
         let image = Image::create_on(
             storage.clone(),
             &CreateOptions::new(8 << 20).cluster_size(4096),
@@ -176,10 +170,7 @@ fn partial_writes_into_fresh_and_reused_clusters_read_zeros_around_them() {
     image.close().unwrap();
     drop(image);
     // Reused: a freed cluster keeps its old bytes (no hole punched).
-    let options = OpenOptions {
-        punch_holes: false,
-        ..OpenOptions::read_write()
-    };
+    let options = OpenOptions::read_write().punch_holes(false);
     let image = Image::open_on(storage.clone(), &options).unwrap();
     image.write_at(&vec![0xee; cs as usize], cs).unwrap();
     image.flush().unwrap();

@@ -295,16 +295,15 @@ fn growing_an_overlay_over_a_longer_backing_reads_zeros_as_in_qemu() {
     run_ok("qemu-io", &["-c", "write -P 0xaa 0 1M", &d("base.qcow2")]);
     for (compat, dedup) in [("1.1", false), ("1.1", true), ("0.10", false)] {
         let (ours, theirs) = (d("ours.qcow2"), d("theirs.qcow2"));
-        let options = CreateOptions {
-            backing: Some(("base.qcow2".into(), "qcow2".into())),
-            ..CreateOptions::new(512 << 10).dedup(dedup)
-        }
-        .compat(if compat == "0.10" {
-            qcow2_io::Compat::V2
-        } else {
-            qcow2_io::Compat::V3
-        })
-        .overwrite(true);
+        let options = CreateOptions::new(512 << 10)
+            .dedup(dedup)
+            .backing_file("base.qcow2", "qcow2")
+            .compat(if compat == "0.10" {
+                qcow2_io::Compat::V2
+            } else {
+                qcow2_io::Compat::V3
+            })
+            .overwrite(true);
         Image::create(&ours, &options).unwrap().close().unwrap();
         run_ok(
             "qemu-img",

@@ -221,11 +221,7 @@ fn dedup_writes_and_shares_keep_bitmaps_true() {
     }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("d.qcow2");
-    let options = CreateOptions {
-        dedup: true,
-        cluster_size: 65536,
-        ..CreateOptions::new(64 << 20)
-    };
+    let options = CreateOptions::new(64 << 20).dedup(true).cluster_size(65536);
     let image = Image::create(&path, &options).unwrap();
     image.bitmaps().add("b512", Some(512), true).unwrap();
     image.bitmaps().add("b1m", Some(1 << 20), true).unwrap();
@@ -358,10 +354,7 @@ fn bitmap_operations_refuse_what_qemu_refuses() {
     image.close().unwrap();
     let v2 = Image::create_on(
         Arc::new(MemStorage::new()),
-        &CreateOptions {
-            compat: qcow2_io::Compat::V2,
-            ..CreateOptions::new(1 << 20)
-        },
+        &CreateOptions::new(1 << 20).compat(qcow2_io::Compat::V2),
     )
     .unwrap();
     assert!(matches!(
@@ -377,12 +370,10 @@ fn bitmap_operations_refuse_what_qemu_refuses() {
 fn concurrent_writers_and_flushes_lose_no_bit() {
     for dedup in [false, true] {
         let storage = Arc::new(MemStorage::new());
-        let options = CreateOptions {
-            dedup,
-            cluster_size: 65536,
-            refcount_bits: if dedup { 4 } else { 16 },
-            ..CreateOptions::new(256 << 20)
-        };
+        let options = CreateOptions::new(256 << 20)
+            .dedup(dedup)
+            .cluster_size(65536)
+            .refcount_bits(if dedup { 4 } else { 16 });
         let image = Arc::new(Image::create_on(storage.clone(), &options).unwrap());
         image.bitmaps().add("b", Some(4096), true).unwrap();
         let threads: Vec<_> = (0..4u64)

@@ -43,11 +43,9 @@ fn crash_points() -> u64 {
 }
 
 fn small_caches() -> OpenOptions {
-    OpenOptions {
-        l2_cache_bytes: 16 << 10,
-        refcount_cache_bytes: 16 << 10,
-        ..OpenOptions::read_write()
-    }
+    OpenOptions::read_write()
+        .l2_cache_bytes(16 << 10)
+        .refcount_cache_bytes(16 << 10)
 }
 
 fn scratch_dir() -> tempfile::TempDir {

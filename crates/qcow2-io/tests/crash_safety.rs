@@ -14,23 +14,17 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 fn small_cache_rw() -> OpenOptions {
-    OpenOptions {
-        write: true,
-        l2_cache_bytes: 4 * 4096,
-        refcount_cache_bytes: 4 * 4096,
-        ..OpenOptions::read_write()
-    }
+    OpenOptions::read_write()
+        .write(true)
+        .l2_cache_bytes(4 * 4096)
+        .refcount_cache_bytes(4 * 4096)
 }
 
 /// A fresh image on a fault-injecting storage, reopened with small caches
 /// so that tables are evicted (and written) mid-workload.
 fn fresh(size: u64, cluster: u64, dedup: bool) -> (Arc<FaultyStorage>, Image) {
     let faulty = Arc::new(FaultyStorage::new());
-    let options = CreateOptions {
-        cluster_size: cluster,
-        dedup,
-        ..CreateOptions::new(size)
-    };
+    let options = CreateOptions::new(size).cluster_size(cluster).dedup(dedup);
     Image::create_on(faulty.clone(), &options)
         .unwrap()
         .close()
@@ -326,12 +320,10 @@ fn failing_writes_are_errors_and_lose_nothing_flushed() {
 fn crash_points_while_tables_grow_and_move() {
     for dedup in [false, true] {
         let faulty = Arc::new(FaultyStorage::new());
-        let options = CreateOptions {
-            cluster_size: 512,
-            refcount_bits: 64,
-            dedup,
-            ..CreateOptions::new(256 << 10)
-        };
+        let options = CreateOptions::new(256 << 10)
+            .cluster_size(512)
+            .refcount_bits(64)
+            .dedup(dedup);
         Image::create_on(faulty.clone(), &options)
             .unwrap()
             .close()

@@ -17,12 +17,10 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 fn dedup_options(size: u64, cluster: u64, bits: u32) -> CreateOptions {
-    CreateOptions {
-        cluster_size: cluster,
-        refcount_bits: bits,
-        dedup: true,
-        ..CreateOptions::new(size)
-    }
+    CreateOptions::new(size)
+        .cluster_size(cluster)
+        .refcount_bits(bits)
+        .dedup(true)
 }
 
 /// Content of "block" `id` of `len` bytes: few distinct ids make heavy

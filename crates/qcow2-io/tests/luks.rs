@@ -78,10 +78,7 @@ fn qemu_check(path: &Path) {
 }
 
 fn with_key() -> OpenOptions {
-    OpenOptions {
-        key_secret: Some(Secret::new(PASS)),
-        ..OpenOptions::read_write()
-    }
+    OpenOptions::read_write().key_secret(Some(Secret::new(PASS)))
 }
 
 fn read_all(image: &Image) -> Vec<u8> {
@@ -167,10 +164,7 @@ fn a_wrong_or_missing_passphrase_is_a_clear_error_and_writes_nothing() {
         "8M",
     );
     let before = std::fs::read(&path).unwrap();
-    let wrong = OpenOptions {
-        key_secret: Some(Secret::new("nope")),
-        ..OpenOptions::read_write()
-    };
+    let wrong = OpenOptions::read_write().key_secret(Some(Secret::new("nope")));
     let err = Image::open(&path, &wrong).unwrap_err();
     assert!(matches!(err, ImageError::WrongPassphrase), "{err}");
     assert_eq!(
@@ -266,17 +260,14 @@ fn images_we_encrypt_are_read_written_and_checked_by_qemu() {
     ] {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ours.qcow2");
-        let options = CreateOptions {
-            encryption: Some(Encryption {
-                secret: Secret::new(PASS),
-                cipher: cipher.into(),
-                cipher_mode: mode.into(),
-                key_bits,
-                hash: hash.into(),
-                iter_time_ms: 10,
-            }),
-            ..CreateOptions::new(8 << 20)
-        };
+        let options = CreateOptions::new(8 << 20).encryption(Some(Encryption {
+            secret: Secret::new(PASS),
+            cipher: cipher.into(),
+            cipher_mode: mode.into(),
+            key_bits,
+            hash: hash.into(),
+            iter_time_ms: 10,
+        }));
         let image = Image::create(&path, &options).unwrap();
         image.write_at(&[0x77; 10000], 12345).unwrap();
         image.close().unwrap();
@@ -307,15 +298,13 @@ fn deduplicated_encrypted_images_share_clusters_and_keep_hashes_keyed() {
     }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("dd.qcow2");
-    let options = CreateOptions {
-        dedup: true,
-        cluster_size: 4096,
-        encryption: Some(Encryption {
+    let options = CreateOptions::new(8 << 20)
+        .dedup(true)
+        .cluster_size(4096)
+        .encryption(Some(Encryption {
             iter_time_ms: 10,
             ..Encryption::luks(Secret::new(PASS))
-        }),
-        ..CreateOptions::new(8 << 20)
-    };
+        }));
     let image = Image::create(&path, &options).unwrap();
     let block: Vec<u8> = (0..4096u32).map(|i| (i * 13 % 251) as u8).collect();
     for i in 0..64u64 {
@@ -362,14 +351,12 @@ fn preallocated_encrypted_images_read_as_zeros_for_both() {
     for mode in [Preallocation::Metadata, Preallocation::Full] {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("p.qcow2");
-        let options = CreateOptions {
-            preallocation: mode,
-            encryption: Some(Encryption {
+        let options = CreateOptions::new(2 << 20)
+            .preallocation(mode)
+            .encryption(Some(Encryption {
                 iter_time_ms: 10,
                 ..Encryption::luks(Secret::new(PASS))
-            }),
-            ..CreateOptions::new(2 << 20)
-        };
+            }));
         let image = Image::create(&path, &options).unwrap();
         assert!(read_all(&image).iter().all(|&b| b == 0), "{mode:?}: ours");
         image.write_at(&[5; 100], 70_000).unwrap();

@@ -71,11 +71,9 @@ impl Totals {
 }
 
 fn small_cache() -> OpenOptions {
-    OpenOptions {
-        l2_cache_bytes: 16 << 10,
-        refcount_cache_bytes: 16 << 10,
-        ..OpenOptions::read_write()
-    }
+    OpenOptions::read_write()
+        .l2_cache_bytes(16 << 10)
+        .refcount_cache_bytes(16 << 10)
 }
 
 /// Checks one crash image against the model: `flushed` is the content as

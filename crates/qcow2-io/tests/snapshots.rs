@@ -188,10 +188,7 @@ fn bad_snapshot_requests_are_typed_errors_and_change_nothing() {
         Image::open_on(storage.clone(), &OpenOptions::at_snapshot("two")),
         Err(ImageError::SnapshotNotFound(_))
     ));
-    let writable_view = OpenOptions {
-        write: true,
-        ..OpenOptions::at_snapshot("one")
-    };
+    let writable_view = OpenOptions::at_snapshot("one").write(true);
     assert!(matches!(
         Image::open_on(storage.clone(), &writable_view),
         Err(ImageError::InvalidOption(_))

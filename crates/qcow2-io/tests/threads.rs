@@ -69,10 +69,7 @@ fn concurrent_overlapping_writes_and_reads_match_shadow() {
     for cluster in [4096u64, 65536] {
         let path = dir.path().join(format!("threads-{cluster}.qcow2"));
         let size = 8u64 << 20;
-        let options = CreateOptions {
-            cluster_size: cluster,
-            ..CreateOptions::new(size)
-        };
+        let options = CreateOptions::new(size).cluster_size(cluster);
         let image = Arc::new(Image::create(&path, &options).unwrap());
         let expected = run_threads(image.clone(), size, 3000);
         let mut back = vec![0u8; size as usize];

@@ -67,16 +67,14 @@ fn random_workloads_pass_qemu_check_and_compare() {
             .path()
             .join(format!("ours-{cluster}-{bits}-{compat}.qcow2"));
         let size = 24u64 << 20;
-        let options = CreateOptions {
-            cluster_size: cluster,
-            refcount_bits: bits,
-            compat: if compat == "0.10" {
+        let options = CreateOptions::new(size)
+            .cluster_size(cluster)
+            .refcount_bits(bits)
+            .compat(if compat == "0.10" {
                 Compat::V2
             } else {
                 Compat::V3
-            },
-            ..CreateOptions::new(size)
-        };
+            });
         let image = Image::create(&path, &options).unwrap();
         let mut shadow = vec![0u8; size as usize];
         let ops = if cluster >= 2 << 20 { 150 } else { 400 };

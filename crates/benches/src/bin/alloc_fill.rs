@@ -54,10 +54,7 @@ fn main() -> Result<()> {
 fn one_run(used: u64, reopen: bool) -> Result<Duration> {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("fill.qcow2");
-    let options = CreateOptions {
-        cluster_size: CLUSTER,
-        ..CreateOptions::new(8 << 30)
-    };
+    let options = CreateOptions::new(8 << 30).cluster_size(CLUSTER);
     let mut image = Image::create(&path, &options)?;
     let fill = vec![0x11u8; 1 << 20];
     let mut next = 0u64;

@@ -231,10 +231,7 @@ fn dedup_write_run(threads: u64) -> Result<f64, Box<dyn std::error::Error>> {
         0xff;
         (size + (64 << 20)) as usize
     ]));
-    let options = CreateOptions {
-        dedup: true,
-        ..CreateOptions::new(size)
-    };
+    let options = CreateOptions::new(size).dedup(true);
     let image = Arc::new(Image::create_on(storage, &options)?);
     let start = Instant::now();
     let handles: Vec<_> = (0..threads)

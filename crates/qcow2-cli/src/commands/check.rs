@@ -38,10 +38,7 @@ pub fn run(args: &CheckArgs) -> Result<u8, CliError> {
     } else {
         OpenOptions::for_repair()
     };
-    let options = OpenOptions {
-        force_share: args.share.force_share,
-        ..options
-    };
+    let options = options.force_share(args.share.force_share);
     let image = match Image::open(path, &crate::secrets::with_key(path, options.clone())) {
         Ok(image) => image,
         // A header that cannot be parsed: the check could not run, which

@@ -91,10 +91,7 @@ fn describe(
         );
         return Ok((None, None));
     }
-    let options = OpenOptions {
-        force_share,
-        ..OpenOptions::read_only()
-    };
+    let options = OpenOptions::read_only().force_share(force_share);
     let image = crate::disk::open_read_only(path, &options)?;
     let info = image.info().map_err(CliError::image(path))?;
     let stats = image.dedup_stats().map_err(CliError::image(path))?;

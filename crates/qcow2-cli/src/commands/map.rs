@@ -174,10 +174,7 @@ pub fn run(args: &MapArgs) -> Result<u8, CliError> {
     let path = args.file.as_path();
     let (extents, names) = match resolve_format(path, args.format.value)? {
         ImageFormat::Qcow2 => {
-            let options = OpenOptions {
-                force_share: args.share.force_share,
-                ..OpenOptions::read_only()
-            };
+            let options = OpenOptions::read_only().force_share(args.share.force_share);
             let image = crate::disk::open_read_only(path, &options)?;
             let mut out = Vec::new();
             walk(&image, 0, image.size(), 0, &mut out).map_err(CliError::image(path))?;

@@ -24,14 +24,12 @@ pub fn run(args: &ServeArgs) -> Result<u8, CliError> {
     if args.format.is_some() {
         resolve_format(path, Some(ImageFormat::Qcow2))?;
     }
-    let options = OpenOptions {
-        punch_holes: !args.no_hole_punching,
-        ..if args.read_only {
-            OpenOptions::read_only()
-        } else {
-            OpenOptions::read_write()
-        }
-    };
+    let options = (if args.read_only {
+        OpenOptions::read_only()
+    } else {
+        OpenOptions::read_write()
+    })
+    .punch_holes(!args.no_hole_punching);
     let image = Arc::new(
         Image::open(path, &crate::secrets::with_key(path, options.clone()))
             .map_err(CliError::image(path))?,
