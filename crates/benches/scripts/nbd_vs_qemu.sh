@@ -12,6 +12,12 @@
 # 64 KiB clusters. Every image starts as a copy of one template holding
 # the same 1 GiB of unique data, so reads read data. Prints Markdown with
 # the median IOPS (or MB/s) of each and the ratio qcow2 / qemu-nbd.
+#
+# Then "write then read in one session": each server starts on an empty
+# image, fio writes 512 MiB of unique data through it, and the same
+# server then reads it back (1 MiB sequential reads, queue depth 8), as a
+# guest does; the read figure is reported. ONLY_WRITE_THEN_READ=1 runs
+# this part alone.
 set -euo pipefail
 dir=$1; runs=$2
 here=$(cd "$(dirname "$0")" && pwd)
@@ -70,6 +76,29 @@ measure() { # SERVER_KIND IMAGE_KIND RW BS DEPTH CONNS
     stop_server "$dir/s-$1"
 }
 
+# WRITE_THEN_READ SERVER_KIND IMAGE_KIND -> MB/s of the read phase
+write_then_read() {
+    local img="$dir/wr-$1.qcow2" sock="$dir/w-$1"
+    rm -f "$img"
+    case $2 in
+        plain) qemu-img create -q -f qcow2 "$img" $size ;;
+        dedup4k) "$qcow2" create -q -o dedup=on,cluster_size=4k "$img" $size ;;
+        dedup64k) "$qcow2" create -q -o dedup=on,cluster_size=64k "$img" $size ;;
+    esac
+    start_server "$1" "$img" "$sock"
+    fio --name=w --ioengine=nbd --uri="nbd+unix:///?socket=$sock" --rw=write --bs=1M \
+        --iodepth=8 --size=512M --refill_buffers --randrepeat=0 >/dev/null 2>&1
+    fio --name=r --ioengine=nbd --uri="nbd+unix:///?socket=$sock" --rw=read --bs=1M \
+        --iodepth=8 --size=512M --time_based --runtime=5 --output-format=json 2>/dev/null |
+        python3 -c '
+import json, sys
+text = sys.stdin.read()
+print(round(json.loads(text[text.index("{"):])["jobs"][0]["read"]["bw_bytes"] / 1e6, 1))'
+    stop_server "$sock"
+    rm -f "$img"
+}
+
+if [ -z "${ONLY_WRITE_THEN_READ:-}" ]; then
 make_templates
 
 echo "| job | qemu-nbd (plain) | qcow2 serve | qcow2 / qemu-nbd | noise (qemu-nbd vs itself) |"
@@ -93,5 +122,22 @@ for ours_kind in plain dedup4k dedup64k; do
         awk -v l="$1 $2 qd$(($3 * $4)) ($conns), ours $ours_kind" -v a="$mq" -v b="$mo" -v o="$odd" -v e="$even" -v u="$unit" \
             'BEGIN {printf "| %s | %s %s | %s %s | %.2f | %.2f |\n", l, a, u, b, u, b / a, (e > 0 ? o / e : 0)}'
     done
+done
+fi
+echo
+echo "| write then read in one session (read 1M qd8) | qemu-nbd (plain) | qcow2 serve | qcow2 / qemu-nbd | noise (qemu-nbd vs itself) |"
+echo "|---|---|---|---|---|"
+for ours_kind in plain dedup4k dedup64k; do
+    q=(); o=()
+    for ((i = 0; i < runs; i++)); do
+        q+=("$(write_then_read qemu plain)")
+        o+=("$(write_then_read ours "$ours_kind")")
+    done
+    mq=$(printf '%s\n' "${q[@]}" | median)
+    mo=$(printf '%s\n' "${o[@]}" | median)
+    odd=$(printf '%s\n' "${q[@]}" | awk 'NR%2==1' | median)
+    even=$(printf '%s\n' "${q[@]}" | awk 'NR%2==0' | median)
+    awk -v l="ours $ours_kind" -v a="$mq" -v b="$mo" -v o="$odd" -v e="$even" \
+        'BEGIN {printf "| %s | %s MB/s | %s MB/s | %.2f | %.2f |\n", l, a, b, b / a, (e > 0 ? o / e : 0)}'
 done
 rm -f img-*.qcow2 tpl-*.qcow2

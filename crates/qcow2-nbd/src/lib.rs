@@ -38,6 +38,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod buffers;
 mod contexts;
 mod export;
 mod negotiate;

@@ -15,6 +15,7 @@ use std::sync::mpsc::{sync_channel, Receiver};
 use parking_lot::{Condvar, Mutex};
 use qcow2_io::ImageError;
 
+use crate::buffers::Buffers;
 use crate::contexts;
 use crate::export::{DetectZeroes, DiscardMode, Export};
 use crate::proto::*;
@@ -68,13 +69,14 @@ impl Budget {
 pub fn serve(stream: Stream, export: &Export, session: &Session) -> io::Result<()> {
     let writer = Mutex::new(stream.try_clone()?);
     let budget = Budget::default();
+    let buffers = Buffers::default();
     let (tx, rx) = sync_channel::<Request>(WORKERS * 2);
     let rx = Mutex::new(rx);
     std::thread::scope(|scope| {
         for _ in 0..WORKERS {
-            scope.spawn(|| work(&rx, export, session, &writer, &budget));
+            scope.spawn(|| work(&rx, export, session, &writer, &budget, &buffers));
         }
-        let result = read_requests(stream, &budget, |r| {
+        let result = read_requests(stream, &budget, &buffers, |r| {
             tx.send(r).map_err(|_| io::Error::other("workers gone"))
         });
         drop(tx);
@@ -85,6 +87,7 @@ pub fn serve(stream: Stream, export: &Export, session: &Session) -> io::Result<(
 fn read_requests(
     mut stream: Stream,
     budget: &Budget,
+    buffers: &Buffers,
     mut dispatch: impl FnMut(Request) -> io::Result<()>,
 ) -> io::Result<()> {
     loop {
@@ -119,7 +122,7 @@ fn read_requests(
                 request.refused = Some(errno::EINVAL);
             } else {
                 budget.take(u64::from(length));
-                request.payload = vec![0u8; length as usize];
+                request.payload = buffers.take_zeroed(length as usize);
                 if let Err(e) = stream.read_exact(&mut request.payload) {
                     budget.give(u64::from(length));
                     return Err(e);
@@ -136,6 +139,7 @@ fn work(
     session: &Session,
     writer: &Mutex<Stream>,
     budget: &Budget,
+    buffers: &Buffers,
 ) {
     loop {
         let request = match rx.lock().recv() {
@@ -143,36 +147,37 @@ fn work(
             Err(_) => return,
         };
         let paid = request.payload.len() as u64;
-        let reply = answer(&request, export, session);
-        drop(request.payload);
+        let mut reply = buffers.take();
+        answer(&request, export, session, &mut reply);
+        buffers.give(request.payload);
         if paid > 0 {
             budget.give(paid);
         }
         let mut w = writer.lock();
-        if w.write_all(&reply).and_then(|()| w.flush()).is_err() {
-            // The client is gone; the request was served all the same.
-            continue;
-        }
+        // A failed write means the client is gone; the request was served
+        // all the same.
+        let _ = w.write_all(&reply).and_then(|()| w.flush());
+        drop(w);
+        buffers.give(reply);
     }
 }
 
-/// Serves one request and returns the bytes of its reply.
-fn answer(request: &Request, export: &Export, session: &Session) -> Vec<u8> {
+/// Serves one request and puts the bytes of its reply in `out` (empty).
+fn answer(request: &Request, export: &Export, session: &Session, out: &mut Vec<u8>) {
     let structured_kind = request.kind == cmd::READ || request.kind == cmd::BLOCK_STATUS;
     let result = match request.refused {
         Some(errno) => Err(errno),
         None => execute(request, export, session),
     };
-    match (result, session.structured && structured_kind) {
-        (Ok(Done::Data(data)), true) => structured(
-            request.cookie,
-            chunk::OFFSET_DATA,
-            &Message::with_capacity(8 + data.len())
-                .u64(request.offset)
-                .bytes(&data)
-                .0,
-        ),
-        (Ok(Done::Data(data)), false) => simple(request.cookie, 0, &data),
+    let result = match result {
+        Ok(Done::Read) => match read_reply(request, export, session.structured, out) {
+            Ok(()) => return,
+            Err(errno) => Err(errno),
+        },
+        other => other,
+    };
+    let reply = match (result, session.structured && structured_kind) {
+        (Ok(Done::Read), _) => unreachable!("reads are answered above"),
         (Ok(Done::Status(contexts)), _) => {
             let mut reply = Vec::new();
             let last = contexts.len().saturating_sub(1);
@@ -201,7 +206,44 @@ fn answer(request: &Request, export: &Export, session: &Session) -> Vec<u8> {
             structured(request.cookie, chunk::ERROR, &payload.0)
         }
         (Err(errno), false) => simple(request.cookie, errno, &[]),
+    };
+    out.clear();
+    out.extend_from_slice(&reply);
+}
+
+/// The reply to a read, built in `out` (a reused buffer) around the data
+/// read straight into it: no allocation and no copy of the data.
+fn read_reply(
+    request: &Request,
+    export: &Export,
+    structured: bool,
+    out: &mut Vec<u8>,
+) -> Result<(), u32> {
+    let len = request.length as usize;
+    let header = if structured { 20 + 8 } else { 16 };
+    out.clear();
+    out.resize(header + len, 0);
+    let (head, data) = out.split_at_mut(header);
+    if let Err(e) = export.image().read_at(data, request.offset) {
+        out.clear();
+        return Err(errno_of(&e));
     }
+    let mut fields = if structured {
+        Message::with_capacity(header)
+            .u32(STRUCTURED_REPLY_MAGIC)
+            .u16(chunk::FLAG_DONE)
+            .u16(chunk::OFFSET_DATA)
+            .u64(request.cookie)
+            .u32(8 + request.length)
+            .u64(request.offset)
+    } else {
+        Message::with_capacity(header)
+            .u32(SIMPLE_REPLY_MAGIC)
+            .u32(0)
+            .u64(request.cookie)
+    };
+    head.copy_from_slice(&std::mem::take(&mut fields.0));
+    Ok(())
 }
 
 fn simple(cookie: u64, errno: u32, data: &[u8]) -> Vec<u8> {
@@ -232,7 +274,8 @@ fn chunk_of(cookie: u64, flags: u16, kind: u16, payload: &[u8]) -> Vec<u8> {
 /// What a served request hands back.
 enum Done {
     Nothing,
-    Data(Vec<u8>),
+    /// A read, checked and ready to be served into the reply.
+    Read,
     /// Block status: the extents of each selected context, by id.
     Status(Vec<(u32, Vec<(u32, u32)>)>),
 }
@@ -279,9 +322,7 @@ fn execute(request: &Request, export: &Export, session: &Session) -> Result<Done
             if request.length > MAX_REQUEST {
                 return Err(errno::EINVAL);
             }
-            let mut data = vec![0u8; len as usize];
-            io(image.read_at(&mut data, offset))?;
-            return Ok(Done::Data(data));
+            return Ok(Done::Read);
         }
         cmd::WRITE => io(write(export, &request.payload, offset))?,
         cmd::FLUSH => io(image.flush())?,
