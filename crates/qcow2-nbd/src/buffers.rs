@@ -17,6 +17,9 @@ use parking_lot::Mutex;
 const KEPT_CAPACITY: usize = (4 << 20) + 4096;
 /// Buffers kept at most.
 const KEPT_COUNT: usize = 16;
+/// Smaller buffers come from the allocator's free lists cheaply, and are
+/// neither kept nor taken from here (no lock on the small-request path).
+const KEPT_MIN: usize = 64 << 10;
 
 /// The spare buffers of one connection.
 #[derive(Default)]
@@ -25,22 +28,21 @@ pub(crate) struct Buffers {
 }
 
 impl Buffers {
-    /// An empty buffer, with the capacity of one used before if any.
-    pub(crate) fn take(&self) -> Vec<u8> {
-        self.free.lock().pop().unwrap_or_default()
-    }
-
-    /// `buffer` of `len` zero bytes, reusing a kept buffer's memory.
+    /// A buffer of `len` zero bytes, in a kept buffer's memory where
+    /// `len` is large enough to be worth keeping.
     pub(crate) fn take_zeroed(&self, len: usize) -> Vec<u8> {
-        let mut buffer = self.take();
+        if !(KEPT_MIN..=KEPT_CAPACITY).contains(&len) {
+            return vec![0u8; len];
+        }
+        let mut buffer = self.free.lock().pop().unwrap_or_default();
         buffer.resize(len, 0);
         buffer
     }
 
-    /// Keeps `buffer` for a later request, unless it is too large or
-    /// enough are kept already.
+    /// Keeps `buffer` for a later request, unless it is too small or too
+    /// large to be worth keeping, or enough are kept already.
     pub(crate) fn give(&self, mut buffer: Vec<u8>) {
-        if buffer.capacity() == 0 || buffer.capacity() > KEPT_CAPACITY {
+        if !(KEPT_MIN..=KEPT_CAPACITY).contains(&buffer.capacity()) {
             return;
         }
         buffer.clear();
@@ -61,13 +63,14 @@ mod tests {
         let first = buffers.take_zeroed(1 << 20);
         let at = first.as_ptr();
         buffers.give(first);
-        let again = buffers.take_zeroed(4096);
+        let again = buffers.take_zeroed(KEPT_MIN);
         assert_eq!(again.as_ptr(), at, "the same memory, reused");
-        assert!(again.iter().all(|&b| b == 0) && again.len() == 4096);
+        assert!(again.iter().all(|&b| b == 0) && again.len() == KEPT_MIN);
         buffers.give(vec![0u8; KEPT_CAPACITY + 1]);
-        assert!(buffers.free.lock().is_empty(), "too large to keep");
+        buffers.give(vec![0u8; 4096]);
+        assert!(buffers.free.lock().is_empty(), "too large or too small to keep");
         for _ in 0..KEPT_COUNT + 5 {
-            buffers.give(vec![0u8; 16]);
+            buffers.give(vec![0u8; KEPT_MIN]);
         }
         assert_eq!(buffers.free.lock().len(), KEPT_COUNT);
     }

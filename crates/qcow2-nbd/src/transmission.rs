@@ -147,8 +147,8 @@ fn work(
             Err(_) => return,
         };
         let paid = request.payload.len() as u64;
-        let mut reply = buffers.take();
-        answer(&request, export, session, &mut reply);
+        let mut reply = Vec::new();
+        answer(&request, export, session, buffers, &mut reply);
         buffers.give(request.payload);
         if paid > 0 {
             budget.give(paid);
@@ -162,21 +162,27 @@ fn work(
     }
 }
 
-/// Serves one request and puts the bytes of its reply in `out` (empty).
-fn answer(request: &Request, export: &Export, session: &Session, out: &mut Vec<u8>) {
+/// Serves one request and puts the bytes of its reply in `out`.
+fn answer(
+    request: &Request,
+    export: &Export,
+    session: &Session,
+    buffers: &Buffers,
+    out: &mut Vec<u8>,
+) {
     let structured_kind = request.kind == cmd::READ || request.kind == cmd::BLOCK_STATUS;
     let result = match request.refused {
         Some(errno) => Err(errno),
         None => execute(request, export, session),
     };
     let result = match result {
-        Ok(Done::Read) => match read_reply(request, export, session.structured, out) {
+        Ok(Done::Read) => match read_reply(request, export, session.structured, buffers, out) {
             Ok(()) => return,
             Err(errno) => Err(errno),
         },
         other => other,
     };
-    let reply = match (result, session.structured && structured_kind) {
+    *out = match (result, session.structured && structured_kind) {
         (Ok(Done::Read), _) => unreachable!("reads are answered above"),
         (Ok(Done::Status(contexts)), _) => {
             let mut reply = Vec::new();
@@ -207,22 +213,20 @@ fn answer(request: &Request, export: &Export, session: &Session, out: &mut Vec<u
         }
         (Err(errno), false) => simple(request.cookie, errno, &[]),
     };
-    out.clear();
-    out.extend_from_slice(&reply);
 }
 
-/// The reply to a read, built in `out` (a reused buffer) around the data
-/// read straight into it: no allocation and no copy of the data.
+/// The reply to a read, built in `out` (a kept buffer, for large reads)
+/// around the data read straight into it: no copy of the data.
 fn read_reply(
     request: &Request,
     export: &Export,
     structured: bool,
+    buffers: &Buffers,
     out: &mut Vec<u8>,
 ) -> Result<(), u32> {
     let len = request.length as usize;
     let header = if structured { 20 + 8 } else { 16 };
-    out.clear();
-    out.resize(header + len, 0);
+    *out = buffers.take_zeroed(header + len);
     let (head, data) = out.split_at_mut(header);
     if let Err(e) = export.image().read_at(data, request.offset) {
         out.clear();
