@@ -68,7 +68,10 @@ mod tests {
         assert!(again.iter().all(|&b| b == 0) && again.len() == KEPT_MIN);
         buffers.give(vec![0u8; KEPT_CAPACITY + 1]);
         buffers.give(vec![0u8; 4096]);
-        assert!(buffers.free.lock().is_empty(), "too large or too small to keep");
+        assert!(
+            buffers.free.lock().is_empty(),
+            "too large or too small to keep"
+        );
         for _ in 0..KEPT_COUNT + 5 {
             buffers.give(vec![0u8; KEPT_MIN]);
         }
