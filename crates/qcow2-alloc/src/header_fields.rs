@@ -12,7 +12,7 @@ use crate::storage::Storage;
 /// The [`RefcountTableHeader`] of a qcow2 image whose header lives at the
 /// start of the same storage: writes the two refcount table fields (offset
 /// and cluster count, bytes 48..60) in place and syncs them. What a user of
-/// this crate alone passes to [`Refcounts::flush`]; `qcow2-io` passes its
+/// this crate alone passes to [`Refcounts::flush`](crate::Refcounts::flush); `qcow2-io` passes its
 /// own header writer, which keeps its in-memory header in step.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct HeaderFields;
