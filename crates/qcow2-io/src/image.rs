@@ -207,7 +207,7 @@ impl Image {
     /// file still holds can be read or converted. A read-write open takes
     /// only a snapshot table past the end (its missing entries read as
     /// empty snapshots); a truncated L1 or refcount table is refused for
-    /// writing with [`ImageError::Format`](crate::ImageError::Format).
+    /// writing with [`ImageError::Format`].
     pub fn truncation(&self) -> Option<&str> {
         self.device.truncation.as_deref()
     }
