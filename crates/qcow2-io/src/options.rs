@@ -405,7 +405,7 @@ pub struct OpenOptions {
     /// `encrypt.key-secret`). Without it an encrypted image still opens
     /// read-only, for what needs no key (`info`, `map`, `check`); reading
     /// guest data then fails, and a read-write open fails with
-    /// [`ImageError::NeedsPassphrase`](crate::ImageError::NeedsPassphrase).
+    /// [`ImageError::NeedsPassphrase`].
     pub key_secret: Option<Secret>,
 }
 
