@@ -251,7 +251,7 @@ impl Target for Qcow2Target {
     fn write_cost(&self) -> WriteCost {
         if self.direct {
             WriteCost::Device
-        } else if self.compress || self.image.is_dedup() {
+        } else if self.compress || self.image.dedup().is_enabled() {
             WriteCost::Cpu
         } else {
             WriteCost::Copy

@@ -399,7 +399,8 @@ fn dedup_convert_stores_each_distinct_block_once() {
             .collect();
         assert_eq!(hosts.len(), k, "exactly K data clusters are stored");
         let table = image
-            .dedup_table_clusters()
+            .dedup()
+            .table_clusters()
             .iter()
             .map(|c| c.get())
             .collect::<Vec<u64>>();

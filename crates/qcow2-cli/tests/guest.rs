@@ -661,7 +661,8 @@ fn assert_qemu_sees_only_dedup_metadata_leaked(image: &Path) {
     let opened = qcow2_io::Image::open(image, &qcow2_io::OpenOptions::read_only()).unwrap();
     let cluster_size = opened.cluster_size();
     let table: BTreeSet<u64> = opened
-        .dedup_table_clusters()
+        .dedup()
+        .table_clusters()
         .iter()
         .map(|c| c.get())
         .collect();

@@ -42,7 +42,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     image.close()?;
 
     let image = Image::open(&path, &OpenOptions::read_write())?;
-    let stats = image.dedup_stats()?.ok_or("not a dedup image")?;
+    let stats = image.dedup().stats()?.ok_or("not a dedup image")?;
     let cluster = image.cluster_size();
     println!("{}", path.display());
     println!(

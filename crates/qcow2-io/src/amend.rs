@@ -1,8 +1,8 @@
 //! Changing a qcow2 image's format options in place, as `qemu-img amend`
 //! does: the compatibility level, lazy refcounts, the refcount width, the
 //! external data file's name and raw flag, and the virtual size.
-//! (Deduplication is turned on and off by [`Image::enable_dedup`](crate::Image::enable_dedup) and
-//! [`Image::disable_dedup`](crate::Image::disable_dedup).)
+//! (Deduplication is turned on and off by [`Dedup::enable`](crate::Dedup::enable) and
+//! [`Dedup::disable`](crate::Dedup::disable).)
 //!
 //! Every request is checked against the image before anything is written;
 //! each change then replaces one structure and, once that is durable, the

@@ -6,9 +6,7 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 use qcow2_alloc::{FileStorage, Storage};
-use qcow2_dedup::DedupStats;
-use qcow2_format::snapshot::Snapshot;
-use qcow2_format::{Geometry, Header, HostCluster};
+use qcow2_format::{Geometry, Header};
 
 use crate::amend_options::AmendOptions;
 use crate::backing::{BackingFile, ChainContext};
@@ -17,7 +15,7 @@ use crate::dedup::claims::InflightClaims;
 use crate::info::{ImageInfo, Recovery};
 use crate::map_extent::MapExtent;
 use crate::metadata::Metadata;
-use crate::options::{Preallocation, Secret};
+use crate::options::Preallocation;
 use crate::range_lock::RangeLocks;
 use crate::{ImageError, OpenOptions, Result};
 
@@ -51,7 +49,7 @@ pub(crate) struct Device {
     pub(crate) writable: bool,
     pub(crate) size: AtomicU64,
     /// Whether writes go through the dedup path (set once the dedup table
-    /// exists: at open, creation, or [`Image::enable_dedup`]).
+    /// exists: at open, creation, or [`Dedup::enable`](crate::Dedup::enable)).
     pub(crate) dedup: AtomicBool,
     /// LUKS-encrypted: guest data goes through the sector cipher (partial
     /// sectors read-modify-write, so writes take the exclusive path).
@@ -238,11 +236,6 @@ impl Image {
         self.device.info()
     }
 
-    /// The internal snapshots, as the snapshot table records them.
-    pub fn snapshots(&self) -> Result<Vec<qcow2_format::snapshot::Snapshot>> {
-        self.device.snapshots()
-    }
-
     /// Makes every completed write durable: metadata in crash-safe order,
     /// then a sync of the storage.
     pub fn flush(&self) -> Result<()> {
@@ -392,30 +385,6 @@ impl Image {
         self.device.write_compressed(buf, offset)
     }
 
-    /// Takes an internal snapshot named `name` of the disk as it is now
-    /// (no VM state), as `qemu-img snapshot -c` does, and returns its table
-    /// entry. A name already in use, too many snapshots or refcounts that
-    /// would overflow are refused before anything is written.
-    pub fn snapshot_create(&self, name: &str) -> Result<Snapshot> {
-        self.device.snapshot_create(name)
-    }
-
-    /// Makes the disk what it was when snapshot `id_or_name` (its ID, or
-    /// else its name; `snapshot.id=` and `snapshot.name=` choose) was
-    /// taken, as `qemu-img snapshot -a` does; the virtual
-    /// size follows the snapshot's. The snapshot itself stays.
-    pub fn snapshot_apply(&self, id_or_name: &str) -> Result<()> {
-        self.device.snapshot_apply(id_or_name)
-    }
-
-    /// Deletes the snapshot named `name`, as `qemu-img snapshot -d` does
-    /// (by name only: `-d 2` deletes the snapshot named "2", never the one
-    /// whose ID is 2): clusters only it held are freed (and on a
-    /// deduplicated image their dedup entries removed).
-    pub fn snapshot_delete(&self, name: &str) -> Result<()> {
-        self.device.snapshot_delete(name)
-    }
-
     /// Names `backing` (file name and format) as the backing file, or none,
     /// without touching any data (`qemu-img rebase -u`): what the guest
     /// reads through unallocated clusters changes to what the new file
@@ -452,45 +421,6 @@ impl Image {
         self.device.make_empty()
     }
 
-    /// Whether this image deduplicates its writes.
-    pub fn is_dedup(&self) -> bool {
-        self.device.is_dedup()
-    }
-
-    /// Host clusters the dedup table occupies: the clusters
-    /// `qemu-img check`, which does not know the table, reports as leaked
-    /// (it names them by index, [`HostCluster::get`]; their byte offsets,
-    /// as [`Image::map`] gives offsets, are `index * cluster_size`).
-    pub fn dedup_table_clusters(&self) -> Vec<HostCluster> {
-        self.device.dedup_table_clusters()
-    }
-
-    /// Deduplication figures: unique clusters, references, bytes saved and
-    /// the memory of the index (0 when the index is not loaded, as on an
-    /// image opened read-only). `None` for an image without deduplication.
-    pub fn dedup_stats(&self) -> Result<Option<DedupStats>> {
-        self.device.dedup_stats()
-    }
-
-    /// Turns this deduplicated image into a plain one in place, one QEMU
-    /// writes like any image it made: the dedup table is dropped and
-    /// incompatible bit 1 cleared, then every guest cluster that shares its
-    /// data cluster with another gets a copy of its own (QEMU expects no
-    /// two active L2 entries to share a cluster), and OFLAG_COPIED is set
-    /// on what is left alone. The image grows by the space dedup saved.
-    pub fn disable_dedup(&self) -> Result<()> {
-        self.device.disable_dedup()
-    }
-
-    /// Turns this plain image into a deduplicated one in place: every data
-    /// cluster is hashed and recorded where it is; duplicates are shared and
-    /// their copies freed; zero clusters become zero-flag entries;
-    /// compressed clusters are stored uncompressed. Needs a v3 image without
-    /// internal snapshots.
-    pub fn enable_dedup(&self) -> Result<()> {
-        self.device.enable_dedup()
-    }
-
     /// Changes the image's format options in place (see [`AmendOptions`]),
     /// in this order: version upgrade, refcount width, lazy refcounts,
     /// data file, downgrade, size. Refused, with nothing written, where
@@ -509,33 +439,6 @@ impl Image {
     /// had been turned off first (`amend -o dedup=off,compat=0.10`).
     pub fn check_amend(&self, options: &AmendOptions, without_dedup: bool) -> Result<()> {
         self.device.check_amend(options, without_dedup)
-    }
-
-    /// Puts `secret` into a LUKS key slot of this (unlocked) image: slot
-    /// `slot`, or the first free one; PBKDF2 tuned to take `iter_time_ms`
-    /// (`qemu-img amend -o encrypt.state=active,encrypt.new-secret=`).
-    /// The slot's material is durable before the header names it. Returns
-    /// the slot.
-    pub fn add_key(
-        &self,
-        secret: &Secret,
-        slot: Option<usize>,
-        iter_time_ms: u64,
-    ) -> Result<usize> {
-        self.device.add_key(secret, slot, iter_time_ms)
-    }
-
-    /// Erases LUKS key slot `slot`, or every slot `secret` opens
-    /// (`encrypt.state=inactive` with `encrypt.keyslot=` or
-    /// `encrypt.old-secret=`); erasing every active slot needs `force`
-    /// (the data would be unreadable for ever). Returns the slots erased.
-    pub fn remove_keys(
-        &self,
-        slot: Option<usize>,
-        secret: Option<&Secret>,
-        force: bool,
-    ) -> Result<Vec<usize>> {
-        self.device.remove_keys(slot, secret, force)
     }
 }
 
@@ -561,6 +464,51 @@ impl Image {
     /// copies.
     pub fn bitmaps(&self) -> Bitmaps<'_> {
         Bitmaps {
+            device: &self.device,
+        }
+    }
+}
+
+/// The internal snapshots of an open [`Image`] (from
+/// [`Image::snapshots`]): list, create, apply, delete, as `qemu-img
+/// snapshot` does. Each change is durable before it returns.
+#[derive(Clone, Copy)]
+pub struct Snapshots<'a> {
+    pub(crate) device: &'a Device,
+}
+
+/// Deduplication of an open [`Image`] (from [`Image::dedup`]): whether it
+/// is on, its figures, and turning it on or off in place.
+#[derive(Clone, Copy)]
+pub struct Dedup<'a> {
+    pub(crate) device: &'a Device,
+}
+
+/// The LUKS key slots of an open, unlocked [`Image`] (from
+/// [`Image::keys`]), as `qemu-img amend -o encrypt.*` changes them.
+#[derive(Clone, Copy)]
+pub struct Keys<'a> {
+    pub(crate) device: &'a Device,
+}
+
+impl Image {
+    /// The internal snapshots of this image.
+    pub fn snapshots(&self) -> Snapshots<'_> {
+        Snapshots {
+            device: &self.device,
+        }
+    }
+
+    /// Deduplication of this image.
+    pub fn dedup(&self) -> Dedup<'_> {
+        Dedup {
+            device: &self.device,
+        }
+    }
+
+    /// The LUKS key slots of this image.
+    pub fn keys(&self) -> Keys<'_> {
+        Keys {
             device: &self.device,
         }
     }

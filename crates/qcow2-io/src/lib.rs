@@ -33,12 +33,14 @@ mod compressed;
 mod create;
 mod crypto;
 mod dedup;
+mod dedup_handle;
 mod device;
 mod error;
 mod extended;
 mod header_writer;
 mod image;
 mod info;
+mod key_handle;
 mod key_slots;
 mod map;
 mod map_extent;
@@ -49,6 +51,7 @@ mod options;
 mod overlap;
 mod range_lock;
 mod read;
+mod snapshot_handle;
 mod snapshot_table;
 mod snapshots;
 mod write;
@@ -58,7 +61,7 @@ pub use amend_options::AmendOptions;
 pub use check_report::{CheckReport, Finding, FindingKind, RepairMode};
 pub use error::{ImageError, Result};
 pub use image::Backing;
-pub use image::{Bitmaps, Image};
+pub use image::{Bitmaps, Dedup, Image, Keys, Snapshots};
 pub use info::{BitmapInfo, EncryptionInfo, ImageInfo, LuksInfo, LuksSlotInfo, Recovery};
 pub use map_extent::{DirtyExtent, MapExtent, MapKind};
 pub use measure::{measure, Measurement};
@@ -73,7 +76,7 @@ pub use qcow2_alloc::{
 };
 pub use qcow2_dedup::{ContentHash, DedupStats};
 /// The on-disk types this crate's API returns ([`Image::header`] and its
-/// extensions, [`Image::snapshots`], [`Image::dedup_table_clusters`], the
+/// extensions, [`Snapshots::list`], [`Dedup::table_clusters`], the
 /// [`ImageError::Format`] cause), so callers need no direct dependency on
 /// `qcow2-format`.
 pub use qcow2_format::{

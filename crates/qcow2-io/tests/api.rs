@@ -55,7 +55,7 @@ fn dedup_index_memory_is_zero_until_the_index_is_built() {
     image.write_at(&[9; 65536], 65536).unwrap();
     image.close().unwrap();
     let read_only = Image::open(&path, &OpenOptions::read_only()).unwrap();
-    let stats = read_only.dedup_stats().unwrap().unwrap();
+    let stats = read_only.dedup().stats().unwrap().unwrap();
     assert_eq!((stats.unique_clusters, stats.references), (1, 2));
     assert_eq!(stats.index_memory, 0, "read-only opens build no index");
     // A reader keeps writers out (QEMU's locks) until it closes.
@@ -65,7 +65,7 @@ fn dedup_index_memory_is_zero_until_the_index_is_built() {
     ));
     read_only.close().unwrap();
     let writable = Image::open(&path, &OpenOptions::read_write()).unwrap();
-    assert!(writable.dedup_stats().unwrap().unwrap().index_memory > 0);
+    assert!(writable.dedup().stats().unwrap().unwrap().index_memory > 0);
 }
 
 /// A cluster whose last reference goes is given back to the host once the

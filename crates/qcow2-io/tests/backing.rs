@@ -256,7 +256,7 @@ fn a_dedup_overlay_deduplicates_its_own_clusters_and_leaves_the_base_alone() {
     // A partial write over base data: the rest of the cluster comes from
     // the base.
     image.write_at(&[0xee; 100], 100).unwrap();
-    let stats = image.dedup_stats().unwrap().unwrap();
+    let stats = image.dedup().stats().unwrap().unwrap();
     assert_eq!((stats.unique_clusters, stats.references), (2, 9));
     let mut head = vec![0u8; 65536];
     image.read_at(&mut head, 0).unwrap();

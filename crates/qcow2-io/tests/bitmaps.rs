@@ -300,11 +300,11 @@ fn resize_and_snapshot_apply_keep_bitmaps_valid_for_qemu() {
     assert_eq!(qemu_dirty(&path, "b"), expected(&writes, 4096, size));
     assert_eq!(qemu_dirty(&path, "off"), []);
     let image = Image::open(&path, &OpenOptions::read_write()).unwrap();
-    image.snapshot_create("s").unwrap();
+    image.snapshots().create("s").unwrap();
     image.bitmaps().clear("b").unwrap();
     image.shrink(1 << 20).unwrap();
     assert_eq!(ours(&image, "b"), []);
-    image.snapshot_apply("s").unwrap();
+    image.snapshots().apply("s").unwrap();
     assert_eq!(image.size(), size);
     image.close().unwrap();
     assert_qemu_check_clean(&path);

@@ -119,7 +119,8 @@ fn stress(dedup: bool, cluster: u64, range: u64, seed: u64) {
     let report = image.check(RepairMode::None).unwrap();
     assert!(report.is_clean(), "{:?}", report.findings);
     let table = image
-        .dedup_table_clusters()
+        .dedup()
+        .table_clusters()
         .iter()
         .map(|c| c.get())
         .collect::<Vec<u64>>();

@@ -253,13 +253,13 @@ fn step(image: &Image, model: &mut Model, rng: &mut SmallRng, cs: u64, snaps: &m
             if *snaps < 2 {
                 // A content referenced up to the width's maximum cannot
                 // gain the snapshot's reference: refused, nothing changed.
-                match image.snapshot_create(&format!("s{}", *snaps + 1)) {
+                match image.snapshots().create(&format!("s{}", *snaps + 1)) {
                     Ok(_) => *snaps += 1,
                     Err(ImageError::RefcountOverflow { .. }) => {}
                     Err(e) => panic!("snapshot: {e}"),
                 }
             } else {
-                image.snapshot_delete(&format!("s{snaps}")).unwrap();
+                image.snapshots().delete(&format!("s{snaps}")).unwrap();
                 *snaps -= 1;
             }
         }

@@ -409,7 +409,7 @@ fn crash_points_inside_a_snapshot_create_never_leave_the_flag_on_shared_clusters
         model.flushed_now();
         faulty.hold_log(true);
         let before = faulty.unflushed_writes();
-        image.snapshot_create("s1").unwrap();
+        image.snapshots().create("s1").unwrap();
         let after = faulty.unflushed_writes();
         assert!(
             after > before + 2,

@@ -98,7 +98,7 @@ fn identical_clusters_are_stored_once() {
             .unwrap();
     }
     assert_eq!(data_clusters(&image), 4);
-    let stats = image.dedup_stats().unwrap().unwrap();
+    let stats = image.dedup().stats().unwrap().unwrap();
     assert_eq!(stats.unique_clusters, 4);
     assert_eq!(stats.references, 64);
     assert_eq!(stats.bytes_saved, 60 * cs as u64);
@@ -124,7 +124,7 @@ fn zero_clusters_are_neither_stored_nor_hashed() {
     image.write_at(&vec![0u8; 4096], 1 << 20).unwrap();
     assert_eq!(data_clusters(&image), 0);
     image.flush().unwrap();
-    assert_eq!(image.dedup_stats().unwrap().unwrap().unique_clusters, 0);
+    assert_eq!(image.dedup().stats().unwrap().unwrap().unique_clusters, 0);
     assert!(image.map().unwrap().iter().any(|e| e.kind == MapKind::Zero));
     assert_clean(&image, "zeros");
 }
@@ -237,7 +237,7 @@ fn four_threads_of_heavy_duplication_stay_exact() {
     assert_clean(&image, "before flush");
     image.flush().unwrap();
     assert_clean(&image, "after flush");
-    let stats = image.dedup_stats().unwrap().unwrap();
+    let stats = image.dedup().stats().unwrap().unwrap();
     let distinct: BTreeSet<&[u8]> = expected
         .chunks(4096)
         .filter(|c| c.iter().any(|&b| b != 0))
@@ -247,7 +247,8 @@ fn four_threads_of_heavy_duplication_stay_exact() {
     assert_eq!(stats.unique_clusters, distinct, "{stats:?}");
     assert_eq!(data_clusters(&image), stats.unique_clusters);
     let table = image
-        .dedup_table_clusters()
+        .dedup()
+        .table_clusters()
         .iter()
         .map(|c| c.get())
         .collect::<Vec<u64>>();
@@ -315,14 +316,14 @@ fn reopen_keeps_deduplicating_after_close_and_after_a_crash() {
             image.read_at(&mut buf, i * cs as u64).unwrap();
             assert_eq!(buf, block(i % 5 + 1, cs), "crash={crash} cluster {i}");
         }
-        let before = image.dedup_stats().unwrap().unwrap().unique_clusters;
+        let before = image.dedup().stats().unwrap().unwrap().unique_clusters;
         // Old content written at new offsets must share what is on disk.
         for i in 0..5u64 {
             image
                 .write_at(&block(i + 1, cs), (100 + i) * cs as u64)
                 .unwrap();
         }
-        let after = image.dedup_stats().unwrap().unwrap().unique_clusters;
+        let after = image.dedup().stats().unwrap().unwrap().unique_clusters;
         assert_eq!(
             after, before,
             "crash={crash}: old content deduplicated against the disk"
@@ -381,7 +382,8 @@ fn every_cluster_size_and_refcount_width() {
             image.flush().unwrap();
             assert_clean(&image, &label);
             let table = image
-                .dedup_table_clusters()
+                .dedup()
+                .table_clusters()
                 .iter()
                 .map(|c| c.get())
                 .collect::<Vec<u64>>();
@@ -410,7 +412,8 @@ fn a_flipped_byte_in_a_dedup_cluster_is_caught_and_data_still_reads() {
             .unwrap();
     }
     let table = image
-        .dedup_table_clusters()
+        .dedup()
+        .table_clusters()
         .iter()
         .map(|c| c.get())
         .collect::<Vec<u64>>();
@@ -420,7 +423,7 @@ fn a_flipped_byte_in_a_dedup_cluster_is_caught_and_data_still_reads() {
     bytes[l2 + 5] ^= 0x40;
     let storage = Arc::new(MemStorage::from_bytes(bytes));
     let image = Image::open_on(storage.clone(), &OpenOptions::read_write()).unwrap();
-    assert_eq!(image.dedup_stats().unwrap().unwrap().crc_failures, 1);
+    assert_eq!(image.dedup().stats().unwrap().unwrap().crc_failures, 1);
     for i in 0..40u64 {
         let mut buf = vec![0u8; cs];
         image.read_at(&mut buf, i * cs as u64).unwrap();
@@ -431,7 +434,7 @@ fn a_flipped_byte_in_a_dedup_cluster_is_caught_and_data_still_reads() {
     let report = image.check(RepairMode::All).unwrap();
     assert!(report.is_clean() && report.dedup_fixed > 0, "{report:#?}");
     image.write_at(&block(1, cs), 300 * cs as u64).unwrap();
-    assert_eq!(image.dedup_stats().unwrap().unwrap().unique_clusters, 7);
+    assert_eq!(image.dedup().stats().unwrap().unwrap().unique_clusters, 7);
     image.close().unwrap();
 }
 
@@ -518,7 +521,7 @@ fn bad_dedup_metadata_gives_typed_errors_or_dropped_hints() {
     assert_eq!(buf, block(2, cs));
     image.flush().unwrap();
     assert_clean(&image, "stale entry dropped");
-    assert_eq!(image.dedup_stats().unwrap().unwrap().unique_clusters, 2);
+    assert_eq!(image.dedup().stats().unwrap().unwrap().unique_clusters, 2);
 }
 
 /// Random damage to the dedup table (L1 and L2 dedup clusters) never
@@ -536,7 +539,8 @@ fn random_damage_to_the_dedup_table_never_changes_guest_data() {
         expected[(i as usize) * cs..(i as usize + 1) * cs].copy_from_slice(&data);
     }
     let table = image
-        .dedup_table_clusters()
+        .dedup()
+        .table_clusters()
         .iter()
         .map(|c| c.get())
         .collect::<Vec<u64>>();

@@ -220,9 +220,9 @@ fn one_bit_refcounts_cannot_deduplicate() {
     )
     .unwrap();
     plain.write_at(&[3; 4096], 0).unwrap();
-    let err = plain.enable_dedup().unwrap_err();
+    let err = plain.dedup().enable().unwrap_err();
     assert!(matches!(err, ImageError::Unsupported(_)), "{err}");
-    assert!(!plain.is_dedup(), "nothing changed");
+    assert!(!plain.dedup().is_enabled(), "nothing changed");
     plain.flush().unwrap();
     assert!(plain.check(RepairMode::None).unwrap().is_clean());
     // Two bits share up to three references per copy.
@@ -252,7 +252,7 @@ fn our_repair_keeps_a_damaged_dedup_image_deduplicating() {
         let image = Image::open_on(storage.clone(), &OpenOptions::read_only()).unwrap();
         let mut all = vec![0u8; 8 << 20];
         image.read_at(&mut all, 0).unwrap();
-        (all, image.dedup_stats().unwrap().unwrap(), image.header())
+        (all, image.dedup().stats().unwrap().unwrap(), image.header())
     };
     let (data, stats, header) = before;
     // Damage: the refcount of the first data cluster set to 5 (a leak of
@@ -280,8 +280,8 @@ fn our_repair_keeps_a_damaged_dedup_image_deduplicating() {
     );
     let repaired = image.check(RepairMode::All).unwrap();
     assert!(repaired.is_clean(), "{:?}", repaired.findings);
-    assert!(image.is_dedup());
-    let again = image.dedup_stats().unwrap().unwrap();
+    assert!(image.dedup().is_enabled());
+    let again = image.dedup().stats().unwrap().unwrap();
     assert_eq!(again.unique_clusters, stats.unique_clusters);
     assert_eq!(again.references, stats.references);
     let mut all = vec![0u8; 8 << 20];
@@ -310,7 +310,7 @@ fn dedup_comes_back_after_qemu_repair_stripped_it() {
             .write_at(&content(guest % 5 + 1, 4096), guest * 4096)
             .unwrap();
     }
-    let stats = image.dedup_stats().unwrap().unwrap();
+    let stats = image.dedup().stats().unwrap().unwrap();
     image.close().unwrap();
     let before = qemu_raw(&path);
     let p = path.to_str().unwrap();
@@ -321,9 +321,12 @@ fn dedup_comes_back_after_qemu_repair_stripped_it() {
         String::from_utf8_lossy(&out.stdout)
     );
     let image = Image::open(&path, &OpenOptions::read_write()).unwrap();
-    assert!(!image.is_dedup(), "QEMU's repair made it a plain image");
-    image.enable_dedup().unwrap();
-    let again = image.dedup_stats().unwrap().unwrap();
+    assert!(
+        !image.dedup().is_enabled(),
+        "QEMU's repair made it a plain image"
+    );
+    image.dedup().enable().unwrap();
+    let again = image.dedup().stats().unwrap().unwrap();
     assert_eq!(
         (again.unique_clusters, again.references),
         (stats.unique_clusters, stats.references)
@@ -331,7 +334,8 @@ fn dedup_comes_back_after_qemu_repair_stripped_it() {
     let report = image.check(RepairMode::None).unwrap();
     assert!(report.is_clean(), "{:?}", report.findings);
     let table = image
-        .dedup_table_clusters()
+        .dedup()
+        .table_clusters()
         .iter()
         .map(|c| c.get())
         .collect::<Vec<u64>>();
@@ -374,7 +378,7 @@ fn a_snapshot_past_the_refcount_width_is_a_typed_refusal() {
     }
     image.flush().unwrap();
     let before = storage.to_bytes();
-    let err = image.snapshot_create("full").unwrap_err();
+    let err = image.snapshots().create("full").unwrap_err();
     match err {
         ImageError::RefcountOverflow {
             needed, bits, max, ..
@@ -386,5 +390,5 @@ fn a_snapshot_past_the_refcount_width_is_a_typed_refusal() {
         storage.to_bytes() == before,
         "a refused snapshot writes nothing"
     );
-    assert!(image.snapshots().unwrap().is_empty());
+    assert!(image.snapshots().list().unwrap().is_empty());
 }

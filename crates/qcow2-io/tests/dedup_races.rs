@@ -136,7 +136,7 @@ fn race(bits: u32) {
             );
         }
     }
-    let stats = image.dedup_stats().unwrap().unwrap();
+    let stats = image.dedup().stats().unwrap().unwrap();
     assert_eq!(stats.crc_failures, 0);
 }
 

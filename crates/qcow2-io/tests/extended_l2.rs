@@ -61,7 +61,7 @@ fn random_workload_matches_the_model() {
         assert!(back == model, "{cluster}: reads back the model");
         assert!(
             matches!(
-                image.enable_dedup(),
+                image.dedup().enable(),
                 Err(qcow2_io::ImageError::Unsupported(_))
             ),
             "dedup shares whole clusters: refused here"

@@ -311,7 +311,7 @@ fn deduplicated_encrypted_images_share_clusters_and_keep_hashes_keyed() {
         image.write_at(&block, i * 65536).unwrap();
     }
     image.flush().unwrap();
-    let stats = image.dedup_stats().unwrap().unwrap();
+    let stats = image.dedup().stats().unwrap().unwrap();
     assert_eq!(stats.unique_clusters, 1, "64 equal clusters stored once");
     image.abandon();
     // The dedup table holds no plain SHA-256 of the data, and the data

@@ -211,14 +211,15 @@ fn workload(paths: Paths, cluster: u64, seed: u64, totals: &mut Totals, qemu: bo
             // and table rewrites must survive a crash like the rest.
             let names: Vec<String> = image
                 .snapshots()
+                .list()
                 .unwrap()
                 .into_iter()
                 .map(|s| s.name)
                 .collect();
             if names.len() >= 2 || (names.len() == 1 && rng.gen_range(0..2) == 0) {
-                image.snapshot_delete(&names[0]).unwrap();
+                image.snapshots().delete(&names[0]).unwrap();
             } else {
-                image.snapshot_create(&format!("s{step}")).unwrap();
+                image.snapshots().create(&format!("s{step}")).unwrap();
             }
         }
         match &op {

@@ -365,7 +365,7 @@ fn writes_to_images_with_snapshots_copy_on_write() {
 
         let image = Image::open(&path, &OpenOptions::read_write()).unwrap();
         assert_eq!(image.info().unwrap().snapshots, 1);
-        let snapshots = image.snapshots().unwrap();
+        let snapshots = image.snapshots().list().unwrap();
         assert_eq!(
             (snapshots[0].id.as_str(), snapshots[0].name.as_str()),
             ("1", "s1")

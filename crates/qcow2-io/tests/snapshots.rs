@@ -84,20 +84,20 @@ fn run(dedup: bool, cluster: u64, seed: u64) {
         match rng.gen_range(0..4) {
             0 | 1 => {
                 let name = format!("s{round}");
-                let entry = image.snapshot_create(&name).unwrap();
+                let entry = image.snapshots().create(&name).unwrap();
                 assert_eq!(entry.name, name);
                 snapshots.insert(name, model.clone());
             }
             2 if !snapshots.is_empty() => {
                 let i = rng.gen_range(0..snapshots.len());
                 let name = snapshots.keys().nth(i).unwrap().clone();
-                image.snapshot_apply(&name).unwrap();
+                image.snapshots().apply(&name).unwrap();
                 model.clone_from(&snapshots[&name]);
             }
             3 if !snapshots.is_empty() => {
                 let i = rng.gen_range(0..snapshots.len());
                 let name = snapshots.keys().nth(i).unwrap().clone();
-                image.snapshot_delete(&name).unwrap();
+                image.snapshots().delete(&name).unwrap();
                 snapshots.remove(&name);
             }
             _ => {}
@@ -113,6 +113,7 @@ fn run(dedup: bool, cluster: u64, seed: u64) {
         }
         let listed: BTreeSet<String> = image
             .snapshots()
+            .list()
             .unwrap()
             .into_iter()
             .map(|s| s.name)
@@ -120,7 +121,7 @@ fn run(dedup: bool, cluster: u64, seed: u64) {
         assert_eq!(listed, snapshots.keys().cloned().collect(), "{step}");
     }
     for name in snapshots.keys() {
-        image.snapshot_delete(name).unwrap();
+        image.snapshots().delete(name).unwrap();
     }
     image.close().unwrap();
     drop(image);
@@ -133,7 +134,7 @@ fn run(dedup: bool, cluster: u64, seed: u64) {
             .chunks(cs)
             .filter(|c| c.iter().any(|&b| b != 0))
             .collect();
-        let stats = image.dedup_stats().unwrap().unwrap();
+        let stats = image.dedup().stats().unwrap().unwrap();
         assert_eq!(
             stats.unique_clusters,
             distinct.len() as u64,
@@ -161,23 +162,23 @@ fn bad_snapshot_requests_are_typed_errors_and_change_nothing() {
     let storage = Arc::new(MemStorage::new());
     let image = Image::create_on(storage.clone(), &CreateOptions::new(SIZE)).unwrap();
     image.write_at(&content(1, 4096), 0).unwrap();
-    image.snapshot_create("one").unwrap();
+    image.snapshots().create("one").unwrap();
     image.flush().unwrap();
     let before = storage.to_bytes();
     assert!(matches!(
-        image.snapshot_create("one"),
+        image.snapshots().create("one"),
         Err(ImageError::SnapshotExists(name)) if name == "one"
     ));
     assert!(matches!(
-        image.snapshot_apply("two"),
+        image.snapshots().apply("two"),
         Err(ImageError::SnapshotNotFound(_))
     ));
     assert!(matches!(
-        image.snapshot_delete("7"),
+        image.snapshots().delete("7"),
         Err(ImageError::SnapshotNotFound(_))
     ));
     assert!(matches!(
-        image.snapshot_create(""),
+        image.snapshots().create(""),
         Err(ImageError::InvalidOption(_))
     ));
     assert!(
@@ -204,13 +205,13 @@ fn shrink_drops_what_lies_past_the_new_end() {
         let mut rng = SmallRng::seed_from_u64(9);
         let mut model = vec![0u8; SIZE as usize];
         scribble(&image, &mut model, &mut rng, 300);
-        image.snapshot_create("before").unwrap();
+        image.snapshots().create("before").unwrap();
         let new_size = 1_500_000u64.next_multiple_of(512);
         image.shrink(new_size).unwrap();
         assert_eq!(image.size(), new_size);
         assert_eq!(read_all(&image), model[..new_size as usize]);
         assert_clean(&image, "after shrink");
-        image.snapshot_delete("before").unwrap();
+        image.snapshots().delete("before").unwrap();
         assert_clean(&image, "after deleting the snapshot");
         image.resize(SIZE).unwrap();
         let mut tail = vec![1u8; (SIZE - new_size) as usize];

@@ -122,9 +122,9 @@ fn in_place_writes_share_clusters_while_snapshots_move_them() {
         std::thread::spawn(move || {
             let mut n = 0u32;
             while !stop.load(Ordering::Relaxed) {
-                image.snapshot_create(&format!("s{n}")).unwrap();
+                image.snapshots().create(&format!("s{n}")).unwrap();
                 if n > 0 {
-                    image.snapshot_delete(&format!("s{}", n - 1)).unwrap();
+                    image.snapshots().delete(&format!("s{}", n - 1)).unwrap();
                 }
                 n += 1;
                 taken.store(n, Ordering::Relaxed);

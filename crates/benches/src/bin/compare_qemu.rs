@@ -154,7 +154,7 @@ fn dedup_figures(dedup_qcow2: &Path) -> Result<(), Box<dyn std::error::Error>> {
     }
     // A writable open builds the index whose memory is measured.
     let image = Image::open(dedup_qcow2, &OpenOptions::read_write())?;
-    if let Some(stats) = image.dedup_stats()? {
+    if let Some(stats) = image.dedup().stats()? {
         println!(
             "| index RAM per unique cluster ({} unique clusters) | {:.1} B | ≤ 16 B |",
             stats.unique_clusters,

@@ -45,13 +45,13 @@ pub fn run(args: &AmendArgs) -> Result<u8, CliError> {
             .map_err(CliError::image(path))?;
     }
     if dedup == Some(false) {
-        image.disable_dedup().map_err(CliError::image(path))?;
+        image.dedup().disable().map_err(CliError::image(path))?;
     }
     if changes_format {
         image.amend(&amend).map_err(CliError::image(path))?;
     }
     if dedup == Some(true) {
-        image.enable_dedup().map_err(CliError::image(path))?;
+        image.dedup().enable().map_err(CliError::image(path))?;
     }
     image.close().map_err(CliError::image(path))?;
     // Nothing to print on success, with or without -q, as qemu-img amend.
@@ -69,11 +69,13 @@ fn change_keys(path: &std::path::Path, keys: &KeyChange, force: bool) -> Result<
             CliError::Usage("encrypt.state=active needs encrypt.new-secret".into())
         })?;
         image
-            .add_key(secret, keys.slot, keys.iter_time_ms.unwrap_or(2000))
+            .keys()
+            .add(secret, keys.slot, keys.iter_time_ms.unwrap_or(2000))
             .map_err(CliError::image(path))?;
     } else {
         image
-            .remove_keys(keys.slot, keys.old_secret.as_ref(), force)
+            .keys()
+            .remove(keys.slot, keys.old_secret.as_ref(), force)
             .map_err(CliError::image(path))?;
     }
     image.close().map_err(CliError::image(path))?;

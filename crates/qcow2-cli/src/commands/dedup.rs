@@ -41,7 +41,7 @@ pub fn run(args: &DedupArgs) -> Result<u8, CliError> {
         }
         None => {
             let image = open_image(path, true)?;
-            image.enable_dedup().map_err(CliError::image(path))?;
+            image.dedup().enable().map_err(CliError::image(path))?;
             image.close().map_err(CliError::image(path))?;
             path
         }
@@ -49,7 +49,11 @@ pub fn run(args: &DedupArgs) -> Result<u8, CliError> {
     if !args.quiet.quiet {
         let image = Image::open(result_path, &OpenOptions::read_only())
             .map_err(CliError::image(result_path))?;
-        if let Some(s) = image.dedup_stats().map_err(CliError::image(result_path))? {
+        if let Some(s) = image
+            .dedup()
+            .stats()
+            .map_err(CliError::image(result_path))?
+        {
             say!(
                 "{result_path}: {} unique clusters, {} references, {} saved",
                 s.unique_clusters,

@@ -94,8 +94,8 @@ fn describe(
     let options = OpenOptions::read_only().force_share(force_share);
     let image = crate::disk::open_read_only(path, &options)?;
     let info = image.info().map_err(CliError::image(path))?;
-    let stats = image.dedup_stats().map_err(CliError::image(path))?;
-    let snapshots = image.snapshots().map_err(CliError::image(path))?;
+    let stats = image.dedup().stats().map_err(CliError::image(path))?;
+    let snapshots = image.snapshots().list().map_err(CliError::image(path))?;
     let value = if json {
         Some(info_json(path, actual, &info, stats.as_ref(), &snapshots))
     } else {

@@ -25,17 +25,17 @@ pub fn run(args: &SnapshotArgs) -> Result<u8, CliError> {
     };
     if let Some(name) = &args.create {
         return change("create", name, &|image| {
-            image.snapshot_create(name).map(drop)
+            image.snapshots().create(name).map(drop)
         });
     }
     if let Some(name) = &args.apply {
-        return change("apply", name, &|image| image.snapshot_apply(name));
+        return change("apply", name, &|image| image.snapshots().apply(name));
     }
     if let Some(name) = &args.delete {
-        return change("delete", name, &|image| image.snapshot_delete(name));
+        return change("delete", name, &|image| image.snapshots().delete(name));
     }
     let image = crate::disk::open_read_only(path, &OpenOptions::read_only())?;
-    let snapshots = image.snapshots().map_err(CliError::image(path))?;
+    let snapshots = image.snapshots().list().map_err(CliError::image(path))?;
     if !snapshots.is_empty() {
         print_snapshot_table(&snapshots);
     }

@@ -78,14 +78,14 @@ pub fn open(data: &[u8]) {
     let storage = Arc::new(MemStorage::from_bytes(data.to_vec()));
     if let Ok(image) = Image::open_on(storage.clone(), &OpenOptions::read_only()) {
         let _ = image.info();
-        let _ = image.snapshots();
+        let _ = image.snapshots().list();
         let _ = image.check(RepairMode::None);
         let _ = image.map();
         if image.size() <= MAX_READ {
             let mut buf = vec![0u8; image.size() as usize];
             let _ = image.read_at(&mut buf, 0);
         }
-        let _ = image.dedup_stats();
+        let _ = image.dedup().stats();
     }
     let copy = Arc::new(MemStorage::from_bytes(data.to_vec()));
     if let Ok(image) = Image::open_on(copy, &OpenOptions::for_repair()) {
@@ -150,7 +150,7 @@ pub fn rich_seed_image(kind: usize) -> Vec<u8> {
         .expect("seed write");
     }
     if kind % 3 == 2 {
-        image.snapshot_create("seed").expect("seed snapshot");
+        image.snapshots().create("seed").expect("seed snapshot");
         image
             .write_at(&[9u8; 4096], 0)
             .expect("seed write after the snapshot");
