@@ -19,6 +19,15 @@ pub trait ClusterSource {
     fn take_clusters(&mut self, storage: &dyn Storage, count: ClusterCount) -> Result<HostCluster>;
 }
 
+/// Clusters straight from the refcounts, for users of this crate alone
+/// (`qcow2-io` hands structures its allocator instead, which also defers
+/// frees): each run is allocated contiguous, with refcount 1.
+impl ClusterSource for Refcounts {
+    fn take_clusters(&mut self, storage: &dyn Storage, count: ClusterCount) -> Result<HostCluster> {
+        self.allocate_contiguous(storage, count)
+    }
+}
+
 /// Points the image header at a refcount table that moved, durably (synced)
 /// before it returns. The header's owner implements it (in `qcow2-io`, the
 /// header writer), so the header has one writer; [`Refcounts::flush`] calls

@@ -510,18 +510,6 @@ mod tests {
     use super::*;
     use qcow2_alloc::{MemStorage, Refcounts, RefcountsConfig};
 
-    /// Clusters straight from the refcounts, as a test's owner.
-    struct Direct<'a>(&'a mut Refcounts);
-
-    impl ClusterSource for Direct<'_> {
-        fn take_clusters(
-            &mut self,
-            storage: &dyn Storage,
-            count: ClusterCount,
-        ) -> qcow2_alloc::Result<HostCluster> {
-            self.0.allocate_contiguous(storage, count)
-        }
-    }
     use qcow2_format::refcount::RefcountWidth;
 
     fn setup(bits: u32) -> (MemStorage, Refcounts, Geometry) {
@@ -556,10 +544,9 @@ mod tests {
     #[test]
     fn entries_survive_flush_reload_and_l1_growth() {
         let (storage, mut r, g) = setup(12);
-        let mut t = DedupTable::create(&storage, &mut Direct(&mut r), g, 10, 1 << 20).unwrap();
+        let mut t = DedupTable::create(&storage, &mut r, g, 10, 1 << 20).unwrap();
         for host in [5u64, 6, 200, 5000, 60_000] {
-            t.set(&storage, &mut Direct(&mut r), c(host), &entry(host))
-                .unwrap();
+            t.set(&storage, &mut r, c(host), &entry(host)).unwrap();
         }
         assert!(t.moved(), "host cluster 40000 needs a bigger L1");
         t.flush(&storage).unwrap();
@@ -586,12 +573,10 @@ mod tests {
     #[test]
     fn a_flipped_byte_drops_that_cluster_only() {
         let (storage, mut r, g) = setup(12);
-        let mut t = DedupTable::create(&storage, &mut Direct(&mut r), g, 1000, 1 << 20).unwrap();
+        let mut t = DedupTable::create(&storage, &mut r, g, 1000, 1 << 20).unwrap();
         let n = dedup::entries_per_cluster(g);
-        t.set(&storage, &mut Direct(&mut r), c(1), &entry(1))
-            .unwrap();
-        t.set(&storage, &mut Direct(&mut r), c(n + 1), &entry(n + 1))
-            .unwrap();
+        t.set(&storage, &mut r, c(1), &entry(1)).unwrap();
+        t.set(&storage, &mut r, c(n + 1), &entry(n + 1)).unwrap();
         t.flush(&storage).unwrap();
         let first = g.host_offset(t.metadata_clusters()[1].0).get();
         let mut byte = [0u8];
@@ -608,7 +593,7 @@ mod tests {
     #[test]
     fn bad_l1_entries_are_dropped_not_followed() {
         let (storage, mut r, g) = setup(12);
-        let t = DedupTable::create(&storage, &mut Direct(&mut r), g, 1000, 1 << 20).unwrap();
+        let t = DedupTable::create(&storage, &mut r, g, 1000, 1 << 20).unwrap();
         let ext = t.extension();
         storage
             .write_at(&(1u64 << 50).to_be_bytes(), ext.l1_offset)
