@@ -14,6 +14,14 @@ use crate::lock::{lock_image, unlock_image, LockAccess, LockError};
 ///
 /// Implementations are shared between threads: every method takes `&self`.
 /// Reads past the end of the storage return zeros, as a sparse file would.
+///
+/// A wrapper around another storage (a counter, a cache, an encryption
+/// layer) must forward every method, the provided ones included:
+/// [`Storage::allocate`], [`Storage::extend_zeroed`], [`Storage::lock`],
+/// [`Storage::unlock`] and [`Storage::discard`]. Their defaults do nothing
+/// (or write zeros), so a wrapper that forgets them silently loses QEMU's
+/// image locks, reserved space and hole punching; `qcow2-io`'s
+/// `custom_storage` example forwards all of them.
 pub trait Storage: Send + Sync {
     /// Fills `buf` from `offset`; bytes past the end read as zeros.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
