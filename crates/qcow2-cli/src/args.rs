@@ -319,8 +319,14 @@ pub struct ResizeArgs {
     pub shrink: bool,
     /// Allocate the new part of the disk: `off` (default), `metadata`
     /// (clusters mapped, file sparse), `falloc` (blocks reserved) or
-    /// `full` (zeros written); growing only, as in qemu-img.
-    #[arg(long, value_name = "MODE", value_parser = crate::image_options::parse_preallocation)]
+    /// `full` (zeros written); growing only, as in qemu-img (given twice,
+    /// the last counts, as in qemu-img).
+    #[arg(
+        long,
+        value_name = "MODE",
+        value_parser = crate::image_options::parse_preallocation,
+        overrides_with = "preallocation"
+    )]
     pub preallocation: Option<qcow2_io::Preallocation>,
     /// `-q`.
     #[command(flatten)]

@@ -521,6 +521,16 @@ fn resize_preallocates_the_new_part_as_qemu_img_does() {
     }
     let (theirs, ours) = t.both(&["resize", "--preallocation=bogus", "off.qcow2", "5M"]);
     assert!(!theirs.status.success() && !ours.status.success());
+    // Given twice, the last one counts, as qemu-img takes it.
+    let (theirs, _) = t.both(&[
+        "resize",
+        "--preallocation=off",
+        "--preallocation=full",
+        "off.qcow2",
+        "5M",
+    ]);
+    assert!(theirs.status.success(), "{}", text(&theirs.stderr));
+    t.agree("off.qcow2");
 }
 
 #[test]

@@ -150,6 +150,19 @@ fn past_end(what: &'static str, offset: u64, len: u64, file_size: u64) -> Result
     Ok(())
 }
 
+/// The version 2 fields at the start of `buf`, with the magic checked.
+fn raw_v2(buf: &[u8]) -> Result<(&RawHeaderV2, &[u8])> {
+    let (v2, rest) = RawHeaderV2::ref_from_prefix(buf).map_err(|_| FormatError::Truncated {
+        what: "header",
+        needed: u64::from(V2_HEADER_LEN),
+        available: buf.len() as u64,
+    })?;
+    if v2.magic.get() != QCOW2_MAGIC {
+        return Err(FormatError::BadMagic(v2.magic.get()));
+    }
+    Ok((v2, rest))
+}
+
 fn aligned(geometry: Geometry, what: &'static str, offset: u64) -> Result<()> {
     if !geometry.is_aligned(offset) {
         return Err(FormatError::Unaligned { what, offset });
@@ -176,14 +189,7 @@ impl Header {
     /// # }
     /// ```
     pub fn bytes_needed(prefix: &[u8], file_size: u64) -> Result<u64> {
-        let (v2, _) = RawHeaderV2::ref_from_prefix(prefix).map_err(|_| FormatError::Truncated {
-            what: "header",
-            needed: u64::from(V2_HEADER_LEN),
-            available: prefix.len() as u64,
-        })?;
-        if v2.magic.get() != QCOW2_MAGIC {
-            return Err(FormatError::BadMagic(v2.magic.get()));
-        }
+        let (v2, _) = raw_v2(prefix)?;
         let cluster_size = Geometry::new(v2.cluster_bits.get(), false)?.cluster_size();
         Ok(cluster_size.min(file_size))
     }
@@ -265,14 +271,7 @@ impl Header {
     }
 
     fn parse_unchecked_refcount_table(buf: &[u8], file_size: u64) -> Result<Self> {
-        let (v2, rest) = RawHeaderV2::ref_from_prefix(buf).map_err(|_| FormatError::Truncated {
-            what: "header",
-            needed: u64::from(V2_HEADER_LEN),
-            available: buf.len() as u64,
-        })?;
-        if v2.magic.get() != QCOW2_MAGIC {
-            return Err(FormatError::BadMagic(v2.magic.get()));
-        }
+        let (v2, rest) = raw_v2(buf)?;
         let version = v2.version.get();
         if version != 2 && version != 3 {
             return Err(FormatError::UnsupportedVersion(version));

@@ -194,21 +194,13 @@ impl Device {
         if size == 0 || size == old {
             return Ok(());
         }
-        if version < 3 && self.header().nb_snapshots > 0 {
-            return Err(ImageError::Unsupported(
-                "can't resize a compat=0.10 image which has snapshots (as in QEMU)".into(),
-            ));
-        }
         let exposes_backing =
             size > old && self.backing().is_some_and(|backing| backing.size() > old);
-        if exposes_backing && version < 3 {
-            return Err(ImageError::Unsupported(
-                "growing over a longer backing file needs zero clusters to hide it, \
-                 which a compat=0.10 image lacks (as in QEMU)"
-                    .into(),
-            ));
-        }
-        Ok(())
+        crate::device::refuse_resize(
+            version,
+            self.header().nb_snapshots,
+            exposes_backing && version < 3,
+        )
     }
 }
 

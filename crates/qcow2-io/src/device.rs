@@ -20,12 +20,26 @@ use crate::range_lock::{MovableMappings, RangeGuard, RangeLocks};
 use crate::{ImageError, Result};
 use qcow2_format::header::CRYPT_LUKS;
 
-/// A compat=0.10 image keeps no virtual size per snapshot, so QEMU refuses
-/// to resize one that has snapshots (applying one afterwards would fail).
-fn refuse_v2_with_snapshots(header: &Header) -> Result<()> {
-    if header.version < 3 && header.nb_snapshots > 0 {
+/// Refuses a resize QEMU refuses, before anything is written: of a
+/// compat=0.10 image (`version` 2) with `snapshots` (it keeps no virtual
+/// size per snapshot, so applying one afterwards would fail), or a growth
+/// that exposes a longer backing file where no zero cluster can hide it
+/// (`exposes_backing_without_zero_clusters`).
+pub(crate) fn refuse_resize(
+    version: u32,
+    snapshots: u32,
+    exposes_backing_without_zero_clusters: bool,
+) -> Result<()> {
+    if version < 3 && snapshots > 0 {
         return Err(ImageError::Unsupported(
             "can't resize a compat=0.10 image which has snapshots (as in QEMU)".into(),
+        ));
+    }
+    if exposes_backing_without_zero_clusters {
+        return Err(ImageError::Unsupported(
+            "growing over a longer backing file needs zero clusters to hide it, \
+             which a compat=0.10 image lacks (as in QEMU)"
+                .into(),
         ));
     }
     Ok(())
@@ -183,18 +197,16 @@ impl Device {
         let preallocates = preallocation != Preallocation::Off && new_size > old_size;
         let zero_flag = {
             let mut meta = self.meta.lock();
-            refuse_v2_with_snapshots(meta.header())?;
             let zero_flag = meta.l2_format().zero_flag;
             // Clusters preallocated with their blocks (falloc, full) read
             // as zeros by themselves; metadata preallocation still needs
             // zero clusters here, as in QEMU.
-            if exposes_backing && !zero_flag && !preallocation.writes_every_cluster() {
-                return Err(ImageError::Unsupported(
-                    "growing over a longer backing file needs zero clusters to hide it, \
-                     which a compat=0.10 image lacks (as in QEMU)"
-                        .into(),
-                ));
-            }
+            let header = meta.header();
+            refuse_resize(
+                header.version,
+                header.nb_snapshots,
+                exposes_backing && !zero_flag && !preallocation.writes_every_cluster(),
+            )?;
             meta.bitmap_ops().resize(new_size, true)?;
             meta.format_changes().mark_dirty()?;
             meta.resizing().grow(new_size)?;
@@ -233,7 +245,7 @@ impl Device {
             )));
         }
         let mut meta = self.meta.lock();
-        refuse_v2_with_snapshots(meta.header())?;
+        refuse_resize(meta.header().version, meta.header().nb_snapshots, false)?;
         meta.bitmap_ops().resize(new_size, true)?;
         meta.format_changes().mark_dirty()?;
         meta.resizing().shrink(new_size)?;

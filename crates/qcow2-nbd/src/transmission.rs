@@ -147,8 +147,7 @@ fn work(
             Err(_) => return,
         };
         let paid = request.payload.len() as u64;
-        let mut reply = Vec::new();
-        answer(&request, export, session, buffers, &mut reply);
+        let reply = answer(&request, export, session, buffers);
         buffers.give(request.payload);
         if paid > 0 {
             budget.give(paid);
@@ -162,74 +161,66 @@ fn work(
     }
 }
 
-/// Serves one request and puts the bytes of its reply in `out`.
-fn answer(
-    request: &Request,
-    export: &Export,
-    session: &Session,
-    buffers: &Buffers,
-    out: &mut Vec<u8>,
-) {
-    let structured_kind = request.kind == cmd::READ || request.kind == cmd::BLOCK_STATUS;
+/// Serves one request and returns the bytes of its reply.
+fn answer(request: &Request, export: &Export, session: &Session, buffers: &Buffers) -> Vec<u8> {
+    let structured =
+        session.structured && (request.kind == cmd::READ || request.kind == cmd::BLOCK_STATUS);
     let result = match request.refused {
         Some(errno) => Err(errno),
         None => execute(request, export, session),
     };
     let result = match result {
-        Ok(Done::Read) => match read_reply(request, export, session.structured, buffers, out) {
-            Ok(()) => return,
-            Err(errno) => Err(errno),
-        },
-        other => other,
+        Ok(Done::Read) => read_reply(request, export, session.structured, buffers),
+        Ok(Done::Status(contexts)) => Ok(status_reply(request.cookie, contexts)),
+        Ok(Done::Nothing) => Ok(simple(request.cookie, 0, &[])),
+        Err(errno) => Err(errno),
     };
-    *out = match (result, session.structured && structured_kind) {
-        (Ok(Done::Read), _) => unreachable!("reads are answered above"),
-        (Ok(Done::Status(contexts)), _) => {
-            let mut reply = Vec::new();
-            let last = contexts.len().saturating_sub(1);
-            for (i, (id, extents)) in contexts.into_iter().enumerate() {
-                let mut payload = Message::with_capacity(4 + 8 * extents.len()).u32(id);
-                for (len, flags) in extents {
-                    payload = payload.u32(len).u32(flags);
-                }
-                let done = if i == last { chunk::FLAG_DONE } else { 0 };
-                reply.extend(chunk_of(
-                    request.cookie,
-                    done,
-                    chunk::BLOCK_STATUS,
-                    &payload.0,
-                ));
-            }
-            reply
-        }
-        (Ok(Done::Nothing), _) => simple(request.cookie, 0, &[]),
-        (Err(errno), true) => {
-            let message = b"request failed";
-            let payload = Message::default()
-                .u32(errno)
-                .u16(message.len() as u16)
-                .bytes(message);
-            structured(request.cookie, chunk::ERROR, &payload.0)
-        }
-        (Err(errno), false) => simple(request.cookie, errno, &[]),
-    };
+    result.unwrap_or_else(|errno| error_reply(request.cookie, errno, structured))
 }
 
-/// The reply to a read, built in `out` (a kept buffer, for large reads)
-/// around the data read straight into it: no copy of the data.
+/// The chunks of a block status reply, one per context.
+fn status_reply(cookie: u64, contexts: Vec<(u32, Vec<(u32, u32)>)>) -> Vec<u8> {
+    let mut reply = Vec::new();
+    let last = contexts.len().saturating_sub(1);
+    for (i, (id, extents)) in contexts.into_iter().enumerate() {
+        let mut payload = Message::with_capacity(4 + 8 * extents.len()).u32(id);
+        for (len, flags) in extents {
+            payload = payload.u32(len).u32(flags);
+        }
+        let done = if i == last { chunk::FLAG_DONE } else { 0 };
+        reply.extend(chunk_of(cookie, done, chunk::BLOCK_STATUS, &payload.0));
+    }
+    reply
+}
+
+/// A failed request's reply: an error chunk where the client takes
+/// structured replies for this command, else a simple reply.
+fn error_reply(cookie: u64, errno: u32, as_chunk: bool) -> Vec<u8> {
+    if !as_chunk {
+        return simple(cookie, errno, &[]);
+    }
+    let message = b"request failed";
+    let payload = Message::default()
+        .u32(errno)
+        .u16(message.len() as u16)
+        .bytes(message);
+    structured(cookie, chunk::ERROR, &payload.0)
+}
+
+/// The reply to a read, built in a kept buffer (for large reads) around
+/// the data read straight into it: no copy of the data.
 fn read_reply(
     request: &Request,
     export: &Export,
     structured: bool,
     buffers: &Buffers,
-    out: &mut Vec<u8>,
-) -> Result<(), u32> {
+) -> Result<Vec<u8>, u32> {
     let len = request.length as usize;
     let header = if structured { 20 + 8 } else { 16 };
-    *out = buffers.take_zeroed(header + len);
+    let mut out = buffers.take_zeroed(header + len);
     let (head, data) = out.split_at_mut(header);
     if let Err(e) = export.image().read_at(data, request.offset) {
-        out.clear();
+        buffers.give(out);
         return Err(errno_of(&e));
     }
     let mut fields = if structured {
@@ -247,7 +238,7 @@ fn read_reply(
             .u64(request.cookie)
     };
     head.copy_from_slice(&std::mem::take(&mut fields.0));
-    Ok(())
+    Ok(out)
 }
 
 fn simple(cookie: u64, errno: u32, data: &[u8]) -> Vec<u8> {
